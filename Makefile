@@ -1,0 +1,50 @@
+# The only entry point: CI runs these targets unchanged (.ci/run -> make ci).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+AGENTRUN_DB ?= sqlite:///agentrun.db
+
+.PHONY: install gen gen-check lint format typecheck test run bench ci clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+gen: install
+	$(BIN)/python scripts/gen_protos.py
+	$(BIN)/buf format -w
+
+gen-check: install
+	$(BIN)/python scripts/gen_protos.py --check
+
+lint: install
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+	$(BIN)/buf format -w
+
+typecheck: install
+	$(BIN)/mypy
+
+test: install
+	$(BIN)/python -m pytest
+
+# Both services in one process on SQLite: gRPC on 127.0.0.1:50051, metrics on 127.0.0.1:9464.
+run: install
+	$(BIN)/agentrun serve --db $(AGENTRUN_DB)
+
+ci: gen-check lint typecheck test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
