@@ -1,0 +1,338 @@
+"""Conversion between the pydantic models and their `agentrun.v1` wire form.
+
+Lossless: model -> proto -> model gives an equal model. Integers stay integers (including those
+outside 64 bits), floats stay floats, strings keep NUL and non-BMP characters; only the key order
+of maps may change. Metadata declared by a subclass keeps its descriptions on the wire; decoding
+rebuilds it as extras of `metadata_type` unless that type declares the fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from agentrun._agent_run import AgentRun
+from agentrun._metadata import BaseAgentRunMetadata, BaseMetadata
+from agentrun._transcript import Transcript
+from agentrun.chat import (
+    AssistantMessage,
+    ChatMessage,
+    ContentReasoning,
+    ContentText,
+    SystemMessage,
+    ToolCall,
+    ToolCallContent,
+    ToolMessage,
+    UserMessage,
+)
+from agentrun.v1 import agent_run_pb2 as pb
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+M = TypeVar("M", bound=BaseMetadata)
+
+
+# --- JSON-like values ---------------------------------------------------------------------------
+
+
+def value_to_proto(value: Any, out: pb.Value) -> None:
+    """Write a JSON-like Python value into `out`.
+
+    Raises:
+        TypeError: the value (or a nested one) is not None, bool, int, float, str, list, tuple or
+            a dict with string keys.
+    """
+    if value is None:
+        out.null_value = 0  # type: ignore[assignment]
+    elif isinstance(value, bool):
+        out.bool_value = value
+    elif isinstance(value, int):
+        if _INT64_MIN <= value <= _INT64_MAX:
+            out.int_value = value
+        else:
+            out.big_int_value = str(value)
+    elif isinstance(value, float):
+        out.double_value = value
+    elif isinstance(value, str):
+        out.string_value = value
+    elif isinstance(value, list | tuple):
+        items = out.list_value
+        items.SetInParent()
+        for item in value:
+            value_to_proto(item, items.values.add())
+    elif isinstance(value, Mapping):
+        struct_to_proto(value, out.struct_value)
+    else:
+        raise TypeError(f"cannot encode a {type(value).__name__} as a JSON-like value: {value!r}")
+
+
+def struct_to_proto(data: Mapping[str, Any], out: pb.StructValue) -> None:
+    """Write a string-keyed dict into `out`."""
+    out.SetInParent()
+    for key, item in data.items():
+        if not isinstance(key, str):
+            raise TypeError(f"dict keys must be strings, got {type(key).__name__}: {key!r}")
+        value_to_proto(item, out.fields[key])
+
+
+def value_from_proto(value: pb.Value) -> Any:
+    """Read a JSON-like Python value."""
+    kind = value.WhichOneof("kind")
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "int_value":
+        return value.int_value
+    if kind == "double_value":
+        return value.double_value
+    if kind == "string_value":
+        return value.string_value
+    if kind == "list_value":
+        return [value_from_proto(item) for item in value.list_value.values]
+    if kind == "struct_value":
+        return struct_from_proto(value.struct_value)
+    if kind == "big_int_value":
+        return int(value.big_int_value)
+    return None
+
+
+def struct_from_proto(struct: pb.StructValue) -> dict[str, Any]:
+    """Read a string-keyed dict."""
+    return {key: value_from_proto(item) for key, item in struct.fields.items()}
+
+
+# --- metadata -----------------------------------------------------------------------------------
+
+
+def _metadata_to_proto(metadata: BaseMetadata, out: pb.Metadata, skip: str | None = None) -> None:
+    out.SetInParent()
+    out.require_field_descriptions = not metadata.allow_fields_without_descriptions
+    descriptions = metadata.get_all_field_descriptions()
+    for name, value in metadata.model_dump(mode="json", strip_internal_fields=True).items():
+        if name == skip:
+            continue
+        field = out.fields[name]
+        value_to_proto(value, field.value)
+        if name in descriptions:
+            field.declared = True
+            description = descriptions[name]
+            if description is not None:
+                field.description = description
+
+
+def _metadata_from_proto(
+    message: pb.Metadata, metadata_type: type[M], **fields: Any
+) -> M:
+    descriptions: dict[str, str | None] = {}
+    for name, field in message.fields.items():
+        fields[name] = value_from_proto(field.value)
+        if field.declared:
+            descriptions[name] = field.description if field.HasField("description") else None
+    fields["allow_fields_without_descriptions"] = not message.require_field_descriptions
+    metadata = metadata_type(**fields)
+    metadata._set_field_descriptions(descriptions)
+    return metadata
+
+
+# --- messages -----------------------------------------------------------------------------------
+
+
+def _tool_call_to_proto(call: ToolCall, out: pb.ToolCall) -> None:
+    out.id = call.id
+    out.function = call.function
+    struct_to_proto(call.arguments, out.arguments)
+    if call.type is not None:
+        out.type = call.type
+    if call.parse_error is not None:
+        out.parse_error = call.parse_error
+    if call.view is not None:
+        if call.view.title is not None:
+            out.view.title = call.view.title
+        out.view.format = call.view.format
+        out.view.content = call.view.content
+
+
+def _tool_call_from_proto(call: pb.ToolCall) -> ToolCall:
+    view = None
+    if call.HasField("view"):
+        view = ToolCallContent(
+            title=call.view.title if call.view.HasField("title") else None,
+            format=call.view.format,  # type: ignore[arg-type]
+            content=call.view.content,
+        )
+    return ToolCall(
+        id=call.id,
+        function=call.function,
+        arguments=struct_from_proto(call.arguments),
+        type=call.type if call.HasField("type") else None,  # type: ignore[arg-type]
+        parse_error=call.parse_error if call.HasField("parse_error") else None,
+        view=view,
+    )
+
+
+def message_to_proto(message: ChatMessage, out: pb.ChatMessage) -> None:
+    """Write a chat message into `out`."""
+    if message.id is not None:
+        out.id = message.id
+    if isinstance(message.content, str):
+        out.text = message.content
+    else:
+        parts = out.parts
+        parts.SetInParent()
+        for part in message.content:
+            content = parts.parts.add()
+            if isinstance(part, ContentText):
+                content.text.text = part.text
+                if part.refusal is not None:
+                    content.text.refusal = part.refusal
+            else:
+                content.reasoning.reasoning = part.reasoning
+                if part.signature is not None:
+                    content.reasoning.signature = part.signature
+                content.reasoning.redacted = part.redacted
+    if isinstance(message, SystemMessage):
+        out.system.SetInParent()
+    elif isinstance(message, UserMessage):
+        out.user.SetInParent()
+        out.user.tool_call_ids.extend(message.tool_call_id or ())
+    elif isinstance(message, AssistantMessage):
+        out.assistant.SetInParent()
+        if message.model is not None:
+            out.assistant.model = message.model
+        for call in message.tool_calls or ():
+            _tool_call_to_proto(call, out.assistant.tool_calls.add())
+    else:
+        out.tool.SetInParent()
+        if message.tool_call_id is not None:
+            out.tool.tool_call_id = message.tool_call_id
+        if message.function is not None:
+            out.tool.function = message.function
+        if message.error is not None:
+            struct_to_proto(message.error, out.tool.error)
+
+
+def message_from_proto(message: pb.ChatMessage) -> ChatMessage:
+    """Read a chat message.
+
+    Raises:
+        ValueError: the message has no role.
+    """
+    content: str | list[ContentText | ContentReasoning]
+    if message.WhichOneof("content") == "parts":
+        content = []
+        for part in message.parts.parts:
+            if part.WhichOneof("kind") == "reasoning":
+                r = part.reasoning
+                content.append(
+                    ContentReasoning(
+                        reasoning=r.reasoning,
+                        signature=r.signature if r.HasField("signature") else None,
+                        redacted=r.redacted,
+                    )
+                )
+            else:
+                t = part.text
+                content.append(
+                    ContentText(text=t.text, refusal=t.refusal if t.HasField("refusal") else None)
+                )
+    else:
+        content = message.text
+    message_id = message.id if message.HasField("id") else None
+    role = message.WhichOneof("role")
+    if role == "system":
+        return SystemMessage(id=message_id, content=content)
+    if role == "user":
+        return UserMessage(
+            id=message_id, content=content, tool_call_id=list(message.user.tool_call_ids) or None
+        )
+    if role == "assistant":
+        a = message.assistant
+        return AssistantMessage(
+            id=message_id,
+            content=content,
+            model=a.model if a.HasField("model") else None,
+            tool_calls=[_tool_call_from_proto(c) for c in a.tool_calls] or None,
+        )
+    if role == "tool":
+        t = message.tool
+        return ToolMessage(
+            id=message_id,
+            content=content,
+            tool_call_id=t.tool_call_id if t.HasField("tool_call_id") else None,
+            function=t.function if t.HasField("function") else None,
+            error=struct_from_proto(t.error) if t.HasField("error") else None,
+        )
+    raise ValueError("chat message has no role")
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+
+def agent_run_to_proto(run: AgentRun) -> pb.AgentRun:
+    """Convert a run to its wire form.
+
+    Raises:
+        TypeError: a metadata or tool-argument value is not JSON-like.
+    """
+    out = pb.AgentRun(id=run.id)
+    if run.name is not None:
+        out.name = run.name
+    if run.description is not None:
+        out.description = run.description
+    for key, transcript in run.transcripts.items():
+        t = out.transcripts.add(key=key, id=transcript.id)
+        if transcript.name is not None:
+            t.name = transcript.name
+        if transcript.description is not None:
+            t.description = transcript.description
+        for message in transcript.messages:
+            message_to_proto(message, t.messages.add())
+        _metadata_to_proto(transcript.metadata, t.metadata)
+    for name, score in run.metadata.scores.items():
+        s = out.scores[name]
+        if isinstance(score, bool):
+            s.bool_value = score
+        elif isinstance(score, int):
+            s.int_value = score
+        elif isinstance(score, float):
+            s.double_value = score
+    _metadata_to_proto(run.metadata, out.metadata, skip="scores")
+    return out
+
+
+def _score_from_proto(score: pb.Score) -> bool | int | float | None:
+    kind = score.WhichOneof("kind")
+    return None if kind is None else getattr(score, kind)  # type: ignore[no-any-return]
+
+
+def agent_run_from_proto(
+    message: pb.AgentRun,
+    metadata_type: type[BaseAgentRunMetadata] = BaseAgentRunMetadata,
+) -> AgentRun:
+    """Convert a wire-form run back to the model.
+
+    Args:
+        message: The run.
+        metadata_type: The metadata class to rebuild; fields it does not declare become extras.
+
+    Raises:
+        pydantic.ValidationError: the run does not validate (e.g. it has no transcript).
+        ValueError: a chat message has no role.
+    """
+    transcripts = {
+        t.key: Transcript(
+            id=t.id,
+            name=t.name if t.HasField("name") else None,
+            description=t.description if t.HasField("description") else None,
+            messages=[message_from_proto(m) for m in t.messages],
+            metadata=_metadata_from_proto(t.metadata, BaseMetadata),
+        )
+        for t in message.transcripts
+    }
+    scores = {name: _score_from_proto(s) for name, s in message.scores.items()}
+    return AgentRun(
+        id=message.id,
+        name=message.name if message.HasField("name") else None,
+        description=message.description if message.HasField("description") else None,
+        transcripts=transcripts,
+        metadata=_metadata_from_proto(message.metadata, metadata_type, scores=scores),
+    )

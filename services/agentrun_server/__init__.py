@@ -1,0 +1,35 @@
+"""The agentrun server: the ingestion and orchestrator services over shared storage.
+
+    python -m agentrun_server       # or: agentrun serve
+
+The two services share storage, serving and metrics code and never import each other; one process
+can serve both (the default) or one of them, several processes sharing the database.
+"""
+
+from __future__ import annotations
+
+from agentrun_server._errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServerError,
+    Unavailable,
+)
+from agentrun_server._server import SERVICES, Server, ServerConfig
+from agentrun_server.ingestion import IngestionLimits
+
+__all__ = [
+    "SERVICES",
+    "AlreadyExists",
+    "FailedPrecondition",
+    "IngestionLimits",
+    "InvalidArgument",
+    "NotFound",
+    "ResourceExhausted",
+    "Server",
+    "ServerConfig",
+    "ServerError",
+    "Unavailable",
+]

@@ -1,0 +1,39 @@
+"""The server's exceptions: one root, each class naming the gRPC status it becomes.
+
+Storage and services raise these; `serving` maps them to statuses in one table, so a handler never
+builds a status by hand.
+"""
+
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    """Root of the errors the agentrun server raises on purpose."""
+
+
+class InvalidArgument(ServerError):
+    """The request is malformed; the message names the field and, where one applies, the limit."""
+
+
+class NotFound(ServerError):
+    """The named collection, run, workflow, stage or task does not exist."""
+
+
+class AlreadyExists(ServerError):
+    """The resource exists already and the request cannot be taken as a repeat."""
+
+
+class FailedPrecondition(ServerError):
+    """The request conflicts with the current state (e.g. a collection bound to another workflow)."""
+
+
+class ResourceExhausted(ServerError):
+    """A limit was reached; the message names it."""
+
+
+class Unavailable(ServerError):
+    """The server cannot serve now (draining, storage saturated); retry later."""
+
+    def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds

@@ -1,0 +1,181 @@
+"""The server process: one grpc.aio server hosting the ingestion service, the orchestrator, or both.
+
+Lifecycle: `start()` opens storage, binds the port and starts serving; `shutdown(grace_seconds)`
+turns health to NOT_SERVING, stops accepting calls, lets in-flight calls finish within the grace
+period (Work streams end and release their leases), then closes storage. `serve()` runs until
+SIGTERM or SIGINT and shuts down gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from agentrun.v1 import ingestion_service_pb2, ingestion_service_pb2_grpc
+from agentrun.v1 import orchestrator_service_pb2, orchestrator_service_pb2_grpc
+from agentrun_server._errors import InvalidArgument
+from agentrun_server.ingestion import IngestionLimits, IngestionMetrics, IngestionServicer
+from agentrun_server.orchestrator import Dispatcher, OrchestratorMetrics, OrchestratorServicer
+from agentrun_server.serving import ErrorInterceptor, start_metrics_server
+from agentrun_server.storage import Storage, open_storage
+
+_log = logging.getLogger(__name__)
+
+SERVICES = ("ingestion", "orchestrator")
+_SERVICE_NAMES = {
+    "ingestion": ingestion_service_pb2.DESCRIPTOR.services_by_name["IngestionService"].full_name,
+    "orchestrator": orchestrator_service_pb2.DESCRIPTOR.services_by_name[
+        "OrchestratorService"
+    ].full_name,
+}
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidArgument(f"{name}: not an integer: {value!r}") from None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How to run the server. `from_env()` reads the AGENTRUN_* variables."""
+
+    db: str = "sqlite:///agentrun.db"
+    """Database URL: sqlite:///PATH (relative) or sqlite:////PATH (absolute)."""
+    host: str = "127.0.0.1"
+    """Interface for gRPC and metrics."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one."""
+    metrics_port: int = 9464
+    """Prometheus /metrics port; 0 picks a free one, -1 disables it."""
+    services: tuple[str, ...] = SERVICES
+    """Which of the pair this process serves."""
+    grace_seconds: float = 10.0
+    """How long shutdown waits for in-flight calls."""
+    limits: IngestionLimits = field(default_factory=IngestionLimits)
+    """Ingestion limits."""
+
+    @classmethod
+    def from_env(cls) -> ServerConfig:
+        """Defaults overridden by AGENTRUN_DB, AGENTRUN_HOST, AGENTRUN_PORT, AGENTRUN_METRICS_PORT.
+
+        Raises:
+            InvalidArgument: a variable does not parse.
+        """
+        defaults = cls()
+        return cls(
+            db=os.environ.get("AGENTRUN_DB") or defaults.db,
+            host=os.environ.get("AGENTRUN_HOST") or defaults.host,
+            port=_env_int("AGENTRUN_PORT", defaults.port),
+            metrics_port=_env_int("AGENTRUN_METRICS_PORT", defaults.metrics_port),
+        )
+
+
+class Server:
+    """The agentrun server process."""
+
+    def __init__(self, config: ServerConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.port = 0
+        self.metrics_port = 0
+        self._storage: Storage | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._health = health.aio.HealthServicer()
+
+    async def start(self) -> None:
+        """Open storage and start serving.
+
+        Raises:
+            InvalidArgument: bad configuration (unknown service, unsupported database URL).
+            RuntimeError: the port cannot be bound.
+        """
+        config = self.config
+        unknown = set(config.services) - set(SERVICES)
+        if unknown or not config.services:
+            raise InvalidArgument(f"services: choose from {', '.join(SERVICES)}; got {sorted(unknown)}")
+        self._storage = storage = await open_storage(config.db)
+        limit = config.limits.max_message_bytes
+        self._grpc = server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # Work streams live long: keep idle connections checked, tolerate client pings.
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ],
+        )
+        wake = None
+        if "orchestrator" in config.services:
+            metrics = OrchestratorMetrics(self.registry)
+            self._dispatcher = Dispatcher(storage, metrics)
+            wake = self._dispatcher.wake
+            orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
+                OrchestratorServicer(storage, self._dispatcher, metrics), server
+            )
+        if "ingestion" in config.services:
+            ingestion_service_pb2_grpc.add_IngestionServiceServicer_to_server(
+                IngestionServicer(storage, IngestionMetrics(self.registry), config.limits, wake),
+                server,
+            )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [_SERVICE_NAMES[s] for s in config.services]
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            server,
+        )
+        self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind gRPC on {config.host}:{config.port}")
+        await server.start()
+        if self._dispatcher is not None:
+            self._dispatcher.start()
+        for name in ["", *names]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if config.metrics_port >= 0:
+            self.metrics_port = start_metrics_server(config.host, config.metrics_port, self.registry)
+
+    async def shutdown(self, grace_seconds: float | None = None) -> None:
+        """Stop gracefully: NOT_SERVING, finish in-flight calls within the grace, close storage."""
+        grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
+        await self._health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self._dispatcher is not None:
+            await self._dispatcher.stop()
+        if self._storage is not None:
+            await self._storage.close()
+
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        """Start, run until SIGTERM or SIGINT, then shut down gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        if ready is not None:
+            ready.set()
+        try:
+            await stop.wait()
+        finally:
+            _log.info("shutting down (grace %.0f s)", self.config.grace_seconds)
+            await self.shutdown()

@@ -1,0 +1,8 @@
+"""The ingestion service: client-streamed batches of runs, validated and stored exactly once."""
+
+from __future__ import annotations
+
+from agentrun_server.ingestion._metrics import IngestionMetrics
+from agentrun_server.ingestion._servicer import IngestionLimits, IngestionServicer
+
+__all__ = ["IngestionLimits", "IngestionMetrics", "IngestionServicer"]

@@ -1,0 +1,218 @@
+"""The IngestionService servicer: converts between the wire and storage, enforces the limits."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from agentrun.v1 import agent_run_pb2 as run_pb
+from agentrun.v1 import ingestion_service_pb2 as pb
+from agentrun.v1 import ingestion_service_pb2_grpc as pb_grpc
+from agentrun_server._errors import InvalidArgument
+from agentrun_server.ingestion._metrics import IngestionMetrics
+from agentrun_server.ingestion._validate import field_of, validate_agent_run
+from agentrun_server.serving import to_timestamp
+from agentrun_server.storage import (
+    Collection,
+    InsertStatus,
+    NewRun,
+    Storage,
+    StoredRun,
+    check_name,
+)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class IngestionLimits:
+    """Limits of the ingestion service. Over one, the client gets a status naming it."""
+
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest request message, after decompression (gRPC answers RESOURCE_EXHAUSTED above)."""
+    max_runs_per_message: int = 1000
+    """Most runs in one UploadAgentRuns message (INVALID_ARGUMENT above, nothing of it stored)."""
+    max_run_bytes: int = 16 * 1024 * 1024
+    """Largest encoded run; a larger one is rejected on its own (TOO_LARGE), the batch lands."""
+
+
+def collection_to_proto(collection: Collection) -> pb.Collection:
+    """The wire form of a collection."""
+    return pb.Collection(
+        id=collection.id,
+        name=collection.name,
+        description=collection.description,
+        workflow=collection.workflow,
+        create_time=to_timestamp(collection.created_at),
+        run_count=collection.run_count,
+    )
+
+
+def _stored_run_to_proto(run: StoredRun, view: int) -> pb.StoredAgentRun:
+    out = pb.StoredAgentRun(collection_id=run.collection_id, ingest_time=to_timestamp(run.ingested_at))
+    if view == pb.AGENT_RUN_VIEW_BASIC:
+        full = run_pb.AgentRun.FromString(run.data)
+        out.agent_run.id = full.id
+        if full.HasField("name"):
+            out.agent_run.name = full.name
+        if full.HasField("description"):
+            out.agent_run.description = full.description
+        for key, score in full.scores.items():
+            out.agent_run.scores[key].CopyFrom(score)
+    else:
+        out.agent_run.MergeFromString(run.data)
+    return out
+
+
+class IngestionServicer(pb_grpc.IngestionServiceServicer):
+    """Serves `agentrun.v1.IngestionService` over a `Storage`."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        metrics: IngestionMetrics,
+        limits: IngestionLimits | None = None,
+        on_runs_stored: Callable[[], None] | None = None,
+    ) -> None:
+        """Serve over `storage`; `on_runs_stored` is called after a batch stores new runs (the
+        orchestrator in the same process passes its wake-up, since new runs may enter a workflow).
+        """
+        self._storage = storage
+        self._metrics = metrics
+        self.limits = limits or IngestionLimits()
+        self._on_runs_stored = on_runs_stored
+
+    async def CreateCollection(
+        self, request: pb.CreateCollectionRequest, context: Context
+    ) -> pb.CreateCollectionResponse:
+        check_name("name", request.name)
+        collection, created = await self._storage.create_collection(
+            request.name, request.description, request.workflow, time.time()
+        )
+        return pb.CreateCollectionResponse(
+            collection=collection_to_proto(collection), created=created
+        )
+
+    async def GetCollection(
+        self, request: pb.GetCollectionRequest, context: Context
+    ) -> pb.GetCollectionResponse:
+        if request.WhichOneof("selector") is None:
+            raise InvalidArgument("selector: set id or name")
+        collection = await self._storage.get_collection(id=request.id, name=request.name)
+        return pb.GetCollectionResponse(collection=collection_to_proto(collection))
+
+    async def ListCollections(
+        self, request: pb.ListCollectionsRequest, context: Context
+    ) -> pb.ListCollectionsResponse:
+        collections = await self._storage.list_collections()
+        return pb.ListCollectionsResponse(collections=[collection_to_proto(c) for c in collections])
+
+    async def UploadAgentRuns(
+        self, request_iterator: AsyncIterator[pb.UploadAgentRunsRequest], context: Context
+    ) -> pb.UploadAgentRunsResponse:
+        response = pb.UploadAgentRunsResponse()
+        index = 0
+        async for request in request_iterator:
+            await self._upload_batch(request, index, response)
+            index += len(request.agent_runs)
+        return response
+
+    async def _upload_batch(
+        self, request: pb.UploadAgentRunsRequest, first_index: int, response: pb.UploadAgentRunsResponse
+    ) -> None:
+        limits = self.limits
+        if not request.collection_id:
+            raise InvalidArgument("collection_id: required in every UploadAgentRunsRequest")
+        count = len(request.agent_runs)
+        if count > limits.max_runs_per_message:
+            raise InvalidArgument(
+                f"agent_runs: {count} runs in one message exceeds max_runs_per_message="
+                f"{limits.max_runs_per_message}; split the batch"
+            )
+        self._metrics.batch_runs.observe(count)
+        runs: list[NewRun] = []
+        positions: list[tuple[int, str]] = []
+        for offset, run in enumerate(request.agent_runs):
+            index = first_index + offset
+            size = run.ByteSize()
+            if size > limits.max_run_bytes:
+                self._reject(
+                    response, index, run.id, pb.REJECTION_REASON_TOO_LARGE, "",
+                    f"run is {size} bytes encoded, over max_run_bytes={limits.max_run_bytes}",
+                )
+                continue
+            try:
+                validate_agent_run(run)
+            except InvalidArgument as exc:
+                self._reject(response, index, run.id, pb.REJECTION_REASON_INVALID, field_of(exc), str(exc))
+                continue
+            runs.append(NewRun(run.id, run.name if run.HasField("name") else None, run.SerializeToString()))
+            positions.append((index, run.id))
+        if not runs:
+            return
+        started = time.perf_counter()
+        outcomes = await self._storage.insert_runs(request.collection_id, runs, time.time())
+        self._metrics.commit_seconds.observe(time.perf_counter() - started)
+        if self._on_runs_stored is not None and any(
+            o.status is InsertStatus.ACCEPTED for o in outcomes
+        ):
+            self._on_runs_stored()
+        for (index, run_id), run, outcome in zip(positions, runs, outcomes, strict=True):
+            if outcome.status is InsertStatus.ACCEPTED:
+                response.accepted_count += 1
+                self._metrics.runs.labels("accepted").inc()
+                self._metrics.bytes.inc(len(run.data))
+            elif outcome.status is InsertStatus.DUPLICATE:
+                response.duplicate_count += 1
+                self._metrics.runs.labels("duplicate").inc()
+            else:
+                self._reject(
+                    response, index, run_id, pb.REJECTION_REASON_CONFLICT, "id",
+                    f"id: a run with id {run_id!r} is stored in another collection "
+                    f"({outcome.existing_collection_id})",
+                )
+
+    def _reject(
+        self, response: pb.UploadAgentRunsResponse, index: int, run_id: str, reason: int,
+        field: str, message: str,
+    ) -> None:
+        response.rejected.add(
+            index=index, agent_run_id=run_id, reason=reason, field=field, message=message  # type: ignore[arg-type]
+        )
+        self._metrics.runs.labels("rejected").inc()
+        self._metrics.rejected.labels(pb.RejectionReason.Name(reason).removeprefix("REJECTION_REASON_").lower()).inc()  # type: ignore[arg-type]
+
+    async def GetAgentRun(
+        self, request: pb.GetAgentRunRequest, context: Context
+    ) -> pb.GetAgentRunResponse:
+        run = await self._storage.get_run(request.agent_run_id)
+        return pb.GetAgentRunResponse(agent_run=_stored_run_to_proto(run, request.view))
+
+    async def ListAgentRuns(
+        self, request: pb.ListAgentRunsRequest, context: Context
+    ) -> pb.ListAgentRunsResponse:
+        await self._storage.get_collection(id=request.collection_id)
+        try:
+            after = int(request.page_token) if request.page_token else 0
+        except ValueError:
+            raise InvalidArgument(f"page_token: not a token from this API: {request.page_token!r}") from None
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        runs = await self._storage.list_runs(request.collection_id, after, size + 1)
+        page = runs[:size]
+        return pb.ListAgentRunsResponse(
+            agent_runs=[_stored_run_to_proto(r, request.view) for r in page],
+            next_page_token=str(page[-1].seq) if len(runs) > size else "",
+        )
+
+    async def CountAgentRuns(
+        self, request: pb.CountAgentRunsRequest, context: Context
+    ) -> pb.CountAgentRunsResponse:
+        await self._storage.get_collection(id=request.collection_id)
+        return pb.CountAgentRunsResponse(count=await self._storage.count_runs(request.collection_id))

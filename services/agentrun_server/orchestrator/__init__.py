@@ -1,0 +1,9 @@
+"""The orchestrator service: workflows of stages, tasks leased to stage workers over Work streams."""
+
+from __future__ import annotations
+
+from agentrun_server.orchestrator._dispatcher import Dispatcher
+from agentrun_server.orchestrator._metrics import OrchestratorMetrics
+from agentrun_server.orchestrator._servicer import OrchestratorServicer
+
+__all__ = ["Dispatcher", "OrchestratorMetrics", "OrchestratorServicer"]

@@ -1,0 +1,193 @@
+"""The dispatcher: pushes ready tasks to subscribed Work sessions, within their credits.
+
+One loop per server. It wakes when something may have become ready (a run ingested here, a task
+settled, credits granted, a session opened) and otherwise every `poll_interval_seconds`, which
+catches what other processes sharing the database made ready and retries whose backoff elapsed.
+Each pass claims, per session with free credits, up to that many tasks in one storage call, and
+periodically ends expired leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agentrun.v1 import orchestrator_service_pb2 as pb
+from agentrun_server.orchestrator._metrics import OrchestratorMetrics
+from agentrun_server.serving import to_timestamp
+from agentrun_server.storage import LeasedTask, Release, Storage, WorkflowDef
+
+_log = logging.getLogger(__name__)
+
+UNLIMITED = 2**31 - 1
+POLL_INTERVAL_SECONDS = 0.25
+EXPIRY_INTERVAL_SECONDS = 1.0
+
+
+@dataclass(eq=False)
+class Session:
+    """One open Work stream."""
+
+    id: str
+    worker: str
+    workflow: WorkflowDef
+    stage_quota: dict[str, int]
+    """Stage -> tasks still allowed on this stream (UNLIMITED when uncapped)."""
+    credits: int
+    lease_seconds: float | None
+    notify_when_empty: bool
+    outbox: asyncio.Queue[pb.WorkResponse | BaseException | None] = field(
+        default_factory=asyncio.Queue
+    )
+    in_flight: set[str] = field(default_factory=set)
+    """Lease ids pushed and not yet settled: they hold the credits."""
+    draining: bool = False
+    closed: bool = False
+    empty_sent: bool = False
+
+    @property
+    def free_credits(self) -> int:
+        """Credits not held by a lease."""
+        return max(0, self.credits - len(self.in_flight))
+
+
+def lease_batch(tasks: list[LeasedTask]) -> pb.WorkResponse:
+    """The WorkResponse pushing `tasks`; the encoded runs are merged without re-encoding."""
+    response = pb.WorkResponse()
+    batch = response.leases
+    batch.SetInParent()
+    for task in tasks:
+        lease = batch.leases.add(
+            task_id=str(task.task_id),
+            lease_id=task.lease_id,
+            attempt=task.attempt,
+            max_attempts=task.max_attempts,
+            stage=task.stage,
+            collection_id=task.collection_id,
+            priority=task.priority,
+            deadline=to_timestamp(task.deadline),
+            create_time=to_timestamp(task.created_at),
+        )
+        lease.agent_run.MergeFromString(task.run_data)
+        if task.input:
+            lease.input.MergeFromString(task.input)
+    return response
+
+
+class Dispatcher:
+    """Matches ready tasks to sessions. `start()` runs the loop; `stop()` ends it."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        metrics: OrchestratorMetrics,
+        poll_interval_seconds: float = POLL_INTERVAL_SECONDS,
+        expiry_interval_seconds: float = EXPIRY_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._storage = storage
+        self._metrics = metrics
+        self._poll_interval = poll_interval_seconds
+        self._expiry_interval = expiry_interval_seconds
+        self._clock = clock
+        self._sessions: list[Session] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._turn = itertools.count()
+
+    def start(self) -> None:
+        """Start the dispatch loop on the running event loop."""
+        self._task = asyncio.create_task(self._run(), name="agentrun-dispatcher")
+
+    async def stop(self) -> None:
+        """Stop the loop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def wake(self) -> None:
+        """Ask for a dispatch pass soon (something may have become ready or credits freed)."""
+        self._wakeup.set()
+
+    def add(self, session: Session) -> None:
+        """Start dispatching to a session."""
+        self._sessions.append(session)
+        self._metrics.workers.inc()
+        self.wake()
+
+    async def remove(self, session: Session) -> None:
+        """Stop dispatching to a session and end the leases it holds."""
+        session.closed = True
+        if session in self._sessions:
+            self._sessions.remove(session)
+            self._metrics.workers.dec()
+        ended = await self._storage.release_session(session.id, self._clock())
+        if ended:
+            _log.info("session %s closed holding %d leases; they are ready again", session.id, ended)
+        self.wake()
+
+    async def _run(self) -> None:
+        next_expiry = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._poll_interval)
+            self._wakeup.clear()
+            try:
+                now = self._clock()
+                if now >= next_expiry:
+                    expired = await self._storage.expire_leases(now)
+                    if expired:
+                        self._metrics.expired.inc(expired)
+                    next_expiry = now + self._expiry_interval
+                await self._pass(now)
+            except Exception:
+                _log.exception("dispatch pass failed; retrying")
+                await asyncio.sleep(self._poll_interval)
+
+    async def _pass(self, now: float) -> None:
+        sessions = self._sessions
+        if not sessions:
+            return
+        start = next(self._turn) % len(sessions)
+        for session in sessions[start:] + sessions[:start]:
+            if session.closed or session.draining:
+                continue
+            free = session.free_credits
+            if free == 0:
+                continue
+            quota = {s: min(free, n) for s, n in session.stage_quota.items()}
+            tasks = await self._storage.claim(
+                session.id, session.workflow.name, quota, free, session.lease_seconds, now
+            )
+            if session.closed:
+                # Closed while claiming: hand the tasks straight back, at no attempt cost.
+                if tasks:
+                    await self._storage.release(
+                        [Release(t.task_id, t.lease_id) for t in tasks], now
+                    )
+                continue
+            if tasks:
+                self._deliver(session, tasks, now)
+            elif session.notify_when_empty and not session.in_flight and not session.empty_sent:
+                stages = list(session.stage_quota)
+                if await self._storage.active_count(session.workflow.name, stages) == 0:
+                    session.empty_sent = True
+                    session.outbox.put_nowait(pb.WorkResponse(stages_empty=pb.StagesEmpty()))
+
+    def _deliver(self, session: Session, tasks: list[LeasedTask], now: float) -> None:
+        for task in tasks:
+            session.in_flight.add(task.lease_id)
+            if session.stage_quota[task.stage] != UNLIMITED:
+                session.stage_quota[task.stage] -= 1
+            self._metrics.leased.labels(session.workflow.name, task.stage).inc()
+            self._metrics.queue_wait.labels(session.workflow.name, task.stage).observe(
+                max(0.0, now - task.created_at)
+            )
+        session.empty_sent = False
+        session.outbox.put_nowait(lease_batch(tasks))

@@ -1,0 +1,797 @@
+"""SQLite storage (WAL): the embedded default.
+
+Every call runs on one dedicated thread holding one connection, so writes are serialized in the
+process the way SQLite wants them; several processes may share the file (WAL, busy timeout). Each
+batch is one `BEGIN IMMEDIATE` transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from importlib import resources
+from typing import Any, ParamSpec, TypeVar
+
+from agentrun_server._errors import FailedPrecondition, InvalidArgument, NotFound
+from agentrun_server.storage._types import (
+    Ack,
+    AckCode,
+    AttemptFailureRecord,
+    Collection,
+    Completion,
+    Extension,
+    Failure,
+    InsertOutcome,
+    InsertStatus,
+    LeasedTask,
+    NewRun,
+    Release,
+    StageBacklog,
+    StoredRun,
+    TaskRecord,
+    TaskState,
+    WorkflowDef,
+)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+BUSY_TIMEOUT_SECONDS = 30.0
+_JITTER = 0.2
+
+
+def _in_thread(method: Callable[..., T]) -> Callable[..., Any]:
+    """Run a sync method on the storage thread; the public method is a coroutine."""
+
+    @functools.wraps(method)
+    async def wrapper(self: SqliteStorage, *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, functools.partial(method, self, *args, **kwargs)
+        )
+
+    return wrapper
+
+
+def backoff_seconds(attempt: int, initial: float, maximum: float) -> float:
+    """Delay before retrying after failed attempt `attempt` (from 1): doubling, +-20 % jitter."""
+    base = min(maximum, initial * 2 ** max(0, attempt - 1))
+    return base * random.uniform(1 - _JITTER, 1 + _JITTER)
+
+
+class SqliteStorage:
+    """Storage in one SQLite file. `path` ":memory:" keeps everything in memory (tests only)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentrun-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._workflows: dict[str, WorkflowDef] = {}
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    @_in_thread
+    def open(self) -> None:
+        """Open the file (creating it) and apply pending migrations."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        self._conn = conn
+        self._migrate()
+
+    async def close(self) -> None:
+        """Close the connection and stop the storage thread."""
+        await self._close()
+        self._executor.shutdown(wait=True)
+
+    @_in_thread
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("storage is not open")
+        return self._conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        scripts = sorted(
+            (p for p in (resources.files(__package__) / "sql" / "sqlite").iterdir()),
+            key=lambda p: p.name,
+        )
+        with self._transaction() as db:
+            current = db.execute("PRAGMA user_version").fetchone()[0]
+            for script in scripts:
+                version = int(script.name.split("_", 1)[0])
+                if version <= current:
+                    continue
+                statement = ""
+                for line in script.read_text().splitlines(keepends=True):
+                    statement += line
+                    if sqlite3.complete_statement(statement):
+                        db.execute(statement)
+                        statement = ""
+                db.execute(f"PRAGMA user_version = {version}")
+
+    # --- collections ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _collection(row: sqlite3.Row | tuple[Any, ...]) -> Collection:
+        return Collection(*row)
+
+    _COLLECTION_COLUMNS = (
+        "c.id, c.name, c.description, c.workflow, c.created_at, "
+        "(SELECT COUNT(*) FROM agent_runs r WHERE r.collection_id = c.id)"
+    )
+
+    @_in_thread
+    def create_collection(
+        self, name: str, description: str, workflow: str, now: float
+    ) -> tuple[Collection, bool]:
+        """Create a collection, or return the one with this name (created=False).
+
+        Raises:
+            NotFound: `workflow` is not empty and names no workflow.
+            FailedPrecondition: the existing collection is bound to another workflow.
+        """
+        with self._transaction() as db:
+            if workflow:
+                self._workflow(db, workflow)
+            row = db.execute(
+                f"SELECT {self._COLLECTION_COLUMNS} FROM collections c WHERE c.name = ?", (name,)
+            ).fetchone()
+            if row is not None:
+                existing = self._collection(row)
+                if workflow and existing.workflow != workflow:
+                    bound = repr(existing.workflow) if existing.workflow else "no workflow"
+                    raise FailedPrecondition(
+                        f"collection {name!r} exists bound to {bound}, not {workflow!r}"
+                    )
+                return existing, False
+            collection = Collection(str(uuid.uuid4()), name, description, workflow, now)
+            db.execute(
+                "INSERT INTO collections (id, name, description, workflow, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (collection.id, name, description, workflow, now),
+            )
+            return collection, True
+
+    @_in_thread
+    def get_collection(self, id: str = "", name: str = "") -> Collection:
+        """Return a collection by id or name.
+
+        Raises:
+            NotFound: no such collection.
+        """
+        column, key = ("id", id) if id else ("name", name)
+        row = self._db.execute(
+            f"SELECT {self._COLLECTION_COLUMNS} FROM collections c WHERE c.{column} = ?", (key,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no collection with {column} {key!r}")
+        return self._collection(row)
+
+    @_in_thread
+    def list_collections(self) -> list[Collection]:
+        """Return all collections, oldest first."""
+        rows = self._db.execute(
+            f"SELECT {self._COLLECTION_COLUMNS} FROM collections c ORDER BY c.created_at, c.id"
+        ).fetchall()
+        return [self._collection(r) for r in rows]
+
+    # --- runs -----------------------------------------------------------------------------------
+
+    @_in_thread
+    def insert_runs(
+        self, collection_id: str, runs: Sequence[NewRun], now: float
+    ) -> list[InsertOutcome]:
+        """Store runs in one transaction; a run whose id is stored already stores nothing.
+
+        When the collection is bound to a workflow, each accepted run enters the workflow's first
+        stage in the same transaction.
+
+        Raises:
+            NotFound: no such collection (or its workflow vanished).
+        """
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT workflow FROM collections WHERE id = ?", (collection_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no collection with id {collection_id!r}")
+            workflow = self._workflow(db, row[0]) if row[0] else None
+            outcomes = []
+            accepted = []
+            for run in runs:
+                cursor = db.execute(
+                    "INSERT INTO agent_runs (id, collection_id, name, size_bytes, ingested_at, data)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                    (run.id, collection_id, run.name, len(run.data), now, run.data),
+                )
+                if cursor.rowcount:
+                    outcomes.append(InsertOutcome(InsertStatus.ACCEPTED))
+                    accepted.append(run.id)
+                    continue
+                (owner,) = db.execute(
+                    "SELECT collection_id FROM agent_runs WHERE id = ?", (run.id,)
+                ).fetchone()
+                if owner == collection_id:
+                    outcomes.append(InsertOutcome(InsertStatus.DUPLICATE))
+                else:
+                    outcomes.append(InsertOutcome(InsertStatus.CONFLICT, owner))
+            if workflow is not None and accepted:
+                stage = workflow.first_stage
+                db.executemany(
+                    "INSERT INTO tasks (workflow, stage, agent_run_id, collection_id, state, "
+                    "max_attempts, created_at, ready_at) VALUES (?, ?, ?, ?, 'ready', ?, ?, ?)",
+                    [
+                        (workflow.name, stage.name, rid, collection_id, stage.max_attempts, now, now)
+                        for rid in accepted
+                    ],
+                )
+            return outcomes
+
+    @_in_thread
+    def get_run(self, run_id: str) -> StoredRun:
+        """Return one run.
+
+        Raises:
+            NotFound: no such run.
+        """
+        row = self._db.execute(
+            "SELECT id, collection_id, ingested_at, data, seq FROM agent_runs WHERE id = ?",
+            (run_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no agent run with id {run_id!r}")
+        return StoredRun(*row)
+
+    @_in_thread
+    def list_runs(self, collection_id: str, after_seq: int, limit: int) -> list[StoredRun]:
+        """Return up to `limit` runs of a collection with seq > `after_seq`, in ingestion order."""
+        rows = self._db.execute(
+            "SELECT id, collection_id, ingested_at, data, seq FROM agent_runs "
+            "WHERE collection_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (collection_id, after_seq, limit),
+        ).fetchall()
+        return [StoredRun(*r) for r in rows]
+
+    @_in_thread
+    def count_runs(self, collection_id: str) -> int:
+        """Count the runs of a collection."""
+        (count,) = self._db.execute(
+            "SELECT COUNT(*) FROM agent_runs WHERE collection_id = ?", (collection_id,)
+        ).fetchone()
+        return int(count)
+
+    # --- workflows ------------------------------------------------------------------------------
+
+    def _workflow(self, db: sqlite3.Connection, name: str) -> WorkflowDef:
+        row = db.execute(
+            "SELECT version, definition, updated_at FROM workflows WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no workflow named {name!r}")
+        cached = self._workflows.get(name)
+        if cached is None or cached.version != row[0]:
+            cached = WorkflowDef.from_json(name, row[1], row[0], row[2])
+            self._workflows[name] = cached
+        return cached
+
+    @_in_thread
+    def put_workflow(self, workflow: WorkflowDef, now: float) -> tuple[WorkflowDef, bool]:
+        """Store a definition (validated by the caller); a new version only if it changed.
+
+        Raises:
+            FailedPrecondition: the new definition drops a stage that holds ready or leased tasks.
+        """
+        definition = workflow.to_json()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT version, definition FROM workflows WHERE name = ?", (workflow.name,)
+            ).fetchone()
+            if row is not None and row[1] == definition:
+                return self._workflow(db, workflow.name), False
+            kept = [s.name for s in workflow.stages]
+            active = db.execute(
+                "SELECT stage, COUNT(*) FROM tasks WHERE workflow = ? AND state IN "
+                f"('ready', 'leased') AND stage NOT IN ({','.join('?' * len(kept))}) "
+                "GROUP BY stage",
+                (workflow.name, *kept),
+            ).fetchall()
+            if active:
+                held = ", ".join(f"{stage!r} ({n})" for stage, n in active)
+                raise FailedPrecondition(
+                    f"workflow {workflow.name!r}: the new definition drops stages that still hold "
+                    f"ready or leased tasks: {held}"
+                )
+            version = 1 if row is None else row[0] + 1
+            db.execute(
+                "INSERT INTO workflows (name, version, definition, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET version = excluded.version, "
+                "definition = excluded.definition, updated_at = excluded.updated_at",
+                (workflow.name, version, definition, now),
+            )
+            return self._workflow(db, workflow.name), True
+
+    @_in_thread
+    def get_workflow(self, name: str) -> WorkflowDef:
+        """Return a workflow.
+
+        Raises:
+            NotFound: no such workflow.
+        """
+        return self._workflow(self._db, name)
+
+    @_in_thread
+    def list_workflows(self) -> list[WorkflowDef]:
+        """Return all workflows by name."""
+        names = [r[0] for r in self._db.execute("SELECT name FROM workflows ORDER BY name")]
+        return [self._workflow(self._db, n) for n in names]
+
+    # --- tasks: enqueue and claim ---------------------------------------------------------------
+
+    @_in_thread
+    def enqueue(
+        self, workflow_name: str, stage_name: str, run_ids: Sequence[str], priority: int, now: float
+    ) -> tuple[int, int]:
+        """Create tasks for stored runs; skip runs with a ready or leased task in the workflow.
+
+        Returns:
+            (enqueued, skipped).
+
+        Raises:
+            NotFound: unknown workflow, stage or run.
+        """
+        with self._transaction() as db:
+            workflow = self._workflow(db, workflow_name)
+            stage = workflow.stage(stage_name) if stage_name else workflow.first_stage
+            enqueued = skipped = 0
+            for run_id in dict.fromkeys(run_ids):
+                row = db.execute(
+                    "SELECT collection_id FROM agent_runs WHERE id = ?", (run_id,)
+                ).fetchone()
+                if row is None:
+                    raise NotFound(f"no agent run with id {run_id!r}")
+                busy = db.execute(
+                    "SELECT 1 FROM tasks WHERE agent_run_id = ? AND workflow = ? "
+                    "AND state IN ('ready', 'leased') LIMIT 1",
+                    (run_id, workflow.name),
+                ).fetchone()
+                if busy:
+                    skipped += 1
+                    continue
+                db.execute(
+                    "INSERT INTO tasks (workflow, stage, agent_run_id, collection_id, state, "
+                    "priority, max_attempts, created_at, ready_at) "
+                    "VALUES (?, ?, ?, ?, 'ready', ?, ?, ?, ?)",
+                    (workflow.name, stage.name, run_id, row[0], priority, stage.max_attempts, now,
+                     now),
+                )
+                enqueued += 1
+            return enqueued, skipped
+
+    @_in_thread
+    def claim(
+        self,
+        session_id: str,
+        workflow_name: str,
+        stage_limits: dict[str, int],
+        limit: int,
+        lease_seconds: float | None,
+        now: float,
+    ) -> list[LeasedTask]:
+        """Lease up to `limit` ready tasks of the given stages, highest priority first, FIFO within.
+
+        Args:
+            session_id: The Work session that will hold the leases.
+            workflow_name: The workflow.
+            stage_limits: Stage -> most tasks of it to lease now (a stage at 0 is skipped).
+            limit: Most tasks in all.
+            lease_seconds: Lease duration; None uses each stage's.
+            now: The current time.
+        """
+        stages = [s for s, n in stage_limits.items() if n > 0]
+        if limit <= 0 or not stages:
+            return []
+        with self._transaction() as db:
+            workflow = self._workflow(db, workflow_name)
+            leased: list[tuple[Any, ...]] = []
+            # A stage with its own cap is claimed alone; the others together, in one query.
+            capped = [s for s in stages if stage_limits[s] < limit]
+            groups = [[s] for s in capped] + [[s for s in stages if s not in capped]]
+            for group in groups:
+                if not group or len(leased) >= limit:
+                    continue
+                n = min([limit - len(leased), *(stage_limits[s] for s in group)])
+                lease_case = " ".join(
+                    f"WHEN {i} THEN {lease_seconds or workflow.stage(s).lease_seconds!r}"
+                    for i, s in enumerate(group)
+                )
+                stage_index = " ".join(f"WHEN ? THEN {i}" for i in range(len(group)))
+                leased += db.execute(
+                    "UPDATE tasks SET state = 'leased', attempt = attempt + 1, "
+                    "lease_id = lower(hex(randomblob(12))), session_id = ?, "
+                    f"lease_deadline = ? + CASE (CASE stage {stage_index} END) {lease_case} END "
+                    "WHERE id IN (SELECT id FROM tasks WHERE state = 'ready' AND workflow = ? "
+                    f"AND stage IN ({','.join('?' * len(group))}) AND ready_at <= ? "
+                    "ORDER BY priority DESC, ready_at, id LIMIT ?) "
+                    "RETURNING id, lease_id, attempt, max_attempts, lease_deadline, stage, "
+                    "agent_run_id, collection_id, priority, input, created_at",
+                    (session_id, now, *group, workflow.name, *group, now, n),
+                ).fetchall()
+            if not leased:
+                return []
+            ids = list({row[6] for row in leased})
+            data = dict(
+                db.execute(
+                    f"SELECT id, data FROM agent_runs WHERE id IN ({','.join('?' * len(ids))})",
+                    ids,
+                ).fetchall()
+            )
+        leased.sort(key=lambda row: (-row[8], row[10], row[0]))
+        return [LeasedTask(*row, run_data=data[row[6]]) for row in leased]
+
+    # --- tasks: settle --------------------------------------------------------------------------
+
+    _SETTLE_COLUMNS = "state, lease_id, workflow, stage, attempt, max_attempts, pathway"
+
+    def _settle_target(
+        self, db: sqlite3.Connection, task_id: int, lease_id: str
+    ) -> tuple[tuple[Any, ...] | None, Ack | None]:
+        """Fetch a task for settling; return an error Ack if the lease is not the current one."""
+        row = db.execute(
+            f"SELECT {self._SETTLE_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
+        ).fetchone()
+        if row is None:
+            return None, Ack(task_id, lease_id, AckCode.NOT_FOUND, f"no task with id {task_id}")
+        state, current_lease = row[0], row[1]
+        if state == "leased" and current_lease == lease_id:
+            return row, None
+        return row, Ack(
+            task_id,
+            lease_id,
+            AckCode.FAILED_PRECONDITION,
+            f"stale lease: task {task_id} is {state}"
+            + (" under another lease" if current_lease not in (None, lease_id) else ""),
+            stage=row[3],
+        )
+
+    @_in_thread
+    def complete(self, items: Sequence[Completion], now: float) -> list[Ack]:
+        """Complete tasks and create each next stage's task, all in one transaction.
+
+        A repeated completion of the same lease with the same pathway is answered OK again.
+        """
+        acks = []
+        with self._transaction() as db:
+            for item in items:
+                row, error = self._settle_target(db, item.task_id, item.lease_id)
+                if row is not None and error is not None:
+                    if row[0] == "done" and row[1] == item.lease_id and row[6] == item.pathway:
+                        error = Ack(item.task_id, item.lease_id, stage=row[3], result="repeat")
+                    acks.append(error)
+                    continue
+                if error is not None:
+                    acks.append(error)
+                    continue
+                assert row is not None
+                workflow = self._workflow(db, row[2])
+                try:
+                    target = workflow.stage(row[3]).next_stage(item.pathway)
+                except (InvalidArgument, NotFound) as exc:
+                    acks.append(
+                        Ack(item.task_id, item.lease_id, AckCode.INVALID_ARGUMENT, str(exc),
+                            stage=row[3])
+                    )
+                    continue
+                db.execute(
+                    "UPDATE tasks SET state = 'done', pathway = ?, output = ?, finished_at = ?, "
+                    "lease_deadline = NULL, session_id = NULL WHERE id = ?",
+                    (item.pathway, item.output, now, item.task_id),
+                )
+                next_id = None
+                if target is not None:
+                    stage = workflow.stage(target)
+                    next_id = db.execute(
+                        "INSERT INTO tasks (workflow, stage, agent_run_id, collection_id, state, "
+                        "priority, max_attempts, created_at, ready_at, input, previous_task_id) "
+                        "SELECT workflow, ?, agent_run_id, collection_id, 'ready', priority, ?, ?, "
+                        "?, output, id FROM tasks WHERE id = ?",
+                        (stage.name, stage.max_attempts, now, now, item.task_id),
+                    ).lastrowid
+                acks.append(
+                    Ack(item.task_id, item.lease_id, next_task_id=next_id, stage=row[3],
+                        result="done")
+                )
+        return acks
+
+    @_in_thread
+    def fail(self, items: Sequence[Failure], now: float) -> list[Ack]:
+        """Record failed attempts: retry with backoff while attempts remain, else dead.
+
+        A repeated failure of the same lease is answered OK again.
+        """
+        acks = []
+        with self._transaction() as db:
+            for item in items:
+                row, error = self._settle_target(db, item.task_id, item.lease_id)
+                if error is not None:
+                    repeat = db.execute(
+                        "SELECT 1 FROM task_failures WHERE task_id = ? AND lease_id = ?",
+                        (item.task_id, item.lease_id),
+                    ).fetchone()
+                    if repeat:
+                        error = Ack(item.task_id, item.lease_id, stage=error.stage, result="repeat")
+                    acks.append(error)
+                    continue
+                assert row is not None
+                attempt, max_attempts = row[4], row[5]
+                self._record_failure(db, item.task_id, attempt, item.lease_id, item.error, now)
+                if item.non_retryable or attempt >= max_attempts:
+                    self._set_dead(db, item.task_id, now)
+                    result = "dead"
+                else:
+                    delay = item.retry_after_seconds
+                    if delay is None:
+                        stage = self._workflow(db, row[2]).stage(row[3])
+                        delay = backoff_seconds(
+                            attempt, stage.initial_backoff_seconds, stage.max_backoff_seconds
+                        )
+                    db.execute(
+                        "UPDATE tasks SET state = 'ready', ready_at = ?, lease_id = NULL, "
+                        "lease_deadline = NULL, session_id = NULL WHERE id = ?",
+                        (now + delay, item.task_id),
+                    )
+                    result = "retry"
+                acks.append(Ack(item.task_id, item.lease_id, stage=row[3], result=result))
+        return acks
+
+    @staticmethod
+    def _record_failure(
+        db: sqlite3.Connection, task_id: int, attempt: int, lease_id: str | None, error: str,
+        now: float,
+    ) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO task_failures (task_id, attempt, lease_id, error, failed_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (task_id, attempt, lease_id, error, now),
+        )
+
+    @staticmethod
+    def _set_dead(db: sqlite3.Connection, task_id: int, now: float) -> None:
+        db.execute(
+            "UPDATE tasks SET state = 'dead', finished_at = ?, lease_deadline = NULL, "
+            "session_id = NULL WHERE id = ?",
+            (now, task_id),
+        )
+
+    @_in_thread
+    def extend(self, items: Sequence[Extension], now: float) -> list[Ack]:
+        """Set new lease deadlines from now."""
+        acks = []
+        with self._transaction() as db:
+            for item in items:
+                row, error = self._settle_target(db, item.task_id, item.lease_id)
+                if error is not None:
+                    acks.append(error)
+                    continue
+                assert row is not None
+                seconds = item.lease_seconds
+                if seconds is None:
+                    seconds = self._workflow(db, row[2]).stage(row[3]).lease_seconds
+                deadline = now + seconds
+                db.execute(
+                    "UPDATE tasks SET lease_deadline = ? WHERE id = ?", (deadline, item.task_id)
+                )
+                acks.append(Ack(item.task_id, item.lease_id, deadline=deadline, stage=row[3],
+                                result="extended"))
+        return acks
+
+    @_in_thread
+    def release(self, items: Sequence[Release], now: float) -> list[Ack]:
+        """Make unstarted leased tasks ready again at once, without costing an attempt."""
+        acks = []
+        with self._transaction() as db:
+            for item in items:
+                row, error = self._settle_target(db, item.task_id, item.lease_id)
+                if error is not None:
+                    acks.append(error)
+                    continue
+                assert row is not None
+                db.execute(
+                    "UPDATE tasks SET state = 'ready', attempt = attempt - 1, lease_id = NULL, "
+                    "lease_deadline = NULL, session_id = NULL WHERE id = ?",
+                    (item.task_id,),
+                )
+                acks.append(Ack(item.task_id, item.lease_id, stage=row[3], result="released"))
+        return acks
+
+    def _end_leases(self, db: sqlite3.Connection, where: str, args: tuple[Any, ...], why: str,
+                    now: float) -> int:
+        """End the leases matching `where`: retry (attempt counted) or dead when exhausted."""
+        rows = db.execute(
+            f"SELECT id, attempt, max_attempts, lease_id FROM tasks WHERE state = 'leased' AND "
+            f"{where}",
+            args,
+        ).fetchall()
+        for task_id, attempt, max_attempts, lease_id in rows:
+            self._record_failure(db, task_id, attempt, lease_id, why, now)
+            if attempt >= max_attempts:
+                self._set_dead(db, task_id, now)
+            else:
+                db.execute(
+                    "UPDATE tasks SET state = 'ready', ready_at = ?, lease_id = NULL, "
+                    "lease_deadline = NULL, session_id = NULL WHERE id = ?",
+                    (now, task_id),
+                )
+        return len(rows)
+
+    @_in_thread
+    def release_session(self, session_id: str, now: float) -> int:
+        """End every lease a closed Work session holds (the attempts count: it may have crashed)."""
+        with self._transaction() as db:
+            return self._end_leases(
+                db, "session_id = ?", (session_id,), "worker stream closed holding the lease", now
+            )
+
+    @_in_thread
+    def expire_leases(self, now: float) -> int:
+        """End every lease past its deadline; return how many."""
+        with self._transaction() as db:
+            return self._end_leases(db, "lease_deadline < ?", (now,), "lease expired", now)
+
+    # --- tasks: reads and operations ------------------------------------------------------------
+
+    @_in_thread
+    def active_count(self, workflow: str, stages: Sequence[str]) -> int:
+        """Count ready (now or scheduled) and leased tasks of the given stages."""
+        (count,) = self._db.execute(
+            "SELECT COUNT(*) FROM tasks WHERE workflow = ? AND state IN ('ready', 'leased') "
+            f"AND stage IN ({','.join('?' * len(stages))})",
+            (workflow, *stages),
+        ).fetchone()
+        return int(count)
+
+    @_in_thread
+    def backlog(self, workflow_name: str, now: float) -> list[StageBacklog]:
+        """Task counts per stage of one workflow (all workflows when empty), in definition order."""
+        db = self._db
+        names = (
+            [workflow_name]
+            if workflow_name
+            else [r[0] for r in db.execute("SELECT name FROM workflows ORDER BY name")]
+        )
+        result = []
+        for name in names:
+            workflow = self._workflow(db, name)
+            counts: dict[str, dict[str, Any]] = {s.name: {} for s in workflow.stages}
+            for stage, state, n, scheduled, oldest in db.execute(
+                "SELECT stage, state, COUNT(*), SUM(ready_at > ?), "
+                "MIN(CASE WHEN ready_at <= ? THEN ready_at END) "
+                "FROM tasks WHERE workflow = ? GROUP BY stage, state",
+                (now, now, name),
+            ):
+                c = counts.setdefault(stage, {})
+                if state == "ready":
+                    c["ready"] = n - (scheduled or 0)
+                    c["scheduled"] = scheduled or 0
+                    c["oldest_ready_age_seconds"] = max(0.0, now - oldest) if oldest else 0.0
+                else:
+                    c[state] = n
+            result += [StageBacklog(name, stage, **c) for stage, c in counts.items()]
+        return result
+
+    _TASK_COLUMNS = (
+        "id, workflow, stage, agent_run_id, collection_id, state, attempt, max_attempts, priority, "
+        "created_at, ready_at, lease_deadline, pathway, output, input, previous_task_id"
+    )
+
+    def _task(self, db: sqlite3.Connection, row: tuple[Any, ...]) -> TaskRecord:
+        failures = tuple(
+            AttemptFailureRecord(*r)
+            for r in db.execute(
+                "SELECT attempt, error, failed_at FROM task_failures WHERE task_id = ? "
+                "ORDER BY attempt",
+                (row[0],),
+            )
+        )
+        return TaskRecord(*row[:5], TaskState(row[5]), *row[6:], failures=failures)
+
+    @_in_thread
+    def get_task(self, task_id: int) -> TaskRecord:
+        """Return one task with its failed attempts.
+
+        Raises:
+            NotFound: no such task.
+        """
+        row = self._db.execute(
+            f"SELECT {self._TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no task with id {task_id}")
+        return self._task(self._db, row)
+
+    @_in_thread
+    def list_tasks(
+        self, workflow: str, stage: str, state: TaskState | None, after_id: int, limit: int
+    ) -> list[TaskRecord]:
+        """Return up to `limit` tasks with id > `after_id`, filtered where arguments are set."""
+        where, args = ["id > ?"], [after_id]
+        for column, value in (("workflow", workflow), ("stage", stage)):
+            if value:
+                where.append(f"{column} = ?")
+                args.append(value)  # type: ignore[arg-type]
+        if state is not None:
+            where.append("state = ?")
+            args.append(state.value)  # type: ignore[arg-type]
+        rows = self._db.execute(
+            f"SELECT {self._TASK_COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
+            "ORDER BY id LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+        return [self._task(self._db, r) for r in rows]
+
+    def _select_ids(
+        self, db: sqlite3.Connection, states: tuple[str, ...], workflow: str, stage: str,
+        task_ids: Sequence[int],
+    ) -> list[int]:
+        where = [f"state IN ({','.join('?' * len(states))})"]
+        args: list[Any] = list(states)
+        if task_ids:
+            where.append(f"id IN ({','.join('?' * len(task_ids))})")
+            args += task_ids
+        else:
+            if not workflow:
+                raise InvalidArgument("workflow: required when no task_ids are given")
+            where.append("workflow = ?")
+            args.append(workflow)
+            if stage:
+                where.append("stage = ?")
+                args.append(stage)
+        return [r[0] for r in db.execute(f"SELECT id FROM tasks WHERE {' AND '.join(where)}", args)]
+
+    @_in_thread
+    def redrive(self, workflow: str, stage: str, task_ids: Sequence[int], now: float) -> int:
+        """Move dead tasks back to ready with a fresh attempt budget."""
+        with self._transaction() as db:
+            ids = self._select_ids(db, ("dead",), workflow, stage, task_ids)
+            db.executemany(
+                "UPDATE tasks SET state = 'ready', attempt = 0, ready_at = ?, finished_at = NULL, "
+                "lease_id = NULL WHERE id = ?",
+                [(now, i) for i in ids],
+            )
+            return len(ids)
+
+    @_in_thread
+    def cancel(self, workflow: str, stage: str, task_ids: Sequence[int], now: float) -> int:
+        """Cancel ready, leased and dead tasks."""
+        with self._transaction() as db:
+            ids = self._select_ids(db, ("ready", "leased", "dead"), workflow, stage, task_ids)
+            db.executemany(
+                "UPDATE tasks SET state = 'cancelled', finished_at = ?, lease_deadline = NULL, "
+                "session_id = NULL WHERE id = ?",
+                [(now, i) for i in ids],
+            )
+            return len(ids)

@@ -1,0 +1,331 @@
+"""Domain records that cross the storage interface. Runs, outputs and inputs are opaque bytes here
+(encoded protobuf messages): storage never imports generated code."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentrun_server._errors import InvalidArgument, NotFound
+
+DEFAULT_MAX_ATTEMPTS = 4
+DEFAULT_INITIAL_BACKOFF_SECONDS = 1.0
+DEFAULT_MAX_BACKOFF_SECONDS = 60.0
+DEFAULT_LEASE_SECONDS = 300.0
+MAX_NAME_BYTES = 256
+
+
+def check_name(what: str, name: str) -> None:
+    """Raise InvalidArgument unless `name` is 1 to MAX_NAME_BYTES bytes of UTF-8."""
+    if not name:
+        raise InvalidArgument(f"{what}: must not be empty")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise InvalidArgument(f"{what}: {len(name.encode())} bytes exceeds {MAX_NAME_BYTES}")
+
+
+@dataclass(frozen=True, slots=True)
+class Collection:
+    """A named set of runs, optionally bound to a workflow (empty string: unbound)."""
+
+    id: str
+    name: str
+    description: str
+    workflow: str
+    created_at: float
+    run_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """A run to insert: its id, name, and its encoded `agentrun.v1.AgentRun`."""
+
+    id: str
+    name: str | None
+    data: bytes
+
+
+class InsertStatus(enum.Enum):
+    """What happened to one inserted run."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class InsertOutcome:
+    """The outcome of one inserted run; for CONFLICT, the collection already holding the id."""
+
+    status: InsertStatus
+    existing_collection_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRun:
+    """A stored run with its encoded data."""
+
+    id: str
+    collection_id: str
+    ingested_at: float
+    data: bytes
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class StageDef:
+    """One stage: pathway name -> next stage (None ends the workflow), and its task policy."""
+
+    name: str
+    pathways: dict[str, str | None] = field(default_factory=dict)
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    initial_backoff_seconds: float = DEFAULT_INITIAL_BACKOFF_SECONDS
+    max_backoff_seconds: float = DEFAULT_MAX_BACKOFF_SECONDS
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+
+    def next_stage(self, pathway: str) -> str | None:
+        """The stage `pathway` leads to (None: the end).
+
+        Raises:
+            InvalidArgument: the stage has no such pathway; the message lists the valid ones.
+        """
+        if not self.pathways and pathway == "":
+            return None
+        if pathway not in self.pathways:
+            valid = ", ".join(repr(p) for p in self.pathways) or "none: complete with an empty one"
+            raise InvalidArgument(
+                f"pathway {pathway!r} is not a pathway of stage {self.name!r}; valid pathways: "
+                f"{valid}"
+            )
+        return self.pathways[pathway]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowDef:
+    """A workflow: stages in order (the first is where runs enter)."""
+
+    name: str
+    stages: tuple[StageDef, ...]
+    version: int = 0
+    updated_at: float = 0.0
+
+    @property
+    def first_stage(self) -> StageDef:
+        """The stage runs enter."""
+        return self.stages[0]
+
+    def stage(self, name: str) -> StageDef:
+        """The stage called `name`.
+
+        Raises:
+            NotFound: no such stage; the message lists the valid ones.
+        """
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        valid = ", ".join(repr(s.name) for s in self.stages)
+        raise NotFound(f"workflow {self.name!r} has no stage {name!r}; stages: {valid}")
+
+    def validate(self) -> None:
+        """Check names, uniqueness, policies, and that every pathway leads somewhere.
+
+        Raises:
+            InvalidArgument: naming the stage or pathway at fault.
+        """
+        check_name("workflow.name", self.name)
+        if not self.stages:
+            raise InvalidArgument(f"workflow {self.name!r}: stages: at least one stage is required")
+        names = [s.name for s in self.stages]
+        for i, stage in enumerate(self.stages):
+            where = f"workflow {self.name!r}: stages[{i}]"
+            check_name(f"{where}.name", stage.name)
+            if names.count(stage.name) > 1:
+                raise InvalidArgument(f"{where}.name: stage {stage.name!r} is defined twice")
+            if stage.max_attempts < 1:
+                raise InvalidArgument(f"{where}.max_attempts: must be at least 1")
+            if stage.lease_seconds <= 0:
+                raise InvalidArgument(f"{where}.lease_duration: must be positive")
+            if stage.initial_backoff_seconds < 0 or stage.max_backoff_seconds < 0:
+                raise InvalidArgument(f"{where}.retry_policy: backoffs must not be negative")
+            for pathway, target in stage.pathways.items():
+                check_name(f"{where}.pathways name", pathway)
+                if target is not None and target not in names:
+                    raise InvalidArgument(
+                        f"{where}.pathways[{pathway!r}]: leads to unknown stage {target!r}; "
+                        f"stages: {', '.join(repr(n) for n in names)}"
+                    )
+
+    def to_json(self) -> str:
+        """The definition (without version) as JSON, for storage."""
+        return json.dumps(
+            [
+                {
+                    "name": s.name,
+                    "pathways": [[p, t] for p, t in s.pathways.items()],
+                    "max_attempts": s.max_attempts,
+                    "initial_backoff_seconds": s.initial_backoff_seconds,
+                    "max_backoff_seconds": s.max_backoff_seconds,
+                    "lease_seconds": s.lease_seconds,
+                }
+                for s in self.stages
+            ]
+        )
+
+    @classmethod
+    def from_json(cls, name: str, text: str, version: int, updated_at: float) -> WorkflowDef:
+        """Rebuild a stored definition."""
+        stages: list[dict[str, Any]] = json.loads(text)
+        return cls(
+            name=name,
+            stages=tuple(
+                StageDef(
+                    name=s["name"],
+                    pathways={p: t for p, t in s["pathways"]},
+                    max_attempts=s["max_attempts"],
+                    initial_backoff_seconds=s["initial_backoff_seconds"],
+                    max_backoff_seconds=s["max_backoff_seconds"],
+                    lease_seconds=s["lease_seconds"],
+                )
+                for s in stages
+            ),
+            version=version,
+            updated_at=updated_at,
+        )
+
+
+class TaskState(enum.Enum):
+    """The state of a task, as stored."""
+
+    READY = "ready"
+    LEASED = "leased"
+    DONE = "done"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedTask:
+    """A task just leased, with the encoded run it works on."""
+
+    task_id: int
+    lease_id: str
+    attempt: int
+    max_attempts: int
+    deadline: float
+    stage: str
+    agent_run_id: str
+    collection_id: str
+    priority: int
+    input: bytes | None
+    created_at: float
+    run_data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """Complete a leased task with a pathway and an optional encoded output."""
+
+    task_id: int
+    lease_id: str
+    pathway: str
+    output: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Report a failed attempt."""
+
+    task_id: int
+    lease_id: str
+    error: str
+    non_retryable: bool = False
+    retry_after_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Extension:
+    """Extend a lease to now + `lease_seconds` (None: the stage's lease duration)."""
+
+    task_id: int
+    lease_id: str
+    lease_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Hand back an unstarted leased task without costing an attempt."""
+
+    task_id: int
+    lease_id: str
+
+
+class AckCode(enum.IntEnum):
+    """Outcome of one settle item, with the canonical gRPC status numbers."""
+
+    OK = 0
+    INVALID_ARGUMENT = 3
+    NOT_FOUND = 5
+    FAILED_PRECONDITION = 9
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The outcome of one complete, fail, extend or release item."""
+
+    task_id: int
+    lease_id: str
+    code: AckCode = AckCode.OK
+    message: str = ""
+    deadline: float | None = None
+    next_task_id: int | None = None
+    # For the metrics: the task's stage and what the settle did ("done", "retry", "dead", ...).
+    stage: str = ""
+    result: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptFailureRecord:
+    """One failed attempt in a task's history."""
+
+    attempt: int
+    error: str
+    failed_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A task as stored."""
+
+    id: int
+    workflow: str
+    stage: str
+    agent_run_id: str
+    collection_id: str
+    state: TaskState
+    attempt: int
+    max_attempts: int
+    priority: int
+    created_at: float
+    ready_at: float
+    lease_deadline: float | None
+    pathway: str | None
+    output: bytes | None
+    input: bytes | None
+    previous_task_id: int | None
+    failures: tuple[AttemptFailureRecord, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StageBacklog:
+    """Task counts of one stage, and the age of its oldest ready task."""
+
+    workflow: str
+    stage: str
+    ready: int = 0
+    scheduled: int = 0
+    leased: int = 0
+    done: int = 0
+    dead: int = 0
+    cancelled: int = 0
+    oldest_ready_age_seconds: float = 0.0
