@@ -1,0 +1,55 @@
+"""agentrun: ingest LLM agent runs over gRPC and take them through workflows of stages.
+
+The data model follows Docent's `AgentRun`; the writer follows Docent's `AgentRunWriter`; the
+stage runner follows Encord's task `Runner`.
+
+    import agentrun
+
+    writer = agentrun.init(collection_name="airline", workflow="grading")
+    writer.log_agent_runs(runs)
+    summary = writer.finish()
+"""
+
+from __future__ import annotations
+
+from agentrun import chat
+from agentrun._agent_run import AgentRun, AgentRunWithoutMetadataValidator, FilterableField
+from agentrun._client import Client
+from agentrun._convert import agent_run_from_proto, agent_run_to_proto
+from agentrun._errors import AgentRunError, FormatError, RpcError, WorkflowError, WriterClosedError
+from agentrun._importers import load_agent_runs
+from agentrun._metadata import BaseAgentRunMetadata, BaseMetadata
+from agentrun._runner import Runner, RunSummary
+from agentrun._transcript import Transcript
+from agentrun._workflow import WorkflowSpec, load_workflow
+from agentrun._writer import AgentRunWriter, RejectedRun, WriteSummary, init
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentRun",
+    "AgentRunError",
+    "AgentRunWithoutMetadataValidator",
+    "AgentRunWriter",
+    "BaseAgentRunMetadata",
+    "BaseMetadata",
+    "Client",
+    "FilterableField",
+    "FormatError",
+    "RejectedRun",
+    "RpcError",
+    "RunSummary",
+    "Runner",
+    "Transcript",
+    "WorkflowError",
+    "WorkflowSpec",
+    "WriteSummary",
+    "WriterClosedError",
+    "__version__",
+    "agent_run_from_proto",
+    "agent_run_to_proto",
+    "chat",
+    "init",
+    "load_agent_runs",
+    "load_workflow",
+]

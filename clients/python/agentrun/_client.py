@@ -1,0 +1,143 @@
+"""Connecting to an agentrun server, and a small synchronous client for the unary calls."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import grpc
+
+from agentrun._errors import RpcError
+from agentrun.v1 import ingestion_service_pb2 as ingestion_pb
+from agentrun.v1 import ingestion_service_pb2_grpc as ingestion_grpc
+from agentrun.v1 import orchestrator_service_pb2 as orchestrator_pb
+from agentrun.v1 import orchestrator_service_pb2_grpc as orchestrator_grpc
+from agentrun.v1 import workflow_pb2
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+SERVER_ENV = "AGENTRUN_SERVER"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CALL_TIMEOUT_SECONDS = 30.0
+
+T = TypeVar("T")
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+
+def resolve_server(server_url: str | None) -> tuple[str, bool]:
+    """Return (target, use_tls) for a server URL.
+
+    Accepts `host:port`, `grpc://host:port`, `http://host:port` (plain) and `grpcs://` or
+    `https://` (TLS). None means $AGENTRUN_SERVER, else 127.0.0.1:50051.
+    """
+    url = server_url or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
+    for scheme, tls in (("grpcs://", True), ("https://", True), ("grpc://", False), ("http://", False)):
+        if url.startswith(scheme):
+            return url.removeprefix(scheme).rstrip("/"), tls
+    return url, False
+
+
+def open_channel(server_url: str | None) -> grpc.Channel:
+    """A synchronous channel to the server."""
+    target, tls = resolve_server(server_url)
+    if tls:
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=CHANNEL_OPTIONS)
+    return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+def open_aio_channel(server_url: str | None) -> grpc.aio.Channel:
+    """An asyncio channel to the server (create it inside the event loop that uses it)."""
+    target, tls = resolve_server(server_url)
+    if tls:
+        return grpc.aio.secure_channel(
+            target, grpc.ssl_channel_credentials(), options=CHANNEL_OPTIONS
+        )
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+@contextmanager
+def translate_rpc_errors() -> Iterator[None]:
+    """Re-raise grpc errors as `RpcError` (the one place the SDK maps transport errors)."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise RpcError.from_grpc(exc) from exc
+
+
+class Client:
+    """A synchronous client for the unary calls of both services.
+
+    Every method raises `RpcError` when the call fails (e.g. NOT_FOUND for an unknown name).
+    """
+
+    def __init__(self, server_url: str | None = None) -> None:
+        self.server_url = server_url
+        self._channel = open_channel(server_url)
+        self.ingestion = ingestion_grpc.IngestionServiceStub(self._channel)
+        self.orchestrator = orchestrator_grpc.OrchestratorServiceStub(self._channel)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., T], request: Any) -> T:
+        with translate_rpc_errors():
+            return method(request, timeout=CALL_TIMEOUT_SECONDS, wait_for_ready=True)
+
+    def create_collection(
+        self, name: str, description: str = "", workflow: str = ""
+    ) -> ingestion_pb.CreateCollectionResponse:
+        """Create a collection, or get the one with this name."""
+        return self._call(
+            self.ingestion.CreateCollection,
+            ingestion_pb.CreateCollectionRequest(
+                name=name, description=description, workflow=workflow
+            ),
+        )
+
+    def get_collection(self, collection_id: str) -> ingestion_pb.Collection:
+        """Return a collection by id."""
+        return self._call(
+            self.ingestion.GetCollection, ingestion_pb.GetCollectionRequest(id=collection_id)
+        ).collection
+
+    def list_collections(self) -> list[ingestion_pb.Collection]:
+        """Return all collections with their run counts."""
+        return list(
+            self._call(
+                self.ingestion.ListCollections, ingestion_pb.ListCollectionsRequest()
+            ).collections
+        )
+
+    def apply_workflow(self, workflow: workflow_pb2.Workflow) -> orchestrator_pb.ApplyWorkflowResponse:
+        """Create or replace a workflow."""
+        return self._call(
+            self.orchestrator.ApplyWorkflow, orchestrator_pb.ApplyWorkflowRequest(workflow=workflow)
+        )
+
+    def get_workflow(self, name: str) -> workflow_pb2.Workflow:
+        """Return a workflow."""
+        return self._call(
+            self.orchestrator.GetWorkflow, orchestrator_pb.GetWorkflowRequest(name=name)
+        ).workflow
+
+    def backlog(self, workflow: str = "") -> list[workflow_pb2.StageBacklog]:
+        """Return the backlog of every stage (of one workflow, if named)."""
+        return list(
+            self._call(
+                self.orchestrator.GetBacklog, orchestrator_pb.GetBacklogRequest(workflow=workflow)
+            ).stages
+        )

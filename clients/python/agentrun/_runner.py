@@ -1,0 +1,383 @@
+"""`Runner`: stage workers with the surface of Encord's task Runner, over the Work stream.
+
+    runner = Runner(workflow="grading")
+
+    @runner.stage("triage")
+    def triage(run: AgentRun) -> str | None:
+        return "pass" if run.metadata.scores["reward"] > 0 else "fail"
+
+    if __name__ == "__main__":
+        runner.run()          # a CLI: --server, --workflow, --num-retries, --help, ...
+
+The server pushes leased tasks (no polling); the function's return value is the pathway. None
+completes the task with no pathway, which ends the run's pass through the workflow at a terminal
+stage; at a stage that has pathways, None (like any name the stage lacks) fails the task for good,
+with the valid pathways in the error: it never loops. A function that raises fails the attempt:
+the server retries it with backoff, up to `num_retries` retries, then the task is dead. One failing
+task never stops the others. Unlike Encord's Runner, tasks are leased (no two workers run the same
+task at once) and retries survive restarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import grpc
+
+from agentrun._agent_run import AgentRun
+from agentrun._client import Client, open_aio_channel
+from agentrun._convert import agent_run_from_proto
+from agentrun._errors import WorkflowError
+from agentrun.v1 import orchestrator_service_pb2 as pb
+from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
+from agentrun.v1 import workflow_pb2
+
+_log = logging.getLogger(__name__)
+
+StageFunction: TypeAlias = Callable[[AgentRun], "str | None | Awaitable[str | None]"]
+
+RECONNECT_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
+DRAIN_GRACE_SECONDS = 30.0
+
+
+@dataclass
+class RunSummary:
+    """What a Runner did: completions per (stage, pathway), failed attempts, dead tasks."""
+
+    completed: Counter[tuple[str, str]] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    dead: Counter[str] = field(default_factory=Counter)
+
+    def __str__(self) -> str:
+        lines = [f"  {stage}: {n} done via {pathway or '(end)'}" for (stage, pathway), n in sorted(self.completed.items())]
+        lines += [f"  {stage}: {n} failed attempts" for stage, n in sorted(self.failed.items())]
+        lines += [f"  {stage}: {n} dead" for stage, n in sorted(self.dead.items())]
+        return "runner summary:\n" + ("\n".join(lines) if lines else "  no tasks")
+
+
+class Runner:
+    """Runs stage functions on the tasks of a workflow.
+
+    Args:
+        workflow: The workflow's name (also settable per call and by --workflow).
+        server_url: The orchestrator (`host:port`); None uses $AGENTRUN_SERVER or 127.0.0.1:50051.
+    """
+
+    def __init__(self, workflow: str | None = None, server_url: str | None = None) -> None:
+        self.workflow = workflow
+        self.server_url = server_url
+        self._stages: dict[str, StageFunction] = {}
+
+    def stage(self, stage: str, *, overwrite: bool = False) -> Callable[[StageFunction], StageFunction]:
+        """Register the decorated function for a stage; it gets the run and returns a pathway.
+
+        The function may be sync (run in a thread pool) or async. It is returned unchanged.
+
+        Raises:
+            WorkflowError: the stage already has a function (pass overwrite=True to replace it).
+        """
+
+        def register(function: StageFunction) -> StageFunction:
+            if stage in self._stages and not overwrite:
+                raise WorkflowError(f"stage {stage!r} already has a function; pass overwrite=True")
+            self._stages[stage] = function
+            return function
+
+        return register
+
+    def __call__(
+        self,
+        *,
+        workflow: str | None = None,
+        server_url: str | None = None,
+        refresh_every: int | None = None,
+        num_retries: int = 3,
+        task_batch_size: int = 8,
+        max_tasks_per_stage: int | None = None,
+    ) -> RunSummary:
+        """Work tasks of the registered stages.
+
+        Args:
+            workflow: Overrides the constructor's workflow.
+            server_url: Overrides the constructor's server.
+            refresh_every: None: exit once the stages are empty. Otherwise keep serving until
+                interrupted (tasks are pushed as they become ready), logging progress every
+                `refresh_every` seconds.
+            num_retries: Retries of a failing task (capped by the stage's max_attempts).
+            task_batch_size: Tasks held at once (the stream's credits): the concurrency.
+            max_tasks_per_stage: Stop taking tasks of a stage after this many.
+
+        Raises:
+            WorkflowError: no stage registered, no workflow named, or a registered stage is not in
+                the workflow (the message lists the workflow's stages).
+            RpcError: the server is unreachable.
+        """
+        workflow = workflow or self.workflow
+        server_url = server_url or self.server_url
+        if not workflow:
+            raise WorkflowError("no workflow: pass workflow= to Runner(...) or --workflow")
+        if not self._stages:
+            raise WorkflowError("no stage registered: decorate a function with @runner.stage(...)")
+        if task_batch_size < 1 or num_retries < 0 or (max_tasks_per_stage or 1) < 1:
+            raise WorkflowError("task_batch_size and max_tasks_per_stage must be >= 1, num_retries >= 0")
+        with Client(server_url) as client:
+            definition = client.get_workflow(workflow)
+        self._check_stages(definition)
+        session = _Session(
+            self._stages, definition, server_url, num_retries, task_batch_size,
+            max_tasks_per_stage, refresh_every,
+        )
+        summary = asyncio.run(session.run())
+        _log.info("%s", summary)
+        return summary
+
+    def _check_stages(self, workflow: workflow_pb2.Workflow) -> None:
+        names = [s.name for s in workflow.stages]
+        unknown = [s for s in self._stages if s not in names]
+        if unknown:
+            raise WorkflowError(
+                f"stage(s) {', '.join(repr(s) for s in unknown)} not in workflow "
+                f"{workflow.name!r}; its stages are: {', '.join(repr(n) for n in names)}"
+            )
+
+    def run(self, argv: Sequence[str] | None = None) -> None:
+        """Run as a command-line program (the options mirror `__call__`); exits with 0 on success."""
+        parser = argparse.ArgumentParser(
+            description="Work the tasks of this script's stages on an agentrun orchestrator."
+        )
+        parser.add_argument("--server", default=self.server_url,
+                            help="orchestrator host:port [default: $AGENTRUN_SERVER or 127.0.0.1:50051]")
+        parser.add_argument("--workflow", default=self.workflow, help="workflow name")
+        parser.add_argument("--refresh-every", type=int, default=None,
+                            help="keep serving, logging progress every N seconds; unset: exit once the stages are empty")
+        parser.add_argument("--num-retries", type=int, default=3,
+                            help="retries of a failing task [default: 3]")
+        parser.add_argument("--task-batch-size", type=int, default=8,
+                            help="tasks held and worked at once [default: 8]")
+        parser.add_argument("--max-tasks-per-stage", type=int, default=None,
+                            help="stop taking a stage's tasks after this many [default: no limit]")
+        args = parser.parse_args(argv)
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        try:
+            summary = self(
+                workflow=args.workflow, server_url=args.server, refresh_every=args.refresh_every,
+                num_retries=args.num_retries, task_batch_size=args.task_batch_size,
+                max_tasks_per_stage=args.max_tasks_per_stage,
+            )
+        except Exception as exc:
+            parser.exit(1, f"error: {exc}\n")
+        parser.exit(0 if summary is not None else 1)
+
+
+class _Session:
+    """One run of a Runner: a Work stream, reconnected on UNAVAILABLE, until done."""
+
+    def __init__(
+        self,
+        stages: dict[str, StageFunction],
+        workflow: workflow_pb2.Workflow,
+        server_url: str | None,
+        num_retries: int,
+        credits: int,
+        max_tasks_per_stage: int | None,
+        refresh_every: int | None,
+    ) -> None:
+        self.stages = stages
+        self.workflow = workflow
+        self.pathways = {s.name: [p.name for p in s.pathways] for s in workflow.stages}
+        self.server_url = server_url
+        self.num_retries = num_retries
+        self.credits = credits
+        self.max_tasks = max_tasks_per_stage
+        self.refresh_every = refresh_every
+        self.summary = RunSummary()
+        self.leased: Counter[str] = Counter()
+        self.executor = ThreadPoolExecutor(max_workers=credits, thread_name_prefix="agentrun-stage")
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> RunSummary:
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, self._on_signal)
+        try:
+            failures = 0
+            while True:
+                try:
+                    if await self._stream():
+                        return self.summary
+                    failures = 0
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or self.stopping.is_set():
+                        raise
+                    delay = RECONNECT_BACKOFF_SECONDS[min(failures, len(RECONNECT_BACKOFF_SECONDS) - 1)]
+                    failures += 1
+                    _log.warning("orchestrator unavailable (%s); reconnecting in %.1f s", exc.details(), delay)
+                    await asyncio.sleep(delay)
+        finally:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _on_signal(self) -> None:
+        _log.info("signal received: draining (finishing tasks in flight, taking no new ones)")
+        self.stopping.set()
+
+    def _quota_reached(self) -> bool:
+        return self.max_tasks is not None and all(self.leased[s] >= self.max_tasks for s in self.stages)
+
+    async def _stream(self) -> bool:
+        """One Work stream. True when the run is over; False to reconnect."""
+        async with open_aio_channel(self.server_url) as channel:
+            call = pb_grpc.OrchestratorServiceStub(channel).Work()
+            stages = [
+                pb.StageSubscription(stage=s, max_tasks=max(0, self.max_tasks - self.leased[s]) if self.max_tasks else 0)
+                for s in self.stages
+            ]
+            await call.write(pb.WorkRequest(subscribe=pb.Subscribe(
+                workflow=self.workflow.name, stages=stages, credits=self.credits,
+                worker=f"{socket.gethostname()}/pid-{os.getpid()}",
+                notify_when_empty=self.refresh_every is None,
+            )))
+            outbox: asyncio.Queue[pb.WorkRequest] = asyncio.Queue()
+            in_flight: set[asyncio.Task[None]] = set()
+            writer = asyncio.create_task(self._write(call, outbox))
+            stop_waiter = asyncio.create_task(self.stopping.wait())
+            progress = asyncio.create_task(self._progress()) if self.refresh_every else None
+            try:
+                drained = False
+                while True:
+                    read = asyncio.create_task(call.read())
+                    done, _ = await asyncio.wait({read, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    if stop_waiter in done and not drained:
+                        drained = True
+                        await outbox.put(pb.WorkRequest(drain=pb.Drain()))
+                        if not in_flight:
+                            read.cancel()
+                            return True
+                    if read not in done:
+                        await asyncio.wait({read})
+                    response = read.result()
+                    if response is grpc.aio.EOF:
+                        return self.stopping.is_set()
+                    kind = response.WhichOneof("kind")
+                    if kind == "leases":
+                        for lease in response.leases.leases:
+                            self.leased[lease.stage] += 1
+                            task = asyncio.create_task(self._work(lease, outbox))
+                            in_flight.add(task)
+                            task.add_done_callback(in_flight.discard)
+                    elif kind == "acks":
+                        for ack in response.acks.acks:
+                            if ack.code != 0:
+                                _log.warning("task %s: server refused a settle: %s", ack.task_id, ack.message)
+                    elif kind == "stages_empty" and not in_flight:
+                        return True
+                    if (drained or self._quota_reached()) and not in_flight and outbox.empty():
+                        await asyncio.sleep(0.05)  # let the last settle reach the server
+                        return True
+            finally:
+                for task in list(in_flight):
+                    task.cancel()
+                stop_waiter.cancel()
+                if progress is not None:
+                    progress.cancel()
+                with contextlib.suppress(Exception):
+                    await outbox.join()
+                writer.cancel()
+                with contextlib.suppress(Exception):
+                    await call.done_writing()
+
+    async def _write(self, call: Any, outbox: asyncio.Queue[pb.WorkRequest]) -> None:
+        """Write settles, merging those queued meanwhile into one message per kind (batching)."""
+        while True:
+            first = await outbox.get()
+            batch = [first]
+            while not outbox.empty():
+                batch.append(outbox.get_nowait())
+            complete = pb.CompleteTasks()
+            fail = pb.FailTasks()
+            others = []
+            for request in batch:
+                kind = request.WhichOneof("kind")
+                if kind == "complete_tasks":
+                    complete.completions.extend(request.complete_tasks.completions)
+                elif kind == "fail_tasks":
+                    fail.failures.extend(request.fail_tasks.failures)
+                else:
+                    others.append(request)
+            if complete.completions:
+                await call.write(pb.WorkRequest(complete_tasks=complete))
+            if fail.failures:
+                await call.write(pb.WorkRequest(fail_tasks=fail))
+            for request in others:
+                await call.write(request)
+            for _ in batch:
+                outbox.task_done()
+
+    async def _progress(self) -> None:
+        assert self.refresh_every
+        while True:
+            await asyncio.sleep(self.refresh_every)
+            done = sum(self.summary.completed.values())
+            _log.info("progress: %d done, %d failed attempts, %d dead", done,
+                      sum(self.summary.failed.values()), sum(self.summary.dead.values()))
+
+    async def _work(self, lease: pb.Lease, outbox: asyncio.Queue[pb.WorkRequest]) -> None:
+        stage = lease.stage
+        started = time.monotonic()
+        try:
+            run = agent_run_from_proto(lease.agent_run)
+            result = await self._call(self.stages[stage], run)
+        except Exception as exc:
+            final = lease.attempt > self.num_retries or lease.attempt >= lease.max_attempts
+            _log.error("stage %s task %s attempt %d/%d failed%s", stage, lease.task_id, lease.attempt,
+                       min(lease.max_attempts, self.num_retries + 1), "; giving up" if final else "",
+                       exc_info=exc)
+            self.summary.failed[stage] += 1
+            if final:
+                self.summary.dead[stage] += 1
+            await outbox.put(pb.WorkRequest(fail_tasks=pb.FailTasks(failures=[pb.TaskFailure(
+                task_id=lease.task_id, lease_id=lease.lease_id, error=f"{type(exc).__name__}: {exc}",
+                non_retryable=final,
+            )])))
+            return
+        pathway = result or ""
+        valid = self.pathways[stage]
+        if (valid and pathway not in valid) or (not valid and pathway):
+            message = (f"stage function returned pathway {result!r}; stage {stage!r} has "
+                       + (f"pathways {', '.join(repr(p) for p in valid)}" if valid else "no pathways (return None)"))
+            _log.error("task %s: %s", lease.task_id, message)
+            self.summary.dead[stage] += 1
+            await outbox.put(pb.WorkRequest(fail_tasks=pb.FailTasks(failures=[pb.TaskFailure(
+                task_id=lease.task_id, lease_id=lease.lease_id, error=message, non_retryable=True,
+            )])))
+            return
+        self.summary.completed[(stage, pathway)] += 1
+        _log.debug("task %s done via %r in %.3f s", lease.task_id, pathway, time.monotonic() - started)
+        await outbox.put(pb.WorkRequest(complete_tasks=pb.CompleteTasks(completions=[pb.TaskCompletion(
+            task_id=lease.task_id, lease_id=lease.lease_id, pathway=pathway,
+        )])))
+
+    async def _call(self, function: StageFunction, run: AgentRun) -> str | None:
+        if inspect.iscoroutinefunction(function):
+            return await function(run)  # type: ignore[no-any-return]
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.executor, function, run)
+        if inspect.isawaitable(result):
+            result = await result
+        return result  # type: ignore[no-any-return]
