@@ -162,3 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,9 +1,11 @@
 """Conversion between the pydantic models and their `agentrun.v1` wire form.
 
-Lossless: model -> proto -> model gives an equal model. Integers stay integers (including those
-outside 64 bits), floats stay floats, strings keep NUL and non-BMP characters; only the key order
-of maps may change. Metadata declared by a subclass keeps its descriptions on the wire; decoding
-rebuilds it as extras of `metadata_type` unless that type declares the fields.
+Lossless: model -> proto -> model gives an equal model with the same `.text`. Integers stay
+integers (including those outside 64 bits), floats stay floats, strings keep NUL and non-BMP
+characters, dict values keep their key order (tool-call arguments render in it); only the key
+order of metadata is not kept (it renders sorted). Metadata declared by a subclass keeps its
+descriptions on the wire; decoding rebuilds it as extras of `metadata_type` unless that type
+declares the fields.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def struct_to_proto(data: Mapping[str, Any], out: pb.StructValue) -> None:
     for key, item in data.items():
         if not isinstance(key, str):
             raise TypeError(f"dict keys must be strings, got {type(key).__name__}: {key!r}")
-        value_to_proto(item, out.fields[key])
+        value_to_proto(item, out.fields.add(key=key).value)
 
 
 def value_from_proto(value: pb.Value) -> Any:
@@ -97,7 +99,7 @@ def value_from_proto(value: pb.Value) -> Any:
 
 def struct_from_proto(struct: pb.StructValue) -> dict[str, Any]:
     """Read a string-keyed dict."""
-    return {key: value_from_proto(item) for key, item in struct.fields.items()}
+    return {field.key: value_from_proto(field.value) for field in struct.fields}
 
 
 # --- metadata -----------------------------------------------------------------------------------

@@ -368,40 +368,21 @@ Global___ListValue: _TypeAlias = ListValue  # noqa: Y015
 
 @_typing.final
 class StructValue(_message.Message):
-    """A string-keyed map of values."""
+    """A string-keyed map of values, in key order as given (rendering, e.g. of tool-call arguments,
+    follows it).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    @_typing.final
-    class FieldsEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        @_builtins.property
-        def value(self) -> Global___Value: ...
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: Global___Value | None = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
     FIELDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def fields(self) -> _containers.MessageMap[_builtins.str, Global___Value]:
-        """Key -> value. Key order is not preserved."""
+    def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___StructField]:
+        """The entries, in order. Keys MUST be unique."""
 
     def __init__(
         self,
         *,
-        fields: _abc.Mapping[_builtins.str, Global___Value] | None = ...,
+        fields: _abc.Iterable[Global___StructField] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -410,6 +391,34 @@ class StructValue(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StructValue: _TypeAlias = StructValue  # noqa: Y015
+
+@_typing.final
+class StructField(_message.Message):
+    """One entry of a StructValue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The key."""
+    @_builtins.property
+    def value(self) -> Global___Value:
+        """The value."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: Global___Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StructField: _TypeAlias = StructField  # noqa: Y015
 
 @_typing.final
 class ChatMessage(_message.Message):

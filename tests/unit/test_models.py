@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import Field, ValidationError
+
+from agentrun import AgentRun, BaseAgentRunMetadata, Transcript
+from agentrun.chat import AssistantMessage, ToolCall, UserMessage
+
+# research/docent.md section 2.4: Docent's verified output for its docs example.
+DOCS_EXAMPLE_TEXT = """Here is a complete agent run for analysis purposes only:
+<transcript default>
+<blocks>
+<action unit 0>
+<T0B0 | role: user>
+Hello, what's 1 + 1?
+</T0B0>
+<T0B1 | role: assistant>
+2
+</T0B1>
+</action unit 0>
+</blocks>
+<metadata>
+{}
+
+</metadata>
+</transcript default>
+
+Metadata about the complete agent run:
+<agent run metadata>
+scores (A dict of score_key -> score_value. Use one key for each metric you're tracking.):
+  correct: true
+  reward: 1.0
+
+</agent run metadata>"""
+
+
+def docs_example() -> AgentRun:
+    return AgentRun(
+        transcripts={
+            "default": Transcript(
+                messages=[UserMessage(content="Hello, what's 1 + 1?"), AssistantMessage(content="2")]
+            )
+        },
+        metadata=BaseAgentRunMetadata(scores={"correct": True, "reward": 1.0}),
+    )
+
+
+def test_docs_example_renders_byte_identical_to_the_seed() -> None:
+    assert docs_example().text == DOCS_EXAMPLE_TEXT
+
+
+def test_a_run_needs_a_transcript() -> None:
+    with pytest.raises(ValidationError, match="at least one transcript"):
+        AgentRun(transcripts={}, metadata=BaseAgentRunMetadata(scores={}))
+
+
+def test_scores_are_required() -> None:
+    with pytest.raises(ValidationError, match=r"metadata\.scores"):
+        AgentRun(transcripts={"t": Transcript(messages=[])}, metadata={})  # type: ignore[arg-type]
+
+
+def test_score_types_are_kept() -> None:
+    scores = BaseAgentRunMetadata(scores={"b": True, "i": 1, "f": 1.0, "n": None}).scores
+    assert [type(v) for v in scores.values()] == [bool, int, float, type(None)]
+
+
+def test_subclass_fields_and_descriptions_render_and_survive_json() -> None:
+    class EpisodeMetadata(BaseAgentRunMetadata):
+        episode: int = Field(description="Training episode number")
+
+    run = AgentRun(
+        transcripts={"t": Transcript(messages=[UserMessage(content="hi")])},
+        metadata=EpisodeMetadata(scores={"r": 0.5}, episode=3, tag="x"),
+    )
+    assert "episode (Training episode number): 3" in run.text
+    assert "tag: x" in run.text
+    again = AgentRun.model_validate_json(run.model_dump_json())
+    assert again.text == run.text
+
+
+def test_tool_calls_render_as_function_calls() -> None:
+    message = AssistantMessage(
+        content="", tool_calls=[ToolCall(id="c1", function="f", arguments={"a": 1, "s": "x"})]
+    )
+    run = AgentRun(transcripts={"t": Transcript(messages=[message])},
+                   metadata=BaseAgentRunMetadata(scores={}))
+    assert "<tool call>\nf(a=1, s=x)\n</tool call>" in run.text
+
+
+def test_transcripts_given_as_a_list_are_keyed_by_id() -> None:
+    t = Transcript(id="abc", messages=[])
+    run = AgentRun(transcripts=[t], metadata=BaseAgentRunMetadata(scores={}))  # type: ignore[arg-type]
+    assert list(run.transcripts) == ["abc"]
+
+
+def test_model_dump_includes_text() -> None:
+    assert docs_example().model_dump()["text"] == DOCS_EXAMPLE_TEXT
