@@ -20,8 +20,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from agentrun.v1 import ingestion_service_pb2, ingestion_service_pb2_grpc
-from agentrun.v1 import orchestrator_service_pb2, orchestrator_service_pb2_grpc
+from agentrun.v1 import (
+    ingestion_service_pb2,
+    ingestion_service_pb2_grpc,
+    orchestrator_service_pb2,
+    orchestrator_service_pb2_grpc,
+)
 from agentrun_server._errors import InvalidArgument
 from agentrun_server.ingestion import IngestionLimits, IngestionMetrics, IngestionServicer
 from agentrun_server.orchestrator import Dispatcher, OrchestratorMetrics, OrchestratorServicer
@@ -107,7 +111,9 @@ class Server:
         config = self.config
         unknown = set(config.services) - set(SERVICES)
         if unknown or not config.services:
-            raise InvalidArgument(f"services: choose from {', '.join(SERVICES)}; got {sorted(unknown)}")
+            raise InvalidArgument(
+                f"services: choose from {', '.join(SERVICES)}; got {sorted(unknown)}"
+            )
         self._storage = storage = await open_storage(config.db)
         limit = config.limits.max_message_bytes
         self._grpc = server = grpc.aio.server(
@@ -138,8 +144,11 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [_SERVICE_NAMES[s] for s in config.services]
         reflection.enable_server_reflection(
-            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
         self.port = server.add_insecure_port(f"{config.host}:{config.port}")
@@ -151,7 +160,9 @@ class Server:
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.metrics_port >= 0:
-            self.metrics_port = start_metrics_server(config.host, config.metrics_port, self.registry)
+            self.metrics_port = start_metrics_server(
+                config.host, config.metrics_port, self.registry
+            )
 
     async def shutdown(self, grace_seconds: float | None = None) -> None:
         """Stop gracefully: NOT_SERVING, finish in-flight calls within the grace, close storage."""

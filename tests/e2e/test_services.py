@@ -7,12 +7,11 @@ import pytest
 
 from agentrun import AgentRun, BaseAgentRunMetadata, Transcript, agent_run_to_proto
 from agentrun.chat import UserMessage
-from agentrun.v1 import agent_run_pb2
+from agentrun.v1 import agent_run_pb2, workflow_pb2
 from agentrun.v1 import ingestion_service_pb2 as ingestion_pb
 from agentrun.v1 import ingestion_service_pb2_grpc as ingestion_grpc
 from agentrun.v1 import orchestrator_service_pb2 as orchestrator_pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as orchestrator_grpc
-from agentrun.v1 import workflow_pb2
 from agentrun_server import Server
 
 
@@ -28,11 +27,15 @@ def make_run(i: int) -> agent_run_pb2.AgentRun:
 async def test_one_invalid_run_does_not_fail_its_batch(server: Server) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = ingestion_grpc.IngestionServiceStub(channel)
-        collection = (await stub.CreateCollection(ingestion_pb.CreateCollectionRequest(name="c"))).collection
+        collection = (
+            await stub.CreateCollection(ingestion_pb.CreateCollectionRequest(name="c"))
+        ).collection
         runs = [make_run(i) for i in range(5)]
         del runs[2].transcripts[:]  # no transcripts: invalid
         response = await stub.UploadAgentRuns(
-            iter([ingestion_pb.UploadAgentRunsRequest(collection_id=collection.id, agent_runs=runs)])
+            iter(
+                [ingestion_pb.UploadAgentRunsRequest(collection_id=collection.id, agent_runs=runs)]
+            )
         )
         assert response.accepted_count == 4
         assert response.duplicate_count == 0
@@ -40,11 +43,15 @@ async def test_one_invalid_run_does_not_fail_its_batch(server: Server) -> None:
         assert (rejected.index, rejected.agent_run_id) == (2, "run-2")
         assert rejected.reason == ingestion_pb.REJECTION_REASON_INVALID
         assert rejected.field == "transcripts"
-        count = await stub.CountAgentRuns(ingestion_pb.CountAgentRunsRequest(collection_id=collection.id))
+        count = await stub.CountAgentRuns(
+            ingestion_pb.CountAgentRunsRequest(collection_id=collection.id)
+        )
         assert count.count == 4
         # The server keeps serving, and a resend stores nothing twice.
         again = await stub.UploadAgentRuns(
-            iter([ingestion_pb.UploadAgentRunsRequest(collection_id=collection.id, agent_runs=runs)])
+            iter(
+                [ingestion_pb.UploadAgentRunsRequest(collection_id=collection.id, agent_runs=runs)]
+            )
         )
         assert (again.accepted_count, again.duplicate_count, len(again.rejected)) == (0, 4, 1)
 
@@ -52,7 +59,9 @@ async def test_one_invalid_run_does_not_fail_its_batch(server: Server) -> None:
 async def test_too_many_runs_in_a_message_names_the_limit(server: Server) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = ingestion_grpc.IngestionServiceStub(channel)
-        collection = (await stub.CreateCollection(ingestion_pb.CreateCollectionRequest(name="c"))).collection
+        collection = (
+            await stub.CreateCollection(ingestion_pb.CreateCollectionRequest(name="c"))
+        ).collection
         limit = server.config.limits.max_runs_per_message
         request = ingestion_pb.UploadAgentRunsRequest(
             collection_id=collection.id, agent_runs=[make_run(0)] * (limit + 1)
@@ -70,31 +79,57 @@ async def test_a_pathway_the_stage_lacks_is_rejected_with_the_valid_ones(server:
         workflow = workflow_pb2.Workflow(
             name="w",
             stages=[
-                workflow_pb2.Stage(name="grade", pathways=[
-                    workflow_pb2.Pathway(name="pass", next_stage="review"),
-                    workflow_pb2.Pathway(name="fail"),
-                ]),
+                workflow_pb2.Stage(
+                    name="grade",
+                    pathways=[
+                        workflow_pb2.Pathway(name="pass", next_stage="review"),
+                        workflow_pb2.Pathway(name="fail"),
+                    ],
+                ),
                 workflow_pb2.Stage(name="review"),
             ],
         )
         await orchestrator.ApplyWorkflow(orchestrator_pb.ApplyWorkflowRequest(workflow=workflow))
-        collection = (await ingestion.CreateCollection(
-            ingestion_pb.CreateCollectionRequest(name="c", workflow="w"))).collection
-        await ingestion.UploadAgentRuns(iter([ingestion_pb.UploadAgentRunsRequest(
-            collection_id=collection.id, agent_runs=[make_run(1)])]))
+        collection = (
+            await ingestion.CreateCollection(
+                ingestion_pb.CreateCollectionRequest(name="c", workflow="w")
+            )
+        ).collection
+        await ingestion.UploadAgentRuns(
+            iter(
+                [
+                    ingestion_pb.UploadAgentRunsRequest(
+                        collection_id=collection.id, agent_runs=[make_run(1)]
+                    )
+                ]
+            )
+        )
 
         call = orchestrator.Work()
-        await call.write(orchestrator_pb.WorkRequest(subscribe=orchestrator_pb.Subscribe(
-            workflow="w", stages=[orchestrator_pb.StageSubscription(stage="grade")], credits=4)))
+        await call.write(
+            orchestrator_pb.WorkRequest(
+                subscribe=orchestrator_pb.Subscribe(
+                    workflow="w",
+                    stages=[orchestrator_pb.StageSubscription(stage="grade")],
+                    credits=4,
+                )
+            )
+        )
         assert (await call.read()).WhichOneof("kind") == "subscribed"
         leases = (await call.read()).leases.leases
         assert len(leases) == 1 and leases[0].agent_run.id == "run-1" and leases[0].attempt == 1
         lease = leases[0]
 
         def complete(pathway: str) -> orchestrator_pb.WorkRequest:
-            return orchestrator_pb.WorkRequest(complete_tasks=orchestrator_pb.CompleteTasks(
-                completions=[orchestrator_pb.TaskCompletion(
-                    task_id=lease.task_id, lease_id=lease.lease_id, pathway=pathway)]))
+            return orchestrator_pb.WorkRequest(
+                complete_tasks=orchestrator_pb.CompleteTasks(
+                    completions=[
+                        orchestrator_pb.TaskCompletion(
+                            task_id=lease.task_id, lease_id=lease.lease_id, pathway=pathway
+                        )
+                    ]
+                )
+            )
 
         await call.write(complete("maybe"))
         (ack,) = (await call.read()).acks.acks

@@ -20,9 +20,21 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def server_address(tmp_path: Path) -> Iterator[str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "agentrun._cli", "serve", "--db", f"sqlite:///{tmp_path / 'a.db'}",
-         "--port", "0", "--metrics-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "agentrun._cli",
+            "serve",
+            "--db",
+            f"sqlite:///{tmp_path / 'a.db'}",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -54,7 +66,10 @@ def test_runs_are_stored_once_and_go_through_the_workflow(
 
     worker = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "grading_worker.py"), "--server", server_address],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert worker.returncode == 0, worker.stderr
 
@@ -65,4 +80,9 @@ def test_runs_are_stored_once_and_go_through_the_workflow(
     assert set(backlog) == {"triage", "review"}
     for stage in backlog.values():
         assert stage.done_count == 200
-        assert (stage.ready_count, stage.scheduled_count, stage.leased_count, stage.dead_count) == (0, 0, 0, 0)
+        assert (stage.ready_count, stage.scheduled_count, stage.leased_count, stage.dead_count) == (
+            0,
+            0,
+            0,
+            0,
+        )

@@ -50,7 +50,9 @@ async def test_claim_complete_fail_and_fencing(tmp_path: Path) -> None:
     try:
         await storage.put_workflow(WORKFLOW, 1.0)
         collection, _ = await storage.create_collection("c", "", "w", 1.0)
-        await storage.insert_runs(collection.id, [NewRun("r1", None, b"1"), NewRun("r2", None, b"2")], 1.0)
+        await storage.insert_runs(
+            collection.id, [NewRun("r1", None, b"1"), NewRun("r2", None, b"2")], 1.0
+        )
         leased = await storage.claim("s", "w", {"a": 10}, 10, None, 2.0)
         assert [t.run_data for t in leased] == [b"1", b"2"]
         one, two = leased
@@ -65,7 +67,9 @@ async def test_claim_complete_fail_and_fencing(tmp_path: Path) -> None:
         # Two attempts allowed: the first failure retries, the second is dead.
         await storage.fail([Failure(two.task_id, two.lease_id, "boom")], 4.0)
         (again,) = await storage.claim("s", "w", {"a": 10}, 10, None, 5.0)
-        assert again.task_id == two.task_id and again.attempt == 2 and again.lease_id != two.lease_id
+        assert (
+            again.task_id == two.task_id and again.attempt == 2 and again.lease_id != two.lease_id
+        )
         late = await storage.complete([Completion(two.task_id, two.lease_id, "next")], 5.0)
         assert late[0].code is AckCode.FAILED_PRECONDITION
         await storage.fail([Failure(again.task_id, again.lease_id, "boom")], 6.0)

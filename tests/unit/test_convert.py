@@ -40,12 +40,21 @@ def test_edge_values_round_trip() -> None:
                     SystemMessage(content=""),
                     UserMessage(content="q", tool_call_id=["x"]),
                     AssistantMessage(
-                        content=[ContentReasoning(reasoning="think", signature="s", redacted=True),
-                                 ContentText(text="answer", refusal=False)],
+                        content=[
+                            ContentReasoning(reasoning="think", signature="s", redacted=True),
+                            ContentText(text="answer", refusal=False),
+                        ],
                         model="m",
-                        tool_calls=[ToolCall(id="1", function="f", arguments={"a": [1, 2.0, None]},
-                                             type="function", parse_error="bad",
-                                             view=ToolCallContent(format="markdown", content="v"))],
+                        tool_calls=[
+                            ToolCall(
+                                id="1",
+                                function="f",
+                                arguments={"a": [1, 2.0, None]},
+                                type="function",
+                                parse_error="bad",
+                                view=ToolCallContent(format="markdown", content="v"),
+                            )
+                        ],
                     ),
                     ToolMessage(content="r", tool_call_id="1", function="f", error={}),
                 ]

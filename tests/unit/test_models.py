@@ -38,7 +38,10 @@ def docs_example() -> AgentRun:
     return AgentRun(
         transcripts={
             "default": Transcript(
-                messages=[UserMessage(content="Hello, what's 1 + 1?"), AssistantMessage(content="2")]
+                messages=[
+                    UserMessage(content="Hello, what's 1 + 1?"),
+                    AssistantMessage(content="2"),
+                ]
             )
         },
         metadata=BaseAgentRunMetadata(scores={"correct": True, "reward": 1.0}),
@@ -82,8 +85,9 @@ def test_tool_calls_render_as_function_calls() -> None:
     message = AssistantMessage(
         content="", tool_calls=[ToolCall(id="c1", function="f", arguments={"a": 1, "s": "x"})]
     )
-    run = AgentRun(transcripts={"t": Transcript(messages=[message])},
-                   metadata=BaseAgentRunMetadata(scores={}))
+    run = AgentRun(
+        transcripts={"t": Transcript(messages=[message])}, metadata=BaseAgentRunMetadata(scores={})
+    )
     assert "<tool call>\nf(a=1, s=x)\n</tool call>" in run.text
 
 

@@ -18,7 +18,6 @@ from agentrun._importers import load_agent_runs
 from agentrun._workflow import load_workflow
 from agentrun._writer import AgentRunWriter
 
-
 STATE_COLUMNS = ("ready", "scheduled", "leased", "done", "dead", "cancelled")
 
 
@@ -41,27 +40,49 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the ingestion and orchestrator services")
-    serve.add_argument("--db", default=_env_default("AGENTRUN_DB", "sqlite:///agentrun.db"),
-                       help="database URL: sqlite:///PATH [env AGENTRUN_DB; default sqlite:///agentrun.db]")
-    serve.add_argument("--host", default=_env_default("AGENTRUN_HOST", "127.0.0.1"),
-                       help="interface to bind [env AGENTRUN_HOST; default 127.0.0.1]")
-    serve.add_argument("--port", type=int, default=int(_env_default("AGENTRUN_PORT", "50051")),
-                       help="gRPC port, 0 for any free one [env AGENTRUN_PORT; default 50051]")
-    serve.add_argument("--metrics-port", type=int,
-                       default=int(_env_default("AGENTRUN_METRICS_PORT", "9464")),
-                       help="Prometheus /metrics port, 0 for any, -1 for none [env AGENTRUN_METRICS_PORT; default 9464]")
-    serve.add_argument("--only", choices=("ingestion", "orchestrator"),
-                       help="serve one of the pair (run the other as its own process on the same --db)")
+    serve.add_argument(
+        "--db",
+        default=_env_default("AGENTRUN_DB", "sqlite:///agentrun.db"),
+        help="database URL: sqlite:///PATH [env AGENTRUN_DB; default sqlite:///agentrun.db]",
+    )
+    serve.add_argument(
+        "--host",
+        default=_env_default("AGENTRUN_HOST", "127.0.0.1"),
+        help="interface to bind [env AGENTRUN_HOST; default 127.0.0.1]",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=int(_env_default("AGENTRUN_PORT", "50051")),
+        help="gRPC port, 0 for any free one [env AGENTRUN_PORT; default 50051]",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env_default("AGENTRUN_METRICS_PORT", "9464")),
+        help="Prometheus /metrics port, 0 for any, -1 for none [env AGENTRUN_METRICS_PORT; default 9464]",
+    )
+    serve.add_argument(
+        "--only",
+        choices=("ingestion", "orchestrator"),
+        help="serve one of the pair (run the other as its own process on the same --db)",
+    )
 
-    upload = commands.add_parser("upload", help="upload runs from files (agentrun/Docent JSON, JSONL, tau-bench)")
+    upload = commands.add_parser(
+        "upload", help="upload runs from files (agentrun/Docent JSON, JSONL, tau-bench)"
+    )
     upload.add_argument("paths", nargs="+", metavar="PATH")
     upload.add_argument("--collection", required=True, help="collection name (created if missing)")
     upload.add_argument("--workflow", default="", help="bind a new collection to this workflow")
     _add_server(upload)
 
     workflow = commands.add_parser("workflow", help="manage workflows")
-    workflow_commands = workflow.add_subparsers(dest="workflow_command", required=True, metavar="COMMAND")
-    apply = workflow_commands.add_parser("apply", help="create or update a workflow from a YAML/JSON file")
+    workflow_commands = workflow.add_subparsers(
+        dest="workflow_command", required=True, metavar="COMMAND"
+    )
+    apply = workflow_commands.add_parser(
+        "apply", help="create or update a workflow from a YAML/JSON file"
+    )
     apply.add_argument("file")
     _add_server(apply)
 
@@ -74,7 +95,10 @@ def _serve(args: argparse.Namespace) -> int:
     from agentrun_server import SERVICES, Server, ServerConfig
 
     config = ServerConfig(
-        db=args.db, host=args.host, port=args.port, metrics_port=args.metrics_port,
+        db=args.db,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
         services=(args.only,) if args.only else SERVICES,
     )
     server = Server(config)
@@ -82,13 +106,20 @@ def _serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         ready = asyncio.Event()
         serving = asyncio.create_task(server.serve(ready))
-        await asyncio.wait({serving, asyncio.create_task(ready.wait())},
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {serving, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED
+        )
         if ready.is_set():
-            metrics = (f"metrics on http://{config.host}:{server.metrics_port}/metrics"
-                       if config.metrics_port >= 0 else "no metrics")
-            print(f"agentrun serving {' and '.join(config.services)} on {config.host}:{server.port}"
-                  f" ({metrics}; db {config.db})", flush=True)
+            metrics = (
+                f"metrics on http://{config.host}:{server.metrics_port}/metrics"
+                if config.metrics_port >= 0
+                else "no metrics"
+            )
+            print(
+                f"agentrun serving {' and '.join(config.services)} on {config.host}:{server.port}"
+                f" ({metrics}; db {config.db})",
+                flush=True,
+            )
         await serving
 
     asyncio.run(main())
@@ -102,9 +133,11 @@ def _upload(args: argparse.Namespace) -> int:
     writer = AgentRunWriter(collection.id, args.server)
     writer.log_agent_runs(runs)
     summary = writer.finish()
-    print(f"{len(runs)} runs read; {summary.accepted} stored, {summary.duplicates} duplicates, "
-          f"{len(summary.rejected)} rejected, {summary.undelivered} undelivered "
-          f"(collection {collection.name!r}, {collection.id})")
+    print(
+        f"{len(runs)} runs read; {summary.accepted} stored, {summary.duplicates} duplicates, "
+        f"{len(summary.rejected)} rejected, {summary.undelivered} undelivered "
+        f"(collection {collection.name!r}, {collection.id})"
+    )
     for rejected in summary.rejected:
         print(f"  rejected {rejected.agent_run_id}: {rejected.reason}: {rejected.message}")
     for error in summary.errors:
@@ -118,7 +151,10 @@ def _apply(args: argparse.Namespace) -> int:
         response = client.apply_workflow(spec.to_proto())
     w = response.workflow
     state = "applied" if response.changed else "unchanged"
-    print(f"workflow {w.name!r} {state} (version {w.version}): " + " -> ".join(s.name for s in w.stages))
+    print(
+        f"workflow {w.name!r} {state} (version {w.version}): "
+        + " -> ".join(s.name for s in w.stages)
+    )
     return 0
 
 
@@ -133,14 +169,25 @@ def _stats(args: argparse.Namespace) -> int:
     if not collections:
         print("  (none)")
     print("tasks:")
-    header = f"  {'workflow/stage':<32}" + "".join(f"{h:>10}" for h in STATE_COLUMNS) + "  oldest ready"
+    header = (
+        f"  {'workflow/stage':<32}" + "".join(f"{h:>10}" for h in STATE_COLUMNS) + "  oldest ready"
+    )
     print(header)
     for s in backlog:
-        counts = (s.ready_count, s.scheduled_count, s.leased_count, s.done_count, s.dead_count,
-                  s.cancelled_count)
+        counts = (
+            s.ready_count,
+            s.scheduled_count,
+            s.leased_count,
+            s.done_count,
+            s.dead_count,
+            s.cancelled_count,
+        )
         age = s.oldest_ready_age.ToNanoseconds() / 1e9
-        print(f"  {s.workflow + '/' + s.stage:<32}" + "".join(f"{n:>10}" for n in counts)
-              + (f"  {age:.1f} s" if age else "  -"))
+        print(
+            f"  {s.workflow + '/' + s.stage:<32}"
+            + "".join(f"{n:>10}" for n in counts)
+            + (f"  {age:.1f} s" if age else "  -")
+        )
     if not backlog:
         print("  (no workflows)")
     return 0
@@ -149,8 +196,10 @@ def _stats(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `agentrun` console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.command != "serve" else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.command != "serve" else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     handlers = {"serve": _serve, "upload": _upload, "workflow": _apply, "stats": _stats}
     try:
         return handlers[args.command](args)
@@ -159,9 +208,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-
 
 
 if __name__ == "__main__":

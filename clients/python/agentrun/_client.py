@@ -38,7 +38,12 @@ def resolve_server(server_url: str | None) -> tuple[str, bool]:
     `https://` (TLS). None means $AGENTRUN_SERVER, else 127.0.0.1:50051.
     """
     url = server_url or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
-    for scheme, tls in (("grpcs://", True), ("https://", True), ("grpc://", False), ("http://", False)):
+    for scheme, tls in (
+        ("grpcs://", True),
+        ("https://", True),
+        ("grpc://", False),
+        ("http://", False),
+    ):
         if url.startswith(scheme):
             return url.removeprefix(scheme).rstrip("/"), tls
     return url, False
@@ -122,7 +127,9 @@ class Client:
             ).collections
         )
 
-    def apply_workflow(self, workflow: workflow_pb2.Workflow) -> orchestrator_pb.ApplyWorkflowResponse:
+    def apply_workflow(
+        self, workflow: workflow_pb2.Workflow
+    ) -> orchestrator_pb.ApplyWorkflowResponse:
         """Create or replace a workflow."""
         return self._call(
             self.orchestrator.ApplyWorkflow, orchestrator_pb.ApplyWorkflowRequest(workflow=workflow)

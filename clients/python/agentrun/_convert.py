@@ -121,9 +121,7 @@ def _metadata_to_proto(metadata: BaseMetadata, out: pb.Metadata, skip: str | Non
                 field.description = description
 
 
-def _metadata_from_proto(
-    message: pb.Metadata, metadata_type: type[M], **fields: Any
-) -> M:
+def _metadata_from_proto(message: pb.Metadata, metadata_type: type[M], **fields: Any) -> M:
     descriptions: dict[str, str | None] = {}
     for name, field in message.fields.items():
         fields[name] = value_from_proto(field.value)

@@ -1,10 +1,10 @@
 """The SDK's exceptions. One root, `AgentRunError`; transport failures are mapped once, in `RpcError`.
 
-    AgentRunError
-    ├── RpcError        a call to the server failed (carries the gRPC status code)
-    ├── FormatError     a file of runs or a workflow file cannot be read
-    ├── WorkflowError   a workflow definition or a Runner's stages do not fit together
-    └── WriterClosedError   runs logged to a writer after finish()
+AgentRunError
+├── RpcError        a call to the server failed (carries the gRPC status code)
+├── FormatError     a file of runs or a workflow file cannot be read
+├── WorkflowError   a workflow definition or a Runner's stages do not fit together
+└── WriterClosedError   runs logged to a writer after finish()
 """
 
 from __future__ import annotations

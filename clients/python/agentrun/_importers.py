@@ -18,8 +18,14 @@ from agentrun._agent_run import AgentRun
 from agentrun._errors import FormatError
 from agentrun._metadata import BaseAgentRunMetadata
 from agentrun._transcript import Transcript
-from agentrun.chat import AssistantMessage, ChatMessage, SystemMessage, ToolCall, ToolMessage
-from agentrun.chat import UserMessage
+from agentrun.chat import (
+    AssistantMessage,
+    ChatMessage,
+    SystemMessage,
+    ToolCall,
+    ToolMessage,
+    UserMessage,
+)
 
 # Namespace of the content-derived run ids (uuid5).
 RUN_ID_NAMESPACE = uuid.UUID("5b0c2f6e-4a52-4c1e-9a43-0d6f1a7e2b90")
@@ -82,7 +88,7 @@ def _to_run(path: Path, index: int, record: Any) -> AgentRun:
     if not isinstance(record, dict):
         raise FormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
     try:
-        if _TAU_BENCH_KEYS <= record.keys():
+        if record.keys() >= _TAU_BENCH_KEYS:
             return tau_bench_run(record)
         if "transcripts" in record:
             return _docent_run(record)

@@ -48,7 +48,7 @@ from agentrun.v1 import workflow_pb2
 
 _log = logging.getLogger(__name__)
 
-StageFunction: TypeAlias = Callable[[AgentRun], "str | None | Awaitable[str | None]"]
+StageFunction: TypeAlias = Callable[[AgentRun], "str | Awaitable[str | None] | None"]
 
 RECONNECT_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
 DRAIN_GRACE_SECONDS = 30.0
@@ -63,7 +63,10 @@ class RunSummary:
     dead: Counter[str] = field(default_factory=Counter)
 
     def __str__(self) -> str:
-        lines = [f"  {stage}: {n} done via {pathway or '(end)'}" for (stage, pathway), n in sorted(self.completed.items())]
+        lines = [
+            f"  {stage}: {n} done via {pathway or '(end)'}"
+            for (stage, pathway), n in sorted(self.completed.items())
+        ]
         lines += [f"  {stage}: {n} failed attempts" for stage, n in sorted(self.failed.items())]
         lines += [f"  {stage}: {n} dead" for stage, n in sorted(self.dead.items())]
         return "runner summary:\n" + ("\n".join(lines) if lines else "  no tasks")
@@ -82,7 +85,9 @@ class Runner:
         self.server_url = server_url
         self._stages: dict[str, StageFunction] = {}
 
-    def stage(self, stage: str, *, overwrite: bool = False) -> Callable[[StageFunction], StageFunction]:
+    def stage(
+        self, stage: str, *, overwrite: bool = False
+    ) -> Callable[[StageFunction], StageFunction]:
         """Register the decorated function for a stage; it gets the run and returns a pathway.
 
         The function may be sync (run in a thread pool) or async. It is returned unchanged.
@@ -133,13 +138,20 @@ class Runner:
         if not self._stages:
             raise WorkflowError("no stage registered: decorate a function with @runner.stage(...)")
         if task_batch_size < 1 or num_retries < 0 or (max_tasks_per_stage or 1) < 1:
-            raise WorkflowError("task_batch_size and max_tasks_per_stage must be >= 1, num_retries >= 0")
+            raise WorkflowError(
+                "task_batch_size and max_tasks_per_stage must be >= 1, num_retries >= 0"
+            )
         with Client(server_url) as client:
             definition = client.get_workflow(workflow)
         self._check_stages(definition)
         session = _Session(
-            self._stages, definition, server_url, num_retries, task_batch_size,
-            max_tasks_per_stage, refresh_every,
+            self._stages,
+            definition,
+            server_url,
+            num_retries,
+            task_batch_size,
+            max_tasks_per_stage,
+            refresh_every,
         )
         summary = asyncio.run(session.run())
         _log.info("%s", summary)
@@ -159,24 +171,43 @@ class Runner:
         parser = argparse.ArgumentParser(
             description="Work the tasks of this script's stages on an agentrun orchestrator."
         )
-        parser.add_argument("--server", default=self.server_url,
-                            help="orchestrator host:port [default: $AGENTRUN_SERVER or 127.0.0.1:50051]")
+        parser.add_argument(
+            "--server",
+            default=self.server_url,
+            help="orchestrator host:port [default: $AGENTRUN_SERVER or 127.0.0.1:50051]",
+        )
         parser.add_argument("--workflow", default=self.workflow, help="workflow name")
-        parser.add_argument("--refresh-every", type=int, default=None,
-                            help="keep serving, logging progress every N seconds; unset: exit once the stages are empty")
-        parser.add_argument("--num-retries", type=int, default=3,
-                            help="retries of a failing task [default: 3]")
-        parser.add_argument("--task-batch-size", type=int, default=8,
-                            help="tasks held and worked at once [default: 8]")
-        parser.add_argument("--max-tasks-per-stage", type=int, default=None,
-                            help="stop taking a stage's tasks after this many [default: no limit]")
+        parser.add_argument(
+            "--refresh-every",
+            type=int,
+            default=None,
+            help="keep serving, logging progress every N seconds; unset: exit once the stages are empty",
+        )
+        parser.add_argument(
+            "--num-retries", type=int, default=3, help="retries of a failing task [default: 3]"
+        )
+        parser.add_argument(
+            "--task-batch-size",
+            type=int,
+            default=8,
+            help="tasks held and worked at once [default: 8]",
+        )
+        parser.add_argument(
+            "--max-tasks-per-stage",
+            type=int,
+            default=None,
+            help="stop taking a stage's tasks after this many [default: no limit]",
+        )
         args = parser.parse_args(argv)
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         try:
             summary = self(
-                workflow=args.workflow, server_url=args.server, refresh_every=args.refresh_every,
-                num_retries=args.num_retries, task_batch_size=args.task_batch_size,
+                workflow=args.workflow,
+                server_url=args.server,
+                refresh_every=args.refresh_every,
+                num_retries=args.num_retries,
+                task_batch_size=args.task_batch_size,
                 max_tasks_per_stage=args.max_tasks_per_stage,
             )
         except Exception as exc:
@@ -226,9 +257,15 @@ class _Session:
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() != grpc.StatusCode.UNAVAILABLE or self.stopping.is_set():
                         raise
-                    delay = RECONNECT_BACKOFF_SECONDS[min(failures, len(RECONNECT_BACKOFF_SECONDS) - 1)]
+                    delay = RECONNECT_BACKOFF_SECONDS[
+                        min(failures, len(RECONNECT_BACKOFF_SECONDS) - 1)
+                    ]
                     failures += 1
-                    _log.warning("orchestrator unavailable (%s); reconnecting in %.1f s", exc.details(), delay)
+                    _log.warning(
+                        "orchestrator unavailable (%s); reconnecting in %.1f s",
+                        exc.details(),
+                        delay,
+                    )
                     await asyncio.sleep(delay)
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -238,21 +275,32 @@ class _Session:
         self.stopping.set()
 
     def _quota_reached(self) -> bool:
-        return self.max_tasks is not None and all(self.leased[s] >= self.max_tasks for s in self.stages)
+        return self.max_tasks is not None and all(
+            self.leased[s] >= self.max_tasks for s in self.stages
+        )
 
     async def _stream(self) -> bool:
         """One Work stream. True when the run is over; False to reconnect."""
         async with open_aio_channel(self.server_url) as channel:
             call = pb_grpc.OrchestratorServiceStub(channel).Work()
             stages = [
-                pb.StageSubscription(stage=s, max_tasks=max(0, self.max_tasks - self.leased[s]) if self.max_tasks else 0)
+                pb.StageSubscription(
+                    stage=s,
+                    max_tasks=max(0, self.max_tasks - self.leased[s]) if self.max_tasks else 0,
+                )
                 for s in self.stages
             ]
-            await call.write(pb.WorkRequest(subscribe=pb.Subscribe(
-                workflow=self.workflow.name, stages=stages, credits=self.credits,
-                worker=f"{socket.gethostname()}/pid-{os.getpid()}",
-                notify_when_empty=self.refresh_every is None,
-            )))
+            await call.write(
+                pb.WorkRequest(
+                    subscribe=pb.Subscribe(
+                        workflow=self.workflow.name,
+                        stages=stages,
+                        credits=self.credits,
+                        worker=f"{socket.gethostname()}/pid-{os.getpid()}",
+                        notify_when_empty=self.refresh_every is None,
+                    )
+                )
+            )
             outbox: asyncio.Queue[pb.WorkRequest] = asyncio.Queue()
             in_flight: set[asyncio.Task[None]] = set()
             writer = asyncio.create_task(self._write(call, outbox))
@@ -262,7 +310,9 @@ class _Session:
                 drained = False
                 while True:
                     read = asyncio.create_task(call.read())
-                    done, _ = await asyncio.wait({read, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        {read, stop_waiter}, return_when=asyncio.FIRST_COMPLETED
+                    )
                     if stop_waiter in done and not drained:
                         drained = True
                         await outbox.put(pb.WorkRequest(drain=pb.Drain()))
@@ -284,7 +334,9 @@ class _Session:
                     elif kind == "acks":
                         for ack in response.acks.acks:
                             if ack.code != 0:
-                                _log.warning("task %s: server refused a settle: %s", ack.task_id, ack.message)
+                                _log.warning(
+                                    "task %s: server refused a settle: %s", ack.task_id, ack.message
+                                )
                     elif kind == "stages_empty" and not in_flight:
                         return True
                     if (drained or self._quota_reached()) and not in_flight and outbox.empty():
@@ -334,8 +386,12 @@ class _Session:
         while True:
             await asyncio.sleep(self.refresh_every)
             done = sum(self.summary.completed.values())
-            _log.info("progress: %d done, %d failed attempts, %d dead", done,
-                      sum(self.summary.failed.values()), sum(self.summary.dead.values()))
+            _log.info(
+                "progress: %d done, %d failed attempts, %d dead",
+                done,
+                sum(self.summary.failed.values()),
+                sum(self.summary.dead.values()),
+            )
 
     async def _work(self, lease: pb.Lease, outbox: asyncio.Queue[pb.WorkRequest]) -> None:
         stage = lease.stage
@@ -345,33 +401,75 @@ class _Session:
             result = await self._call(self.stages[stage], run)
         except Exception as exc:
             final = lease.attempt > self.num_retries or lease.attempt >= lease.max_attempts
-            _log.error("stage %s task %s attempt %d/%d failed%s", stage, lease.task_id, lease.attempt,
-                       min(lease.max_attempts, self.num_retries + 1), "; giving up" if final else "",
-                       exc_info=exc)
+            _log.error(
+                "stage %s task %s attempt %d/%d failed%s",
+                stage,
+                lease.task_id,
+                lease.attempt,
+                min(lease.max_attempts, self.num_retries + 1),
+                "; giving up" if final else "",
+                exc_info=exc,
+            )
             self.summary.failed[stage] += 1
             if final:
                 self.summary.dead[stage] += 1
-            await outbox.put(pb.WorkRequest(fail_tasks=pb.FailTasks(failures=[pb.TaskFailure(
-                task_id=lease.task_id, lease_id=lease.lease_id, error=f"{type(exc).__name__}: {exc}",
-                non_retryable=final,
-            )])))
+            await outbox.put(
+                pb.WorkRequest(
+                    fail_tasks=pb.FailTasks(
+                        failures=[
+                            pb.TaskFailure(
+                                task_id=lease.task_id,
+                                lease_id=lease.lease_id,
+                                error=f"{type(exc).__name__}: {exc}",
+                                non_retryable=final,
+                            )
+                        ]
+                    )
+                )
+            )
             return
         pathway = result or ""
         valid = self.pathways[stage]
         if (valid and pathway not in valid) or (not valid and pathway):
-            message = (f"stage function returned pathway {result!r}; stage {stage!r} has "
-                       + (f"pathways {', '.join(repr(p) for p in valid)}" if valid else "no pathways (return None)"))
+            message = f"stage function returned pathway {result!r}; stage {stage!r} has " + (
+                f"pathways {', '.join(repr(p) for p in valid)}"
+                if valid
+                else "no pathways (return None)"
+            )
             _log.error("task %s: %s", lease.task_id, message)
             self.summary.dead[stage] += 1
-            await outbox.put(pb.WorkRequest(fail_tasks=pb.FailTasks(failures=[pb.TaskFailure(
-                task_id=lease.task_id, lease_id=lease.lease_id, error=message, non_retryable=True,
-            )])))
+            await outbox.put(
+                pb.WorkRequest(
+                    fail_tasks=pb.FailTasks(
+                        failures=[
+                            pb.TaskFailure(
+                                task_id=lease.task_id,
+                                lease_id=lease.lease_id,
+                                error=message,
+                                non_retryable=True,
+                            )
+                        ]
+                    )
+                )
+            )
             return
         self.summary.completed[(stage, pathway)] += 1
-        _log.debug("task %s done via %r in %.3f s", lease.task_id, pathway, time.monotonic() - started)
-        await outbox.put(pb.WorkRequest(complete_tasks=pb.CompleteTasks(completions=[pb.TaskCompletion(
-            task_id=lease.task_id, lease_id=lease.lease_id, pathway=pathway,
-        )])))
+        _log.debug(
+            "task %s done via %r in %.3f s", lease.task_id, pathway, time.monotonic() - started
+        )
+        await outbox.put(
+            pb.WorkRequest(
+                complete_tasks=pb.CompleteTasks(
+                    completions=[
+                        pb.TaskCompletion(
+                            task_id=lease.task_id,
+                            lease_id=lease.lease_id,
+                            pathway=pathway,
+                        )
+                    ]
+                )
+            )
+        )
 
     async def _call(self, function: StageFunction, run: AgentRun) -> str | None:
         if inspect.iscoroutinefunction(function):

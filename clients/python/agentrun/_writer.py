@@ -171,9 +171,7 @@ class AgentRunWriter:
             WriterClosedError: `finish()` was called.
             TypeError: a run's metadata is not JSON-like (raised here, in the caller).
         """
-        items = [
-            _Item(run.id, agent_run_to_proto(run).SerializeToString()) for run in agent_runs
-        ]
+        items = [_Item(run.id, agent_run_to_proto(run).SerializeToString()) for run in agent_runs]
         with self._lock:
             if self._closed:
                 raise WriterClosedError("log_agent_runs() after finish()")
@@ -216,7 +214,8 @@ class AgentRunWriter:
         if not summary.ok:
             _log.warning(
                 "agentrun writer finished with %d rejected and %d undelivered runs",
-                len(summary.rejected), summary.undelivered,
+                len(summary.rejected),
+                summary.undelivered,
             )
         return summary
 
@@ -286,12 +285,19 @@ class AgentRunWriter:
                     attempt += 1
                     delay = min(MAX_BACKOFF_SECONDS, INITIAL_BACKOFF_SECONDS * 2 ** (attempt - 1))
                     delay *= random.uniform(0.8, 1.2)
-                    _log.info("upload of %d runs failed (%s); retry in %.1f s", len(batch), code.name, delay)
+                    _log.info(
+                        "upload of %d runs failed (%s); retry in %.1f s",
+                        len(batch),
+                        code.name,
+                        delay,
+                    )
                     if not self._stop.wait(delay):
                         continue
                 with self._lock:
                     self._settle_undelivered(len(batch), f"{code.name}: {details}")
-                _log.error("upload of %d runs failed for good: %s: %s", len(batch), code.name, details)
+                _log.error(
+                    "upload of %d runs failed for good: %s: %s", len(batch), code.name, details
+                )
                 return
             self._record(batch, response)
             return

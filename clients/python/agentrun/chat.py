@@ -127,9 +127,9 @@ ChatMessage = Annotated[
     SystemMessage | UserMessage | AssistantMessage | ToolMessage, Discriminator("role")
 ]
 
-_chat_message_adapter: TypeAdapter[
-    SystemMessage | UserMessage | AssistantMessage | ToolMessage
-] = TypeAdapter(ChatMessage)
+_chat_message_adapter: TypeAdapter[SystemMessage | UserMessage | AssistantMessage | ToolMessage] = (
+    TypeAdapter(ChatMessage)
+)
 
 
 def parse_chat_message(

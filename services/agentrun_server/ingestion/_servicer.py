@@ -56,7 +56,9 @@ def collection_to_proto(collection: Collection) -> pb.Collection:
 
 
 def _stored_run_to_proto(run: StoredRun, view: int) -> pb.StoredAgentRun:
-    out = pb.StoredAgentRun(collection_id=run.collection_id, ingest_time=to_timestamp(run.ingested_at))
+    out = pb.StoredAgentRun(
+        collection_id=run.collection_id, ingest_time=to_timestamp(run.ingested_at)
+    )
     if view == pb.AGENT_RUN_VIEW_BASIC:
         full = run_pb.AgentRun.FromString(run.data)
         out.agent_run.id = full.id
@@ -125,7 +127,10 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         return response
 
     async def _upload_batch(
-        self, request: pb.UploadAgentRunsRequest, first_index: int, response: pb.UploadAgentRunsResponse
+        self,
+        request: pb.UploadAgentRunsRequest,
+        first_index: int,
+        response: pb.UploadAgentRunsResponse,
     ) -> None:
         limits = self.limits
         if not request.collection_id:
@@ -144,16 +149,24 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             size = run.ByteSize()
             if size > limits.max_run_bytes:
                 self._reject(
-                    response, index, run.id, pb.REJECTION_REASON_TOO_LARGE, "",
+                    response,
+                    index,
+                    run.id,
+                    pb.REJECTION_REASON_TOO_LARGE,
+                    "",
                     f"run is {size} bytes encoded, over max_run_bytes={limits.max_run_bytes}",
                 )
                 continue
             try:
                 validate_agent_run(run)
             except InvalidArgument as exc:
-                self._reject(response, index, run.id, pb.REJECTION_REASON_INVALID, field_of(exc), str(exc))
+                self._reject(
+                    response, index, run.id, pb.REJECTION_REASON_INVALID, field_of(exc), str(exc)
+                )
                 continue
-            runs.append(NewRun(run.id, run.name if run.HasField("name") else None, run.SerializeToString()))
+            runs.append(
+                NewRun(run.id, run.name if run.HasField("name") else None, run.SerializeToString())
+            )
             positions.append((index, run.id))
         if not runs:
             return
@@ -174,20 +187,35 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
                 self._metrics.runs.labels("duplicate").inc()
             else:
                 self._reject(
-                    response, index, run_id, pb.REJECTION_REASON_CONFLICT, "id",
+                    response,
+                    index,
+                    run_id,
+                    pb.REJECTION_REASON_CONFLICT,
+                    "id",
                     f"id: a run with id {run_id!r} is stored in another collection "
                     f"({outcome.existing_collection_id})",
                 )
 
     def _reject(
-        self, response: pb.UploadAgentRunsResponse, index: int, run_id: str, reason: int,
-        field: str, message: str,
+        self,
+        response: pb.UploadAgentRunsResponse,
+        index: int,
+        run_id: str,
+        reason: int,
+        field: str,
+        message: str,
     ) -> None:
         response.rejected.add(
-            index=index, agent_run_id=run_id, reason=reason, field=field, message=message  # type: ignore[arg-type]
+            index=index,
+            agent_run_id=run_id,
+            reason=reason,
+            field=field,
+            message=message,  # type: ignore[arg-type]
         )
         self._metrics.runs.labels("rejected").inc()
-        self._metrics.rejected.labels(pb.RejectionReason.Name(reason).removeprefix("REJECTION_REASON_").lower()).inc()  # type: ignore[arg-type]
+        self._metrics.rejected.labels(
+            pb.RejectionReason.Name(reason).removeprefix("REJECTION_REASON_").lower()
+        ).inc()  # type: ignore[arg-type]
 
     async def GetAgentRun(
         self, request: pb.GetAgentRunRequest, context: Context
@@ -202,7 +230,9 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         try:
             after = int(request.page_token) if request.page_token else 0
         except ValueError:
-            raise InvalidArgument(f"page_token: not a token from this API: {request.page_token!r}") from None
+            raise InvalidArgument(
+                f"page_token: not a token from this API: {request.page_token!r}"
+            ) from None
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         runs = await self._storage.list_runs(request.collection_id, after, size + 1)
         page = runs[:size]
@@ -215,4 +245,6 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         self, request: pb.CountAgentRunsRequest, context: Context
     ) -> pb.CountAgentRunsResponse:
         await self._storage.get_collection(id=request.collection_id)
-        return pb.CountAgentRunsResponse(count=await self._storage.count_runs(request.collection_id))
+        return pb.CountAgentRunsResponse(
+            count=await self._storage.count_runs(request.collection_id)
+        )

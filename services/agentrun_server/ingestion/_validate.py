@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from agentrun.v1 import agent_run_pb2 as pb
-from agentrun_server.storage import check_name
 from agentrun_server._errors import InvalidArgument
+from agentrun_server.storage import check_name
 
 
 def validate_agent_run(run: pb.AgentRun) -> None:

@@ -129,7 +129,9 @@ class Dispatcher:
             self._metrics.workers.dec()
         ended = await self._storage.release_session(session.id, self._clock())
         if ended:
-            _log.info("session %s closed holding %d leases; they are ready again", session.id, ended)
+            _log.info(
+                "session %s closed holding %d leases; they are ready again", session.id, ended
+            )
         self.wake()
 
     async def _run(self) -> None:

@@ -25,7 +25,8 @@ class OrchestratorMetrics:
             registry=registry,
         )
         self.expired = Counter(
-            "agentrun_tasks_expired_leases", "Leases that expired or whose stream closed.",
+            "agentrun_tasks_expired_leases",
+            "Leases that expired or whose stream closed.",
             registry=registry,
         )
         self.queue_wait = Histogram(
@@ -34,6 +35,4 @@ class OrchestratorMetrics:
             ["workflow", "stage"],
             registry=registry,
         )
-        self.workers = Gauge(
-            "agentrun_workers_connected", "Open Work streams.", registry=registry
-        )
+        self.workers = Gauge("agentrun_workers_connected", "Open Work streams.", registry=registry)

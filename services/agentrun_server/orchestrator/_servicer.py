@@ -93,7 +93,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self, request: pb.EnqueueAgentRunsRequest, context: Context
     ) -> pb.EnqueueAgentRunsResponse:
         enqueued, skipped = await self._storage.enqueue(
-            request.workflow, request.stage, list(request.agent_run_ids), request.priority,
+            request.workflow,
+            request.stage,
+            list(request.agent_run_ids),
+            request.priority,
             time.time(),
         )
         self._dispatcher.wake()
@@ -176,7 +179,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         if kind == "complete_tasks":
             completions = [
                 Completion(
-                    _task_id(c.task_id), c.lease_id, c.pathway,
+                    _task_id(c.task_id),
+                    c.lease_id,
+                    c.pathway,
                     c.output.SerializeToString() if c.HasField("output") else None,
                 )
                 for c in request.complete_tasks.completions
@@ -184,12 +189,17 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             acks = await self._storage.complete(completions, now)
             for item, ack in zip(completions, acks, strict=True):
                 if ack.result == "done":
-                    self._metrics.completed.labels(session.workflow.name, ack.stage, item.pathway).inc()
+                    self._metrics.completed.labels(
+                        session.workflow.name, ack.stage, item.pathway
+                    ).inc()
         elif kind == "fail_tasks":
             acks = await self._storage.fail(
                 [
                     Failure(
-                        _task_id(f.task_id), f.lease_id, f.error, f.non_retryable,
+                        _task_id(f.task_id),
+                        f.lease_id,
+                        f.error,
+                        f.non_retryable,
                         seconds_of(f.retry_after) if f.HasField("retry_after") else None,
                     )
                     for f in request.fail_tasks.failures
@@ -203,8 +213,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             acks = await self._storage.extend(
                 [
                     Extension(
-                        _task_id(e.task_id), e.lease_id,
-                        seconds_of(e.lease_duration) if e.HasField("lease_duration")
+                        _task_id(e.task_id),
+                        e.lease_id,
+                        seconds_of(e.lease_duration)
+                        if e.HasField("lease_duration")
                         else session.lease_seconds,
                     )
                     for e in request.extend_leases.extensions
@@ -246,7 +258,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         batch.SetInParent()
         for ack in acks:
             out = batch.acks.add(
-                task_id=str(ack.task_id), lease_id=ack.lease_id, code=int(ack.code),
+                task_id=str(ack.task_id),
+                lease_id=ack.lease_id,
+                code=int(ack.code),
                 message=ack.message,
             )
             if ack.deadline is not None:
@@ -267,10 +281,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         try:
             after = int(request.page_token) if request.page_token else 0
         except ValueError:
-            raise InvalidArgument(f"page_token: not a token from this API: {request.page_token!r}") from None
+            raise InvalidArgument(
+                f"page_token: not a token from this API: {request.page_token!r}"
+            ) from None
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         state = TASK_STATES_FROM_PROTO.get(request.state)
-        tasks = await self._storage.list_tasks(request.workflow, request.stage, state, after, size + 1)
+        tasks = await self._storage.list_tasks(
+            request.workflow, request.stage, state, after, size + 1
+        )
         page = tasks[:size]
         return pb.ListTasksResponse(
             tasks=[task_to_proto(t) for t in page],

@@ -42,14 +42,18 @@ def status_for(error: ServerError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str) -> None:
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str
+) -> None:
     if isinstance(error, ServerError):
         await context.abort(status_for(error), str(error))
     _log.error("unexpected error in %s", method, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
 
 
-def _wrap(behavior: Callable[..., Any], streaming_response: bool, method: str) -> Callable[..., Any]:
+def _wrap(
+    behavior: Callable[..., Any], streaming_response: bool, method: str
+) -> Callable[..., Any]:
     if streaming_response:
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

@@ -246,7 +246,15 @@ class SqliteStorage:
                     "INSERT INTO tasks (workflow, stage, agent_run_id, collection_id, state, "
                     "max_attempts, created_at, ready_at) VALUES (?, ?, ?, ?, 'ready', ?, ?, ?)",
                     [
-                        (workflow.name, stage.name, rid, collection_id, stage.max_attempts, now, now)
+                        (
+                            workflow.name,
+                            stage.name,
+                            rid,
+                            collection_id,
+                            stage.max_attempts,
+                            now,
+                            now,
+                        )
                         for rid in accepted
                     ],
                 )
@@ -386,8 +394,16 @@ class SqliteStorage:
                     "INSERT INTO tasks (workflow, stage, agent_run_id, collection_id, state, "
                     "priority, max_attempts, created_at, ready_at) "
                     "VALUES (?, ?, ?, ?, 'ready', ?, ?, ?, ?)",
-                    (workflow.name, stage.name, run_id, row[0], priority, stage.max_attempts, now,
-                     now),
+                    (
+                        workflow.name,
+                        stage.name,
+                        run_id,
+                        row[0],
+                        priority,
+                        stage.max_attempts,
+                        now,
+                        now,
+                    ),
                 )
                 enqueued += 1
             return enqueued, skipped
@@ -502,8 +518,13 @@ class SqliteStorage:
                     target = workflow.stage(row[3]).next_stage(item.pathway)
                 except (InvalidArgument, NotFound) as exc:
                     acks.append(
-                        Ack(item.task_id, item.lease_id, AckCode.INVALID_ARGUMENT, str(exc),
-                            stage=row[3])
+                        Ack(
+                            item.task_id,
+                            item.lease_id,
+                            AckCode.INVALID_ARGUMENT,
+                            str(exc),
+                            stage=row[3],
+                        )
                     )
                     continue
                 db.execute(
@@ -522,8 +543,13 @@ class SqliteStorage:
                         (stage.name, stage.max_attempts, now, now, item.task_id),
                     ).lastrowid
                 acks.append(
-                    Ack(item.task_id, item.lease_id, next_task_id=next_id, stage=row[3],
-                        result="done")
+                    Ack(
+                        item.task_id,
+                        item.lease_id,
+                        next_task_id=next_id,
+                        stage=row[3],
+                        result="done",
+                    )
                 )
         return acks
 
@@ -570,7 +596,11 @@ class SqliteStorage:
 
     @staticmethod
     def _record_failure(
-        db: sqlite3.Connection, task_id: int, attempt: int, lease_id: str | None, error: str,
+        db: sqlite3.Connection,
+        task_id: int,
+        attempt: int,
+        lease_id: str | None,
+        error: str,
         now: float,
     ) -> None:
         db.execute(
@@ -605,8 +635,15 @@ class SqliteStorage:
                 db.execute(
                     "UPDATE tasks SET lease_deadline = ? WHERE id = ?", (deadline, item.task_id)
                 )
-                acks.append(Ack(item.task_id, item.lease_id, deadline=deadline, stage=row[3],
-                                result="extended"))
+                acks.append(
+                    Ack(
+                        item.task_id,
+                        item.lease_id,
+                        deadline=deadline,
+                        stage=row[3],
+                        result="extended",
+                    )
+                )
         return acks
 
     @_in_thread
@@ -628,8 +665,9 @@ class SqliteStorage:
                 acks.append(Ack(item.task_id, item.lease_id, stage=row[3], result="released"))
         return acks
 
-    def _end_leases(self, db: sqlite3.Connection, where: str, args: tuple[Any, ...], why: str,
-                    now: float) -> int:
+    def _end_leases(
+        self, db: sqlite3.Connection, where: str, args: tuple[Any, ...], why: str, now: float
+    ) -> int:
         """End the leases matching `where`: retry (attempt counted) or dead when exhausted."""
         rows = db.execute(
             f"SELECT id, attempt, max_attempts, lease_id FROM tasks WHERE state = 'leased' AND "
@@ -754,7 +792,11 @@ class SqliteStorage:
         return [self._task(self._db, r) for r in rows]
 
     def _select_ids(
-        self, db: sqlite3.Connection, states: tuple[str, ...], workflow: str, stage: str,
+        self,
+        db: sqlite3.Connection,
+        states: tuple[str, ...],
+        workflow: str,
+        stage: str,
         task_ids: Sequence[int],
     ) -> list[int]:
         where = [f"state IN ({','.join('?' * len(states))})"]
