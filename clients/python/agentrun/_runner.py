@@ -215,6 +215,14 @@ class Runner:
         parser.exit(0 if summary is not None else 1)
 
 
+def _fail_request(lease: pb.Lease, error: str, non_retryable: bool) -> pb.WorkRequest:
+    """A request failing one leased task."""
+    failure = pb.TaskFailure(
+        task_id=lease.task_id, lease_id=lease.lease_id, error=error, non_retryable=non_retryable
+    )
+    return pb.WorkRequest(fail_tasks=pb.FailTasks(failures=[failure]))
+
+
 class _Session:
     """One run of a Runner: a Work stream, reconnected on UNAVAILABLE, until done."""
 
@@ -413,20 +421,7 @@ class _Session:
             self.summary.failed[stage] += 1
             if final:
                 self.summary.dead[stage] += 1
-            await outbox.put(
-                pb.WorkRequest(
-                    fail_tasks=pb.FailTasks(
-                        failures=[
-                            pb.TaskFailure(
-                                task_id=lease.task_id,
-                                lease_id=lease.lease_id,
-                                error=f"{type(exc).__name__}: {exc}",
-                                non_retryable=final,
-                            )
-                        ]
-                    )
-                )
-            )
+            await outbox.put(_fail_request(lease, f"{type(exc).__name__}: {exc}", final))
             return
         pathway = result or ""
         valid = self.pathways[stage]
@@ -438,20 +433,7 @@ class _Session:
             )
             _log.error("task %s: %s", lease.task_id, message)
             self.summary.dead[stage] += 1
-            await outbox.put(
-                pb.WorkRequest(
-                    fail_tasks=pb.FailTasks(
-                        failures=[
-                            pb.TaskFailure(
-                                task_id=lease.task_id,
-                                lease_id=lease.lease_id,
-                                error=message,
-                                non_retryable=True,
-                            )
-                        ]
-                    )
-                )
-            )
+            await outbox.put(_fail_request(lease, message, non_retryable=True))
             return
         self.summary.completed[(stage, pathway)] += 1
         _log.debug(

@@ -15,7 +15,7 @@ from agentrun.v1 import ingestion_service_pb2_grpc as pb_grpc
 from agentrun_server._errors import InvalidArgument
 from agentrun_server.ingestion._metrics import IngestionMetrics
 from agentrun_server.ingestion._validate import field_of, validate_agent_run
-from agentrun_server.serving import to_timestamp
+from agentrun_server.serving import page_after, page_size, to_timestamp
 from agentrun_server.storage import (
     Collection,
     InsertStatus,
@@ -26,9 +26,6 @@ from agentrun_server.storage import (
 )
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 
 
 @dataclass(frozen=True)
@@ -227,13 +224,8 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         self, request: pb.ListAgentRunsRequest, context: Context
     ) -> pb.ListAgentRunsResponse:
         await self._storage.get_collection(id=request.collection_id)
-        try:
-            after = int(request.page_token) if request.page_token else 0
-        except ValueError:
-            raise InvalidArgument(
-                f"page_token: not a token from this API: {request.page_token!r}"
-            ) from None
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = page_after(request.page_token)
+        size = page_size(request.page_size)
         runs = await self._storage.list_runs(request.collection_id, after, size + 1)
         page = runs[:size]
         return pb.ListAgentRunsResponse(

@@ -23,7 +23,7 @@ from agentrun_server.orchestrator._convert import (
 )
 from agentrun_server.orchestrator._dispatcher import UNLIMITED, Dispatcher, Session
 from agentrun_server.orchestrator._metrics import OrchestratorMetrics
-from agentrun_server.serving import seconds_of, to_duration, to_timestamp
+from agentrun_server.serving import page_after, page_size, seconds_of, to_duration, to_timestamp
 from agentrun_server.storage import (
     Ack,
     Completion,
@@ -35,9 +35,6 @@ from agentrun_server.storage import (
 )
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 
 
 def _task_id(text: str) -> int:
@@ -278,13 +275,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     async def ListTasks(
         self, request: pb.ListTasksRequest, context: Context
     ) -> pb.ListTasksResponse:
-        try:
-            after = int(request.page_token) if request.page_token else 0
-        except ValueError:
-            raise InvalidArgument(
-                f"page_token: not a token from this API: {request.page_token!r}"
-            ) from None
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = page_after(request.page_token)
+        size = page_size(request.page_size)
         state = TASK_STATES_FROM_PROTO.get(request.state)
         tasks = await self._storage.list_tasks(
             request.workflow, request.stage, state, after, size + 1
