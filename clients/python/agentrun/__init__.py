@@ -17,12 +17,12 @@ from agentrun._agent_run import AgentRun, AgentRunWithoutMetadataValidator, Filt
 from agentrun._client import Client
 from agentrun._convert import agent_run_from_proto, agent_run_to_proto
 from agentrun._errors import AgentRunError, FormatError, RpcError, WorkflowError, WriterClosedError
-from agentrun._importers import load_agent_runs
 from agentrun._metadata import BaseAgentRunMetadata, BaseMetadata
 from agentrun._runner import Runner, RunSummary
 from agentrun._transcript import Transcript
 from agentrun._workflow import WorkflowSpec, load_workflow
 from agentrun._writer import AgentRunWriter, RejectedRun, WriteSummary, init
+from agentrun.importers import load_agent_runs
 
 __version__ = "0.1.0"
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Literal, TypedDict
 from uuid import uuid4
 
 from pydantic import BaseModel, Field, field_serializer, field_validator, model_validator
 
+from agentrun._chunking import split_run_text
 from agentrun._metadata import BaseAgentRunMetadata
 from agentrun._transcript import Transcript, render_yaml
 
@@ -71,18 +73,39 @@ class AgentRun(BaseModel):
             f"<transcript {key}>\n{t.to_str(transcript_idx=i)}\n</transcript {key}>"
             for i, (key, t) in enumerate(self.transcripts.items())
         )
+        return (
+            "Here is a complete agent run for analysis purposes only:\n"
+            f"{transcripts}\n\n"
+            f"Metadata about the complete agent run:\n{self.metadata_block()}"
+        )
+
+    def to_text(self, token_limit: int = sys.maxsize) -> list[str]:
+        """The run rendered as chunks of at most `token_limit` cl100k_base tokens each.
+
+        As Docent's seed-era `AgentRun.to_text`: `[self.text]` when it fits (or with the default
+        limit); otherwise chunks that start "Here is a partial agent run...", cut along transcript
+        boundaries, then units of action, then inside a unit too long for a chunk. Unlike Docent,
+        no content is ever dropped (an over-long unit continues in numbered parts in the next
+        chunks), every block keeps its own transcript index, and text holding special-token
+        strings such as `<|endoftext|>` does not raise. The tokenizer runs offline.
+
+        Raises:
+            ValueError: `token_limit` is below 128, or leaves no room beside the chunk headers.
+        """
+        return split_run_text(self, token_limit)
+
+    def metadata_block(self) -> str:
+        """The run's metadata, with `name` and `description`, as an `<agent run metadata>` block.
+
+        Keys with a description render as `key (description)`, sorted, in YAML, as in Docent.
+        """
         data = self.metadata.model_dump(strip_internal_fields=True)
         if self.name is not None:
             data["name"] = self.name
         if self.description is not None:
             data["description"] = self.description
         metadata = render_yaml(data, self.metadata)
-        return (
-            "Here is a complete agent run for analysis purposes only:\n"
-            f"{transcripts}\n\n"
-            "Metadata about the complete agent run:\n"
-            f"<agent run metadata>\n{metadata}\n</agent run metadata>"
-        )
+        return f"<agent run metadata>\n{metadata}\n</agent run metadata>"
 
     def model_dump(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Dump like pydantic, plus the rendered `text` (as Docent's seed does)."""

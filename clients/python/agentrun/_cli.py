@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 
 from agentrun._client import DEFAULT_SERVER, SERVER_ENV, Client
-from agentrun._errors import AgentRunError
-from agentrun._importers import load_agent_runs
+from agentrun._errors import AgentRunError, FormatError
 from agentrun._workflow import load_workflow
 from agentrun._writer import AgentRunWriter
+from agentrun.importers import load_agent_runs
 
 STATE_COLUMNS = ("ready", "scheduled", "leased", "done", "dead", "cancelled")
 
@@ -69,9 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     upload = commands.add_parser(
-        "upload", help="upload runs from files (agentrun/Docent JSON, JSONL, tau-bench)"
+        "upload",
+        help="upload runs from files (agentrun/Docent JSON or JSONL, Inspect .eval/.json, tau-bench)",
+        description="Upload runs from files, detecting each file's format. Every file is read and "
+        "checked before anything is sent: a bad record stops the upload, naming the file, the "
+        "record and the field, unless --skip-invalid is given.",
     )
     upload.add_argument("paths", nargs="+", metavar="PATH")
+    upload.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="skip records that cannot be read (each is reported on stderr) and upload the rest",
+    )
     upload.add_argument("--collection", required=True, help="collection name (created if missing)")
     upload.add_argument("--workflow", default="", help="bind a new collection to this workflow")
     _add_server(upload)
@@ -127,14 +136,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
-    runs = [run for path in args.paths for run in load_agent_runs(path)]
+    skipped: list[FormatError] = []
+    on_invalid = skipped.append if args.skip_invalid else None
+    runs = [run for path in args.paths for run in load_agent_runs(path, on_invalid=on_invalid)]
+    for error in skipped:
+        print(f"agentrun upload: skipped {error}", file=sys.stderr)
     with Client(args.server) as client:
         collection = client.create_collection(args.collection, workflow=args.workflow).collection
     writer = AgentRunWriter(collection.id, args.server)
     writer.log_agent_runs(runs)
     summary = writer.finish()
+    read = f"{len(runs)} runs read" + (f" ({len(skipped)} invalid skipped)" if skipped else "")
     print(
-        f"{len(runs)} runs read; {summary.accepted} stored, {summary.duplicates} duplicates, "
+        f"{read}; {summary.accepted} stored, {summary.duplicates} duplicates, "
         f"{len(summary.rejected)} rejected, {summary.undelivered} undelivered "
         f"(collection {collection.name!r}, {collection.id})"
     )

@@ -38,7 +38,22 @@ class RpcError(AgentRunError):
 
 
 class FormatError(AgentRunError):
-    """A file of runs or a workflow file cannot be read; the message names the file and record."""
+    """A file of runs or a workflow file cannot be read; the message names the file and record.
+
+    Attributes:
+        path: The file.
+        record: Which record of the file ("record 3", "line 12", "samples/15_epoch_1.json"), or
+            None when the file as a whole is at fault.
+        field: The field at fault (e.g. "transcripts.default.messages.2.role"), if known.
+    """
+
+    def __init__(
+        self, message: str, *, path: str = "", record: str | None = None, field: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.record = record
+        self.field = field
 
 
 class WorkflowError(AgentRunError):

@@ -109,19 +109,32 @@ class Transcript(BaseModel):
         Raises:
             ValueError: `highlight_action_unit` is not the index of a unit.
         """
-        units = self.units_of_action
+        units = self.unit_blocks(transcript_idx, agent_run_idx)
         if highlight_action_unit is not None and not 0 <= highlight_action_unit < len(units):
             raise ValueError(f"Invalid action unit index: {highlight_action_unit}")
         rendered = []
-        for k, unit in enumerate(units):
-            blocks = "\n".join(
-                format_chat_message(self.messages[i], i, transcript_idx, agent_run_idx)
-                for i in unit
-            )
-            text = f"<action unit {k}>\n{blocks}\n</action unit {k}>"
+        for k, blocks in enumerate(units):
+            text = action_unit(k, "\n".join(blocks))
             if highlight_action_unit == k:
                 text = f"<HIGHLIGHTED>\n{text}\n</HIGHLIGHTED>"
             rendered.append(text)
-        blocks_text = "<blocks>\n" + "\n".join(rendered) + "\n</blocks>\n"
+        return "<blocks>\n" + "\n".join(rendered) + "\n</blocks>\n" + self.metadata_block()
+
+    def unit_blocks(
+        self, transcript_idx: int = 0, agent_run_idx: int | None = None
+    ) -> list[list[str]]:
+        """Each unit of action as its rendered message blocks, in order."""
+        return [
+            [format_chat_message(self.messages[i], i, transcript_idx, agent_run_idx) for i in unit]
+            for unit in self.units_of_action
+        ]
+
+    def metadata_block(self) -> str:
+        """The transcript's metadata as a `<metadata>` YAML block."""
         metadata = render_yaml(self.metadata.model_dump(strip_internal_fields=True), self.metadata)
-        return blocks_text + f"<metadata>\n{metadata}\n</metadata>"
+        return f"<metadata>\n{metadata}\n</metadata>"
+
+
+def action_unit(k: int, body: str) -> str:
+    """Wrap unit `k`'s rendered blocks in its `<action unit k>` tags."""
+    return f"<action unit {k}>\n{body}\n</action unit {k}>"
