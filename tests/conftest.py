@@ -8,19 +8,39 @@ from pathlib import Path
 
 import pytest
 
+from agentrun import AgentRun, load_agent_runs
 from agentrun_server import Server, ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("AGENTRUN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 TAU_BENCH = SHARED_DATA / "tau-bench" / "gpt-4o-airline.json"
+INSPECT_EVAL = SHARED_DATA / "inspect-intercode-ctf" / "log.eval"
+INSPECT_JSON = SHARED_DATA / "inspect-intercode-ctf" / "ctf.json"
+REAL_FILES = (TAU_BENCH, INSPECT_EVAL, INSPECT_JSON)
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set AGENTRUN_SHARED_DATA)")
+    return path
 
 
 @pytest.fixture
 def tau_bench_path() -> Path:
     """The real tau-bench trajectories; skips where ../shared/data is absent."""
-    if not TAU_BENCH.exists():
-        pytest.skip(f"real data not found at {TAU_BENCH} (set AGENTRUN_SHARED_DATA)")
-    return TAU_BENCH
+    return _require(TAU_BENCH)
+
+
+@pytest.fixture
+def real_files() -> tuple[Path, ...]:
+    """Every real file of runs: tau-bench (200 runs), Inspect .eval (15) and .json (2)."""
+    return tuple(_require(path) for path in REAL_FILES)
+
+
+@pytest.fixture(scope="session")
+def real_runs() -> list[AgentRun]:
+    """The 217 real runs of `real_files`, imported once per session."""
+    return [run for path in REAL_FILES for run in load_agent_runs(_require(path))]
 
 
 @pytest.fixture
