@@ -67,6 +67,12 @@ def test_score_types_are_kept() -> None:
     assert [type(v) for v in scores.values()] == [bool, int, float, type(None)]
 
 
+def test_integer_scores_must_fit_the_wire() -> None:
+    with pytest.raises(ValidationError, match="integer scores must fit in 64 bits"):
+        BaseAgentRunMetadata(scores={"big": 2**63})
+    assert BaseAgentRunMetadata(scores={"edge": -(2**63)}).scores["edge"] == -(2**63)
+
+
 def test_subclass_fields_and_descriptions_render_and_survive_json() -> None:
     class EpisodeMetadata(BaseAgentRunMetadata):
         episode: int = Field(description="Training episode number")

@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     SerializerFunctionWrapHandler,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -113,9 +114,20 @@ SCORES_DESCRIPTION = (
 class BaseAgentRunMetadata(BaseMetadata):
     """Metadata of an `AgentRun`: `scores` is required; subclass to declare more fields.
 
-    Score values are bool, int, float or None; strings coerce where pydantic can ("1" -> 1).
+    Score values are bool, int (64-bit), float or None; strings coerce where pydantic can
+    ("1" -> 1).
     """
 
     SCORES_DESCRIPTION: ClassVar[str] = SCORES_DESCRIPTION
 
     scores: dict[str, int | float | bool | None] = Field(description=SCORES_DESCRIPTION)
+
+    @field_validator("scores")
+    @classmethod
+    def _scores_fit_the_wire(
+        cls, scores: dict[str, int | float | bool | None]
+    ) -> dict[str, int | float | bool | None]:
+        for name, value in scores.items():
+            if type(value) is int and not -(2**63) <= value < 2**63:
+                raise ValueError(f"score {name!r}: integer scores must fit in 64 bits, got {value}")
+        return scores
