@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 AGENTRUN_DB ?= sqlite:///agentrun.db
 
-.PHONY: install gen gen-check lint format typecheck test run bench ci clean
+.PHONY: install gen gen-check lint format typecheck test run bench bench-model ci clean
 
 install: $(STAMP)
 
@@ -39,6 +39,12 @@ typecheck: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# Benchmarks print figures; they are not tests. Each reads the real runs from ../shared/data.
+bench: bench-model
+
+bench-model: install
+	$(BIN)/python bench/bench_model.py
 
 # Both services in one process on SQLite: gRPC on 127.0.0.1:50051, metrics on 127.0.0.1:9464.
 run: install
