@@ -105,3 +105,56 @@ def test_transcripts_given_as_a_list_are_keyed_by_id() -> None:
 
 def test_model_dump_includes_text() -> None:
     assert docs_example().model_dump()["text"] == DOCS_EXAMPLE_TEXT
+
+
+class EpisodeMetadata(BaseAgentRunMetadata):
+    episode: int = Field(description="Training episode number")
+
+
+def episode_run() -> AgentRun:
+    return AgentRun(
+        name="nm",
+        transcripts={"t": Transcript(messages=[UserMessage(content="hi")])},
+        metadata=EpisodeMetadata(
+            scores={"correct": True, "reward": 1.0},
+            episode=3,
+            tag="x",
+            extra_field={"nested": {"deep": 1}, "lst": [1, 2]},
+        ),
+    )
+
+
+def test_subclass_metadata_renders_as_in_the_seed() -> None:
+    # research/docent.md section 2.4: keys sorted, described keys labelled, name injected.
+    expected = (
+        "<agent run metadata>\n"
+        "episode (Training episode number): 3\n"
+        "extra_field:\n  lst:\n  - 1\n  - 2\n  nested:\n    deep: 1\n"
+        "name: nm\n"
+        f"scores ({BaseAgentRunMetadata.SCORES_DESCRIPTION}):\n  correct: true\n  reward: 1.0\n"
+        "tag: x\n"
+        "\n</agent run metadata>"
+    )
+    assert episode_run().metadata_block() == expected
+    assert episode_run().text.endswith(expected)
+
+
+def test_filterable_fields_are_the_seeds() -> None:
+    fields = [(f["name"], f["type"]) for f in episode_run().get_filterable_fields()]
+    assert fields == [
+        ("metadata.scores.correct", "bool"),
+        ("metadata.scores.reward", "float"),
+        ("metadata.episode", "int"),
+        ("metadata.tag", "str"),
+        ("text", "str"),
+    ]
+    # metadata.a.b is walked by default, metadata.a.b.c only with a deeper max_depth.
+    deeper = [f["name"] for f in episode_run().get_filterable_fields(max_depth=2)]
+    assert "metadata.extra_field.nested.deep" in deeper
+
+
+def test_model_dump_keeps_subclass_fields_and_descriptions() -> None:
+    dumped = episode_run().model_dump()["metadata"]
+    assert dumped["episode"] == 3
+    assert dumped["_field_descriptions"]["episode"] == "Training episode number"
+    assert dumped["allow_fields_without_descriptions"] is True

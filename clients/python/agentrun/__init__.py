@@ -12,7 +12,7 @@ stage runner follows Encord's task `Runner`.
 
 from __future__ import annotations
 
-from agentrun import chat
+from agentrun import chat, importers
 from agentrun._agent_run import AgentRun, AgentRunWithoutMetadataValidator, FilterableField
 from agentrun._client import Client
 from agentrun._convert import agent_run_from_proto, agent_run_to_proto
@@ -49,6 +49,7 @@ __all__ = [
     "agent_run_from_proto",
     "agent_run_to_proto",
     "chat",
+    "importers",
     "init",
     "load_agent_runs",
     "load_workflow",
