@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from agentrun.v1 import (
     ingestion_service_pb2,
@@ -28,18 +28,26 @@ from agentrun.v1 import (
 )
 from agentrun_server._errors import InvalidArgument
 from agentrun_server.ingestion import IngestionLimits, IngestionMetrics, IngestionServicer
-from agentrun_server.orchestrator import Dispatcher, OrchestratorMetrics, OrchestratorServicer
-from agentrun_server.serving import ErrorInterceptor, start_metrics_server
+from agentrun_server.orchestrator import (
+    BacklogCollector,
+    Dispatcher,
+    OrchestratorMetrics,
+    OrchestratorServicer,
+)
+from agentrun_server.serving import (
+    ErrorInterceptor,
+    GrpcServerMetrics,
+    MetricsEndpoint,
+    MetricsInterceptor,
+)
 from agentrun_server.storage import Storage, open_storage
 
 _log = logging.getLogger(__name__)
 
 SERVICES = ("ingestion", "orchestrator")
-_SERVICE_NAMES = {
-    "ingestion": ingestion_service_pb2.DESCRIPTOR.services_by_name["IngestionService"].full_name,
-    "orchestrator": orchestrator_service_pb2.DESCRIPTOR.services_by_name[
-        "OrchestratorService"
-    ].full_name,
+_SERVICE_DESCRIPTORS = {
+    "ingestion": ingestion_service_pb2.DESCRIPTOR.services_by_name["IngestionService"],
+    "orchestrator": orchestrator_service_pb2.DESCRIPTOR.services_by_name["OrchestratorService"],
 }
 
 
@@ -92,13 +100,18 @@ class Server:
     """The agentrun server process."""
 
     def __init__(self, config: ServerConfig, registry: CollectorRegistry | None = None) -> None:
+        # The `_created` series double what go-grpc-prometheus dashboards expect to see, and no
+        # panel uses them (process-wide: prometheus-client has no per-registry switch).
+        disable_created_metrics()
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.port = 0
         self.metrics_port = 0
+        self._metrics_endpoint: MetricsEndpoint | None = None
         self._storage: Storage | None = None
         self._grpc: grpc.aio.Server | None = None
         self._dispatcher: Dispatcher | None = None
+        self._backlog: BacklogCollector | None = None
         self._health = health.aio.HealthServicer()
 
     async def start(self) -> None:
@@ -116,8 +129,10 @@ class Server:
             )
         self._storage = storage = await open_storage(config.db)
         limit = config.limits.max_message_bytes
+        grpc_metrics = GrpcServerMetrics(self.registry)
         self._grpc = server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            # Metrics first: it counts the status the error table settles on.
+            interceptors=[MetricsInterceptor(grpc_metrics), ErrorInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -132,6 +147,8 @@ class Server:
         if "orchestrator" in config.services:
             metrics = OrchestratorMetrics(self.registry)
             self._dispatcher = Dispatcher(storage, metrics)
+            self._backlog = BacklogCollector(asyncio.get_running_loop(), self._dispatcher.snapshot)
+            self.registry.register(self._backlog)
             wake = self._dispatcher.wake
             orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
                 OrchestratorServicer(storage, self._dispatcher, metrics), server
@@ -142,7 +159,13 @@ class Server:
                 server,
             )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = [_SERVICE_NAMES[s] for s in config.services]
+        names = [_SERVICE_DESCRIPTORS[s].full_name for s in config.services]
+        grpc_metrics.preregister(
+            [
+                *(_SERVICE_DESCRIPTORS[s] for s in config.services),
+                health_pb2.DESCRIPTOR.services_by_name["Health"],
+            ]
+        )
         reflection.enable_server_reflection(
             [
                 *names,
@@ -160,9 +183,10 @@ class Server:
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.metrics_port >= 0:
-            self.metrics_port = start_metrics_server(
+            self._metrics_endpoint = MetricsEndpoint(
                 config.host, config.metrics_port, self.registry
             )
+            self.metrics_port = self._metrics_endpoint.port
 
     async def shutdown(self, grace_seconds: float | None = None) -> None:
         """Stop gracefully: NOT_SERVING, finish in-flight calls within the grace, close storage."""
@@ -172,6 +196,10 @@ class Server:
             await self._grpc.stop(grace)
         if self._dispatcher is not None:
             await self._dispatcher.stop()
+        if self._metrics_endpoint is not None:
+            await asyncio.to_thread(self._metrics_endpoint.close)
+        if self._backlog is not None:
+            self.registry.unregister(self._backlog)
         if self._storage is not None:
             await self._storage.close()
 

@@ -1,29 +1,41 @@
-"""Domain metrics of the ingestion service (base units, bounded labels)."""
+"""Domain metrics of the ingestion service (`agentrun_ingest_*`: base units, bounded labels)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class IngestionMetrics:
-    """Runs and bytes ingested, rejected by reason, batch sizes and commit latency."""
+    """Runs and bytes received and stored, duplicates, rejections, batch sizes, commit latency."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.runs = Counter(
-            "agentrun_ingest_runs",
-            "Runs received, by result (accepted, duplicate, rejected).",
-            ["result"],
+        self.received_runs = Counter(
+            "agentrun_ingest_received_runs", "Runs received in upload messages.", registry=registry
+        )
+        self.received_bytes = Counter(
+            "agentrun_ingest_received_bytes",
+            "Encoded bytes of the runs received.",
             registry=registry,
         )
-        self.rejected = Counter(
+        self.stored_runs = Counter(
+            "agentrun_ingest_stored_runs", "Runs stored (first time seen).", registry=registry
+        )
+        self.stored_bytes = Counter(
+            "agentrun_ingest_stored_bytes", "Encoded bytes of the runs stored.", registry=registry
+        )
+        self.duplicate_runs = Counter(
+            "agentrun_ingest_duplicate_runs",
+            "Runs whose id was stored already in the same collection (idempotent resends).",
+            registry=registry,
+        )
+        self.rejected_runs = Counter(
             "agentrun_ingest_rejected_runs",
-            "Runs rejected, by reason.",
+            "Runs rejected, by reason (invalid, too_large, conflict).",
             ["reason"],
             registry=registry,
         )
-        self.bytes = Counter(
-            "agentrun_ingest_stored_bytes", "Encoded bytes of the runs stored.", registry=registry
-        )
+        for reason in ("invalid", "too_large", "conflict"):
+            self.rejected_runs.labels(reason)
         self.batch_runs = Histogram(
             "agentrun_ingest_batch_runs",
             "Runs per upload message.",
@@ -32,6 +44,10 @@ class IngestionMetrics:
         )
         self.commit_seconds = Histogram(
             "agentrun_ingest_commit_seconds",
-            "Time to commit one upload message's runs.",
+            "Time to commit one upload message's runs to storage.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=registry,
+        )
+        self.open_streams = Gauge(
+            "agentrun_ingest_open_streams", "Upload streams open now.", registry=registry
         )

@@ -118,9 +118,13 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
     ) -> pb.UploadAgentRunsResponse:
         response = pb.UploadAgentRunsResponse()
         index = 0
-        async for request in request_iterator:
-            await self._upload_batch(request, index, response)
-            index += len(request.agent_runs)
+        self._metrics.open_streams.inc()
+        try:
+            async for request in request_iterator:
+                await self._upload_batch(request, index, response)
+                index += len(request.agent_runs)
+        finally:
+            self._metrics.open_streams.dec()
         return response
 
     async def _upload_batch(
@@ -139,11 +143,13 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
                 f"{limits.max_runs_per_message}; split the batch"
             )
         self._metrics.batch_runs.observe(count)
+        self._metrics.received_runs.inc(count)
         runs: list[NewRun] = []
         positions: list[tuple[int, str]] = []
         for offset, run in enumerate(request.agent_runs):
             index = first_index + offset
             size = run.ByteSize()
+            self._metrics.received_bytes.inc(size)
             if size > limits.max_run_bytes:
                 self._reject(
                     response,
@@ -177,11 +183,11 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         for (index, run_id), run, outcome in zip(positions, runs, outcomes, strict=True):
             if outcome.status is InsertStatus.ACCEPTED:
                 response.accepted_count += 1
-                self._metrics.runs.labels("accepted").inc()
-                self._metrics.bytes.inc(len(run.data))
+                self._metrics.stored_runs.inc()
+                self._metrics.stored_bytes.inc(len(run.data))
             elif outcome.status is InsertStatus.DUPLICATE:
                 response.duplicate_count += 1
-                self._metrics.runs.labels("duplicate").inc()
+                self._metrics.duplicate_runs.inc()
             else:
                 self._reject(
                     response,
@@ -209,8 +215,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             field=field,
             message=message,  # type: ignore[arg-type]
         )
-        self._metrics.runs.labels("rejected").inc()
-        self._metrics.rejected.labels(
+        self._metrics.rejected_runs.labels(
             pb.RejectionReason.Name(reason).removeprefix("REJECTION_REASON_").lower()
         ).inc()  # type: ignore[arg-type]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agentrun_server.orchestrator._dispatcher import Dispatcher
-from agentrun_server.orchestrator._metrics import OrchestratorMetrics
+from agentrun_server.orchestrator._metrics import BacklogCollector, OrchestratorMetrics
 from agentrun_server.orchestrator._servicer import OrchestratorServicer
 
-__all__ = ["Dispatcher", "OrchestratorMetrics", "OrchestratorServicer"]
+__all__ = ["BacklogCollector", "Dispatcher", "OrchestratorMetrics", "OrchestratorServicer"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun_server.orchestrator._metrics import OrchestratorMetrics
 from agentrun_server.serving import to_timestamp
-from agentrun_server.storage import LeasedTask, Release, Storage, WorkflowDef
+from agentrun_server.storage import LeasedTask, Release, StageBacklog, Storage, WorkflowDef
 
 _log = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ class Session:
     outbox: asyncio.Queue[pb.WorkResponse | BaseException | None] = field(
         default_factory=asyncio.Queue
     )
-    in_flight: set[str] = field(default_factory=set)
-    """Lease ids pushed and not yet settled: they hold the credits."""
+    in_flight: dict[str, float] = field(default_factory=dict)
+    """Lease id -> when it was pushed, for leases not yet settled: they hold the credits."""
     draining: bool = False
     closed: bool = False
     empty_sent: bool = False
@@ -114,6 +114,15 @@ class Dispatcher:
     def wake(self) -> None:
         """Ask for a dispatch pass soon (something may have become ready or credits freed)."""
         self._wakeup.set()
+
+    async def snapshot(self) -> tuple[list[StageBacklog], dict[str, int]]:
+        """Every stage's backlog, and free credits per workflow (for the metrics collector)."""
+        credits: dict[str, int] = {}
+        for session in self._sessions:
+            if not (session.closed or session.draining):
+                name = session.workflow.name
+                credits[name] = credits.get(name, 0) + session.free_credits
+        return await self._storage.backlog("", self._clock()), credits
 
     def add(self, session: Session) -> None:
         """Start dispatching to a session."""
@@ -184,7 +193,7 @@ class Dispatcher:
 
     def _deliver(self, session: Session, tasks: list[LeasedTask], now: float) -> None:
         for task in tasks:
-            session.in_flight.add(task.lease_id)
+            session.in_flight[task.lease_id] = now
             if session.stage_quota[task.stage] != UNLIMITED:
                 session.stage_quota[task.stage] -= 1
             self._metrics.leased.labels(session.workflow.name, task.stage).inc()

@@ -186,9 +186,13 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             acks = await self._storage.complete(completions, now)
             for item, ack in zip(completions, acks, strict=True):
                 if ack.result == "done":
-                    self._metrics.completed.labels(
-                        session.workflow.name, ack.stage, item.pathway
-                    ).inc()
+                    workflow = session.workflow.name
+                    self._metrics.completed.labels(workflow, ack.stage, item.pathway).inc()
+                    leased_at = session.in_flight.get(ack.lease_id)
+                    if leased_at is not None:
+                        self._metrics.run_seconds.labels(workflow, ack.stage).observe(
+                            max(0.0, now - leased_at)
+                        )
         elif kind == "fail_tasks":
             acks = await self._storage.fail(
                 [
@@ -246,7 +250,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             # A rejected pathway leaves the task leased: the worker can settle it again.
             still_held |= ack.code == 3
             if not still_held:
-                session.in_flight.discard(ack.lease_id)
+                session.in_flight.pop(ack.lease_id, None)
 
     @staticmethod
     def _ack_batch(acks: list[Ack]) -> pb.WorkResponse:
@@ -295,6 +299,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         count = await self._storage.redrive(
             request.workflow, request.stage, _task_ids(request.task_ids), time.time()
         )
+        self._metrics.redriven.inc(count)
         self._dispatcher.wake()
         return pb.RedriveTasksResponse(redriven_count=count)
 

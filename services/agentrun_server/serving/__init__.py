@@ -1,8 +1,9 @@
-"""What both services share to serve: the error -> status table and the metrics endpoint."""
+"""What both services share to serve: the error -> status table, gRPC metrics, /metrics."""
 
 from __future__ import annotations
 
-from agentrun_server.serving._metrics import start_metrics_server
+from agentrun_server.serving._grpc_metrics import GrpcServerMetrics, MetricsInterceptor
+from agentrun_server.serving._metrics import MetricsEndpoint
 from agentrun_server.serving._paging import page_after, page_size
 from agentrun_server.serving._status import STATUS_CODES, ErrorInterceptor, status_for
 from agentrun_server.serving._wire import seconds_of, to_duration, to_timestamp
@@ -10,10 +11,12 @@ from agentrun_server.serving._wire import seconds_of, to_duration, to_timestamp
 __all__ = [
     "STATUS_CODES",
     "ErrorInterceptor",
+    "GrpcServerMetrics",
+    "MetricsEndpoint",
+    "MetricsInterceptor",
     "page_after",
     "page_size",
     "seconds_of",
-    "start_metrics_server",
     "status_for",
     "to_duration",
     "to_timestamp",
