@@ -38,6 +38,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from agentrun import _metrics
 from agentrun._agent_run import AgentRun
 from agentrun._client import Client, open_aio_channel
 from agentrun._convert import agent_run_from_proto
@@ -402,11 +403,23 @@ class _Session:
             )
 
     async def _work(self, lease: pb.Lease, outbox: asyncio.Queue[pb.WorkRequest]) -> None:
+        _metrics.RUNNER_TASKS_IN_FLIGHT.inc()
+        try:
+            outcome = await self._work_on(lease, outbox)
+        finally:
+            _metrics.RUNNER_TASKS_IN_FLIGHT.dec()
+        _metrics.RUNNER_TASKS.labels(lease.stage, outcome).inc()
+
+    async def _work_on(self, lease: pb.Lease, outbox: asyncio.Queue[pb.WorkRequest]) -> str:
+        """Run the stage function on one task and queue its settlement; return done or failed."""
         stage = lease.stage
         started = time.monotonic()
         try:
             run = agent_run_from_proto(lease.agent_run)
-            result = await self._call(self.stages[stage], run)
+            try:
+                result = await self._call(self.stages[stage], run)
+            finally:
+                _metrics.RUNNER_TASK_SECONDS.labels(stage).observe(time.monotonic() - started)
         except Exception as exc:
             final = lease.attempt > self.num_retries or lease.attempt >= lease.max_attempts
             _log.error(
@@ -422,7 +435,7 @@ class _Session:
             if final:
                 self.summary.dead[stage] += 1
             await outbox.put(_fail_request(lease, f"{type(exc).__name__}: {exc}", final))
-            return
+            return "failed"
         pathway = result or ""
         valid = self.pathways[stage]
         if (valid and pathway not in valid) or (not valid and pathway):
@@ -434,7 +447,7 @@ class _Session:
             _log.error("task %s: %s", lease.task_id, message)
             self.summary.dead[stage] += 1
             await outbox.put(_fail_request(lease, message, non_retryable=True))
-            return
+            return "failed"
         self.summary.completed[(stage, pathway)] += 1
         _log.debug(
             "task %s done via %r in %.3f s", lease.task_id, pathway, time.monotonic() - started
@@ -452,6 +465,7 @@ class _Session:
                 )
             )
         )
+        return "done"
 
     async def _call(self, function: StageFunction, run: AgentRun) -> str | None:
         if inspect.iscoroutinefunction(function):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from agentrun import _metrics
 from agentrun._agent_run import AgentRun
 from agentrun._client import Client, open_channel
 from agentrun._convert import agent_run_to_proto
@@ -178,6 +179,7 @@ class AgentRunWriter:
             self._pending += len(items)
         for item in items:
             self._queue.put(item)
+            _metrics.WRITER_QUEUED_RUNS.inc()
 
     # --- shutdown -------------------------------------------------------------------------------
 
@@ -202,6 +204,7 @@ class AgentRunWriter:
         while True:
             try:
                 self._queue.get_nowait()
+                _metrics.WRITER_QUEUED_RUNS.dec()
                 abandoned += 1
             except queue.Empty:
                 break
@@ -250,6 +253,7 @@ class AgentRunWriter:
                 if deadline is not None or self._closed:
                     break
                 continue
+            _metrics.WRITER_QUEUED_RUNS.dec()
             batch.append(item)
             size += len(item.data)
             if deadline is None:
@@ -274,6 +278,7 @@ class AgentRunWriter:
     def _send(self, batch: list[_Item]) -> None:
         attempt = 0
         while True:
+            _metrics.WRITER_SENT_BYTES.inc(sum(len(item.data) for item in batch))
             try:
                 response = self._upload(
                     self._requests(batch), timeout=UPLOAD_TIMEOUT_SECONDS, wait_for_ready=True
@@ -292,6 +297,7 @@ class AgentRunWriter:
                         delay,
                     )
                     if not self._stop.wait(delay):
+                        _metrics.WRITER_RETRIES.inc()
                         continue
                 with self._lock:
                     self._settle_undelivered(len(batch), f"{code.name}: {details}")
@@ -317,6 +323,9 @@ class AgentRunWriter:
             s.duplicates += response.duplicate_count
             s.rejected += rejected
             self._pending -= len(batch)
+            _metrics.WRITER_RUNS.labels("accepted").inc(response.accepted_count)
+            _metrics.WRITER_RUNS.labels("duplicate").inc(response.duplicate_count)
+            _metrics.WRITER_RUNS.labels("rejected").inc(len(rejected))
             self._settled.notify_all()
         for run in rejected:
             _log.warning("run %s rejected: %s", run.agent_run_id, run.message)
@@ -327,6 +336,8 @@ class AgentRunWriter:
         if not count:
             return
         self._summary.undelivered += count
+        _metrics.WRITER_RUNS.labels("undelivered").inc(count)
+        _metrics.WRITER_DROPPED_RUNS.inc(count)
         self._summary.errors.append(why)
         self._pending -= count
         self._settled.notify_all()
