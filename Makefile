@@ -18,10 +18,12 @@ $(STAMP): pyproject.toml
 
 gen: install
 	$(BIN)/python scripts/gen_protos.py
+	$(BIN)/python scripts/gen_dashboard.py
 	$(BIN)/buf format -w
 
 gen-check: install
 	$(BIN)/python scripts/gen_protos.py --check
+	$(BIN)/python scripts/gen_dashboard.py --check
 
 lint: install
 	$(BIN)/buf lint

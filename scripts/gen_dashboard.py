@@ -1,0 +1,366 @@
+"""Write deploy/grafana/agentrun.json, the Grafana dashboard, from the panel list below.
+
+    python scripts/gen_dashboard.py           # write it (make gen)
+    python scripts/gen_dashboard.py --check   # fail if the committed file differs (make gen-check)
+
+The dashboard imports as it is: a `datasource` variable picks the Prometheus data source, and no
+uid is hard-coded. Every expression is tested against a real Prometheus (tests/e2e/test_prometheus.py
+reads them from the generated file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = ROOT / "deploy" / "grafana" / "agentrun.json"
+
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+RATE = "$__rate_interval"
+INGESTION = 'grpc_service="agentrun.v1.IngestionService"'
+AGENTRUN_GRPC = 'grpc_service=~"agentrun\\\\.v1\\\\..*"'
+# Codes that mean the server failed the call (client mistakes such as InvalidArgument excluded).
+SERVER_ERROR_CODES = (
+    "Unknown|DeadlineExceeded|Unimplemented|Internal|Unavailable|DataLoss|ResourceExhausted"
+)
+
+
+def quantiles(metric: str, by: str = "", selector: str = "") -> list[tuple[str, str]]:
+    """p50 and p99 of a histogram, summed across instances."""
+    group = f"{by}, le" if by else "le"
+    prefix = f"{{{{{by}}}}} " if by else ""
+    return [
+        (
+            f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{{{selector}}}[{RATE}])))",
+            f"{prefix}p{int(q * 100)}",
+        )
+        for q in (0.5, 0.99)
+    ]
+
+
+# (row title, [(panel title, unit, description, [(expr, legend), ...]), ...])
+ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
+    (
+        "Ingestion",
+        [
+            (
+                "Runs / s",
+                "ops",
+                "Runs received, stored for the first time, and recognised as duplicates.",
+                [
+                    (f"sum(rate(agentrun_ingest_received_runs_total[{RATE}]))", "received"),
+                    (f"sum(rate(agentrun_ingest_stored_runs_total[{RATE}]))", "stored"),
+                    (f"sum(rate(agentrun_ingest_duplicate_runs_total[{RATE}]))", "duplicates"),
+                ],
+            ),
+            (
+                "Bytes / s",
+                "Bps",
+                "Encoded run bytes received and stored.",
+                [
+                    (f"sum(rate(agentrun_ingest_received_bytes_total[{RATE}]))", "received"),
+                    (f"sum(rate(agentrun_ingest_stored_bytes_total[{RATE}]))", "stored"),
+                ],
+            ),
+            (
+                "Rejected runs / s by reason",
+                "ops",
+                "invalid (a field is wrong), too_large (over max_run_bytes), conflict (id stored in another collection).",
+                [
+                    (
+                        f"sum by (reason) (rate(agentrun_ingest_rejected_runs_total[{RATE}]))",
+                        "{{reason}}",
+                    )
+                ],
+            ),
+            (
+                "Upload and commit latency",
+                "s",
+                "UploadAgentRuns stream duration, and the storage commit of one upload message.",
+                [
+                    (expr, f"upload {legend}")
+                    for expr, legend in quantiles(
+                        "grpc_server_handling_seconds",
+                        selector=f'{INGESTION}, grpc_method="UploadAgentRuns"',
+                    )
+                ]
+                + [
+                    (expr, f"commit {legend}")
+                    for expr, legend in quantiles("agentrun_ingest_commit_seconds")
+                ],
+            ),
+            (
+                "Open upload streams",
+                "short",
+                "UploadAgentRuns streams open now.",
+                [("sum(agentrun_ingest_open_streams)", "streams")],
+            ),
+        ],
+    ),
+    (
+        "gRPC",
+        [
+            (
+                "Calls / s by method and code",
+                "ops",
+                "Completed calls of both services (go-grpc-prometheus metrics).",
+                [
+                    (
+                        f"sum by (grpc_method, grpc_code) (rate(grpc_server_handled_total{{{AGENTRUN_GRPC}}}[{RATE}])) > 0",
+                        "{{grpc_method}} {{grpc_code}}",
+                    )
+                ],
+            ),
+            (
+                "Server error ratio",
+                "percentunit",
+                f"Share of calls ending {SERVER_ERROR_CODES.replace('|', ', ')}.",
+                [
+                    (
+                        f'sum by (grpc_service) (rate(grpc_server_handled_total{{{AGENTRUN_GRPC}, grpc_code=~"{SERVER_ERROR_CODES}"}}[{RATE}]))'
+                        f" / sum by (grpc_service) (rate(grpc_server_handled_total{{{AGENTRUN_GRPC}}}[{RATE}]))",
+                        "{{grpc_service}}",
+                    )
+                ],
+            ),
+            (
+                "Unary latency p99 by method",
+                "s",
+                "99th percentile handling time of unary calls.",
+                [
+                    (
+                        f'histogram_quantile(0.99, sum by (grpc_method, le) (rate(grpc_server_handling_seconds_bucket{{{AGENTRUN_GRPC}, grpc_type="unary"}}[{RATE}])))',
+                        "{{grpc_method}}",
+                    )
+                ],
+            ),
+        ],
+    ),
+    (
+        "Orchestrator",
+        [
+            (
+                "Tasks completed / s by stage and pathway",
+                "ops",
+                "Completions; the pathway names the next stage's way in (empty at a terminal stage).",
+                [
+                    (
+                        f"sum by (workflow, stage, pathway) (rate(agentrun_tasks_completed_total[{RATE}]))",
+                        "{{workflow}}/{{stage}} -> {{pathway}}",
+                    )
+                ],
+            ),
+            (
+                "Failed attempts / s",
+                "ops",
+                "Failures reported by workers, by what followed (retry, dead); and lease expiries.",
+                [
+                    (
+                        f"sum by (workflow, stage, result) (rate(agentrun_tasks_failed_total[{RATE}]))",
+                        "{{workflow}}/{{stage}} {{result}}",
+                    ),
+                    (f"sum(rate(agentrun_tasks_expired_leases_total[{RATE}]))", "lease expired"),
+                ],
+            ),
+            (
+                "Backlog by stage",
+                "short",
+                "Tasks waiting (ready, or scheduled for a retry) and leased, per stage.",
+                [
+                    (
+                        'sum by (workflow, stage) (agentrun_stage_tasks{state=~"ready|scheduled"})',
+                        "{{workflow}}/{{stage}} waiting",
+                    ),
+                    (
+                        'sum by (workflow, stage) (agentrun_stage_tasks{state="leased"})',
+                        "{{workflow}}/{{stage}} leased",
+                    ),
+                ],
+            ),
+            (
+                "Oldest ready task age",
+                "s",
+                "How long the oldest ready task of each stage has waited.",
+                [
+                    (
+                        "max by (workflow, stage) (agentrun_stage_oldest_ready_age_seconds)",
+                        "{{workflow}}/{{stage}}",
+                    )
+                ],
+            ),
+            (
+                "Dead tasks",
+                "short",
+                "Tasks that exhausted their attempts or failed non-retryably; redrive them once fixed.",
+                [
+                    (
+                        'sum by (workflow, stage) (agentrun_stage_tasks{state="dead"})',
+                        "{{workflow}}/{{stage}}",
+                    )
+                ],
+            ),
+            (
+                "Workers and free credits",
+                "short",
+                "Connected Work streams, and their credits not held by a lease.",
+                [
+                    ("sum(agentrun_workers_connected)", "workers"),
+                    (
+                        "sum by (workflow) (agentrun_worker_free_credits)",
+                        "{{workflow}} free credits",
+                    ),
+                ],
+            ),
+            (
+                "Queue wait and run time",
+                "s",
+                "Ready -> leased (queue wait) and leased -> completed (run time).",
+                [
+                    (expr, f"wait {legend}")
+                    for expr, legend in quantiles("agentrun_task_queue_wait_seconds")
+                ]
+                + [
+                    (expr, f"run {legend}")
+                    for expr, legend in quantiles("agentrun_task_run_seconds")
+                ],
+            ),
+        ],
+    ),
+    (
+        "Clients",
+        [
+            (
+                "Writer runs / s by result",
+                "ops",
+                "What AgentRunWriters made of the runs logged: accepted, duplicate, rejected, undelivered.",
+                [
+                    (
+                        f"sum by (result) (rate(agentrun_writer_runs_total[{RATE}]))",
+                        "{{result}}",
+                    )
+                ],
+            ),
+            (
+                "Writer queue, retries and drops",
+                "short",
+                "Runs waiting in writer queues; retried uploads and dropped runs per second.",
+                [
+                    ("sum by (instance) (agentrun_writer_queued_runs)", "{{instance}} queued"),
+                    (f"sum(rate(agentrun_writer_retries_total[{RATE}]))", "retries / s"),
+                    (f"sum(rate(agentrun_writer_dropped_runs_total[{RATE}]))", "dropped / s"),
+                ],
+            ),
+            (
+                "Runner tasks / s by stage and outcome",
+                "ops",
+                "Tasks the Runners' stage functions finished: done or failed.",
+                [
+                    (
+                        f"sum by (stage, outcome) (rate(agentrun_runner_tasks_total[{RATE}]))",
+                        "{{stage}} {{outcome}}",
+                    )
+                ],
+            ),
+            (
+                "Runner task time",
+                "s",
+                "Time a stage function takes per task.",
+                quantiles("agentrun_runner_task_seconds", by="stage"),
+            ),
+        ],
+    ),
+]
+
+
+def dashboard() -> dict[str, Any]:
+    panels: list[dict[str, Any]] = []
+    y = 0
+    next_id = 1
+    for row_title, row_panels in ROWS:
+        panels.append(
+            {
+                "type": "row",
+                "id": next_id,
+                "title": row_title,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
+        next_id += 1
+        y += 1
+        for i, (title, unit, description, targets) in enumerate(row_panels):
+            panels.append(
+                {
+                    "type": "timeseries",
+                    "id": next_id,
+                    "title": title,
+                    "description": description,
+                    "datasource": DATASOURCE,
+                    "gridPos": {"h": 8, "w": 8, "x": (i % 3) * 8, "y": y + (i // 3) * 8},
+                    "fieldConfig": {"defaults": {"unit": unit, "min": 0}, "overrides": []},
+                    "options": {"legend": {"displayMode": "list", "placement": "bottom"}},
+                    "targets": [
+                        {
+                            "datasource": DATASOURCE,
+                            "expr": expr,
+                            "legendFormat": legend,
+                            "refId": chr(ord("A") + j),
+                        }
+                        for j, (expr, legend) in enumerate(targets)
+                    ],
+                }
+            )
+            next_id += 1
+        y += ((len(row_panels) + 2) // 3) * 8
+    return {
+        "title": "agentrun",
+        "description": "Ingestion and orchestration of LLM agent runs: throughput, latency, backlog.",
+        "tags": ["agentrun", "grpc"],
+        "editable": True,
+        "schemaVersion": 39,
+        "time": {"from": "now-1h", "to": "now"},
+        "refresh": "30s",
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                    "refresh": 1,
+                }
+            ]
+        },
+        "annotations": {"list": []},
+        "panels": panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the committed file differs")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        if not OUTPUT.exists() or OUTPUT.read_text() != text:
+            print(f"{OUTPUT.relative_to(ROOT)} is stale: run `make gen`", file=sys.stderr)
+            return 1
+        return 0
+    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+    OUTPUT.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
