@@ -146,10 +146,11 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         self._metrics.received_runs.inc(count)
         runs: list[NewRun] = []
         positions: list[tuple[int, str]] = []
+        received_bytes = 0
         for offset, run in enumerate(request.agent_runs):
             index = first_index + offset
             size = run.ByteSize()
-            self._metrics.received_bytes.inc(size)
+            received_bytes += size
             if size > limits.max_run_bytes:
                 self._reject(
                     response,
@@ -171,23 +172,19 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
                 NewRun(run.id, run.name if run.HasField("name") else None, run.SerializeToString())
             )
             positions.append((index, run.id))
+        self._metrics.received_bytes.inc(received_bytes)
         if not runs:
             return
         started = time.perf_counter()
         outcomes = await self._storage.insert_runs(request.collection_id, runs, time.time())
         self._metrics.commit_seconds.observe(time.perf_counter() - started)
-        if self._on_runs_stored is not None and any(
-            o.status is InsertStatus.ACCEPTED for o in outcomes
-        ):
-            self._on_runs_stored()
+        accepted = duplicates = stored_bytes = 0
         for (index, run_id), run, outcome in zip(positions, runs, outcomes, strict=True):
             if outcome.status is InsertStatus.ACCEPTED:
-                response.accepted_count += 1
-                self._metrics.stored_runs.inc()
-                self._metrics.stored_bytes.inc(len(run.data))
+                accepted += 1
+                stored_bytes += len(run.data)
             elif outcome.status is InsertStatus.DUPLICATE:
-                response.duplicate_count += 1
-                self._metrics.duplicate_runs.inc()
+                duplicates += 1
             else:
                 self._reject(
                     response,
@@ -198,6 +195,13 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
                     f"id: a run with id {run_id!r} is stored in another collection "
                     f"({outcome.existing_collection_id})",
                 )
+        response.accepted_count += accepted
+        response.duplicate_count += duplicates
+        self._metrics.stored_runs.inc(accepted)
+        self._metrics.stored_bytes.inc(stored_bytes)
+        self._metrics.duplicate_runs.inc(duplicates)
+        if accepted and self._on_runs_stored is not None:
+            self._on_runs_stored()
 
     def _reject(
         self,

@@ -26,18 +26,12 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from agentrun_server.serving._handlers import rewrap
+
 _LABELS = ("grpc_type", "grpc_service", "grpc_method")
 
 # prometheus.DefBuckets, go-grpc-prometheus's default for grpc_server_handling_seconds.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-
-# handler attribute, client streaming, server streaming, handler factory
-_HANDLERS: tuple[tuple[str, bool, bool, Callable[..., grpc.RpcMethodHandler]], ...] = (
-    ("unary_unary", False, False, grpc.unary_unary_rpc_method_handler),
-    ("stream_unary", True, False, grpc.stream_unary_rpc_method_handler),
-    ("unary_stream", False, True, grpc.unary_stream_rpc_method_handler),
-    ("stream_stream", True, True, grpc.stream_stream_rpc_method_handler),
-)
 
 
 def go_code(code: grpc.StatusCode) -> str:
@@ -118,6 +112,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: GrpcServerMetrics) -> None:
         self._metrics = metrics
+        self._calls: dict[str, _Call] = {}  # by full method name: label lookups done once
 
     async def intercept_service(
         self,
@@ -127,18 +122,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        for attribute, client_streaming, server_streaming, factory in _HANDLERS:
-            behavior = getattr(handler, attribute)
-            if behavior is not None:
-                kind = grpc_type(client_streaming, server_streaming)
-                call = _Call(self._metrics, (kind, service, method))
-                return factory(
-                    call.wrap(behavior, client_streaming, server_streaming),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
+        call = self._calls.get(handler_call_details.method)
+        if call is None:
+            service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+            kind = grpc_type(handler.request_streaming, handler.response_streaming)
+            call = _Call(self._metrics, (kind, service, method))
+            self._calls[handler_call_details.method] = call
+        return rewrap(handler, call.wrap)
 
 
 class _Call:

@@ -21,6 +21,7 @@ from agentrun_server._errors import (
     ServerError,
     Unavailable,
 )
+from agentrun_server.serving._handlers import rewrap
 
 _log = logging.getLogger(__name__)
 
@@ -90,18 +91,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        kinds: list[tuple[str, Callable[..., Any]]] = [
-            ("unary_unary", grpc.unary_unary_rpc_method_handler),
-            ("unary_stream", grpc.unary_stream_rpc_method_handler),
-            ("stream_unary", grpc.stream_unary_rpc_method_handler),
-            ("stream_stream", grpc.stream_stream_rpc_method_handler),
-        ]
-        for kind, factory in kinds:
-            behavior = getattr(handler, kind)
-            if behavior is not None:
-                return factory(  # type: ignore[no-any-return]
-                    _wrap(behavior, kind.endswith("_stream"), method),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
+        return rewrap(
+            handler,
+            lambda behavior, _client_streaming, server_streaming: _wrap(
+                behavior, server_streaming, method
+            ),
+        )
