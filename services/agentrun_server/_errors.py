@@ -8,7 +8,14 @@ from __future__ import annotations
 
 
 class ServerError(Exception):
-    """Root of the errors the agentrun server raises on purpose."""
+    """Root of the errors the agentrun server raises on purpose.
+
+    Attributes:
+        retry_after_seconds: When set, the client may retry after this long; the status carries it
+            as a google.rpc.RetryInfo detail (AIP-193), which the SDK's writer honours.
+    """
+
+    retry_after_seconds: float | None = None
 
 
 class InvalidArgument(ServerError):
@@ -28,11 +35,16 @@ class FailedPrecondition(ServerError):
 
 
 class ResourceExhausted(ServerError):
-    """A limit was reached; the message names it."""
+    """A limit was reached; the message names it. With `retry_after_seconds` the limit is a
+    momentary one (back-pressure) and the request may be sent again after that long."""
+
+    def __init__(self, message: str, retry_after_seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
 
 
 class Unavailable(ServerError):
-    """The server cannot serve now (draining, storage saturated); retry later."""
+    """The server cannot serve now (draining, storage busy); retry after `retry_after_seconds`."""
 
     def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
         super().__init__(message)

@@ -4,7 +4,8 @@ AgentRunError
 ├── RpcError        a call to the server failed (carries the gRPC status code)
 ├── FormatError     a file of runs or a workflow file cannot be read
 ├── WorkflowError   a workflow definition or a Runner's stages do not fit together
-└── WriterClosedError   runs logged to a writer after finish()
+├── WriterClosedError   runs logged to a writer after finish()
+└── SpoolError      a writer's spool directory cannot be used (held by another writer, disk full)
 """
 
 from __future__ import annotations
@@ -62,3 +63,7 @@ class WorkflowError(AgentRunError):
 
 class WriterClosedError(AgentRunError):
     """Runs were logged to an `AgentRunWriter` after `finish()`."""
+
+
+class SpoolError(AgentRunError):
+    """A writer's `spool_dir` cannot be used: another writer holds it, or the disk refused a write."""

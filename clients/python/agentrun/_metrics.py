@@ -28,6 +28,10 @@ WRITER_DROPPED_RUNS = Counter(
     "agentrun_writer_dropped_runs",
     "Runs given up on (undelivered): retries cut off by finish(), or a non-retryable status.",
 )
+WRITER_SPOOL_RUNS = Gauge(
+    "agentrun_writer_spool_runs", "Runs in writer spools on disk, not yet acknowledged."
+)
+WRITER_SPOOL_BYTES = Gauge("agentrun_writer_spool_bytes", "Bytes of writer spool segments on disk.")
 for _result in ("accepted", "duplicate", "rejected", "undelivered"):
     WRITER_RUNS.labels(_result)
 

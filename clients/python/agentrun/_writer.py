@@ -1,21 +1,24 @@
 """`AgentRunWriter`: non-blocking background uploads, with the API of Docent's AgentRunWriter.
 
 Unlike Docent's writer it never loses a run silently: every run logged ends accepted, duplicate,
-rejected (with the server's reason) or undelivered, and `finish()` returns those counts. Runs are
-encoded when logged (later edits do not leak into the upload, and a bad run raises in the caller).
-It installs no signal handlers and never hangs interpreter exit: its threads are daemons, and a
-forgotten `finish()` runs at exit, bounded by `shutdown_timeout`.
+rejected (with the server's reason) or undelivered, and `finish()` returns those counts. A timeout
+is retried, not a reason to drop a batch; resending is safe because run ids are idempotency keys.
+With `spool_dir`, runs are on disk before `log_agent_runs` returns and stay there until the server
+acknowledges them, so a killed process loses nothing. Runs are encoded when logged (later edits do
+not leak into the upload, and a bad run raises in the caller). The writer installs no signal
+handlers and never hangs interpreter exit: its threads are daemons, and a forgotten `finish()` runs
+at exit, bounded by `shutdown_timeout`.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import queue
-import random
+import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -25,35 +28,16 @@ from agentrun._agent_run import AgentRun
 from agentrun._client import Client, open_channel
 from agentrun._convert import agent_run_to_proto
 from agentrun._errors import WriterClosedError
+from agentrun._retry import Backoff, Failure, Verdict
+from agentrun._spool import Segment, Spool, encode_varint
+from agentrun.v1 import agent_run_pb2
 from agentrun.v1 import ingestion_service_pb2 as pb
 
 _log = logging.getLogger(__name__)
 
 UPLOAD_METHOD = "/agentrun.v1.IngestionService/UploadAgentRuns"
-RETRYABLE_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.CANCELLED,
-    }
-)
-INITIAL_BACKOFF_SECONDS = 0.5
-MAX_BACKOFF_SECONDS = 30.0
 UPLOAD_TIMEOUT_SECONDS = 120.0
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+_COMPRESSION = {None: grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
 
 
 def encode_upload_request(collection_id: bytes, runs: Iterable[bytes]) -> bytes:
@@ -62,15 +46,15 @@ def encode_upload_request(collection_id: bytes, runs: Iterable[bytes]) -> bytes:
     Field 1 (collection_id) and repeated field 2 (agent_runs) are length-delimited; a message is
     the concatenation of its fields.
     """
-    parts = [b"\x0a", _varint(len(collection_id)), collection_id]
+    parts = [b"\x0a", encode_varint(len(collection_id)), collection_id]
     for run in runs:
-        parts += (b"\x12", _varint(len(run)), run)
+        parts += (b"\x12", encode_varint(len(run)), run)
     return b"".join(parts)
 
 
 @dataclass(frozen=True)
 class RejectedRun:
-    """A run the server refused, with its reason (e.g. "INVALID") and explanation."""
+    """A run the server refused, with its reason (e.g. "INVALID", "TOO_LARGE") and explanation."""
 
     agent_run_id: str
     reason: str
@@ -79,16 +63,20 @@ class RejectedRun:
 
 @dataclass
 class WriteSummary:
-    """What became of every run logged to a writer."""
+    """What became of every run logged to a writer (and replayed from its spool)."""
 
     accepted: int = 0
     """Runs stored by this writer."""
     duplicates: int = 0
-    """Runs whose id the server had stored already (nothing stored twice)."""
+    """Runs whose id the server had stored already: logged twice, or resent after a lost ack."""
     rejected: list[RejectedRun] = field(default_factory=list)
     """Runs the server refused, with reasons."""
     undelivered: int = 0
     """Runs never acknowledged: the server was unreachable, or finish() timed out or was forced."""
+    spooled: int = 0
+    """Of the undelivered runs, those kept in the spool for the next writer on it to deliver."""
+    replayed: int = 0
+    """Runs found in the spool at start, left by an earlier writer (counted in the results too)."""
     errors: list[str] = field(default_factory=list)
     """Why batches went undelivered."""
 
@@ -102,22 +90,98 @@ class WriteSummary:
 class _Item:
     run_id: str
     data: bytes
+    collection: bytes
+    segment: Segment | None = None
+
+
+class _Buffer:
+    """The bounded FIFO between callers and upload workers; hands out whole batches."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._items: deque[_Item] = deque()
+        self._maxsize = maxsize
+        self._cond = threading.Condition()
+        self.draining = False  # no more lingering: partial batches go at once
+        self.stopped = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, items: Sequence[_Item], block: bool = True) -> None:
+        """Append items, waiting for room while full (never when `block` is false)."""
+        with self._cond:
+            for item in items:
+                while block and 0 < self._maxsize <= len(self._items) and not self.stopped:
+                    self._cond.wait()
+                self._items.append(item)
+            self._cond.notify_all()
+
+    def take(self, max_count: int, max_bytes: int, linger_seconds: float) -> list[_Item]:
+        """The next batch: up to `max_count` runs and about `max_bytes`, waiting at most
+        `linger_seconds` after its first run for more. Empty once stopped."""
+        batch: list[_Item] = []
+        size = 0
+        with self._cond:
+            while not self._items and not self.stopped:
+                self._cond.wait()
+            deadline = time.monotonic() + linger_seconds
+            while not self.stopped:
+                while self._items and len(batch) < max_count:
+                    if batch and size + len(self._items[0].data) > max_bytes:
+                        max_count = len(batch)  # full by bytes
+                        break
+                    item = self._items.popleft()
+                    batch.append(item)
+                    size += len(item.data)
+                remaining = deadline - time.monotonic()
+                if len(batch) >= max_count or self.draining or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            self._cond.notify_all()
+        return batch
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def clear(self) -> list[_Item]:
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+        return items
 
 
 class AgentRunWriter:
     """Uploads runs in the background, as Docent's `AgentRunWriter` does, over gRPC.
 
+    Batches close on `batch_size` runs, `max_batch_bytes` encoded bytes, or `flush_interval`
+    seconds after their first run, whichever comes first; `num_workers` streams upload at once.
+    Failed uploads are retried with jittered exponential backoff, waiting as long as the server's
+    RetryInfo says; a batch over the server's message limit is split in halves.
+
     Args:
         collection_id: The collection to write to.
         server_url: The ingestion server (`host:port`); None uses $AGENTRUN_SERVER or
             127.0.0.1:50051.
+        api_key: Sent as `authorization: Bearer <key>` on every call (for a gateway in front of
+            the server; None reads $AGENTRUN_API_KEY; the server itself does not check it).
         num_workers: Concurrent upload streams.
         queue_maxsize: Runs queued at most; `log_agent_runs` blocks while full. <= 0: unbounded.
         flush_interval: Seconds a partial batch waits for more runs before it is sent.
-        batch_size: Most runs per batch.
+        batch_size: Most runs per batch (the server accepts up to its max_runs_per_message).
         shutdown_timeout: Seconds `finish()` waits for queued and in-flight runs.
-        max_batch_bytes: Most encoded bytes per batch (under the server's max message size).
+        max_batch_bytes: Most encoded bytes per batch (keep it under the server's max message).
+        spool_dir: A directory to keep runs in until the server acks them (see `agentrun._spool`);
+            a writer started on it first replays what an earlier one left. None: memory only.
+        spool_fsync: fsync each spool segment, so runs survive power loss too (not only a crash).
+        compression: "gzip" to compress uploads (worth it on slow links; costs CPU), or None.
         on_rejected: Called (from a writer thread) with each run the server rejects.
+        backoff: The retry schedule.
+
+    Raises:
+        SpoolError: `spool_dir` cannot be created or is held by another writer.
+        ValueError: a count or size option is below 1, or an unknown compression.
     """
 
     def __init__(
@@ -125,36 +189,51 @@ class AgentRunWriter:
         collection_id: str,
         server_url: str | None = None,
         *,
+        api_key: str | None = None,
         num_workers: int = 2,
         queue_maxsize: int = 20_000,
         flush_interval: float = 1.0,
         batch_size: int = 1_000,
         shutdown_timeout: float = 60,
         max_batch_bytes: int = 8 * 1024 * 1024,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_fsync: bool = False,
+        compression: str | None = None,
         on_rejected: Callable[[RejectedRun], None] | None = None,
+        backoff: Backoff | None = None,
     ) -> None:
         if num_workers < 1 or batch_size < 1 or max_batch_bytes < 1:
             raise ValueError("num_workers, batch_size and max_batch_bytes must be at least 1")
+        if compression not in _COMPRESSION:
+            raise ValueError(f"compression: choose gzip or None, not {compression!r}")
         self.collection_id = collection_id
         self.server_url = server_url
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         self.shutdown_timeout = shutdown_timeout
         self.max_batch_bytes = max_batch_bytes
+        self.backoff = backoff or Backoff()
+        self._collection = collection_id.encode()
+        self._compression = _COMPRESSION[compression]
+        api_key = api_key or os.environ.get("AGENTRUN_API_KEY")
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._on_rejected = on_rejected
-        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=max(0, queue_maxsize))
+        self._buffer = _Buffer(queue_maxsize)
         self._summary = WriteSummary()
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)
-        self._pending = 0  # logged, not yet accepted/duplicate/rejected/undelivered
+        self._pending = 0  # logged or replayed, not yet settled
         self._stop = threading.Event()
         self._closed = False
+        self._spool = Spool(spool_dir, spool_fsync) if spool_dir is not None else None
         self._channel = open_channel(server_url)
         self._upload = self._channel.stream_unary(
             UPLOAD_METHOD,
             request_serializer=None,  # requests are pre-encoded bytes
             response_deserializer=pb.UploadAgentRunsResponse.FromString,
         )
+        if self._spool is not None:
+            self._replay(self._spool)
         self._workers = [
             threading.Thread(target=self._work, name=f"agentrun-writer-{i}", daemon=True)
             for i in range(num_workers)
@@ -163,23 +242,55 @@ class AgentRunWriter:
             worker.start()
         atexit.register(self._finish_at_exit)
 
+    def _replay(self, spool: Spool) -> None:
+        replayed = 0
+        for segment, collection, runs in spool.replay():
+            items = [
+                _Item(agent_run_pb2.AgentRun.FromString(data).id, data, collection, segment)
+                for data in runs
+            ]
+            replayed += len(items)
+            self._pending += len(items)
+            self._buffer.put(items, block=False)  # never block a constructor
+        if replayed:
+            self._summary.replayed = replayed
+            _metrics.WRITER_QUEUED_RUNS.inc(replayed)
+            _log.info("replaying %d unacknowledged runs from spool %s", replayed, spool.directory)
+
     # --- producer side --------------------------------------------------------------------------
 
-    def log_agent_runs(self, agent_runs: Iterable[AgentRun]) -> None:
+    def log_agent_runs(self, agent_runs: Iterable[AgentRun | agent_run_pb2.AgentRun]) -> None:
         """Queue runs for upload; blocks only while the queue is full.
+
+        Takes `AgentRun` models, or their wire form (`agentrun.v1.AgentRun` messages) as other
+        tools may produce it. With a spool, the runs are on disk when this returns.
 
         Raises:
             WriterClosedError: `finish()` was called.
             TypeError: a run's metadata is not JSON-like (raised here, in the caller).
+            SpoolError: the spool could not be written; none of these runs were queued.
         """
-        items = [_Item(run.id, agent_run_to_proto(run).SerializeToString()) for run in agent_runs]
+        items = [
+            _Item(run.id, run.SerializeToString(), self._collection)
+            if isinstance(run, agent_run_pb2.AgentRun)
+            else _Item(run.id, agent_run_to_proto(run).SerializeToString(), self._collection)
+            for run in agent_runs
+        ]
+        if not items:
+            return
         with self._lock:
             if self._closed:
                 raise WriterClosedError("log_agent_runs() after finish()")
+        if self._spool is not None:
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start : start + self.batch_size]
+                segment = self._spool.append(self._collection, [item.data for item in chunk])
+                for item in chunk:
+                    item.segment = segment
+        with self._lock:
             self._pending += len(items)
-        for item in items:
-            self._queue.put(item)
-            _metrics.WRITER_QUEUED_RUNS.inc()
+        _metrics.WRITER_QUEUED_RUNS.inc(len(items))
+        self._buffer.put(items)
 
     # --- shutdown -------------------------------------------------------------------------------
 
@@ -187,38 +298,42 @@ class AgentRunWriter:
         """Stop accepting runs, wait for queued and in-flight ones, and report what became of all.
 
         Waits up to `shutdown_timeout` seconds (not at all with `force=True`); runs still queued
-        or in flight then are cancelled and counted as undelivered. Idempotent.
+        or in flight then are cancelled and counted as undelivered (and, with a spool, stay in it
+        for the next writer). Idempotent.
         """
         with self._lock:
             self._closed = True
+        self._buffer.draining = True
+        self._buffer.wake()
+        with self._lock:
             if not force:
                 deadline = time.monotonic() + self.shutdown_timeout
                 while self._pending and time.monotonic() < deadline:
                     self._settled.wait(deadline - time.monotonic())
         self._stop.set()
-        if force or self._pending:
+        self._buffer.stopped = True
+        self._buffer.wake()
+        if self._pending:
             self._channel.close()  # cancels in-flight uploads
         for worker in self._workers:
             worker.join(timeout=5.0)
-        abandoned = 0
-        while True:
-            try:
-                self._queue.get_nowait()
-                _metrics.WRITER_QUEUED_RUNS.dec()
-                abandoned += 1
-            except queue.Empty:
-                break
+        abandoned = self._buffer.clear()
+        _metrics.WRITER_QUEUED_RUNS.dec(len(abandoned))
         with self._lock:
             self._settle_undelivered(abandoned, "finish() before upload")
             self._pending = 0
             summary = self._summary
         self._channel.close()
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
         atexit.unregister(self._finish_at_exit)
         if not summary.ok:
             _log.warning(
-                "agentrun writer finished with %d rejected and %d undelivered runs",
+                "agentrun writer finished with %d rejected and %d undelivered runs (%d spooled)",
                 len(summary.rejected),
                 summary.undelivered,
+                summary.spooled,
             )
         return summary
 
@@ -237,76 +352,78 @@ class AgentRunWriter:
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            batch = self._gather()
+            batch = self._buffer.take(self.batch_size, self.max_batch_bytes, self.flush_interval)
             if batch:
-                self._send(batch)
-
-    def _gather(self) -> list[_Item]:
-        batch: list[_Item] = []
-        size = 0
-        deadline = None
-        while len(batch) < self.batch_size and not self._stop.is_set():
-            timeout = 0.1 if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                if deadline is not None or self._closed:
-                    break
-                continue
-            _metrics.WRITER_QUEUED_RUNS.dec()
-            batch.append(item)
-            size += len(item.data)
-            if deadline is None:
-                deadline = time.monotonic() + (0 if self._closed else self.flush_interval)
-            if size >= self.max_batch_bytes:
-                break
-        return batch
+                _metrics.WRITER_QUEUED_RUNS.dec(len(batch))
+                self._deliver(batch)
 
     def _requests(self, batch: list[_Item]) -> Iterator[bytes]:
-        collection = self.collection_id.encode()
-        message: list[bytes] = []
-        size = 0
-        for item in batch:
-            if message and size + len(item.data) > self.max_batch_bytes:
-                yield encode_upload_request(collection, message)
-                message, size = [], 0
-            message.append(item.data)
-            size += len(item.data)
-        if message:
-            yield encode_upload_request(collection, message)
+        start = 0
+        for end in range(1, len(batch) + 1):  # one message per run of equal collections
+            if end == len(batch) or batch[end].collection != batch[start].collection:
+                yield encode_upload_request(
+                    batch[start].collection, (item.data for item in batch[start:end])
+                )
+                start = end
 
-    def _send(self, batch: list[_Item]) -> None:
+    def _deliver(self, batch: list[_Item]) -> None:
         attempt = 0
         while True:
             _metrics.WRITER_SENT_BYTES.inc(sum(len(item.data) for item in batch))
             try:
                 response = self._upload(
-                    self._requests(batch), timeout=UPLOAD_TIMEOUT_SECONDS, wait_for_ready=True
+                    self._requests(batch),
+                    timeout=UPLOAD_TIMEOUT_SECONDS,
+                    wait_for_ready=True,
+                    metadata=self._metadata,
+                    compression=self._compression,
                 )
+            except ValueError as exc:  # grpc: "Cannot invoke RPC on closed channel!"
+                with self._lock:
+                    self._settle_undelivered(batch, f"finish() cut the upload off: {exc}")
+                return
             except grpc.RpcError as exc:
-                code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-                details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-                if code in RETRYABLE_CODES and not self._stop.is_set():
+                failure = Failure.of(exc)
+                verdict = failure.verdict
+                if verdict is Verdict.SPLIT:
+                    if len(batch) > 1:
+                        middle = len(batch) // 2
+                        _log.info("%s; splitting a batch of %d runs", failure, len(batch))
+                        self._deliver(batch[:middle])
+                        self._deliver(batch[middle:])
+                        return
+                    self._reject_alone(batch[0], failure)
+                    return
+                if verdict is Verdict.RETRY and not self._stop.is_set():
                     attempt += 1
-                    delay = min(MAX_BACKOFF_SECONDS, INITIAL_BACKOFF_SECONDS * 2 ** (attempt - 1))
-                    delay *= random.uniform(0.8, 1.2)
+                    delay = self.backoff.delay(attempt, failure.retry_after_seconds)
                     _log.info(
-                        "upload of %d runs failed (%s); retry in %.1f s",
+                        "upload of %d runs failed (%s); retry %d in %.2f s",
                         len(batch),
-                        code.name,
+                        failure,
+                        attempt,
                         delay,
                     )
                     if not self._stop.wait(delay):
                         _metrics.WRITER_RETRIES.inc()
                         continue
                 with self._lock:
-                    self._settle_undelivered(len(batch), f"{code.name}: {details}")
-                _log.error(
-                    "upload of %d runs failed for good: %s: %s", len(batch), code.name, details
-                )
+                    self._settle_undelivered(batch, str(failure))
+                _log.error("upload of %d runs failed for good: %s", len(batch), failure)
                 return
             self._record(batch, response)
             return
+
+    def _reject_alone(self, item: _Item, failure: Failure) -> None:
+        """A single run over the server's message limit: no split can help it."""
+        response = pb.UploadAgentRunsResponse()
+        response.rejected.add(
+            index=0,
+            agent_run_id=item.run_id,
+            reason=pb.REJECTION_REASON_TOO_LARGE,
+            message=f"run is {len(item.data)} bytes encoded; the server refused it: {failure}",
+        )
+        self._record([item], response)
 
     def _record(self, batch: list[_Item], response: pb.UploadAgentRunsResponse) -> None:
         rejected = [
@@ -317,36 +434,52 @@ class AgentRunWriter:
             )
             for r in response.rejected
         ]
+        if self._spool is not None:
+            for segment, count in _by_segment(batch):
+                self._spool.settle(segment, count)
         with self._lock:
             s = self._summary
             s.accepted += response.accepted_count
             s.duplicates += response.duplicate_count
             s.rejected += rejected
             self._pending -= len(batch)
-            _metrics.WRITER_RUNS.labels("accepted").inc(response.accepted_count)
-            _metrics.WRITER_RUNS.labels("duplicate").inc(response.duplicate_count)
-            _metrics.WRITER_RUNS.labels("rejected").inc(len(rejected))
             self._settled.notify_all()
+        _metrics.WRITER_RUNS.labels("accepted").inc(response.accepted_count)
+        _metrics.WRITER_RUNS.labels("duplicate").inc(response.duplicate_count)
+        _metrics.WRITER_RUNS.labels("rejected").inc(len(rejected))
         for run in rejected:
-            _log.warning("run %s rejected: %s", run.agent_run_id, run.message)
+            _log.warning("run %s rejected: %s: %s", run.agent_run_id, run.reason, run.message)
             if self._on_rejected is not None:
                 self._on_rejected(run)
 
-    def _settle_undelivered(self, count: int, why: str) -> None:
-        if not count:
+    def _settle_undelivered(self, items: Sequence[_Item], why: str) -> None:
+        """Count runs as undelivered (the caller holds the lock); spooled ones stay on disk."""
+        if not items:
             return
-        self._summary.undelivered += count
-        _metrics.WRITER_RUNS.labels("undelivered").inc(count)
-        _metrics.WRITER_DROPPED_RUNS.inc(count)
-        self._summary.errors.append(why)
-        self._pending -= count
+        s = self._summary
+        s.undelivered += len(items)
+        s.spooled += sum(1 for item in items if item.segment is not None)
+        s.errors.append(why)
+        _metrics.WRITER_RUNS.labels("undelivered").inc(len(items))
+        _metrics.WRITER_DROPPED_RUNS.inc(len(items))
+        self._pending -= len(items)
         self._settled.notify_all()
+
+
+def _by_segment(batch: Sequence[_Item]) -> Iterator[tuple[Segment, int]]:
+    counts: dict[int, tuple[Segment, int]] = {}
+    for item in batch:
+        if item.segment is not None:
+            segment, count = counts.get(id(item.segment), (item.segment, 0))
+            counts[id(item.segment)] = (segment, count + 1)
+    return iter(counts.values())
 
 
 def init(
     collection_name: str = "Agent Run Collection",
     collection_id: str | None = None,
     server_url: str | None = None,
+    api_key: str | None = None,
     workflow: str | None = None,
     **writer_options: object,
 ) -> AgentRunWriter:
@@ -354,7 +487,7 @@ def init(
 
     With no `collection_id`, the collection named `collection_name` is created (or reused: names
     are unique), bound to `workflow` if given, so each run written enters its first stage.
-    `writer_options` go to `AgentRunWriter` (num_workers, batch_size, ...).
+    `writer_options` go to `AgentRunWriter` (num_workers, batch_size, spool_dir, ...).
 
     Raises:
         RpcError: the server is unreachable, the collection or workflow does not exist, or the
@@ -367,4 +500,9 @@ def init(
             ).collection.id
         else:
             client.get_collection(collection_id)
-    return AgentRunWriter(collection_id, server_url, **writer_options)  # type: ignore[arg-type]
+    return AgentRunWriter(
+        collection_id,
+        server_url,
+        api_key=api_key,
+        **writer_options,  # type: ignore[arg-type]
+    )

@@ -1,7 +1,9 @@
 """The one table mapping server errors to gRPC status codes, applied by an interceptor.
 
 Handlers raise `agentrun_server._errors` exceptions; nothing else builds a status by hand. An
-unexpected exception is logged with its traceback and answered INTERNAL.
+unexpected exception is logged with its traceback and answered INTERNAL. An error with
+`retry_after_seconds` carries a google.rpc.RetryInfo detail in the `grpc-status-details-bin`
+trailer, the standard place gRPC clients look for it (AIP-193).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from agentrun_server._errors import (
     AlreadyExists,
@@ -43,11 +47,31 @@ def status_for(error: ServerError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def retry_info_trailer(
+    code: grpc.StatusCode, message: str, retry_after_seconds: float
+) -> tuple[tuple[str, bytes], ...]:
+    """Trailing metadata carrying a google.rpc.Status with a RetryInfo detail."""
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(max(0, round(retry_after_seconds * 1000)))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
+    return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+
+
 async def _abort(
     context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str
 ) -> None:
     if isinstance(error, ServerError):
-        await context.abort(status_for(error), str(error))
+        code, message = status_for(error), str(error)
+        if error.retry_after_seconds is None:
+            await context.abort(code, message)
+        await context.abort(
+            code, message, retry_info_trailer(code, message, error.retry_after_seconds)
+        )
     _log.error("unexpected error in %s", method, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
 

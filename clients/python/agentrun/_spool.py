@@ -1,0 +1,190 @@
+"""The writer's durable spool: runs on local disk from `log_agent_runs` until the server acks them.
+
+A spool is a directory of segment files, one per slice of a `log_agent_runs` call (at most
+`batch_size` runs). A segment is written to a temporary name and renamed into place, so a reader
+only ever sees whole segments; it is deleted once every run in it is settled (stored, found stored,
+or rejected). A writer started on a spool replays the segments left behind; resending is safe
+because run ids are idempotency keys. One writer at a time holds a spool (an exclusive `flock`).
+
+Segment format: the magic line, the collection id, then the encoded runs, each length-delimited
+(a protobuf varint length, then the bytes).
+
+Without `fsync`, a segment survives the death of the process (SIGKILL, a crash): the kernel holds
+its pages. With `fsync`, it also survives the machine losing power, at the price of a disk flush per
+segment.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from agentrun import _metrics
+from agentrun._errors import SpoolError
+
+_log = logging.getLogger(__name__)
+
+MAGIC = b"agentrun-spool-1\n"
+SUFFIX = ".seg"
+
+
+def encode_varint(value: int) -> bytes:
+    """A protobuf base-128 varint."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _records(data: bytes, pos: int) -> Iterator[bytes]:
+    while pos < len(data):
+        length, pos = _read_varint(data, pos)
+        if pos + length > len(data):
+            raise ValueError("truncated record")
+        yield data[pos : pos + length]
+        pos += length
+
+
+class Segment:
+    """One spool file: its runs still unsettled, counted down as the server acks them."""
+
+    def __init__(self, path: Path, runs: int, size: int) -> None:
+        self.path = path
+        self.remaining = runs
+        self.size = size
+
+
+class Spool:
+    """A spool directory held by one writer.
+
+    Raises:
+        SpoolError: the directory cannot be created, or another writer holds it.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], fsync: bool = False) -> None:
+        self.directory = Path(directory)
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(self.directory / ".lock", "a+b")  # noqa: SIM115 (held open)
+        except OSError as exc:
+            raise SpoolError(f"spool_dir {str(self.directory)!r}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise SpoolError(
+                f"spool_dir {str(self.directory)!r} is held by another writer; "
+                "each writer needs its own spool"
+            ) from None
+        for stale in self.directory.glob("*.tmp"):  # a write cut off before its rename
+            stale.unlink(missing_ok=True)
+        existing = sorted(self.directory.glob("*" + SUFFIX))
+        self._next = int(existing[-1].stem) + 1 if existing else 0
+        self.runs = 0
+        self.bytes = 0
+
+    def replay(self) -> Iterator[tuple[Segment, bytes, list[bytes]]]:
+        """Yield (segment, collection id, encoded runs) for each segment left on disk, oldest first.
+
+        A segment that cannot be read is renamed to `*.bad`, logged, and skipped.
+        """
+        for path in sorted(self.directory.glob("*" + SUFFIX)):
+            try:
+                data = path.read_bytes()
+                if not data.startswith(MAGIC):
+                    raise ValueError("not a spool segment")
+                length, pos = _read_varint(data, len(MAGIC))
+                collection = data[pos : pos + length]
+                runs = list(_records(data, pos + length))
+            except (OSError, ValueError) as exc:
+                _log.error("spool segment %s is unreadable (%s); set aside as .bad", path, exc)
+                path.rename(path.with_suffix(".bad"))
+                continue
+            if not runs:
+                path.unlink(missing_ok=True)
+                continue
+            segment = Segment(path, len(runs), sum(len(r) for r in runs))
+            self._count(len(runs), segment.size)
+            yield segment, collection, runs
+
+    def append(self, collection: bytes, runs: list[bytes]) -> Segment:
+        """Write runs as one new segment, durably before returning.
+
+        Raises:
+            SpoolError: the disk refused the write (full, read-only); nothing was spooled.
+        """
+        parts = [MAGIC, encode_varint(len(collection)), collection]
+        for run in runs:
+            parts += (encode_varint(len(run)), run)
+        with self._lock:
+            name = f"{self._next:020d}"
+            self._next += 1
+        path = self.directory / (name + SUFFIX)
+        temporary = self.directory / (name + ".tmp")
+        try:
+            with open(temporary, "wb") as f:
+                f.write(b"".join(parts))
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.rename(temporary, path)
+            if self.fsync:
+                fd = os.open(self.directory, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise SpoolError(f"spool_dir {str(self.directory)!r}: {exc.strerror}") from exc
+        segment = Segment(path, len(runs), sum(len(r) for r in runs))
+        self._count(len(runs), segment.size)
+        return segment
+
+    def settle(self, segment: Segment, runs: int) -> None:
+        """Count runs of a segment as settled; the last one deletes the file."""
+        with self._lock:
+            segment.remaining -= runs
+            done = segment.remaining <= 0
+        if done:
+            segment.path.unlink(missing_ok=True)
+        # A partly settled segment keeps all its bytes on disk.
+        self._count(-runs, -segment.size if done else 0)
+
+    def close(self) -> None:
+        """Release the spool to the next writer (segments stay for it)."""
+        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        self._lock_file.close()
+
+    def _count(self, runs: int, size: int) -> None:
+        with self._lock:
+            self.runs += runs
+            self.bytes += size
+        _metrics.WRITER_SPOOL_RUNS.inc(runs)
+        _metrics.WRITER_SPOOL_BYTES.inc(size)
