@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 AGENTRUN_DB ?= sqlite:///agentrun.db
 
-.PHONY: install gen gen-check lint format typecheck test run bench bench-model ci clean
+.PHONY: install gen gen-check lint format typecheck test run bench bench-model bench-ingest ci clean
 
 install: $(STAMP)
 
@@ -43,10 +43,14 @@ test: install
 	$(BIN)/python -m pytest
 
 # Benchmarks print figures; they are not tests. Each reads the real runs from ../shared/data.
-bench: bench-model
+bench: bench-model bench-ingest
 
 bench-model: install
 	$(BIN)/python bench/bench_model.py
+
+# Writer -> server -> SQLite on >= 1 GB of real runs, beside raw SQLite and HTTP+JSON; server RSS.
+bench-ingest: install
+	$(BIN)/python bench/bench_ingest.py
 
 # Both services in one process on SQLite: gRPC on 127.0.0.1:50051, metrics on 127.0.0.1:9464.
 run: install

@@ -22,7 +22,6 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from agentrun.v1 import (
     ingestion_service_pb2,
-    ingestion_service_pb2_grpc,
     orchestrator_service_pb2,
     orchestrator_service_pb2_grpc,
 )
@@ -154,10 +153,9 @@ class Server:
                 OrchestratorServicer(storage, self._dispatcher, metrics), server
             )
         if "ingestion" in config.services:
-            ingestion_service_pb2_grpc.add_IngestionServiceServicer_to_server(
-                IngestionServicer(storage, IngestionMetrics(self.registry), config.limits, wake),
-                server,
-            )
+            IngestionServicer(
+                storage, IngestionMetrics(self.registry), config.limits, wake
+            ).add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [_SERVICE_DESCRIPTORS[s].full_name for s in config.services]
         grpc_metrics.preregister(

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from agentrun.v1 import agent_run_pb2 as run_pb
 from agentrun.v1 import ingestion_service_pb2 as pb
 from agentrun.v1 import ingestion_service_pb2_grpc as pb_grpc
-from agentrun_server._errors import InvalidArgument
+from agentrun_server._errors import InvalidArgument, ResourceExhausted
 from agentrun_server.ingestion._metrics import IngestionMetrics
 from agentrun_server.ingestion._validate import field_of, validate_agent_run
-from agentrun_server.serving import page_after, page_size, to_timestamp
+from agentrun_server.ingestion._wire import RawUpload, decode_upload_request
+from agentrun_server.serving import add_service, page_after, page_size, to_timestamp
 from agentrun_server.storage import (
     Collection,
     InsertStatus,
@@ -38,6 +41,42 @@ class IngestionLimits:
     """Most runs in one UploadAgentRuns message (INVALID_ARGUMENT above, nothing of it stored)."""
     max_run_bytes: int = 16 * 1024 * 1024
     """Largest encoded run; a larger one is rejected on its own (TOO_LARGE), the batch lands."""
+    max_upload_streams: int = 64
+    """Upload streams open at once; one more is answered RESOURCE_EXHAUSTED with RetryInfo."""
+    max_pending_bytes: int = 256 * 1024 * 1024
+    """Received bytes waiting for or in their commit, over all streams. A message above it waits
+    (its stream reads nothing more: HTTP/2 flow control slows the client) for up to
+    `admission_wait_seconds`, then is answered RESOURCE_EXHAUSTED with RetryInfo."""
+    admission_wait_seconds: float = 5.0
+    """How long a message waits for room under `max_pending_bytes`."""
+    retry_after_seconds: float = 1.0
+    """The delay RetryInfo asks of a client turned away by the two limits above."""
+
+
+class _CommitBudget:
+    """Bytes admitted to the commit path; a message bigger than the whole budget is admitted alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._room = asyncio.Condition()
+
+    async def acquire(self, size: int, wait_seconds: float) -> bool:
+        async with self._room:
+            try:
+                await asyncio.wait_for(
+                    self._room.wait_for(lambda: not self.used or self.used + size <= self.limit),
+                    wait_seconds,
+                )
+            except TimeoutError:
+                return False
+            self.used += size
+            return True
+
+    async def release(self, size: int) -> None:
+        async with self._room:
+            self.used -= size
+            self._room.notify_all()
 
 
 def collection_to_proto(collection: Collection) -> pb.Collection:
@@ -87,6 +126,17 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         self._metrics = metrics
         self.limits = limits or IngestionLimits()
         self._on_runs_stored = on_runs_stored
+        self._streams = 0
+        self._budget = _CommitBudget(self.limits.max_pending_bytes)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Serve this servicer on `server`; uploads are decoded by `decode_upload_request`."""
+        add_service(
+            server,
+            self,
+            pb.DESCRIPTOR.services_by_name["IngestionService"],
+            {"UploadAgentRuns": decode_upload_request},
+        )
 
     async def CreateCollection(
         self, request: pb.CreateCollectionRequest, context: Context
@@ -114,29 +164,55 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         return pb.ListCollectionsResponse(collections=[collection_to_proto(c) for c in collections])
 
     async def UploadAgentRuns(
-        self, request_iterator: AsyncIterator[pb.UploadAgentRunsRequest], context: Context
+        self, request_iterator: AsyncIterator[RawUpload], context: Context
     ) -> pb.UploadAgentRunsResponse:
+        """Store each message's runs in one transaction, answering per run (partial success).
+
+        Raises:
+            InvalidArgument: a message is malformed, lacks collection_id, or is over
+                max_runs_per_message (runs of earlier messages in the stream stay stored).
+            ResourceExhausted: with RetryInfo: over max_upload_streams, or no room under
+                max_pending_bytes within admission_wait_seconds.
+            NotFound: no such collection.
+        """
+        limits = self.limits
+        if self._streams >= limits.max_upload_streams:
+            raise ResourceExhausted(
+                f"upload streams: {self._streams} open, at max_upload_streams="
+                f"{limits.max_upload_streams}; retry later",
+                limits.retry_after_seconds,
+            )
         response = pb.UploadAgentRunsResponse()
         index = 0
+        self._streams += 1
         self._metrics.open_streams.inc()
         try:
             async for request in request_iterator:
-                await self._upload_batch(request, index, response)
-                index += len(request.agent_runs)
+                if not await self._budget.acquire(request.size, limits.admission_wait_seconds):
+                    raise ResourceExhausted(
+                        f"ingestion is behind: {self._budget.used} bytes waiting to commit, "
+                        f"at max_pending_bytes={limits.max_pending_bytes}; retry later",
+                        limits.retry_after_seconds,
+                    )
+                try:
+                    await self._upload_batch(request, index, response)
+                finally:
+                    await self._budget.release(request.size)
+                index += len(request.runs)
         finally:
+            self._streams -= 1
             self._metrics.open_streams.dec()
         return response
 
     async def _upload_batch(
-        self,
-        request: pb.UploadAgentRunsRequest,
-        first_index: int,
-        response: pb.UploadAgentRunsResponse,
+        self, request: RawUpload, first_index: int, response: pb.UploadAgentRunsResponse
     ) -> None:
         limits = self.limits
+        if request.error is not None:
+            raise InvalidArgument(request.error)
         if not request.collection_id:
             raise InvalidArgument("collection_id: required in every UploadAgentRunsRequest")
-        count = len(request.agent_runs)
+        count = len(request.runs)
         if count > limits.max_runs_per_message:
             raise InvalidArgument(
                 f"agent_runs: {count} runs in one message exceeds max_runs_per_message="
@@ -147,10 +223,22 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         runs: list[NewRun] = []
         positions: list[tuple[int, str]] = []
         received_bytes = 0
-        for offset, run in enumerate(request.agent_runs):
+        for offset, data in enumerate(request.runs):
             index = first_index + offset
-            size = run.ByteSize()
+            size = len(data)
             received_bytes += size
+            try:
+                run = run_pb.AgentRun.FromString(data)
+            except DecodeError:
+                self._reject(
+                    response,
+                    index,
+                    "",
+                    pb.REJECTION_REASON_INVALID,
+                    "",
+                    f"agent_runs[{index}]: not a valid encoded agentrun.v1.AgentRun",
+                )
+                continue
             if size > limits.max_run_bytes:
                 self._reject(
                     response,
@@ -168,9 +256,8 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
                     response, index, run.id, pb.REJECTION_REASON_INVALID, field_of(exc), str(exc)
                 )
                 continue
-            runs.append(
-                NewRun(run.id, run.name if run.HasField("name") else None, run.SerializeToString())
-            )
+            # The client's bytes are stored as sent: no re-encoding on the hot path.
+            runs.append(NewRun(run.id, run.name if run.HasField("name") else None, data))
             positions.append((index, run.id))
         self._metrics.received_bytes.inc(received_bytes)
         if not runs:

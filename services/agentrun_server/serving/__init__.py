@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from agentrun_server.serving._grpc_metrics import GrpcServerMetrics, MetricsInterceptor
+from agentrun_server.serving._handlers import add_service
 from agentrun_server.serving._metrics import MetricsEndpoint
 from agentrun_server.serving._paging import page_after, page_size
 from agentrun_server.serving._status import STATUS_CODES, ErrorInterceptor, status_for
@@ -14,6 +15,7 @@ __all__ = [
     "GrpcServerMetrics",
     "MetricsEndpoint",
     "MetricsInterceptor",
+    "add_service",
     "page_after",
     "page_size",
     "seconds_of",

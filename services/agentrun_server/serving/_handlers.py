@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message_factory import GetMessageClass
 
 Wrap = Callable[[Callable[..., Any], bool, bool], Callable[..., Any]]
 """(behavior, client_streaming, server_streaming) -> the behavior to serve instead."""
@@ -30,3 +32,33 @@ def rewrap(handler: grpc.RpcMethodHandler, wrap: Wrap) -> grpc.RpcMethodHandler:
                 response_serializer=handler.response_serializer,
             )
     return handler
+
+
+def add_service(
+    server: grpc.aio.Server,
+    servicer: object,
+    service: ServiceDescriptor,
+    request_deserializers: Mapping[str, Callable[[bytes], Any]] | None = None,
+) -> None:
+    """Serve `service` from `servicer`'s methods, as the generated `add_*_to_server` does, except
+    that `request_deserializers` may replace the decoding of some methods' requests (by name)."""
+    overrides = request_deserializers or {}
+    handlers = {}
+    for method in service.methods:
+        factory = next(
+            factory
+            for _, client_streaming, server_streaming, factory in _KINDS
+            if (client_streaming, server_streaming)
+            == (method.client_streaming, method.server_streaming)
+        )
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=overrides.get(
+                method.name, GetMessageClass(method.input_type).FromString
+            ),
+            response_serializer=GetMessageClass(method.output_type).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 
-from agentrun_server._errors import FailedPrecondition, InvalidArgument, NotFound
+from agentrun_server._errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from agentrun_server.storage._types import (
     Ack,
     AckCode,
@@ -43,18 +43,29 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 BUSY_TIMEOUT_SECONDS = 30.0
+_LOOKUP_IDS = 1000  # ids per IN (...) lookup, far under SQLite's 32,766 parameters
 _JITTER = 0.2
 
 
 def _in_thread(method: Callable[..., T]) -> Callable[..., Any]:
-    """Run a sync method on the storage thread; the public method is a coroutine."""
+    """Run a sync method on the storage thread; the public method is a coroutine.
+
+    A database locked by another process past the busy timeout becomes `Unavailable` (retry).
+    """
 
     @functools.wraps(method)
     async def wrapper(self: SqliteStorage, *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, functools.partial(method, self, *args, **kwargs)
-        )
+        try:
+            return await loop.run_in_executor(
+                self._executor, functools.partial(method, self, *args, **kwargs)
+            )
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            raise Unavailable(
+                f"storage: {exc} (another process held it over {BUSY_TIMEOUT_SECONDS:.0f} s)"
+            ) from exc
 
     return wrapper
 
@@ -221,25 +232,38 @@ class SqliteStorage:
             if row is None:
                 raise NotFound(f"no collection with id {collection_id!r}")
             workflow = self._workflow(db, row[0]) if row[0] else None
+            # Which ids are stored already: one indexed lookup per slice. The rest are inserted
+            # with one executemany (a repeat of an id within the batch is a duplicate).
+            owners: dict[str, str] = {}
+            for start in range(0, len(runs), _LOOKUP_IDS):
+                ids = [run.id for run in runs[start : start + _LOOKUP_IDS]]
+                owners.update(
+                    db.execute(
+                        "SELECT id, collection_id FROM agent_runs WHERE id IN ("
+                        + ", ".join("?" * len(ids))
+                        + ")",
+                        ids,
+                    ).fetchall()
+                )
             outcomes = []
             accepted = []
+            rows = []
             for run in runs:
-                cursor = db.execute(
-                    "INSERT INTO agent_runs (id, collection_id, name, size_bytes, ingested_at, data)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                    (run.id, collection_id, run.name, len(run.data), now, run.data),
-                )
-                if cursor.rowcount:
+                owner = owners.get(run.id)
+                if owner is None:
+                    owners[run.id] = collection_id
                     outcomes.append(InsertOutcome(InsertStatus.ACCEPTED))
                     accepted.append(run.id)
-                    continue
-                (owner,) = db.execute(
-                    "SELECT collection_id FROM agent_runs WHERE id = ?", (run.id,)
-                ).fetchone()
-                if owner == collection_id:
+                    rows.append((run.id, collection_id, run.name, len(run.data), now, run.data))
+                elif owner == collection_id:
                     outcomes.append(InsertOutcome(InsertStatus.DUPLICATE))
                 else:
                     outcomes.append(InsertOutcome(InsertStatus.CONFLICT, owner))
+            db.executemany(
+                "INSERT INTO agent_runs (id, collection_id, name, size_bytes, ingested_at, data)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
             if workflow is not None and accepted:
                 stage = workflow.first_stage
                 db.executemany(

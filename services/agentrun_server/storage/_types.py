@@ -39,11 +39,11 @@ class Collection:
 
 @dataclass(frozen=True, slots=True)
 class NewRun:
-    """A run to insert: its id, name, and its encoded `agentrun.v1.AgentRun`."""
+    """A run to insert: its id, name, and its encoded `agentrun.v1.AgentRun` (as received)."""
 
     id: str
     name: str | None
-    data: bytes
+    data: bytes | memoryview
 
 
 class InsertStatus(enum.Enum):
