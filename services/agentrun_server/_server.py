@@ -187,19 +187,27 @@ class Server:
             self.metrics_port = self._metrics_endpoint.port
 
     async def shutdown(self, grace_seconds: float | None = None) -> None:
-        """Stop gracefully: NOT_SERVING, finish in-flight calls within the grace, close storage."""
+        """Stop gracefully: NOT_SERVING, finish in-flight calls within the grace, close storage.
+
+        Idempotent: a second call (say, from a signal and from a finally) waits for nothing.
+        """
         grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
         await self._health.enter_graceful_shutdown()
-        if self._grpc is not None:
-            await self._grpc.stop(grace)
-        if self._dispatcher is not None:
-            await self._dispatcher.stop()
-        if self._metrics_endpoint is not None:
-            await asyncio.to_thread(self._metrics_endpoint.close)
-        if self._backlog is not None:
-            self.registry.unregister(self._backlog)
-        if self._storage is not None:
-            await self._storage.close()
+        server, self._grpc = self._grpc, None
+        if server is not None:
+            await server.stop(grace)
+        dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is not None:
+            await dispatcher.stop()
+        endpoint, self._metrics_endpoint = self._metrics_endpoint, None
+        if endpoint is not None:
+            await asyncio.to_thread(endpoint.close)
+        backlog, self._backlog = self._backlog, None
+        if backlog is not None:
+            self.registry.unregister(backlog)
+        storage, self._storage = self._storage, None
+        if storage is not None:
+            await storage.close()
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         """Start, run until SIGTERM or SIGINT, then shut down gracefully."""

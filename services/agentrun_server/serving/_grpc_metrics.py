@@ -26,7 +26,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from agentrun_server.serving._handlers import rewrap
+from agentrun_server.serving._handlers import rewrap, yields_responses
 
 _LABELS = ("grpc_type", "grpc_service", "grpc_method")
 
@@ -145,7 +145,7 @@ class _Call:
     def wrap(
         self, behavior: Callable[..., Any], client_streaming: bool, server_streaming: bool
     ) -> Callable[..., Any]:
-        if server_streaming:
+        if server_streaming and yields_responses(behavior):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 begun = self._begin(client_streaming)
@@ -169,7 +169,8 @@ class _Call:
             failure: BaseException | None = None
             try:
                 response = await behavior(request, context)
-                self.sent.inc()
+                if not server_streaming:  # else written with context.write(), not counted
+                    self.sent.inc()
                 return response
             except BaseException as exc:
                 failure = exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,6 +20,13 @@ _KINDS: tuple[tuple[str, bool, bool, Callable[..., grpc.RpcMethodHandler]], ...]
     ("unary_stream", False, True, grpc.unary_stream_rpc_method_handler),
     ("stream_stream", True, True, grpc.stream_stream_rpc_method_handler),
 )
+
+
+def yields_responses(behavior: Callable[..., Any]) -> bool:
+    """Whether a streaming-response behavior yields its responses (an async generator) rather
+    than writing them with `context.write()` from a coroutine, as grpc's own Health.Watch does. A
+    wrapper must keep the style of what it wraps."""
+    return inspect.isasyncgenfunction(behavior)
 
 
 def rewrap(handler: grpc.RpcMethodHandler, wrap: Wrap) -> grpc.RpcMethodHandler:

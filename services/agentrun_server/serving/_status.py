@@ -25,7 +25,7 @@ from agentrun_server._errors import (
     ServerError,
     Unavailable,
 )
-from agentrun_server.serving._handlers import rewrap
+from agentrun_server.serving._handlers import rewrap, yields_responses
 
 _log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ async def _abort(
 def _wrap(
     behavior: Callable[..., Any], streaming_response: bool, method: str
 ) -> Callable[..., Any]:
-    if streaming_response:
+    if streaming_response and yields_responses(behavior):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:

@@ -1,0 +1,75 @@
+"""Real processes for tests that kill and restart: the server as `agentrun serve` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    """A port free now on 127.0.0.1 (for a server that must come back on the same one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """`agentrun serve` on a SQLite file and a fixed port, which can be killed and started again."""
+
+    def __init__(self, db: Path, port: int | None = None, *extra_args: str) -> None:
+        self.db = db
+        self.port = port or free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.extra_args = extra_args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_seconds: float = 30) -> ServerProcess:
+        """Start and wait until health says SERVING."""
+        command = [sys.executable, "-m", "agentrun._cli", "serve", "--db", f"sqlite:///{self.db}"]
+        command += ["--port", str(self.port), "--metrics-port", "-1", *self.extra_args]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy()
+        )
+        deadline = time.monotonic() + timeout_seconds
+        with grpc.insecure_channel(self.url) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.process.returncode}")
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return self
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError("server did not become SERVING")
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no goodbye."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def terminate(self, timeout_seconds: float = 30) -> int:
+        """SIGTERM; return the exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout_seconds)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)

@@ -1,0 +1,57 @@
+"""The writer's spool on real files: segments round-trip, settle, lock, and survive bad neighbours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agentrun._errors import SpoolError
+from agentrun._spool import Spool
+
+
+def test_segments_replay_in_order_until_settled(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    first = spool.append(b"collection-a", [b"run-1", b"", b"x" * 300])
+    spool.append(b"collection-b", [b"run-4"])
+    assert (spool.runs, spool.bytes) == (4, first.size + 5)
+    spool.settle(first, 2)
+    assert first.path.exists()  # one run of it still unacknowledged
+    spool.close()
+
+    again = Spool(tmp_path)
+    replayed = [(collection, runs) for _, collection, runs in again.replay()]
+    assert replayed == [
+        (b"collection-a", [b"run-1", b"", b"x" * 300]),  # a segment replays whole
+        (b"collection-b", [b"run-4"]),
+    ]
+    for segment, _, runs in list(again.replay()):
+        again.settle(segment, len(runs))
+    assert not list(tmp_path.glob("*.seg"))
+    # New segments never reuse the name of one that was there.
+    assert again.append(b"c", [b"r"]).path.name > first.path.name
+    again.close()
+
+
+def test_a_second_writer_cannot_take_a_held_spool(tmp_path: Path) -> None:
+    held = Spool(tmp_path)
+    with pytest.raises(SpoolError, match="held by another writer"):
+        Spool(tmp_path)
+    held.close()
+    Spool(tmp_path).close()  # free again
+
+
+def test_a_torn_write_is_dropped_and_a_corrupt_segment_set_aside(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    good = spool.append(b"c", [b"kept"])
+    spool.close()
+    (tmp_path / "00000000000000000007.tmp").write_bytes(b"cut off before its rename")
+    bad = tmp_path / "00000000000000000005.seg"
+    bad.write_bytes(b"agentrun-spool-1\n\x01c\x09short")  # a record longer than the file
+
+    spool = Spool(tmp_path)
+    assert [runs for _, _, runs in spool.replay()] == [[b"kept"]]
+    assert not bad.exists() and bad.with_suffix(".bad").exists()
+    assert not list(tmp_path.glob("*.tmp"))
+    assert good.path.exists()
+    spool.close()
