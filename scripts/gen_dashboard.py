@@ -245,11 +245,13 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
                 ],
             ),
             (
-                "Writer queue, retries and drops",
+                "Writer queue, spool, retries and drops",
                 "short",
-                "Runs waiting in writer queues; retried uploads and dropped runs per second.",
+                "Runs waiting in writer queues and in spools on disk (not yet acknowledged); "
+                "retried uploads and dropped runs per second.",
                 [
                     ("sum by (instance) (agentrun_writer_queued_runs)", "{{instance}} queued"),
+                    ("sum by (instance) (agentrun_writer_spool_runs)", "{{instance}} spooled"),
                     (f"sum(rate(agentrun_writer_retries_total[{RATE}]))", "retries / s"),
                     (f"sum(rate(agentrun_writer_dropped_runs_total[{RATE}]))", "dropped / s"),
                 ],

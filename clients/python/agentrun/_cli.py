@@ -62,6 +62,33 @@ def _parser() -> argparse.ArgumentParser:
         default=int(_env_default("AGENTRUN_METRICS_PORT", "9464")),
         help="Prometheus /metrics port, 0 for any, -1 for none [env AGENTRUN_METRICS_PORT; default 9464]",
     )
+    limits = serve.add_argument_group("ingestion limits")
+    limits.add_argument(
+        "--max-message-bytes",
+        type=int,
+        help="largest upload message after decompression [default 64 MiB]",
+    )
+    limits.add_argument(
+        "--max-runs-per-message",
+        type=int,
+        help="most runs in one upload message [default 1000]",
+    )
+    limits.add_argument(
+        "--max-run-bytes",
+        type=int,
+        help="largest encoded run; a larger one is rejected alone [default 16 MiB]",
+    )
+    limits.add_argument(
+        "--max-pending-bytes",
+        type=int,
+        help="bytes waiting to commit before uploads are told to retry later [default 256 MiB]",
+    )
+    serve.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, how long in-flight calls may finish [default 10]",
+    )
     serve.add_argument(
         "--only",
         choices=("ingestion", "orchestrator"),
@@ -100,8 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+LIMIT_FLAGS = ("max_message_bytes", "max_runs_per_message", "max_run_bytes", "max_pending_bytes")
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from agentrun_server import SERVICES, Server, ServerConfig
+    from agentrun_server import SERVICES, IngestionLimits, Server, ServerConfig
 
     config = ServerConfig(
         db=args.db,
@@ -109,6 +139,14 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         metrics_port=args.metrics_port,
         services=(args.only,) if args.only else SERVICES,
+        grace_seconds=args.grace_seconds,
+        limits=IngestionLimits(
+            **{
+                name: getattr(args, name)
+                for name in LIMIT_FLAGS
+                if getattr(args, name) is not None  # unset: the server's default
+            }
+        ),
     )
     server = Server(config)
 
