@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 AGENTRUN_DB ?= sqlite:///agentrun.db
 
-.PHONY: install gen gen-check lint format typecheck test run bench bench-model bench-ingest ci clean
+.PHONY: install gen gen-check lint format typecheck test run bench bench-model bench-ingest bench-orchestrate ci clean
 
 install: $(STAMP)
 
@@ -43,7 +43,7 @@ test: install
 	$(BIN)/python -m pytest
 
 # Benchmarks print figures; they are not tests. Each reads the real runs from ../shared/data.
-bench: bench-model bench-ingest
+bench: bench-model bench-ingest bench-orchestrate
 
 bench-model: install
 	$(BIN)/python bench/bench_model.py
@@ -51,6 +51,10 @@ bench-model: install
 # Writer -> server -> SQLite on >= 1 GB of real runs, beside raw SQLite and HTTP+JSON; server RSS.
 bench-ingest: install
 	$(BIN)/python bench/bench_ingest.py
+
+# No-op tasks through three stages with 1, 4 and 16 workers; dispatch latency p50/p99.
+bench-orchestrate: install
+	$(BIN)/python bench/bench_orchestrate.py
 
 # Both services in one process on SQLite: gRPC on 127.0.0.1:50051, metrics on 127.0.0.1:9464.
 run: install

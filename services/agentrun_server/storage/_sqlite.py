@@ -8,6 +8,7 @@ batch is one `BEGIN IMMEDIATE` transaction.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import random
 import sqlite3
@@ -44,6 +45,7 @@ T = TypeVar("T")
 
 BUSY_TIMEOUT_SECONDS = 30.0
 _LOOKUP_IDS = 1000  # ids per IN (...) lookup, far under SQLite's 32,766 parameters
+_INSERT_ROWS = 1000  # rows per multi-row VALUES list (3 parameters each)
 _JITTER = 0.2
 
 
@@ -68,6 +70,26 @@ def _in_thread(method: Callable[..., T]) -> Callable[..., Any]:
             ) from exc
 
     return wrapper
+
+
+def _stale(task_id: int, lease_id: str, row: tuple[Any, ...] | None) -> Ack | None:
+    """The error Ack for settling a task under `lease_id`, or None when that lease is current.
+
+    `row` starts with the task's state, lease id, workflow and stage (None: no such task).
+    """
+    if row is None:
+        return Ack(task_id, lease_id, AckCode.NOT_FOUND, f"no task with id {task_id}")
+    state, current = row[0], row[1]
+    if state == "leased" and current == lease_id:
+        return None
+    return Ack(
+        task_id,
+        lease_id,
+        AckCode.FAILED_PRECONDITION,
+        f"stale lease: task {task_id} is {state}"
+        + (" under another lease" if current not in (None, lease_id) else ""),
+        stage=row[3],
+    )
 
 
 def backoff_seconds(attempt: int, initial: float, maximum: float) -> float:
@@ -457,32 +479,38 @@ class SqliteStorage:
             return []
         with self._transaction() as db:
             workflow = self._workflow(db, workflow_name)
-            leased: list[tuple[Any, ...]] = []
-            # A stage with its own cap is claimed alone; the others together, in one query.
-            capped = [s for s in stages if stage_limits[s] < limit]
-            groups = [[s] for s in capped] + [[s for s in stages if s not in capped]]
-            for group in groups:
-                if not group or len(leased) >= limit:
-                    continue
-                n = min([limit - len(leased), *(stage_limits[s] for s in group)])
-                lease_case = " ".join(
-                    f"WHEN {i} THEN {lease_seconds or workflow.stage(s).lease_seconds!r}"
-                    for i, s in enumerate(group)
-                )
-                stage_index = " ".join(f"WHEN ? THEN {i}" for i in range(len(group)))
-                leased += db.execute(
-                    "UPDATE tasks SET state = 'leased', attempt = attempt + 1, "
-                    "lease_id = lower(hex(randomblob(12))), session_id = ?, "
-                    f"lease_deadline = ? + CASE (CASE stage {stage_index} END) {lease_case} END "
-                    "WHERE id IN (SELECT id FROM tasks WHERE state = 'ready' AND workflow = ? "
-                    f"AND stage IN ({','.join('?' * len(group))}) AND ready_at <= ? "
-                    "ORDER BY priority DESC, ready_at, id LIMIT ?) "
-                    "RETURNING id, lease_id, attempt, max_attempts, lease_deadline, stage, "
-                    "agent_run_id, collection_id, priority, input, created_at",
-                    (session_id, now, *group, workflow.name, *group, now, n),
+            # Each stage's first ready tasks in dispatch order, read off its own range of the
+            # tasks_ready index (a query over several stages at once would sort them all), then
+            # merged: the best `limit` overall, within each stage's own limit.
+            candidates: list[tuple[int, float, int, str]] = []
+            for stage in stages:
+                candidates += db.execute(
+                    "SELECT priority, ready_at, id, stage FROM tasks "
+                    "WHERE state = 'ready' AND workflow = ? AND stage = ? AND ready_at <= ? "
+                    "ORDER BY priority DESC, ready_at, id LIMIT ?",
+                    (workflow.name, stage, now, min(limit, stage_limits[stage])),
                 ).fetchall()
-            if not leased:
+            if not candidates:
                 return []
+            candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+            chosen = candidates[:limit]
+            seconds = {
+                stage: lease_seconds or workflow.stage(stage).lease_seconds for stage in stages
+            }
+            leased: list[tuple[Any, ...]] = db.execute(
+                "WITH c (id, seconds) AS (VALUES "
+                + ", ".join(["(?, ?)"] * len(chosen))
+                + ") UPDATE tasks SET state = 'leased', attempt = attempt + 1, "
+                "lease_id = lower(hex(randomblob(12))), session_id = ?, "
+                "lease_deadline = ? + c.seconds FROM c WHERE tasks.id = c.id "
+                "RETURNING tasks.id, lease_id, attempt, max_attempts, lease_deadline, stage, "
+                "agent_run_id, collection_id, priority, input, created_at",
+                [
+                    *(value for c in chosen for value in (c[2], seconds[c[3]])),
+                    session_id,
+                    now,
+                ],
+            ).fetchall()
             ids = list({row[6] for row in leased})
             data = dict(
                 db.execute(
@@ -504,42 +532,46 @@ class SqliteStorage:
         row = db.execute(
             f"SELECT {self._SETTLE_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
         ).fetchone()
-        if row is None:
-            return None, Ack(task_id, lease_id, AckCode.NOT_FOUND, f"no task with id {task_id}")
-        state, current_lease = row[0], row[1]
-        if state == "leased" and current_lease == lease_id:
-            return row, None
-        return row, Ack(
-            task_id,
-            lease_id,
-            AckCode.FAILED_PRECONDITION,
-            f"stale lease: task {task_id} is {state}"
-            + (" under another lease" if current_lease not in (None, lease_id) else ""),
-            stage=row[3],
-        )
+        return row, _stale(task_id, lease_id, row)
 
     @_in_thread
     def complete(self, items: Sequence[Completion], now: float) -> list[Ack]:
         """Complete tasks and create each next stage's task, all in one transaction.
 
-        A repeated completion of the same lease with the same pathway is answered OK again.
+        Set-based: one read of every task named, one UPDATE per item (executemany), one INSERT of
+        all next-stage tasks. A repeated completion of the same lease with the same pathway is
+        answered OK again.
         """
-        acks = []
+        acks: list[Ack] = []
         with self._transaction() as db:
+            rows: dict[int, tuple[Any, ...]] = {}
+            ids = list({item.task_id for item in items})
+            for start in range(0, len(ids), _LOOKUP_IDS):
+                chunk = ids[start : start + _LOOKUP_IDS]
+                for row in db.execute(
+                    f"SELECT id, {self._SETTLE_COLUMNS} FROM tasks "
+                    f"WHERE id IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                ):
+                    rows[row[0]] = row[1:]
+            workflows: dict[str, WorkflowDef] = {}
+            done: list[tuple[Any, ...]] = []
+            follow: list[tuple[int, str, int]] = []  # (task, next stage, its max_attempts)
             for item in items:
-                row, error = self._settle_target(db, item.task_id, item.lease_id)
-                if row is not None and error is not None:
-                    if row[0] == "done" and row[1] == item.lease_id and row[6] == item.pathway:
+                row = rows.get(item.task_id)
+                error = _stale(item.task_id, item.lease_id, row)
+                if error is not None:
+                    repeat = row is not None and row[:2] == ("done", item.lease_id)
+                    if repeat and row is not None and row[6] == item.pathway:
                         error = Ack(item.task_id, item.lease_id, stage=row[3], result="repeat")
                     acks.append(error)
                     continue
-                if error is not None:
-                    acks.append(error)
-                    continue
                 assert row is not None
-                workflow = self._workflow(db, row[2])
+                name = row[2]
+                if name not in workflows:
+                    workflows[name] = self._workflow(db, name)
                 try:
-                    target = workflow.stage(row[3]).next_stage(item.pathway)
+                    target = workflows[name].stage(row[3]).next_stage(item.pathway)
                 except (InvalidArgument, NotFound) as exc:
                     acks.append(
                         Ack(
@@ -551,31 +583,40 @@ class SqliteStorage:
                         )
                     )
                     continue
-                db.execute(
-                    "UPDATE tasks SET state = 'done', pathway = ?, output = ?, finished_at = ?, "
-                    "lease_deadline = NULL, session_id = NULL WHERE id = ?",
-                    (item.pathway, item.output, now, item.task_id),
-                )
-                next_id = None
+                rows[item.task_id] = ("done", item.lease_id, *row[2:6], item.pathway)
+                done.append((item.pathway, item.output, now, item.task_id))
                 if target is not None:
-                    stage = workflow.stage(target)
-                    next_id = db.execute(
-                        "INSERT INTO tasks (workflow, stage, agent_run_id, collection_id, state, "
-                        "priority, max_attempts, created_at, ready_at, input, previous_task_id) "
-                        "SELECT workflow, ?, agent_run_id, collection_id, 'ready', priority, ?, ?, "
-                        "?, output, id FROM tasks WHERE id = ?",
-                        (stage.name, stage.max_attempts, now, now, item.task_id),
-                    ).lastrowid
-                acks.append(
-                    Ack(
-                        item.task_id,
-                        item.lease_id,
-                        next_task_id=next_id,
-                        stage=row[3],
-                        result="done",
+                    stage = workflows[name].stage(target)
+                    follow.append((item.task_id, stage.name, stage.max_attempts))
+                acks.append(Ack(item.task_id, item.lease_id, stage=row[3], result="done"))
+            db.executemany(
+                "UPDATE tasks SET state = 'done', pathway = ?, output = ?, finished_at = ?, "
+                "lease_deadline = NULL, session_id = NULL WHERE id = ?",
+                done,
+            )
+            next_ids: dict[int, int] = {}
+            for start in range(0, len(follow), _INSERT_ROWS):
+                chunk = follow[start : start + _INSERT_ROWS]
+                next_ids.update(
+                    (previous, task)
+                    for task, previous in db.execute(
+                        "WITH n (previous, stage, max_attempts) AS (VALUES "
+                        + ", ".join(["(?, ?, ?)"] * len(chunk))
+                        + ") INSERT INTO tasks (workflow, stage, agent_run_id, collection_id, "
+                        "state, priority, max_attempts, created_at, ready_at, input, "
+                        "previous_task_id) SELECT t.workflow, n.stage, t.agent_run_id, "
+                        "t.collection_id, 'ready', t.priority, n.max_attempts, ?, ?, t.output, "
+                        "t.id FROM n JOIN tasks t ON t.id = n.previous "
+                        "RETURNING id, previous_task_id",
+                        [*(value for row in chunk for value in row), now, now],
                     )
                 )
-        return acks
+        return [
+            dataclasses.replace(ack, next_task_id=next_ids[ack.task_id])
+            if ack.result == "done" and ack.task_id in next_ids
+            else ack
+            for ack in acks
+        ]
 
     @_in_thread
     def fail(self, items: Sequence[Failure], now: float) -> list[Ack]:

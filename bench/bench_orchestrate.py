@@ -1,0 +1,254 @@
+"""Orchestrator throughput and dispatch latency: no-op tasks through a three-stage workflow.
+
+    make bench-orchestrate      # or: python bench/bench_orchestrate.py [--runs 5000]
+
+The server runs in a subprocess on a fresh SQLite file. Runs (one short message each) are ingested
+into a collection bound to a workflow a -> b -> c, so each run is three tasks. Workers speak the
+Work protocol directly (asyncio, in this process) and complete every lease at once with the next
+pathway, acking in batches as the Runner does: what is measured is the orchestrator, not the stage
+functions. Throughput is tasks completed per second from the first lease to the last ack, with 1, 4
+and 16 workers of `--credits` credits each.
+
+Dispatch latency is measured apart, with one idle subscribed worker: a run is ingested (its task is
+ready when the commit creates it) and the time from the task's create_time to the lease arriving
+at the worker is recorded, one task at a time. Client and server share this machine's clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from agentrun import AgentRun, AgentRunWriter, BaseAgentRunMetadata, Client, Transcript
+from agentrun.chat import UserMessage
+from agentrun.v1 import ingestion_service_pb2 as ingestion_pb
+from agentrun.v1 import ingestion_service_pb2_grpc as ingestion_grpc
+from agentrun.v1 import orchestrator_service_pb2 as pb
+from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
+from agentrun.v1 import workflow_pb2
+
+NEXT = {"a": "next", "b": "next", "c": ""}
+
+
+def workflow(name: str) -> workflow_pb2.Workflow:
+    return workflow_pb2.Workflow(
+        name=name,
+        stages=[
+            workflow_pb2.Stage(
+                name="a", pathways=[workflow_pb2.Pathway(name="next", next_stage="b")]
+            ),
+            workflow_pb2.Stage(
+                name="b", pathways=[workflow_pb2.Pathway(name="next", next_stage="c")]
+            ),
+            workflow_pb2.Stage(name="c"),
+        ],
+    )
+
+
+def tiny_run(i: int, prefix: str) -> AgentRun:
+    return AgentRun(
+        id=f"{prefix}-{i}",
+        transcripts={"t": Transcript(messages=[UserMessage(content=f"task {i}")])},
+        metadata=BaseAgentRunMetadata(scores={}),
+    )
+
+
+def start_server(db: Path) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agentrun._cli",
+            "serve",
+            "--db",
+            f"sqlite:///{db}",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        match = re.search(r"on ([\d.]+:\d+)", line)
+        if match:
+            return process, match.group(1)
+    raise RuntimeError("server exited before serving")
+
+
+def ingest(url: str, name: str, runs: int) -> None:
+    with Client(url) as client:
+        client.apply_workflow(workflow(name))
+        collection = client.create_collection(name, workflow=name).collection.id
+    writer = AgentRunWriter(collection, url, flush_interval=0.05)
+    writer.log_agent_runs(tiny_run(i, name) for i in range(runs))
+    summary = writer.finish()
+    assert summary.accepted == runs, summary
+
+
+async def worker(
+    url: str, name: str, credits: int, done: list[int], first_lease: list[float], target: int
+) -> None:
+    """Complete every lease at once; stop when `done[0]` reaches `target`."""
+    async with grpc.aio.insecure_channel(url) as channel:
+        call = pb_grpc.OrchestratorServiceStub(channel).Work()
+        await call.write(
+            pb.WorkRequest(
+                subscribe=pb.Subscribe(
+                    workflow=name,
+                    stages=[pb.StageSubscription(stage=s) for s in NEXT],
+                    credits=credits,
+                    worker="bench",
+                )
+            )
+        )
+        while done[0] < target:
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                return
+            if response.WhichOneof("kind") == "acks":
+                done[0] += sum(1 for ack in response.acks.acks if ack.code == 0)
+                continue
+            if response.WhichOneof("kind") != "leases":
+                continue
+            if not first_lease:
+                first_lease.append(time.perf_counter())
+            await call.write(
+                pb.WorkRequest(
+                    complete_tasks=pb.CompleteTasks(
+                        completions=[
+                            pb.TaskCompletion(
+                                task_id=lease.task_id,
+                                lease_id=lease.lease_id,
+                                pathway=NEXT[lease.stage],
+                            )
+                            for lease in response.leases.leases
+                        ]
+                    )
+                )
+            )
+        call.cancel()
+
+
+async def throughput(url: str, name: str, workers: int, credits: int, tasks: int) -> float:
+    done = [0]
+    first: list[float] = []
+    running = [
+        asyncio.create_task(worker(url, name, credits, done, first, tasks)) for _ in range(workers)
+    ]
+    await asyncio.wait(
+        running, return_when=asyncio.FIRST_COMPLETED
+    )  # the one that saw the last ack
+    elapsed = time.perf_counter() - first[0]
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+    return done[0] / elapsed
+
+
+async def dispatch_latency(url: str, name: str, samples: int) -> list[float]:
+    """Seconds from each task's creation to its lease reaching an idle worker."""
+    with Client(url) as client:
+        client.apply_workflow(
+            workflow_pb2.Workflow(name=name, stages=[workflow_pb2.Stage(name="only")])
+        )
+        collection = client.create_collection(name, workflow=name).collection.id
+    latencies = []
+    async with grpc.aio.insecure_channel(url) as channel:
+        ingestion = ingestion_grpc.IngestionServiceStub(channel)
+        call = pb_grpc.OrchestratorServiceStub(channel).Work()
+        await call.write(
+            pb.WorkRequest(
+                subscribe=pb.Subscribe(
+                    workflow=name, stages=[pb.StageSubscription(stage="only")], credits=1
+                )
+            )
+        )
+        await call.read()  # subscribed
+        from agentrun import agent_run_to_proto
+
+        for i in range(samples):
+            run = agent_run_to_proto(tiny_run(i, name))
+            upload = ingestion.UploadAgentRuns(
+                iter(
+                    [
+                        ingestion_pb.UploadAgentRunsRequest(
+                            collection_id=collection, agent_runs=[run]
+                        )
+                    ]
+                )
+            )
+            while True:
+                response = await call.read()
+                if response.WhichOneof("kind") == "leases":
+                    break
+            received = time.time()
+            (lease,) = response.leases.leases
+            latencies.append(received - lease.create_time.ToNanoseconds() / 1e9)
+            await upload
+            await call.write(
+                pb.WorkRequest(
+                    complete_tasks=pb.CompleteTasks(
+                        completions=[
+                            pb.TaskCompletion(task_id=lease.task_id, lease_id=lease.lease_id)
+                        ]
+                    )
+                )
+            )
+            await call.read()  # the ack
+            await asyncio.sleep(0.002)  # the worker is idle again before the next task exists
+        call.cancel()
+    return latencies
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5_000, help="runs per worker count (x3 tasks)")
+    parser.add_argument("--credits", type=int, default=64, help="credits per worker")
+    parser.add_argument("--samples", type=int, default=500, help="dispatch latency samples")
+    parser.add_argument("--workers", default="1,4,16", help="worker counts to measure")
+    args = parser.parse_args()
+    print(
+        f"agentrun orchestrator benchmark: no-op tasks through a -> b -> c on SQLite;"
+        f" {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} cores"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        server, url = start_server(Path(tmp) / "bench.db")
+        try:
+            for count in (int(n) for n in args.workers.split(",")):
+                name = f"bench-{count}"
+                ingest(url, name, args.runs)
+                tasks = 3 * args.runs
+                rate = asyncio.run(throughput(url, name, count, args.credits, tasks))
+                print(
+                    f"  {count:>2} workers x {args.credits} credits: {rate:>8,.0f} tasks/s"
+                    f"  ({tasks:,} tasks)"
+                )
+            latencies = asyncio.run(dispatch_latency(url, "latency", args.samples))
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    ms = sorted(latency * 1000 for latency in latencies)
+    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+    print(
+        f"  dispatch latency, ready -> lease at an idle worker ({len(ms)} tasks):"
+        f" p50 {statistics.median(ms):.2f} ms, p99 {p99:.2f} ms, max {ms[-1]:.2f} ms"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
