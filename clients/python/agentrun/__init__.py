@@ -18,7 +18,7 @@ from agentrun._client import Client
 from agentrun._convert import agent_run_from_proto, agent_run_to_proto
 from agentrun._errors import AgentRunError, FormatError, RpcError, WorkflowError, WriterClosedError
 from agentrun._metadata import BaseAgentRunMetadata, BaseMetadata
-from agentrun._runner import Runner, RunSummary
+from agentrun._runner import Runner, RunSummary, StageResult
 from agentrun._transcript import Transcript
 from agentrun._workflow import WorkflowSpec, load_workflow
 from agentrun._writer import AgentRunWriter, RejectedRun, WriteSummary, init
@@ -40,6 +40,7 @@ __all__ = [
     "RpcError",
     "RunSummary",
     "Runner",
+    "StageResult",
     "Transcript",
     "WorkflowError",
     "WorkflowSpec",

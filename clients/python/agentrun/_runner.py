@@ -15,7 +15,13 @@ stage; at a stage that has pathways, None (like any name the stage lacks) fails 
 with the valid pathways in the error: it never loops. A function that raises fails the attempt:
 the server retries it with backoff, up to `num_retries` retries, then the task is dead. One failing
 task never stops the others. Unlike Encord's Runner, tasks are leased (no two workers run the same
-task at once) and retries survive restarts.
+task at once), leases of long tasks are extended in the background, and retries survive restarts.
+A function may also return `StageResult(pathway, output)`: the JSON-like output is stored with the
+task and becomes the next stage's input.
+
+SIGTERM or SIGINT drains: tasks not yet started go back to the server at once (costing no attempt),
+tasks running get `drain_grace_seconds` to finish, then are handed back too, and the run ends with
+exit code 0.
 """
 
 from __future__ import annotations
@@ -37,22 +43,41 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf import duration_pb2
 
 from agentrun import _metrics
 from agentrun._agent_run import AgentRun
 from agentrun._client import Client, open_aio_channel
-from agentrun._convert import agent_run_from_proto
+from agentrun._convert import agent_run_from_proto, value_to_proto
 from agentrun._errors import WorkflowError
+from agentrun._progress import StageProgress, print_summary
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from agentrun.v1 import workflow_pb2
 
 _log = logging.getLogger(__name__)
 
-StageFunction: TypeAlias = Callable[[AgentRun], "str | Awaitable[str | None] | None"]
-
 RECONNECT_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
 DRAIN_GRACE_SECONDS = 30.0
+EXTEND_CHECK_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage function may return instead of a pathway name.
+
+    Attributes:
+        pathway: The pathway (None: as for a function returning None).
+        output: A JSON-like value stored with the task (`GetTask`) and passed to the next stage
+            as its task's input.
+    """
+
+    pathway: str | None = None
+    output: Any = None
+
+
+StageReturn: TypeAlias = "str | StageResult | None"
+StageFunction: TypeAlias = Callable[[AgentRun], "StageReturn | Awaitable[StageReturn]"]
 
 
 @dataclass
@@ -60,8 +85,13 @@ class RunSummary:
     """What a Runner did: completions per (stage, pathway), failed attempts, dead tasks."""
 
     completed: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Tasks done, by (stage, pathway); "" is the end of the workflow."""
     failed: Counter[str] = field(default_factory=Counter)
+    """Failed attempts, by stage (retried by the server while attempts remain)."""
     dead: Counter[str] = field(default_factory=Counter)
+    """Tasks this runner gave up on for good, by stage."""
+    handed_back: Counter[str] = field(default_factory=Counter)
+    """Leases returned unfinished when draining, by stage (ready again, no attempt spent)."""
 
     def __str__(self) -> str:
         lines = [
@@ -70,6 +100,7 @@ class RunSummary:
         ]
         lines += [f"  {stage}: {n} failed attempts" for stage, n in sorted(self.failed.items())]
         lines += [f"  {stage}: {n} dead" for stage, n in sorted(self.dead.items())]
+        lines += [f"  {stage}: {n} handed back" for stage, n in sorted(self.handed_back.items())]
         return "runner summary:\n" + ("\n".join(lines) if lines else "  no tasks")
 
 
@@ -114,6 +145,9 @@ class Runner:
         num_retries: int = 3,
         task_batch_size: int = 8,
         max_tasks_per_stage: int | None = None,
+        concurrency: int | None = None,
+        drain_grace_seconds: float = DRAIN_GRACE_SECONDS,
+        progress: bool = False,
     ) -> RunSummary:
         """Work tasks of the registered stages.
 
@@ -124,8 +158,13 @@ class Runner:
                 interrupted (tasks are pushed as they become ready), logging progress every
                 `refresh_every` seconds.
             num_retries: Retries of a failing task (capped by the stage's max_attempts).
-            task_batch_size: Tasks held at once (the stream's credits): the concurrency.
+            task_batch_size: Tasks held at once (the stream's credits).
             max_tasks_per_stage: Stop taking tasks of a stage after this many.
+            concurrency: Stage functions running at once (sync ones in a thread pool of this
+                size); None: `task_batch_size`. Leases beyond it wait, prefetched.
+            drain_grace_seconds: On SIGTERM/SIGINT, how long running tasks may finish before
+                their leases are handed back.
+            progress: Show live progress per stage (rich) on a terminal.
 
         Raises:
             WorkflowError: no stage registered, no workflow named, or a registered stage is not in
@@ -138,9 +177,15 @@ class Runner:
             raise WorkflowError("no workflow: pass workflow= to Runner(...) or --workflow")
         if not self._stages:
             raise WorkflowError("no stage registered: decorate a function with @runner.stage(...)")
-        if task_batch_size < 1 or num_retries < 0 or (max_tasks_per_stage or 1) < 1:
+        if (
+            task_batch_size < 1
+            or num_retries < 0
+            or (max_tasks_per_stage or 1) < 1
+            or (concurrency or 1) < 1
+        ):
             raise WorkflowError(
-                "task_batch_size and max_tasks_per_stage must be >= 1, num_retries >= 0"
+                "task_batch_size, max_tasks_per_stage and concurrency must be >= 1, "
+                "num_retries >= 0"
             )
         with Client(server_url) as client:
             definition = client.get_workflow(workflow)
@@ -153,6 +198,9 @@ class Runner:
             task_batch_size,
             max_tasks_per_stage,
             refresh_every,
+            concurrency or task_batch_size,
+            drain_grace_seconds,
+            StageProgress(list(self._stages)) if progress else None,
         )
         summary = asyncio.run(session.run())
         _log.info("%s", summary)
@@ -199,6 +247,23 @@ class Runner:
             default=None,
             help="stop taking a stage's tasks after this many [default: no limit]",
         )
+        parser.add_argument(
+            "--concurrency",
+            type=int,
+            default=None,
+            help="stage functions running at once [default: --task-batch-size]",
+        )
+        parser.add_argument(
+            "--drain-grace-seconds",
+            type=float,
+            default=DRAIN_GRACE_SECONDS,
+            help="on SIGTERM/SIGINT, how long running tasks may finish [default: 30]",
+        )
+        parser.add_argument(
+            "--no-progress",
+            action="store_true",
+            help="no live progress display (it shows only on a terminal anyway)",
+        )
         args = parser.parse_args(argv)
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -210,10 +275,14 @@ class Runner:
                 num_retries=args.num_retries,
                 task_batch_size=args.task_batch_size,
                 max_tasks_per_stage=args.max_tasks_per_stage,
+                concurrency=args.concurrency,
+                drain_grace_seconds=args.drain_grace_seconds,
+                progress=not args.no_progress,
             )
         except Exception as exc:
             parser.exit(1, f"error: {exc}\n")
-        parser.exit(0 if summary is not None else 1)
+        print_summary(summary)
+        parser.exit(0)
 
 
 def _fail_request(lease: pb.Lease, error: str, non_retryable: bool) -> pb.WorkRequest:
@@ -222,6 +291,22 @@ def _fail_request(lease: pb.Lease, error: str, non_retryable: bool) -> pb.WorkRe
         task_id=lease.task_id, lease_id=lease.lease_id, error=error, non_retryable=non_retryable
     )
     return pb.WorkRequest(fail_tasks=pb.FailTasks(failures=[failure]))
+
+
+def _release_request(lease: pb.Lease) -> pb.WorkRequest:
+    """A request handing one leased task back, unstarted or unfinished."""
+    release = pb.TaskRelease(task_id=lease.task_id, lease_id=lease.lease_id)
+    return pb.WorkRequest(release_tasks=pb.ReleaseTasks(releases=[release]))
+
+
+@dataclass
+class _Held:
+    """A lease this runner holds: when it ends, and how long to extend it by."""
+
+    lease: pb.Lease
+    deadline: float
+    duration: float
+    extending: bool = False
 
 
 class _Session:
@@ -236,6 +321,9 @@ class _Session:
         credits: int,
         max_tasks_per_stage: int | None,
         refresh_every: int | None,
+        concurrency: int,
+        drain_grace_seconds: float,
+        progress: StageProgress | None,
     ) -> None:
         self.stages = stages
         self.workflow = workflow
@@ -245,10 +333,17 @@ class _Session:
         self.credits = credits
         self.max_tasks = max_tasks_per_stage
         self.refresh_every = refresh_every
+        self.concurrency = concurrency
+        self.drain_grace_seconds = drain_grace_seconds
+        self.progress = progress
         self.summary = RunSummary()
         self.leased: Counter[str] = Counter()
-        self.executor = ThreadPoolExecutor(max_workers=credits, thread_name_prefix="agentrun-stage")
+        self.held: dict[str, _Held] = {}
+        self.executor = ThreadPoolExecutor(
+            max_workers=concurrency, thread_name_prefix="agentrun-stage"
+        )
         self.stopping = asyncio.Event()
+        self.slots = asyncio.Semaphore(concurrency)
 
     async def run(self) -> RunSummary:
         loop = asyncio.get_running_loop()
@@ -256,6 +351,8 @@ class _Session:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self._on_signal)
+        if self.progress is not None:
+            self.progress.start()
         try:
             failures = 0
             while True:
@@ -277,10 +374,15 @@ class _Session:
                     )
                     await asyncio.sleep(delay)
         finally:
+            if self.progress is not None:
+                self.progress.stop()
             self.executor.shutdown(wait=False, cancel_futures=True)
 
     def _on_signal(self) -> None:
-        _log.info("signal received: draining (finishing tasks in flight, taking no new ones)")
+        _log.info(
+            "signal received: draining (unstarted tasks go back now; running ones get %.0f s)",
+            self.drain_grace_seconds,
+        )
         self.stopping.set()
 
     def _quota_reached(self) -> bool:
@@ -313,55 +415,108 @@ class _Session:
             outbox: asyncio.Queue[pb.WorkRequest] = asyncio.Queue()
             in_flight: set[asyncio.Task[None]] = set()
             writer = asyncio.create_task(self._write(call, outbox))
+            extender = asyncio.create_task(self._extend(outbox))
             stop_waiter = asyncio.create_task(self.stopping.wait())
-            progress = asyncio.create_task(self._progress()) if self.refresh_every else None
+            progress = asyncio.create_task(self._log_progress()) if self.refresh_every else None
+            read: asyncio.Task[Any] | None = None
             try:
-                drained = False
+                grace_ends: float | None = None
                 while True:
-                    read = asyncio.create_task(call.read())
+                    if read is None:
+                        read = asyncio.create_task(call.read())
+                    timeout = None if grace_ends is None else grace_ends - time.monotonic()
                     done, _ = await asyncio.wait(
-                        {read, stop_waiter}, return_when=asyncio.FIRST_COMPLETED
+                        {read, stop_waiter},
+                        timeout=None if timeout is None else max(0.0, timeout),
+                        return_when=asyncio.FIRST_COMPLETED,
                     )
-                    if stop_waiter in done and not drained:
-                        drained = True
+                    if stop_waiter in done and grace_ends is None:
+                        grace_ends = time.monotonic() + self.drain_grace_seconds
                         await outbox.put(pb.WorkRequest(drain=pb.Drain()))
-                        if not in_flight:
-                            read.cancel()
-                            return True
+                    if grace_ends is not None and time.monotonic() >= grace_ends and in_flight:
+                        _log.warning(
+                            "drain grace over: handing back %d running tasks", len(in_flight)
+                        )
+                        for task in list(in_flight):
+                            task.cancel()
+                        await asyncio.gather(*in_flight, return_exceptions=True)
+                    if grace_ends is not None and not in_flight:
+                        await outbox.join()
+                        await asyncio.sleep(0.05)  # let the last settles reach the server
+                        return True
                     if read not in done:
-                        await asyncio.wait({read})
-                    response = read.result()
+                        continue
+                    response, read = read.result(), None
                     if response is grpc.aio.EOF:
                         return self.stopping.is_set()
                     kind = response.WhichOneof("kind")
                     if kind == "leases":
+                        received = time.time()
                         for lease in response.leases.leases:
                             self.leased[lease.stage] += 1
+                            deadline = lease.deadline.ToNanoseconds() / 1e9
+                            self.held[lease.task_id] = _Held(
+                                lease, deadline, max(0.0, deadline - received)
+                            )
                             task = asyncio.create_task(self._work(lease, outbox))
                             in_flight.add(task)
                             task.add_done_callback(in_flight.discard)
                     elif kind == "acks":
-                        for ack in response.acks.acks:
-                            if ack.code != 0:
-                                _log.warning(
-                                    "task %s: server refused a settle: %s", ack.task_id, ack.message
-                                )
+                        self._on_acks(response.acks)
                     elif kind == "stages_empty" and not in_flight:
                         return True
-                    if (drained or self._quota_reached()) and not in_flight and outbox.empty():
+                    if self._quota_reached() and not in_flight and outbox.empty():
                         await asyncio.sleep(0.05)  # let the last settle reach the server
                         return True
             finally:
+                if read is not None:
+                    read.cancel()
                 for task in list(in_flight):
                     task.cancel()
                 stop_waiter.cancel()
+                extender.cancel()
                 if progress is not None:
                     progress.cancel()
                 with contextlib.suppress(Exception):
-                    await outbox.join()
+                    await asyncio.wait_for(outbox.join(), 5)
                 writer.cancel()
                 with contextlib.suppress(Exception):
                     await call.done_writing()
+
+    def _on_acks(self, batch: pb.AckBatch) -> None:
+        for ack in batch.acks:
+            held = self.held.get(ack.task_id)
+            if ack.code != 0:
+                if held is not None and held.lease.lease_id == ack.lease_id:
+                    held.extending = False
+                _log.warning("task %s: the server refused: %s", ack.task_id, ack.message)
+            elif ack.HasField("deadline") and held is not None:
+                held.deadline = ack.deadline.ToNanoseconds() / 1e9
+                held.extending = False
+
+    async def _extend(self, outbox: asyncio.Queue[pb.WorkRequest]) -> None:
+        """Extend the leases of tasks still running once half their lease is used up."""
+        while True:
+            shortest = min((h.duration for h in self.held.values()), default=60.0)
+            await asyncio.sleep(min(EXTEND_CHECK_SECONDS, max(0.05, shortest / 4)))
+            now = time.time()
+            extensions = []
+            for held in self.held.values():
+                if not held.extending and held.deadline - now < held.duration / 2:
+                    held.extending = True
+                    duration = duration_pb2.Duration()
+                    duration.FromNanoseconds(int(held.duration * 1e9))
+                    extensions.append(
+                        pb.LeaseExtension(
+                            task_id=held.lease.task_id,
+                            lease_id=held.lease.lease_id,
+                            lease_duration=duration,
+                        )
+                    )
+            if extensions:
+                await outbox.put(
+                    pb.WorkRequest(extend_leases=pb.ExtendLeases(extensions=extensions))
+                )
 
     async def _write(self, call: Any, outbox: asyncio.Queue[pb.WorkRequest]) -> None:
         """Write settles, merging those queued meanwhile into one message per kind (batching)."""
@@ -372,6 +527,7 @@ class _Session:
                 batch.append(outbox.get_nowait())
             complete = pb.CompleteTasks()
             fail = pb.FailTasks()
+            release = pb.ReleaseTasks()
             others = []
             for request in batch:
                 kind = request.WhichOneof("kind")
@@ -379,18 +535,24 @@ class _Session:
                     complete.completions.extend(request.complete_tasks.completions)
                 elif kind == "fail_tasks":
                     fail.failures.extend(request.fail_tasks.failures)
+                elif kind == "release_tasks":
+                    release.releases.extend(request.release_tasks.releases)
                 else:
                     others.append(request)
-            if complete.completions:
-                await call.write(pb.WorkRequest(complete_tasks=complete))
-            if fail.failures:
-                await call.write(pb.WorkRequest(fail_tasks=fail))
-            for request in others:
-                await call.write(request)
-            for _ in batch:
-                outbox.task_done()
+            try:
+                if complete.completions:
+                    await call.write(pb.WorkRequest(complete_tasks=complete))
+                if fail.failures:
+                    await call.write(pb.WorkRequest(fail_tasks=fail))
+                if release.releases:
+                    await call.write(pb.WorkRequest(release_tasks=release))
+                for request in others:
+                    await call.write(request)
+            finally:
+                for _ in batch:
+                    outbox.task_done()
 
-    async def _progress(self) -> None:
+    async def _log_progress(self) -> None:
         assert self.refresh_every
         while True:
             await asyncio.sleep(self.refresh_every)
@@ -403,12 +565,50 @@ class _Session:
             )
 
     async def _work(self, lease: pb.Lease, outbox: asyncio.Queue[pb.WorkRequest]) -> None:
-        _metrics.RUNNER_TASKS_IN_FLIGHT.inc()
+        started = False
         try:
+            if not await self._take_slot():
+                self._hand_back(lease, outbox, "draining before it started")
+                return
+            started = True
+            _metrics.RUNNER_TASKS_IN_FLIGHT.inc()
             outcome = await self._work_on(lease, outbox)
+            _metrics.RUNNER_TASKS.labels(lease.stage, outcome).inc()
+        except asyncio.CancelledError:
+            if lease.task_id in self.held:
+                self._hand_back(lease, outbox, "drain grace over")
+            raise
         finally:
-            _metrics.RUNNER_TASKS_IN_FLIGHT.dec()
-        _metrics.RUNNER_TASKS.labels(lease.stage, outcome).inc()
+            self.held.pop(lease.task_id, None)
+            if started:
+                _metrics.RUNNER_TASKS_IN_FLIGHT.dec()
+                self.slots.release()
+            if self.progress is not None:
+                self.progress.update(self.summary, self.held)
+
+    async def _take_slot(self) -> bool:
+        """Wait for a free concurrency slot; False if draining begins first (hand the task back)."""
+        if self.stopping.is_set():
+            return False
+        acquire = asyncio.ensure_future(self.slots.acquire())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not acquire.done():
+                acquire.cancel()
+        if acquire.done() and not acquire.cancelled():
+            if not self.stopping.is_set():
+                return True
+            self.slots.release()
+        return False
+
+    def _hand_back(self, lease: pb.Lease, outbox: asyncio.Queue[pb.WorkRequest], why: str) -> None:
+        self.held.pop(lease.task_id, None)
+        self.summary.handed_back[lease.stage] += 1
+        _log.info("task %s (%s) handed back: %s", lease.task_id, lease.stage, why)
+        outbox.put_nowait(_release_request(lease))
 
     async def _work_on(self, lease: pb.Lease, outbox: asyncio.Queue[pb.WorkRequest]) -> str:
         """Run the stage function on one task and queue its settlement; return done or failed."""
@@ -420,6 +620,15 @@ class _Session:
                 result = await self._call(self.stages[stage], run)
             finally:
                 _metrics.RUNNER_TASK_SECONDS.labels(stage).observe(time.monotonic() - started)
+            if isinstance(result, StageResult):
+                pathway, output = result.pathway or "", result.output
+            else:
+                pathway, output = result or "", None
+            completion = pb.TaskCompletion(
+                task_id=lease.task_id, lease_id=lease.lease_id, pathway=pathway
+            )
+            if output is not None:
+                value_to_proto(output, completion.output)
         except Exception as exc:
             final = lease.attempt > self.num_retries or lease.attempt >= lease.max_attempts
             _log.error(
@@ -436,13 +645,15 @@ class _Session:
                 self.summary.dead[stage] += 1
             await outbox.put(_fail_request(lease, f"{type(exc).__name__}: {exc}", final))
             return "failed"
-        pathway = result or ""
         valid = self.pathways[stage]
         if (valid and pathway not in valid) or (not valid and pathway):
-            message = f"stage function returned pathway {result!r}; stage {stage!r} has " + (
-                f"pathways {', '.join(repr(p) for p in valid)}"
-                if valid
-                else "no pathways (return None)"
+            message = (
+                f"stage function returned pathway {pathway or None!r}; stage {stage!r} has "
+                + (
+                    f"pathways {', '.join(repr(p) for p in valid)}"
+                    if valid
+                    else "no pathways (return None)"
+                )
             )
             _log.error("task %s: %s", lease.task_id, message)
             self.summary.dead[stage] += 1
@@ -452,26 +663,14 @@ class _Session:
         _log.debug(
             "task %s done via %r in %.3f s", lease.task_id, pathway, time.monotonic() - started
         )
-        await outbox.put(
-            pb.WorkRequest(
-                complete_tasks=pb.CompleteTasks(
-                    completions=[
-                        pb.TaskCompletion(
-                            task_id=lease.task_id,
-                            lease_id=lease.lease_id,
-                            pathway=pathway,
-                        )
-                    ]
-                )
-            )
-        )
+        await outbox.put(pb.WorkRequest(complete_tasks=pb.CompleteTasks(completions=[completion])))
         return "done"
 
-    async def _call(self, function: StageFunction, run: AgentRun) -> str | None:
+    async def _call(self, function: StageFunction, run: AgentRun) -> StageReturn:
         if inspect.iscoroutinefunction(function):
             return await function(run)  # type: ignore[no-any-return]
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.executor, function, run)
         if inspect.isawaitable(result):
             result = await result
-        return result  # type: ignore[no-any-return]
+        return result
