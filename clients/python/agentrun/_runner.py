@@ -202,9 +202,7 @@ class Runner:
             drain_grace_seconds,
             StageProgress(list(self._stages)) if progress else None,
         )
-        summary = asyncio.run(session.run())
-        _log.info("%s", summary)
-        return summary
+        return asyncio.run(session.run())
 
     def _check_stages(self, workflow: workflow_pb2.Workflow) -> None:
         names = [s.name for s in workflow.stages]
@@ -342,7 +340,8 @@ class _Session:
         self.executor = ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix="agentrun-stage"
         )
-        self.stopping = asyncio.Event()
+        self.stopping = asyncio.Event()  # a signal came
+        self.draining = asyncio.Event()  # ... and the server has been told (Drain is queued)
         self.slots = asyncio.Semaphore(concurrency)
 
     async def run(self) -> RunSummary:
@@ -433,6 +432,7 @@ class _Session:
                     if stop_waiter in done and grace_ends is None:
                         grace_ends = time.monotonic() + self.drain_grace_seconds
                         await outbox.put(pb.WorkRequest(drain=pb.Drain()))
+                        self.draining.set()
                     if grace_ends is not None and time.monotonic() >= grace_ends and in_flight:
                         _log.warning(
                             "drain grace over: handing back %d running tasks", len(in_flight)
@@ -540,6 +540,11 @@ class _Session:
                 else:
                     others.append(request)
             try:
+                # A drain goes first: the server must stop pushing before the leases handed
+                # back with it are ready again, or it would push them straight back here.
+                for request in others:
+                    if request.WhichOneof("kind") == "drain":
+                        await call.write(request)
                 if complete.completions:
                     await call.write(pb.WorkRequest(complete_tasks=complete))
                 if fail.failures:
@@ -547,7 +552,8 @@ class _Session:
                 if release.releases:
                     await call.write(pb.WorkRequest(release_tasks=release))
                 for request in others:
-                    await call.write(request)
+                    if request.WhichOneof("kind") != "drain":
+                        await call.write(request)
             finally:
                 for _ in batch:
                     outbox.task_done()
@@ -588,10 +594,10 @@ class _Session:
 
     async def _take_slot(self) -> bool:
         """Wait for a free concurrency slot; False if draining begins first (hand the task back)."""
-        if self.stopping.is_set():
+        if self.draining.is_set():
             return False
         acquire = asyncio.ensure_future(self.slots.acquire())
-        stop = asyncio.ensure_future(self.stopping.wait())
+        stop = asyncio.ensure_future(self.draining.wait())
         try:
             await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -599,7 +605,7 @@ class _Session:
             if not acquire.done():
                 acquire.cancel()
         if acquire.done() and not acquire.cancelled():
-            if not self.stopping.is_set():
+            if not self.draining.is_set():
                 return True
             self.slots.release()
         return False

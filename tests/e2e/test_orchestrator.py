@@ -1,0 +1,413 @@
+"""The orchestrator against real workers: killed, slow, failing, draining, many at once.
+
+The server runs as `agentrun serve` in a subprocess; workers are Runners (in this process or in
+their own), or raw Work streams where a test needs to hold leases or present stale ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from agentrun import (
+    AgentRun,
+    AgentRunWriter,
+    BaseAgentRunMetadata,
+    Client,
+    Runner,
+    StageResult,
+    Transcript,
+    WorkflowSpec,
+)
+from agentrun.chat import UserMessage
+from agentrun.v1 import orchestrator_service_pb2 as pb
+from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
+from agentrun.v1 import workflow_pb2
+
+from ..processes import ServerProcess
+
+STALE = 9  # FAILED_PRECONDITION, as an Ack code
+
+
+def tiny_run(i: int, prefix: str = "wf") -> AgentRun:
+    return AgentRun(
+        id=f"{prefix}-{i}",
+        transcripts={"t": Transcript(messages=[UserMessage(content=f"task {i}")])},
+        metadata=BaseAgentRunMetadata(scores={}),
+    )
+
+
+def set_up(url: str, stages: list[dict[str, Any]], runs: int, name: str = "wf") -> str:
+    """Apply a workflow, bind a collection to it and upload `runs` runs; return the collection."""
+    with Client(url) as client:
+        client.apply_workflow(
+            WorkflowSpec.model_validate({"name": name, "stages": stages}).to_proto()
+        )
+        collection = client.create_collection(name, workflow=name).collection.id
+    with AgentRunWriter(collection, url, flush_interval=0.05) as writer:
+        writer.log_agent_runs(tiny_run(i, name) for i in range(runs))
+    return collection
+
+
+def tasks(url: str, stage: str = "", workflow: str = "wf") -> list[workflow_pb2.Task]:
+    with Client(url) as client:
+        return list(
+            client.orchestrator.ListTasks(
+                pb.ListTasksRequest(workflow=workflow, stage=stage, page_size=1000), timeout=10
+            ).tasks
+        )
+
+
+class RawWorker:
+    """A Work stream driven by hand, for holding leases and presenting stale ones."""
+
+    def __init__(self, url: str) -> None:
+        self.channel = grpc.aio.insecure_channel(url)
+        self.call = pb_grpc.OrchestratorServiceStub(self.channel).Work()
+
+    async def subscribe(self, stages: list[str], credits: int, workflow: str = "wf") -> None:
+        await self.call.write(
+            pb.WorkRequest(
+                subscribe=pb.Subscribe(
+                    workflow=workflow,
+                    stages=[pb.StageSubscription(stage=s) for s in stages],
+                    credits=credits,
+                )
+            )
+        )
+        assert (await self.call.read()).WhichOneof("kind") == "subscribed"
+
+    async def next(self, kind: str, timeout_seconds: float = 10) -> Any:
+        while True:
+            response = await asyncio.wait_for(self.call.read(), timeout_seconds)
+            if response.WhichOneof("kind") == kind:
+                return getattr(response, kind)
+
+    async def complete(self, task_id: str, lease_id: str, pathway: str = "") -> pb.Ack:
+        await self.call.write(
+            pb.WorkRequest(
+                complete_tasks=pb.CompleteTasks(
+                    completions=[
+                        pb.TaskCompletion(task_id=task_id, lease_id=lease_id, pathway=pathway)
+                    ]
+                )
+            )
+        )
+        (ack,) = (await self.next("acks")).acks
+        return ack
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Any:
+    with ServerProcess(tmp_path / "agentrun.db") as process:
+        yield process
+
+
+LEASE_HOLDER = textwrap.dedent(
+    """
+    import queue, grpc
+    from agentrun.v1 import orchestrator_service_pb2 as pb, orchestrator_service_pb2_grpc as g
+    requests = queue.Queue()
+    requests.put(pb.WorkRequest(subscribe=pb.Subscribe(
+        workflow="wf", stages=[pb.StageSubscription(stage="work")], credits=5)))
+    stream = g.OrchestratorServiceStub(grpc.insecure_channel({url!r})).Work(iter(requests.get, None))
+    for response in stream:  # hold every lease, never settle
+        for lease in response.leases.leases:
+            print(lease.task_id, lease.lease_id, flush=True)
+    """
+)
+
+
+def test_a_killed_workers_tasks_go_to_another_and_its_late_completions_are_rejected(
+    server: ServerProcess,
+) -> None:
+    set_up(server.url, [{"name": "work", "max_attempts": 3}], runs=20)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LEASE_HOLDER.format(url=server.url)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    held = [holder.stdout.readline().split() for _ in range(5)]
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    holder.stdout.close()
+
+    runner = Runner(workflow="wf", server_url=server.url)
+    worked: list[str] = []
+
+    @runner.stage("work")
+    def work(run: AgentRun) -> None:
+        worked.append(run.id)
+
+    summary = runner(task_batch_size=4)
+    assert sum(summary.completed.values()) == 20
+    assert sorted(worked) == sorted(f"wf-{i}" for i in range(20))  # each once
+    by_id = {t.id: t for t in tasks(server.url)}
+    assert {t.state for t in by_id.values()} == {workflow_pb2.TASK_STATE_DONE}
+    for task_id, _ in held:  # the killed worker's attempt counts, and is on record
+        assert by_id[task_id].attempt == 2
+        assert "worker stream closed" in by_id[task_id].failures[0].error
+
+    async def late_completion() -> pb.Ack:
+        worker = RawWorker(server.url)
+        try:
+            await worker.subscribe(["work"], 1)
+            return await worker.complete(*held[0])
+        finally:
+            await worker.close()
+
+    ack = asyncio.run(late_completion())
+    assert ack.code == STALE and "stale lease" in ack.message
+
+
+def test_an_expired_lease_goes_back_and_extend_keeps_a_long_task(server: ServerProcess) -> None:
+    set_up(server.url, [{"name": "work", "lease_seconds": 1.0}], runs=1)
+
+    async def expire() -> tuple[pb.Lease, pb.Lease, pb.Ack]:
+        slow, fresh = RawWorker(server.url), RawWorker(server.url)
+        try:
+            await slow.subscribe(["work"], 1)
+            (first,) = (await slow.next("leases")).leases
+            await fresh.subscribe(["work"], 1)
+            (second,) = (await fresh.next("leases", timeout_seconds=5)).leases  # after expiry
+            ack = await slow.complete(first.task_id, first.lease_id)
+            await fresh.complete(second.task_id, second.lease_id)
+            return first, second, ack
+        finally:
+            await slow.close()
+            await fresh.close()
+
+    first, second, late = asyncio.run(expire())
+    assert first.task_id == second.task_id and first.lease_id != second.lease_id
+    assert (first.attempt, second.attempt) == (1, 2)
+    assert late.code == STALE
+
+    # A Runner extends the lease of a task that runs three times its lease: it never expires.
+    set_up(server.url, [{"name": "slow", "lease_seconds": 1.0}], runs=1, name="long")
+    runner = Runner(workflow="long", server_url=server.url)
+
+    @runner.stage("slow")
+    def slow(run: AgentRun) -> StageResult:
+        time.sleep(3)
+        return StageResult(output={"seconds": 3})
+
+    summary = runner()
+    assert summary.completed[("slow", "")] == 1
+    (task,) = tasks(server.url, workflow="long")
+    assert (task.state, task.attempt) == (workflow_pb2.TASK_STATE_DONE, 1)
+    assert task.output.struct_value.fields[0].value.int_value == 3
+
+
+def test_failures_back_off_then_die_and_redrive_brings_them_back(server: ServerProcess) -> None:
+    stages = [
+        {
+            "name": "flaky",
+            "pathways": {"ok": "final"},
+            "max_attempts": 3,
+            "initial_backoff_seconds": 0.3,
+            "max_backoff_seconds": 10,
+        },
+        {"name": "final"},
+    ]
+    set_up(server.url, stages, runs=2)
+    runner = Runner(workflow="wf", server_url=server.url)
+    fixed = False
+
+    @runner.stage("flaky")
+    def flaky(run: AgentRun) -> str | None:
+        if run.id == "wf-1":
+            return "no-such-pathway"  # a bug: dead at once, never retried
+        if not fixed:
+            raise RuntimeError("upstream down")
+        return "ok"
+
+    @runner.stage("final")
+    def final(run: AgentRun) -> None:
+        return None
+
+    summary = runner(num_retries=5)
+    assert summary.failed["flaky"] == 3 and summary.dead["flaky"] == 2
+    by_run = {t.agent_run_id: t for t in tasks(server.url, "flaky")}
+    retried, wrong = by_run["wf-0"], by_run["wf-1"]
+    assert (retried.state, retried.attempt) == (workflow_pb2.TASK_STATE_DEAD, 3)
+    times = [f.time.ToNanoseconds() / 1e9 for f in retried.failures]
+    assert [f.attempt for f in retried.failures] == [1, 2, 3]
+    assert times[1] - times[0] >= 0.3 * 0.8 and times[2] - times[1] >= 0.6 * 0.8  # backoff
+    assert "upstream down" in retried.failures[-1].error
+    assert (wrong.state, wrong.attempt) == (workflow_pb2.TASK_STATE_DEAD, 1)
+    assert "'ok'" in wrong.failures[0].error  # names the valid pathways
+
+    with Client(server.url) as client:
+        redriven = client.orchestrator.RedriveTasks(
+            pb.RedriveTasksRequest(workflow="wf", task_ids=[retried.id]), timeout=10
+        ).redriven_count
+    assert redriven == 1
+    fixed = True
+    summary = runner()
+    assert summary.completed == {("flaky", "ok"): 1, ("final", ""): 1}
+
+
+def test_credits_are_never_exceeded(server: ServerProcess) -> None:
+    stages = [
+        {"name": "a", "pathways": {"next": "b"}},
+        {"name": "b", "pathways": {"next": "c"}},
+        {"name": "c"},
+    ]
+    set_up(server.url, stages, runs=60)
+    nxt = {"a": "next", "b": "next", "c": ""}
+    peaks: list[int] = []
+
+    async def worker(credits: int, done: list[int]) -> None:
+        """Hold each lease ~10 ms; count leases pushed and not yet acked as settled."""
+        raw = RawWorker(server.url)
+        writing = asyncio.Lock()
+        outstanding = peak = 0
+        settling: set[asyncio.Task[None]] = set()
+
+        async def settle(lease: pb.Lease) -> None:
+            await asyncio.sleep(0.01)
+            async with writing:
+                await raw.call.write(
+                    pb.WorkRequest(
+                        complete_tasks=pb.CompleteTasks(
+                            completions=[
+                                pb.TaskCompletion(
+                                    task_id=lease.task_id,
+                                    lease_id=lease.lease_id,
+                                    pathway=nxt[lease.stage],
+                                )
+                            ]
+                        )
+                    )
+                )
+
+        try:
+            await raw.subscribe(["a", "b", "c"], credits)
+            while done[0] < 180:
+                try:
+                    response = await asyncio.wait_for(raw.call.read(), 0.5)
+                except TimeoutError:
+                    continue
+                if response.WhichOneof("kind") == "acks":
+                    settled = sum(1 for ack in response.acks.acks if ack.code == 0)
+                    outstanding -= settled
+                    done[0] += settled
+                    continue
+                for lease in response.leases.leases:
+                    outstanding += 1
+                    peak = max(peak, outstanding)
+                    task = asyncio.create_task(settle(lease))
+                    settling.add(task)
+                    task.add_done_callback(settling.discard)
+            peaks.append((peak, credits))
+        finally:
+            await raw.close()
+
+    async def many() -> None:
+        done = [0]
+        await asyncio.wait_for(
+            asyncio.gather(*(worker(credits, done) for credits in (1, 2, 3, 1, 2, 3))), 60
+        )
+
+    asyncio.run(many())
+    by_stage = {s: [t.state for t in tasks(server.url, s)] for s in "abc"}
+    assert all(states == [workflow_pb2.TASK_STATE_DONE] * 60 for states in by_stage.values())
+    assert len(peaks) == 6
+    assert all(peak <= credits for peak, credits in peaks), peaks
+    assert any(peak == credits > 1 for peak, credits in peaks)  # credits were used, not idle
+
+
+DRAINING_RUNNER = textwrap.dedent(
+    """
+    import time
+    from agentrun import Runner
+    runner = Runner(workflow="wf")
+
+    @runner.stage("work")
+    def work(run):
+        print("started", run.id, flush=True)
+        time.sleep(1.5)
+        print("finished", run.id, flush=True)
+
+    runner.run()
+    """
+)
+
+
+def test_sigterm_drains_hands_back_unstarted_leases_and_exits_0(server: ServerProcess) -> None:
+    set_up(server.url, [{"name": "work"}], runs=6)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            DRAINING_RUNNER,
+            "--server",
+            server.url,
+            "--task-batch-size",
+            "4",
+            "--concurrency",
+            "1",
+            "--refresh-every",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().startswith("started")
+    time.sleep(0.3)  # the other three leases are pushed and wait for the one slot
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 0, err
+    assert out.count("finished") == 1  # the running task finished within the grace
+    assert "3 handed back" in err
+    states = sorted((t.state, t.attempt) for t in tasks(server.url))
+    assert states.count((workflow_pb2.TASK_STATE_DONE, 1)) == 1
+    # Handed back and never leased: ready, and no attempt spent.
+    assert states.count((workflow_pb2.TASK_STATE_READY, 0)) == 5
+
+
+def test_the_runner_cli_exits_0_once_the_stages_are_empty(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    set_up(
+        server.url,
+        [
+            {"name": "triage", "pathways": {"solved": "review", "failed": "review"}},
+            {"name": "review"},
+        ],
+        runs=5,
+        name="grading",
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parents[2] / "examples" / "grading_worker.py"),
+            "--server",
+            server.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "review: 5 done via (end)" in result.stderr
+    assert {t.state for t in tasks(server.url, workflow="grading")} == {
+        workflow_pb2.TASK_STATE_DONE
+    }
+    assert len(tasks(server.url, workflow="grading")) == 10
