@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun_server.orchestrator._metrics import OrchestratorMetrics
 from agentrun_server.serving import to_timestamp
-from agentrun_server.storage import LeasedTask, Release, StageBacklog, Storage, WorkflowDef
+from agentrun_server.storage import (
+    Ack,
+    ClaimRequest,
+    Completion,
+    LeasedTask,
+    Release,
+    StageBacklog,
+    Storage,
+    WorkflowDef,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -49,6 +58,8 @@ class Session:
     draining: bool = False
     closed: bool = False
     empty_sent: bool = False
+    claiming: bool = False
+    """A claim for this session is in storage: no second one may count the same credits."""
 
     @property
     def free_credits(self) -> int:
@@ -143,6 +154,44 @@ class Dispatcher:
             )
         self.wake()
 
+    def _claim_request(self, session: Session, limit: int) -> ClaimRequest:
+        return ClaimRequest(
+            session.id,
+            session.workflow.name,
+            {s: min(limit, n) for s, n in session.stage_quota.items()},
+            limit,
+            session.lease_seconds,
+        )
+
+    async def complete(
+        self, session: Session, completions: list[Completion], now: float
+    ) -> tuple[list[Ack], list[LeasedTask]]:
+        """Complete a session's tasks and, in the same transaction, lease it as many new ones as
+        that frees credits (the dispatcher's pass would, one storage round later).
+
+        The caller acks first, then pushes the leases with `push`.
+        """
+        if session.claiming or session.closed or session.draining:
+            return await self._storage.complete(completions, now), []
+        freed = sum(1 for c in completions if c.lease_id in session.in_flight)
+        session.claiming = True
+        try:
+            return await self._storage.complete_and_claim(
+                completions, self._claim_request(session, session.free_credits + freed), now
+            )
+        finally:
+            session.claiming = False
+
+    async def push(self, session: Session, tasks: list[LeasedTask], now: float) -> None:
+        """Send leases claimed for a session; a session closed meanwhile hands them back."""
+        if not tasks:
+            return
+        if session.closed:
+            await self._storage.release([Release(t.task_id, t.lease_id) for t in tasks], now)
+            self.wake()
+            return
+        self._deliver(session, tasks, now)
+
     async def _run(self) -> None:
         next_expiry = 0.0
         while True:
@@ -167,21 +216,27 @@ class Dispatcher:
             return
         start = next(self._turn) % len(sessions)
         for session in sessions[start:] + sessions[:start]:
-            if session.closed or session.draining:
+            if session.closed or session.draining or session.claiming:
                 continue
             free = session.free_credits
             if free == 0:
                 continue
-            quota = {s: min(free, n) for s, n in session.stage_quota.items()}
-            tasks = await self._storage.claim(
-                session.id, session.workflow.name, quota, free, session.lease_seconds, now
-            )
+            request = self._claim_request(session, free)
+            session.claiming = True
+            try:
+                tasks = await self._storage.claim(
+                    request.session_id,
+                    request.workflow,
+                    request.stage_limits,
+                    request.limit,
+                    request.lease_seconds,
+                    now,
+                )
+            finally:
+                session.claiming = False
             if session.closed:
                 # Closed while claiming: hand the tasks straight back, at no attempt cost.
-                if tasks:
-                    await self._storage.release(
-                        [Release(t.task_id, t.lease_id) for t in tasks], now
-                    )
+                await self.push(session, tasks, now)
                 continue
             if tasks:
                 self._deliver(session, tasks, now)

@@ -29,6 +29,7 @@ from agentrun_server.storage import (
     Completion,
     Extension,
     Failure,
+    LeasedTask,
     Release,
     Storage,
     check_name,
@@ -173,6 +174,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         kind = request.WhichOneof("kind")
         now = time.time()
         acks: list[Ack]
+        leased: list[LeasedTask] = []
         if kind == "complete_tasks":
             completions = [
                 Completion(
@@ -183,7 +185,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 )
                 for c in request.complete_tasks.completions
             ]
-            acks = await self._storage.complete(completions, now)
+            acks, leased = await self._dispatcher.complete(session, completions, now)
             for item, ack in zip(completions, acks, strict=True):
                 if ack.result == "done":
                     workflow = session.workflow.name
@@ -240,6 +242,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             raise InvalidArgument(f"WorkRequest.{kind}: only allowed as the first message")
         self._settled(session, acks, kind)
         session.outbox.put_nowait(self._ack_batch(acks))
+        if leased:
+            await self._dispatcher.push(session, leased, now)
         self._dispatcher.wake()
 
     @staticmethod

@@ -15,6 +15,7 @@ from agentrun_server.storage._types import (
     Ack,
     AckCode,
     AttemptFailureRecord,
+    ClaimRequest,
     Collection,
     Completion,
     Extension,
@@ -37,6 +38,7 @@ __all__ = [
     "Ack",
     "AckCode",
     "AttemptFailureRecord",
+    "ClaimRequest",
     "Collection",
     "Completion",
     "Extension",
@@ -93,6 +95,9 @@ class Storage(Protocol):
         now: float,
     ) -> list[LeasedTask]: ...
     async def complete(self, items: list[Completion], now: float) -> list[Ack]: ...
+    async def complete_and_claim(
+        self, items: list[Completion], request: ClaimRequest, now: float
+    ) -> tuple[list[Ack], list[LeasedTask]]: ...
     async def fail(self, items: list[Failure], now: float) -> list[Ack]: ...
     async def extend(self, items: list[Extension], now: float) -> list[Ack]: ...
     async def release(self, items: list[Release], now: float) -> list[Ack]: ...

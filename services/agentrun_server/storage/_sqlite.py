@@ -24,6 +24,7 @@ from agentrun_server.storage._types import (
     Ack,
     AckCode,
     AttemptFailureRecord,
+    ClaimRequest,
     Collection,
     Completion,
     Extension,
@@ -474,52 +475,74 @@ class SqliteStorage:
             lease_seconds: Lease duration; None uses each stage's.
             now: The current time.
         """
-        stages = [s for s, n in stage_limits.items() if n > 0]
-        if limit <= 0 or not stages:
-            return []
         with self._transaction() as db:
-            workflow = self._workflow(db, workflow_name)
-            # Each stage's first ready tasks in dispatch order, read off its own range of the
-            # tasks_ready index (a query over several stages at once would sort them all), then
-            # merged: the best `limit` overall, within each stage's own limit.
-            candidates: list[tuple[int, float, int, str]] = []
-            for stage in stages:
-                candidates += db.execute(
-                    "SELECT priority, ready_at, id, stage FROM tasks "
-                    "WHERE state = 'ready' AND workflow = ? AND stage = ? AND ready_at <= ? "
-                    "ORDER BY priority DESC, ready_at, id LIMIT ?",
-                    (workflow.name, stage, now, min(limit, stage_limits[stage])),
-                ).fetchall()
-            if not candidates:
-                return []
-            candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
-            chosen = candidates[:limit]
-            seconds = {
-                stage: lease_seconds or workflow.stage(stage).lease_seconds for stage in stages
-            }
-            leased: list[tuple[Any, ...]] = db.execute(
-                "WITH c (id, seconds) AS (VALUES "
-                + ", ".join(["(?, ?)"] * len(chosen))
-                + ") UPDATE tasks SET state = 'leased', attempt = attempt + 1, "
-                "lease_id = lower(hex(randomblob(12))), session_id = ?, "
-                "lease_deadline = ? + c.seconds FROM c WHERE tasks.id = c.id "
-                "RETURNING tasks.id, lease_id, attempt, max_attempts, lease_deadline, stage, "
-                "agent_run_id, collection_id, priority, input, created_at",
-                [
-                    *(value for c in chosen for value in (c[2], seconds[c[3]])),
-                    session_id,
-                    now,
-                ],
-            ).fetchall()
-            ids = list({row[6] for row in leased})
-            data = dict(
-                db.execute(
-                    f"SELECT id, data FROM agent_runs WHERE id IN ({','.join('?' * len(ids))})",
-                    ids,
-                ).fetchall()
+            return self._claim(
+                db, ClaimRequest(session_id, workflow_name, stage_limits, limit, lease_seconds), now
             )
+
+    def _claim(self, db: sqlite3.Connection, request: ClaimRequest, now: float) -> list[LeasedTask]:
+        stages = [s for s, n in request.stage_limits.items() if n > 0]
+        if request.limit <= 0 or not stages:
+            return []
+        workflow = self._workflow(db, request.workflow)
+        # Each stage's first ready tasks in dispatch order, read off its own range of the
+        # tasks_ready index (a query over several stages at once would sort them all), then
+        # merged: the best `limit` overall, within each stage's own limit.
+        candidates: list[tuple[int, float, int, str]] = []
+        for stage in stages:
+            candidates += db.execute(
+                "SELECT priority, ready_at, id, stage FROM tasks "
+                "WHERE state = 'ready' AND workflow = ? AND stage = ? AND ready_at <= ? "
+                "ORDER BY priority DESC, ready_at, id LIMIT ?",
+                (workflow.name, stage, now, min(request.limit, request.stage_limits[stage])),
+            ).fetchall()
+        if not candidates:
+            return []
+        candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+        chosen = candidates[: request.limit]
+        seconds = {
+            stage: request.lease_seconds or workflow.stage(stage).lease_seconds for stage in stages
+        }
+        leased: list[tuple[Any, ...]] = db.execute(
+            "WITH c (id, seconds) AS (VALUES "
+            + ", ".join(["(?, ?)"] * len(chosen))
+            + ") UPDATE tasks SET state = 'leased', attempt = attempt + 1, "
+            "lease_id = lower(hex(randomblob(12))), session_id = ?, "
+            "lease_deadline = ? + c.seconds FROM c WHERE tasks.id = c.id "
+            "RETURNING tasks.id, lease_id, attempt, max_attempts, lease_deadline, stage, "
+            "agent_run_id, collection_id, priority, input, created_at",
+            [
+                *(value for c in chosen for value in (c[2], seconds[c[3]])),
+                request.session_id,
+                now,
+            ],
+        ).fetchall()
+        ids = list({row[6] for row in leased})
+        data = dict(
+            db.execute(
+                f"SELECT id, data FROM agent_runs WHERE id IN ({','.join('?' * len(ids))})",
+                ids,
+            ).fetchall()
+        )
         leased.sort(key=lambda row: (-row[8], row[10], row[0]))
         return [LeasedTask(*row, run_data=data[row[6]]) for row in leased]
+
+    @_in_thread
+    def complete_and_claim(
+        self, items: Sequence[Completion], request: ClaimRequest, now: float
+    ) -> tuple[list[Ack], list[LeasedTask]]:
+        """Complete tasks, then lease the same session's next ones, in one transaction: a worker
+        that settles a batch gets the next without another round through the dispatcher.
+
+        `request.limit` counts the credits the completions free; each completion rejected for its
+        pathway keeps its lease (and credit), so it lowers the limit by one.
+        """
+        with self._transaction() as db:
+            acks = self._complete(db, items, now)
+            kept = sum(1 for ack in acks if ack.code == AckCode.INVALID_ARGUMENT)
+            if kept:
+                request = dataclasses.replace(request, limit=request.limit - kept)
+            return acks, self._claim(db, request, now)
 
     # --- tasks: settle --------------------------------------------------------------------------
 
@@ -542,75 +565,80 @@ class SqliteStorage:
         all next-stage tasks. A repeated completion of the same lease with the same pathway is
         answered OK again.
         """
-        acks: list[Ack] = []
         with self._transaction() as db:
-            rows: dict[int, tuple[Any, ...]] = {}
-            ids = list({item.task_id for item in items})
-            for start in range(0, len(ids), _LOOKUP_IDS):
-                chunk = ids[start : start + _LOOKUP_IDS]
-                for row in db.execute(
-                    f"SELECT id, {self._SETTLE_COLUMNS} FROM tasks "
-                    f"WHERE id IN ({', '.join('?' * len(chunk))})",
-                    chunk,
-                ):
-                    rows[row[0]] = row[1:]
-            workflows: dict[str, WorkflowDef] = {}
-            done: list[tuple[Any, ...]] = []
-            follow: list[tuple[int, str, int]] = []  # (task, next stage, its max_attempts)
-            for item in items:
-                row = rows.get(item.task_id)
-                error = _stale(item.task_id, item.lease_id, row)
-                if error is not None:
-                    repeat = row is not None and row[:2] == ("done", item.lease_id)
-                    if repeat and row is not None and row[6] == item.pathway:
-                        error = Ack(item.task_id, item.lease_id, stage=row[3], result="repeat")
-                    acks.append(error)
-                    continue
-                assert row is not None
-                name = row[2]
-                if name not in workflows:
-                    workflows[name] = self._workflow(db, name)
-                try:
-                    target = workflows[name].stage(row[3]).next_stage(item.pathway)
-                except (InvalidArgument, NotFound) as exc:
-                    acks.append(
-                        Ack(
-                            item.task_id,
-                            item.lease_id,
-                            AckCode.INVALID_ARGUMENT,
-                            str(exc),
-                            stage=row[3],
-                        )
-                    )
-                    continue
-                rows[item.task_id] = ("done", item.lease_id, *row[2:6], item.pathway)
-                done.append((item.pathway, item.output, now, item.task_id))
-                if target is not None:
-                    stage = workflows[name].stage(target)
-                    follow.append((item.task_id, stage.name, stage.max_attempts))
-                acks.append(Ack(item.task_id, item.lease_id, stage=row[3], result="done"))
-            db.executemany(
-                "UPDATE tasks SET state = 'done', pathway = ?, output = ?, finished_at = ?, "
-                "lease_deadline = NULL, session_id = NULL WHERE id = ?",
-                done,
-            )
-            next_ids: dict[int, int] = {}
-            for start in range(0, len(follow), _INSERT_ROWS):
-                chunk = follow[start : start + _INSERT_ROWS]
-                next_ids.update(
-                    (previous, task)
-                    for task, previous in db.execute(
-                        "WITH n (previous, stage, max_attempts) AS (VALUES "
-                        + ", ".join(["(?, ?, ?)"] * len(chunk))
-                        + ") INSERT INTO tasks (workflow, stage, agent_run_id, collection_id, "
-                        "state, priority, max_attempts, created_at, ready_at, input, "
-                        "previous_task_id) SELECT t.workflow, n.stage, t.agent_run_id, "
-                        "t.collection_id, 'ready', t.priority, n.max_attempts, ?, ?, t.output, "
-                        "t.id FROM n JOIN tasks t ON t.id = n.previous "
-                        "RETURNING id, previous_task_id",
-                        [*(value for row in chunk for value in row), now, now],
+            return self._complete(db, items, now)
+
+    def _complete(
+        self, db: sqlite3.Connection, items: Sequence[Completion], now: float
+    ) -> list[Ack]:
+        acks: list[Ack] = []
+        rows: dict[int, tuple[Any, ...]] = {}
+        ids = list({item.task_id for item in items})
+        for start in range(0, len(ids), _LOOKUP_IDS):
+            chunk = ids[start : start + _LOOKUP_IDS]
+            for row in db.execute(
+                f"SELECT id, {self._SETTLE_COLUMNS} FROM tasks "
+                f"WHERE id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            ):
+                rows[row[0]] = row[1:]
+        workflows: dict[str, WorkflowDef] = {}
+        done: list[tuple[Any, ...]] = []
+        follow: list[tuple[int, str, int]] = []  # (task, next stage, its max_attempts)
+        for item in items:
+            row = rows.get(item.task_id)
+            error = _stale(item.task_id, item.lease_id, row)
+            if error is not None:
+                repeat = row is not None and row[:2] == ("done", item.lease_id)
+                if repeat and row is not None and row[6] == item.pathway:
+                    error = Ack(item.task_id, item.lease_id, stage=row[3], result="repeat")
+                acks.append(error)
+                continue
+            assert row is not None
+            name = row[2]
+            if name not in workflows:
+                workflows[name] = self._workflow(db, name)
+            try:
+                target = workflows[name].stage(row[3]).next_stage(item.pathway)
+            except (InvalidArgument, NotFound) as exc:
+                acks.append(
+                    Ack(
+                        item.task_id,
+                        item.lease_id,
+                        AckCode.INVALID_ARGUMENT,
+                        str(exc),
+                        stage=row[3],
                     )
                 )
+                continue
+            rows[item.task_id] = ("done", item.lease_id, *row[2:6], item.pathway)
+            done.append((item.pathway, item.output, now, item.task_id))
+            if target is not None:
+                stage = workflows[name].stage(target)
+                follow.append((item.task_id, stage.name, stage.max_attempts))
+            acks.append(Ack(item.task_id, item.lease_id, stage=row[3], result="done"))
+        db.executemany(
+            "UPDATE tasks SET state = 'done', pathway = ?, output = ?, finished_at = ?, "
+            "lease_deadline = NULL, session_id = NULL WHERE id = ?",
+            done,
+        )
+        next_ids: dict[int, int] = {}
+        for start in range(0, len(follow), _INSERT_ROWS):
+            chunk = follow[start : start + _INSERT_ROWS]
+            next_ids.update(
+                (previous, task)
+                for task, previous in db.execute(
+                    "WITH n (previous, stage, max_attempts) AS (VALUES "
+                    + ", ".join(["(?, ?, ?)"] * len(chunk))
+                    + ") INSERT INTO tasks (workflow, stage, agent_run_id, collection_id, "
+                    "state, priority, max_attempts, created_at, ready_at, input, "
+                    "previous_task_id) SELECT t.workflow, n.stage, t.agent_run_id, "
+                    "t.collection_id, 'ready', t.priority, n.max_attempts, ?, ?, t.output, "
+                    "t.id FROM n JOIN tasks t ON t.id = n.previous "
+                    "RETURNING id, previous_task_id",
+                    [*(value for row in chunk for value in row), now, now],
+                )
+            )
         return [
             dataclasses.replace(ack, next_task_id=next_ids[ack.task_id])
             if ack.result == "done" and ack.task_id in next_ids

@@ -233,6 +233,20 @@ class Completion:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """What one Work session may lease now."""
+
+    session_id: str
+    workflow: str
+    stage_limits: dict[str, int]
+    """Stage -> most tasks of it to lease now (a stage at 0 is skipped)."""
+    limit: int
+    """Most tasks in all: the session's free credits."""
+    lease_seconds: float | None
+    """Lease duration; None uses each stage's."""
+
+
+@dataclass(frozen=True, slots=True)
 class Failure:
     """Report a failed attempt."""
 
