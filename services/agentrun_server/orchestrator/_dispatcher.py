@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun_server.orchestrator._metrics import OrchestratorMetrics
-from agentrun_server.serving import to_timestamp
 from agentrun_server.storage import (
     Ack,
     ClaimRequest,
@@ -81,9 +80,9 @@ def lease_batch(tasks: list[LeasedTask]) -> pb.WorkResponse:
             stage=task.stage,
             collection_id=task.collection_id,
             priority=task.priority,
-            deadline=to_timestamp(task.deadline),
-            create_time=to_timestamp(task.created_at),
         )
+        lease.deadline.FromNanoseconds(int(task.deadline * 1e9))
+        lease.create_time.FromNanoseconds(int(task.created_at * 1e9))
         lease.agent_run.MergeFromString(task.run_data)
         if task.input:
             lease.input.MergeFromString(task.input)
@@ -247,13 +246,17 @@ class Dispatcher:
                     session.outbox.put_nowait(pb.WorkResponse(stages_empty=pb.StagesEmpty()))
 
     def _deliver(self, session: Session, tasks: list[LeasedTask], now: float) -> None:
+        metrics, workflow = self._metrics, session.workflow.name
+        per_stage: dict[str, int] = {}
         for task in tasks:
             session.in_flight[task.lease_id] = now
             if session.stage_quota[task.stage] != UNLIMITED:
                 session.stage_quota[task.stage] -= 1
-            self._metrics.leased.labels(session.workflow.name, task.stage).inc()
-            self._metrics.queue_wait.labels(session.workflow.name, task.stage).observe(
+            per_stage[task.stage] = per_stage.get(task.stage, 0) + 1
+            metrics.child(metrics.queue_wait, workflow, task.stage).observe(
                 max(0.0, now - task.created_at)
             )
+        for stage, count in per_stage.items():
+            metrics.child(metrics.leased, workflow, stage).inc(count)
         session.empty_sent = False
         session.outbox.put_nowait(lease_batch(tasks))

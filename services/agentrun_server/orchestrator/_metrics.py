@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator
+from functools import cache
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -71,6 +73,12 @@ class OrchestratorMetrics:
         self.workers = Gauge(
             "agentrun_workers_connected", "Open Work streams (stage workers).", registry=registry
         )
+        # `labels()` validates and locks on every call; the hot path looks children up once.
+        self.child = cache(self._child)
+
+    @staticmethod
+    def _child(metric: Any, *labels: str) -> Any:
+        return metric.labels(*labels)
 
 
 class BacklogCollector(Collector):

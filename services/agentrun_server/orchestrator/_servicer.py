@@ -186,15 +186,19 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 for c in request.complete_tasks.completions
             ]
             acks, leased = await self._dispatcher.complete(session, completions, now)
+            metrics, workflow = self._metrics, session.workflow.name
+            done: dict[tuple[str, str], int] = {}
             for item, ack in zip(completions, acks, strict=True):
                 if ack.result == "done":
-                    workflow = session.workflow.name
-                    self._metrics.completed.labels(workflow, ack.stage, item.pathway).inc()
+                    key = (ack.stage, item.pathway)
+                    done[key] = done.get(key, 0) + 1
                     leased_at = session.in_flight.get(ack.lease_id)
                     if leased_at is not None:
-                        self._metrics.run_seconds.labels(workflow, ack.stage).observe(
+                        metrics.child(metrics.run_seconds, workflow, ack.stage).observe(
                             max(0.0, now - leased_at)
                         )
+            for (stage, pathway), count in done.items():
+                metrics.child(metrics.completed, workflow, stage, pathway).inc(count)
         elif kind == "fail_tasks":
             acks = await self._storage.fail(
                 [
