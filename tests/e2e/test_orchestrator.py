@@ -60,11 +60,7 @@ def set_up(url: str, stages: list[dict[str, Any]], runs: int, name: str = "wf") 
 
 def tasks(url: str, stage: str = "", workflow: str = "wf") -> list[workflow_pb2.Task]:
     with Client(url) as client:
-        return list(
-            client.orchestrator.ListTasks(
-                pb.ListTasksRequest(workflow=workflow, stage=stage, page_size=1000), timeout=10
-            ).tasks
-        )
+        return client.list_tasks(workflow, stage)
 
 
 class RawWorker:
@@ -251,11 +247,42 @@ def test_failures_back_off_then_die_and_redrive_brings_them_back(server: ServerP
     assert (wrong.state, wrong.attempt) == (workflow_pb2.TASK_STATE_DEAD, 1)
     assert "'ok'" in wrong.failures[0].error  # names the valid pathways
 
-    with Client(server.url) as client:
-        redriven = client.orchestrator.RedriveTasks(
-            pb.RedriveTasksRequest(workflow="wf", task_ids=[retried.id]), timeout=10
-        ).redriven_count
-    assert redriven == 1
+    listed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agentrun._cli",
+            "tasks",
+            "list",
+            "wf",
+            "--state",
+            "dead",
+            "--server",
+            server.url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "last error: RuntimeError: upstream down" in listed and listed.count("\n") == 2
+    redriven = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agentrun._cli",
+            "tasks",
+            "redrive",
+            "wf",
+            "--task",
+            retried.id,
+            "--server",
+            server.url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert redriven.strip() == "1 dead tasks redriven"
     fixed = True
     summary = runner()
     assert summary.completed == {("flaky", "ok"): 1, ("final", ""): 1}

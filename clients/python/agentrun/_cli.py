@@ -17,6 +17,7 @@ from agentrun._errors import AgentRunError, FormatError
 from agentrun._workflow import load_workflow
 from agentrun._writer import AgentRunWriter
 from agentrun.importers import load_agent_runs
+from agentrun.v1 import workflow_pb2
 
 STATE_COLUMNS = ("ready", "scheduled", "leased", "done", "dead", "cancelled")
 
@@ -124,6 +125,24 @@ def _parser() -> argparse.ArgumentParser:
 
     stats = commands.add_parser("stats", help="runs per collection; tasks per stage and state")
     _add_server(stats)
+
+    tasks = commands.add_parser("tasks", help="list, redrive or cancel tasks")
+    task_commands = tasks.add_subparsers(dest="tasks_command", required=True, metavar="COMMAND")
+    for name, help_text in (
+        ("list", "list tasks of a workflow (newest last), with their last error"),
+        ("redrive", "send dead tasks back to ready (all of a stage, or by id)"),
+        ("cancel", "cancel ready or scheduled tasks (all of a stage, or by id)"),
+    ):
+        command = task_commands.add_parser(name, help=help_text)
+        command.add_argument("workflow")
+        command.add_argument("--stage", default="", help="only this stage")
+        if name == "list":
+            command.add_argument("--state", choices=STATE_COLUMNS, help="only tasks in this state")
+        else:
+            command.add_argument(
+                "--task", action="append", default=[], metavar="ID", help="only these tasks"
+            )
+        _add_server(command)
     return parser
 
 
@@ -245,6 +264,33 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tasks(args: argparse.Namespace) -> int:
+    with Client(args.server) as client:
+        if args.tasks_command == "list":
+            state = args.state and workflow_pb2.TaskState.Value(f"TASK_STATE_{args.state.upper()}")
+            for task in client.list_tasks(args.workflow, args.stage, state or 0):
+                name = workflow_pb2.TaskState.Name(task.state).removeprefix("TASK_STATE_")
+                error = task.failures[-1].error if task.failures else ""
+                print(
+                    f"{task.id:>8}  {task.stage:<16} {name.lower():<10} attempt "
+                    f"{task.attempt}/{task.max_attempts}  run {task.agent_run_id}"
+                    + (f"  last error: {error}" if error else "")
+                )
+            return 0
+        if not args.stage and not args.task:
+            print(
+                "error: name a --stage or --task (the whole workflow is too much)", file=sys.stderr
+            )
+            return 2
+        if args.tasks_command == "redrive":
+            count = client.redrive_tasks(args.workflow, args.stage, args.task)
+            print(f"{count} dead tasks redriven")
+        else:
+            count = client.cancel_tasks(args.workflow, args.stage, args.task)
+            print(f"{count} tasks cancelled")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `agentrun` console script."""
     args = _parser().parse_args(argv)
@@ -252,7 +298,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.WARNING if args.command != "serve" else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    handlers = {"serve": _serve, "upload": _upload, "workflow": _apply, "stats": _stats}
+    handlers = {
+        "serve": _serve,
+        "upload": _upload,
+        "workflow": _apply,
+        "stats": _stats,
+        "tasks": _tasks,
+    }
     try:
         return handlers[args.command](args)
     except AgentRunError as exc:

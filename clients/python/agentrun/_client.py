@@ -141,6 +141,44 @@ class Client:
             self.orchestrator.GetWorkflow, orchestrator_pb.GetWorkflowRequest(name=name)
         ).workflow
 
+    def list_tasks(self, workflow: str, stage: str = "", state: int = 0) -> list[workflow_pb2.Task]:
+        """Return every task of a workflow (of one stage, in one `TaskState`, if given)."""
+        tasks: list[workflow_pb2.Task] = []
+        token = ""
+        while True:
+            page = self._call(
+                self.orchestrator.ListTasks,
+                orchestrator_pb.ListTasksRequest(
+                    workflow=workflow, stage=stage, state=state, page_size=1000, page_token=token
+                ),
+            )
+            tasks += page.tasks
+            token = page.next_page_token
+            if not token:
+                return tasks
+
+    def redrive_tasks(
+        self, workflow: str, stage: str = "", task_ids: list[str] | None = None
+    ) -> int:
+        """Send dead tasks back to ready (a stage's, or those named); return how many."""
+        return self._call(
+            self.orchestrator.RedriveTasks,
+            orchestrator_pb.RedriveTasksRequest(
+                workflow=workflow, stage=stage, task_ids=task_ids or []
+            ),
+        ).redriven_count
+
+    def cancel_tasks(
+        self, workflow: str, stage: str = "", task_ids: list[str] | None = None
+    ) -> int:
+        """Cancel ready or scheduled tasks (a stage's, or those named); return how many."""
+        return self._call(
+            self.orchestrator.CancelTasks,
+            orchestrator_pb.CancelTasksRequest(
+                workflow=workflow, stage=stage, task_ids=task_ids or []
+            ),
+        ).cancelled_count
+
     def backlog(self, workflow: str = "") -> list[workflow_pb2.StageBacklog]:
         """Return the backlog of every stage (of one workflow, if named)."""
         return list(
