@@ -603,7 +603,7 @@ class SqliteStorage:
     def _complete(
         self, db: sqlite3.Connection, items: Sequence[Completion], now: float
     ) -> list[Ack]:
-        acks: list[Ack] = []
+        acks: list[Ack | None] = []  # None: done, its Ack made once the next task's id is known
         rows: dict[int, tuple[Any, ...]] = {}
         ids = list({item.task_id for item in items})
         for start in range(0, len(ids), _LOOKUP_IDS):
@@ -648,7 +648,7 @@ class SqliteStorage:
             if target is not None:
                 stage = workflows[name].stage(target)
                 follow.append((item.task_id, stage.name, stage.max_attempts))
-            acks.append(Ack(item.task_id, item.lease_id, stage=row[3], result="done"))
+            acks.append(None)
         db.executemany(
             "UPDATE tasks SET state = 'done', pathway = ?, output = ?, finished_at = ?, "
             "lease_deadline = NULL, session_id = NULL WHERE id = ?",
@@ -672,10 +672,16 @@ class SqliteStorage:
                 )
             )
         return [
-            dataclasses.replace(ack, next_task_id=next_ids[ack.task_id])
-            if ack.result == "done" and ack.task_id in next_ids
-            else ack
-            for ack in acks
+            ack
+            if ack is not None
+            else Ack(
+                item.task_id,
+                item.lease_id,
+                next_task_id=next_ids.get(item.task_id),
+                stage=rows[item.task_id][3],
+                result="done",
+            )
+            for item, ack in zip(items, acks, strict=True)
         ]
 
     @_in_thread
