@@ -520,14 +520,24 @@ class SqliteStorage:
         # Each stage's first ready tasks in dispatch order, read off its own range of the
         # tasks_ready index (a query over several stages at once would sort them all), then
         # merged: the best `limit` overall, within each stage's own limit.
-        candidates: list[tuple[int, float, int, str]] = []
-        for stage in stages:
-            candidates += db.execute(
-                "SELECT priority, ready_at, id, stage FROM tasks "
-                "WHERE state = 'ready' AND workflow = ? AND stage = ? AND ready_at <= ? "
-                "ORDER BY priority DESC, ready_at, id LIMIT ?",
-                (workflow.name, stage, now, min(request.limit, request.stage_limits[stage])),
-            ).fetchall()
+        per_stage = (
+            "SELECT * FROM (SELECT priority, ready_at, id, stage FROM tasks "
+            "WHERE state = 'ready' AND workflow = ? AND stage = ? AND ready_at <= ? "
+            "ORDER BY priority DESC, ready_at, id LIMIT ?)"
+        )
+        candidates: list[tuple[int, float, int, str]] = db.execute(
+            " UNION ALL ".join([per_stage] * len(stages)),
+            [
+                value
+                for stage in stages
+                for value in (
+                    workflow.name,
+                    stage,
+                    now,
+                    min(request.limit, request.stage_limits[stage]),
+                )
+            ],
+        ).fetchall()
         if not candidates:
             return []
         candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
@@ -644,16 +654,21 @@ class SqliteStorage:
                 )
                 continue
             rows[item.task_id] = ("done", item.lease_id, *row[2:6], item.pathway)
-            done.append((item.pathway, item.output, now, item.task_id))
+            done.append((item.task_id, item.pathway, item.output))
             if target is not None:
                 stage = workflows[name].stage(target)
                 follow.append((item.task_id, stage.name, stage.max_attempts))
             acks.append(None)
-        db.executemany(
-            "UPDATE tasks SET state = 'done', pathway = ?, output = ?, finished_at = ?, "
-            "lease_deadline = NULL, session_id = NULL WHERE id = ?",
-            done,
-        )
+        for start in range(0, len(done), _INSERT_ROWS):
+            chunk = done[start : start + _INSERT_ROWS]
+            db.execute(
+                "WITH d (id, pathway, output) AS (VALUES "
+                + ", ".join(["(?, ?, ?)"] * len(chunk))
+                + ") UPDATE tasks SET state = 'done', pathway = d.pathway, output = d.output, "
+                "finished_at = ?, lease_deadline = NULL, session_id = NULL "
+                "FROM d WHERE tasks.id = d.id",
+                [*(value for row in chunk for value in row), now],
+            )
         next_ids: dict[int, int] = {}
         for start in range(0, len(follow), _INSERT_ROWS):
             chunk = follow[start : start + _INSERT_ROWS]
