@@ -156,6 +156,8 @@ async def throughput(url: str, name: str, workers: int, credits: int, tasks: int
     for task in running:
         task.cancel()
     await asyncio.gather(*running, return_exceptions=True)
+    if done[0] < tasks:  # a stream ended early: the server refused something
+        raise RuntimeError(f"workers stopped after {done[0]} of {tasks} tasks")
     return done[0] / elapsed
 
 
