@@ -375,14 +375,17 @@ class SqliteStorage:
     # --- workflows ------------------------------------------------------------------------------
 
     def _workflow(self, db: sqlite3.Connection, name: str) -> WorkflowDef:
-        row = db.execute(
-            "SELECT version, definition, updated_at FROM workflows WHERE name = ?", (name,)
-        ).fetchone()
+        # The version alone tells whether the cached definition is current (another process
+        # may have applied a new one); the definition is read only when it is not.
+        row = db.execute("SELECT version FROM workflows WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"no workflow named {name!r}")
         cached = self._workflows.get(name)
         if cached is None or cached.version != row[0]:
-            cached = WorkflowDef.from_json(name, row[1], row[0], row[2])
+            version, definition, updated_at = db.execute(
+                "SELECT version, definition, updated_at FROM workflows WHERE name = ?", (name,)
+            ).fetchone()
+            cached = WorkflowDef.from_json(name, definition, version, updated_at)
             self._workflows[name] = cached
         return cached
 
