@@ -7,6 +7,7 @@ import pytest
 from agentrun_server._errors import FailedPrecondition
 from agentrun_server.storage import (
     AckCode,
+    ClaimRequest,
     Completion,
     Failure,
     InsertStatus,
@@ -53,7 +54,7 @@ async def test_claim_complete_fail_and_fencing(tmp_path: Path) -> None:
         await storage.insert_runs(
             collection.id, [NewRun("r1", None, b"1"), NewRun("r2", None, b"2")], 1.0
         )
-        leased = await storage.claim("s", "w", {"a": 10}, 10, None, 2.0)
+        leased = await storage.claim(ClaimRequest("s", "w", {"a": 10}, 10, None), 2.0)
         assert [t.run_data for t in leased] == [b"1", b"2"]
         one, two = leased
         acks = await storage.complete([Completion(one.task_id, one.lease_id, "nope")], 3.0)
@@ -66,7 +67,7 @@ async def test_claim_complete_fail_and_fencing(tmp_path: Path) -> None:
         assert stale[0].code is AckCode.FAILED_PRECONDITION
         # Two attempts allowed: the first failure retries, the second is dead.
         await storage.fail([Failure(two.task_id, two.lease_id, "boom")], 4.0)
-        (again,) = await storage.claim("s", "w", {"a": 10}, 10, None, 5.0)
+        (again,) = await storage.claim(ClaimRequest("s", "w", {"a": 10}, 10, None), 5.0)
         assert (
             again.task_id == two.task_id and again.attempt == 2 and again.lease_id != two.lease_id
         )

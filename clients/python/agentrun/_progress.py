@@ -37,31 +37,36 @@ def _table(stages: list[str], summary: RunSummary, in_flight: Mapping[str, int])
 
 
 class StageProgress:
-    """A live table of the Runner's stages, refreshed as tasks settle (terminals only)."""
+    """A live table of a Runner's stages, drawn from its summary and held leases (terminals only).
 
-    def __init__(self, stages: list[str]) -> None:
-        self.stages = stages
+    The Runner calls `refresh()` from its event loop a few times a second, so the table is read
+    on the thread that changes it and settling a task costs nothing extra.
+    """
+
+    def __init__(self, stages: list[str], summary: RunSummary, held: Mapping[str, Any]) -> None:
         self.console = Console(stderr=True)
         self._live: Live | None = None
+        self._stages = stages
+        self._summary = summary
+        self._held = held
 
-    def start(self) -> None:
-        if self.console.is_terminal:
-            from agentrun._runner import RunSummary
+    def _render(self) -> Table:
+        running: dict[str, int] = {}
+        for item in self._held.values():
+            running[item.lease.stage] = running.get(item.lease.stage, 0) + 1
+        return _table(self._stages, self._summary, running)
 
-            self._live = Live(
-                _table(self.stages, RunSummary(), {}),
-                console=self.console,
-                refresh_per_second=4,
-                transient=True,
-            )
-            self._live.start()
+    def start(self) -> bool:
+        """Start drawing; False (and nothing drawn) when stderr is not a terminal."""
+        if not self.console.is_terminal:
+            return False
+        self._live = Live(self._render(), console=self.console, auto_refresh=False, transient=True)
+        self._live.start()
+        return True
 
-    def update(self, summary: RunSummary, held: Mapping[str, Any]) -> None:
+    def refresh(self) -> None:
         if self._live is not None:
-            running: dict[str, int] = {}
-            for item in held.values():
-                running[item.lease.stage] = running.get(item.lease.stage, 0) + 1
-            self._live.update(_table(self.stages, summary, running))
+            self._live.update(self._render(), refresh=True)
 
     def stop(self) -> None:
         if self._live is not None:

@@ -60,6 +60,7 @@ _log = logging.getLogger(__name__)
 RECONNECT_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
 DRAIN_GRACE_SECONDS = 30.0
 EXTEND_CHECK_SECONDS = 1.0
+PROGRESS_REFRESH_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ class Runner:
             refresh_every,
             concurrency or task_batch_size,
             drain_grace_seconds,
-            StageProgress(list(self._stages)) if progress else None,
+            progress,
         )
         return asyncio.run(session.run())
 
@@ -321,7 +322,7 @@ class _Session:
         refresh_every: int | None,
         concurrency: int,
         drain_grace_seconds: float,
-        progress: StageProgress | None,
+        progress: bool,
     ) -> None:
         self.stages = stages
         self.workflow = workflow
@@ -331,12 +332,11 @@ class _Session:
         self.credits = credits
         self.max_tasks = max_tasks_per_stage
         self.refresh_every = refresh_every
-        self.concurrency = concurrency
         self.drain_grace_seconds = drain_grace_seconds
-        self.progress = progress
         self.summary = RunSummary()
         self.leased: Counter[str] = Counter()
         self.held: dict[str, _Held] = {}
+        self.progress = StageProgress(list(stages), self.summary, self.held) if progress else None
         self.executor = ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix="agentrun-stage"
         )
@@ -350,8 +350,7 @@ class _Session:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self._on_signal)
-        if self.progress is not None:
-            self.progress.start()
+        shown = asyncio.create_task(self._show_progress()) if self.progress else None
         try:
             failures = 0
             while True:
@@ -373,8 +372,10 @@ class _Session:
                     )
                     await asyncio.sleep(delay)
         finally:
-            if self.progress is not None:
-                self.progress.stop()
+            if shown is not None:
+                shown.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await shown
             self.executor.shutdown(wait=False, cancel_futures=True)
 
     def _on_signal(self) -> None:
@@ -558,6 +559,17 @@ class _Session:
                 for _ in batch:
                     outbox.task_done()
 
+    async def _show_progress(self) -> None:
+        assert self.progress is not None
+        if not self.progress.start():
+            return
+        try:
+            while True:
+                self.progress.refresh()
+                await asyncio.sleep(PROGRESS_REFRESH_SECONDS)
+        finally:
+            self.progress.stop()
+
     async def _log_progress(self) -> None:
         assert self.refresh_every
         while True:
@@ -589,8 +601,6 @@ class _Session:
             if started:
                 _metrics.RUNNER_TASKS_IN_FLIGHT.dec()
                 self.slots.release()
-            if self.progress is not None:
-                self.progress.update(self.summary, self.held)
 
     async def _take_slot(self) -> bool:
         """Wait for a free concurrency slot; False if draining begins first (hand the task back)."""

@@ -220,17 +220,9 @@ class Dispatcher:
             free = session.free_credits
             if free == 0:
                 continue
-            request = self._claim_request(session, free)
             session.claiming = True
             try:
-                tasks = await self._storage.claim(
-                    request.session_id,
-                    request.workflow,
-                    request.stage_limits,
-                    request.limit,
-                    request.lease_seconds,
-                    now,
-                )
+                tasks = await self._storage.claim(self._claim_request(session, free), now)
             finally:
                 session.claiming = False
             if session.closed:

@@ -85,15 +85,7 @@ class Storage(Protocol):
     async def enqueue(
         self, workflow_name: str, stage_name: str, run_ids: list[str], priority: int, now: float
     ) -> tuple[int, int]: ...
-    async def claim(
-        self,
-        session_id: str,
-        workflow_name: str,
-        stage_limits: dict[str, int],
-        limit: int,
-        lease_seconds: float | None,
-        now: float,
-    ) -> list[LeasedTask]: ...
+    async def claim(self, request: ClaimRequest, now: float) -> list[LeasedTask]: ...
     async def complete(self, items: list[Completion], now: float) -> list[Ack]: ...
     async def complete_and_claim(
         self, items: list[Completion], request: ClaimRequest, now: float

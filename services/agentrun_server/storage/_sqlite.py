@@ -491,29 +491,12 @@ class SqliteStorage:
             return enqueued, skipped
 
     @_in_thread
-    def claim(
-        self,
-        session_id: str,
-        workflow_name: str,
-        stage_limits: dict[str, int],
-        limit: int,
-        lease_seconds: float | None,
-        now: float,
-    ) -> list[LeasedTask]:
-        """Lease up to `limit` ready tasks of the given stages, highest priority first, FIFO within.
-
-        Args:
-            session_id: The Work session that will hold the leases.
-            workflow_name: The workflow.
-            stage_limits: Stage -> most tasks of it to lease now (a stage at 0 is skipped).
-            limit: Most tasks in all.
-            lease_seconds: Lease duration; None uses each stage's.
-            now: The current time.
-        """
+    def claim(self, request: ClaimRequest, now: float) -> list[LeasedTask]:
+        """Lease up to `request.limit` ready tasks of its stages (each within its own limit),
+        highest priority first, FIFO within a priority; a stage's lease duration unless the
+        request sets one."""
         with self._transaction() as db:
-            return self._claim(
-                db, ClaimRequest(session_id, workflow_name, stage_limits, limit, lease_seconds), now
-            )
+            return self._claim(db, request, now)
 
     def _claim(self, db: sqlite3.Connection, request: ClaimRequest, now: float) -> list[LeasedTask]:
         stages = [s for s, n in request.stage_limits.items() if n > 0]
@@ -606,8 +589,8 @@ class SqliteStorage:
     def complete(self, items: Sequence[Completion], now: float) -> list[Ack]:
         """Complete tasks and create each next stage's task, all in one transaction.
 
-        Set-based: one read of every task named, one UPDATE per item (executemany), one INSERT of
-        all next-stage tasks. A repeated completion of the same lease with the same pathway is
+        Set-based: one read of every task named, one UPDATE of all of them, one INSERT of all
+        next-stage tasks. A repeated completion of the same lease with the same pathway is
         answered OK again.
         """
         with self._transaction() as db:
@@ -634,8 +617,11 @@ class SqliteStorage:
             row = rows.get(item.task_id)
             error = _stale(item.task_id, item.lease_id, row)
             if error is not None:
-                repeat = row is not None and row[:2] == ("done", item.lease_id)
-                if repeat and row is not None and row[6] == item.pathway:
+                if (
+                    row is not None
+                    and row[:2] == ("done", item.lease_id)
+                    and row[6] == item.pathway
+                ):
                     error = Ack(item.task_id, item.lease_id, stage=row[3], result="repeat")
                 acks.append(error)
                 continue
