@@ -20,6 +20,12 @@ from agentrun.importers import load_agent_runs
 from agentrun.v1 import workflow_pb2
 
 STATE_COLUMNS = ("ready", "scheduled", "leased", "done", "dead", "cancelled")
+# What a task's state can be ("scheduled" above is a ready task waiting out its backoff).
+TASK_STATES = tuple(
+    value.name.removeprefix("TASK_STATE_").lower()
+    for value in workflow_pb2.TaskState.DESCRIPTOR.values
+    if value.number
+)
 
 
 def _env_default(name: str, fallback: str) -> str:
@@ -137,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("workflow")
         command.add_argument("--stage", default="", help="only this stage")
         if name == "list":
-            command.add_argument("--state", choices=STATE_COLUMNS, help="only tasks in this state")
+            command.add_argument("--state", choices=TASK_STATES, help="only tasks in this state")
         else:
             command.add_argument(
                 "--task", action="append", default=[], metavar="ID", help="only these tasks"
