@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sqlite3
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from agentrun import AgentRun, AgentRunWriter, Client, agent_run_to_proto, load_agent_runs
 from agentrun.v1 import agent_run_pb2
+from processes import start, start_agentrun, stop  # bench/ is on sys.path when run
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("AGENTRUN_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -48,22 +48,6 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def start(command: list[str], pattern: str) -> tuple[subprocess.Popen[str], int]:
-    """Start a server subprocess; return it and the port its first matching line names."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    for line in process.stdout:
-        match = re.search(pattern, line)
-        if match:
-            return process, int(match.group(1))
-    raise RuntimeError(f"{command[0]} exited before serving")
-
-
-def stop(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    process.wait(timeout=30)
 
 
 def line(name: str, runs: int, size: int, seconds: float, reference: float | None = None) -> float:
@@ -110,22 +94,7 @@ def grpc_upload(
     db: Path, runs: int, log: Callable[[AgentRunWriter, int], None], label: str
 ) -> tuple[float, list[tuple[float, int]]]:
     """Seconds for a writer to deliver `runs` runs; the server's RSS samples (bytes sent, RSS)."""
-    server, port = start(
-        [
-            sys.executable,
-            "-m",
-            "agentrun._cli",
-            "serve",
-            "--db",
-            f"sqlite:///{db}",
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-        ],
-        r"on [\d.]+:(\d+)",
-    )
-    url = f"127.0.0.1:{port}"
+    server, url = start_agentrun(db)
     samples: list[tuple[float, int]] = []
     done = threading.Event()
     try:

@@ -20,9 +20,7 @@ import argparse
 import asyncio
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,7 @@ from agentrun.v1 import ingestion_service_pb2_grpc as ingestion_grpc
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from agentrun.v1 import workflow_pb2
+from processes import start_agentrun, stop  # bench/ is on sys.path when run
 
 NEXT = {"a": "next", "b": "next", "c": ""}
 
@@ -62,31 +61,6 @@ def tiny_run(i: int, prefix: str) -> AgentRun:
         transcripts={"t": Transcript(messages=[UserMessage(content=f"task {i}")])},
         metadata=BaseAgentRunMetadata(scores={}),
     )
-
-
-def start_server(db: Path) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentrun._cli",
-            "serve",
-            "--db",
-            f"sqlite:///{db}",
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        match = re.search(r"on ([\d.]+:\d+)", line)
-        if match:
-            return process, match.group(1)
-    raise RuntimeError("server exited before serving")
 
 
 def ingest(url: str, name: str, runs: int) -> None:
@@ -228,7 +202,7 @@ def main() -> int:
         f" {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} cores"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        server, url = start_server(Path(tmp) / "bench.db")
+        server, url = start_agentrun(Path(tmp) / "bench.db")
         try:
             for count in (int(n) for n in args.workers.split(",")):
                 name = f"bench-{count}"
@@ -241,8 +215,7 @@ def main() -> int:
                 )
             latencies = asyncio.run(dispatch_latency(url, "latency", args.samples))
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            stop(server)
     ms = sorted(latency * 1000 for latency in latencies)
     p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
     print(

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from agentrun import _metrics
 from agentrun._errors import SpoolError
+from agentrun._varint import encode_varint, read_varint
 
 _log = logging.getLogger(__name__)
 
@@ -32,37 +33,9 @@ MAGIC = b"agentrun-spool-1\n"
 SUFFIX = ".seg"
 
 
-def encode_varint(value: int) -> bytes:
-    """A protobuf base-128 varint."""
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data):
-            raise ValueError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
 def _records(data: bytes, pos: int) -> Iterator[bytes]:
     while pos < len(data):
-        length, pos = _read_varint(data, pos)
+        length, pos = read_varint(data, pos)
         if pos + length > len(data):
             raise ValueError("truncated record")
         yield data[pos : pos + length]
@@ -119,7 +92,7 @@ class Spool:
                 data = path.read_bytes()
                 if not data.startswith(MAGIC):
                     raise ValueError("not a spool segment")
-                length, pos = _read_varint(data, len(MAGIC))
+                length, pos = read_varint(data, len(MAGIC))
                 collection = data[pos : pos + length]
                 runs = list(_records(data, pos + length))
             except (OSError, ValueError) as exc:

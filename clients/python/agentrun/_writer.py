@@ -29,7 +29,8 @@ from agentrun._client import Client, open_channel
 from agentrun._convert import agent_run_to_proto
 from agentrun._errors import WriterClosedError
 from agentrun._retry import Backoff, Failure, Verdict
-from agentrun._spool import Segment, Spool, encode_varint
+from agentrun._spool import Segment, Spool
+from agentrun._varint import encode_varint
 from agentrun.v1 import agent_run_pb2
 from agentrun.v1 import ingestion_service_pb2 as pb
 
@@ -103,9 +104,6 @@ class _Buffer:
         self._cond = threading.Condition()
         self.draining = False  # no more lingering: partial batches go at once
         self.stopped = False
-
-    def __len__(self) -> int:
-        return len(self._items)
 
     def put(self, items: Sequence[_Item], block: bool = True) -> None:
         """Append items, waiting for room while full (never when `block` is false)."""
