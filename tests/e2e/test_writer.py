@@ -340,6 +340,27 @@ async def test_gzip_uploads_land(server: Server) -> None:
     assert summary.ok and summary.accepted == 20
 
 
+@pytest.mark.parametrize("batch_size", [10, 200])
+async def test_one_call_logging_more_runs_than_the_queue_holds_streams_through_it(
+    server: Server, batch_size: int
+) -> None:
+    # A single call that overfills the queue once deadlocked: the caller waited for room that
+    # upload workers, never told of the runs it had added, would not make.
+    url = f"127.0.0.1:{server.port}"
+    (collection,) = await asyncio.to_thread(create_collections, url, "c")
+    writer = AgentRunWriter(
+        collection, url, queue_maxsize=50, batch_size=batch_size, flush_interval=0.01
+    )
+    runs = (make_run(f"r{i}") for i in range(1_000))  # a generator: consumed in chunks
+    try:
+        await asyncio.wait_for(asyncio.to_thread(writer.log_agent_runs, runs), 30)
+    except TimeoutError:
+        writer.finish(force=True)  # lets the stuck caller go, so the test fails rather than hangs
+        raise
+    summary = await asyncio.to_thread(writer.finish)
+    assert summary.ok and summary.accepted == 1_000
+
+
 async def test_an_upload_stream_over_the_limit_is_told_when_to_retry(small_server: Server) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{small_server.port}") as channel:
         stub = pb_grpc.IngestionServiceStub(channel)

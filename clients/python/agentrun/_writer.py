@@ -13,6 +13,7 @@ at exit, bounded by `shutdown_timeout`.
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import threading
@@ -110,6 +111,8 @@ class _Buffer:
         with self._cond:
             for item in items:
                 while block and 0 < self._maxsize <= len(self._items) and not self.stopped:
+                    # Full of runs this very call added: the takers must hear of them first.
+                    self._cond.notify_all()
                     self._cond.wait()
                 self._items.append(item)
             self._cond.notify_all()
@@ -261,30 +264,34 @@ class AgentRunWriter:
         """Queue runs for upload; blocks only while the queue is full.
 
         Takes `AgentRun` models, or their wire form (`agentrun.v1.AgentRun` messages) as other
-        tools may produce it. With a spool, the runs are on disk when this returns.
+        tools may produce it. The iterable is consumed `batch_size` runs at a time, so a generator
+        of any length streams through the bounded queue. With a spool, the runs are on disk when
+        this returns.
 
         Raises:
             WriterClosedError: `finish()` was called.
-            TypeError: a run's metadata is not JSON-like (raised here, in the caller).
-            SpoolError: the spool could not be written; none of these runs were queued.
+            TypeError: a run's metadata is not JSON-like (raised here, in the caller); the runs
+                of earlier chunks are queued, none of its own chunk is.
+            SpoolError: the spool could not be written; none of that chunk's runs were queued.
         """
+        runs = iter(agent_runs)
+        while chunk := list(itertools.islice(runs, self.batch_size)):
+            self._log_chunk(chunk)
+
+    def _log_chunk(self, chunk: list[AgentRun | agent_run_pb2.AgentRun]) -> None:
         items = [
             _Item(run.id, run.SerializeToString(), self._collection)
             if isinstance(run, agent_run_pb2.AgentRun)
             else _Item(run.id, agent_run_to_proto(run).SerializeToString(), self._collection)
-            for run in agent_runs
+            for run in chunk
         ]
-        if not items:
-            return
         with self._lock:
             if self._closed:
                 raise WriterClosedError("log_agent_runs() after finish()")
         if self._spool is not None:
-            for start in range(0, len(items), self.batch_size):
-                chunk = items[start : start + self.batch_size]
-                segment = self._spool.append(self._collection, [item.data for item in chunk])
-                for item in chunk:
-                    item.segment = segment
+            segment = self._spool.append(self._collection, [item.data for item in items])
+            for item in items:
+                item.segment = segment
         with self._lock:
             self._pending += len(items)
         _metrics.WRITER_QUEUED_RUNS.inc(len(items))
