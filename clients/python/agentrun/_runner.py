@@ -479,7 +479,8 @@ class _Session:
                 if progress is not None:
                     progress.cancel()
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(outbox.join(), 5)
+                    async with asyncio.timeout(5):  # wait_for can swallow a cancellation
+                        await outbox.join()
                 writer.cancel()
                 with contextlib.suppress(Exception):
                     await call.done_writing()

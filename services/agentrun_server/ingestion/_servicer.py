@@ -64,10 +64,10 @@ class _CommitBudget:
     async def acquire(self, size: int, wait_seconds: float) -> bool:
         async with self._room:
             try:
-                await asyncio.wait_for(
-                    self._room.wait_for(lambda: not self.used or self.used + size <= self.limit),
-                    wait_seconds,
-                )
+                async with asyncio.timeout(wait_seconds):  # wait_for can swallow a cancellation
+                    await self._room.wait_for(
+                        lambda: not self.used or self.used + size <= self.limit
+                    )
             except TimeoutError:
                 return False
             self.used += size

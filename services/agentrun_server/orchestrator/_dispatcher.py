@@ -194,8 +194,11 @@ class Dispatcher:
     async def _run(self) -> None:
         next_expiry = 0.0
         while True:
+            # asyncio.timeout, not wait_for: on 3.11, wait_for swallows a cancellation that
+            # arrives as the wakeup fires, and stop() would wait for this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._poll_interval)
+                async with asyncio.timeout(self._poll_interval):
+                    await self._wakeup.wait()
             self._wakeup.clear()
             try:
                 now = self._clock()
