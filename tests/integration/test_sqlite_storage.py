@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import asyncio
+import itertools
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +84,86 @@ async def test_claim_complete_fail_and_fencing(tmp_path: Path) -> None:
         assert [f.error for f in task.failures] == ["boom", "boom"]
     finally:
         await storage.close()
+
+
+async def test_settling_and_claiming_take_turns_with_ingestion(tmp_path: Path) -> None:
+    # Claims and completions run on the event loop's thread, inserts on the storage thread: the
+    # two must take turns on the write lock without either failing or losing a task.
+    storage = await open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        await storage.put_workflow(WorkflowDef("one", (StageDef("a"),)), 1.0)
+        collection, _ = await storage.create_collection("c", "", "one", 1.0)
+
+        async def ingest() -> None:
+            for batch in range(20):
+                runs = [NewRun(f"r{batch}-{i}", None, b"x" * 1000) for i in range(100)]
+                await storage.insert_runs(collection.id, runs, 2.0)
+
+        done: list[int] = []
+
+        async def work() -> None:
+            while len(done) < 2000:
+                leased = await storage.claim(ClaimRequest("s", "one", {"a": 50}, 50, None), 3.0)
+                acks = await storage.complete(
+                    [Completion(t.task_id, t.lease_id, "") for t in leased], 3.0
+                )
+                assert all(ack.code is AckCode.OK for ack in acks)
+                done.extend(t.task_id for t in leased)
+                await asyncio.sleep(0)
+
+        await asyncio.wait_for(asyncio.gather(ingest(), work()), 60)
+        assert len(done) == len(set(done)) == 2000
+        (stage,) = await storage.backlog("one", 4.0)
+        assert (stage.done, stage.ready, stage.leased) == (2000, 0, 0)
+    finally:
+        await storage.close()
+
+
+async def test_a_write_lock_held_by_another_process_never_blocks_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "db.sqlite"
+    storage = await open_storage(f"sqlite:///{db}")
+    holder = None
+    try:
+        await storage.put_workflow(WORKFLOW, 1.0)
+        collection, _ = await storage.create_collection("c", "", "w", 1.0)
+        await storage.insert_runs(collection.id, [NewRun("r1", None, b"1")], 1.0)
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            HOLD_WRITE_LOCK,
+            str(db),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert holder.stdout is not None and holder.stdin is not None
+        assert await holder.stdout.readline() == b"held\n"
+        claim = asyncio.create_task(storage.claim(ClaimRequest("s", "w", {"a": 1}, 1, None), 2.0))
+        ticks = []
+        for _ in range(30):
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+        gaps = [b - a for a, b in itertools.pairwise(ticks)]
+        assert max(gaps) < 0.1, f"the event loop stalled {max(gaps):.3f} s"
+        assert not claim.done()  # waiting for the lock, on the storage thread
+        holder.stdin.write(b"\n")
+        await holder.stdin.drain()
+        (leased,) = await asyncio.wait_for(claim, 10)
+        assert leased.run_data == b"1"
+    finally:
+        if holder is not None:
+            if holder.returncode is None:
+                holder.kill()
+            await holder.communicate()  # reaps it and closes its pipes
+        await storage.close()
+
+
+HOLD_WRITE_LOCK = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("held", flush=True)
+sys.stdin.readline()
+conn.execute("COMMIT")
+"""

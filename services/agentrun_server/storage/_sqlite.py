@@ -1,8 +1,14 @@
 """SQLite storage (WAL): the embedded default.
 
-Every call runs on one dedicated thread holding one connection, so writes are serialized in the
+Calls run on one dedicated storage thread holding one connection, so writes are serialized in the
 process the way SQLite wants them; several processes may share the file (WAL, busy timeout). Each
 batch is one `BEGIN IMMEDIATE` transaction.
+
+The Work stream's small settle and claim batches take a hot path instead: they run on the event
+loop's own thread, on a second connection, whenever the storage thread has nothing to do and no
+other process holds the write lock. Handing a 1-2 ms transaction to a thread costs more than it
+saves there: the two threads contend for the GIL at every row SQLite steps (about a quarter of the
+orchestrator's throughput, measured by bench/bench_orchestrate.py).
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ CHECKPOINT_INTERVAL_SECONDS = 1.0
 _LOOKUP_IDS = 1000  # ids per IN (...) lookup, far under SQLite's 32,766 parameters
 _INSERT_ROWS = 1000  # rows per multi-row VALUES list (3 parameters each)
 _JITTER = 0.2
+HOT_PATH_MAX_TASKS = 256
+"""The most tasks (settled plus claimed) a call may touch on the hot path: it blocks the event loop
+for its whole transaction, about 10 us per task."""
 
 
 def _in_thread(method: Callable[..., T]) -> Callable[..., Any]:
@@ -66,16 +75,56 @@ def _in_thread(method: Callable[..., T]) -> Callable[..., Any]:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                self._executor, functools.partial(method, self, *args, **kwargs)
+                self._executor, functools.partial(self._locked, method, *args, **kwargs)
             )
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
+            if not _is_busy(exc):
                 raise
             raise Unavailable(
                 f"storage: {exc} (another process held it over {BUSY_TIMEOUT_SECONDS:.0f} s)"
             ) from exc
 
     return wrapper
+
+
+def _hot_path(tasks: Callable[..., int]) -> Callable[[Callable[..., T]], Callable[..., Any]]:
+    """Like `_in_thread`, but run on the event loop's own thread, on its own connection, when the
+    call touches at most HOT_PATH_MAX_TASKS tasks (`tasks(*args)` counts them).
+
+    The loop never blocks on the storage thread: while that is in a call, the hot call awaits its
+    end. Nor on another process: the loop's connection has no busy timeout, so when another
+    process holds the write lock the call goes to the storage thread, which waits for it.
+    """
+
+    def decorate(method: Callable[..., T]) -> Callable[..., Any]:
+        threaded = _in_thread(method)
+
+        @functools.wraps(method)
+        async def wrapper(self: SqliteStorage, *args: Any, **kwargs: Any) -> T:
+            loop = asyncio.get_running_loop()
+            if loop is self._loop and tasks(*args, **kwargs) <= HOT_PATH_MAX_TASKS:
+                while True:
+                    self._unlocked.clear()
+                    if self._lock.acquire(blocking=False):
+                        break
+                    await self._unlocked.wait()
+                try:
+                    return method(self, *args, **kwargs)
+                except sqlite3.OperationalError as exc:
+                    if not _is_busy(exc):
+                        raise
+                    # Rolled back: wait for the other process on the storage thread.
+                finally:
+                    self._lock.release()
+            return await threaded(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def _stale(task_id: int, lease_id: str, row: tuple[Any, ...] | None) -> Ack | None:
@@ -111,26 +160,55 @@ class SqliteStorage:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentrun-sqlite")
         self._conn: sqlite3.Connection | None = None
+        self._local = threading.local()  # .conn: the connection of the thread running a call
+        # The hot path: its loop and connection, once open. The lock makes the loop and the
+        # storage thread take turns, so neither ever meets the other's write lock in SQLite.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._unlocked = asyncio.Event()  # set on the loop after each storage thread call
         self._workflows: dict[str, WorkflowDef] = {}
         self._checkpointer: threading.Thread | None = None
         self._closing = threading.Event()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    @_in_thread
-    def open(self) -> None:
+    async def open(self) -> None:
         """Open the file (creating it) and apply pending migrations."""
+        await self._open()
+        if self.path != ":memory:":  # a second connection would open a second database
+            self._loop_conn = self._local.conn = self._connect(busy_timeout_seconds=0)
+            self._loop = asyncio.get_running_loop()
+
+    def _locked(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a call on the storage thread, taking turns with the hot path."""
+        try:
+            with self._lock:
+                return method(self, *args, **kwargs)
+        finally:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._unlocked.set)
+
+    def _connect(self, busy_timeout_seconds: float) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
-        self._conn = conn
-        self._migrate()
         if self.path != ":memory:":
             # A commit that crosses the WAL's auto-checkpoint mark copies the WAL into the file
-            # and fsyncs it: ~10 ms inside one unlucky request. Checkpoint from a thread instead.
+            # and fsyncs it: ~3-10 ms inside one unlucky request, on whichever connection wrote.
+            # No connection of ours does that; `_checkpoint_loop` does, on a thread of its own.
             conn.execute("PRAGMA wal_autocheckpoint = 0")
+        return conn
+
+    @_in_thread
+    def _open(self) -> None:
+        conn = self._connect(BUSY_TIMEOUT_SECONDS)
+        self._conn = self._local.conn = conn
+        self._migrate()
+        if self.path != ":memory:":
             self._checkpointer = threading.Thread(
                 target=self._checkpoint_loop, name="agentrun-sqlite-checkpoint", daemon=True
             )
@@ -151,10 +229,14 @@ class SqliteStorage:
             conn.close()
 
     async def close(self) -> None:
-        """Stop checkpointing, close the connection and stop the storage thread."""
+        """Stop checkpointing, close the connections and stop the storage thread."""
         self._closing.set()
         if self._checkpointer is not None:
             await asyncio.to_thread(self._checkpointer.join)
+        if self._loop_conn is not None:
+            self._loop = None
+            self._loop_conn.close()
+            self._loop_conn = self._local.conn = None
         await self._close()
         self._executor.shutdown(wait=True)
 
@@ -162,13 +244,14 @@ class SqliteStorage:
     def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
-            self._conn = None
+            self._conn = self._local.conn = None
 
     @property
     def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
             raise RuntimeError("storage is not open")
-        return self._conn
+        return conn
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -490,7 +573,7 @@ class SqliteStorage:
                 enqueued += 1
             return enqueued, skipped
 
-    @_in_thread
+    @_hot_path(lambda request, now: request.limit)
     def claim(self, request: ClaimRequest, now: float) -> list[LeasedTask]:
         """Lease up to `request.limit` ready tasks of its stages (each within its own limit),
         highest priority first, FIFO within a priority; a stage's lease duration unless the
@@ -555,7 +638,7 @@ class SqliteStorage:
         leased.sort(key=lambda row: (-row[8], row[10], row[0]))
         return [LeasedTask(*row, run_data=data[row[6]]) for row in leased]
 
-    @_in_thread
+    @_hot_path(lambda items, request, now: len(items) + request.limit)
     def complete_and_claim(
         self, items: Sequence[Completion], request: ClaimRequest, now: float
     ) -> tuple[list[Ack], list[LeasedTask]]:
@@ -585,7 +668,7 @@ class SqliteStorage:
         ).fetchone()
         return row, _stale(task_id, lease_id, row)
 
-    @_in_thread
+    @_hot_path(lambda items, now: len(items))
     def complete(self, items: Sequence[Completion], now: float) -> list[Ack]:
         """Complete tasks and create each next stage's task, all in one transaction.
 
@@ -688,7 +771,7 @@ class SqliteStorage:
             for item, ack in zip(items, acks, strict=True)
         ]
 
-    @_in_thread
+    @_hot_path(lambda items, now: len(items))
     def fail(self, items: Sequence[Failure], now: float) -> list[Ack]:
         """Record failed attempts: retry with backoff while attempts remain, else dead.
 
@@ -752,7 +835,7 @@ class SqliteStorage:
             (now, task_id),
         )
 
-    @_in_thread
+    @_hot_path(lambda items, now: len(items))
     def extend(self, items: Sequence[Extension], now: float) -> list[Ack]:
         """Set new lease deadlines from now."""
         acks = []
@@ -781,7 +864,7 @@ class SqliteStorage:
                 )
         return acks
 
-    @_in_thread
+    @_hot_path(lambda items, now: len(items))
     def release(self, items: Sequence[Release], now: float) -> list[Ack]:
         """Make unstarted leased tasks ready again at once, without costing an attempt."""
         acks = []
