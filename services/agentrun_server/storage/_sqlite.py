@@ -4,10 +4,10 @@ Calls run on one dedicated storage thread holding one connection, so writes are 
 process the way SQLite wants them; several processes may share the file (WAL, busy timeout). Each
 batch is one `BEGIN IMMEDIATE` transaction.
 
-The Work stream's small settle and claim batches take a hot path instead: they run on the event
-loop's own thread, on a second connection, whenever the storage thread has nothing to do and no
-other process holds the write lock. Handing a 1-2 ms transaction to a thread costs more than it
-saves there: the two threads contend for the GIL at every row SQLite steps (about a quarter of the
+The Work stream's small settle and claim batches take a hot path instead (`_hot_path`): they run
+on the event loop's own thread, on a second connection, taking turns with the storage thread
+through a lock the loop never blocks on. Handing a 1-2 ms transaction to a thread costs more than
+it saves: the two threads contend for the GIL at every row SQLite steps (about a quarter of the
 orchestrator's throughput, measured by bench/bench_orchestrate.py).
 """
 
