@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +67,12 @@ class Session:
         return max(0, self.credits - len(self.in_flight))
 
 
+def _split_seconds(epoch_seconds: float) -> tuple[int, int]:
+    """Epoch seconds as a Timestamp's (seconds, nanos)."""
+    whole = math.floor(epoch_seconds)
+    return whole, min(999_999_999, round((epoch_seconds - whole) * 1e9))
+
+
 def lease_batch(tasks: list[LeasedTask]) -> pb.WorkResponse:
     """The WorkResponse pushing `tasks`; the encoded runs are merged without re-encoding."""
     response = pb.WorkResponse()
@@ -81,8 +88,10 @@ def lease_batch(tasks: list[LeasedTask]) -> pb.WorkResponse:
             collection_id=task.collection_id,
             priority=task.priority,
         )
-        lease.deadline.FromNanoseconds(int(task.deadline * 1e9))
-        lease.create_time.FromNanoseconds(int(task.created_at * 1e9))
+        # Timestamp fields set directly: FromNanoseconds is pure Python and validates.
+        deadline, created = lease.deadline, lease.create_time
+        deadline.seconds, deadline.nanos = _split_seconds(task.deadline)
+        created.seconds, created.nanos = _split_seconds(task.created_at)
         lease.agent_run.MergeFromString(task.run_data)
         if task.input:
             lease.input.MergeFromString(task.input)

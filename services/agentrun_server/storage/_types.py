@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from agentrun_server._errors import InvalidArgument, NotFound
 
@@ -204,8 +204,12 @@ class TaskState(enum.Enum):
     CANCELLED = "cancelled"
 
 
-@dataclass(frozen=True, slots=True)
-class LeasedTask:
+# The records built per task on the Work stream's hot path are NamedTuples: as immutable as a
+# frozen dataclass, and 4x cheaper to build (a frozen dataclass sets each field through
+# object.__setattr__).
+
+
+class LeasedTask(NamedTuple):
     """A task just leased, with the encoded run it works on."""
 
     task_id: int
@@ -222,8 +226,7 @@ class LeasedTask:
     run_data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Completion:
+class Completion(NamedTuple):
     """Complete a leased task with a pathway and an optional encoded output."""
 
     task_id: int
@@ -246,8 +249,7 @@ class ClaimRequest:
     """Lease duration; None uses each stage's."""
 
 
-@dataclass(frozen=True, slots=True)
-class Failure:
+class Failure(NamedTuple):
     """Report a failed attempt."""
 
     task_id: int
@@ -257,8 +259,7 @@ class Failure:
     retry_after_seconds: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Extension:
+class Extension(NamedTuple):
     """Extend a lease to now + `lease_seconds` (None: the stage's lease duration)."""
 
     task_id: int
@@ -266,8 +267,7 @@ class Extension:
     lease_seconds: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Release:
+class Release(NamedTuple):
     """Hand back an unstarted leased task without costing an attempt."""
 
     task_id: int
@@ -283,8 +283,7 @@ class AckCode(enum.IntEnum):
     FAILED_PRECONDITION = 9
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
+class Ack(NamedTuple):
     """The outcome of one complete, fail, extend or release item."""
 
     task_id: int
