@@ -67,6 +67,13 @@ def open_aio_channel(server_url: str | None) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying `authorization: Bearer <key>`, for a gateway in front of the server
+    (the servers themselves check no key). None reads $AGENTRUN_API_KEY; no key: no metadata."""
+    key = api_key or os.environ.get("AGENTRUN_API_KEY")
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
 @contextmanager
 def translate_rpc_errors() -> Iterator[None]:
     """Re-raise grpc errors as `RpcError` (the one place the SDK maps transport errors)."""
@@ -79,11 +86,18 @@ def translate_rpc_errors() -> Iterator[None]:
 class Client:
     """A synchronous client for the unary calls of both services.
 
+    Args:
+        server_url: The server (`host:port`, or `https://host[:port]` for TLS); None uses
+            $AGENTRUN_SERVER or 127.0.0.1:50051.
+        api_key: Sent as `authorization: Bearer <key>` on every call; None reads
+            $AGENTRUN_API_KEY (see `auth_metadata`).
+
     Every method raises `RpcError` when the call fails (e.g. NOT_FOUND for an unknown name).
     """
 
-    def __init__(self, server_url: str | None = None) -> None:
+    def __init__(self, server_url: str | None = None, *, api_key: str | None = None) -> None:
         self.server_url = server_url
+        self._metadata = auth_metadata(api_key)
         self._channel = open_channel(server_url)
         self.ingestion = ingestion_grpc.IngestionServiceStub(self._channel)
         self.orchestrator = orchestrator_grpc.OrchestratorServiceStub(self._channel)
@@ -100,7 +114,12 @@ class Client:
 
     def _call(self, method: Callable[..., T], request: Any) -> T:
         with translate_rpc_errors():
-            return method(request, timeout=CALL_TIMEOUT_SECONDS, wait_for_ready=True)
+            return method(
+                request,
+                timeout=CALL_TIMEOUT_SECONDS,
+                wait_for_ready=True,
+                metadata=self._metadata,
+            )
 
     def create_collection(
         self, name: str, description: str = "", workflow: str = ""

@@ -47,7 +47,7 @@ from google.protobuf import duration_pb2
 
 from agentrun import _metrics
 from agentrun._agent_run import AgentRun
-from agentrun._client import Client, open_aio_channel
+from agentrun._client import Client, auth_metadata, open_aio_channel
 from agentrun._convert import agent_run_from_proto, value_to_proto
 from agentrun._errors import WorkflowError
 from agentrun._progress import StageProgress, print_summary
@@ -111,11 +111,20 @@ class Runner:
     Args:
         workflow: The workflow's name (also settable per call and by --workflow).
         server_url: The orchestrator (`host:port`); None uses $AGENTRUN_SERVER or 127.0.0.1:50051.
+        api_key: Sent as `authorization: Bearer <key>` on every call, for a gateway in front of
+            the server; None reads $AGENTRUN_API_KEY.
     """
 
-    def __init__(self, workflow: str | None = None, server_url: str | None = None) -> None:
+    def __init__(
+        self,
+        workflow: str | None = None,
+        server_url: str | None = None,
+        *,
+        api_key: str | None = None,
+    ) -> None:
         self.workflow = workflow
         self.server_url = server_url
+        self.api_key = api_key
         self._stages: dict[str, StageFunction] = {}
 
     def stage(
@@ -188,13 +197,14 @@ class Runner:
                 "task_batch_size, max_tasks_per_stage and concurrency must be >= 1, "
                 "num_retries >= 0"
             )
-        with Client(server_url) as client:
+        with Client(server_url, api_key=self.api_key) as client:
             definition = client.get_workflow(workflow)
         self._check_stages(definition)
         session = _Session(
             self._stages,
             definition,
             server_url,
+            auth_metadata(self.api_key),
             num_retries,
             task_batch_size,
             max_tasks_per_stage,
@@ -316,6 +326,7 @@ class _Session:
         stages: dict[str, StageFunction],
         workflow: workflow_pb2.Workflow,
         server_url: str | None,
+        metadata: tuple[tuple[str, str], ...],
         num_retries: int,
         credits: int,
         max_tasks_per_stage: int | None,
@@ -328,6 +339,7 @@ class _Session:
         self.workflow = workflow
         self.pathways = {s.name: [p.name for p in s.pathways] for s in workflow.stages}
         self.server_url = server_url
+        self.metadata = metadata
         self.num_retries = num_retries
         self.credits = credits
         self.max_tasks = max_tasks_per_stage
@@ -393,7 +405,7 @@ class _Session:
     async def _stream(self) -> bool:
         """One Work stream. True when the run is over; False to reconnect."""
         async with open_aio_channel(self.server_url) as channel:
-            call = pb_grpc.OrchestratorServiceStub(channel).Work()
+            call = pb_grpc.OrchestratorServiceStub(channel).Work(metadata=self.metadata)
             stages = [
                 pb.StageSubscription(
                     stage=s,

@@ -26,7 +26,7 @@ import grpc
 
 from agentrun import _metrics
 from agentrun._agent_run import AgentRun
-from agentrun._client import Client, open_channel
+from agentrun._client import Client, auth_metadata, open_channel
 from agentrun._convert import agent_run_to_proto
 from agentrun._errors import WriterClosedError
 from agentrun._retry import Backoff, Failure, Verdict
@@ -216,8 +216,7 @@ class AgentRunWriter:
         self.backoff = backoff or Backoff()
         self._collection = collection_id.encode()
         self._compression = _COMPRESSION[compression]
-        api_key = api_key or os.environ.get("AGENTRUN_API_KEY")
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._metadata = auth_metadata(api_key)
         self._on_rejected = on_rejected
         self._buffer = _Buffer(queue_maxsize)
         self._summary = WriteSummary()
@@ -498,7 +497,7 @@ def init(
         RpcError: the server is unreachable, the collection or workflow does not exist, or the
             collection is bound to another workflow.
     """
-    with Client(server_url) as client:
+    with Client(server_url, api_key=api_key) as client:
         if collection_id is None:
             collection_id = client.create_collection(
                 collection_name, workflow=workflow or ""
