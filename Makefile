@@ -60,8 +60,7 @@ bench-orchestrate: install
 run: install
 	$(BIN)/agentrun serve --db $(AGENTRUN_DB)
 
-# typecheck joins ci once mypy is clean (see the tracker).
-ci: gen-check lint test
+ci: gen-check lint typecheck test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

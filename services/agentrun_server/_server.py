@@ -101,7 +101,7 @@ class Server:
     def __init__(self, config: ServerConfig, registry: CollectorRegistry | None = None) -> None:
         # The `_created` series double what go-grpc-prometheus dashboards expect to see, and no
         # panel uses them (process-wide: prometheus-client has no per-registry switch).
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.port = 0
@@ -111,7 +111,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._dispatcher: Dispatcher | None = None
         self._backlog: BacklogCollector | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped
 
     async def start(self) -> None:
         """Open storage and start serving.

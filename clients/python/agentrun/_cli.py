@@ -217,8 +217,8 @@ def _upload(args: argparse.Namespace) -> int:
     )
     for rejected in summary.rejected:
         print(f"  rejected {rejected.agent_run_id}: {rejected.reason}: {rejected.message}")
-    for error in summary.errors:
-        print(f"  error: {error}")
+    for message in summary.errors:
+        print(f"  error: {message}")
     return 0 if summary.ok else 1
 
 

@@ -168,7 +168,11 @@ class Client:
             page = self._call(
                 self.orchestrator.ListTasks,
                 orchestrator_pb.ListTasksRequest(
-                    workflow=workflow, stage=stage, state=state, page_size=1000, page_token=token
+                    workflow=workflow,
+                    stage=stage,
+                    state=workflow_pb2.TaskState.ValueType(state),
+                    page_size=1000,
+                    page_token=token,
                 ),
             )
             tasks += page.tasks

@@ -156,14 +156,14 @@ def _tool_call_from_proto(call: pb.ToolCall) -> ToolCall:
     if call.HasField("view"):
         view = ToolCallContent(
             title=call.view.title if call.view.HasField("title") else None,
-            format=call.view.format,  # type: ignore[arg-type]
+            format=call.view.format,
             content=call.view.content,
         )
     return ToolCall(
         id=call.id,
         function=call.function,
         arguments=struct_from_proto(call.arguments),
-        type=call.type if call.HasField("type") else None,  # type: ignore[arg-type]
+        type=call.type if call.HasField("type") else None,
         parse_error=call.parse_error if call.HasField("parse_error") else None,
         view=view,
     )
@@ -253,13 +253,13 @@ def message_from_proto(message: pb.ChatMessage) -> ChatMessage:
             tool_calls=[_tool_call_from_proto(c) for c in a.tool_calls] or None,
         )
     if role == "tool":
-        t = message.tool
+        tool = message.tool
         return ToolMessage(
             id=message_id,
             content=content,
-            tool_call_id=t.tool_call_id if t.HasField("tool_call_id") else None,
-            function=t.function if t.HasField("function") else None,
-            error=struct_from_proto(t.error) if t.HasField("error") else None,
+            tool_call_id=tool.tool_call_id if tool.HasField("tool_call_id") else None,
+            function=tool.function if tool.HasField("function") else None,
+            error=struct_from_proto(tool.error) if tool.HasField("error") else None,
         )
     raise ValueError("chat message has no role")
 
@@ -301,7 +301,7 @@ def agent_run_to_proto(run: AgentRun) -> pb.AgentRun:
 
 def _score_from_proto(score: pb.Score) -> bool | int | float | None:
     kind = score.WhichOneof("kind")
-    return None if kind is None else getattr(score, kind)  # type: ignore[no-any-return]
+    return None if kind is None else getattr(score, kind)
 
 
 def agent_run_from_proto(

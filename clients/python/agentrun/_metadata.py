@@ -77,7 +77,7 @@ class BaseMetadata(BaseModel):
             data[_DESCRIPTIONS_KEY] = dict(self._field_descriptions)
         return data
 
-    def model_dump(  # type: ignore[override]
+    def model_dump(
         self, *args: Any, strip_internal_fields: bool = False, **kwargs: Any
     ) -> dict[str, Any]:
         """Dump to a dict; `strip_internal_fields=True` drops the description bookkeeping keys."""

@@ -75,7 +75,7 @@ class Failure:
 def retry_delay_seconds(call: grpc.Call) -> float | None:
     """The RetryInfo delay in a call's `grpc-status-details-bin` trailer, or None."""
     for key, value in call.trailing_metadata() or ():
-        if key != STATUS_DETAILS_KEY:
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
             continue
         status = status_pb2.Status.FromString(value)
         for detail in status.details:

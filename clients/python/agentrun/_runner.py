@@ -405,7 +405,10 @@ class _Session:
     async def _stream(self) -> bool:
         """One Work stream. True when the run is over; False to reconnect."""
         async with open_aio_channel(self.server_url) as channel:
-            call = pb_grpc.OrchestratorServiceStub(channel).Work(metadata=self.metadata)
+            # Written to with call.write(); grpc-stubs 1.53 wants a request iterator.
+            call = pb_grpc.OrchestratorServiceStub(channel).Work(  # type: ignore[call-arg]
+                metadata=self.metadata
+            )
             stages = [
                 pb.StageSubscription(
                     stage=s,
@@ -460,7 +463,7 @@ class _Session:
                     if read not in done:
                         continue
                     response, read = read.result(), None
-                    if response is grpc.aio.EOF:
+                    if response is grpc.aio.EOF:  # type: ignore[attr-defined]  # not in grpc-stubs
                         return self.stopping.is_set()
                     kind = response.WhichOneof("kind")
                     if kind == "leases":

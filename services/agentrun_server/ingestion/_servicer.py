@@ -163,7 +163,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         collections = await self._storage.list_collections()
         return pb.ListCollectionsResponse(collections=[collection_to_proto(c) for c in collections])
 
-    async def UploadAgentRuns(
+    async def UploadAgentRuns(  # type: ignore[override]  # requests arrive as RawUpload (_wire)
         self, request_iterator: AsyncIterator[RawUpload], context: Context
     ) -> pb.UploadAgentRunsResponse:
         """Store each message's runs in one transaction, answering per run (partial success).
@@ -228,7 +228,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             size = len(data)
             received_bytes += size
             try:
-                run = run_pb.AgentRun.FromString(data)
+                run = run_pb.AgentRun.FromString(data)  # type: ignore[arg-type]  # upb takes any buffer
             except DecodeError:
                 self._reject(
                     response,
@@ -266,10 +266,10 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         outcomes = await self._storage.insert_runs(request.collection_id, runs, time.time())
         self._metrics.commit_seconds.observe(time.perf_counter() - started)
         accepted = duplicates = stored_bytes = 0
-        for (index, run_id), run, outcome in zip(positions, runs, outcomes, strict=True):
+        for (index, run_id), new_run, outcome in zip(positions, runs, outcomes, strict=True):
             if outcome.status is InsertStatus.ACCEPTED:
                 accepted += 1
-                stored_bytes += len(run.data)
+                stored_bytes += len(new_run.data)
             elif outcome.status is InsertStatus.DUPLICATE:
                 duplicates += 1
             else:
@@ -295,7 +295,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         response: pb.UploadAgentRunsResponse,
         index: int,
         run_id: str,
-        reason: int,
+        reason: pb.RejectionReason.ValueType,
         field: str,
         message: str,
     ) -> None:
@@ -304,11 +304,11 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             agent_run_id=run_id,
             reason=reason,
             field=field,
-            message=message,  # type: ignore[arg-type]
+            message=message,
         )
         self._metrics.rejected_runs.labels(
             pb.RejectionReason.Name(reason).removeprefix("REJECTION_REASON_").lower()
-        ).inc()  # type: ignore[arg-type]
+        ).inc()
 
     async def GetAgentRun(
         self, request: pb.GetAgentRunRequest, context: Context

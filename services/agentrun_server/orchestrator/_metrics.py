@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from functools import cache
 from typing import Any
 
@@ -91,7 +91,7 @@ class BacklogCollector(Collector):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        snapshot: Callable[[], Awaitable[tuple[list[StageBacklog], dict[str, int]]]],
+        snapshot: Callable[[], Coroutine[Any, Any, tuple[list[StageBacklog], dict[str, int]]]],
     ) -> None:
         self._loop = loop
         self._snapshot = snapshot

@@ -26,7 +26,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from agentrun_server.serving._handlers import rewrap, yields_responses
+from agentrun_server.serving._handlers import ServerInterceptor, rewrap, yields_responses
 
 _LABELS = ("grpc_type", "grpc_service", "grpc_method")
 
@@ -104,7 +104,7 @@ class GrpcServerMetrics:
                     self.handled.labels(*labels, go_code(code))
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(ServerInterceptor):
     """Counts every call of a grpc.aio server into `GrpcServerMetrics`.
 
     Put it first in the server's interceptors, so it sees the status other interceptors settle on.
@@ -116,9 +116,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler

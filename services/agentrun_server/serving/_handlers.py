@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -13,8 +13,13 @@ from google.protobuf.message_factory import GetMessageClass
 Wrap = Callable[[Callable[..., Any], bool, bool], Callable[..., Any]]
 """(behavior, client_streaming, server_streaming) -> the behavior to serve instead."""
 
+if TYPE_CHECKING:  # grpc-stubs make it generic; grpcio's class is not subscriptable
+    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    ServerInterceptor = grpc.aio.ServerInterceptor
+
 # handler attribute, client streaming, server streaming, handler factory
-_KINDS: tuple[tuple[str, bool, bool, Callable[..., grpc.RpcMethodHandler]], ...] = (
+_KINDS: tuple[tuple[str, bool, bool, Callable[..., grpc.RpcMethodHandler[Any, Any]]], ...] = (
     ("unary_unary", False, False, grpc.unary_unary_rpc_method_handler),
     ("stream_unary", True, False, grpc.stream_unary_rpc_method_handler),
     ("unary_stream", False, True, grpc.unary_stream_rpc_method_handler),
@@ -29,7 +34,7 @@ def yields_responses(behavior: Callable[..., Any]) -> bool:
     return inspect.isasyncgenfunction(behavior)
 
 
-def rewrap(handler: grpc.RpcMethodHandler, wrap: Wrap) -> grpc.RpcMethodHandler:
+def rewrap(handler: grpc.RpcMethodHandler[Any, Any], wrap: Wrap) -> grpc.RpcMethodHandler[Any, Any]:
     """`handler` with its behavior replaced by `wrap(behavior, client_streaming, server_streaming)`."""
     for attribute, client_streaming, server_streaming, factory in _KINDS:
         behavior = getattr(handler, attribute)
@@ -69,4 +74,6 @@ def add_service(
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
-    server.add_registered_method_handlers(service.full_name, handlers)
+    server.add_registered_method_handlers(  # type: ignore[attr-defined]  # grpcio 1.62+, not stubbed
+        service.full_name, handlers
+    )

@@ -25,7 +25,7 @@ from agentrun_server._errors import (
     ServerError,
     Unavailable,
 )
-from agentrun_server.serving._handlers import rewrap, yields_responses
+from agentrun_server.serving._handlers import ServerInterceptor, rewrap, yields_responses
 
 _log = logging.getLogger(__name__)
 
@@ -103,14 +103,16 @@ def _wrap(
     return unary
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(ServerInterceptor):
     """Turns server errors raised by any handler into their status (see STATUS_CODES)."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler

@@ -116,7 +116,8 @@ def _hot_path(tasks: Callable[..., int]) -> Callable[[Callable[..., T]], Callabl
                     # Rolled back: wait for the other process on the storage thread.
                 finally:
                     self._lock.release()
-            return await threaded(self, *args, **kwargs)
+            result: T = await threaded(self, *args, **kwargs)
+            return result
 
         return wrapper
 
@@ -149,7 +150,7 @@ def _stale(task_id: int, lease_id: str, row: tuple[Any, ...] | None) -> Ack | No
 
 def backoff_seconds(attempt: int, initial: float, maximum: float) -> float:
     """Delay before retrying after failed attempt `attempt` (from 1): doubling, +-20 % jitter."""
-    base = min(maximum, initial * 2 ** max(0, attempt - 1))
+    base = min(maximum, initial * 2.0 ** max(0, attempt - 1))
     return base * random.uniform(1 - _JITTER, 1 + _JITTER)
 
 
@@ -636,7 +637,7 @@ class SqliteStorage:
             ).fetchall()
         )
         leased.sort(key=lambda row: (-row[8], row[10], row[0]))
-        return [LeasedTask(*row, run_data=data[row[6]]) for row in leased]
+        return [LeasedTask._make((*row, data[row[6]])) for row in leased]
 
     @_hot_path(lambda items, request, now: len(items) + request.limit)
     def complete_and_claim(
@@ -732,30 +733,30 @@ class SqliteStorage:
                 follow.append((item.task_id, stage.name, stage.max_attempts))
             acks.append(None)
         for start in range(0, len(done), _INSERT_ROWS):
-            chunk = done[start : start + _INSERT_ROWS]
+            settled = done[start : start + _INSERT_ROWS]
             db.execute(
                 "WITH d (id, pathway, output) AS (VALUES "
-                + ", ".join(["(?, ?, ?)"] * len(chunk))
+                + ", ".join(["(?, ?, ?)"] * len(settled))
                 + ") UPDATE tasks SET state = 'done', pathway = d.pathway, output = d.output, "
                 "finished_at = ?, lease_deadline = NULL, session_id = NULL "
                 "FROM d WHERE tasks.id = d.id",
-                [*(value for row in chunk for value in row), now],
+                [*(value for row in settled for value in row), now],
             )
         next_ids: dict[int, int] = {}
         for start in range(0, len(follow), _INSERT_ROWS):
-            chunk = follow[start : start + _INSERT_ROWS]
+            created = follow[start : start + _INSERT_ROWS]
             next_ids.update(
                 (previous, task)
                 for task, previous in db.execute(
                     "WITH n (previous, stage, max_attempts) AS (VALUES "
-                    + ", ".join(["(?, ?, ?)"] * len(chunk))
+                    + ", ".join(["(?, ?, ?)"] * len(created))
                     + ") INSERT INTO tasks (workflow, stage, agent_run_id, collection_id, "
                     "state, priority, max_attempts, created_at, ready_at, input, "
                     "previous_task_id) SELECT t.workflow, n.stage, t.agent_run_id, "
                     "t.collection_id, 'ready', t.priority, n.max_attempts, ?, ?, t.output, "
                     "t.id FROM n JOIN tasks t ON t.id = n.previous "
                     "RETURNING id, previous_task_id",
-                    [*(value for row in chunk for value in row), now, now],
+                    [*(value for row in created for value in row), now, now],
                 )
             )
         return [
@@ -973,7 +974,8 @@ class SqliteStorage:
                 (row[0],),
             )
         )
-        return TaskRecord(*row[:5], TaskState(row[5]), *row[6:], failures=failures)
+        fields = [*row[:5], TaskState(row[5]), *row[6:], failures]
+        return TaskRecord(*fields)
 
     @_in_thread
     def get_task(self, task_id: int) -> TaskRecord:
