@@ -157,13 +157,21 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
             (
                 "Failed attempts / s",
                 "ops",
-                "Failures reported by workers, by what followed (retry, dead); and lease expiries.",
+                "Failures reported by workers, by what followed (retry, dead); lease expiries; and "
+                "tasks that became dead letters, by how their last attempt ended.",
                 [
                     (
                         f"sum by (workflow, stage, result) (rate(agentrun_tasks_failed_total[{RATE}]))",
                         "{{workflow}}/{{stage}} {{result}}",
                     ),
-                    (f"sum(rate(agentrun_tasks_expired_leases_total[{RATE}]))", "lease expired"),
+                    (
+                        f"sum by (workflow, stage) (rate(agentrun_tasks_expired_leases_total[{RATE}]))",
+                        "{{workflow}}/{{stage}} lease expired",
+                    ),
+                    (
+                        f"sum by (workflow, stage, reason) (rate(agentrun_tasks_dead_total[{RATE}]))",
+                        "{{workflow}}/{{stage}} dead ({{reason}})",
+                    ),
                 ],
             ),
             (

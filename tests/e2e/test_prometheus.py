@@ -231,6 +231,86 @@ async def drive_traffic(ingestion: Server, orchestrator: Server) -> None:
     summary = await asyncio.to_thread(runner, num_retries=0)
     assert sum(summary.completed.values()) == 80  # 40 triaged, then reviewed
     assert sum(summary.dead.values()) == 20
+    await end_leases(ingestion_url, orchestrator_url, orchestrator.registry)
+
+
+async def end_leases(
+    ingestion_url: str, orchestrator_url: str, registry: CollectorRegistry
+) -> None:
+    """Two tasks on their last attempt: one worker lets its lease expire, another's stream closes.
+    Returns once the orchestrator has ended both leases."""
+
+    def set_up() -> None:
+        with Client(orchestrator_url) as client:
+            client.apply_workflow(
+                workflow_pb2.Workflow(
+                    name="holding",
+                    stages=[
+                        workflow_pb2.Stage(
+                            name="hold", retry_policy=workflow_pb2.RetryPolicy(max_attempts=1)
+                        )
+                    ],
+                )
+            )
+        with Client(ingestion_url) as client:
+            collection = client.create_collection("held", workflow="holding").collection
+        with AgentRunWriter(collection.id, ingestion_url, flush_interval=0.01) as writer:
+            writer.log_agent_runs(make_run(1000 + i) for i in range(2))
+
+    await asyncio.to_thread(set_up)
+    async with grpc.aio.insecure_channel(orchestrator_url) as channel:
+        stub = orchestrator_grpc.OrchestratorServiceStub(channel)
+        calls = []
+        for lease_seconds in (0.2, 60.0):
+            call = stub.Work()
+            subscribe = orchestrator_pb.Subscribe(
+                workflow="holding", stages=[orchestrator_pb.StageSubscription(stage="hold")]
+            )
+            subscribe.credits = 1
+            subscribe.lease_duration.FromMilliseconds(int(lease_seconds * 1000))
+            await call.write(orchestrator_pb.WorkRequest(subscribe=subscribe))
+            while (await asyncio.wait_for(call.read(), 10)).WhichOneof("kind") != "leases":
+                pass
+            calls.append(call)
+        expiring, closing = calls
+        closing.cancel()
+
+        def ended() -> float:  # off the loop, as a scrape is: the backlog collector uses it
+            return sum(
+                registry.get_sample_value(
+                    "agentrun_tasks_dead_total",
+                    {"workflow": "holding", "stage": "hold", "reason": reason},
+                )
+                or 0
+                for reason in ("lease_expired", "stream_closed")
+            )
+
+        deadline = time.monotonic() + 10
+        while await asyncio.to_thread(ended) < 2:
+            assert time.monotonic() < deadline, "the orchestrator did not end both leases"
+            await asyncio.sleep(0.05)
+        expiring.cancel()
+
+
+async def test_leases_the_server_ends_are_counted_by_stage_and_dead_letters_by_reason(
+    server: Server,
+) -> None:
+    url = f"127.0.0.1:{server.port}"
+    await end_leases(url, url, server.registry)
+    hold = {"workflow": "holding", "stage": "hold"}
+    dead = "agentrun_tasks_dead_total"
+    samples = await asyncio.to_thread(
+        lambda: [
+            server.registry.get_sample_value(name, labels)
+            for name, labels in [
+                ("agentrun_tasks_expired_leases_total", hold),
+                (dead, {**hold, "reason": "lease_expired"}),
+                (dead, {**hold, "reason": "stream_closed"}),
+                (dead, {**hold, "reason": "failed"}),
+            ]
+        ]
+    )
+    assert samples == [1, 1, 1, None]
 
 
 async def test_every_panel_and_alert_expression_against_prometheus(
@@ -287,7 +367,7 @@ async def test_every_panel_and_alert_expression_against_prometheus(
     assert loaded == {name: "ok" for name, _ in alert_expressions()}
     # The traffic is in the figures, not only in the series.
     assert value_of(results, "Runs / s", "agentrun_ingest_stored_runs_total") > 0
-    assert value_of(results, "Dead tasks", "agentrun_stage_tasks") == 20
+    assert value_of(results, "Dead tasks", "agentrun_stage_tasks") == 22
 
 
 def value_of(results: dict[tuple[str, str], dict[str, Any]], title: str, metric: str) -> float:

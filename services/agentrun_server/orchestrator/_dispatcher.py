@@ -24,6 +24,7 @@ from agentrun_server.storage import (
     Ack,
     ClaimRequest,
     Completion,
+    EndedLease,
     LeasedTask,
     Release,
     StageBacklog,
@@ -157,10 +158,22 @@ class Dispatcher:
             self._metrics.workers.dec()
         ended = await self._storage.release_session(session.id, self._clock())
         if ended:
+            dead = self._count_ended(ended, "stream_closed")
             _log.info(
-                "session %s closed holding %d leases; they are ready again", session.id, ended
+                "session %s closed holding %d leases: %d tasks ready again, %d dead",
+                session.id,
+                len(ended),
+                len(ended) - dead,
+                dead,
             )
         self.wake()
+
+    def _count_ended(self, ended: list[EndedLease], reason: str) -> int:
+        """Count dead letters among leases the server ended; return how many."""
+        dead = [lease for lease in ended if lease.dead]
+        for lease in dead:
+            self._metrics.child(self._metrics.dead, lease.workflow, lease.stage, reason).inc()
+        return len(dead)
 
     def _claim_request(self, session: Session, limit: int) -> ClaimRequest:
         return ClaimRequest(
@@ -213,8 +226,11 @@ class Dispatcher:
                 now = self._clock()
                 if now >= next_expiry:
                     expired = await self._storage.expire_leases(now)
-                    if expired:
-                        self._metrics.expired.inc(expired)
+                    for lease in expired:
+                        self._metrics.child(
+                            self._metrics.expired, lease.workflow, lease.stage
+                        ).inc()
+                    self._count_ended(expired, "lease_expired")
                     next_expiry = now + self._expiry_interval
                 await self._pass(now)
             except Exception:

@@ -30,7 +30,8 @@ TASK_STATES = ("ready", "scheduled", "leased", "done", "dead", "cancelled")
 
 
 class OrchestratorMetrics:
-    """Tasks leased, completed by pathway, failed, expired, redriven; queue wait and run time."""
+    """Tasks leased, completed by pathway, failed, expired, dead, redriven; queue wait and run
+    time."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.leased = Counter(
@@ -51,6 +52,14 @@ class OrchestratorMetrics:
         self.expired = Counter(
             "agentrun_tasks_expired_leases",
             "Leases that passed their deadline unsettled (each costs an attempt).",
+            ["workflow", "stage"],
+            registry=registry,
+        )
+        self.dead = Counter(
+            "agentrun_tasks_dead",
+            "Tasks that became dead letters, by how their last attempt ended: failed (non-"
+            "retryable, or attempts exhausted), lease_expired, or stream_closed.",
+            ["workflow", "stage", "reason"],
             registry=registry,
         )
         self.redriven = Counter(

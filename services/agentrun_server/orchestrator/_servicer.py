@@ -213,9 +213,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 ],
                 now,
             )
+            metrics, workflow = self._metrics, session.workflow.name
             for ack in acks:
                 if ack.result in ("retry", "dead"):
-                    self._metrics.failed.labels(session.workflow.name, ack.stage, ack.result).inc()
+                    metrics.child(metrics.failed, workflow, ack.stage, ack.result).inc()
+                if ack.result == "dead":
+                    metrics.child(metrics.dead, workflow, ack.stage, "failed").inc()
         elif kind == "extend_leases":
             acks = await self._storage.extend(
                 [

@@ -35,6 +35,7 @@ from agentrun_server.storage._types import (
     ClaimRequest,
     Collection,
     Completion,
+    EndedLease,
     Extension,
     Failure,
     InsertOutcome,
@@ -886,16 +887,18 @@ class SqliteStorage:
 
     def _end_leases(
         self, db: sqlite3.Connection, where: str, args: tuple[Any, ...], why: str, now: float
-    ) -> int:
+    ) -> list[EndedLease]:
         """End the leases matching `where`: retry (attempt counted) or dead when exhausted."""
         rows = db.execute(
-            f"SELECT id, attempt, max_attempts, lease_id FROM tasks WHERE state = 'leased' AND "
-            f"{where}",
+            "SELECT id, attempt, max_attempts, lease_id, workflow, stage FROM tasks "
+            f"WHERE state = 'leased' AND {where}",
             args,
         ).fetchall()
-        for task_id, attempt, max_attempts, lease_id in rows:
+        ended = []
+        for task_id, attempt, max_attempts, lease_id, workflow, stage in rows:
             self._record_failure(db, task_id, attempt, lease_id, why, now)
-            if attempt >= max_attempts:
+            dead = attempt >= max_attempts
+            if dead:
                 self._set_dead(db, task_id, now)
             else:
                 db.execute(
@@ -903,10 +906,11 @@ class SqliteStorage:
                     "lease_deadline = NULL, session_id = NULL WHERE id = ?",
                     (now, task_id),
                 )
-        return len(rows)
+            ended.append(EndedLease(task_id, workflow, stage, dead))
+        return ended
 
     @_in_thread
-    def release_session(self, session_id: str, now: float) -> int:
+    def release_session(self, session_id: str, now: float) -> list[EndedLease]:
         """End every lease a closed Work session holds (the attempts count: it may have crashed)."""
         with self._transaction() as db:
             return self._end_leases(
@@ -914,8 +918,8 @@ class SqliteStorage:
             )
 
     @_in_thread
-    def expire_leases(self, now: float) -> int:
-        """End every lease past its deadline; return how many."""
+    def expire_leases(self, now: float) -> list[EndedLease]:
+        """End every lease past its deadline."""
         with self._transaction() as db:
             return self._end_leases(db, "lease_deadline < ?", (now,), "lease expired", now)
 

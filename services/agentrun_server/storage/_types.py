@@ -274,6 +274,16 @@ class Release(NamedTuple):
     lease_id: str
 
 
+class EndedLease(NamedTuple):
+    """A lease the server ended (expired, or its stream closed), at the cost of an attempt."""
+
+    task_id: int
+    workflow: str
+    stage: str
+    dead: bool
+    """The attempt was the task's last: it is dead; else it is ready again."""
+
+
 class AckCode(enum.IntEnum):
     """Outcome of one settle item, with the canonical gRPC status numbers."""
 
