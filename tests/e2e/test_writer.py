@@ -6,11 +6,13 @@ Every run is counted in the SQLite file itself: the server's word is not taken f
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +28,7 @@ from agentrun import (
     Client,
     RejectedRun,
     Transcript,
+    WriterClosedError,
     agent_run_to_proto,
     load_agent_runs,
 )
@@ -359,6 +362,41 @@ async def test_one_call_logging_more_runs_than_the_queue_holds_streams_through_i
         raise
     summary = await asyncio.to_thread(writer.finish)
     assert summary.ok and summary.accepted == 1_000
+
+
+def test_finish_from_another_thread_accounts_for_a_caller_waiting_for_room() -> None:
+    # As from a signal handler while the main thread logs into a full queue: every run is either
+    # in the summary or named in the caller's error, none silently dropped.
+    writer = AgentRunWriter(
+        "c",
+        f"127.0.0.1:{free_port()}",  # nothing listens: the queue fills and stays full
+        num_workers=1,
+        queue_maxsize=10,
+        batch_size=5,
+        flush_interval=0.01,
+        backoff=FAST_BACKOFF,
+    )
+    errors: list[BaseException] = []
+
+    def log() -> None:
+        try:
+            writer.log_agent_runs([make_run(f"r{i}") for i in range(100)])
+        except BaseException as exc:
+            errors.append(exc)
+
+    producer = threading.Thread(target=log)
+    producer.start()
+    time.sleep(0.5)
+    assert producer.is_alive()  # waiting for room
+    summary = writer.finish(force=True)
+    producer.join(timeout=10)
+    assert not producer.is_alive()
+    (error,) = errors
+    assert isinstance(error, WriterClosedError)
+    queued = re.search(r"the first (\d+) runs of this call were queued", str(error))
+    assert queued is not None, error
+    assert summary.accepted == 0 and 0 < summary.undelivered < 100
+    assert summary.undelivered == int(queued.group(1))  # counted in the summary, or named here
 
 
 async def test_an_upload_stream_over_the_limit_is_told_when_to_retry(small_server: Server) -> None:

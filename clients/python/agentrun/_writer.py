@@ -106,16 +106,20 @@ class _Buffer:
         self.draining = False  # no more lingering: partial batches go at once
         self.stopped = False
 
-    def put(self, items: Sequence[_Item], block: bool = True) -> None:
-        """Append items, waiting for room while full (never when `block` is false)."""
+    def put(self, items: Sequence[_Item], block: bool = True) -> list[_Item]:
+        """Append items, waiting for room while full (never when `block` is false). Return those
+        refused because the buffer stopped meanwhile: no worker would ever take them."""
         with self._cond:
-            for item in items:
+            for i, item in enumerate(items):
                 while block and 0 < self._maxsize <= len(self._items) and not self.stopped:
                     # Full of runs this very call added: the takers must hear of them first.
                     self._cond.notify_all()
                     self._cond.wait()
+                if self.stopped:
+                    return list(items[i:])
                 self._items.append(item)
             self._cond.notify_all()
+        return []
 
     def take(self, max_count: int, max_bytes: int, linger_seconds: float) -> list[_Item]:
         """The next batch: up to `max_count` runs and about `max_bytes`, waiting at most
@@ -268,16 +272,27 @@ class AgentRunWriter:
         this returns.
 
         Raises:
-            WriterClosedError: `finish()` was called.
+            WriterClosedError: `finish()` was called, before this call or while it waited for
+                room (the message says how many of its runs were queued).
             TypeError: a run's metadata is not JSON-like (raised here, in the caller); the runs
                 of earlier chunks are queued, none of its own chunk is.
             SpoolError: the spool could not be written; none of that chunk's runs were queued.
         """
         runs = iter(agent_runs)
+        queued = 0
         while chunk := list(itertools.islice(runs, self.batch_size)):
-            self._log_chunk(chunk)
+            taken = self._log_chunk(chunk)
+            queued += taken
+            if taken < len(chunk):
+                raise WriterClosedError(
+                    "finish() was called while log_agent_runs() waited for room: the first"
+                    f" {queued} runs of this call were queued, the rest were not"
+                    + (" (those of its last chunk stay in the spool)" if self._spool else "")
+                )
 
-    def _log_chunk(self, chunk: list[AgentRun | agent_run_pb2.AgentRun]) -> None:
+    def _log_chunk(self, chunk: list[AgentRun | agent_run_pb2.AgentRun]) -> int:
+        """Queue one chunk; return how many of its runs were queued (all, unless finish() ended
+        the writer while this waited for room)."""
         items = [
             _Item(run.id, run.SerializeToString(), self._collection)
             if isinstance(run, agent_run_pb2.AgentRun)
@@ -287,14 +302,21 @@ class AgentRunWriter:
         with self._lock:
             if self._closed:
                 raise WriterClosedError("log_agent_runs() after finish()")
-        if self._spool is not None:
-            segment = self._spool.append(self._collection, [item.data for item in items])
+        spool = self._spool  # finish() may let go of it meanwhile
+        if spool is not None:
+            segment = spool.append(self._collection, [item.data for item in items])
             for item in items:
                 item.segment = segment
         with self._lock:
             self._pending += len(items)
         _metrics.WRITER_QUEUED_RUNS.inc(len(items))
-        self._buffer.put(items)
+        refused = self._buffer.put(items)
+        if refused:  # finish() ended the writer meanwhile (say, from a signal handler)
+            _metrics.WRITER_QUEUED_RUNS.dec(len(refused))
+            with self._lock:
+                self._pending = max(0, self._pending - len(refused))
+                self._settled.notify_all()
+        return len(items) - len(refused)
 
     # --- shutdown -------------------------------------------------------------------------------
 
