@@ -235,12 +235,12 @@ class SqliteStorage:
         self._closing.set()
         if self._checkpointer is not None:
             await asyncio.to_thread(self._checkpointer.join)
+        await self._close()  # as every storage thread call, it wakes hot calls waiting their turn
+        self._executor.shutdown(wait=True)
         if self._loop_conn is not None:
-            self._loop = None
+            self._loop = None  # later calls go to the stopped storage thread, and fail
             self._loop_conn.close()
             self._loop_conn = self._local.conn = None
-        await self._close()
-        self._executor.shutdown(wait=True)
 
     @_in_thread
     def _close(self) -> None:
