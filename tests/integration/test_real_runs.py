@@ -57,3 +57,20 @@ def test_every_real_run_splits_within_the_limit(real_runs: list[AgentRun], limit
     for run in real_runs:
         split += len(assert_chunks_hold_the_run(run, limit)) > 1
     assert split > 0
+
+
+def test_every_real_runs_text_is_docents_formula(real_runs: list[AgentRun]) -> None:
+    # The seed's AgentRun.text, stated apart from the implementation, which renders each piece
+    # once so that to_text can pack the same pieces.
+    for run in real_runs:
+        transcripts = "\n\n".join(
+            f"<transcript {key}>\n{t.to_str(transcript_idx=i)}\n</transcript {key}>"
+            for i, (key, t) in enumerate(run.transcripts.items())
+        )
+        expected = (
+            "Here is a complete agent run for analysis purposes only:\n"
+            f"{transcripts}\n\n"
+            f"Metadata about the complete agent run:\n{run.metadata_block()}"
+        )
+        assert run.text == expected
+        assert run.to_text(10**9) == [expected]  # fits: the text itself, assembled the same way

@@ -8,7 +8,7 @@ from uuid import uuid4
 
 from pydantic import BaseModel, Field, field_serializer, field_validator, model_validator
 
-from agentrun._chunking import split_run_text
+from agentrun._chunking import render_text, split_run_text
 from agentrun._metadata import BaseAgentRunMetadata
 from agentrun._transcript import Transcript, render_yaml
 
@@ -69,15 +69,7 @@ class AgentRun(BaseModel):
         Byte-identical to Docent's seed-era `AgentRun.text` for runs without multiple reasoning
         parts per message.
         """
-        transcripts = "\n\n".join(
-            f"<transcript {key}>\n{t.to_str(transcript_idx=i)}\n</transcript {key}>"
-            for i, (key, t) in enumerate(self.transcripts.items())
-        )
-        return (
-            "Here is a complete agent run for analysis purposes only:\n"
-            f"{transcripts}\n\n"
-            f"Metadata about the complete agent run:\n{self.metadata_block()}"
-        )
+        return render_text(self)
 
     def to_text(self, token_limit: int = sys.maxsize) -> list[str]:
         """The run rendered as chunks of at most `token_limit` cl100k_base tokens each.

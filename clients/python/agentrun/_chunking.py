@@ -64,18 +64,64 @@ def split_run_text(run: AgentRun, token_limit: int) -> list[str]:
         raise ValueError(
             f"token_limit must be at least {MIN_TOKEN_LIMIT} tokens, got {token_limit}"
         )
-    text = run.text
+    rendered = _Rendered.of(run)  # once: the whole text and the chunks are made of the same pieces
+    text = rendered.text()
     if count_tokens(text) <= token_limit:
         return [text]
-    return _Packer(run, token_limit).chunks()
+    return _Packer(rendered, token_limit).chunks()
+
+
+def render_text(run: AgentRun) -> str:
+    """Implement `AgentRun.text`."""
+    return _Rendered.of(run).text()
+
+
+@dataclass(frozen=True, slots=True)
+class _Rendered:
+    """The run's text in pieces, each rendered once (rendering, mostly YAML, is the cost)."""
+
+    keys: list[str]
+    units: list[list[str]]
+    """Per transcript, each unit of action's blocks joined (the body of `<action unit k>`)."""
+    metadata: list[str]
+    """Per transcript, its `<metadata>` block."""
+    run_metadata: str
+    """The run's `<agent run metadata>` block."""
+
+    @classmethod
+    def of(cls, run: AgentRun) -> _Rendered:
+        transcripts = list(run.transcripts.values())
+        return cls(
+            list(run.transcripts),
+            [
+                ["\n".join(blocks) for blocks in t.unit_blocks(transcript_idx=i)]
+                for i, t in enumerate(transcripts)
+            ],
+            [t.metadata_block() for t in transcripts],
+            run.metadata_block(),
+        )
+
+    def text(self) -> str:
+        """`AgentRun.text`: each transcript as `Transcript.to_str` renders it, then the run's
+        metadata (tests hold this equal to Docent's formula on every real run)."""
+        transcripts = "\n\n".join(
+            f"<transcript {key}>\n<blocks>\n"
+            + "\n".join(action_unit(k, body) for k, body in enumerate(units))
+            + f"\n</blocks>\n{metadata}\n</transcript {key}>"
+            for key, units, metadata in zip(self.keys, self.units, self.metadata, strict=True)
+        )
+        return (
+            "Here is a complete agent run for analysis purposes only:\n"
+            f"{transcripts}\n\n{RUN_METADATA_HEADER}{self.run_metadata}"
+        )
 
 
 class _Packer:
-    def __init__(self, run: AgentRun, token_limit: int) -> None:
-        self.run = run
+    def __init__(self, rendered: _Rendered, token_limit: int) -> None:
+        self.rendered = rendered
         self.limit = token_limit
-        self.keys = list(run.transcripts)
-        run_metadata = RUN_METADATA_HEADER + run.metadata_block()
+        self.keys = rendered.keys
+        run_metadata = RUN_METADATA_HEADER + rendered.run_metadata
         # Small run metadata is repeated in every chunk: each chunk is often read on its own.
         self.repeated = run_metadata if count_tokens(run_metadata) <= token_limit // 4 else None
         self.fixed_tokens = count_tokens(PARTIAL_HEADER) + (
@@ -150,16 +196,15 @@ class _Packer:
         return f"<transcript {key}>\n" + "\n".join(inner) + f"\n</transcript {key}>"
 
     def _atoms(self) -> Iterator[_Atom]:
-        for i, transcript in enumerate(self.run.transcripts.values()):
-            for k, blocks in enumerate(transcript.unit_blocks(transcript_idx=i)):
-                body = "\n".join(blocks)
+        rendered = self.rendered
+        for i, (units, metadata) in enumerate(zip(rendered.units, rendered.metadata, strict=True)):
+            for k, body in enumerate(units):
                 yield from self._whole_or_parts(
                     i, False, f"action unit {k}", action_unit(k, body), body
                 )
-            metadata = transcript.metadata_block()
             yield from self._whole_or_parts(i, True, "metadata", metadata, _tag_body(metadata))
         if not self.repeated:
-            metadata = self.run.metadata_block()
+            metadata = rendered.run_metadata
             yield from self._whole_or_parts(
                 _RUN, True, "agent run metadata", metadata, _tag_body(metadata)
             )
