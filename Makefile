@@ -5,16 +5,23 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 AGENTRUN_DB ?= sqlite:///agentrun.db
+# The TypeScript client's packages (and its code generator) come from npm, where npm is present.
+TS := clients/typescript
+NPM := $(shell command -v npm 2>/dev/null)
+TS_STAMP := $(if $(NPM),$(TS)/node_modules/.package-lock.json)
 
 .PHONY: install gen gen-check lint format typecheck test run bench bench-model bench-ingest bench-orchestrate ci clean
 
-install: $(STAMP)
+install: $(STAMP) $(TS_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+$(TS)/node_modules/.package-lock.json: $(TS)/package.json $(TS)/package-lock.json
+	cd $(TS) && npm ci --no-audit --no-fund
 
 gen: install
 	$(BIN)/python scripts/gen_protos.py
@@ -63,4 +70,4 @@ run: install
 ci: gen-check lint typecheck test
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(TS)/node_modules

@@ -1,0 +1,37 @@
+"""The generated TypeScript client (clients/typescript) against a live server: its own node tests,
+run with $AGENTRUN_SERVER pointing at a real server on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agentrun_server import Server
+
+CLIENT = Path(__file__).resolve().parents[2] / "clients" / "typescript"
+
+
+async def test_the_typescript_clients_own_tests_pass_against_a_live_server(server: Server) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    if not (CLIENT / "node_modules").is_dir():
+        pytest.skip("clients/typescript/node_modules is missing: `make install` runs npm ci")
+    process = await asyncio.create_subprocess_exec(
+        node,
+        "--test",
+        "--test-reporter=spec",
+        "test/",
+        cwd=CLIENT,
+        env={**os.environ, "AGENTRUN_SERVER": f"127.0.0.1:{server.port}"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 120)
+    report = output.decode()
+    assert process.returncode == 0, report
+    assert "skipped 0" in report.replace("ℹ ", ""), report  # the live tests ran, not skipped
