@@ -150,7 +150,7 @@ class Server:
             self.registry.register(self._backlog)
             wake = self._dispatcher.wake
             orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-                OrchestratorServicer(storage, self._dispatcher, metrics), server
+                OrchestratorServicer(storage, self._dispatcher, metrics, limit), server
             )
         if "ingestion" in config.services:
             IngestionServicer(

@@ -170,6 +170,40 @@ def test_a_killed_workers_tasks_go_to_another_and_its_late_completions_are_rejec
     assert ack.code == STALE and "stale lease" in ack.message
 
 
+def test_lease_batches_of_large_runs_stay_under_the_message_limit(tmp_path: Path) -> None:
+    # 12 runs of ~800 kB leased at once would be a ~10 MB message: over this server's 4 MiB
+    # limit, the stream broke and each retry cost the tasks an attempt. Batches now stop at half
+    # the limit (2 MiB: two of these runs), and the rest follows in further batches.
+    limit = 4 * 1024 * 1024
+    with ServerProcess(tmp_path / "agentrun.db", None, "--max-message-bytes", str(limit)) as server:
+        with Client(server.url) as client:
+            client.apply_workflow(
+                WorkflowSpec.model_validate(
+                    {"name": "big", "stages": [{"name": "read"}]}
+                ).to_proto()
+            )
+            collection = client.create_collection("big", workflow="big").collection.id
+        runs = [tiny_run(i, "big") for i in range(12)]
+        for run in runs:
+            run.transcripts["t"].messages[0].content = "x" * 800_000
+        with AgentRunWriter(collection, server.url, max_batch_bytes=limit // 2) as writer:
+            writer.log_agent_runs(runs)
+
+        async def lease_all() -> list[int]:
+            worker = RawWorker(server.url)
+            try:
+                await worker.subscribe(["read"], credits=12, workflow="big")
+                batches: list[int] = []
+                while sum(batches) < 12:
+                    batches.append(len((await worker.next("leases")).leases))
+                return batches
+            finally:
+                await worker.close()
+
+        batches = asyncio.run(lease_all())
+    assert sum(batches) == 12 and max(batches) == 2, batches
+
+
 def test_an_expired_lease_goes_back_and_extend_keeps_a_long_task(server: ServerProcess) -> None:
     set_up(server.url, [{"name": "work", "lease_seconds": 1.0}], runs=1)
 

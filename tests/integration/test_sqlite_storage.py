@@ -167,3 +167,23 @@ print("held", flush=True)
 sys.stdin.readline()
 conn.execute("COMMIT")
 """
+
+
+async def test_a_claim_stops_at_its_byte_budget_but_always_takes_one(tmp_path: Path) -> None:
+    storage = await open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        await storage.put_workflow(WorkflowDef("one", (StageDef("a"),)), 1.0)
+        collection, _ = await storage.create_collection("c", "", "one", 1.0)
+        sizes = [300, 300, 300, 1000, 10]
+        await storage.insert_runs(
+            collection.id, [NewRun(f"r{i}", None, b"x" * n) for i, n in enumerate(sizes)], 1.0
+        )
+        batches = []
+        for _ in range(4):
+            request = ClaimRequest("s", "one", {"a": 10}, 10, None, max_bytes=700)
+            batches.append([len(t.run_data) for t in await storage.claim(request, 2.0)])
+        # FIFO order kept; a batch ends before the run that would cross 700 bytes; the 1,000-byte
+        # run, over the budget on its own, goes alone.
+        assert batches == [[300, 300], [300], [1000], [10]]
+    finally:
+        await storage.close()

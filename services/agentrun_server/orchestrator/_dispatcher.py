@@ -51,6 +51,8 @@ class Session:
     credits: int
     lease_seconds: float | None
     notify_when_empty: bool
+    max_batch_bytes: int
+    """Most encoded bytes one lease batch carries (the first lease goes regardless)."""
     outbox: asyncio.Queue[pb.WorkResponse | BaseException | None] = field(
         default_factory=asyncio.Queue
     )
@@ -182,6 +184,7 @@ class Dispatcher:
             {s: min(limit, n) for s, n in session.stage_quota.items()},
             limit,
             session.lease_seconds,
+            session.max_batch_bytes,
         )
 
     async def complete(
@@ -259,6 +262,8 @@ class Dispatcher:
                 continue
             if tasks:
                 self._deliver(session, tasks, now)
+                if len(tasks) < free:  # cut short by max_batch_bytes, maybe: another pass soon
+                    self.wake()
             elif session.notify_when_empty and not session.in_flight and not session.empty_sent:
                 stages = list(session.stage_quota)
                 if await self._storage.active_count(session.workflow.name, stages) == 0:

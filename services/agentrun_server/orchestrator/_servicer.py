@@ -55,15 +55,26 @@ def _task_ids(texts: Sequence[str]) -> list[int]:
     return ids
 
 
+DEFAULT_BATCH_BYTES = 16 * 1024 * 1024
+
+
 class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
-    """Serves `agentrun.v1.OrchestratorService` over a `Storage`, pushing through a Dispatcher."""
+    """Serves `agentrun.v1.OrchestratorService` over a `Storage`, pushing through a Dispatcher.
+
+    `max_message_bytes` is the server's message limit: lease batches stay within half of it.
+    """
 
     def __init__(
-        self, storage: Storage, dispatcher: Dispatcher, metrics: OrchestratorMetrics
+        self,
+        storage: Storage,
+        dispatcher: Dispatcher,
+        metrics: OrchestratorMetrics,
+        max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._storage = storage
         self._dispatcher = dispatcher
         self._metrics = metrics
+        self._max_batch_bytes = max_message_bytes // 2  # room for the leases' other fields
 
     # --- workflows ------------------------------------------------------------------------------
 
@@ -158,6 +169,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             credits=subscribe.credits,
             lease_seconds=lease_seconds,
             notify_when_empty=subscribe.notify_when_empty,
+            max_batch_bytes=min(
+                subscribe.max_batch_bytes or DEFAULT_BATCH_BYTES, self._max_batch_bytes
+            ),
         )
 
     async def _read(self, session: Session, requests: AsyncIterator[pb.WorkRequest]) -> None:

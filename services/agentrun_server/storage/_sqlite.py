@@ -590,13 +590,14 @@ class SqliteStorage:
         workflow = self._workflow(db, request.workflow)
         # Each stage's first ready tasks in dispatch order, read off its own range of the
         # tasks_ready index (a query over several stages at once would sort them all), then
-        # merged: the best `limit` overall, within each stage's own limit.
+        # merged: the best `limit` overall, within each stage's own limit, and `max_bytes`.
         per_stage = (
-            "SELECT * FROM (SELECT priority, ready_at, id, stage FROM tasks "
+            "SELECT * FROM (SELECT priority, ready_at, id, stage, coalesce(length(input), 0) + "
+            "(SELECT size_bytes FROM agent_runs r WHERE r.id = tasks.agent_run_id) FROM tasks "
             "WHERE state = 'ready' AND workflow = ? AND stage = ? AND ready_at <= ? "
             "ORDER BY priority DESC, ready_at, id LIMIT ?)"
         )
-        candidates: list[tuple[int, float, int, str]] = db.execute(
+        candidates: list[tuple[int, float, int, str, int]] = db.execute(
             " UNION ALL ".join([per_stage] * len(stages)),
             [
                 value
@@ -613,6 +614,13 @@ class SqliteStorage:
             return []
         candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
         chosen = candidates[: request.limit]
+        if request.max_bytes is not None:
+            total = 0
+            for i, candidate in enumerate(chosen):
+                total += candidate[4]
+                if i and total > request.max_bytes:
+                    del chosen[i:]
+                    break
         seconds = {
             stage: request.lease_seconds or workflow.stage(stage).lease_seconds for stage in stages
         }

@@ -247,6 +247,9 @@ class ClaimRequest:
     """Most tasks in all: the session's free credits."""
     lease_seconds: float | None
     """Lease duration; None uses each stage's."""
+    max_bytes: int | None = None
+    """Most encoded bytes (runs and stage inputs) in all; the first task goes regardless, so a
+    run larger than this still goes alone. None: no bound."""
 
 
 class Failure(NamedTuple):

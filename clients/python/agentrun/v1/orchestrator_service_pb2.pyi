@@ -297,6 +297,7 @@ class Subscribe(_message.Message):
     LEASE_DURATION_FIELD_NUMBER: _builtins.int
     WORKER_FIELD_NUMBER: _builtins.int
     NOTIFY_WHEN_EMPTY_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_BYTES_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     """The workflow whose stages the worker serves."""
     credits: _builtins.int
@@ -309,6 +310,12 @@ class Subscribe(_message.Message):
     """When true, the server sends `stages_empty` whenever this stream holds no task and its stages
     have no ready, scheduled or leased task. A worker that should exit once its stages are empty
     sets it.
+    """
+    max_batch_bytes: _builtins.int
+    """The most encoded run bytes one `LeaseBatch` carries, to keep it under this worker's largest
+    receivable message: a batch stops short of its credits rather than exceed it, and a single
+    run larger than it still goes alone. 0: the server's default (16 MiB, or half its message
+    limit if smaller).
     """
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageSubscription]:
@@ -327,10 +334,11 @@ class Subscribe(_message.Message):
         lease_duration: _duration_pb2.Duration | None = ...,
         worker: _builtins.str = ...,
         notify_when_empty: _builtins.bool = ...,
+        max_batch_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "lease_duration", b"lease_duration", "notify_when_empty", b"notify_when_empty", "stages", b"stages", "worker", b"worker", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "lease_duration", b"lease_duration", "max_batch_bytes", b"max_batch_bytes", "notify_when_empty", b"notify_when_empty", "stages", b"stages", "worker", b"worker", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -328,6 +328,16 @@ export declare type Subscribe = Message<"agentrun.v1.Subscribe"> & {
    * @generated from field: bool notify_when_empty = 6;
    */
   notifyWhenEmpty: boolean;
+
+  /**
+   * The most encoded run bytes one `LeaseBatch` carries, to keep it under this worker's largest
+   * receivable message: a batch stops short of its credits rather than exceed it, and a single
+   * run larger than it still goes alone. 0: the server's default (16 MiB, or half its message
+   * limit if smaller).
+   *
+   * @generated from field: uint32 max_batch_bytes = 7;
+   */
+  maxBatchBytes: number;
 };
 
 /**
