@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 
@@ -12,7 +14,7 @@ from agentrun.v1 import ingestion_service_pb2 as ingestion_pb
 from agentrun.v1 import ingestion_service_pb2_grpc as ingestion_grpc
 from agentrun.v1 import orchestrator_service_pb2 as orchestrator_pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as orchestrator_grpc
-from agentrun_server import Server
+from agentrun_server import IngestionLimits, Server, ServerConfig
 
 
 def make_run(i: int) -> agent_run_pb2.AgentRun:
@@ -144,3 +146,49 @@ async def test_a_pathway_the_stage_lacks_is_rejected_with_the_valid_ones(server:
         backlog = await orchestrator.GetBacklog(orchestrator_pb.GetBacklogRequest(workflow="w"))
         counts = {s.stage: (s.done_count, s.ready_count) for s in backlog.stages}
         assert counts == {"grade": (1, 0), "review": (0, 1)}
+
+
+async def test_run_pages_stay_under_the_message_limit_and_page_through_every_run(
+    tmp_path: Path,
+) -> None:
+    # 64 KiB messages: pages hold at most 32 KiB of runs, so 3 of these 10 kB runs each, however
+    # large a page_size is asked for. Before, one page of all ten went over the limit and failed.
+    limits = IngestionLimits(max_message_bytes=64 * 1024)
+    config = ServerConfig(
+        db=f"sqlite:///{tmp_path / 'agentrun.db'}", port=0, metrics_port=-1, limits=limits
+    )
+    server = Server(config)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = ingestion_grpc.IngestionServiceStub(channel)
+            collection = (
+                await stub.CreateCollection(ingestion_pb.CreateCollectionRequest(name="c"))
+            ).collection
+            for i in range(10):  # one per message: each fits, two would not
+                run = make_run(i)
+                run.transcripts[0].messages[0].text = "x" * 10_000
+                await stub.UploadAgentRuns(
+                    iter(
+                        [
+                            ingestion_pb.UploadAgentRunsRequest(
+                                collection_id=collection.id, agent_runs=[run]
+                            )
+                        ]
+                    )
+                )
+            pages, token = [], ""
+            while True:
+                page = await stub.ListAgentRuns(
+                    ingestion_pb.ListAgentRunsRequest(
+                        collection_id=collection.id, page_size=1000, page_token=token
+                    )
+                )
+                pages.append([stored.agent_run.id for stored in page.agent_runs])
+                token = page.next_page_token
+                if not token:
+                    break
+    finally:
+        await server.shutdown(grace_seconds=1)
+    assert [len(p) for p in pages] == [3, 3, 3, 1]
+    assert [run_id for p in pages for run_id in p] == [f"run-{i}" for i in range(10)]

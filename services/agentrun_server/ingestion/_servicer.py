@@ -322,11 +322,13 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         await self._storage.get_collection(id=request.collection_id)
         after = page_after(request.page_token)
         size = page_size(request.page_size)
-        runs = await self._storage.list_runs(request.collection_id, after, size + 1)
-        page = runs[:size]
+        # Pages stay within half the message limit: fewer runs than asked when they are large.
+        page, more = await self._storage.list_runs(
+            request.collection_id, after, size, self.limits.max_message_bytes // 2
+        )
         return pb.ListAgentRunsResponse(
             agent_runs=[_stored_run_to_proto(r, request.view) for r in page],
-            next_page_token=str(page[-1].seq) if len(runs) > size else "",
+            next_page_token=str(page[-1].seq) if more else "",
         )
 
     async def CountAgentRuns(

@@ -440,14 +440,34 @@ class SqliteStorage:
         return StoredRun(*row)
 
     @_in_thread
-    def list_runs(self, collection_id: str, after_seq: int, limit: int) -> list[StoredRun]:
-        """Return up to `limit` runs of a collection with seq > `after_seq`, in ingestion order."""
-        rows = self._db.execute(
-            "SELECT id, collection_id, ingested_at, data, seq FROM agent_runs "
-            "WHERE collection_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (collection_id, after_seq, limit),
+    def list_runs(
+        self, collection_id: str, after_seq: int, limit: int, max_bytes: int | None = None
+    ) -> tuple[list[StoredRun], bool]:
+        """Up to `limit` runs of a collection with seq > `after_seq`, in ingestion order, and
+        whether more follow. The page stops before the run that would take its encoded size over
+        `max_bytes` (the first run goes regardless); only the runs returned are read whole."""
+        db = self._db
+        sizes = db.execute(
+            "SELECT seq, size_bytes FROM agent_runs WHERE collection_id = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (collection_id, after_seq, limit + 1),
         ).fetchall()
-        return [StoredRun(*r) for r in rows]
+        more = len(sizes) > limit
+        kept, total = 0, 0
+        for _, size in sizes[:limit]:
+            total += size
+            if kept and max_bytes is not None and total > max_bytes:
+                more = True
+                break
+            kept += 1
+        if not kept:
+            return [], False
+        rows = db.execute(
+            "SELECT id, collection_id, ingested_at, data, seq FROM agent_runs "
+            "WHERE collection_id = ? AND seq > ? AND seq <= ? ORDER BY seq",
+            (collection_id, after_seq, sizes[kept - 1][0]),
+        ).fetchall()
+        return [StoredRun(*r) for r in rows], more
 
     @_in_thread
     def count_runs(self, collection_id: str) -> int:

@@ -469,7 +469,10 @@ class ListAgentRunsRequest(_message.Message):
     collection_id: _builtins.str
     """The collection to list."""
     page_size: _builtins.int
-    """Maximum runs per page; 0 means 100; values above 1000 are treated as 1000."""
+    """Maximum runs per page; 0 means 100; values above 1000 are treated as 1000. A page holds fewer
+    when its runs would take it over half the server's message limit (at least one run always):
+    page on until `next_page_token` is empty.
+    """
     page_token: _builtins.str
     """Token from a previous response's `next_page_token`; empty for the first page."""
     view: Global___AgentRunView.ValueType

@@ -425,7 +425,9 @@ export declare type ListAgentRunsRequest = Message<"agentrun.v1.ListAgentRunsReq
   collectionId: string;
 
   /**
-   * Maximum runs per page; 0 means 100; values above 1000 are treated as 1000.
+   * Maximum runs per page; 0 means 100; values above 1000 are treated as 1000. A page holds fewer
+   * when its runs would take it over half the server's message limit (at least one run always):
+   * page on until `next_page_token` is empty.
    *
    * @generated from field: uint32 page_size = 2;
    */
