@@ -29,9 +29,9 @@ from agentrun import (
     WorkflowSpec,
 )
 from agentrun.chat import UserMessage
+from agentrun.v1 import agent_run_pb2, workflow_pb2
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
-from agentrun.v1 import workflow_pb2
 
 from ..processes import ServerProcess
 
@@ -202,6 +202,69 @@ def test_lease_batches_of_large_runs_stay_under_the_message_limit(tmp_path: Path
 
         batches = asyncio.run(lease_all())
     assert sum(batches) == 12 and max(batches) == 2, batches
+
+
+def test_an_output_over_the_limit_is_refused_per_item_and_task_pages_stay_small(
+    tmp_path: Path,
+) -> None:
+    # A 2 MiB message limit: task pages hold at most 1 MiB of inputs and outputs.
+    args = ("--max-message-bytes", str(2 * 1024 * 1024))
+    with ServerProcess(tmp_path / "agentrun.db", None, *args) as server:
+        set_up(server.url, [{"name": "work"}], runs=4)
+
+        def output(size: int) -> agent_run_pb2.Value:
+            return agent_run_pb2.Value(string_value="x" * size)
+
+        async def complete() -> list[list[pb.Ack]]:
+            worker = RawWorker(server.url)
+            try:
+                await worker.subscribe(["work"], credits=4)
+                leases: list[pb.Lease] = []
+                while len(leases) < 4:
+                    leases += (await worker.next("leases")).leases
+                answers = []
+                # Each message under the 2 MiB limit: the oversize output is ours to refuse.
+                rounds = [
+                    [(0, 1_100_000), (1, 500_000)],
+                    [(0, 500_000), (2, 500_000), (3, 500_000)],
+                ]
+                for items in rounds:
+                    await worker.call.write(
+                        pb.WorkRequest(
+                            complete_tasks=pb.CompleteTasks(
+                                completions=[
+                                    pb.TaskCompletion(
+                                        task_id=leases[i].task_id,
+                                        lease_id=leases[i].lease_id,
+                                        output=output(size),
+                                    )
+                                    for i, size in items
+                                ]
+                            )
+                        )
+                    )
+                    answers.append(list((await worker.next("acks")).acks))
+                return answers
+            finally:
+                await worker.close()
+
+        first, again = asyncio.run(complete())
+        with Client(server.url) as client:
+            pages, token = [], ""
+            while True:
+                page = client._call(
+                    client.orchestrator.ListTasks,
+                    pb.ListTasksRequest(workflow="wf", page_size=100, page_token=token),
+                )
+                pages.append(len(page.tasks))
+                token = page.next_page_token
+                if not token:
+                    break
+    # The oversize output is refused alone; its lease is kept, and a smaller output completes it.
+    assert [a.code for a in first] == [3, 0]
+    assert "completions[0].output" in first[0].message and "1,048,576-byte" in first[0].message
+    assert [a.code for a in again] == [0, 0, 0]
+    assert pages == [2, 2]  # four 500 kB outputs, 1 MiB a page
 
 
 def test_an_expired_lease_goes_back_and_extend_keeps_a_long_task(server: ServerProcess) -> None:

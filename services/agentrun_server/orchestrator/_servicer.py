@@ -26,6 +26,7 @@ from agentrun_server.orchestrator._metrics import OrchestratorMetrics
 from agentrun_server.serving import page_after, page_size, seconds_of, to_duration, to_timestamp
 from agentrun_server.storage import (
     Ack,
+    AckCode,
     Completion,
     Extension,
     Failure,
@@ -36,6 +37,19 @@ from agentrun_server.storage import (
 )
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+MAX_OUTPUT_BYTES = 1024 * 1024
+"""The largest encoded stage output a completion may carry: outputs are results (scores, labels,
+summaries) that ride along as the next stage's input and in task listings, not payloads."""
+MAX_ERROR_CHARS = 64 * 1024
+"""Longer failure messages are stored clipped to this many characters (the tail is dropped)."""
+
+
+def _clip(error: str) -> str:
+    if len(error) <= MAX_ERROR_CHARS:
+        return error
+    return error[:MAX_ERROR_CHARS] + f"... [clipped from {len(error):,} characters]"
 
 
 def _task_id(text: str) -> int:
@@ -199,7 +213,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 )
                 for c in request.complete_tasks.completions
             ]
-            acks, leased = await self._dispatcher.complete(session, completions, now)
+            acks, leased = await self._complete(session, completions, now)
             metrics, workflow = self._metrics, session.workflow.name
             done: dict[tuple[str, str], int] = {}
             for item, ack in zip(completions, acks, strict=True):
@@ -219,7 +233,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                     Failure(
                         _task_id(f.task_id),
                         f.lease_id,
-                        f.error,
+                        _clip(f.error),
                         f.non_retryable,
                         seconds_of(f.retry_after) if f.HasField("retry_after") else None,
                     )
@@ -267,6 +281,29 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             await self._dispatcher.push(session, leased, now)
         self._dispatcher.wake()
 
+    async def _complete(
+        self, session: Session, completions: list[Completion], now: float
+    ) -> tuple[list[Ack], list[LeasedTask]]:
+        """Complete through the dispatcher, refusing outputs over MAX_OUTPUT_BYTES item by item
+        (INVALID_ARGUMENT: the lease is kept, so the worker can complete again)."""
+        oversize = {
+            i: Ack(
+                c.task_id,
+                c.lease_id,
+                AckCode.INVALID_ARGUMENT,
+                f"completions[{i}].output: {len(c.output):,} bytes encoded, over the "
+                f"{MAX_OUTPUT_BYTES:,}-byte limit",
+            )
+            for i, c in enumerate(completions)
+            if c.output is not None and len(c.output) > MAX_OUTPUT_BYTES
+        }
+        if not oversize:
+            return await self._dispatcher.complete(session, completions, now)
+        kept = [c for i, c in enumerate(completions) if i not in oversize]
+        acks, leased = await self._dispatcher.complete(session, kept, now)
+        stored = iter(acks)
+        return [oversize.get(i) or next(stored) for i in range(len(completions))], leased
+
     @staticmethod
     def _settled(session: Session, acks: list[Ack], kind: str) -> None:
         """Free the credits of leases this stream no longer holds."""
@@ -307,13 +344,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         after = page_after(request.page_token)
         size = page_size(request.page_size)
         state = TASK_STATES_FROM_PROTO.get(request.state)
-        tasks = await self._storage.list_tasks(
-            request.workflow, request.stage, state, after, size + 1
+        page, more = await self._storage.list_tasks(
+            request.workflow, request.stage, state, after, size, self._max_batch_bytes
         )
-        page = tasks[:size]
         return pb.ListTasksResponse(
             tasks=[task_to_proto(t) for t in page],
-            next_page_token=str(page[-1].id) if len(tasks) > size else "",
+            next_page_token=str(page[-1].id) if more else "",
         )
 
     async def RedriveTasks(

@@ -125,6 +125,19 @@ def _hot_path(tasks: Callable[..., int]) -> Callable[[Callable[..., T]], Callabl
     return decorate
 
 
+def _within(sizes: list[tuple[int, int]], limit: int, max_bytes: int | None) -> tuple[int, bool]:
+    """How many of a page's first rows to return, and whether more follow: at most `limit` rows
+    whose sizes (the second column) sum to at most `max_bytes`, the first row regardless.
+    `sizes` holds up to `limit + 1` rows, so that one more tells there are more."""
+    kept, total = 0, 0
+    for _, size in sizes[:limit]:
+        total += size
+        if kept and max_bytes is not None and total > max_bytes:
+            return kept, True
+        kept += 1
+    return kept, len(sizes) > limit
+
+
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
@@ -452,14 +465,7 @@ class SqliteStorage:
             "ORDER BY seq LIMIT ?",
             (collection_id, after_seq, limit + 1),
         ).fetchall()
-        more = len(sizes) > limit
-        kept, total = 0, 0
-        for _, size in sizes[:limit]:
-            total += size
-            if kept and max_bytes is not None and total > max_bytes:
-                more = True
-                break
-            kept += 1
+        kept, more = _within(sizes, limit, max_bytes)
         if not kept:
             return [], False
         rows = db.execute(
@@ -1025,9 +1031,17 @@ class SqliteStorage:
 
     @_in_thread
     def list_tasks(
-        self, workflow: str, stage: str, state: TaskState | None, after_id: int, limit: int
-    ) -> list[TaskRecord]:
-        """Return up to `limit` tasks with id > `after_id`, filtered where arguments are set."""
+        self,
+        workflow: str,
+        stage: str,
+        state: TaskState | None,
+        after_id: int,
+        limit: int,
+        max_bytes: int | None = None,
+    ) -> tuple[list[TaskRecord], bool]:
+        """Up to `limit` tasks with id > `after_id`, filtered where arguments are set, and whether
+        more follow. The page stops before the task whose input and output would take it over
+        `max_bytes` (the first task goes regardless)."""
         where, args = ["id > ?"], [after_id]
         for column, value in (("workflow", workflow), ("stage", stage)):
             if value:
@@ -1036,12 +1050,21 @@ class SqliteStorage:
         if state is not None:
             where.append("state = ?")
             args.append(state.value)  # type: ignore[arg-type]
-        rows = self._db.execute(
-            f"SELECT {self._TASK_COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
-            "ORDER BY id LIMIT ?",
-            (*args, limit),
+        db = self._db
+        sizes = db.execute(
+            "SELECT id, coalesce(length(input), 0) + coalesce(length(output), 0) FROM tasks "
+            f"WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+            (*args, limit + 1),
         ).fetchall()
-        return [self._task(self._db, r) for r in rows]
+        kept, more = _within(sizes, limit, max_bytes)
+        if not kept:
+            return [], False
+        rows = db.execute(
+            f"SELECT {self._TASK_COLUMNS} FROM tasks WHERE {' AND '.join(where)} AND id <= ? "
+            "ORDER BY id",
+            (*args, sizes[kept - 1][0]),
+        ).fetchall()
+        return [self._task(db, r) for r in rows], more
 
     def _select_ids(
         self,

@@ -434,7 +434,9 @@ class TaskCompletion(_message.Message):
     """The pathway to take: one of the stage's pathways, or empty for a stage that has none."""
     @_builtins.property
     def output(self) -> _agent_run_pb2.Value:
-        """Optional JSON-like output, stored with the task and handed to the next stage as its input."""
+        """Optional JSON-like output, stored with the task and handed to the next stage as its input. At
+        most 1 MiB encoded; a larger one is refused for this item (INVALID_ARGUMENT, the lease kept).
+        """
 
     def __init__(
         self,
@@ -492,7 +494,7 @@ class TaskFailure(_message.Message):
     lease_id: _builtins.str
     """The lease being settled."""
     error: _builtins.str
-    """What went wrong, for the attempt history."""
+    """What went wrong, for the attempt history (stored clipped to its first 65,536 characters)."""
     non_retryable: _builtins.bool
     """When true the task is dead at once; otherwise it is retried with backoff while attempts remain."""
     @_builtins.property

@@ -441,7 +441,8 @@ export declare type TaskCompletion = Message<"agentrun.v1.TaskCompletion"> & {
   pathway: string;
 
   /**
-   * Optional JSON-like output, stored with the task and handed to the next stage as its input.
+   * Optional JSON-like output, stored with the task and handed to the next stage as its input. At
+   * most 1 MiB encoded; a larger one is refused for this item (INVALID_ARGUMENT, the lease kept).
    *
    * @generated from field: agentrun.v1.Value output = 4;
    */
@@ -495,7 +496,7 @@ export declare type TaskFailure = Message<"agentrun.v1.TaskFailure"> & {
   leaseId: string;
 
   /**
-   * What went wrong, for the attempt history.
+   * What went wrong, for the attempt history (stored clipped to its first 65,536 characters).
    *
    * @generated from field: string error = 3;
    */
