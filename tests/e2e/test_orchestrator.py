@@ -267,6 +267,25 @@ def test_an_output_over_the_limit_is_refused_per_item_and_task_pages_stay_small(
     assert pages == [2, 2]  # four 500 kB outputs, 1 MiB a page
 
 
+def test_a_runner_stage_returning_an_oversize_output_fails_its_task_at_once(
+    server: ServerProcess,
+) -> None:
+    set_up(server.url, [{"name": "work"}], runs=2)
+    runner = Runner(workflow="wf", server_url=server.url)
+
+    @runner.stage("work")
+    def work(run: AgentRun) -> StageResult:
+        return StageResult(output={"summary": "x" * (2_000_000 if run.id == "wf-0" else 10)})
+
+    summary = runner()
+    assert (sum(summary.completed.values()), sum(summary.dead.values())) == (1, 1)
+    by_run = {t.agent_run_id: t for t in tasks(server.url)}
+    dead = by_run["wf-0"]
+    assert (dead.state, dead.attempt) == (workflow_pb2.TASK_STATE_DEAD, 1)  # not retried
+    assert "over the server's 1,048,576-byte limit" in dead.failures[0].error
+    assert by_run["wf-1"].state == workflow_pb2.TASK_STATE_DONE
+
+
 def test_an_expired_lease_goes_back_and_extend_keeps_a_long_task(server: ServerProcess) -> None:
     set_up(server.url, [{"name": "work", "lease_seconds": 1.0}], runs=1)
 

@@ -17,7 +17,8 @@ the server retries it with backoff, up to `num_retries` retries, then the task i
 task never stops the others. Unlike Encord's Runner, tasks are leased (no two workers run the same
 task at once), leases of long tasks are extended in the background, and retries survive restarts.
 A function may also return `StageResult(pathway, output)`: the JSON-like output is stored with the
-task and becomes the next stage's input.
+task and becomes the next stage's input (at most 1 MiB encoded: a larger one fails the task for
+good, as an unknown pathway does).
 
 SIGTERM or SIGINT drains: tasks not yet started go back to the server at once (costing no attempt),
 tasks running get `drain_grace_seconds` to finish, then are handed back too, and the run ends with
@@ -60,6 +61,8 @@ _log = logging.getLogger(__name__)
 RECONNECT_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
 DRAIN_GRACE_SECONDS = 30.0
 EXTEND_CHECK_SECONDS = 1.0
+MAX_OUTPUT_BYTES = 1024 * 1024
+"""The server's limit on a stage output, encoded (TaskCompletion.output in the proto)."""
 PROGRESS_REFRESH_SECONDS = 0.25
 
 
@@ -70,7 +73,7 @@ class StageResult:
     Attributes:
         pathway: The pathway (None: as for a function returning None).
         output: A JSON-like value stored with the task (`GetTask`) and passed to the next stage
-            as its task's input.
+            as its task's input; at most MAX_OUTPUT_BYTES (1 MiB) encoded.
     """
 
     pathway: str | None = None
@@ -686,6 +689,16 @@ class _Session:
                     if valid
                     else "no pathways (return None)"
                 )
+            )
+            _log.error("task %s: %s", lease.task_id, message)
+            self.summary.dead[stage] += 1
+            await outbox.put(_fail_request(lease, message, non_retryable=True))
+            return "failed"
+        if completion.HasField("output") and completion.output.ByteSize() > MAX_OUTPUT_BYTES:
+            message = (
+                f"stage function returned an output of {completion.output.ByteSize():,} bytes "
+                f"encoded, over the server's {MAX_OUTPUT_BYTES:,}-byte limit: store large results "
+                "elsewhere and return a reference"
             )
             _log.error("task %s: %s", lease.task_id, message)
             self.summary.dead[stage] += 1
