@@ -187,3 +187,24 @@ async def test_a_claim_stops_at_its_byte_budget_but_always_takes_one(tmp_path: P
         assert batches == [[300, 300], [300], [1000], [10]]
     finally:
         await storage.close()
+
+
+async def test_a_claim_of_more_tasks_than_sqlite_takes_parameters_leases_them_all(
+    tmp_path: Path,
+) -> None:
+    # 20,000 leases in one claim: over SQLite's 32,766 parameters at two per task, were it one
+    # statement (credits are the worker's to choose; SqliteStorage pins that limit on any build).
+    storage = await open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        await storage.put_workflow(WorkflowDef("one", (StageDef("a"),)), 1.0)
+        collection, _ = await storage.create_collection("c", "", "one", 1.0)
+        for start in range(0, 20_000, 1000):
+            runs = [NewRun(f"r{i}", None, b"x") for i in range(start, start + 1000)]
+            await storage.insert_runs(collection.id, runs, 1.0)
+        leased = await storage.claim(ClaimRequest("s", "one", {"a": 20_000}, 20_000, None), 2.0)
+        assert len({t.task_id for t in leased}) == 20_000
+        assert {t.run_data for t in leased} == {b"x"}
+        # As many ids named at once: cancel (and redrive) look them up in slices too.
+        assert await storage.cancel("", "", [t.task_id for t in leased], 3.0) == 20_000
+    finally:
+        await storage.close()

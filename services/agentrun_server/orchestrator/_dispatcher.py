@@ -35,6 +35,9 @@ from agentrun_server.storage import (
 _log = logging.getLogger(__name__)
 
 UNLIMITED = 2**31 - 1
+MAX_CLAIM_TASKS = 1000
+"""The most tasks one claim leases: a session with more free credits gets further batches, each
+pass bounded however many credits it was granted."""
 POLL_INTERVAL_SECONDS = 0.25
 EXPIRY_INTERVAL_SECONDS = 1.0
 
@@ -178,6 +181,7 @@ class Dispatcher:
         return len(dead)
 
     def _claim_request(self, session: Session, limit: int) -> ClaimRequest:
+        limit = min(limit, MAX_CLAIM_TASKS)
         return ClaimRequest(
             session.id,
             session.workflow.name,

@@ -57,7 +57,8 @@ T = TypeVar("T")
 
 BUSY_TIMEOUT_SECONDS = 30.0
 CHECKPOINT_INTERVAL_SECONDS = 1.0
-_LOOKUP_IDS = 1000  # ids per IN (...) lookup, far under SQLite's 32,766 parameters
+MAX_SQL_PARAMETERS = 32_766
+_LOOKUP_IDS = 1000  # ids per IN (...) lookup, far under MAX_SQL_PARAMETERS
 _INSERT_ROWS = 1000  # rows per multi-row VALUES list (3 parameters each)
 _JITTER = 0.2
 HOT_PATH_MAX_TASKS = 256
@@ -211,6 +212,9 @@ class SqliteStorage:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
+        # SQLite's default since 3.32; some builds allow more (Debian's: 250,000). Pinned, so a
+        # statement that runs here runs on every build (statements here stay far under it).
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, MAX_SQL_PARAMETERS)
         if self.path != ":memory:":
             # A commit that crosses the WAL's auto-checkpoint mark copies the WAL into the file
             # and fsyncs it: ~3-10 ms inside one unlucky request, on whichever connection wrote.
@@ -650,27 +654,33 @@ class SqliteStorage:
         seconds = {
             stage: request.lease_seconds or workflow.stage(stage).lease_seconds for stage in stages
         }
-        leased: list[tuple[Any, ...]] = db.execute(
-            "WITH c (id, seconds) AS (VALUES "
-            + ", ".join(["(?, ?)"] * len(chosen))
-            + ") UPDATE tasks SET state = 'leased', attempt = attempt + 1, "
-            "lease_id = lower(hex(randomblob(12))), session_id = ?, "
-            "lease_deadline = ? + c.seconds FROM c WHERE tasks.id = c.id "
-            "RETURNING tasks.id, lease_id, attempt, max_attempts, lease_deadline, stage, "
-            "agent_run_id, collection_id, priority, input, created_at",
-            [
-                *(value for c in chosen for value in (c[2], seconds[c[3]])),
-                request.session_id,
-                now,
-            ],
-        ).fetchall()
-        ids = list({row[6] for row in leased})
-        data = dict(
-            db.execute(
-                f"SELECT id, data FROM agent_runs WHERE id IN ({','.join('?' * len(ids))})",
-                ids,
+        leased: list[tuple[Any, ...]] = []
+        for start in range(0, len(chosen), _INSERT_ROWS):  # SQLite caps parameters per statement
+            batch = chosen[start : start + _INSERT_ROWS]
+            leased += db.execute(
+                "WITH c (id, seconds) AS (VALUES "
+                + ", ".join(["(?, ?)"] * len(batch))
+                + ") UPDATE tasks SET state = 'leased', attempt = attempt + 1, "
+                "lease_id = lower(hex(randomblob(12))), session_id = ?, "
+                "lease_deadline = ? + c.seconds FROM c WHERE tasks.id = c.id "
+                "RETURNING tasks.id, lease_id, attempt, max_attempts, lease_deadline, stage, "
+                "agent_run_id, collection_id, priority, input, created_at",
+                [
+                    *(value for c in batch for value in (c[2], seconds[c[3]])),
+                    request.session_id,
+                    now,
+                ],
             ).fetchall()
-        )
+        ids = list({row[6] for row in leased})
+        data: dict[str, bytes] = {}
+        for start in range(0, len(ids), _LOOKUP_IDS):
+            lookup = ids[start : start + _LOOKUP_IDS]
+            data.update(
+                db.execute(
+                    f"SELECT id, data FROM agent_runs WHERE id IN ({','.join('?' * len(lookup))})",
+                    lookup,
+                ).fetchall()
+            )
         leased.sort(key=lambda row: (-row[8], row[10], row[0]))
         return [LeasedTask._make((*row, data[row[6]])) for row in leased]
 
@@ -1077,16 +1087,25 @@ class SqliteStorage:
         where = [f"state IN ({','.join('?' * len(states))})"]
         args: list[Any] = list(states)
         if task_ids:
-            where.append(f"id IN ({','.join('?' * len(task_ids))})")
-            args += task_ids
-        else:
-            if not workflow:
-                raise InvalidArgument("workflow: required when no task_ids are given")
-            where.append("workflow = ?")
-            args.append(workflow)
-            if stage:
-                where.append("stage = ?")
-                args.append(stage)
+            found = []
+            for start in range(0, len(task_ids), _LOOKUP_IDS):
+                lookup = list(task_ids[start : start + _LOOKUP_IDS])
+                found += [
+                    r[0]
+                    for r in db.execute(
+                        f"SELECT id FROM tasks WHERE {where[0]} "
+                        f"AND id IN ({','.join('?' * len(lookup))})",
+                        [*args, *lookup],
+                    )
+                ]
+            return found
+        if not workflow:
+            raise InvalidArgument("workflow: required when no task_ids are given")
+        where.append("workflow = ?")
+        args.append(workflow)
+        if stage:
+            where.append("stage = ?")
+            args.append(stage)
         return [r[0] for r in db.execute(f"SELECT id FROM tasks WHERE {' AND '.join(where)}", args)]
 
     @_in_thread
