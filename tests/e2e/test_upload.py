@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agentrun import Client
+from agentrun import AgentRun, Client, init, load_agent_runs
 from agentrun._cli import main
+from agentrun.v1 import workflow_pb2
 from agentrun_server import Server
 
 
@@ -59,3 +60,34 @@ async def test_bad_records_stop_the_upload_unless_skipped(
     assert "2 runs read (1 invalid skipped); 2 stored" in out
     assert f"skipped {path}: line 2:" in err
     assert await asyncio.to_thread(run_count, server, "mixed") == 2
+
+
+async def test_a_collection_reads_back_whole_and_enqueues_again_for_regrading(
+    server: Server, tau_bench_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"127.0.0.1:{server.port}"
+    written = load_agent_runs(tau_bench_path)
+
+    def write_and_read_back() -> tuple[list[AgentRun], AgentRun]:
+        writer = init("airline", server_url=url)
+        writer.log_agent_runs(written)
+        assert writer.finish().accepted == 200
+        with Client(url) as client:
+            client.apply_workflow(
+                workflow_pb2.Workflow(name="regrade", stages=[workflow_pb2.Stage(name="grade")])
+            )
+            collection = client.get_collection(name="airline")
+            runs = list(client.iter_runs(collection.id, page_size=7))
+            return runs, client.get_run(runs[3].id)
+
+    runs, fourth = await asyncio.to_thread(write_and_read_back)
+    assert runs == written  # every run, in order, equal as models
+    assert fourth == written[3]
+
+    enqueue = ["enqueue", "regrade", "--collection", "airline", "--server", url]
+    assert await asyncio.to_thread(main, enqueue) == 0
+    assert "200 runs of 'airline' enqueued into 'regrade'" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, enqueue) == 0  # their tasks are still ready
+    assert "0 runs of 'airline' enqueued into 'regrade'; 200 skipped" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, [*enqueue[:2], "--collection", "nope", *enqueue[4:]]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err

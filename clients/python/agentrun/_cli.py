@@ -132,12 +132,24 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="runs per collection; tasks per stage and state")
     _add_server(stats)
 
+    enqueue = commands.add_parser(
+        "enqueue",
+        help="send every run of a collection (again) through a workflow, e.g. to re-grade it",
+    )
+    enqueue.add_argument("workflow")
+    enqueue.add_argument("--collection", required=True, metavar="NAME", help="the runs to send")
+    enqueue.add_argument("--stage", default="", help="the stage to start at [default: the first]")
+    enqueue.add_argument(
+        "--priority", type=int, default=0, help="task priority, higher first [default: 0]"
+    )
+    _add_server(enqueue)
+
     tasks = commands.add_parser("tasks", help="list, redrive or cancel tasks")
     task_commands = tasks.add_subparsers(dest="tasks_command", required=True, metavar="COMMAND")
     for name, help_text in (
         ("list", "list tasks of a workflow (newest last), with their last error"),
         ("redrive", "send dead tasks back to ready (all of a stage, or by id)"),
-        ("cancel", "cancel ready or scheduled tasks (all of a stage, or by id)"),
+        ("cancel", "cancel ready, scheduled, leased or dead tasks (all of a stage, or by id)"),
     ):
         command = task_commands.add_parser(name, help=help_text)
         command.add_argument("workflow")
@@ -270,6 +282,19 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _enqueue(args: argparse.Namespace) -> int:
+    with Client(args.server) as client:
+        collection = client.get_collection(name=args.collection)
+        enqueued, skipped = client.enqueue_runs(
+            args.workflow, client.iter_run_ids(collection.id), args.stage, args.priority
+        )
+    print(
+        f"{enqueued} runs of {args.collection!r} enqueued into {args.workflow!r}"
+        + (f"; {skipped} skipped (a task of theirs is ready or leased already)" if skipped else "")
+    )
+    return 0
+
+
 def _tasks(args: argparse.Namespace) -> int:
     with Client(args.server) as client:
         if args.tasks_command == "list":
@@ -309,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "upload": _upload,
         "workflow": _apply,
         "stats": _stats,
+        "enqueue": _enqueue,
         "tasks": _tasks,
     }
     try:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import grpc
 
+from agentrun._agent_run import AgentRun
+from agentrun._convert import agent_run_from_proto
 from agentrun._errors import RpcError
+from agentrun._metadata import BaseAgentRunMetadata
 from agentrun.v1 import ingestion_service_pb2 as ingestion_pb
 from agentrun.v1 import ingestion_service_pb2_grpc as ingestion_grpc
 from agentrun.v1 import orchestrator_service_pb2 as orchestrator_pb
@@ -132,11 +136,85 @@ class Client:
             ),
         )
 
-    def get_collection(self, collection_id: str) -> ingestion_pb.Collection:
-        """Return a collection by id."""
-        return self._call(
-            self.ingestion.GetCollection, ingestion_pb.GetCollectionRequest(id=collection_id)
-        ).collection
+    def get_collection(self, collection_id: str = "", *, name: str = "") -> ingestion_pb.Collection:
+        """Return a collection by id, or by name."""
+        request = (
+            ingestion_pb.GetCollectionRequest(name=name)
+            if name
+            else ingestion_pb.GetCollectionRequest(id=collection_id)
+        )
+        return self._call(self.ingestion.GetCollection, request).collection
+
+    def get_run(
+        self,
+        agent_run_id: str,
+        metadata_type: type[BaseAgentRunMetadata] = BaseAgentRunMetadata,
+    ) -> AgentRun:
+        """Return a stored run as a model (its metadata as `metadata_type`).
+
+        Raises:
+            RpcError: NOT_FOUND when no run has this id.
+        """
+        stored = self._call(
+            self.ingestion.GetAgentRun, ingestion_pb.GetAgentRunRequest(agent_run_id=agent_run_id)
+        )
+        return agent_run_from_proto(stored.agent_run.agent_run, metadata_type)
+
+    def iter_runs(
+        self,
+        collection_id: str,
+        metadata_type: type[BaseAgentRunMetadata] = BaseAgentRunMetadata,
+        page_size: int = 100,
+    ) -> Iterator[AgentRun]:
+        """Yield a collection's runs as models, in ingestion order, a page at a time (pages hold
+        fewer runs when they are large)."""
+        for stored in self._pages(collection_id, ingestion_pb.AGENT_RUN_VIEW_FULL, page_size):
+            yield agent_run_from_proto(stored.agent_run, metadata_type)
+
+    def iter_run_ids(self, collection_id: str) -> Iterator[str]:
+        """Yield the ids of a collection's runs, in ingestion order (transcripts not read)."""
+        for stored in self._pages(collection_id, ingestion_pb.AGENT_RUN_VIEW_BASIC, 1000):
+            yield stored.agent_run.id
+
+    def _pages(
+        self, collection_id: str, view: ingestion_pb.AgentRunView.ValueType, page_size: int
+    ) -> Iterator[ingestion_pb.StoredAgentRun]:
+        token = ""
+        while True:
+            page = self._call(
+                self.ingestion.ListAgentRuns,
+                ingestion_pb.ListAgentRunsRequest(
+                    collection_id=collection_id, page_size=page_size, page_token=token, view=view
+                ),
+            )
+            yield from page.agent_runs
+            token = page.next_page_token
+            if not token:
+                return
+
+    def enqueue_runs(
+        self, workflow: str, agent_run_ids: Iterable[str], stage: str = "", priority: int = 0
+    ) -> tuple[int, int]:
+        """Create tasks for stored runs at a stage (default: the workflow's first), 1,000 ids per
+        call; a run with a ready or leased task in the workflow already is skipped. Return
+        (enqueued, skipped).
+
+        Raises:
+            RpcError: NOT_FOUND for an unknown workflow, stage or run (the runs of earlier calls
+                stay enqueued).
+        """
+        enqueued = skipped = 0
+        ids = iter(agent_run_ids)
+        while batch := list(itertools.islice(ids, 1000)):
+            response = self._call(
+                self.orchestrator.EnqueueAgentRuns,
+                orchestrator_pb.EnqueueAgentRunsRequest(
+                    workflow=workflow, stage=stage, agent_run_ids=batch, priority=priority
+                ),
+            )
+            enqueued += response.enqueued_count
+            skipped += response.skipped_count
+        return enqueued, skipped
 
     def list_collections(self) -> list[ingestion_pb.Collection]:
         """Return all collections with their run counts."""
@@ -194,7 +272,8 @@ class Client:
     def cancel_tasks(
         self, workflow: str, stage: str = "", task_ids: list[str] | None = None
     ) -> int:
-        """Cancel ready or scheduled tasks (a stage's, or those named); return how many."""
+        """Cancel ready, scheduled, leased or dead tasks (a stage's, or those named); return how
+        many."""
         return self._call(
             self.orchestrator.CancelTasks,
             orchestrator_pb.CancelTasksRequest(
