@@ -44,6 +44,8 @@ MAX_OUTPUT_BYTES = 1024 * 1024
 summaries) that ride along as the next stage's input and in task listings, not payloads."""
 MAX_ERROR_CHARS = 64 * 1024
 """Longer failure messages are stored clipped to this many characters (the tail is dropped)."""
+DEFAULT_BATCH_BYTES = 16 * 1024 * 1024
+"""Encoded bytes per lease batch when the worker's Subscribe names no `max_batch_bytes`."""
 
 
 def _clip(error: str) -> str:
@@ -67,9 +69,6 @@ def _task_ids(texts: Sequence[str]) -> list[int]:
         except ValueError:
             raise InvalidArgument(f"task_ids: {text!r} is not a task id") from None
     return ids
-
-
-DEFAULT_BATCH_BYTES = 16 * 1024 * 1024
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
