@@ -44,7 +44,24 @@ def value_to_proto(value: Any, out: pb.Value) -> None:
         TypeError: the value (or a nested one) is not None, bool, int, float, str, list, tuple or
             a dict with string keys.
     """
-    if value is None:
+    # Exact types first (JSON-decoded values all are): one comparison where isinstance would
+    # walk the chain below. Subclasses (IntEnum, OrderedDict, ...) take the chain.
+    kind = type(value)
+    if kind is str:
+        out.string_value = value
+    elif kind is dict:
+        struct_to_proto(value, out.struct_value)
+    elif kind is float:
+        out.double_value = value
+    elif kind is int and _INT64_MIN <= value <= _INT64_MAX:
+        out.int_value = value
+    elif kind is list:
+        items = out.list_value
+        items.SetInParent()
+        add = items.values.add
+        for item in value:
+            value_to_proto(item, add())
+    elif value is None:
         out.null_value = 0  # type: ignore[assignment]
     elif isinstance(value, bool):
         out.bool_value = value
@@ -71,10 +88,11 @@ def value_to_proto(value: Any, out: pb.Value) -> None:
 def struct_to_proto(data: Mapping[str, Any], out: pb.StructValue) -> None:
     """Write a string-keyed dict into `out`."""
     out.SetInParent()
+    add = out.fields.add
     for key, item in data.items():
-        if not isinstance(key, str):
+        if type(key) is not str and not isinstance(key, str):
             raise TypeError(f"dict keys must be strings, got {type(key).__name__}: {key!r}")
-        value_to_proto(item, out.fields.add(key=key).value)
+        value_to_proto(item, add(key=key).value)
 
 
 def value_from_proto(value: pb.Value) -> Any:
