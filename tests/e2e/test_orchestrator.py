@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,16 +71,21 @@ class RawWorker:
         self.channel = grpc.aio.insecure_channel(url)
         self.call = pb_grpc.OrchestratorServiceStub(self.channel).Work()
 
-    async def subscribe(self, stages: list[str], credits: int, workflow: str = "wf") -> None:
-        await self.call.write(
-            pb.WorkRequest(
-                subscribe=pb.Subscribe(
-                    workflow=workflow,
-                    stages=[pb.StageSubscription(stage=s) for s in stages],
-                    credits=credits,
-                )
-            )
+    async def subscribe(
+        self,
+        stages: list[str],
+        credits: int,
+        workflow: str = "wf",
+        lease_seconds: float | None = None,
+    ) -> None:
+        subscribe = pb.Subscribe(
+            workflow=workflow,
+            stages=[pb.StageSubscription(stage=s) for s in stages],
+            credits=credits,
         )
+        if lease_seconds is not None:
+            subscribe.lease_duration.FromMilliseconds(int(lease_seconds * 1000))
+        await self.call.write(pb.WorkRequest(subscribe=subscribe))
         assert (await self.call.read()).WhichOneof("kind") == "subscribed"
 
     async def next(self, kind: str, timeout_seconds: float = 10) -> Any:
@@ -286,6 +292,74 @@ def test_a_runner_stage_returning_an_oversize_output_fails_its_task_at_once(
     assert by_run["wf-1"].state == workflow_pb2.TASK_STATE_DONE
 
 
+def test_a_cancelled_or_expired_lease_is_revoked_on_its_stream_and_frees_its_credit(
+    server: ServerProcess,
+) -> None:
+    set_up(server.url, [{"name": "work"}], runs=2)
+
+    def cancel(task_id: str) -> int:
+        with Client(server.url) as client:
+            return client.cancel_tasks("wf", task_ids=[task_id])
+
+    async def scenario() -> None:
+        worker = RawWorker(server.url)
+        try:
+            await worker.subscribe(["work"], credits=1, lease_seconds=0.5)
+            (first,) = (await worker.next("leases")).leases
+            assert await asyncio.to_thread(cancel, first.task_id) == 1
+            (revoked,) = (await worker.next("revoked")).leases
+            assert (revoked.task_id, revoked.lease_id) == (first.task_id, first.lease_id)
+            assert revoked.reason == pb.REVOKE_REASON_CANCELLED
+            # Its credit is free: the other task comes, and its lease is let expire.
+            (second,) = (await worker.next("leases")).leases
+            assert second.task_id != first.task_id
+            (expired,) = (await worker.next("revoked")).leases
+            assert (expired.lease_id, expired.reason) == (second.lease_id, pb.REVOKE_REASON_EXPIRED)
+            # Free again: the same task comes back, at its second attempt.
+            (again,) = (await worker.next("leases")).leases
+            assert (again.task_id, again.attempt) == (second.task_id, 2)
+        finally:
+            await worker.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_runner_stops_a_task_cancelled_while_it_runs(server: ServerProcess) -> None:
+    set_up(server.url, [{"name": "work"}], runs=3)
+    runner = Runner(workflow="wf", server_url=server.url)
+    started = threading.Event()
+    stopped: list[str] = []
+
+    @runner.stage("work")
+    async def work(run: AgentRun) -> None:
+        if run.id == "wf-0":
+            started.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                stopped.append(run.id)
+                raise
+
+    def cancel_once_started() -> None:
+        assert started.wait(30)
+        (task,) = [t for t in tasks(server.url) if t.agent_run_id == "wf-0"]
+        with Client(server.url) as client:
+            assert client.cancel_tasks("wf", task_ids=[task.id]) == 1
+
+    canceller = threading.Thread(target=cancel_once_started)
+    canceller.start()
+    summary = runner(task_batch_size=3)  # returns once the stages are empty
+    canceller.join()
+    assert stopped == ["wf-0"]
+    assert (summary.revoked["work"], sum(summary.completed.values())) == (1, 2)
+    states = {t.agent_run_id: t.state for t in tasks(server.url)}
+    assert states == {
+        "wf-0": workflow_pb2.TASK_STATE_CANCELLED,
+        "wf-1": workflow_pb2.TASK_STATE_DONE,
+        "wf-2": workflow_pb2.TASK_STATE_DONE,
+    }
+
+
 def test_an_expired_lease_goes_back_and_extend_keeps_a_long_task(server: ServerProcess) -> None:
     set_up(server.url, [{"name": "work", "lease_seconds": 1.0}], runs=1)
 
@@ -294,6 +368,8 @@ def test_an_expired_lease_goes_back_and_extend_keeps_a_long_task(server: ServerP
         try:
             await slow.subscribe(["work"], 1)
             (first,) = (await slow.next("leases")).leases
+            # Draining, so the expiry (which frees its credit) does not lease it the task again.
+            await slow.call.write(pb.WorkRequest(drain=pb.Drain()))
             await fresh.subscribe(["work"], 1)
             (second,) = (await fresh.next("leases", timeout_seconds=5)).leases  # after expiry
             ack = await slow.complete(first.task_id, first.lease_id)

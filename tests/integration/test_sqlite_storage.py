@@ -205,6 +205,8 @@ async def test_a_claim_of_more_tasks_than_sqlite_takes_parameters_leases_them_al
         assert len({t.task_id for t in leased}) == 20_000
         assert {t.run_data for t in leased} == {b"x"}
         # As many ids named at once: cancel (and redrive) look them up in slices too.
-        assert await storage.cancel("", "", [t.task_id for t in leased], 3.0) == 20_000
+        count, ended = await storage.cancel("", "", [t.task_id for t in leased], 3.0)
+        assert count == len(ended) == 20_000  # every one leased: each lease ended is reported
+        assert {e.lease_id for e in ended} == {t.lease_id for t in leased}
     finally:
         await storage.close()

@@ -20,6 +20,10 @@ A function may also return `StageResult(pathway, output)`: the JSON-like output 
 task and becomes the next stage's input (at most 1 MiB encoded: a larger one fails the task for
 good, as an unknown pathway does).
 
+A task cancelled while it runs (`agentrun tasks cancel`, `Client.cancel_tasks`), or whose lease the
+server took back on expiry, is stopped: an async function is cancelled, a sync one runs on but its
+result is dropped (`RunSummary.revoked`).
+
 SIGTERM or SIGINT drains: tasks not yet started go back to the server at once (costing no attempt),
 tasks running get `drain_grace_seconds` to finish, then are handed back too, and the run ends with
 exit code 0.
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -96,6 +101,9 @@ class RunSummary:
     """Tasks this runner gave up on for good, by stage."""
     handed_back: Counter[str] = field(default_factory=Counter)
     """Leases returned unfinished when draining, by stage (ready again, no attempt spent)."""
+    revoked: Counter[str] = field(default_factory=Counter)
+    """Leases the server took back (the task cancelled, or the lease expired), by stage: their
+    stage functions were cancelled (async) or their results dropped (sync)."""
 
     def __str__(self) -> str:
         lines = [
@@ -105,6 +113,7 @@ class RunSummary:
         lines += [f"  {stage}: {n} failed attempts" for stage, n in sorted(self.failed.items())]
         lines += [f"  {stage}: {n} dead" for stage, n in sorted(self.dead.items())]
         lines += [f"  {stage}: {n} handed back" for stage, n in sorted(self.handed_back.items())]
+        lines += [f"  {stage}: {n} taken back" for stage, n in sorted(self.revoked.items())]
         return "runner summary:\n" + ("\n".join(lines) if lines else "  no tasks")
 
 
@@ -305,6 +314,11 @@ def _fail_request(lease: pb.Lease, error: str, non_retryable: bool) -> pb.WorkRe
     return pb.WorkRequest(fail_tasks=pb.FailTasks(failures=[failure]))
 
 
+def _forget(by_task: dict[str, asyncio.Task[None]], task_id: str, task: asyncio.Task[None]) -> None:
+    if by_task.get(task_id) is task:
+        del by_task[task_id]
+
+
 def _release_request(lease: pb.Lease) -> pb.WorkRequest:
     """A request handing one leased task back, unstarted or unfinished."""
     release = pb.TaskRelease(task_id=lease.task_id, lease_id=lease.lease_id)
@@ -432,6 +446,7 @@ class _Session:
             )
             outbox: asyncio.Queue[pb.WorkRequest] = asyncio.Queue()
             in_flight: set[asyncio.Task[None]] = set()
+            by_task: dict[str, asyncio.Task[None]] = {}  # task id -> its work, to cancel it
             writer = asyncio.create_task(self._write(call, outbox))
             extender = asyncio.create_task(self._extend(outbox))
             stop_waiter = asyncio.create_task(self.stopping.wait())
@@ -439,12 +454,15 @@ class _Session:
             read: asyncio.Task[Any] | None = None
             try:
                 grace_ends: float | None = None
+                empty = False  # the server said the stages are empty while tasks still ran here
                 while True:
+                    if empty and not in_flight:
+                        return True
                     if read is None:
                         read = asyncio.create_task(call.read())
                     timeout = None if grace_ends is None else grace_ends - time.monotonic()
                     done, _ = await asyncio.wait(
-                        {read, stop_waiter},
+                        {read, stop_waiter, *(in_flight if empty else ())},
                         timeout=None if timeout is None else max(0.0, timeout),
                         return_when=asyncio.FIRST_COMPLETED,
                     )
@@ -470,6 +488,7 @@ class _Session:
                         return self.stopping.is_set()
                     kind = response.WhichOneof("kind")
                     if kind == "leases":
+                        empty = False
                         received = time.time()
                         for lease in response.leases.leases:
                             self.leased[lease.stage] += 1
@@ -480,10 +499,16 @@ class _Session:
                             task = asyncio.create_task(self._work(lease, outbox))
                             in_flight.add(task)
                             task.add_done_callback(in_flight.discard)
+                            by_task[lease.task_id] = task
+                            task.add_done_callback(
+                                functools.partial(_forget, by_task, lease.task_id)
+                            )
                     elif kind == "acks":
                         self._on_acks(response.acks)
-                    elif kind == "stages_empty" and not in_flight:
-                        return True
+                    elif kind == "revoked":
+                        self._on_revoked(response.revoked, by_task)
+                    elif kind == "stages_empty":
+                        empty = True  # done once the tasks still running here end
                     if self._quota_reached() and not in_flight and outbox.empty():
                         await asyncio.sleep(0.05)  # let the last settle reach the server
                         return True
@@ -502,6 +527,28 @@ class _Session:
                 writer.cancel()
                 with contextlib.suppress(Exception):
                     await call.done_writing()
+
+    def _on_revoked(
+        self, revoked: pb.LeasesRevoked, by_task: dict[str, asyncio.Task[None]]
+    ) -> None:
+        """Stop working on tasks whose leases the server took back; they are not settled."""
+        for item in revoked.leases:
+            held = self.held.get(item.task_id)
+            if held is None or held.lease.lease_id != item.lease_id:
+                continue
+            del self.held[item.task_id]  # so that the cancelled work does not hand it back
+            stage = held.lease.stage
+            self.summary.revoked[stage] += 1
+            reason = pb.RevokeReason.Name(item.reason).removeprefix("REVOKE_REASON_").lower()
+            _log.warning(
+                "task %s (%s): the server took its lease back (%s); stopping it",
+                item.task_id,
+                stage,
+                reason,
+            )
+            work = by_task.get(item.task_id)
+            if work is not None:
+                work.cancel()
 
     def _on_acks(self, batch: pb.AckBatch) -> None:
         for ack in batch.acks:

@@ -121,6 +121,7 @@ class Dispatcher:
         self._expiry_interval = expiry_interval_seconds
         self._clock = clock
         self._sessions: list[Session] = []
+        self._by_id: dict[str, Session] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._turn = itertools.count()
@@ -152,12 +153,14 @@ class Dispatcher:
     def add(self, session: Session) -> None:
         """Start dispatching to a session."""
         self._sessions.append(session)
+        self._by_id[session.id] = session
         self._metrics.workers.inc()
         self.wake()
 
     async def remove(self, session: Session) -> None:
         """Stop dispatching to a session and end the leases it holds."""
         session.closed = True
+        self._by_id.pop(session.id, None)
         if session in self._sessions:
             self._sessions.remove(session)
             self._metrics.workers.dec()
@@ -172,6 +175,24 @@ class Dispatcher:
                 dead,
             )
         self.wake()
+
+    def revoke(self, leases: list[EndedLease], reason: pb.RevokeReason.ValueType) -> None:
+        """Tell the sessions holding these leases that they are taken back, and free their
+        credits (a worker may never settle a lease it has lost)."""
+        revoked: dict[str, list[pb.RevokedLease]] = {}
+        for lease in leases:
+            session = self._by_id.get(lease.session_id or "")
+            if session is None or session.in_flight.pop(lease.lease_id, None) is None:
+                continue
+            revoked.setdefault(session.id, []).append(
+                pb.RevokedLease(task_id=str(lease.task_id), lease_id=lease.lease_id, reason=reason)
+            )
+        for session_id, items in revoked.items():
+            self._by_id[session_id].outbox.put_nowait(
+                pb.WorkResponse(revoked=pb.LeasesRevoked(leases=items))
+            )
+        if revoked:
+            self.wake()
 
     def _count_ended(self, ended: list[EndedLease], reason: str) -> int:
         """Count dead letters among leases the server ended; return how many."""
@@ -238,6 +259,7 @@ class Dispatcher:
                             self._metrics.expired, lease.workflow, lease.stage
                         ).inc()
                     self._count_ended(expired, "lease_expired")
+                    self.revoke(expired, pb.REVOKE_REASON_EXPIRED)
                     next_expiry = now + self._expiry_interval
                 await self._pass(now)
             except Exception:

@@ -366,9 +366,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     async def CancelTasks(
         self, request: pb.CancelTasksRequest, context: Context
     ) -> pb.CancelTasksResponse:
-        count = await self._storage.cancel(
+        count, leases = await self._storage.cancel(
             request.workflow, request.stage, _task_ids(request.task_ids), time.time()
         )
+        self._dispatcher.revoke(leases, pb.REVOKE_REASON_CANCELLED)
         return pb.CancelTasksResponse(cancelled_count=count)
 
     async def GetBacklog(

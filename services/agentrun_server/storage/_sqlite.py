@@ -934,12 +934,12 @@ class SqliteStorage:
     ) -> list[EndedLease]:
         """End the leases matching `where`: retry (attempt counted) or dead when exhausted."""
         rows = db.execute(
-            "SELECT id, attempt, max_attempts, lease_id, workflow, stage FROM tasks "
+            "SELECT id, attempt, max_attempts, lease_id, session_id, workflow, stage FROM tasks "
             f"WHERE state = 'leased' AND {where}",
             args,
         ).fetchall()
         ended = []
-        for task_id, attempt, max_attempts, lease_id, workflow, stage in rows:
+        for task_id, attempt, max_attempts, lease_id, session_id, workflow, stage in rows:
             self._record_failure(db, task_id, attempt, lease_id, why, now)
             dead = attempt >= max_attempts
             if dead:
@@ -950,7 +950,7 @@ class SqliteStorage:
                     "lease_deadline = NULL, session_id = NULL WHERE id = ?",
                     (now, task_id),
                 )
-            ended.append(EndedLease(task_id, workflow, stage, dead))
+            ended.append(EndedLease(task_id, lease_id, session_id, workflow, stage, dead))
         return ended
 
     @_in_thread
@@ -1121,13 +1121,26 @@ class SqliteStorage:
             return len(ids)
 
     @_in_thread
-    def cancel(self, workflow: str, stage: str, task_ids: Sequence[int], now: float) -> int:
-        """Cancel ready, leased and dead tasks."""
+    def cancel(
+        self, workflow: str, stage: str, task_ids: Sequence[int], now: float
+    ) -> tuple[int, list[EndedLease]]:
+        """Cancel ready, leased and dead tasks; return how many, and the leases that ended."""
         with self._transaction() as db:
             ids = self._select_ids(db, ("ready", "leased", "dead"), workflow, stage, task_ids)
+            leases: list[EndedLease] = []
+            for start in range(0, len(ids), _LOOKUP_IDS):
+                lookup = ids[start : start + _LOOKUP_IDS]
+                leases += (
+                    EndedLease._make((*row, False))
+                    for row in db.execute(
+                        "SELECT id, lease_id, session_id, workflow, stage FROM tasks "
+                        f"WHERE state = 'leased' AND id IN ({','.join('?' * len(lookup))})",
+                        lookup,
+                    )
+                )
             db.executemany(
                 "UPDATE tasks SET state = 'cancelled', finished_at = ?, lease_deadline = NULL, "
                 "session_id = NULL WHERE id = ?",
                 [(now, i) for i in ids],
             )
-            return len(ids)
+            return len(ids), leases

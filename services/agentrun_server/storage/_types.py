@@ -278,13 +278,16 @@ class Release(NamedTuple):
 
 
 class EndedLease(NamedTuple):
-    """A lease the server ended (expired, or its stream closed), at the cost of an attempt."""
+    """A lease the server ended (expired, cancelled, or its stream closed)."""
 
     task_id: int
+    lease_id: str
+    session_id: str | None
+    """The Work session that held it (None once that closed)."""
     workflow: str
     stage: str
     dead: bool
-    """The attempt was the task's last: it is dead; else it is ready again."""
+    """The attempt was the task's last: it is dead; else it is ready again (or cancelled)."""
 
 
 class AckCode(enum.IntEnum):

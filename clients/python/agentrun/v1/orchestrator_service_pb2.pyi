@@ -11,6 +11,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,6 +22,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _RevokeReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RevokeReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RevokeReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVOKE_REASON_UNSPECIFIED: _RevokeReason.ValueType  # 0
+    """Not set."""
+    REVOKE_REASON_CANCELLED: _RevokeReason.ValueType  # 1
+    """The task was cancelled (CancelTasks)."""
+    REVOKE_REASON_EXPIRED: _RevokeReason.ValueType  # 2
+    """The lease passed its deadline unextended: the attempt counts, and the task is ready again
+    (or dead, its attempts spent).
+    """
+
+class RevokeReason(_RevokeReason, metaclass=_RevokeReasonEnumTypeWrapper):
+    """Why the server took a lease back."""
+
+REVOKE_REASON_UNSPECIFIED: RevokeReason.ValueType  # 0
+"""Not set."""
+REVOKE_REASON_CANCELLED: RevokeReason.ValueType  # 1
+"""The task was cancelled (CancelTasks)."""
+REVOKE_REASON_EXPIRED: RevokeReason.ValueType  # 2
+"""The lease passed its deadline unextended: the attempt counts, and the task is ready again
+(or dead, its attempts spent).
+"""
+Global___RevokeReason: _TypeAlias = RevokeReason  # noqa: Y015
 
 @_typing.final
 class ApplyWorkflowRequest(_message.Message):
@@ -653,6 +682,7 @@ class WorkResponse(_message.Message):
     LEASES_FIELD_NUMBER: _builtins.int
     ACKS_FIELD_NUMBER: _builtins.int
     STAGES_EMPTY_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def subscribed(self) -> Global___Subscribed:
         """The answer to `subscribe`; always the first message."""
@@ -669,6 +699,10 @@ class WorkResponse(_message.Message):
     def stages_empty(self) -> Global___StagesEmpty:
         """The subscribed stages are empty (see `Subscribe.notify_when_empty`)."""
 
+    @_builtins.property
+    def revoked(self) -> Global___LeasesRevoked:
+        """Leases the server took back from this stream."""
+
     def __init__(
         self,
         *,
@@ -676,12 +710,13 @@ class WorkResponse(_message.Message):
         leases: Global___LeaseBatch | None = ...,
         acks: Global___AckBatch | None = ...,
         stages_empty: Global___StagesEmpty | None = ...,
+        revoked: Global___LeasesRevoked | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "kind", b"kind", "leases", b"leases", "stages_empty", b"stages_empty", "subscribed", b"subscribed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "kind", b"kind", "leases", b"leases", "revoked", b"revoked", "stages_empty", b"stages_empty", "subscribed", b"subscribed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "kind", b"kind", "leases", b"leases", "stages_empty", b"stages_empty", "subscribed", b"subscribed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "kind", b"kind", "leases", b"leases", "revoked", b"revoked", "stages_empty", b"stages_empty", "subscribed", b"subscribed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["subscribed", "leases", "acks", "stages_empty"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["subscribed", "leases", "acks", "stages_empty", "revoked"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -900,6 +935,62 @@ class StagesEmpty(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StagesEmpty: _TypeAlias = StagesEmpty  # noqa: Y015
+
+@_typing.final
+class LeasesRevoked(_message.Message):
+    """Leases the server took back: the worker should stop working on their tasks, and need not settle
+    them (a settle would be answered as a stale lease). Their credits are free again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedLease]:
+        """The leases taken back."""
+
+    def __init__(
+        self,
+        *,
+        leases: _abc.Iterable[Global___RevokedLease] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeasesRevoked: _TypeAlias = LeasesRevoked  # noqa: Y015
+
+@_typing.final
+class RevokedLease(_message.Message):
+    """One lease taken back, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task."""
+    lease_id: _builtins.str
+    """The lease, no longer valid."""
+    reason: Global___RevokeReason.ValueType
+    """Why it was taken back."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
+        reason: Global___RevokeReason.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedLease: _TypeAlias = RevokedLease  # noqa: Y015
 
 @_typing.final
 class GetTaskRequest(_message.Message):

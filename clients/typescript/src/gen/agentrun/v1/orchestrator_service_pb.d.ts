@@ -2,7 +2,7 @@
 // @generated from file agentrun/v1/orchestrator_service.proto (package agentrun.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import type { Message } from "@bufbuild/protobuf";
 import type { StageBacklog, Task, TaskState, Workflow } from "./workflow_pb.js";
 import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
@@ -682,6 +682,14 @@ export declare type WorkResponse = Message<"agentrun.v1.WorkResponse"> & {
      */
     value: StagesEmpty;
     case: "stagesEmpty";
+  } | {
+    /**
+     * Leases the server took back from this stream.
+     *
+     * @generated from field: agentrun.v1.LeasesRevoked revoked = 5;
+     */
+    value: LeasesRevoked;
+    case: "revoked";
   } | { case: undefined; value?: undefined };
 };
 
@@ -920,6 +928,61 @@ export declare type StagesEmpty = Message<"agentrun.v1.StagesEmpty"> & {
  * Use `create(StagesEmptySchema)` to create a new message.
  */
 export declare const StagesEmptySchema: GenMessage<StagesEmpty>;
+
+/**
+ * Leases the server took back: the worker should stop working on their tasks, and need not settle
+ * them (a settle would be answered as a stale lease). Their credits are free again.
+ *
+ * @generated from message agentrun.v1.LeasesRevoked
+ */
+export declare type LeasesRevoked = Message<"agentrun.v1.LeasesRevoked"> & {
+  /**
+   * The leases taken back.
+   *
+   * @generated from field: repeated agentrun.v1.RevokedLease leases = 1;
+   */
+  leases: RevokedLease[];
+};
+
+/**
+ * Describes the message agentrun.v1.LeasesRevoked.
+ * Use `create(LeasesRevokedSchema)` to create a new message.
+ */
+export declare const LeasesRevokedSchema: GenMessage<LeasesRevoked>;
+
+/**
+ * One lease taken back, and why.
+ *
+ * @generated from message agentrun.v1.RevokedLease
+ */
+export declare type RevokedLease = Message<"agentrun.v1.RevokedLease"> & {
+  /**
+   * The task.
+   *
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * The lease, no longer valid.
+   *
+   * @generated from field: string lease_id = 2;
+   */
+  leaseId: string;
+
+  /**
+   * Why it was taken back.
+   *
+   * @generated from field: agentrun.v1.RevokeReason reason = 3;
+   */
+  reason: RevokeReason;
+};
+
+/**
+ * Describes the message agentrun.v1.RevokedLease.
+ * Use `create(RevokedLeaseSchema)` to create a new message.
+ */
+export declare const RevokedLeaseSchema: GenMessage<RevokedLease>;
 
 /**
  * Request of GetTask.
@@ -1192,6 +1255,40 @@ export declare type GetBacklogResponse = Message<"agentrun.v1.GetBacklogResponse
  * Use `create(GetBacklogResponseSchema)` to create a new message.
  */
 export declare const GetBacklogResponseSchema: GenMessage<GetBacklogResponse>;
+
+/**
+ * Why the server took a lease back.
+ *
+ * @generated from enum agentrun.v1.RevokeReason
+ */
+export enum RevokeReason {
+  /**
+   * Not set.
+   *
+   * @generated from enum value: REVOKE_REASON_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The task was cancelled (CancelTasks).
+   *
+   * @generated from enum value: REVOKE_REASON_CANCELLED = 1;
+   */
+  CANCELLED = 1,
+
+  /**
+   * The lease passed its deadline unextended: the attempt counts, and the task is ready again
+   * (or dead, its attempts spent).
+   *
+   * @generated from enum value: REVOKE_REASON_EXPIRED = 2;
+   */
+  EXPIRED = 2,
+}
+
+/**
+ * Describes the enum agentrun.v1.RevokeReason.
+ */
+export declare const RevokeReasonSchema: GenEnum<RevokeReason>;
 
 /**
  * The orchestrator service: takes stored runs through workflows of stages, leasing tasks to stage
