@@ -35,3 +35,22 @@ async def test_the_typescript_clients_own_tests_pass_against_a_live_server(serve
     report = output.decode()
     assert process.returncode == 0, report
     assert "skipped 0" in report, report  # the live tests ran, not skipped
+
+
+async def test_the_typescript_types_check_against_a_users_code() -> None:
+    # tsc --strict over the hand-written .d.ts, the generated ones and test/usage.ts.
+    tsc = CLIENT / "node_modules" / ".bin" / "tsc"
+    if shutil.which("node") is None or not tsc.exists():
+        pytest.skip(
+            "node or clients/typescript/node_modules is missing: `make install` runs npm ci"
+        )
+    process = await asyncio.create_subprocess_exec(
+        str(tsc),
+        "-p",
+        "tsconfig.json",
+        cwd=CLIENT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, output.decode()
