@@ -5,14 +5,17 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 AGENTRUN_DB ?= sqlite:///agentrun.db
-# The TypeScript client's packages (and its code generator) come from npm, where npm is present.
+# The TypeScript client's packages (and its code generator) come from npm, where npm is present;
+# only the targets that generate, check or test that client need them (`make run` does not).
 TS := clients/typescript
 NPM := $(shell command -v npm 2>/dev/null)
 TS_STAMP := $(if $(NPM),$(TS)/node_modules/.package-lock.json)
 
-.PHONY: install gen gen-check lint format typecheck test run bench bench-model bench-ingest bench-orchestrate ci clean
+.PHONY: install install-ts gen gen-check lint format typecheck test run bench bench-model bench-ingest bench-orchestrate ci clean
 
-install: $(STAMP) $(TS_STAMP)
+install: $(STAMP)
+
+install-ts: $(TS_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,12 +26,12 @@ $(STAMP): pyproject.toml
 $(TS)/node_modules/.package-lock.json: $(TS)/package.json $(TS)/package-lock.json
 	cd $(TS) && npm ci --no-audit --no-fund
 
-gen: install
+gen: install install-ts
 	$(BIN)/python scripts/gen_protos.py
 	$(BIN)/python scripts/gen_dashboard.py
 	$(BIN)/buf format -w
 
-gen-check: install
+gen-check: install install-ts
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/python scripts/gen_dashboard.py --check
 
@@ -46,7 +49,7 @@ format: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install
+test: install install-ts
 	$(BIN)/python -m pytest
 
 # Benchmarks print figures; they are not tests. Each reads the real runs from ../shared/data.

@@ -3,7 +3,7 @@ TypeScript (protobuf-es, JavaScript with .d.ts) into clients/typescript/src/gen/
 
 With --check, generate into a temporary directory and fail when the result differs from the
 committed code (`make gen-check`), so the committed code always matches the protos. The TypeScript
-generator comes from clients/typescript/node_modules (`make install` runs `npm ci` when npm is
+generator comes from clients/typescript/node_modules (`make install-ts` runs `npm ci` when npm is
 present); without it the TypeScript code is neither generated nor checked, and this says so.
 """
 

@@ -20,7 +20,7 @@ async def test_the_typescript_clients_own_tests_pass_against_a_live_server(serve
     if node is None:
         pytest.skip("node is not installed")
     if not (CLIENT / "node_modules").is_dir():
-        pytest.skip("clients/typescript/node_modules is missing: `make install` runs npm ci")
+        pytest.skip("clients/typescript/node_modules is missing: `make install-ts` runs npm ci")
     process = await asyncio.create_subprocess_exec(
         node,
         "--test",
@@ -42,7 +42,7 @@ async def test_the_typescript_types_check_against_a_users_code() -> None:
     tsc = CLIENT / "node_modules" / ".bin" / "tsc"
     if shutil.which("node") is None or not tsc.exists():
         pytest.skip(
-            "node or clients/typescript/node_modules is missing: `make install` runs npm ci"
+            "node or clients/typescript/node_modules is missing: `make install-ts` runs npm ci"
         )
     process = await asyncio.create_subprocess_exec(
         str(tsc),
