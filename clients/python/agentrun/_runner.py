@@ -676,6 +676,10 @@ class _Session:
         stop = asyncio.ensure_future(self.draining.wait())
         try:
             await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # revoked or drained while waiting: keep no slot
+            if acquire.done() and not acquire.cancelled():
+                self.slots.release()
+            raise
         finally:
             stop.cancel()
             if not acquire.done():
