@@ -126,17 +126,27 @@ def _hot_path(tasks: Callable[..., int]) -> Callable[[Callable[..., T]], Callabl
     return decorate
 
 
-def _within(sizes: list[tuple[int, int]], limit: int, max_bytes: int | None) -> tuple[int, bool]:
-    """How many of a page's first rows to return, and whether more follow: at most `limit` rows
-    whose sizes (the second column) sum to at most `max_bytes`, the first row regardless.
-    `sizes` holds up to `limit + 1` rows, so that one more tells there are more."""
+def _within(sizes: Sequence[int], limit: int, max_bytes: int | None) -> tuple[int, bool]:
+    """How many of the first items to take, and whether more follow: at most `limit` items whose
+    sizes sum to at most `max_bytes`, the first item regardless. For a page, `sizes` holds up to
+    `limit + 1` items, so that one more tells there are more."""
     kept, total = 0, 0
-    for _, size in sizes[:limit]:
+    for size in sizes[:limit]:
         total += size
         if kept and max_bytes is not None and total > max_bytes:
             return kept, True
         kept += 1
     return kept, len(sizes) > limit
+
+
+def _select_in(
+    db: sqlite3.Connection, sql: str, ids: Sequence[Any], *args: Any
+) -> Iterator[tuple[Any, ...]]:
+    """The rows of `sql`, whose `{ids}` is an `IN` list, run over `_LOOKUP_IDS` of `ids` at a time
+    (SQLite caps the parameters of a statement); `args` bind before the ids."""
+    for start in range(0, len(ids), _LOOKUP_IDS):
+        lookup = list(ids[start : start + _LOOKUP_IDS])
+        yield from db.execute(sql.format(ids=",".join("?" * len(lookup))), [*args, *lookup])
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -391,17 +401,13 @@ class SqliteStorage:
             workflow = self._workflow(db, row[0]) if row[0] else None
             # Which ids are stored already: one indexed lookup per slice. The rest are inserted
             # with one executemany (a repeat of an id within the batch is a duplicate).
-            owners: dict[str, str] = {}
-            for start in range(0, len(runs), _LOOKUP_IDS):
-                ids = [run.id for run in runs[start : start + _LOOKUP_IDS]]
-                owners.update(
-                    db.execute(
-                        "SELECT id, collection_id FROM agent_runs WHERE id IN ("
-                        + ", ".join("?" * len(ids))
-                        + ")",
-                        ids,
-                    ).fetchall()
+            owners: dict[str, str] = dict(
+                _select_in(
+                    db,
+                    "SELECT id, collection_id FROM agent_runs WHERE id IN ({ids})",
+                    [run.id for run in runs],
                 )
+            )
             outcomes = []
             accepted = []
             rows = []
@@ -469,7 +475,7 @@ class SqliteStorage:
             "ORDER BY seq LIMIT ?",
             (collection_id, after_seq, limit + 1),
         ).fetchall()
-        kept, more = _within(sizes, limit, max_bytes)
+        kept, more = _within([size for _, size in sizes], limit, max_bytes)
         if not kept:
             return [], False
         rows = db.execute(
@@ -644,13 +650,8 @@ class SqliteStorage:
             return []
         candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
         chosen = candidates[: request.limit]
-        if request.max_bytes is not None:
-            total = 0
-            for i, candidate in enumerate(chosen):
-                total += candidate[4]
-                if i and total > request.max_bytes:
-                    del chosen[i:]
-                    break
+        kept, _ = _within([c[4] for c in chosen], len(chosen), request.max_bytes)
+        del chosen[kept:]
         seconds = {
             stage: request.lease_seconds or workflow.stage(stage).lease_seconds for stage in stages
         }
@@ -671,16 +672,13 @@ class SqliteStorage:
                     now,
                 ],
             ).fetchall()
-        ids = list({row[6] for row in leased})
-        data: dict[str, bytes] = {}
-        for start in range(0, len(ids), _LOOKUP_IDS):
-            lookup = ids[start : start + _LOOKUP_IDS]
-            data.update(
-                db.execute(
-                    f"SELECT id, data FROM agent_runs WHERE id IN ({','.join('?' * len(lookup))})",
-                    lookup,
-                ).fetchall()
+        data: dict[str, bytes] = dict(
+            _select_in(
+                db,
+                "SELECT id, data FROM agent_runs WHERE id IN ({ids})",
+                list({row[6] for row in leased}),
             )
+        )
         leased.sort(key=lambda row: (-row[8], row[10], row[0]))
         return [LeasedTask._make((*row, data[row[6]])) for row in leased]
 
@@ -729,16 +727,14 @@ class SqliteStorage:
         self, db: sqlite3.Connection, items: Sequence[Completion], now: float
     ) -> list[Ack]:
         acks: list[Ack | None] = []  # None: done, its Ack made once the next task's id is known
-        rows: dict[int, tuple[Any, ...]] = {}
-        ids = list({item.task_id for item in items})
-        for start in range(0, len(ids), _LOOKUP_IDS):
-            chunk = ids[start : start + _LOOKUP_IDS]
-            for row in db.execute(
-                f"SELECT id, {self._SETTLE_COLUMNS} FROM tasks "
-                f"WHERE id IN ({', '.join('?' * len(chunk))})",
-                chunk,
-            ):
-                rows[row[0]] = row[1:]
+        rows: dict[int, tuple[Any, ...]] = {
+            row[0]: row[1:]
+            for row in _select_in(
+                db,
+                f"SELECT id, {self._SETTLE_COLUMNS} FROM tasks WHERE id IN ({{ids}})",
+                list({item.task_id for item in items}),
+            )
+        }
         workflows: dict[str, WorkflowDef] = {}
         done: list[tuple[Any, ...]] = []
         follow: list[tuple[int, str, int]] = []  # (task, next stage, its max_attempts)
@@ -1066,7 +1062,7 @@ class SqliteStorage:
             f"WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
             (*args, limit + 1),
         ).fetchall()
-        kept, more = _within(sizes, limit, max_bytes)
+        kept, more = _within([size for _, size in sizes], limit, max_bytes)
         if not kept:
             return [], False
         rows = db.execute(
@@ -1087,18 +1083,8 @@ class SqliteStorage:
         where = [f"state IN ({','.join('?' * len(states))})"]
         args: list[Any] = list(states)
         if task_ids:
-            found = []
-            for start in range(0, len(task_ids), _LOOKUP_IDS):
-                lookup = list(task_ids[start : start + _LOOKUP_IDS])
-                found += [
-                    r[0]
-                    for r in db.execute(
-                        f"SELECT id FROM tasks WHERE {where[0]} "
-                        f"AND id IN ({','.join('?' * len(lookup))})",
-                        [*args, *lookup],
-                    )
-                ]
-            return found
+            sql = f"SELECT id FROM tasks WHERE {where[0]} AND id IN ({{ids}})"
+            return [r[0] for r in _select_in(db, sql, task_ids, *args)]
         if not workflow:
             raise InvalidArgument("workflow: required when no task_ids are given")
         where.append("workflow = ?")
@@ -1127,17 +1113,15 @@ class SqliteStorage:
         """Cancel ready, leased and dead tasks; return how many, and the leases that ended."""
         with self._transaction() as db:
             ids = self._select_ids(db, ("ready", "leased", "dead"), workflow, stage, task_ids)
-            leases: list[EndedLease] = []
-            for start in range(0, len(ids), _LOOKUP_IDS):
-                lookup = ids[start : start + _LOOKUP_IDS]
-                leases += (
-                    EndedLease._make((*row, False))
-                    for row in db.execute(
-                        "SELECT id, lease_id, session_id, workflow, stage FROM tasks "
-                        f"WHERE state = 'leased' AND id IN ({','.join('?' * len(lookup))})",
-                        lookup,
-                    )
+            leases = [
+                EndedLease._make((*row, False))
+                for row in _select_in(
+                    db,
+                    "SELECT id, lease_id, session_id, workflow, stage FROM tasks "
+                    "WHERE state = 'leased' AND id IN ({ids})",
+                    ids,
                 )
+            ]
             db.executemany(
                 "UPDATE tasks SET state = 'cancelled', finished_at = ?, lease_deadline = NULL, "
                 "session_id = NULL WHERE id = ?",
