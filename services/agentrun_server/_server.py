@@ -1,9 +1,10 @@
 """The server process: one grpc.aio server hosting the ingestion service, the orchestrator, or both.
 
 Lifecycle: `start()` opens storage, binds the port and starts serving; `shutdown(grace_seconds)`
-turns health to NOT_SERVING, stops accepting calls, lets in-flight calls finish within the grace
-period (Work streams end and release their leases), then closes storage. `serve()` runs until
-SIGTERM or SIGINT and shuts down gracefully.
+turns health to NOT_SERVING, ends the Work streams with UNAVAILABLE (their leases stay leased, for
+the workers to resume on their next stream, here after a restart or at another process), stops
+accepting calls, lets in-flight calls finish within the grace period, then closes storage.
+`serve()` runs until SIGTERM or SIGINT and shuts down gracefully.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from agentrun.v1 import (
 from agentrun_server._errors import InvalidArgument
 from agentrun_server.ingestion import IngestionLimits, IngestionMetrics, IngestionServicer
 from agentrun_server.orchestrator import (
+    RESUME_GRACE_SECONDS,
     BacklogCollector,
     Dispatcher,
     OrchestratorMetrics,
@@ -39,7 +41,7 @@ from agentrun_server.serving import (
     MetricsEndpoint,
     MetricsInterceptor,
 )
-from agentrun_server.storage import Storage, open_storage
+from agentrun_server.storage import PollingNotifier, Storage, open_storage
 
 _log = logging.getLogger(__name__)
 
@@ -78,6 +80,9 @@ class ServerConfig:
     """How long shutdown waits for in-flight calls."""
     limits: IngestionLimits = field(default_factory=IngestionLimits)
     """Ingestion limits."""
+    resume_grace_seconds: float = RESUME_GRACE_SECONDS
+    """How long a lease whose stream ended (or whose server went silent) waits for its worker
+    to resume it on a new stream before its task is retried, the attempt counted."""
 
     @classmethod
     def from_env(cls) -> ServerConfig:
@@ -145,7 +150,12 @@ class Server:
         wake = None
         if "orchestrator" in config.services:
             metrics = OrchestratorMetrics(self.registry)
-            self._dispatcher = Dispatcher(storage, metrics)
+            self._dispatcher = Dispatcher(
+                storage,
+                metrics,
+                PollingNotifier(storage),
+                resume_grace_seconds=config.resume_grace_seconds,
+            )
             self._backlog = BacklogCollector(asyncio.get_running_loop(), self._dispatcher.snapshot)
             self.registry.register(self._backlog)
             wake = self._dispatcher.wake
@@ -177,7 +187,7 @@ class Server:
             raise RuntimeError(f"cannot bind gRPC on {config.host}:{config.port}")
         await server.start()
         if self._dispatcher is not None:
-            self._dispatcher.start()
+            await self._dispatcher.start()
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.metrics_port >= 0:
@@ -193,10 +203,12 @@ class Server:
         """
         grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
         await self._health.enter_graceful_shutdown()
+        dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is not None:
+            await dispatcher.close_streams()
         server, self._grpc = self._grpc, None
         if server is not None:
             await server.stop(grace)
-        dispatcher, self._dispatcher = self._dispatcher, None
         if dispatcher is not None:
             await dispatcher.stop()
         endpoint, self._metrics_endpoint = self._metrics_endpoint, None

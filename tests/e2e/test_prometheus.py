@@ -237,7 +237,7 @@ async def drive_traffic(ingestion: Server, orchestrator: Server) -> None:
 async def end_leases(
     ingestion_url: str, orchestrator_url: str, registry: CollectorRegistry
 ) -> None:
-    """Two tasks on their last attempt: one worker lets its lease expire, another's stream closes.
+    """Two tasks on their last attempt: one worker lets its lease expire, another closes its stream.
     Returns once the orchestrator has ended both leases."""
 
     def set_up() -> None:
@@ -273,7 +273,7 @@ async def end_leases(
                 pass
             calls.append(call)
         expiring, closing = calls
-        closing.cancel()
+        await closing.done_writing()  # closed by its worker: the lease it holds ends at once
 
         def ended() -> float:  # off the loop, as a scrape is: the backlog collector uses it
             return sum(

@@ -20,7 +20,7 @@ async def test_stop_ends_the_loop_even_when_woken_in_the_same_instant(tmp_path: 
     try:
         for _ in range(5):
             dispatcher = Dispatcher(storage, OrchestratorMetrics(CollectorRegistry()))
-            dispatcher.start()
+            await dispatcher.start()
             await asyncio.sleep(0.02)  # idle, waiting for a wakeup
             dispatcher.wake()
             await asyncio.sleep(0)  # the wakeup is delivered; the loop has not yet run on

@@ -97,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
         help="on SIGTERM, how long in-flight calls may finish [default 10]",
     )
     serve.add_argument(
+        "--resume-grace-seconds",
+        type=float,
+        default=15.0,
+        help="how long a lease whose stream ended (or whose server died) waits for its worker "
+        "to resume it before the task is retried [default 15]",
+    )
+    serve.add_argument(
         "--only",
         choices=("ingestion", "orchestrator"),
         help="serve one of the pair (run the other as its own process on the same --db)",
@@ -177,6 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         services=(args.only,) if args.only else SERVICES,
         grace_seconds=args.grace_seconds,
+        resume_grace_seconds=args.resume_grace_seconds,
         limits=IngestionLimits(
             **{
                 name: getattr(args, name)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from agentrun_server.orchestrator._dispatcher import Dispatcher
+from agentrun_server.orchestrator._dispatcher import RESUME_GRACE_SECONDS, Dispatcher
 from agentrun_server.orchestrator._metrics import BacklogCollector, OrchestratorMetrics
 from agentrun_server.orchestrator._servicer import OrchestratorServicer
 
-__all__ = ["BacklogCollector", "Dispatcher", "OrchestratorMetrics", "OrchestratorServicer"]
+__all__ = [
+    "RESUME_GRACE_SECONDS",
+    "BacklogCollector",
+    "Dispatcher",
+    "OrchestratorMetrics",
+    "OrchestratorServicer",
+]

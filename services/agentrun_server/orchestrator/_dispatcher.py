@@ -1,10 +1,15 @@
 """The dispatcher: pushes ready tasks to subscribed Work sessions, within their credits.
 
-One loop per server. It wakes when something may have become ready (a run ingested here, a task
-settled, credits granted, a session opened) and otherwise every `poll_interval_seconds`, which
-catches what other processes sharing the database made ready and retries whose backoff elapsed.
-Each pass claims, per session with free credits, up to that many tasks in one storage call, and
-periodically ends expired leases.
+One loop per server. It wakes when something may have become ready (a notice from this process or,
+through the notifier, from another sharing the database; credits granted; a session opened) and
+otherwise every `poll_interval_seconds`, which catches retries whose backoff elapsed. Each pass
+claims, per session with free credits, up to that many tasks in one storage call.
+
+Every `sweep_interval_seconds` it also vouches for this server's leases (a heartbeat) and sweeps:
+leases past their deadline, and leases detached from their stream that nobody resumed within
+`resume_grace_seconds`, go back to ready (or die). A lease outlives its stream: a session that
+ends without its worker closing it (the worker vanished, or this server is shutting down) only
+detaches its leases, which the worker resumes on its next stream, here or at another process.
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ import contextlib
 import itertools
 import logging
 import math
+import os
+import socket
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from agentrun.v1 import orchestrator_service_pb2 as pb
+from agentrun_server._errors import Unavailable
 from agentrun_server.orchestrator._metrics import OrchestratorMetrics
 from agentrun_server.storage import (
     Ack,
@@ -26,7 +35,11 @@ from agentrun_server.storage import (
     Completion,
     EndedLease,
     LeasedTask,
+    LeaseRef,
+    LocalNotifier,
+    Notifier,
     Release,
+    Revocation,
     StageBacklog,
     Storage,
     WorkflowDef,
@@ -39,7 +52,12 @@ MAX_CLAIM_TASKS = 1000
 """The most tasks one claim leases: a session with more free credits gets further batches, each
 pass bounded however many credits it was granted."""
 POLL_INTERVAL_SECONDS = 0.25
-EXPIRY_INTERVAL_SECONDS = 1.0
+SWEEP_INTERVAL_SECONDS = 1.0
+RESUME_GRACE_SECONDS = 15.0
+"""How long a lease detached from its stream waits for its worker to resume it."""
+CLOSE_STREAMS_TIMEOUT_SECONDS = 5.0
+
+_REVOKE_REASONS = {"cancelled": pb.REVOKE_REASON_CANCELLED, "expired": pb.REVOKE_REASON_EXPIRED}
 
 
 @dataclass(eq=False)
@@ -60,7 +78,8 @@ class Session:
         default_factory=asyncio.Queue
     )
     in_flight: dict[str, float] = field(default_factory=dict)
-    """Lease id -> when it was pushed, for leases not yet settled: they hold the credits."""
+    """Lease id -> when it was pushed (or resumed), for leases not yet settled: they hold the
+    credits."""
     draining: bool = False
     closed: bool = False
     empty_sent: bool = False
@@ -84,6 +103,8 @@ def lease_batch(tasks: list[LeasedTask]) -> pb.WorkResponse:
     response = pb.WorkResponse()
     batch = response.leases
     batch.SetInParent()
+    # A batch's deadlines and creation times repeat (one claim, tasks made by one completion).
+    splits: dict[float, tuple[int, int]] = {}
     for task in tasks:
         lease = batch.leases.add(
             task_id=str(task.task_id),
@@ -96,8 +117,14 @@ def lease_batch(tasks: list[LeasedTask]) -> pb.WorkResponse:
         )
         # Timestamp fields set directly: FromNanoseconds is pure Python and validates.
         deadline, created = lease.deadline, lease.create_time
-        deadline.seconds, deadline.nanos = _split_seconds(task.deadline)
-        created.seconds, created.nanos = _split_seconds(task.created_at)
+        split = splits.get(task.deadline)
+        if split is None:
+            split = splits[task.deadline] = _split_seconds(task.deadline)
+        deadline.seconds, deadline.nanos = split
+        split = splits.get(task.created_at)
+        if split is None:
+            split = splits[task.created_at] = _split_seconds(task.created_at)
+        created.seconds, created.nanos = split
         lease.agent_run.MergeFromString(task.run_data)
         if task.input:
             lease.input.MergeFromString(task.input)
@@ -105,41 +132,79 @@ def lease_batch(tasks: list[LeasedTask]) -> pb.WorkResponse:
 
 
 class Dispatcher:
-    """Matches ready tasks to sessions. `start()` runs the loop; `stop()` ends it."""
+    """Matches ready tasks to sessions. `start()` runs the loop; `close_streams()` ends every
+    session as a server shutting down does; `stop()` ends the loop."""
 
     def __init__(
         self,
         storage: Storage,
         metrics: OrchestratorMetrics,
+        notifier: Notifier | None = None,
+        *,
         poll_interval_seconds: float = POLL_INTERVAL_SECONDS,
-        expiry_interval_seconds: float = EXPIRY_INTERVAL_SECONDS,
+        sweep_interval_seconds: float = SWEEP_INTERVAL_SECONDS,
+        resume_grace_seconds: float = RESUME_GRACE_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.server_id = uuid.uuid4().hex
+        """This server process, as its heartbeat names it."""
+        self.resume_grace_seconds = resume_grace_seconds
         self._storage = storage
         self._metrics = metrics
+        self._notifier = notifier or LocalNotifier()
         self._poll_interval = poll_interval_seconds
-        self._expiry_interval = expiry_interval_seconds
+        self._sweep_interval = sweep_interval_seconds
         self._clock = clock
         self._sessions: list[Session] = []
         self._by_id: dict[str, Session] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._turn = itertools.count()
+        self._closing = False
+        self._all_removed = asyncio.Event()
 
-    def start(self) -> None:
-        """Start the dispatch loop on the running event loop."""
+    async def start(self) -> None:
+        """Vouch for this server, start hearing notices, and start the dispatch loop."""
+        await self._heartbeat()
+        await self._notifier.start(self.wake, self.on_revoked)
         self._task = asyncio.create_task(self._run(), name="agentrun-dispatcher")
 
+    async def close_streams(self) -> None:
+        """End every session as a shutting-down server does: no new leases or sessions; each
+        stream ends UNAVAILABLE after what is queued for it, and its leases stay leased for the
+        worker to resume elsewhere (or here, after a restart)."""
+        self._closing = True
+        for session in list(self._sessions):
+            session.draining = True
+            session.outbox.put_nowait(
+                Unavailable("the server is shutting down: reconnect and resume your leases", 0.5)
+            )
+        if self._sessions:
+            self._all_removed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_STREAMS_TIMEOUT_SECONDS):
+                    await self._all_removed.wait()
+
     async def stop(self) -> None:
-        """Stop the loop."""
+        """Stop the loop and the notices, and forget this server (its detached leases wait
+        for their workers as any others do)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
+        await self._notifier.close()
+        with contextlib.suppress(Exception):
+            await self._storage.remove_server(self.server_id)
 
     def wake(self) -> None:
         """Ask for a dispatch pass soon (something may have become ready or credits freed)."""
         self._wakeup.set()
+
+    def tasks_ready(self, workflow: str, stages: Sequence[str]) -> None:
+        """This process made tasks ready: a pass here, and a notice to the others."""
+        self._notifier.tasks_ready(workflow, stages)
+        self.wake()
 
     async def snapshot(self) -> tuple[list[StageBacklog], dict[str, int]]:
         """Every stage's backlog, and free credits per workflow (for the metrics collector)."""
@@ -150,42 +215,87 @@ class Dispatcher:
                 credits[name] = credits.get(name, 0) + session.free_credits
         return await self._storage.backlog("", self._clock()), credits
 
-    def add(self, session: Session) -> None:
-        """Start dispatching to a session."""
+    async def add(self, session: Session, resume: Sequence[LeaseRef] = ()) -> list[Ack]:
+        """Start dispatching to a session; attach the leases its worker resumes (answered per
+        item: OK with the deadline, or why not).
+
+        Raises:
+            Unavailable: the server is shutting down.
+        """
+        if self._closing:
+            raise Unavailable("the server is shutting down: connect to another", 0.5)
+        acks: list[Ack] = []
+        if resume:
+            now = self._clock()
+            acks = await self._storage.resume(session.id, self.server_id, resume, now)
+            for ack in acks:
+                if ack.code == 0:
+                    session.in_flight[ack.lease_id] = now
         self._sessions.append(session)
         self._by_id[session.id] = session
         self._metrics.workers.inc()
         self.wake()
+        return acks
 
-    async def remove(self, session: Session) -> None:
-        """Stop dispatching to a session and end the leases it holds."""
+    async def remove(self, session: Session, handback: bool) -> None:
+        """Stop dispatching to a session. `handback` (the worker closed its stream): its leases
+        end at once, the attempts counted; else they are detached, for the worker to resume."""
         session.closed = True
         self._by_id.pop(session.id, None)
         if session in self._sessions:
             self._sessions.remove(session)
             self._metrics.workers.dec()
-        ended = await self._storage.release_session(session.id, self._clock())
-        if ended:
-            dead = self._count_ended(ended, "stream_closed")
-            _log.info(
-                "session %s closed holding %d leases: %d tasks ready again, %d dead",
-                session.id,
-                len(ended),
-                len(ended) - dead,
-                dead,
-            )
-        self.wake()
+        try:
+            now = self._clock()
+            if handback:
+                ended = await self._storage.release_session(session.id, now)
+                if ended:
+                    dead = self._count_ended(ended, "stream_closed")
+                    _log.info(
+                        "session %s closed holding %d leases: %d tasks ready again, %d dead",
+                        session.id,
+                        len(ended),
+                        len(ended) - dead,
+                        dead,
+                    )
+            else:
+                detached = await self._storage.detach_session(session.id, now)
+                if detached:
+                    _log.info(
+                        "session %s ended holding %d leases: kept %.0f s for its worker to resume",
+                        session.id,
+                        detached,
+                        self.resume_grace_seconds,
+                    )
+        finally:
+            if not self._sessions:
+                self._all_removed.set()
+            self.wake()
 
-    def revoke(self, leases: list[EndedLease], reason: pb.RevokeReason.ValueType) -> None:
-        """Tell the sessions holding these leases that they are taken back, and free their
-        credits (a worker may never settle a lease it has lost)."""
+    def revoked(self, leases: Sequence[EndedLease], reason: str) -> None:
+        """This process revoked leases (cancelled): tell their streams, wherever they are."""
+        self._notifier.leases_revoked(
+            [
+                Revocation(e.task_id, e.lease_id, e.session_id, reason)
+                for e in leases
+                if e.session_id
+            ]
+        )
+
+    def on_revoked(self, revocations: Sequence[Revocation]) -> None:
+        """Tell the sessions here holding these leases that they are taken back, and free their
+        credits (a worker may never settle a lease it has lost). Others' leases are ignored."""
         revoked: dict[str, list[pb.RevokedLease]] = {}
-        for lease in leases:
-            session = self._by_id.get(lease.session_id or "")
-            if session is None or session.in_flight.pop(lease.lease_id, None) is None:
+        for item in revocations:
+            session = self._by_id.get(item.session_id)
+            if session is None or session.in_flight.pop(item.lease_id, None) is None:
                 continue
             revoked.setdefault(session.id, []).append(
-                pb.RevokedLease(task_id=str(lease.task_id), lease_id=lease.lease_id, reason=reason)
+                pb.RevokedLease(
+                    task_id=str(item.task_id),
+                    lease_id=item.lease_id,
+                    reason=_REVOKE_REASONS.get(item.reason, pb.REVOKE_REASON_UNSPECIFIED),
+                )
             )
         for session_id, items in revoked.items():
             self._by_id[session_id].outbox.put_nowait(
@@ -210,6 +320,7 @@ class Dispatcher:
             limit,
             session.lease_seconds,
             session.max_batch_bytes,
+            self.server_id,
         )
 
     async def complete(
@@ -241,8 +352,36 @@ class Dispatcher:
             return
         self._deliver(session, tasks, now)
 
+    async def _heartbeat(self) -> None:
+        await self._storage.heartbeat(
+            self.server_id, socket.gethostname(), os.getpid(), self._clock()
+        )
+
+    async def _sweep(self, now: float) -> None:
+        await self._heartbeat()
+        expired, recovered = await self._storage.sweep(now, self.resume_grace_seconds)
+        for lease in expired:
+            self._metrics.child(self._metrics.expired, lease.workflow, lease.stage).inc()
+        self._count_ended(expired, "lease_expired")
+        self._count_ended(recovered, "not_resumed")
+        if recovered:
+            _log.info(
+                "%d leases not resumed within %.0f s of their streams ending: ready again or dead",
+                len(recovered),
+                self.resume_grace_seconds,
+            )
+        self.on_revoked(
+            [
+                Revocation(e.task_id, e.lease_id, e.session_id, "expired")
+                for e in expired
+                if e.session_id
+            ]
+        )
+        if expired or recovered:
+            self.wake()
+
     async def _run(self) -> None:
-        next_expiry = 0.0
+        next_sweep = 0.0
         while True:
             # asyncio.timeout, not wait_for: on 3.11, wait_for swallows a cancellation that
             # arrives as the wakeup fires, and stop() would wait for this loop forever.
@@ -252,15 +391,9 @@ class Dispatcher:
             self._wakeup.clear()
             try:
                 now = self._clock()
-                if now >= next_expiry:
-                    expired = await self._storage.expire_leases(now)
-                    for lease in expired:
-                        self._metrics.child(
-                            self._metrics.expired, lease.workflow, lease.stage
-                        ).inc()
-                    self._count_ended(expired, "lease_expired")
-                    self.revoke(expired, pb.REVOKE_REASON_EXPIRED)
-                    next_expiry = now + self._expiry_interval
+                if now >= next_sweep:
+                    next_sweep = now + self._sweep_interval
+                    await self._sweep(now)
                 await self._pass(now)
             except Exception:
                 _log.exception("dispatch pass failed; retrying")
@@ -290,11 +423,16 @@ class Dispatcher:
                 self._deliver(session, tasks, now)
                 if len(tasks) < free:  # cut short by max_batch_bytes, maybe: another pass soon
                     self.wake()
-            elif session.notify_when_empty and not session.in_flight and not session.empty_sent:
-                stages = list(session.stage_quota)
-                if await self._storage.active_count(session.workflow.name, stages) == 0:
-                    session.empty_sent = True
-                    session.outbox.put_nowait(pb.WorkResponse(stages_empty=pb.StagesEmpty()))
+            elif (
+                session.notify_when_empty
+                and not session.in_flight
+                and not session.empty_sent
+                and not await self._storage.has_active(
+                    session.workflow.name, list(session.stage_quota)
+                )
+            ):
+                session.empty_sent = True
+                session.outbox.put_nowait(pb.WorkResponse(stages_empty=pb.StagesEmpty()))
 
     def _deliver(self, session: Session, tasks: list[LeasedTask], now: float) -> None:
         metrics, workflow = self._metrics, session.workflow.name

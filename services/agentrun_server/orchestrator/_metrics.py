@@ -58,7 +58,9 @@ class OrchestratorMetrics:
         self.dead = Counter(
             "agentrun_tasks_dead",
             "Tasks that became dead letters, by how their last attempt ended: failed (non-"
-            "retryable, or attempts exhausted), lease_expired, or stream_closed.",
+            "retryable, or attempts exhausted), lease_expired, stream_closed (the worker closed "
+            "its stream holding the lease), or not_resumed (its stream ended and no worker "
+            "resumed the lease within the grace).",
             ["workflow", "stage", "reason"],
             registry=registry,
         )

@@ -31,6 +31,7 @@ from agentrun_server.storage import (
     Extension,
     Failure,
     LeasedTask,
+    LeaseRef,
     Release,
     Storage,
     check_name,
@@ -121,7 +122,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             request.priority,
             time.time(),
         )
-        self._dispatcher.wake()
+        if enqueued:
+            self._dispatcher.tasks_ready(request.workflow, [request.stage] if request.stage else [])
         return pb.EnqueueAgentRunsResponse(enqueued_count=enqueued, skipped_count=skipped)
 
     # --- the Work stream ------------------------------------------------------------------------
@@ -135,27 +137,34 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         if first.WhichOneof("kind") != "subscribe":
             raise InvalidArgument("the first WorkRequest must be `subscribe`")
         session = await self._open(first.subscribe)
-        yield pb.WorkResponse(
-            subscribed=pb.Subscribed(
-                session_id=session.id, workflow=workflow_to_proto(session.workflow)
-            )
-        )
-        self._dispatcher.add(session)
-        reader = asyncio.create_task(self._read(session, request_iterator))
+        resume = [LeaseRef(_task_id(ref.task_id), ref.lease_id) for ref in first.subscribe.resume]
+        resumed = await self._dispatcher.add(session, resume)
+        handback = False  # the worker closed its side: its leases end now; else they wait
+        reader: asyncio.Task[None] | None = None
         try:
+            subscribed = pb.WorkResponse(
+                subscribed=pb.Subscribed(
+                    session_id=session.id, workflow=workflow_to_proto(session.workflow)
+                )
+            )
+            subscribed.subscribed.resumed.extend(self._ack_batch(resumed).acks.acks)
+            yield subscribed
+            reader = asyncio.create_task(self._read(session, request_iterator))
             while True:
                 item = await session.outbox.get()
                 if item is None:
+                    handback = True
                     return
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
             # Shielded: the stream may be ending because it was cancelled.
-            await asyncio.shield(self._dispatcher.remove(session))
+            await asyncio.shield(self._dispatcher.remove(session, handback))
 
     async def _open(self, subscribe: pb.Subscribe) -> Session:
         workflow = await self._storage.get_workflow(subscribe.workflow)
@@ -307,9 +316,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     def _settled(session: Session, acks: list[Ack], kind: str) -> None:
         """Free the credits of leases this stream no longer holds."""
         for ack in acks:
-            still_held = ack.code == 0 and kind == "extend_leases"
+            still_held = ack.code == AckCode.OK and kind == "extend_leases"
             # A rejected pathway leaves the task leased: the worker can settle it again.
-            still_held |= ack.code == 3
+            still_held |= ack.code == AckCode.INVALID_ARGUMENT
             if not still_held:
                 session.in_flight.pop(ack.lease_id, None)
 
@@ -369,7 +378,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         count, leases = await self._storage.cancel(
             request.workflow, request.stage, _task_ids(request.task_ids), time.time()
         )
-        self._dispatcher.revoke(leases, pb.REVOKE_REASON_CANCELLED)
+        self._dispatcher.revoked(leases, "cancelled")
         return pb.CancelTasksResponse(cancelled_count=count)
 
     async def GetBacklog(

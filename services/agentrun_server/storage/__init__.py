@@ -1,16 +1,21 @@
 """Storage shared by the ingestion and orchestrator services, behind one narrow interface.
 
 `open_storage("sqlite:///path.db")` returns an opened store. Signatures carry only the records of
-`storage._types` and opaque bytes (encoded protobuf messages), never generated types.
+`storage._types` and opaque bytes (encoded protobuf messages), never generated types. What a
+claim takes and what a settle means is decided once, in `storage._rules`; a backend only runs
+statements, each state change a guarded one. `tests/storage` holds the contract suite every
+backend passes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 from agentrun_server._errors import InvalidArgument
-from agentrun_server.storage._sqlite import SqliteStorage, backoff_seconds
+from agentrun_server.storage._notifier import LocalNotifier, Notifier, PollingNotifier
+from agentrun_server.storage._rules import backoff_seconds
 from agentrun_server.storage._types import (
     Ack,
     AckCode,
@@ -24,8 +29,10 @@ from agentrun_server.storage._types import (
     InsertOutcome,
     InsertStatus,
     LeasedTask,
+    LeaseRef,
     NewRun,
     Release,
+    Revocation,
     StageBacklog,
     StageDef,
     StoredRun,
@@ -34,6 +41,7 @@ from agentrun_server.storage._types import (
     WorkflowDef,
     check_name,
 )
+from agentrun_server.storage.sqlite import SqliteStorage
 
 __all__ = [
     "Ack",
@@ -47,9 +55,14 @@ __all__ = [
     "Failure",
     "InsertOutcome",
     "InsertStatus",
+    "LeaseRef",
     "LeasedTask",
+    "LocalNotifier",
     "NewRun",
+    "Notifier",
+    "PollingNotifier",
     "Release",
+    "Revocation",
     "SqliteStorage",
     "StageBacklog",
     "StageDef",
@@ -65,41 +78,232 @@ __all__ = [
 
 
 class Storage(Protocol):
-    """What the services need from storage. Every method is a coroutine; times are epoch seconds."""
+    """What the services need from storage: the contract every backend keeps.
 
-    async def close(self) -> None: ...
+    Every method is a coroutine; times are epoch seconds, passed in by the caller. Several
+    storage objects, in one process or several, may share one database: every state change is
+    one statement that re-checks the state it assumes and returns what moved, so two of them never
+    lease one task at once nor accept a stale settle.
+
+    Tasks: ready -> leased -> done | ready (retry, released, lease ended) | dead; ready, leased
+    and dead -> cancelled; dead -> ready (redrive). At most one ready or leased task per run and
+    workflow. A lease belongs to its lease id (the fencing token): any storage object may settle
+    it; the Work session and server recorded with it only say who to tell when it is revoked, and
+    whose silence detaches it.
+
+    Settles (complete, fail, extend, release) answer each item with an `Ack`, in order: OK; a
+    pathway the stage lacks or (from the servicer) an oversize output: INVALID_ARGUMENT, the
+    lease kept; NOT_FOUND: no such task; FAILED_PRECONDITION: a stale lease. A settle repeated
+    under the same lease (same pathway, for a completion) is answered OK again (`result`
+    "repeat") while the task has not moved on.
+    """
+
+    async def close(self) -> None:
+        """Release connections and threads; later calls fail."""
+
+    # --- collections and runs -------------------------------------------------------------------
+
     async def create_collection(
         self, name: str, description: str, workflow: str, now: float
-    ) -> tuple[Collection, bool]: ...
-    async def get_collection(self, id: str = "", name: str = "") -> Collection: ...
-    async def list_collections(self) -> list[Collection]: ...
+    ) -> tuple[Collection, bool]:
+        """Create a collection, or return the one with this name (created=False).
+
+        Raises:
+            NotFound: `workflow` is not empty and names no workflow.
+            FailedPrecondition: the existing collection is bound to another workflow.
+        """
+
+    async def get_collection(self, id: str = "", name: str = "") -> Collection:
+        """A collection by id, else by name, with its run count (kept, never counted).
+
+        Raises:
+            NotFound: no such collection.
+        """
+
+    async def list_collections(self) -> list[Collection]:
+        """All collections, oldest first."""
+
     async def insert_runs(
-        self, collection_id: str, runs: list[NewRun], now: float
-    ) -> list[InsertOutcome]: ...
-    async def get_run(self, run_id: str) -> StoredRun: ...
+        self, collection_id: str, runs: Sequence[NewRun], now: float
+    ) -> list[InsertOutcome]:
+        """Store runs in one transaction, answering each in order: ACCEPTED; DUPLICATE (its id
+        is stored in this collection, or earlier in the batch); CONFLICT (stored in another).
+        When the collection is bound to a workflow, each accepted run enters the workflow's first
+        stage in the same transaction.
+
+        Raises:
+            NotFound: no such collection (or its workflow vanished).
+        """
+
+    async def get_run(self, run_id: str) -> StoredRun:
+        """One run.
+
+        Raises:
+            NotFound: no such run.
+        """
+
     async def list_runs(
         self, collection_id: str, after_seq: int, limit: int, max_bytes: int | None = None
-    ) -> tuple[list[StoredRun], bool]: ...
-    async def count_runs(self, collection_id: str) -> int: ...
-    async def put_workflow(self, workflow: WorkflowDef, now: float) -> tuple[WorkflowDef, bool]: ...
-    async def get_workflow(self, name: str) -> WorkflowDef: ...
-    async def list_workflows(self) -> list[WorkflowDef]: ...
+    ) -> tuple[list[StoredRun], bool]:
+        """Up to `limit` runs of a collection with seq > `after_seq`, in ingestion order, and
+        whether more follow. The page stops before the run that would take its encoded size over
+        `max_bytes` (the first run goes regardless). A page costs what it holds, whatever the
+        collection's size."""
+
+    async def count_runs(self, collection_id: str) -> int:
+        """The runs of a collection (0 for an unknown one)."""
+
+    # --- workflows ------------------------------------------------------------------------------
+
+    async def put_workflow(self, workflow: WorkflowDef, now: float) -> tuple[WorkflowDef, bool]:
+        """Store a definition (validated by the caller); a new version only if it changed.
+
+        Raises:
+            FailedPrecondition: the new definition drops a stage that holds ready or leased tasks.
+            Unavailable: another definition was applied at the same moment; apply again.
+        """
+
+    async def get_workflow(self, name: str) -> WorkflowDef:
+        """A workflow's current definition.
+
+        Raises:
+            NotFound: no such workflow.
+        """
+
+    async def list_workflows(self) -> list[WorkflowDef]:
+        """All workflows by name."""
+
+    # --- tasks: enqueue, claim, settle ----------------------------------------------------------
+
     async def enqueue(
-        self, workflow_name: str, stage_name: str, run_ids: list[str], priority: int, now: float
-    ) -> tuple[int, int]: ...
-    async def claim(self, request: ClaimRequest, now: float) -> list[LeasedTask]: ...
-    async def complete(self, items: list[Completion], now: float) -> list[Ack]: ...
+        self, workflow_name: str, stage_name: str, run_ids: Sequence[str], priority: int, now: float
+    ) -> tuple[int, int]:
+        """Create ready tasks for stored runs at a stage ("": the first); a run that has a ready
+        or leased task in the workflow already is skipped.
+
+        Returns:
+            (enqueued, skipped).
+
+        Raises:
+            NotFound: unknown workflow, stage or run (nothing is enqueued).
+        """
+
+    async def claim(self, request: ClaimRequest, now: float) -> list[LeasedTask]:
+        """Lease up to `request.limit` tasks ready by `now` of the request's stages (each within
+        its own limit), highest priority first, FIFO within a priority, stopping before
+        `request.max_bytes` of runs and inputs (the first regardless). Each lease gets a fresh
+        lease id, the next attempt, and a deadline of now plus the request's lease duration (else
+        the stage's). Only tasks still ready move."""
+
+    async def complete(self, items: Sequence[Completion], now: float) -> list[Ack]:
+        """Complete leased tasks with a pathway and output, and create each one's next-stage
+        task (its input: the output), all in one transaction. The Ack of a done task names the
+        next task (`next_task_id`; none at the end of the workflow)."""
+
     async def complete_and_claim(
-        self, items: list[Completion], request: ClaimRequest, now: float
-    ) -> tuple[list[Ack], list[LeasedTask]]: ...
-    async def fail(self, items: list[Failure], now: float) -> list[Ack]: ...
-    async def extend(self, items: list[Extension], now: float) -> list[Ack]: ...
-    async def release(self, items: list[Release], now: float) -> list[Ack]: ...
-    async def release_session(self, session_id: str, now: float) -> list[EndedLease]: ...
-    async def expire_leases(self, now: float) -> list[EndedLease]: ...
-    async def active_count(self, workflow: str, stages: list[str]) -> int: ...
-    async def backlog(self, workflow_name: str, now: float) -> list[StageBacklog]: ...
-    async def get_task(self, task_id: int) -> TaskRecord: ...
+        self, items: Sequence[Completion], request: ClaimRequest, now: float
+    ) -> tuple[list[Ack], list[LeasedTask]]:
+        """`complete`, then `claim` for the same session, in one transaction: a worker that
+        settles a batch gets its next without another round through the dispatcher.
+        `request.limit` counts the credits the completions free; each completion refused for its
+        pathway keeps its lease (and credit), so it lowers the limit by one."""
+
+    async def fail(self, items: Sequence[Failure], now: float) -> list[Ack]:
+        """Record failed attempts: dead when non-retryable or the attempts are spent, else ready
+        again after the failure's retry-after or the stage's backoff (`result` "dead" or
+        "retry")."""
+
+    async def extend(self, items: Sequence[Extension], now: float) -> list[Ack]:
+        """Set lease deadlines to now plus each item's duration (None: the stage's); the Ack
+        carries the new deadline."""
+
+    async def release(self, items: Sequence[Release], now: float) -> list[Ack]:
+        """Hand leased tasks back unstarted: ready again at once, the attempt not counted."""
+
+    # --- leases: streams, servers, expiry -------------------------------------------------------
+
+    async def release_session(self, session_id: str, now: float) -> list[EndedLease]:
+        """End every lease a Work session holds, as its worker closed the stream on purpose: the
+        attempts count (it may have died of a task); ready again, or dead when spent."""
+
+    async def detach_session(self, session_id: str, now: float) -> int:
+        """Detach the leases of a Work session whose stream ended without handing them back
+        (the worker vanished, or the server is shutting down): they stay leased, resumable by the
+        worker on another stream until `sweep` ends them after the grace. Returns how many."""
+
+    async def resume(
+        self, session_id: str, server_id: str, items: Sequence[LeaseRef], now: float
+    ) -> list[Ack]:
+        """Attach leases a worker still holds to its new session: OK with the lease's deadline
+        while the lease is current (`result` "resumed"); else NOT_FOUND or FAILED_PRECONDITION,
+        and the worker must stop that task."""
+
+    async def heartbeat(self, server_id: str, host: str, pid: int, now: float) -> None:
+        """Record that a server process is alive; its leases are vouched for by this."""
+
+    async def remove_server(self, server_id: str) -> None:
+        """Forget a server shutting down (after it detached its sessions)."""
+
+    async def sweep(
+        self, now: float, grace_seconds: float
+    ) -> tuple[list[EndedLease], list[EndedLease]]:
+        """End leases nobody will settle, counting the attempt (ready again, or dead when spent).
+        Safe to run in every process at once: each lease ends once.
+
+        - A server silent for `grace_seconds` is gone: its leases are detached as of its last
+          heartbeat.
+        - Expired: past their deadline (revoked from their stream, if any).
+        - Recovered: detached for `grace_seconds` without a worker resuming them.
+
+        Returns:
+            (expired, recovered).
+        """
+
+    async def revocations_after(self, after_id: int) -> tuple[int, list[Revocation]]:
+        """Revocations recorded after `after_id` (cancelled or expired leases of live streams,
+        kept a minute), and the id to read after next time. `after_id` -1: none, just the id
+        to start from."""
+
+    async def change_marker(self) -> int | None:
+        """A value that changes whenever another connection commits to the database, for a
+        cheap "anything new?" poll; None when the backend cannot tell."""
+
+    async def redrive(self, workflow: str, stage: str, task_ids: Sequence[int], now: float) -> int:
+        """Move dead tasks (by id, else all of a workflow and optionally stage) back to ready
+        with a fresh attempt budget; one whose run has a ready or leased task in the workflow
+        again stays dead. Returns how many moved.
+
+        Raises:
+            InvalidArgument: neither ids nor a workflow.
+        """
+
+    async def cancel(
+        self, workflow: str, stage: str, task_ids: Sequence[int], now: float
+    ) -> tuple[int, list[EndedLease]]:
+        """Cancel ready, leased and dead tasks (by id, else all of a workflow and optionally
+        stage); return how many, and the leases that ended (revoked from their streams).
+
+        Raises:
+            InvalidArgument: neither ids nor a workflow.
+        """
+
+    # --- tasks: reads ---------------------------------------------------------------------------
+
+    async def has_active(self, workflow: str, stages: Sequence[str]) -> bool:
+        """Whether any of the stages has a ready (now or scheduled) or leased task."""
+
+    async def backlog(self, workflow_name: str, now: float) -> list[StageBacklog]:
+        """Task counts per stage of one workflow (all workflows when empty), in definition order,
+        and the age of each stage's oldest ready task. Costs what the ready and leased tasks
+        cost, never what the finished ones do."""
+
+    async def get_task(self, task_id: int) -> TaskRecord:
+        """One task with its failed attempts.
+
+        Raises:
+            NotFound: no such task.
+        """
+
     async def list_tasks(
         self,
         workflow: str,
@@ -108,11 +312,10 @@ class Storage(Protocol):
         after_id: int,
         limit: int,
         max_bytes: int | None = None,
-    ) -> tuple[list[TaskRecord], bool]: ...
-    async def redrive(self, workflow: str, stage: str, task_ids: list[int], now: float) -> int: ...
-    async def cancel(
-        self, workflow: str, stage: str, task_ids: list[int], now: float
-    ) -> tuple[int, list[EndedLease]]: ...
+    ) -> tuple[list[TaskRecord], bool]:
+        """Up to `limit` tasks with id > `after_id`, filtered where arguments are set, and
+        whether more follow; the page stops before the task whose input and output would take it
+        over `max_bytes` (the first regardless)."""
 
 
 async def open_storage(url: str) -> Storage:

@@ -250,6 +250,8 @@ class ClaimRequest:
     max_bytes: int | None = None
     """Most encoded bytes (runs and stage inputs) in all; the first task goes regardless, so a
     run larger than this still goes alone. None: no bound."""
+    server_id: str = ""
+    """The server process serving the session (its heartbeat vouches for the leases)."""
 
 
 class Failure(NamedTuple):
@@ -275,6 +277,23 @@ class Release(NamedTuple):
 
     task_id: int
     lease_id: str
+
+
+class LeaseRef(NamedTuple):
+    """A lease a worker still holds, presented again on a new stream (`Subscribe.resume`)."""
+
+    task_id: int
+    lease_id: str
+
+
+class Revocation(NamedTuple):
+    """A lease taken back from the live stream holding it, for that stream's worker to hear."""
+
+    task_id: int
+    lease_id: str
+    session_id: str
+    reason: str
+    """"cancelled" or "expired"."""
 
 
 class EndedLease(NamedTuple):

@@ -327,6 +327,7 @@ class Subscribe(_message.Message):
     WORKER_FIELD_NUMBER: _builtins.int
     NOTIFY_WHEN_EMPTY_FIELD_NUMBER: _builtins.int
     MAX_BATCH_BYTES_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     """The workflow whose stages the worker serves."""
     credits: _builtins.int
@@ -354,6 +355,13 @@ class Subscribe(_message.Message):
     def lease_duration(self) -> _duration_pb2.Duration:
         """Lease duration the worker wants; unset uses each stage's `lease_duration`."""
 
+    @_builtins.property
+    def resume(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseRef]:
+        """Leases this worker holds from an earlier stream (after a reconnect, or a server's restart):
+        they are attached to this stream, count against its credits, and are settled here. Each is
+        answered in `Subscribed.resumed`.
+        """
+
     def __init__(
         self,
         *,
@@ -364,14 +372,41 @@ class Subscribe(_message.Message):
         worker: _builtins.str = ...,
         notify_when_empty: _builtins.bool = ...,
         max_batch_bytes: _builtins.int = ...,
+        resume: _abc.Iterable[Global___LeaseRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "lease_duration", b"lease_duration", "max_batch_bytes", b"max_batch_bytes", "notify_when_empty", b"notify_when_empty", "stages", b"stages", "worker", b"worker", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "lease_duration", b"lease_duration", "max_batch_bytes", b"max_batch_bytes", "notify_when_empty", b"notify_when_empty", "resume", b"resume", "stages", b"stages", "worker", b"worker", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Subscribe: _TypeAlias = Subscribe  # noqa: Y015
+
+@_typing.final
+class LeaseRef(_message.Message):
+    """A lease a worker holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task."""
+    lease_id: _builtins.str
+    """The lease (the fencing token from the Lease)."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseRef: _TypeAlias = LeaseRef  # noqa: Y015
 
 @_typing.final
 class StageSubscription(_message.Message):
@@ -730,21 +765,30 @@ class Subscribed(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     WORKFLOW_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Server-assigned session id, for logs and stats."""
     @_builtins.property
     def workflow(self) -> _workflow_pb2.Workflow:
         """The workflow definition the session serves, so the worker can check its stage functions."""
 
+    @_builtins.property
+    def resumed(self) -> _containers.RepeatedCompositeFieldContainer[Global___Ack]:
+        """One answer per `Subscribe.resume` item, in order: code 0 with the lease's deadline (the lease is
+        this stream's now: go on and settle it here), else 5 NOT_FOUND or 9 FAILED_PRECONDITION (the
+        lease is gone: expired, cancelled or settled; stop working on the task).
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         workflow: _workflow_pb2.Workflow | None = ...,
+        resumed: _abc.Iterable[Global___Ack] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resumed", b"resumed", "session_id", b"session_id", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -130,9 +130,15 @@ class OrchestratorServiceServicer:
         """The stage-worker stream. The worker's first message MUST be `subscribe`. The server then pushes
         leases (many per message) as soon as tasks are ready, never more than the worker's credits in
         flight; the worker settles each lease by completing, failing or releasing it (batched), and may
-        extend leases, grant more credits, or drain. Closing the stream releases the leases it holds at
-        once. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names no
-        stage; NOT_FOUND for an unknown workflow or stage.
+        extend leases, grant more credits, or drain. A lease belongs to its lease id, not to the stream
+        or the server process that granted it: when the worker closes its side of the stream, the leases
+        it still holds go back to ready at once (their attempts count); when the stream ends otherwise
+        (the worker vanished, or the server shut down with UNAVAILABLE), they stay leased, and the
+        worker resumes them on a new stream to any server process (`Subscribe.resume`). Leases nobody
+        resumes within the server's resume grace (15 s by default) go back to ready, their attempts
+        counted. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names
+        no stage; NOT_FOUND for an unknown workflow or stage; UNAVAILABLE when the server shuts down
+        (reconnect and resume).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,7 +166,8 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelTasks(self, request, context):
-        """Cancels ready, leased or dead tasks. A leased task's worker learns it when it settles.
+        """Cancels ready, leased or dead tasks. The worker holding a leased one is told at once
+        (`LeasesRevoked`), by whichever server process serves its stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

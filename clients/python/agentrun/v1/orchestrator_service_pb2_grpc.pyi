@@ -54,9 +54,15 @@ class OrchestratorServiceStub:
     """The stage-worker stream. The worker's first message MUST be `subscribe`. The server then pushes
     leases (many per message) as soon as tasks are ready, never more than the worker's credits in
     flight; the worker settles each lease by completing, failing or releasing it (batched), and may
-    extend leases, grant more credits, or drain. Closing the stream releases the leases it holds at
-    once. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names no
-    stage; NOT_FOUND for an unknown workflow or stage.
+    extend leases, grant more credits, or drain. A lease belongs to its lease id, not to the stream
+    or the server process that granted it: when the worker closes its side of the stream, the leases
+    it still holds go back to ready at once (their attempts count); when the stream ends otherwise
+    (the worker vanished, or the server shut down with UNAVAILABLE), they stay leased, and the
+    worker resumes them on a new stream to any server process (`Subscribe.resume`). Leases nobody
+    resumes within the server's resume grace (15 s by default) go back to ready, their attempts
+    counted. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names
+    no stage; NOT_FOUND for an unknown workflow or stage; UNAVAILABLE when the server shuts down
+    (reconnect and resume).
     """
     GetTask: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetTaskRequest, _orchestrator_service_pb2.GetTaskResponse]
     """Returns one task with its output and failed attempts. Errors: NOT_FOUND."""
@@ -65,7 +71,9 @@ class OrchestratorServiceStub:
     RedriveTasks: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.RedriveTasksRequest, _orchestrator_service_pb2.RedriveTasksResponse]
     """Moves dead tasks back to ready with a fresh attempt budget."""
     CancelTasks: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CancelTasksRequest, _orchestrator_service_pb2.CancelTasksResponse]
-    """Cancels ready, leased or dead tasks. A leased task's worker learns it when it settles."""
+    """Cancels ready, leased or dead tasks. The worker holding a leased one is told at once
+    (`LeasesRevoked`), by whichever server process serves its stream.
+    """
     GetBacklog: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetBacklogRequest, _orchestrator_service_pb2.GetBacklogResponse]
     """Returns the backlog of each stage: ready, scheduled, leased, done, dead, oldest ready age."""
 
@@ -95,9 +103,15 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """The stage-worker stream. The worker's first message MUST be `subscribe`. The server then pushes
     leases (many per message) as soon as tasks are ready, never more than the worker's credits in
     flight; the worker settles each lease by completing, failing or releasing it (batched), and may
-    extend leases, grant more credits, or drain. Closing the stream releases the leases it holds at
-    once. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names no
-    stage; NOT_FOUND for an unknown workflow or stage.
+    extend leases, grant more credits, or drain. A lease belongs to its lease id, not to the stream
+    or the server process that granted it: when the worker closes its side of the stream, the leases
+    it still holds go back to ready at once (their attempts count); when the stream ends otherwise
+    (the worker vanished, or the server shut down with UNAVAILABLE), they stay leased, and the
+    worker resumes them on a new stream to any server process (`Subscribe.resume`). Leases nobody
+    resumes within the server's resume grace (15 s by default) go back to ready, their attempts
+    counted. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names
+    no stage; NOT_FOUND for an unknown workflow or stage; UNAVAILABLE when the server shuts down
+    (reconnect and resume).
     """
     GetTask: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetTaskRequest, _orchestrator_service_pb2.GetTaskResponse]  # type: ignore[assignment]
     """Returns one task with its output and failed attempts. Errors: NOT_FOUND."""
@@ -106,7 +120,9 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     RedriveTasks: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.RedriveTasksRequest, _orchestrator_service_pb2.RedriveTasksResponse]  # type: ignore[assignment]
     """Moves dead tasks back to ready with a fresh attempt budget."""
     CancelTasks: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CancelTasksRequest, _orchestrator_service_pb2.CancelTasksResponse]  # type: ignore[assignment]
-    """Cancels ready, leased or dead tasks. A leased task's worker learns it when it settles."""
+    """Cancels ready, leased or dead tasks. The worker holding a leased one is told at once
+    (`LeasesRevoked`), by whichever server process serves its stream.
+    """
     GetBacklog: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetBacklogRequest, _orchestrator_service_pb2.GetBacklogResponse]  # type: ignore[assignment]
     """Returns the backlog of each stage: ready, scheduled, leased, done, dead, oldest ready age."""
 
@@ -163,9 +179,15 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         """The stage-worker stream. The worker's first message MUST be `subscribe`. The server then pushes
         leases (many per message) as soon as tasks are ready, never more than the worker's credits in
         flight; the worker settles each lease by completing, failing or releasing it (batched), and may
-        extend leases, grant more credits, or drain. Closing the stream releases the leases it holds at
-        once. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names no
-        stage; NOT_FOUND for an unknown workflow or stage.
+        extend leases, grant more credits, or drain. A lease belongs to its lease id, not to the stream
+        or the server process that granted it: when the worker closes its side of the stream, the leases
+        it still holds go back to ready at once (their attempts count); when the stream ends otherwise
+        (the worker vanished, or the server shut down with UNAVAILABLE), they stay leased, and the
+        worker resumes them on a new stream to any server process (`Subscribe.resume`). Leases nobody
+        resumes within the server's resume grace (15 s by default) go back to ready, their attempts
+        counted. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names
+        no stage; NOT_FOUND for an unknown workflow or stage; UNAVAILABLE when the server shuts down
+        (reconnect and resume).
         """
 
     @_abc_1.abstractmethod
@@ -198,7 +220,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.CancelTasksRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.CancelTasksResponse, _abc.Awaitable[_orchestrator_service_pb2.CancelTasksResponse]]:
-        """Cancels ready, leased or dead tasks. A leased task's worker learns it when it settles."""
+        """Cancels ready, leased or dead tasks. The worker holding a leased one is told at once
+        (`LeasesRevoked`), by whichever server process serves its stream.
+        """
 
     @_abc_1.abstractmethod
     def GetBacklog(

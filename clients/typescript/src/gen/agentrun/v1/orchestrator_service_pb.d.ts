@@ -338,6 +338,15 @@ export declare type Subscribe = Message<"agentrun.v1.Subscribe"> & {
    * @generated from field: uint32 max_batch_bytes = 7;
    */
   maxBatchBytes: number;
+
+  /**
+   * Leases this worker holds from an earlier stream (after a reconnect, or a server's restart):
+   * they are attached to this stream, count against its credits, and are settled here. Each is
+   * answered in `Subscribed.resumed`.
+   *
+   * @generated from field: repeated agentrun.v1.LeaseRef resume = 8;
+   */
+  resume: LeaseRef[];
 };
 
 /**
@@ -345,6 +354,33 @@ export declare type Subscribe = Message<"agentrun.v1.Subscribe"> & {
  * Use `create(SubscribeSchema)` to create a new message.
  */
 export declare const SubscribeSchema: GenMessage<Subscribe>;
+
+/**
+ * A lease a worker holds.
+ *
+ * @generated from message agentrun.v1.LeaseRef
+ */
+export declare type LeaseRef = Message<"agentrun.v1.LeaseRef"> & {
+  /**
+   * The task.
+   *
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * The lease (the fencing token from the Lease).
+   *
+   * @generated from field: string lease_id = 2;
+   */
+  leaseId: string;
+};
+
+/**
+ * Describes the message agentrun.v1.LeaseRef.
+ * Use `create(LeaseRefSchema)` to create a new message.
+ */
+export declare const LeaseRefSchema: GenMessage<LeaseRef>;
 
 /**
  * One stage a Work session serves.
@@ -718,6 +754,15 @@ export declare type Subscribed = Message<"agentrun.v1.Subscribed"> & {
    * @generated from field: agentrun.v1.Workflow workflow = 2;
    */
   workflow?: Workflow | undefined;
+
+  /**
+   * One answer per `Subscribe.resume` item, in order: code 0 with the lease's deadline (the lease is
+   * this stream's now: go on and settle it here), else 5 NOT_FOUND or 9 FAILED_PRECONDITION (the
+   * lease is gone: expired, cancelled or settled; stop working on the task).
+   *
+   * @generated from field: repeated agentrun.v1.Ack resumed = 3;
+   */
+  resumed: Ack[];
 };
 
 /**
@@ -1346,9 +1391,15 @@ export declare const OrchestratorService: GenService<{
    * The stage-worker stream. The worker's first message MUST be `subscribe`. The server then pushes
    * leases (many per message) as soon as tasks are ready, never more than the worker's credits in
    * flight; the worker settles each lease by completing, failing or releasing it (batched), and may
-   * extend leases, grant more credits, or drain. Closing the stream releases the leases it holds at
-   * once. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names no
-   * stage; NOT_FOUND for an unknown workflow or stage.
+   * extend leases, grant more credits, or drain. A lease belongs to its lease id, not to the stream
+   * or the server process that granted it: when the worker closes its side of the stream, the leases
+   * it still holds go back to ready at once (their attempts count); when the stream ends otherwise
+   * (the worker vanished, or the server shut down with UNAVAILABLE), they stay leased, and the
+   * worker resumes them on a new stream to any server process (`Subscribe.resume`). Leases nobody
+   * resumes within the server's resume grace (15 s by default) go back to ready, their attempts
+   * counted. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names
+   * no stage; NOT_FOUND for an unknown workflow or stage; UNAVAILABLE when the server shuts down
+   * (reconnect and resume).
    *
    * @generated from rpc agentrun.v1.OrchestratorService.Work
    */
@@ -1388,7 +1439,8 @@ export declare const OrchestratorService: GenService<{
     output: typeof RedriveTasksResponseSchema;
   },
   /**
-   * Cancels ready, leased or dead tasks. A leased task's worker learns it when it settles.
+   * Cancels ready, leased or dead tasks. The worker holding a leased one is told at once
+   * (`LeasesRevoked`), by whichever server process serves its stream.
    *
    * @generated from rpc agentrun.v1.OrchestratorService.CancelTasks
    */

@@ -11,7 +11,7 @@ import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@
  * Describes the file agentrun/v1/orchestrator_service.proto.
  */
 export const file_agentrun_v1_orchestrator_service = /*@__PURE__*/
-  fileDesc("CiZhZ2VudHJ1bi92MS9vcmNoZXN0cmF0b3Jfc2VydmljZS5wcm90bxILYWdlbnRydW4udjEiPwoUQXBwbHlXb3JrZmxvd1JlcXVlc3QSJwoId29ya2Zsb3cYASABKAsyFS5hZ2VudHJ1bi52MS5Xb3JrZmxvdyJRChVBcHBseVdvcmtmbG93UmVzcG9uc2USJwoId29ya2Zsb3cYASABKAsyFS5hZ2VudHJ1bi52MS5Xb3JrZmxvdxIPCgdjaGFuZ2VkGAIgASgIIiIKEkdldFdvcmtmbG93UmVxdWVzdBIMCgRuYW1lGAEgASgJIj4KE0dldFdvcmtmbG93UmVzcG9uc2USJwoId29ya2Zsb3cYASABKAsyFS5hZ2VudHJ1bi52MS5Xb3JrZmxvdyIWChRMaXN0V29ya2Zsb3dzUmVxdWVzdCJBChVMaXN0V29ya2Zsb3dzUmVzcG9uc2USKAoJd29ya2Zsb3dzGAEgAygLMhUuYWdlbnRydW4udjEuV29ya2Zsb3ciYwoXRW5xdWV1ZUFnZW50UnVuc1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkSDQoFc3RhZ2UYAiABKAkSFQoNYWdlbnRfcnVuX2lkcxgDIAMoCRIQCghwcmlvcml0eRgEIAEoBSJJChhFbnF1ZXVlQWdlbnRSdW5zUmVzcG9uc2USFgoOZW5xdWV1ZWRfY291bnQYASABKA0SFQoNc2tpcHBlZF9jb3VudBgCIAEoDSLnAgoLV29ya1JlcXVlc3QSKwoJc3Vic2NyaWJlGAEgASgLMhYuYWdlbnRydW4udjEuU3Vic2NyaWJlSAASMgoNZ3JhbnRfY3JlZGl0cxgCIAEoCzIZLmFnZW50cnVuLnYxLkdyYW50Q3JlZGl0c0gAEjQKDmNvbXBsZXRlX3Rhc2tzGAMgASgLMhouYWdlbnRydW4udjEuQ29tcGxldGVUYXNrc0gAEiwKCmZhaWxfdGFza3MYBCABKAsyFi5hZ2VudHJ1bi52MS5GYWlsVGFza3NIABIyCg1leHRlbmRfbGVhc2VzGAUgASgLMhkuYWdlbnRydW4udjEuRXh0ZW5kTGVhc2VzSAASMgoNcmVsZWFzZV90YXNrcxgGIAEoCzIZLmFnZW50cnVuLnYxLlJlbGVhc2VUYXNrc0gAEiMKBWRyYWluGAcgASgLMhIuYWdlbnRydW4udjEuRHJhaW5IAEIGCgRraW5kItUBCglTdWJzY3JpYmUSEAoId29ya2Zsb3cYASABKAkSLgoGc3RhZ2VzGAIgAygLMh4uYWdlbnRydW4udjEuU3RhZ2VTdWJzY3JpcHRpb24SDwoHY3JlZGl0cxgDIAEoDRIxCg5sZWFzZV9kdXJhdGlvbhgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIOCgZ3b3JrZXIYBSABKAkSGQoRbm90aWZ5X3doZW5fZW1wdHkYBiABKAgSFwoPbWF4X2JhdGNoX2J5dGVzGAcgASgNIjUKEVN0YWdlU3Vic2NyaXB0aW9uEg0KBXN0YWdlGAEgASgJEhEKCW1heF90YXNrcxgCIAEoDSIfCgxHcmFudENyZWRpdHMSDwoHY3JlZGl0cxgBIAEoDSJBCg1Db21wbGV0ZVRhc2tzEjAKC2NvbXBsZXRpb25zGAEgAygLMhsuYWdlbnRydW4udjEuVGFza0NvbXBsZXRpb24iaAoOVGFza0NvbXBsZXRpb24SDwoHdGFza19pZBgBIAEoCRIQCghsZWFzZV9pZBgCIAEoCRIPCgdwYXRod2F5GAMgASgJEiIKBm91dHB1dBgEIAEoCzISLmFnZW50cnVuLnYxLlZhbHVlIjcKCUZhaWxUYXNrcxIqCghmYWlsdXJlcxgBIAMoCzIYLmFnZW50cnVuLnYxLlRhc2tGYWlsdXJlIoYBCgtUYXNrRmFpbHVyZRIPCgd0YXNrX2lkGAEgASgJEhAKCGxlYXNlX2lkGAIgASgJEg0KBWVycm9yGAMgASgJEhUKDW5vbl9yZXRyeWFibGUYBCABKAgSLgoLcmV0cnlfYWZ0ZXIYBSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iPwoMRXh0ZW5kTGVhc2VzEi8KCmV4dGVuc2lvbnMYASADKAsyGy5hZ2VudHJ1bi52MS5MZWFzZUV4dGVuc2lvbiJmCg5MZWFzZUV4dGVuc2lvbhIPCgd0YXNrX2lkGAEgASgJEhAKCGxlYXNlX2lkGAIgASgJEjEKDmxlYXNlX2R1cmF0aW9uGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjoKDFJlbGVhc2VUYXNrcxIqCghyZWxlYXNlcxgBIAMoCzIYLmFnZW50cnVuLnYxLlRhc2tSZWxlYXNlIjAKC1Rhc2tSZWxlYXNlEg8KB3Rhc2tfaWQYASABKAkSEAoIbGVhc2VfaWQYAiABKAkiBwoFRHJhaW4i+AEKDFdvcmtSZXNwb25zZRItCgpzdWJzY3JpYmVkGAEgASgLMhcuYWdlbnRydW4udjEuU3Vic2NyaWJlZEgAEikKBmxlYXNlcxgCIAEoCzIXLmFnZW50cnVuLnYxLkxlYXNlQmF0Y2hIABIlCgRhY2tzGAMgASgLMhUuYWdlbnRydW4udjEuQWNrQmF0Y2hIABIwCgxzdGFnZXNfZW1wdHkYBCABKAsyGC5hZ2VudHJ1bi52MS5TdGFnZXNFbXB0eUgAEi0KB3Jldm9rZWQYBSABKAsyGi5hZ2VudHJ1bi52MS5MZWFzZXNSZXZva2VkSABCBgoEa2luZCJJCgpTdWJzY3JpYmVkEhIKCnNlc3Npb25faWQYASABKAkSJwoId29ya2Zsb3cYAiABKAsyFS5hZ2VudHJ1bi52MS5Xb3JrZmxvdyIwCgpMZWFzZUJhdGNoEiIKBmxlYXNlcxgBIAMoCzISLmFnZW50cnVuLnYxLkxlYXNlIrUCCgVMZWFzZRIPCgd0YXNrX2lkGAEgASgJEhAKCGxlYXNlX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKA0SFAoMbWF4X2F0dGVtcHRzGAQgASgNEiwKCGRlYWRsaW5lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVzdGFnZRgGIAEoCRIoCglhZ2VudF9ydW4YByABKAsyFS5hZ2VudHJ1bi52MS5BZ2VudFJ1bhIVCg1jb2xsZWN0aW9uX2lkGAggASgJEhAKCHByaW9yaXR5GAkgASgFEiEKBWlucHV0GAogASgLMhIuYWdlbnRydW4udjEuVmFsdWUSLwoLY3JlYXRlX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIioKCEFja0JhdGNoEh4KBGFja3MYASADKAsyEC5hZ2VudHJ1bi52MS5BY2siiwEKA0FjaxIPCgd0YXNrX2lkGAEgASgJEhAKCGxlYXNlX2lkGAIgASgJEgwKBGNvZGUYAyABKAUSDwoHbWVzc2FnZRgEIAEoCRIsCghkZWFkbGluZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFAoMbmV4dF90YXNrX2lkGAYgASgJIg0KC1N0YWdlc0VtcHR5IjoKDUxlYXNlc1Jldm9rZWQSKQoGbGVhc2VzGAEgAygLMhkuYWdlbnRydW4udjEuUmV2b2tlZExlYXNlIlwKDFJldm9rZWRMZWFzZRIPCgd0YXNrX2lkGAEgASgJEhAKCGxlYXNlX2lkGAIgASgJEikKBnJlYXNvbhgDIAEoDjIZLmFnZW50cnVuLnYxLlJldm9rZVJlYXNvbiIhCg5HZXRUYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJIjIKD0dldFRhc2tSZXNwb25zZRIfCgR0YXNrGAEgASgLMhEuYWdlbnRydW4udjEuVGFzayKBAQoQTGlzdFRhc2tzUmVxdWVzdBIQCgh3b3JrZmxvdxgBIAEoCRINCgVzdGFnZRgCIAEoCRIlCgVzdGF0ZRgDIAEoDjIWLmFnZW50cnVuLnYxLlRhc2tTdGF0ZRIRCglwYWdlX3NpemUYBCABKA0SEgoKcGFnZV90b2tlbhgFIAEoCSJOChFMaXN0VGFza3NSZXNwb25zZRIgCgV0YXNrcxgBIAMoCzIRLmFnZW50cnVuLnYxLlRhc2sSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIkgKE1JlZHJpdmVUYXNrc1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkSDQoFc3RhZ2UYAiABKAkSEAoIdGFza19pZHMYAyADKAkiLgoUUmVkcml2ZVRhc2tzUmVzcG9uc2USFgoOcmVkcml2ZW5fY291bnQYASABKA0iRwoSQ2FuY2VsVGFza3NSZXF1ZXN0EhAKCHdvcmtmbG93GAEgASgJEg0KBXN0YWdlGAIgASgJEhAKCHRhc2tfaWRzGAMgAygJIi4KE0NhbmNlbFRhc2tzUmVzcG9uc2USFwoPY2FuY2VsbGVkX2NvdW50GAEgASgNIiUKEUdldEJhY2tsb2dSZXF1ZXN0EhAKCHdvcmtmbG93GAEgASgJImkKEkdldEJhY2tsb2dSZXNwb25zZRIpCgZzdGFnZXMYASADKAsyGS5hZ2VudHJ1bi52MS5TdGFnZUJhY2tsb2cSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqZQoMUmV2b2tlUmVhc29uEh0KGVJFVk9LRV9SRUFTT05fVU5TUEVDSUZJRUQQABIbChdSRVZPS0VfUkVBU09OX0NBTkNFTExFRBABEhkKFVJFVk9LRV9SRUFTT05fRVhQSVJFRBACMsEGChNPcmNoZXN0cmF0b3JTZXJ2aWNlElYKDUFwcGx5V29ya2Zsb3cSIS5hZ2VudHJ1bi52MS5BcHBseVdvcmtmbG93UmVxdWVzdBoiLmFnZW50cnVuLnYxLkFwcGx5V29ya2Zsb3dSZXNwb25zZRJQCgtHZXRXb3JrZmxvdxIfLmFnZW50cnVuLnYxLkdldFdvcmtmbG93UmVxdWVzdBogLmFnZW50cnVuLnYxLkdldFdvcmtmbG93UmVzcG9uc2USVgoNTGlzdFdvcmtmbG93cxIhLmFnZW50cnVuLnYxLkxpc3RXb3JrZmxvd3NSZXF1ZXN0GiIuYWdlbnRydW4udjEuTGlzdFdvcmtmbG93c1Jlc3BvbnNlEl8KEEVucXVldWVBZ2VudFJ1bnMSJC5hZ2VudHJ1bi52MS5FbnF1ZXVlQWdlbnRSdW5zUmVxdWVzdBolLmFnZW50cnVuLnYxLkVucXVldWVBZ2VudFJ1bnNSZXNwb25zZRI/CgRXb3JrEhguYWdlbnRydW4udjEuV29ya1JlcXVlc3QaGS5hZ2VudHJ1bi52MS5Xb3JrUmVzcG9uc2UoATABEkQKB0dldFRhc2sSGy5hZ2VudHJ1bi52MS5HZXRUYXNrUmVxdWVzdBocLmFnZW50cnVuLnYxLkdldFRhc2tSZXNwb25zZRJKCglMaXN0VGFza3MSHS5hZ2VudHJ1bi52MS5MaXN0VGFza3NSZXF1ZXN0Gh4uYWdlbnRydW4udjEuTGlzdFRhc2tzUmVzcG9uc2USUwoMUmVkcml2ZVRhc2tzEiAuYWdlbnRydW4udjEuUmVkcml2ZVRhc2tzUmVxdWVzdBohLmFnZW50cnVuLnYxLlJlZHJpdmVUYXNrc1Jlc3BvbnNlElAKC0NhbmNlbFRhc2tzEh8uYWdlbnRydW4udjEuQ2FuY2VsVGFza3NSZXF1ZXN0GiAuYWdlbnRydW4udjEuQ2FuY2VsVGFza3NSZXNwb25zZRJNCgpHZXRCYWNrbG9nEh4uYWdlbnRydW4udjEuR2V0QmFja2xvZ1JlcXVlc3QaHy5hZ2VudHJ1bi52MS5HZXRCYWNrbG9nUmVzcG9uc2ViBnByb3RvMw", [file_agentrun_v1_agent_run, file_agentrun_v1_workflow, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("CiZhZ2VudHJ1bi92MS9vcmNoZXN0cmF0b3Jfc2VydmljZS5wcm90bxILYWdlbnRydW4udjEiPwoUQXBwbHlXb3JrZmxvd1JlcXVlc3QSJwoId29ya2Zsb3cYASABKAsyFS5hZ2VudHJ1bi52MS5Xb3JrZmxvdyJRChVBcHBseVdvcmtmbG93UmVzcG9uc2USJwoId29ya2Zsb3cYASABKAsyFS5hZ2VudHJ1bi52MS5Xb3JrZmxvdxIPCgdjaGFuZ2VkGAIgASgIIiIKEkdldFdvcmtmbG93UmVxdWVzdBIMCgRuYW1lGAEgASgJIj4KE0dldFdvcmtmbG93UmVzcG9uc2USJwoId29ya2Zsb3cYASABKAsyFS5hZ2VudHJ1bi52MS5Xb3JrZmxvdyIWChRMaXN0V29ya2Zsb3dzUmVxdWVzdCJBChVMaXN0V29ya2Zsb3dzUmVzcG9uc2USKAoJd29ya2Zsb3dzGAEgAygLMhUuYWdlbnRydW4udjEuV29ya2Zsb3ciYwoXRW5xdWV1ZUFnZW50UnVuc1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkSDQoFc3RhZ2UYAiABKAkSFQoNYWdlbnRfcnVuX2lkcxgDIAMoCRIQCghwcmlvcml0eRgEIAEoBSJJChhFbnF1ZXVlQWdlbnRSdW5zUmVzcG9uc2USFgoOZW5xdWV1ZWRfY291bnQYASABKA0SFQoNc2tpcHBlZF9jb3VudBgCIAEoDSLnAgoLV29ya1JlcXVlc3QSKwoJc3Vic2NyaWJlGAEgASgLMhYuYWdlbnRydW4udjEuU3Vic2NyaWJlSAASMgoNZ3JhbnRfY3JlZGl0cxgCIAEoCzIZLmFnZW50cnVuLnYxLkdyYW50Q3JlZGl0c0gAEjQKDmNvbXBsZXRlX3Rhc2tzGAMgASgLMhouYWdlbnRydW4udjEuQ29tcGxldGVUYXNrc0gAEiwKCmZhaWxfdGFza3MYBCABKAsyFi5hZ2VudHJ1bi52MS5GYWlsVGFza3NIABIyCg1leHRlbmRfbGVhc2VzGAUgASgLMhkuYWdlbnRydW4udjEuRXh0ZW5kTGVhc2VzSAASMgoNcmVsZWFzZV90YXNrcxgGIAEoCzIZLmFnZW50cnVuLnYxLlJlbGVhc2VUYXNrc0gAEiMKBWRyYWluGAcgASgLMhIuYWdlbnRydW4udjEuRHJhaW5IAEIGCgRraW5kIvwBCglTdWJzY3JpYmUSEAoId29ya2Zsb3cYASABKAkSLgoGc3RhZ2VzGAIgAygLMh4uYWdlbnRydW4udjEuU3RhZ2VTdWJzY3JpcHRpb24SDwoHY3JlZGl0cxgDIAEoDRIxCg5sZWFzZV9kdXJhdGlvbhgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIOCgZ3b3JrZXIYBSABKAkSGQoRbm90aWZ5X3doZW5fZW1wdHkYBiABKAgSFwoPbWF4X2JhdGNoX2J5dGVzGAcgASgNEiUKBnJlc3VtZRgIIAMoCzIVLmFnZW50cnVuLnYxLkxlYXNlUmVmIi0KCExlYXNlUmVmEg8KB3Rhc2tfaWQYASABKAkSEAoIbGVhc2VfaWQYAiABKAkiNQoRU3RhZ2VTdWJzY3JpcHRpb24SDQoFc3RhZ2UYASABKAkSEQoJbWF4X3Rhc2tzGAIgASgNIh8KDEdyYW50Q3JlZGl0cxIPCgdjcmVkaXRzGAEgASgNIkEKDUNvbXBsZXRlVGFza3MSMAoLY29tcGxldGlvbnMYASADKAsyGy5hZ2VudHJ1bi52MS5UYXNrQ29tcGxldGlvbiJoCg5UYXNrQ29tcGxldGlvbhIPCgd0YXNrX2lkGAEgASgJEhAKCGxlYXNlX2lkGAIgASgJEg8KB3BhdGh3YXkYAyABKAkSIgoGb3V0cHV0GAQgASgLMhIuYWdlbnRydW4udjEuVmFsdWUiNwoJRmFpbFRhc2tzEioKCGZhaWx1cmVzGAEgAygLMhguYWdlbnRydW4udjEuVGFza0ZhaWx1cmUihgEKC1Rhc2tGYWlsdXJlEg8KB3Rhc2tfaWQYASABKAkSEAoIbGVhc2VfaWQYAiABKAkSDQoFZXJyb3IYAyABKAkSFQoNbm9uX3JldHJ5YWJsZRgEIAEoCBIuCgtyZXRyeV9hZnRlchgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI/CgxFeHRlbmRMZWFzZXMSLwoKZXh0ZW5zaW9ucxgBIAMoCzIbLmFnZW50cnVuLnYxLkxlYXNlRXh0ZW5zaW9uImYKDkxlYXNlRXh0ZW5zaW9uEg8KB3Rhc2tfaWQYASABKAkSEAoIbGVhc2VfaWQYAiABKAkSMQoObGVhc2VfZHVyYXRpb24YAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iOgoMUmVsZWFzZVRhc2tzEioKCHJlbGVhc2VzGAEgAygLMhguYWdlbnRydW4udjEuVGFza1JlbGVhc2UiMAoLVGFza1JlbGVhc2USDwoHdGFza19pZBgBIAEoCRIQCghsZWFzZV9pZBgCIAEoCSIHCgVEcmFpbiL4AQoMV29ya1Jlc3BvbnNlEi0KCnN1YnNjcmliZWQYASABKAsyFy5hZ2VudHJ1bi52MS5TdWJzY3JpYmVkSAASKQoGbGVhc2VzGAIgASgLMhcuYWdlbnRydW4udjEuTGVhc2VCYXRjaEgAEiUKBGFja3MYAyABKAsyFS5hZ2VudHJ1bi52MS5BY2tCYXRjaEgAEjAKDHN0YWdlc19lbXB0eRgEIAEoCzIYLmFnZW50cnVuLnYxLlN0YWdlc0VtcHR5SAASLQoHcmV2b2tlZBgFIAEoCzIaLmFnZW50cnVuLnYxLkxlYXNlc1Jldm9rZWRIAEIGCgRraW5kImwKClN1YnNjcmliZWQSEgoKc2Vzc2lvbl9pZBgBIAEoCRInCgh3b3JrZmxvdxgCIAEoCzIVLmFnZW50cnVuLnYxLldvcmtmbG93EiEKB3Jlc3VtZWQYAyADKAsyEC5hZ2VudHJ1bi52MS5BY2siMAoKTGVhc2VCYXRjaBIiCgZsZWFzZXMYASADKAsyEi5hZ2VudHJ1bi52MS5MZWFzZSK1AgoFTGVhc2USDwoHdGFza19pZBgBIAEoCRIQCghsZWFzZV9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgNEhQKDG1heF9hdHRlbXB0cxgEIAEoDRIsCghkZWFkbGluZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFc3RhZ2UYBiABKAkSKAoJYWdlbnRfcnVuGAcgASgLMhUuYWdlbnRydW4udjEuQWdlbnRSdW4SFQoNY29sbGVjdGlvbl9pZBgIIAEoCRIQCghwcmlvcml0eRgJIAEoBRIhCgVpbnB1dBgKIAEoCzISLmFnZW50cnVuLnYxLlZhbHVlEi8KC2NyZWF0ZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIqCghBY2tCYXRjaBIeCgRhY2tzGAEgAygLMhAuYWdlbnRydW4udjEuQWNrIosBCgNBY2sSDwoHdGFza19pZBgBIAEoCRIQCghsZWFzZV9pZBgCIAEoCRIMCgRjb2RlGAMgASgFEg8KB21lc3NhZ2UYBCABKAkSLAoIZGVhZGxpbmUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDG5leHRfdGFza19pZBgGIAEoCSINCgtTdGFnZXNFbXB0eSI6Cg1MZWFzZXNSZXZva2VkEikKBmxlYXNlcxgBIAMoCzIZLmFnZW50cnVuLnYxLlJldm9rZWRMZWFzZSJcCgxSZXZva2VkTGVhc2USDwoHdGFza19pZBgBIAEoCRIQCghsZWFzZV9pZBgCIAEoCRIpCgZyZWFzb24YAyABKA4yGS5hZ2VudHJ1bi52MS5SZXZva2VSZWFzb24iIQoOR2V0VGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCSIyCg9HZXRUYXNrUmVzcG9uc2USHwoEdGFzaxgBIAEoCzIRLmFnZW50cnVuLnYxLlRhc2sigQEKEExpc3RUYXNrc1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkSDQoFc3RhZ2UYAiABKAkSJQoFc3RhdGUYAyABKA4yFi5hZ2VudHJ1bi52MS5UYXNrU3RhdGUSEQoJcGFnZV9zaXplGAQgASgNEhIKCnBhZ2VfdG9rZW4YBSABKAkiTgoRTGlzdFRhc2tzUmVzcG9uc2USIAoFdGFza3MYASADKAsyES5hZ2VudHJ1bi52MS5UYXNrEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJIChNSZWRyaXZlVGFza3NSZXF1ZXN0EhAKCHdvcmtmbG93GAEgASgJEg0KBXN0YWdlGAIgASgJEhAKCHRhc2tfaWRzGAMgAygJIi4KFFJlZHJpdmVUYXNrc1Jlc3BvbnNlEhYKDnJlZHJpdmVuX2NvdW50GAEgASgNIkcKEkNhbmNlbFRhc2tzUmVxdWVzdBIQCgh3b3JrZmxvdxgBIAEoCRINCgVzdGFnZRgCIAEoCRIQCgh0YXNrX2lkcxgDIAMoCSIuChNDYW5jZWxUYXNrc1Jlc3BvbnNlEhcKD2NhbmNlbGxlZF9jb3VudBgBIAEoDSIlChFHZXRCYWNrbG9nUmVxdWVzdBIQCgh3b3JrZmxvdxgBIAEoCSJpChJHZXRCYWNrbG9nUmVzcG9uc2USKQoGc3RhZ2VzGAEgAygLMhkuYWdlbnRydW4udjEuU3RhZ2VCYWNrbG9nEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKmUKDFJldm9rZVJlYXNvbhIdChlSRVZPS0VfUkVBU09OX1VOU1BFQ0lGSUVEEAASGwoXUkVWT0tFX1JFQVNPTl9DQU5DRUxMRUQQARIZChVSRVZPS0VfUkVBU09OX0VYUElSRUQQAjLBBgoTT3JjaGVzdHJhdG9yU2VydmljZRJWCg1BcHBseVdvcmtmbG93EiEuYWdlbnRydW4udjEuQXBwbHlXb3JrZmxvd1JlcXVlc3QaIi5hZ2VudHJ1bi52MS5BcHBseVdvcmtmbG93UmVzcG9uc2USUAoLR2V0V29ya2Zsb3cSHy5hZ2VudHJ1bi52MS5HZXRXb3JrZmxvd1JlcXVlc3QaIC5hZ2VudHJ1bi52MS5HZXRXb3JrZmxvd1Jlc3BvbnNlElYKDUxpc3RXb3JrZmxvd3MSIS5hZ2VudHJ1bi52MS5MaXN0V29ya2Zsb3dzUmVxdWVzdBoiLmFnZW50cnVuLnYxLkxpc3RXb3JrZmxvd3NSZXNwb25zZRJfChBFbnF1ZXVlQWdlbnRSdW5zEiQuYWdlbnRydW4udjEuRW5xdWV1ZUFnZW50UnVuc1JlcXVlc3QaJS5hZ2VudHJ1bi52MS5FbnF1ZXVlQWdlbnRSdW5zUmVzcG9uc2USPwoEV29yaxIYLmFnZW50cnVuLnYxLldvcmtSZXF1ZXN0GhkuYWdlbnRydW4udjEuV29ya1Jlc3BvbnNlKAEwARJECgdHZXRUYXNrEhsuYWdlbnRydW4udjEuR2V0VGFza1JlcXVlc3QaHC5hZ2VudHJ1bi52MS5HZXRUYXNrUmVzcG9uc2USSgoJTGlzdFRhc2tzEh0uYWdlbnRydW4udjEuTGlzdFRhc2tzUmVxdWVzdBoeLmFnZW50cnVuLnYxLkxpc3RUYXNrc1Jlc3BvbnNlElMKDFJlZHJpdmVUYXNrcxIgLmFnZW50cnVuLnYxLlJlZHJpdmVUYXNrc1JlcXVlc3QaIS5hZ2VudHJ1bi52MS5SZWRyaXZlVGFza3NSZXNwb25zZRJQCgtDYW5jZWxUYXNrcxIfLmFnZW50cnVuLnYxLkNhbmNlbFRhc2tzUmVxdWVzdBogLmFnZW50cnVuLnYxLkNhbmNlbFRhc2tzUmVzcG9uc2USTQoKR2V0QmFja2xvZxIeLmFnZW50cnVuLnYxLkdldEJhY2tsb2dSZXF1ZXN0Gh8uYWdlbnRydW4udjEuR2V0QmFja2xvZ1Jlc3BvbnNlYgZwcm90bzM", [file_agentrun_v1_agent_run, file_agentrun_v1_workflow, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Describes the message agentrun.v1.ApplyWorkflowRequest.
@@ -84,214 +84,221 @@ export const SubscribeSchema = /*@__PURE__*/
   messageDesc(file_agentrun_v1_orchestrator_service, 9);
 
 /**
+ * Describes the message agentrun.v1.LeaseRef.
+ * Use `create(LeaseRefSchema)` to create a new message.
+ */
+export const LeaseRefSchema = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_orchestrator_service, 10);
+
+/**
  * Describes the message agentrun.v1.StageSubscription.
  * Use `create(StageSubscriptionSchema)` to create a new message.
  */
 export const StageSubscriptionSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 10);
+  messageDesc(file_agentrun_v1_orchestrator_service, 11);
 
 /**
  * Describes the message agentrun.v1.GrantCredits.
  * Use `create(GrantCreditsSchema)` to create a new message.
  */
 export const GrantCreditsSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 11);
+  messageDesc(file_agentrun_v1_orchestrator_service, 12);
 
 /**
  * Describes the message agentrun.v1.CompleteTasks.
  * Use `create(CompleteTasksSchema)` to create a new message.
  */
 export const CompleteTasksSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 12);
+  messageDesc(file_agentrun_v1_orchestrator_service, 13);
 
 /**
  * Describes the message agentrun.v1.TaskCompletion.
  * Use `create(TaskCompletionSchema)` to create a new message.
  */
 export const TaskCompletionSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 13);
+  messageDesc(file_agentrun_v1_orchestrator_service, 14);
 
 /**
  * Describes the message agentrun.v1.FailTasks.
  * Use `create(FailTasksSchema)` to create a new message.
  */
 export const FailTasksSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 14);
+  messageDesc(file_agentrun_v1_orchestrator_service, 15);
 
 /**
  * Describes the message agentrun.v1.TaskFailure.
  * Use `create(TaskFailureSchema)` to create a new message.
  */
 export const TaskFailureSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 15);
+  messageDesc(file_agentrun_v1_orchestrator_service, 16);
 
 /**
  * Describes the message agentrun.v1.ExtendLeases.
  * Use `create(ExtendLeasesSchema)` to create a new message.
  */
 export const ExtendLeasesSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 16);
+  messageDesc(file_agentrun_v1_orchestrator_service, 17);
 
 /**
  * Describes the message agentrun.v1.LeaseExtension.
  * Use `create(LeaseExtensionSchema)` to create a new message.
  */
 export const LeaseExtensionSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 17);
+  messageDesc(file_agentrun_v1_orchestrator_service, 18);
 
 /**
  * Describes the message agentrun.v1.ReleaseTasks.
  * Use `create(ReleaseTasksSchema)` to create a new message.
  */
 export const ReleaseTasksSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 18);
+  messageDesc(file_agentrun_v1_orchestrator_service, 19);
 
 /**
  * Describes the message agentrun.v1.TaskRelease.
  * Use `create(TaskReleaseSchema)` to create a new message.
  */
 export const TaskReleaseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 19);
+  messageDesc(file_agentrun_v1_orchestrator_service, 20);
 
 /**
  * Describes the message agentrun.v1.Drain.
  * Use `create(DrainSchema)` to create a new message.
  */
 export const DrainSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 20);
+  messageDesc(file_agentrun_v1_orchestrator_service, 21);
 
 /**
  * Describes the message agentrun.v1.WorkResponse.
  * Use `create(WorkResponseSchema)` to create a new message.
  */
 export const WorkResponseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 21);
+  messageDesc(file_agentrun_v1_orchestrator_service, 22);
 
 /**
  * Describes the message agentrun.v1.Subscribed.
  * Use `create(SubscribedSchema)` to create a new message.
  */
 export const SubscribedSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 22);
+  messageDesc(file_agentrun_v1_orchestrator_service, 23);
 
 /**
  * Describes the message agentrun.v1.LeaseBatch.
  * Use `create(LeaseBatchSchema)` to create a new message.
  */
 export const LeaseBatchSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 23);
+  messageDesc(file_agentrun_v1_orchestrator_service, 24);
 
 /**
  * Describes the message agentrun.v1.Lease.
  * Use `create(LeaseSchema)` to create a new message.
  */
 export const LeaseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 24);
+  messageDesc(file_agentrun_v1_orchestrator_service, 25);
 
 /**
  * Describes the message agentrun.v1.AckBatch.
  * Use `create(AckBatchSchema)` to create a new message.
  */
 export const AckBatchSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 25);
+  messageDesc(file_agentrun_v1_orchestrator_service, 26);
 
 /**
  * Describes the message agentrun.v1.Ack.
  * Use `create(AckSchema)` to create a new message.
  */
 export const AckSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 26);
+  messageDesc(file_agentrun_v1_orchestrator_service, 27);
 
 /**
  * Describes the message agentrun.v1.StagesEmpty.
  * Use `create(StagesEmptySchema)` to create a new message.
  */
 export const StagesEmptySchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 27);
+  messageDesc(file_agentrun_v1_orchestrator_service, 28);
 
 /**
  * Describes the message agentrun.v1.LeasesRevoked.
  * Use `create(LeasesRevokedSchema)` to create a new message.
  */
 export const LeasesRevokedSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 28);
+  messageDesc(file_agentrun_v1_orchestrator_service, 29);
 
 /**
  * Describes the message agentrun.v1.RevokedLease.
  * Use `create(RevokedLeaseSchema)` to create a new message.
  */
 export const RevokedLeaseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 29);
+  messageDesc(file_agentrun_v1_orchestrator_service, 30);
 
 /**
  * Describes the message agentrun.v1.GetTaskRequest.
  * Use `create(GetTaskRequestSchema)` to create a new message.
  */
 export const GetTaskRequestSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 30);
+  messageDesc(file_agentrun_v1_orchestrator_service, 31);
 
 /**
  * Describes the message agentrun.v1.GetTaskResponse.
  * Use `create(GetTaskResponseSchema)` to create a new message.
  */
 export const GetTaskResponseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 31);
+  messageDesc(file_agentrun_v1_orchestrator_service, 32);
 
 /**
  * Describes the message agentrun.v1.ListTasksRequest.
  * Use `create(ListTasksRequestSchema)` to create a new message.
  */
 export const ListTasksRequestSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 32);
+  messageDesc(file_agentrun_v1_orchestrator_service, 33);
 
 /**
  * Describes the message agentrun.v1.ListTasksResponse.
  * Use `create(ListTasksResponseSchema)` to create a new message.
  */
 export const ListTasksResponseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 33);
+  messageDesc(file_agentrun_v1_orchestrator_service, 34);
 
 /**
  * Describes the message agentrun.v1.RedriveTasksRequest.
  * Use `create(RedriveTasksRequestSchema)` to create a new message.
  */
 export const RedriveTasksRequestSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 34);
+  messageDesc(file_agentrun_v1_orchestrator_service, 35);
 
 /**
  * Describes the message agentrun.v1.RedriveTasksResponse.
  * Use `create(RedriveTasksResponseSchema)` to create a new message.
  */
 export const RedriveTasksResponseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 35);
+  messageDesc(file_agentrun_v1_orchestrator_service, 36);
 
 /**
  * Describes the message agentrun.v1.CancelTasksRequest.
  * Use `create(CancelTasksRequestSchema)` to create a new message.
  */
 export const CancelTasksRequestSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 36);
+  messageDesc(file_agentrun_v1_orchestrator_service, 37);
 
 /**
  * Describes the message agentrun.v1.CancelTasksResponse.
  * Use `create(CancelTasksResponseSchema)` to create a new message.
  */
 export const CancelTasksResponseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 37);
+  messageDesc(file_agentrun_v1_orchestrator_service, 38);
 
 /**
  * Describes the message agentrun.v1.GetBacklogRequest.
  * Use `create(GetBacklogRequestSchema)` to create a new message.
  */
 export const GetBacklogRequestSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 38);
+  messageDesc(file_agentrun_v1_orchestrator_service, 39);
 
 /**
  * Describes the message agentrun.v1.GetBacklogResponse.
  * Use `create(GetBacklogResponseSchema)` to create a new message.
  */
 export const GetBacklogResponseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 39);
+  messageDesc(file_agentrun_v1_orchestrator_service, 40);
 
 /**
  * Describes the enum agentrun.v1.RevokeReason.

@@ -1,0 +1,241 @@
+"""The task rules, once for every backend: what a claim takes and what a settle means.
+
+Storage adapters run statements; these functions decide. Each is pure (records in, decisions
+out), so a synchronous SQLite adapter and an asynchronous PostgreSQL one call the same code:
+
+- **Fencing**: a settle moves a task only while the lease it presents is the task's current one.
+  The adapters enforce it in the write itself (`... WHERE state = 'leased' AND lease_id = ?`,
+  RETURNING what moved); `settle_error` explains a write that moved nothing.
+- **Repeats**: a settle repeated under the same lease gets the answer it got the first time
+  (`is_repeat`), so a worker may resend after a lost ack or a reconnect.
+- **Retry or dead** after a failed attempt or a lease that ended unsettled, and the backoff before
+  the retry (`failure_outcome`, `lease_end_is_dead`, `backoff_seconds`).
+- **Routing**: the stage a pathway leads to (`route`).
+- **Byte budgets**: pages and lease batches stop before the item that would cross them
+  (`take_within`, `choose_claims`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from agentrun_server._errors import InvalidArgument, NotFound
+from agentrun_server.storage._types import (
+    Ack,
+    AckCode,
+    Completion,
+    Failure,
+    StageDef,
+    WorkflowDef,
+)
+
+BACKOFF_JITTER = 0.2
+"""Backoffs vary by +-20 %, so that tasks failed together do not retry together."""
+
+# Why an attempt ended without a settle from its worker, as stored in its failure record.
+LEASE_EXPIRED = "lease expired"
+STREAM_CLOSED = "worker closed its stream holding the lease"
+NOT_RESUMED = "lease not resumed within {grace:g} s of its stream ending"
+
+
+class SettleRow(NamedTuple):
+    """What settling a task needs to know of it: read before a guarded write, and again after a
+    write that moved nothing, to say why."""
+
+    task_id: int
+    state: str
+    lease_id: str | None
+    workflow: str
+    stage: str
+    attempt: int
+    max_attempts: int
+    pathway: str | None
+    failed_under_lease: bool = False
+    """A failure is on record under the lease presented (a failed attempt, or a lease ended)."""
+
+
+class Candidate(NamedTuple):
+    """A ready task a claim may take, in dispatch order: priority, then FIFO."""
+
+    priority: int
+    ready_at: float
+    task_id: int
+    stage: str
+    size_bytes: int
+    """The run's and the stage input's encoded bytes: what the lease will carry."""
+
+
+def backoff_seconds(attempt: int, initial: float, maximum: float) -> float:
+    """Delay before retrying after failed attempt `attempt` (from 1): doubling from `initial` up
+    to `maximum`, +-20 % jitter."""
+    base = min(maximum, initial * 2.0 ** max(0, attempt - 1))
+    return base * random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER)
+
+
+def take_within(sizes: Sequence[int], limit: int, max_bytes: int | None) -> tuple[int, bool]:
+    """How many of the first items to take, and whether more follow: at most `limit` items whose
+    sizes sum to at most `max_bytes`, the first item regardless (a large item goes alone rather
+    than never). For a page, `sizes` holds up to `limit + 1` items, so that one more tells there are
+    more."""
+    kept, total = 0, 0
+    for size in sizes[:limit]:
+        total += size
+        if kept and max_bytes is not None and total > max_bytes:
+            return kept, True
+        kept += 1
+    return kept, len(sizes) > limit
+
+
+def choose_claims(
+    candidates: list[Candidate], limit: int, max_bytes: int | None
+) -> list[Candidate]:
+    """The tasks one claim leases: the best `limit` candidates in dispatch order (highest
+    priority first, FIFO within a priority), stopping before `max_bytes` (the first regardless).
+
+    `candidates` holds each stage's first ready tasks, already within that stage's own limit.
+    """
+    candidates.sort(key=lambda c: (-c.priority, c.ready_at, c.task_id))
+    chosen = candidates[:limit]
+    kept, _ = take_within([c.size_bytes for c in chosen], len(chosen), max_bytes)
+    return chosen[:kept]
+
+
+def is_current(row: SettleRow | None, lease_id: str) -> bool:
+    """Whether `lease_id` is the task's current lease: the one thing that lets a settle move it."""
+    return row is not None and row.state == "leased" and row.lease_id == lease_id
+
+
+def settle_error(task_id: int, lease_id: str, row: SettleRow | None) -> Ack:
+    """The answer to a settle whose lease is not current: NOT_FOUND (no such task) or
+    FAILED_PRECONDITION (a stale lease: expired, released, settled otherwise, or superseded)."""
+    if row is None:
+        return Ack(task_id, lease_id, AckCode.NOT_FOUND, f"no task with id {task_id}")
+    other = row.lease_id not in (None, lease_id) and row.state == "leased"
+    return Ack(
+        task_id,
+        lease_id,
+        AckCode.FAILED_PRECONDITION,
+        f"stale lease: task {task_id} is {row.state}" + (" under another lease" if other else ""),
+        stage=row.stage,
+    )
+
+
+def is_repeat(kind: str, row: SettleRow | None, lease_id: str, pathway: str = "") -> bool:
+    """Whether a settle that moved nothing repeats one that did, under the same lease: answered
+    OK again. `kind` is "complete" (same pathway), "fail" or "release"."""
+    if row is None:
+        return False
+    if kind == "complete":
+        return row.state == "done" and row.lease_id == lease_id and row.pathway == pathway
+    if kind == "fail":
+        return row.failed_under_lease
+    if kind == "release":
+        # A release keeps the lease id on the ready task until it is leased again.
+        return row.state == "ready" and row.lease_id == lease_id and not row.failed_under_lease
+    return False
+
+
+def answer_miss(
+    kind: str, task_id: int, lease_id: str, row: SettleRow | None, pathway: str = ""
+) -> Ack:
+    """The answer to a settle that moved nothing: OK for a repeat, else why it is refused."""
+    if is_repeat(kind, row, lease_id, pathway):
+        assert row is not None
+        return Ack(task_id, lease_id, stage=row.stage, result="repeat")
+    return settle_error(task_id, lease_id, row)
+
+
+def route(workflow: WorkflowDef, stage: str, pathway: str) -> StageDef | None:
+    """The stage `pathway` leads to from `stage` (None: the end of the workflow).
+
+    Raises:
+        InvalidArgument: the stage has no such pathway; the message lists the valid ones.
+        NotFound: the workflow no longer has the stage.
+    """
+    target = workflow.stage(stage).next_stage(pathway)
+    return None if target is None else workflow.stage(target)
+
+
+class CompletionPlan(NamedTuple):
+    """What a batch of completions will write, decided from the tasks as read."""
+
+    acks: list[Ack | None]
+    """Per item: its answer now, or None when its write decides (done, or a miss)."""
+    done: list[Completion]
+    """Completions to write, each under its guard; at most one per task."""
+    follow: dict[int, StageDef]
+    """Task -> the stage its next task enters (absent: the pathway ends the workflow)."""
+
+
+def plan_completions(
+    items: Sequence[Completion],
+    rows: dict[int, SettleRow],
+    workflow: Callable[[str], WorkflowDef],
+) -> CompletionPlan:
+    """Decide each completion: refused (a stale lease, or a pathway its stage lacks: the lease is
+    kept), a repeat, or to be written with the next stage it routes to. A task named twice in a
+    batch is judged the second time as the first left it."""
+    acks: list[Ack | None] = []
+    done: list[Completion] = []
+    follow: dict[int, StageDef] = {}
+    # The hot path: each (workflow, stage, pathway) is routed once per batch.
+    routes: dict[tuple[str, str, str], StageDef | InvalidArgument | NotFound | None] = {}
+    planned: dict[int, Completion] = {}
+    for item in items:
+        row = rows.get(item.task_id)
+        if row is None or row.state != "leased" or row.lease_id != item.lease_id:
+            acks.append(answer_miss("complete", item.task_id, item.lease_id, row, item.pathway))
+            continue
+        first = planned.get(item.task_id)
+        if first is not None:  # done by its first mention in this batch
+            row = row._replace(state="done", pathway=first.pathway)
+            acks.append(answer_miss("complete", item.task_id, item.lease_id, row, item.pathway))
+            continue
+        key = (row.workflow, row.stage, item.pathway)
+        if key in routes:
+            target = routes[key]
+        else:
+            try:
+                target = routes[key] = route(workflow(row.workflow), row.stage, item.pathway)
+            except (InvalidArgument, NotFound) as exc:
+                target = routes[key] = exc
+        if isinstance(target, (InvalidArgument, NotFound)):
+            acks.append(
+                Ack(
+                    item.task_id,
+                    item.lease_id,
+                    AckCode.INVALID_ARGUMENT,
+                    str(target),
+                    stage=row.stage,
+                )
+            )
+            continue
+        planned[item.task_id] = item
+        done.append(item)
+        if target is not None:
+            follow[item.task_id] = target
+        acks.append(None)
+    return CompletionPlan(acks, done, follow)
+
+
+def failure_outcome(
+    row: SettleRow, item: Failure, stage: StageDef, now: float
+) -> tuple[bool, float]:
+    """(dead, ready_at) after a failed attempt: dead when non-retryable or the attempts are spent;
+    else ready again after the worker's retry-after, or the stage's backoff."""
+    if item.non_retryable or row.attempt >= row.max_attempts:
+        return True, now
+    delay = item.retry_after_seconds
+    if delay is None:
+        delay = backoff_seconds(
+            row.attempt, stage.initial_backoff_seconds, stage.max_backoff_seconds
+        )
+    return False, now + delay
+
+
+def lease_end_is_dead(attempt: int, max_attempts: int) -> bool:
+    """Whether a lease that ended unsettled (expired, its stream closed, never resumed) leaves its
+    task dead: the attempt counts, since the worker may have died of the task."""
+    return attempt >= max_attempts

@@ -1,0 +1,267 @@
+"""SQLite storage (WAL): the embedded default. `SqliteStorage` routes each call of the `Storage`
+protocol to its statements (`_runs`, `_workflows`, `_claims`, `_settles`, `_leases`, `_counts`,
+`_task_reads`) on the connection the engine picks: the storage thread for writes, the event loop
+for the Work stream's small batches (the hot path), the reader thread for reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sqlite3
+from collections.abc import Sequence
+
+from agentrun_server.storage._types import (
+    Ack,
+    AckCode,
+    ClaimRequest,
+    Collection,
+    Completion,
+    EndedLease,
+    Extension,
+    Failure,
+    InsertOutcome,
+    LeasedTask,
+    LeaseRef,
+    NewRun,
+    Release,
+    Revocation,
+    StageBacklog,
+    StoredRun,
+    TaskRecord,
+    TaskState,
+    WorkflowDef,
+)
+from agentrun_server.storage.sqlite import (
+    _claims,
+    _counts,
+    _leases,
+    _runs,
+    _settles,
+    _task_reads,
+    _workflows,
+)
+from agentrun_server.storage.sqlite._engine import Engine, transaction
+from agentrun_server.storage.sqlite._migrate import migrate
+
+__all__ = ["SqliteStorage"]
+
+
+def _complete(
+    db: sqlite3.Connection,
+    workflows: _workflows.WorkflowCache,
+    items: Sequence[Completion],
+    now: float,
+) -> list[Ack]:
+    with transaction(db):
+        return _settles.complete(db, workflows, items, now)
+
+
+def _complete_and_claim(
+    db: sqlite3.Connection,
+    workflows: _workflows.WorkflowCache,
+    items: Sequence[Completion],
+    request: ClaimRequest,
+    now: float,
+) -> tuple[list[Ack], list[LeasedTask]]:
+    with transaction(db):
+        acks = _settles.complete(db, workflows, items, now)
+        kept = sum(1 for ack in acks if ack.code == AckCode.INVALID_ARGUMENT)
+        if kept:
+            request = dataclasses.replace(request, limit=request.limit - kept)
+        return acks, _claims.claim(db, workflows, request, now)
+
+
+def _claim(
+    db: sqlite3.Connection, workflows: _workflows.WorkflowCache, request: ClaimRequest, now: float
+) -> list[LeasedTask]:
+    with transaction(db):
+        return _claims.claim(db, workflows, request, now)
+
+
+def _fail(
+    db: sqlite3.Connection,
+    workflows: _workflows.WorkflowCache,
+    items: Sequence[Failure],
+    now: float,
+) -> list[Ack]:
+    with transaction(db):
+        return _settles.fail(db, workflows, items, now)
+
+
+def _extend(
+    db: sqlite3.Connection,
+    workflows: _workflows.WorkflowCache,
+    items: Sequence[Extension],
+    now: float,
+) -> list[Ack]:
+    with transaction(db):
+        return _settles.extend(db, workflows, items, now)
+
+
+def _release(db: sqlite3.Connection, items: Sequence[Release], now: float) -> list[Ack]:
+    with transaction(db):
+        return _settles.release(db, items, now)
+
+
+def _change_marker(db: sqlite3.Connection) -> int:
+    # Changes whenever another connection (of this process or another) commits.
+    return int(db.execute("PRAGMA data_version").fetchone()[0])
+
+
+class SqliteStorage:
+    """Storage in one SQLite file; see `Storage` for the contract of each method.
+
+    `path` ":memory:" keeps everything in one connection (tests only).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._engine = Engine(path)
+        self._workflows = _workflows.WorkflowCache()
+
+    async def open(self, schema_version: int | None = None) -> None:
+        """Open the file (creating it) and apply pending migrations (up to `schema_version`;
+        None: all of them, as the server does)."""
+        await self._engine.open(functools.partial(migrate, target=schema_version))
+
+    async def close(self) -> None:
+        await self._engine.close()
+
+    # --- collections and runs -------------------------------------------------------------------
+
+    async def create_collection(
+        self, name: str, description: str, workflow: str, now: float
+    ) -> tuple[Collection, bool]:
+        return await self._engine.write(
+            _runs.create_collection, self._workflows, name, description, workflow, now
+        )
+
+    async def get_collection(self, id: str = "", name: str = "") -> Collection:
+        return await self._engine.read(_runs.get_collection, id, name)
+
+    async def list_collections(self) -> list[Collection]:
+        return await self._engine.read(_runs.list_collections)
+
+    async def insert_runs(
+        self, collection_id: str, runs: Sequence[NewRun], now: float
+    ) -> list[InsertOutcome]:
+        return await self._engine.write(
+            _runs.insert_runs, self._workflows, collection_id, runs, now
+        )
+
+    async def get_run(self, run_id: str) -> StoredRun:
+        return await self._engine.read(_runs.get_run, run_id)
+
+    async def list_runs(
+        self, collection_id: str, after_seq: int, limit: int, max_bytes: int | None = None
+    ) -> tuple[list[StoredRun], bool]:
+        return await self._engine.read(_runs.list_runs, collection_id, after_seq, limit, max_bytes)
+
+    async def count_runs(self, collection_id: str) -> int:
+        return await self._engine.read(_runs.count_runs, collection_id)
+
+    # --- workflows ------------------------------------------------------------------------------
+
+    async def put_workflow(self, workflow: WorkflowDef, now: float) -> tuple[WorkflowDef, bool]:
+        return await self._engine.write(_workflows.put_workflow, self._workflows, workflow, now)
+
+    async def get_workflow(self, name: str) -> WorkflowDef:
+        return await self._engine.read(_workflows.get_workflow, self._workflows, name)
+
+    async def list_workflows(self) -> list[WorkflowDef]:
+        return await self._engine.read(_workflows.list_workflows, self._workflows)
+
+    # --- tasks: enqueue, claim, settle ----------------------------------------------------------
+
+    async def enqueue(
+        self, workflow_name: str, stage_name: str, run_ids: Sequence[str], priority: int, now: float
+    ) -> tuple[int, int]:
+        return await self._engine.write(
+            _claims.enqueue, self._workflows, workflow_name, stage_name, run_ids, priority, now
+        )
+
+    async def claim(self, request: ClaimRequest, now: float) -> list[LeasedTask]:
+        return await self._engine.hot(request.limit, _claim, self._workflows, request, now)
+
+    async def complete(self, items: Sequence[Completion], now: float) -> list[Ack]:
+        return await self._engine.hot(len(items), _complete, self._workflows, items, now)
+
+    async def complete_and_claim(
+        self, items: Sequence[Completion], request: ClaimRequest, now: float
+    ) -> tuple[list[Ack], list[LeasedTask]]:
+        return await self._engine.hot(
+            len(items) + request.limit, _complete_and_claim, self._workflows, items, request, now
+        )
+
+    async def fail(self, items: Sequence[Failure], now: float) -> list[Ack]:
+        return await self._engine.hot(len(items), _fail, self._workflows, items, now)
+
+    async def extend(self, items: Sequence[Extension], now: float) -> list[Ack]:
+        return await self._engine.hot(len(items), _extend, self._workflows, items, now)
+
+    async def release(self, items: Sequence[Release], now: float) -> list[Ack]:
+        return await self._engine.hot(len(items), _release, items, now)
+
+    # --- leases: streams, servers, expiry -------------------------------------------------------
+
+    async def release_session(self, session_id: str, now: float) -> list[EndedLease]:
+        return await self._engine.write(_leases.release_session, session_id, now)
+
+    async def detach_session(self, session_id: str, now: float) -> int:
+        return await self._engine.write(_leases.detach_session, session_id, now)
+
+    async def resume(
+        self, session_id: str, server_id: str, items: Sequence[LeaseRef], now: float
+    ) -> list[Ack]:
+        return await self._engine.write(_leases.resume, session_id, server_id, items, now)
+
+    async def heartbeat(self, server_id: str, host: str, pid: int, now: float) -> None:
+        await self._engine.write(_leases.heartbeat, server_id, host, pid, now)
+
+    async def remove_server(self, server_id: str) -> None:
+        await self._engine.write(_leases.remove_server, server_id)
+
+    async def sweep(
+        self, now: float, grace_seconds: float
+    ) -> tuple[list[EndedLease], list[EndedLease]]:
+        return await self._engine.write(_leases.sweep, now, grace_seconds)
+
+    async def revocations_after(self, after_id: int) -> tuple[int, list[Revocation]]:
+        return await self._engine.read(_leases.revocations_after, after_id)
+
+    async def change_marker(self) -> int | None:
+        if self._engine.in_memory:
+            return None
+        return await self._engine.read(_change_marker)
+
+    async def redrive(self, workflow: str, stage: str, task_ids: Sequence[int], now: float) -> int:
+        return await self._engine.write(_leases.redrive, workflow, stage, task_ids, now)
+
+    async def cancel(
+        self, workflow: str, stage: str, task_ids: Sequence[int], now: float
+    ) -> tuple[int, list[EndedLease]]:
+        return await self._engine.write(_leases.cancel, workflow, stage, task_ids, now)
+
+    # --- tasks: reads ---------------------------------------------------------------------------
+
+    async def has_active(self, workflow: str, stages: Sequence[str]) -> bool:
+        return await self._engine.read(_counts.has_active, workflow, list(stages))
+
+    async def backlog(self, workflow_name: str, now: float) -> list[StageBacklog]:
+        return await self._engine.read(_counts.backlog, self._workflows, workflow_name, now)
+
+    async def get_task(self, task_id: int) -> TaskRecord:
+        return await self._engine.read(_task_reads.get_task, task_id)
+
+    async def list_tasks(
+        self,
+        workflow: str,
+        stage: str,
+        state: TaskState | None,
+        after_id: int,
+        limit: int,
+        max_bytes: int | None = None,
+    ) -> tuple[list[TaskRecord], bool]:
+        return await self._engine.read(
+            _task_reads.list_tasks, workflow, stage, state, after_id, limit, max_bytes
+        )

@@ -1,0 +1,281 @@
+"""How a storage call reaches a SQLite connection: three paths, one file.
+
+- **Writes** run on one storage thread holding one connection, so the process's writes are
+  serialized the way SQLite wants them; each batch is one `BEGIN IMMEDIATE` transaction. Several
+  processes may share the file (WAL, busy timeout).
+- **The hot path**: the Work stream's small settle and claim batches run on the event loop's own
+  thread, on a second connection, taking turns with the storage thread through a lock the loop
+  never blocks on. Handing a 1-2 ms transaction to a thread costs more than it saves: the two
+  threads contend for the GIL at every row SQLite steps (about a quarter of the orchestrator's
+  throughput, measured by bench/bench_orchestrate.py).
+- **Reads** run on a reader thread with its own read-only connection and no lock: in WAL mode a
+  reader never waits for a writer, so a slow read (a scrape, a page of large runs) never holds up
+  dispatch.
+
+A checkpointer thread copies the WAL into the database every second (PASSIVE: it never waits for
+the writer) and, once the WAL passes `WAL_LIMIT_BYTES`, truncates it: under writes that never
+pause, a PASSIVE checkpoint never catches the WAL's end, and the WAL would grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from agentrun_server._errors import Unavailable
+
+_log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+Statements = Callable[Concatenate[sqlite3.Connection, P], T]
+
+BUSY_TIMEOUT_SECONDS = 30.0
+CHECKPOINT_INTERVAL_SECONDS = 1.0
+WAL_LIMIT_BYTES = 64 * 1024 * 1024
+"""A WAL larger than this after a checkpoint is truncated (briefly holding writers back)."""
+TRUNCATE_BUSY_TIMEOUT_SECONDS = 0.2
+"""How long a truncating checkpoint waits for readers before giving up until the next second."""
+MAX_SQL_PARAMETERS = 32_766
+LOOKUP_IDS = 1000
+"""Ids per `IN (...)` lookup, far under MAX_SQL_PARAMETERS."""
+HOT_PATH_MAX_TASKS = 256
+"""The most tasks (settled plus claimed) a call may touch on the hot path: it blocks the event loop
+for its whole transaction, about 10 us per task."""
+
+
+def is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused because another connection holds the lock."""
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _unavailable(exc: sqlite3.OperationalError) -> Unavailable:
+    return Unavailable(
+        f"storage: {exc} (another process held it over {BUSY_TIMEOUT_SECONDS:.0f} s)"
+    )
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction: `BEGIN IMMEDIATE` takes the write lock up front, so the statements
+    inside see no other writer's changes between them."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def select_in(
+    db: sqlite3.Connection, sql: str, ids: Sequence[Any], *args: Any
+) -> Iterator[tuple[Any, ...]]:
+    """The rows of `sql`, whose `{ids}` is an `IN` list, run over LOOKUP_IDS of `ids` at a time
+    (SQLite caps the parameters of a statement); `args` bind before the ids."""
+    for start in range(0, len(ids), LOOKUP_IDS):
+        lookup = list(ids[start : start + LOOKUP_IDS])
+        yield from db.execute(sql.format(ids=",".join("?" * len(lookup))), [*args, *lookup])
+
+
+def connect(
+    path: str, busy_timeout_seconds: float, *, read_only: bool = False
+) -> sqlite3.Connection:
+    """A connection with the settings every connection of ours shares."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
+    # SQLite's default since 3.32; some builds allow more (Debian's: 250,000). Pinned, so a
+    # statement that runs here runs on every build (statements here stay far under it).
+    conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, MAX_SQL_PARAMETERS)
+    if path != ":memory:":
+        # A commit that crosses the WAL's auto-checkpoint mark copies the WAL into the file and
+        # fsyncs it: ~3-10 ms inside one unlucky request, on whichever connection wrote. No
+        # connection of ours does that; the checkpointer does, on a thread of its own.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+    if read_only:
+        conn.execute("PRAGMA query_only = 1")
+    return conn
+
+
+class Engine:
+    """The connections to one SQLite file and the threads that use them.
+
+    `path` ":memory:" keeps everything in one connection (tests only): no hot path, and reads go
+    to the storage thread.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentrun-sqlite")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentrun-sqlite-read")
+        self._conn: sqlite3.Connection | None = None
+        self._read_conn: sqlite3.Connection | None = None
+        # The hot path: its loop and connection, once open. The lock makes the loop and the
+        # storage thread take turns, so neither ever meets the other's write lock in SQLite.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._unlocked = asyncio.Event()  # set on the loop after each storage thread call
+        self._checkpointer: threading.Thread | None = None
+        self._closing = threading.Event()
+
+    @property
+    def in_memory(self) -> bool:
+        return self.path == ":memory:"
+
+    async def open(self, migrate: Callable[[sqlite3.Connection], object]) -> None:
+        """Connect (creating the file) and run `migrate` on the storage thread's connection."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, self._open_writer, migrate)
+        if not self.in_memory:  # a second connection would open a second database
+            self._read_conn = await loop.run_in_executor(
+                self._reader,
+                functools.partial(connect, self.path, BUSY_TIMEOUT_SECONDS, read_only=True),
+            )
+            self._loop_conn = connect(self.path, busy_timeout_seconds=0)
+            self._loop = loop
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, name="agentrun-sqlite-checkpoint", daemon=True
+            )
+            self._checkpointer.start()
+
+    def _open_writer(self, migrate: Callable[[sqlite3.Connection], object]) -> None:
+        self._conn = connect(self.path, BUSY_TIMEOUT_SECONDS)
+        migrate(self._conn)
+
+    async def close(self) -> None:
+        """Stop checkpointing, close the connections and stop the threads."""
+        self._closing.set()
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.join)
+        loop = asyncio.get_running_loop()
+        if self._read_conn is not None:
+            await loop.run_in_executor(self._reader, self._read_conn.close)
+        self._reader.shutdown(wait=True)
+        # As every storage thread call, this wakes hot calls waiting their turn.
+        await self.write(self._close_writer)
+        self._writer.shutdown(wait=True)
+        if self._loop_conn is not None:
+            self._loop = None  # later calls go to the stopped storage thread, and fail
+            self._loop_conn.close()
+            self._loop_conn = None
+
+    def _close_writer(self, db: sqlite3.Connection) -> None:
+        db.close()
+        self._conn = None
+
+    async def write(self, fn: Statements[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run `fn(db, ...)` on the storage thread, taking turns with the hot path.
+
+        Raises:
+            Unavailable: another process held the database past the busy timeout.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._writer, functools.partial(self._locked, fn, *args, **kwargs)
+            )
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            raise _unavailable(exc) from exc
+
+    def _locked(self, fn: Statements[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("storage is not open")
+        try:
+            with self._lock:
+                return fn(conn, *args, **kwargs)
+        finally:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._unlocked.set)
+
+    async def hot(self, tasks: int, fn: Statements[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Like `write`, but run on the event loop's own thread when the call touches at most
+        HOT_PATH_MAX_TASKS tasks.
+
+        The loop never blocks on the storage thread: while that is in a call, the hot call awaits
+        its end. Nor on another process: the loop's connection has no busy timeout, so when
+        another process holds the write lock the call goes to the storage thread, which waits.
+        """
+        conn = self._loop_conn
+        if (
+            conn is not None
+            and tasks <= HOT_PATH_MAX_TASKS
+            and asyncio.get_running_loop() is self._loop
+        ):
+            while True:
+                self._unlocked.clear()
+                if self._lock.acquire(blocking=False):
+                    break
+                await self._unlocked.wait()
+            try:
+                return fn(conn, *args, **kwargs)
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc):
+                    raise
+                # Rolled back: wait for the other process on the storage thread.
+            finally:
+                self._lock.release()
+        return await self.write(fn, *args, **kwargs)
+
+    async def read(self, fn: Statements[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run `fn(db, ...)` on the reader thread's read-only connection (no lock: WAL readers
+        never wait for writers)."""
+        conn = self._read_conn
+        if conn is None:
+            return await self.write(fn, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._reader, functools.partial(fn, conn, *args, **kwargs)
+            )
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            raise _unavailable(exc) from exc
+
+    def _checkpoint_loop(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+        try:
+            while not self._closing.wait(CHECKPOINT_INTERVAL_SECONDS):
+                try:
+                    self._checkpoint(conn)
+                except sqlite3.Error:
+                    _log.exception("WAL checkpoint failed; retrying")
+        finally:
+            conn.close()
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        try:
+            size = os.path.getsize(self.path + "-wal")
+        except OSError:
+            return
+        if size <= WAL_LIMIT_BYTES:
+            return
+        # TRUNCATE holds writers back while it copies what the PASSIVE pass left (about a
+        # second of writes) and waits for readers; a short busy timeout bounds that wait.
+        conn.execute(f"PRAGMA busy_timeout = {int(TRUNCATE_BUSY_TIMEOUT_SECONDS * 1000)}")
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+        if busy:
+            _log.debug("WAL at %d bytes: truncation waited too long for readers; next time", size)

@@ -1,0 +1,181 @@
+"""Statements on collections and runs. Each function takes the connection it runs on."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from agentrun_server._errors import FailedPrecondition, NotFound
+from agentrun_server.storage._rules import take_within
+from agentrun_server.storage._types import (
+    Collection,
+    InsertOutcome,
+    InsertStatus,
+    NewRun,
+    StoredRun,
+)
+from agentrun_server.storage.sqlite._engine import select_in, transaction
+from agentrun_server.storage.sqlite._workflows import WorkflowCache
+
+_COLLECTION_COLUMNS = "id, name, description, workflow, created_at, run_count"
+_RUN_COLUMNS = "id, collection_id, ingested_at, data, seq"
+_INSERT_ROWS = 1000  # rows per multi-row VALUES list: 6,000 parameters for runs
+
+
+def create_collection(
+    db: sqlite3.Connection,
+    workflows: WorkflowCache,
+    name: str,
+    description: str,
+    workflow: str,
+    now: float,
+) -> tuple[Collection, bool]:
+    """See `Storage.create_collection`."""
+    with transaction(db):
+        if workflow:
+            workflows.get(db, workflow)
+        collection_id = str(uuid.uuid4())
+        created = db.execute(
+            "INSERT INTO collections (id, name, description, workflow, created_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING RETURNING id",
+            (collection_id, name, description, workflow, now),
+        ).fetchone()
+        if created is not None:
+            return Collection(collection_id, name, description, workflow, now), True
+        existing = Collection(
+            *db.execute(
+                f"SELECT {_COLLECTION_COLUMNS} FROM collections WHERE name = ?", (name,)
+            ).fetchone()
+        )
+        if workflow and existing.workflow != workflow:
+            bound = repr(existing.workflow) if existing.workflow else "no workflow"
+            raise FailedPrecondition(
+                f"collection {name!r} exists bound to {bound}, not {workflow!r}"
+            )
+        return existing, False
+
+
+def get_collection(db: sqlite3.Connection, id: str, name: str) -> Collection:
+    """See `Storage.get_collection`."""
+    column, key = ("id", id) if id else ("name", name)
+    row = db.execute(
+        f"SELECT {_COLLECTION_COLUMNS} FROM collections WHERE {column} = ?", (key,)
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"no collection with {column} {key!r}")
+    return Collection(*row)
+
+
+def list_collections(db: sqlite3.Connection) -> list[Collection]:
+    """See `Storage.list_collections`."""
+    rows = db.execute(
+        f"SELECT {_COLLECTION_COLUMNS} FROM collections ORDER BY created_at, id"
+    ).fetchall()
+    return [Collection(*row) for row in rows]
+
+
+def insert_runs(
+    db: sqlite3.Connection,
+    workflows: WorkflowCache,
+    collection_id: str,
+    runs: Sequence[NewRun],
+    now: float,
+) -> list[InsertOutcome]:
+    """See `Storage.insert_runs`."""
+    with transaction(db):
+        row = db.execute(
+            "SELECT workflow FROM collections WHERE id = ?", (collection_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no collection with id {collection_id!r}")
+        workflow = workflows.get(db, row[0]) if row[0] else None
+        # The first of each id is inserted unless stored already (ON CONFLICT DO NOTHING);
+        # a repeat within the batch is a duplicate.
+        first: dict[str, NewRun] = {}
+        for run in runs:
+            first.setdefault(run.id, run)
+        unique = list(first.values())
+        accepted: set[str] = set()
+        for start in range(0, len(unique), _INSERT_ROWS):
+            batch = unique[start : start + _INSERT_ROWS]
+            values: list[Any] = []
+            for run in batch:
+                values += (run.id, collection_id, run.name, len(run.data), now, run.data)
+            accepted.update(
+                r[0]
+                for r in db.execute(
+                    "INSERT INTO agent_runs (id, collection_id, name, size_bytes, ingested_at, "
+                    "data) VALUES "
+                    + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(batch))
+                    + " ON CONFLICT (id) DO NOTHING RETURNING id",
+                    values,
+                )
+            )
+        refused = [run.id for run in unique if run.id not in accepted]
+        owners: dict[str, str] = dict(
+            select_in(db, "SELECT id, collection_id FROM agent_runs WHERE id IN ({ids})", refused)
+        )
+        outcomes = []
+        seen: set[str] = set()
+        for run in runs:
+            if run.id in accepted and run.id not in seen:
+                outcomes.append(InsertOutcome(InsertStatus.ACCEPTED))
+            elif run.id in accepted or owners.get(run.id) == collection_id:
+                outcomes.append(InsertOutcome(InsertStatus.DUPLICATE))
+            else:
+                outcomes.append(InsertOutcome(InsertStatus.CONFLICT, owners.get(run.id)))
+            seen.add(run.id)
+        if accepted:
+            db.execute(
+                "UPDATE collections SET run_count = run_count + ? WHERE id = ?",
+                (len(accepted), collection_id),
+            )
+        if workflow is not None and accepted:
+            stage = workflow.first_stage
+            db.executemany(
+                "INSERT INTO tasks (workflow, stage, agent_run_id, collection_id, state, "
+                "max_attempts, created_at, ready_at) VALUES (?, ?, ?, ?, 'ready', ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                [
+                    (workflow.name, stage.name, run.id, collection_id, stage.max_attempts, now, now)
+                    for run in unique
+                    if run.id in accepted
+                ],
+            )
+        return outcomes
+
+
+def get_run(db: sqlite3.Connection, run_id: str) -> StoredRun:
+    """See `Storage.get_run`."""
+    row = db.execute(f"SELECT {_RUN_COLUMNS} FROM agent_runs WHERE id = ?", (run_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no agent run with id {run_id!r}")
+    return StoredRun(*row)
+
+
+def list_runs(
+    db: sqlite3.Connection, collection_id: str, after_seq: int, limit: int, max_bytes: int | None
+) -> tuple[list[StoredRun], bool]:
+    """See `Storage.list_runs`. Sizes are read first, so only the runs returned are read whole."""
+    sizes = db.execute(
+        "SELECT seq, size_bytes FROM agent_runs WHERE collection_id = ? AND seq > ? "
+        "ORDER BY seq LIMIT ?",
+        (collection_id, after_seq, limit + 1),
+    ).fetchall()
+    kept, more = take_within([size for _, size in sizes], limit, max_bytes)
+    if not kept:
+        return [], False
+    rows = db.execute(
+        f"SELECT {_RUN_COLUMNS} FROM agent_runs "
+        "WHERE collection_id = ? AND seq > ? AND seq <= ? ORDER BY seq",
+        (collection_id, after_seq, sizes[kept - 1][0]),
+    ).fetchall()
+    return [StoredRun(*r) for r in rows], more
+
+
+def count_runs(db: sqlite3.Connection, collection_id: str) -> int:
+    """See `Storage.count_runs`."""
+    row = db.execute("SELECT run_count FROM collections WHERE id = ?", (collection_id,)).fetchone()
+    return int(row[0]) if row else 0
