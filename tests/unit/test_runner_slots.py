@@ -6,14 +6,14 @@ import asyncio
 
 import pytest
 
-from agentrun._runner import _Session
+from agentrun._runner import _Execution
 from agentrun.v1 import workflow_pb2
 
 
 async def test_a_task_cancelled_as_it_gets_its_slot_gives_the_slot_back() -> None:
     # A lease revoked (or a drain's grace ending) just as its slot frees up: the slot the
     # cancelled wait had just acquired must not be lost, or the runner runs one task fewer.
-    session = _Session(
+    session = _Execution(
         stages={},
         workflow=workflow_pb2.Workflow(name="w"),
         server_url=None,

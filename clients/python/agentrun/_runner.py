@@ -37,9 +37,7 @@ import contextlib
 import functools
 import inspect
 import logging
-import os
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -48,24 +46,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-import grpc
-from google.protobuf import duration_pb2
-
 from agentrun import _metrics
 from agentrun._agent_run import AgentRun
-from agentrun._client import Client, auth_metadata, open_aio_channel
+from agentrun._client import Client, auth_metadata
 from agentrun._convert import agent_run_from_proto, value_to_proto
 from agentrun._errors import WorkflowError
 from agentrun._progress import StageProgress, print_summary
+from agentrun._work_stream import WorkStream
+from agentrun.v1 import agent_run_pb2, workflow_pb2
 from agentrun.v1 import orchestrator_service_pb2 as pb
-from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
-from agentrun.v1 import workflow_pb2
 
 _log = logging.getLogger(__name__)
 
-RECONNECT_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
 DRAIN_GRACE_SECONDS = 30.0
-EXTEND_CHECK_SECONDS = 1.0
 MAX_OUTPUT_BYTES = 1024 * 1024
 """The server's limit on a stage output, encoded (TaskCompletion.output in the proto)."""
 PROGRESS_REFRESH_SECONDS = 0.25
@@ -212,7 +205,7 @@ class Runner:
         with Client(server_url, api_key=self.api_key) as client:
             definition = client.get_workflow(workflow)
         self._check_stages(definition)
-        session = _Session(
+        execution = _Execution(
             self._stages,
             definition,
             server_url,
@@ -225,7 +218,7 @@ class Runner:
             drain_grace_seconds,
             progress,
         )
-        return asyncio.run(session.run())
+        return asyncio.run(execution.run())
 
     def _check_stages(self, workflow: workflow_pb2.Workflow) -> None:
         names = [s.name for s in workflow.stages]
@@ -306,37 +299,8 @@ class Runner:
         parser.exit(0)
 
 
-def _fail_request(lease: pb.Lease, error: str, non_retryable: bool) -> pb.WorkRequest:
-    """A request failing one leased task."""
-    failure = pb.TaskFailure(
-        task_id=lease.task_id, lease_id=lease.lease_id, error=error, non_retryable=non_retryable
-    )
-    return pb.WorkRequest(fail_tasks=pb.FailTasks(failures=[failure]))
-
-
-def _forget(by_task: dict[str, asyncio.Task[None]], task_id: str, task: asyncio.Task[None]) -> None:
-    if by_task.get(task_id) is task:
-        del by_task[task_id]
-
-
-def _release_request(lease: pb.Lease) -> pb.WorkRequest:
-    """A request handing one leased task back, unstarted or unfinished."""
-    release = pb.TaskRelease(task_id=lease.task_id, lease_id=lease.lease_id)
-    return pb.WorkRequest(release_tasks=pb.ReleaseTasks(releases=[release]))
-
-
-@dataclass
-class _Held:
-    """A lease this runner holds: when it ends, and how long to extend it by."""
-
-    lease: pb.Lease
-    deadline: float
-    duration: float
-    extending: bool = False
-
-
-class _Session:
-    """One run of a Runner: a Work stream, reconnected on UNAVAILABLE, until done."""
+class _Execution:
+    """One run of a Runner: its stage functions on the leases of a `WorkStream`, until done."""
 
     def __init__(
         self,
@@ -353,59 +317,63 @@ class _Session:
         progress: bool,
     ) -> None:
         self.stages = stages
-        self.workflow = workflow
         self.pathways = {s.name: [p.name for p in s.pathways] for s in workflow.stages}
-        self.server_url = server_url
-        self.metadata = metadata
         self.num_retries = num_retries
-        self.credits = credits
-        self.max_tasks = max_tasks_per_stage
         self.refresh_every = refresh_every
         self.drain_grace_seconds = drain_grace_seconds
         self.summary = RunSummary()
-        self.leased: Counter[str] = Counter()
-        self.held: dict[str, _Held] = {}
-        self.progress = StageProgress(list(stages), self.summary, self.held) if progress else None
+        self.stream = WorkStream(
+            server_url,
+            workflow.name,
+            list(stages),
+            credits,
+            max_tasks_per_stage=max_tasks_per_stage,
+            metadata=metadata,
+            notify_when_empty=refresh_every is None,
+            on_revoked=self._on_revoked,
+        )
+        self.progress = (
+            StageProgress(list(stages), self.summary, self.stream.held) if progress else None
+        )
         self.executor = ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix="agentrun-stage"
         )
-        self.stopping = asyncio.Event()  # a signal came
-        self.draining = asyncio.Event()  # ... and the server has been told (Drain is queued)
+        self.stopping = asyncio.Event()  # a signal came: drain
         self.slots = asyncio.Semaphore(concurrency)
+        self.work: dict[str, asyncio.Task[None]] = {}  # task id -> its work, to cancel it
 
     async def run(self) -> RunSummary:
+        """Work every lease the stream hands out; on a signal, drain. Returns the summary.
+
+        Raises:
+            RpcError: the orchestrator refused the stream for good.
+        """
         loop = asyncio.get_running_loop()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self._on_signal)
-        shown = asyncio.create_task(self._show_progress()) if self.progress else None
+        helpers = [asyncio.create_task(self._drain_on_signal())]
+        if self.progress is not None:
+            helpers.append(asyncio.create_task(self._show_progress()))
+        if self.refresh_every:
+            helpers.append(asyncio.create_task(self._log_progress()))
         try:
-            failures = 0
-            while True:
-                try:
-                    if await self._stream():
-                        return self.summary
-                    failures = 0
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE or self.stopping.is_set():
-                        raise
-                    delay = RECONNECT_BACKOFF_SECONDS[
-                        min(failures, len(RECONNECT_BACKOFF_SECONDS) - 1)
-                    ]
-                    failures += 1
-                    _log.warning(
-                        "orchestrator unavailable (%s); reconnecting in %.1f s",
-                        exc.details(),
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
+            async with self.stream:
+                async for lease in self.stream:
+                    task = asyncio.create_task(self._work(lease))
+                    self.work[lease.task_id] = task
+                    task.add_done_callback(functools.partial(_forget, self.work, lease.task_id))
+                # Nothing is held: what still runs is settling up; let it finish.
+                await asyncio.gather(*self.work.values(), return_exceptions=True)
         finally:
-            if shown is not None:
-                shown.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await shown
+            for helper in helpers:
+                helper.cancel()
+            for task in list(self.work.values()):
+                task.cancel()
+            await asyncio.gather(*helpers, *self.work.values(), return_exceptions=True)
             self.executor.shutdown(wait=False, cancel_futures=True)
+        return self.summary
 
     def _on_signal(self) -> None:
         _log.info(
@@ -414,216 +382,30 @@ class _Session:
         )
         self.stopping.set()
 
-    def _quota_reached(self) -> bool:
-        return self.max_tasks is not None and all(
-            self.leased[s] >= self.max_tasks for s in self.stages
+    async def _drain_on_signal(self) -> None:
+        """On a signal: no more leases; tasks not started go back at once (they are waiting for
+        a slot, which the drain denies them); running ones get the grace, then go back too."""
+        await self.stopping.wait()
+        self.stream.drain()
+        await asyncio.sleep(self.drain_grace_seconds)
+        running = [task for task in self.work.values() if not task.done()]
+        if running:
+            _log.warning("drain grace over: handing back %d running tasks", len(running))
+            for task in running:
+                task.cancel()
+
+    def _on_revoked(self, lease: pb.Lease, reason: str) -> None:
+        """Stop working on a task whose lease the server took back; it is not settled."""
+        self.summary.revoked[lease.stage] += 1
+        _log.warning(
+            "task %s (%s): the server took its lease back (%s); stopping it",
+            lease.task_id,
+            lease.stage,
+            reason,
         )
-
-    async def _stream(self) -> bool:
-        """One Work stream. True when the run is over; False to reconnect."""
-        async with open_aio_channel(self.server_url) as channel:
-            # Written to with call.write(); grpc-stubs 1.53 wants a request iterator.
-            call = pb_grpc.OrchestratorServiceStub(channel).Work(  # type: ignore[call-arg]
-                metadata=self.metadata
-            )
-            stages = [
-                pb.StageSubscription(
-                    stage=s,
-                    max_tasks=max(0, self.max_tasks - self.leased[s]) if self.max_tasks else 0,
-                )
-                for s in self.stages
-            ]
-            await call.write(
-                pb.WorkRequest(
-                    subscribe=pb.Subscribe(
-                        workflow=self.workflow.name,
-                        stages=stages,
-                        credits=self.credits,
-                        worker=f"{socket.gethostname()}/pid-{os.getpid()}",
-                        notify_when_empty=self.refresh_every is None,
-                    )
-                )
-            )
-            outbox: asyncio.Queue[pb.WorkRequest] = asyncio.Queue()
-            in_flight: set[asyncio.Task[None]] = set()
-            by_task: dict[str, asyncio.Task[None]] = {}  # task id -> its work, to cancel it
-            writer = asyncio.create_task(self._write(call, outbox))
-            extender = asyncio.create_task(self._extend(outbox))
-            stop_waiter = asyncio.create_task(self.stopping.wait())
-            progress = asyncio.create_task(self._log_progress()) if self.refresh_every else None
-            read: asyncio.Task[Any] | None = None
-            try:
-                grace_ends: float | None = None
-                empty = False  # the server said the stages are empty while tasks still ran here
-                while True:
-                    if empty and not in_flight:
-                        return True
-                    if read is None:
-                        read = asyncio.create_task(call.read())
-                    timeout = None if grace_ends is None else grace_ends - time.monotonic()
-                    done, _ = await asyncio.wait(
-                        {read, stop_waiter, *(in_flight if empty else ())},
-                        timeout=None if timeout is None else max(0.0, timeout),
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    if stop_waiter in done and grace_ends is None:
-                        grace_ends = time.monotonic() + self.drain_grace_seconds
-                        await outbox.put(pb.WorkRequest(drain=pb.Drain()))
-                        self.draining.set()
-                    if grace_ends is not None and time.monotonic() >= grace_ends and in_flight:
-                        _log.warning(
-                            "drain grace over: handing back %d running tasks", len(in_flight)
-                        )
-                        for task in list(in_flight):
-                            task.cancel()
-                        await asyncio.gather(*in_flight, return_exceptions=True)
-                    if grace_ends is not None and not in_flight:
-                        await outbox.join()
-                        await asyncio.sleep(0.05)  # let the last settles reach the server
-                        return True
-                    if read not in done:
-                        continue
-                    response, read = read.result(), None
-                    if response is grpc.aio.EOF:  # type: ignore[attr-defined]  # not in grpc-stubs
-                        return self.stopping.is_set()
-                    kind = response.WhichOneof("kind")
-                    if kind == "leases":
-                        empty = False
-                        received = time.time()
-                        for lease in response.leases.leases:
-                            self.leased[lease.stage] += 1
-                            deadline = lease.deadline.ToNanoseconds() / 1e9
-                            self.held[lease.task_id] = _Held(
-                                lease, deadline, max(0.0, deadline - received)
-                            )
-                            task = asyncio.create_task(self._work(lease, outbox))
-                            in_flight.add(task)
-                            task.add_done_callback(in_flight.discard)
-                            by_task[lease.task_id] = task
-                            task.add_done_callback(
-                                functools.partial(_forget, by_task, lease.task_id)
-                            )
-                    elif kind == "acks":
-                        self._on_acks(response.acks)
-                    elif kind == "revoked":
-                        self._on_revoked(response.revoked, by_task)
-                    elif kind == "stages_empty":
-                        empty = True  # done once the tasks still running here end
-                    if self._quota_reached() and not in_flight and outbox.empty():
-                        await asyncio.sleep(0.05)  # let the last settle reach the server
-                        return True
-            finally:
-                if read is not None:
-                    read.cancel()
-                for task in list(in_flight):
-                    task.cancel()
-                stop_waiter.cancel()
-                extender.cancel()
-                if progress is not None:
-                    progress.cancel()
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(5):  # wait_for can swallow a cancellation
-                        await outbox.join()
-                writer.cancel()
-                with contextlib.suppress(Exception):
-                    await call.done_writing()
-
-    def _on_revoked(
-        self, revoked: pb.LeasesRevoked, by_task: dict[str, asyncio.Task[None]]
-    ) -> None:
-        """Stop working on tasks whose leases the server took back; they are not settled."""
-        for item in revoked.leases:
-            held = self.held.get(item.task_id)
-            if held is None or held.lease.lease_id != item.lease_id:
-                continue
-            del self.held[item.task_id]  # so that the cancelled work does not hand it back
-            stage = held.lease.stage
-            self.summary.revoked[stage] += 1
-            reason = pb.RevokeReason.Name(item.reason).removeprefix("REVOKE_REASON_").lower()
-            _log.warning(
-                "task %s (%s): the server took its lease back (%s); stopping it",
-                item.task_id,
-                stage,
-                reason,
-            )
-            work = by_task.get(item.task_id)
-            if work is not None:
-                work.cancel()
-
-    def _on_acks(self, batch: pb.AckBatch) -> None:
-        for ack in batch.acks:
-            held = self.held.get(ack.task_id)
-            if ack.code != 0:
-                if held is not None and held.lease.lease_id == ack.lease_id:
-                    held.extending = False
-                _log.warning("task %s: the server refused: %s", ack.task_id, ack.message)
-            elif ack.HasField("deadline") and held is not None:
-                held.deadline = ack.deadline.ToNanoseconds() / 1e9
-                held.extending = False
-
-    async def _extend(self, outbox: asyncio.Queue[pb.WorkRequest]) -> None:
-        """Extend the leases of tasks still running once half their lease is used up."""
-        while True:
-            shortest = min((h.duration for h in self.held.values()), default=60.0)
-            await asyncio.sleep(min(EXTEND_CHECK_SECONDS, max(0.05, shortest / 4)))
-            now = time.time()
-            extensions = []
-            for held in self.held.values():
-                if not held.extending and held.deadline - now < held.duration / 2:
-                    held.extending = True
-                    duration = duration_pb2.Duration()
-                    duration.FromNanoseconds(int(held.duration * 1e9))
-                    extensions.append(
-                        pb.LeaseExtension(
-                            task_id=held.lease.task_id,
-                            lease_id=held.lease.lease_id,
-                            lease_duration=duration,
-                        )
-                    )
-            if extensions:
-                await outbox.put(
-                    pb.WorkRequest(extend_leases=pb.ExtendLeases(extensions=extensions))
-                )
-
-    async def _write(self, call: Any, outbox: asyncio.Queue[pb.WorkRequest]) -> None:
-        """Write settles, merging those queued meanwhile into one message per kind (batching)."""
-        while True:
-            first = await outbox.get()
-            batch = [first]
-            while not outbox.empty():
-                batch.append(outbox.get_nowait())
-            complete = pb.CompleteTasks()
-            fail = pb.FailTasks()
-            release = pb.ReleaseTasks()
-            others = []
-            for request in batch:
-                kind = request.WhichOneof("kind")
-                if kind == "complete_tasks":
-                    complete.completions.extend(request.complete_tasks.completions)
-                elif kind == "fail_tasks":
-                    fail.failures.extend(request.fail_tasks.failures)
-                elif kind == "release_tasks":
-                    release.releases.extend(request.release_tasks.releases)
-                else:
-                    others.append(request)
-            try:
-                # A drain goes first: the server must stop pushing before the leases handed
-                # back with it are ready again, or it would push them straight back here.
-                for request in others:
-                    if request.WhichOneof("kind") == "drain":
-                        await call.write(request)
-                if complete.completions:
-                    await call.write(pb.WorkRequest(complete_tasks=complete))
-                if fail.failures:
-                    await call.write(pb.WorkRequest(fail_tasks=fail))
-                if release.releases:
-                    await call.write(pb.WorkRequest(release_tasks=release))
-                for request in others:
-                    if request.WhichOneof("kind") != "drain":
-                        await call.write(request)
-            finally:
-                for _ in batch:
-                    outbox.task_done()
+        work = self.work.get(lease.task_id)
+        if work is not None:
+            work.cancel()
 
     async def _show_progress(self) -> None:
         assert self.progress is not None
@@ -648,32 +430,31 @@ class _Session:
                 sum(self.summary.dead.values()),
             )
 
-    async def _work(self, lease: pb.Lease, outbox: asyncio.Queue[pb.WorkRequest]) -> None:
+    async def _work(self, lease: pb.Lease) -> None:
         started = False
         try:
             if not await self._take_slot():
-                self._hand_back(lease, outbox, "draining before it started")
+                self._hand_back(lease, "draining before it started")
                 return
             started = True
             _metrics.RUNNER_TASKS_IN_FLIGHT.inc()
-            outcome = await self._work_on(lease, outbox)
+            outcome = await self._work_on(lease)
             _metrics.RUNNER_TASKS.labels(lease.stage, outcome).inc()
         except asyncio.CancelledError:
-            if lease.task_id in self.held:
-                self._hand_back(lease, outbox, "drain grace over")
+            if self.stream.holds(lease):  # not revoked: the drain's grace ended
+                self._hand_back(lease, "drain grace over")
             raise
         finally:
-            self.held.pop(lease.task_id, None)
             if started:
                 _metrics.RUNNER_TASKS_IN_FLIGHT.dec()
                 self.slots.release()
 
     async def _take_slot(self) -> bool:
         """Wait for a free concurrency slot; False if draining begins first (hand the task back)."""
-        if self.draining.is_set():
+        if self.stopping.is_set():
             return False
         acquire = asyncio.ensure_future(self.slots.acquire())
-        stop = asyncio.ensure_future(self.draining.wait())
+        stop = asyncio.ensure_future(self.stopping.wait())
         try:
             await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # revoked or drained while waiting: keep no slot
@@ -685,19 +466,24 @@ class _Session:
             if not acquire.done():
                 acquire.cancel()
         if acquire.done() and not acquire.cancelled():
-            if not self.draining.is_set():
+            if not self.stopping.is_set():
                 return True
             self.slots.release()
         return False
 
-    def _hand_back(self, lease: pb.Lease, outbox: asyncio.Queue[pb.WorkRequest], why: str) -> None:
-        self.held.pop(lease.task_id, None)
+    def _hand_back(self, lease: pb.Lease, why: str) -> None:
         self.summary.handed_back[lease.stage] += 1
         _log.info("task %s (%s) handed back: %s", lease.task_id, lease.stage, why)
-        outbox.put_nowait(_release_request(lease))
+        self.stream.release(lease)
 
-    async def _work_on(self, lease: pb.Lease, outbox: asyncio.Queue[pb.WorkRequest]) -> str:
-        """Run the stage function on one task and queue its settlement; return done or failed."""
+    def _give_up(self, lease: pb.Lease, message: str) -> str:
+        _log.error("task %s: %s", lease.task_id, message)
+        self.summary.dead[lease.stage] += 1
+        self.stream.fail(lease, message, non_retryable=True)
+        return "failed"
+
+    async def _work_on(self, lease: pb.Lease) -> str:
+        """Run the stage function on one task and settle it; return done or failed."""
         stage = lease.stage
         started = time.monotonic()
         try:
@@ -710,11 +496,10 @@ class _Session:
                 pathway, output = result.pathway or "", result.output
             else:
                 pathway, output = result or "", None
-            completion = pb.TaskCompletion(
-                task_id=lease.task_id, lease_id=lease.lease_id, pathway=pathway
-            )
+            encoded = None
             if output is not None:
-                value_to_proto(output, completion.output)
+                encoded = agent_run_pb2.Value()
+                value_to_proto(output, encoded)
         except Exception as exc:
             final = lease.attempt > self.num_retries or lease.attempt >= lease.max_attempts
             _log.error(
@@ -729,37 +514,31 @@ class _Session:
             self.summary.failed[stage] += 1
             if final:
                 self.summary.dead[stage] += 1
-            await outbox.put(_fail_request(lease, f"{type(exc).__name__}: {exc}", final))
+            self.stream.fail(lease, f"{type(exc).__name__}: {exc}", non_retryable=final)
             return "failed"
         valid = self.pathways[stage]
         if (valid and pathway not in valid) or (not valid and pathway):
-            message = (
+            return self._give_up(
+                lease,
                 f"stage function returned pathway {pathway or None!r}; stage {stage!r} has "
                 + (
                     f"pathways {', '.join(repr(p) for p in valid)}"
                     if valid
                     else "no pathways (return None)"
-                )
+                ),
             )
-            _log.error("task %s: %s", lease.task_id, message)
-            self.summary.dead[stage] += 1
-            await outbox.put(_fail_request(lease, message, non_retryable=True))
-            return "failed"
-        if completion.HasField("output") and completion.output.ByteSize() > MAX_OUTPUT_BYTES:
-            message = (
-                f"stage function returned an output of {completion.output.ByteSize():,} bytes "
+        if encoded is not None and encoded.ByteSize() > MAX_OUTPUT_BYTES:
+            return self._give_up(
+                lease,
+                f"stage function returned an output of {encoded.ByteSize():,} bytes "
                 f"encoded, over the server's {MAX_OUTPUT_BYTES:,}-byte limit: store large results "
-                "elsewhere and return a reference"
+                "elsewhere and return a reference",
             )
-            _log.error("task %s: %s", lease.task_id, message)
-            self.summary.dead[stage] += 1
-            await outbox.put(_fail_request(lease, message, non_retryable=True))
-            return "failed"
         self.summary.completed[(stage, pathway)] += 1
         _log.debug(
             "task %s done via %r in %.3f s", lease.task_id, pathway, time.monotonic() - started
         )
-        await outbox.put(pb.WorkRequest(complete_tasks=pb.CompleteTasks(completions=[completion])))
+        self.stream.complete(lease, pathway, encoded)
         return "done"
 
     async def _call(self, function: StageFunction, run: AgentRun) -> StageReturn:
@@ -770,3 +549,8 @@ class _Session:
         if inspect.isawaitable(result):
             result = await result
         return result
+
+
+def _forget(work: dict[str, asyncio.Task[None]], task_id: str, task: asyncio.Task[None]) -> None:
+    if work.get(task_id) is task:
+        del work[task_id]

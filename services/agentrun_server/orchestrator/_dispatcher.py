@@ -55,7 +55,9 @@ POLL_INTERVAL_SECONDS = 0.25
 SWEEP_INTERVAL_SECONDS = 1.0
 RESUME_GRACE_SECONDS = 15.0
 """How long a lease detached from its stream waits for its worker to resume it."""
-CLOSE_STREAMS_TIMEOUT_SECONDS = 5.0
+RECONNECT_WAIT_SECONDS = 2.0
+"""How long a shutting-down server waits for asked workers to close their streams themselves."""
+CLOSE_STREAMS_TIMEOUT_SECONDS = 3.0
 
 _REVOKE_REASONS = {"cancelled": pb.REVOKE_REASON_CANCELLED, "expired": pb.REVOKE_REASON_EXPIRED}
 
@@ -81,6 +83,8 @@ class Session:
     """Lease id -> when it was pushed (or resumed), for leases not yet settled: they hold the
     credits."""
     draining: bool = False
+    reconnecting: bool = False
+    """Asked to reconnect (the server is shutting down): its close detaches, never hands back."""
     closed: bool = False
     empty_sent: bool = False
     claiming: bool = False
@@ -171,19 +175,30 @@ class Dispatcher:
 
     async def close_streams(self) -> None:
         """End every session as a shutting-down server does: no new leases or sessions; each
-        stream ends UNAVAILABLE after what is queued for it, and its leases stay leased for the
-        worker to resume elsewhere (or here, after a restart)."""
+        worker is asked to reconnect (`Reconnect`), and its stream ends once it closes its side
+        (so nothing either side wrote is lost), else UNAVAILABLE after RECONNECT_WAIT_SECONDS. The
+        leases stay leased, for the workers to resume elsewhere (or here, after a restart)."""
         self._closing = True
         for session in list(self._sessions):
-            session.draining = True
-            session.outbox.put_nowait(
-                Unavailable("the server is shutting down: reconnect and resume your leases", 0.5)
-            )
-        if self._sessions:
-            self._all_removed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CLOSE_STREAMS_TIMEOUT_SECONDS):
-                    await self._all_removed.wait()
+            session.draining = session.reconnecting = True
+            session.outbox.put_nowait(pb.WorkResponse(reconnect=pb.Reconnect()))
+        if not await self._all_sessions_removed(RECONNECT_WAIT_SECONDS):
+            for session in list(self._sessions):
+                session.outbox.put_nowait(
+                    Unavailable(
+                        "the server is shutting down: reconnect and resume your leases", 0.5
+                    )
+                )
+            await self._all_sessions_removed(CLOSE_STREAMS_TIMEOUT_SECONDS)
+
+    async def _all_sessions_removed(self, timeout_seconds: float) -> bool:
+        if not self._sessions:
+            return True
+        self._all_removed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_seconds):
+                await self._all_removed.wait()
+        return not self._sessions
 
     async def stop(self) -> None:
         """Stop the loop and the notices, and forget this server (its detached leases wait

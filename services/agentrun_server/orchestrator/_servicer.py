@@ -45,6 +45,9 @@ MAX_OUTPUT_BYTES = 1024 * 1024
 summaries) that ride along as the next stage's input and in task listings, not payloads."""
 MAX_ERROR_CHARS = 64 * 1024
 """Longer failure messages are stored clipped to this many characters (the tail is dropped)."""
+CLOSE_CONFIRM_SECONDS = 0.2
+"""How long after a worker's requests end the server waits for a cancellation (a connection
+broken, not closed) before taking the close as the worker's own: its leases go back at once."""
 DEFAULT_BATCH_BYTES = 16 * 1024 * 1024
 """Encoded bytes per lease batch when the worker's Subscribe names no `max_batch_bytes`."""
 
@@ -153,6 +156,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             while True:
                 item = await session.outbox.get()
                 if item is None:
+                    if session.reconnecting:  # closed as asked: it resumes elsewhere
+                        return
+                    # The requests ended: the worker closed its side, or its connection broke.
+                    # gRPC reports both alike, and a broken one's cancellation only follows: it
+                    # comes here within milliseconds, as a CancelledError, and detaches.
+                    await asyncio.sleep(CLOSE_CONFIRM_SECONDS)
                     handback = True
                     return
                 if isinstance(item, BaseException):

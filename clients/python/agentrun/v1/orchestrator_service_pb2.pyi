@@ -718,6 +718,7 @@ class WorkResponse(_message.Message):
     ACKS_FIELD_NUMBER: _builtins.int
     STAGES_EMPTY_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
+    RECONNECT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def subscribed(self) -> Global___Subscribed:
         """The answer to `subscribe`; always the first message."""
@@ -738,6 +739,10 @@ class WorkResponse(_message.Message):
     def revoked(self) -> Global___LeasesRevoked:
         """Leases the server took back from this stream."""
 
+    @_builtins.property
+    def reconnect(self) -> Global___Reconnect:
+        """The server is shutting down: see `Reconnect`."""
+
     def __init__(
         self,
         *,
@@ -746,16 +751,40 @@ class WorkResponse(_message.Message):
         acks: Global___AckBatch | None = ...,
         stages_empty: Global___StagesEmpty | None = ...,
         revoked: Global___LeasesRevoked | None = ...,
+        reconnect: Global___Reconnect | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "kind", b"kind", "leases", b"leases", "revoked", b"revoked", "stages_empty", b"stages_empty", "subscribed", b"subscribed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "kind", b"kind", "leases", b"leases", "reconnect", b"reconnect", "revoked", b"revoked", "stages_empty", b"stages_empty", "subscribed", b"subscribed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "kind", b"kind", "leases", b"leases", "revoked", b"revoked", "stages_empty", b"stages_empty", "subscribed", b"subscribed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "kind", b"kind", "leases", b"leases", "reconnect", b"reconnect", "revoked", b"revoked", "stages_empty", b"stages_empty", "subscribed", b"subscribed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["subscribed", "leases", "acks", "stages_empty", "revoked"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["subscribed", "leases", "acks", "stages_empty", "revoked", "reconnect"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___WorkResponse: _TypeAlias = WorkResponse  # noqa: Y015
+
+@_typing.final
+class Reconnect(_message.Message):
+    """The server is shutting down. It pushes no more leases, and keeps answering settles until the
+    worker closes its side of the stream; the leases held stay leased (closing after this message
+    does not hand them back). The worker SHOULD stop writing, close its side, read until the
+    stream ends (the acks of what it wrote arrive), and resume its leases on a new stream
+    (`Subscribe.resume`), to any server process. A worker that does not close within a few seconds
+    gets UNAVAILABLE.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reconnect: _TypeAlias = Reconnect  # noqa: Y015
 
 @_typing.final
 class Subscribed(_message.Message):

@@ -137,8 +137,8 @@ class OrchestratorServiceServicer:
         worker resumes them on a new stream to any server process (`Subscribe.resume`). Leases nobody
         resumes within the server's resume grace (15 s by default) go back to ready, their attempts
         counted. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names
-        no stage; NOT_FOUND for an unknown workflow or stage; UNAVAILABLE when the server shuts down
-        (reconnect and resume).
+        no stage; NOT_FOUND for an unknown workflow or stage. A server shutting down first asks the
+        worker to reconnect (`Reconnect`), then ends the stream UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -61,8 +61,8 @@ class OrchestratorServiceStub:
     worker resumes them on a new stream to any server process (`Subscribe.resume`). Leases nobody
     resumes within the server's resume grace (15 s by default) go back to ready, their attempts
     counted. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names
-    no stage; NOT_FOUND for an unknown workflow or stage; UNAVAILABLE when the server shuts down
-    (reconnect and resume).
+    no stage; NOT_FOUND for an unknown workflow or stage. A server shutting down first asks the
+    worker to reconnect (`Reconnect`), then ends the stream UNAVAILABLE.
     """
     GetTask: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetTaskRequest, _orchestrator_service_pb2.GetTaskResponse]
     """Returns one task with its output and failed attempts. Errors: NOT_FOUND."""
@@ -110,8 +110,8 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     worker resumes them on a new stream to any server process (`Subscribe.resume`). Leases nobody
     resumes within the server's resume grace (15 s by default) go back to ready, their attempts
     counted. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names
-    no stage; NOT_FOUND for an unknown workflow or stage; UNAVAILABLE when the server shuts down
-    (reconnect and resume).
+    no stage; NOT_FOUND for an unknown workflow or stage. A server shutting down first asks the
+    worker to reconnect (`Reconnect`), then ends the stream UNAVAILABLE.
     """
     GetTask: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetTaskRequest, _orchestrator_service_pb2.GetTaskResponse]  # type: ignore[assignment]
     """Returns one task with its output and failed attempts. Errors: NOT_FOUND."""
@@ -186,8 +186,8 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         worker resumes them on a new stream to any server process (`Subscribe.resume`). Leases nobody
         resumes within the server's resume grace (15 s by default) go back to ready, their attempts
         counted. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names
-        no stage; NOT_FOUND for an unknown workflow or stage; UNAVAILABLE when the server shuts down
-        (reconnect and resume).
+        no stage; NOT_FOUND for an unknown workflow or stage. A server shutting down first asks the
+        worker to reconnect (`Reconnect`), then ends the stream UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod

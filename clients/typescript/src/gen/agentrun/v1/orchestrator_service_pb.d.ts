@@ -726,6 +726,14 @@ export declare type WorkResponse = Message<"agentrun.v1.WorkResponse"> & {
      */
     value: LeasesRevoked;
     case: "revoked";
+  } | {
+    /**
+     * The server is shutting down: see `Reconnect`.
+     *
+     * @generated from field: agentrun.v1.Reconnect reconnect = 6;
+     */
+    value: Reconnect;
+    case: "reconnect";
   } | { case: undefined; value?: undefined };
 };
 
@@ -734,6 +742,25 @@ export declare type WorkResponse = Message<"agentrun.v1.WorkResponse"> & {
  * Use `create(WorkResponseSchema)` to create a new message.
  */
 export declare const WorkResponseSchema: GenMessage<WorkResponse>;
+
+/**
+ * The server is shutting down. It pushes no more leases, and keeps answering settles until the
+ * worker closes its side of the stream; the leases held stay leased (closing after this message
+ * does not hand them back). The worker SHOULD stop writing, close its side, read until the
+ * stream ends (the acks of what it wrote arrive), and resume its leases on a new stream
+ * (`Subscribe.resume`), to any server process. A worker that does not close within a few seconds
+ * gets UNAVAILABLE.
+ *
+ * @generated from message agentrun.v1.Reconnect
+ */
+export declare type Reconnect = Message<"agentrun.v1.Reconnect"> & {
+};
+
+/**
+ * Describes the message agentrun.v1.Reconnect.
+ * Use `create(ReconnectSchema)` to create a new message.
+ */
+export declare const ReconnectSchema: GenMessage<Reconnect>;
 
 /**
  * The answer to `subscribe`.
@@ -1398,8 +1425,8 @@ export declare const OrchestratorService: GenService<{
    * worker resumes them on a new stream to any server process (`Subscribe.resume`). Leases nobody
    * resumes within the server's resume grace (15 s by default) go back to ready, their attempts
    * counted. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names
-   * no stage; NOT_FOUND for an unknown workflow or stage; UNAVAILABLE when the server shuts down
-   * (reconnect and resume).
+   * no stage; NOT_FOUND for an unknown workflow or stage. A server shutting down first asks the
+   * worker to reconnect (`Reconnect`), then ends the stream UNAVAILABLE.
    *
    * @generated from rpc agentrun.v1.OrchestratorService.Work
    */
