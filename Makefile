@@ -11,7 +11,7 @@ TS := clients/typescript
 NPM := $(shell command -v npm 2>/dev/null)
 TS_STAMP := $(if $(NPM),$(TS)/node_modules/.package-lock.json)
 
-.PHONY: install install-ts gen gen-check lint format typecheck test run bench bench-model bench-ingest bench-orchestrate ci clean
+.PHONY: install install-ts gen gen-check lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale ci clean
 
 install: $(STAMP)
 
@@ -53,7 +53,7 @@ test: install install-ts
 	$(BIN)/python -m pytest
 
 # Benchmarks print figures; they are not tests. Each reads the real runs from ../shared/data.
-bench: bench-model bench-ingest bench-orchestrate
+bench: bench-model bench-ingest bench-orchestrate bench-scale
 
 bench-model: install
 	$(BIN)/python bench/bench_model.py
@@ -65,6 +65,10 @@ bench-ingest: install
 # No-op tasks through three stages with 1, 4 and 16 workers; dispatch latency p50/p99.
 bench-orchestrate: install
 	$(BIN)/python bench/bench_orchestrate.py
+
+# Reads as history grows: backlog, scrape, leasing while scraping, run pages, WAL; 10k-1M runs.
+bench-scale: install
+	$(BIN)/python bench/bench_scale.py
 
 # Both services in one process on SQLite: gRPC on 127.0.0.1:50051, metrics on 127.0.0.1:9464.
 run: install

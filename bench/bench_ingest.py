@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sqlite3
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 
 from agentrun import AgentRun, AgentRunWriter, Client, agent_run_to_proto, load_agent_runs
 from agentrun.v1 import agent_run_pb2
-from processes import start, start_agentrun, stop  # bench/ is on sys.path when run
+from processes import machine, start, start_agentrun, stop  # bench/ is on sys.path when run
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("AGENTRUN_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -151,8 +150,7 @@ def main() -> int:
     mean = size / len(encoded)
     print(
         f"agentrun ingestion benchmark: {len(base)} tau-bench runs repeated, mean {mean / 1e3:.1f} kB"
-        f" encoded; {platform.python_implementation()} {platform.python_version()},"
-        f" {os.cpu_count()} cores"
+        f" encoded; {machine()}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 from agentrun import agent_run_from_proto, agent_run_to_proto, load_agent_runs
 from agentrun._tokens import count_tokens, encoding
 from agentrun.v1 import agent_run_pb2
+from processes import machine  # bench/ is on sys.path when run
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("AGENTRUN_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -53,7 +53,7 @@ def main() -> int:
     types = [type(run.metadata) for run in runs]
     encoded = [agent_run_to_proto(run).SerializeToString() for run in runs]
     total_bytes = sum(map(len, encoded))
-    print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cpus")
+    print(machine())
     print(
         f"{len(runs)} real runs, {total_bytes / 1e6:.2f} MB encoded "
         f"(mean {total_bytes / len(runs) / 1e3:.1f} KB)\n"

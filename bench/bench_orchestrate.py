@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,7 +33,7 @@ from agentrun.v1 import ingestion_service_pb2_grpc as ingestion_grpc
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from agentrun.v1 import workflow_pb2
-from processes import start_agentrun, stop  # bench/ is on sys.path when run
+from processes import machine, start_agentrun, stop  # bench/ is on sys.path when run
 
 NEXT = {"a": "next", "b": "next", "c": ""}
 
@@ -198,8 +196,7 @@ def main() -> int:
     parser.add_argument("--workers", default="1,4,16", help="worker counts to measure")
     args = parser.parse_args()
     print(
-        f"agentrun orchestrator benchmark: no-op tasks through a -> b -> c on SQLite;"
-        f" {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} cores"
+        f"agentrun orchestrator benchmark: no-op tasks through a -> b -> c on SQLite; {machine()}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         server, url = start_agentrun(Path(tmp) / "bench.db")
