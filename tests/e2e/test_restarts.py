@@ -223,3 +223,61 @@ def set_up_one_stage(url: str) -> None:
 def tasks_of(url: str, workflow: str) -> list[workflow_pb2.Task]:
     with Client(url) as client:
         return client.list_tasks(workflow, "")
+
+
+SLOW_RUNNER = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from agentrun import Runner
+    runner = Runner(workflow="one", server_url=sys.argv[1])
+    cancelled = []
+
+    @runner.stage("work")
+    async def work(run):
+        print("started", flush=True)
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append(run.id)
+            raise
+
+    summary = runner(task_batch_size=1)
+    print(json.dumps({"revoked": sum(summary.revoked.values()), "cancelled": cancelled,
+                      "done": sum(summary.completed.values())}), flush=True)
+    """
+)
+
+
+def test_a_lease_cancelled_while_its_worker_reconnects_is_not_resumed_and_its_work_stops(
+    tmp_path: Path,
+) -> None:
+    # The worker's server (A) restarts; meanwhile the task is cancelled through another process
+    # (B) on the same file. On reconnecting, the worker presents its lease: refused, so the
+    # Runner stops the stage function and counts the task as taken back.
+    db = tmp_path / "agentrun.db"
+    a = ServerProcess(db, free_port()).start()
+    runner: subprocess.Popen[str] | None = None
+    try:
+        with ServerProcess(db) as b:
+            set_up_one_stage(b.url)
+            with Client(b.url) as client:
+                collection = client.get_collection(name="one").id
+            with AgentRunWriter(collection, b.url, flush_interval=0.01) as writer:
+                writer.log_agent_runs([tiny_run(0, "one")])
+            runner = subprocess.Popen(
+                [sys.executable, "-c", SLOW_RUNNER, a.url], stdout=subprocess.PIPE, text=True
+            )
+            assert runner.stdout is not None
+            assert runner.stdout.readline().strip() == "started"
+            assert a.terminate() == 0
+            with Client(b.url) as client:
+                assert client.cancel_tasks("one", stage="work") == 1
+            a.start()
+            out, _ = runner.communicate(timeout=60)
+        assert runner.returncode == 0
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary == {"revoked": 1, "cancelled": ["one-0"], "done": 0}
+    finally:
+        if runner is not None and runner.poll() is None:
+            runner.kill()
+        a.__exit__()

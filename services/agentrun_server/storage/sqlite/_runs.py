@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from agentrun_server._errors import FailedPrecondition, NotFound
@@ -21,7 +21,11 @@ from agentrun_server.storage.sqlite._workflows import WorkflowCache
 
 _COLLECTION_COLUMNS = "id, name, description, workflow, created_at, run_count"
 _RUN_COLUMNS = "id, collection_id, ingested_at, data, seq"
-_INSERT_ROWS = 1000  # rows per multi-row VALUES list: 6,000 parameters for runs
+_INSERT_ROWS = 100
+_INSERT_BYTES = 4 * 1024 * 1024
+"""A multi-row INSERT holds at most this many bytes of runs (and at least one run): SQLite copies
+every value it binds, so 1,000 rows of large runs held one statement's worth more memory at once
+(the server's peak RSS rose by half)."""
 
 
 def create_collection(
@@ -98,8 +102,7 @@ def insert_runs(
             first.setdefault(run.id, run)
         unique = list(first.values())
         accepted: set[str] = set()
-        for start in range(0, len(unique), _INSERT_ROWS):
-            batch = unique[start : start + _INSERT_ROWS]
+        for batch in _statements(unique):
             values: list[Any] = []
             for run in batch:
                 values += (run.id, collection_id, run.name, len(run.data), now, run.data)
@@ -145,6 +148,20 @@ def insert_runs(
                 ],
             )
         return outcomes
+
+
+def _statements(runs: list[NewRun]) -> Iterator[list[NewRun]]:
+    """`runs` in slices for one INSERT each: at most _INSERT_ROWS runs and _INSERT_BYTES."""
+    batch: list[NewRun] = []
+    size = 0
+    for run in runs:
+        if batch and (len(batch) == _INSERT_ROWS or size + len(run.data) > _INSERT_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(run)
+        size += len(run.data)
+    if batch:
+        yield batch
 
 
 def get_run(db: sqlite3.Connection, run_id: str) -> StoredRun:
