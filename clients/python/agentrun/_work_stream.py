@@ -56,7 +56,8 @@ EXTEND_CHECK_SECONDS = 1.0
 MAX_BREAKS = 5
 """Streams in a row that may break with INTERNAL, UNKNOWN or CANCELLED (a server killed mid-write
 can end one so) before the error is taken as final. UNAVAILABLE is always retried."""
-CLOSE_ACK_WAIT_SECONDS = 5.0
+CLOSE_SECONDS = 5.0
+"""How long `close()` waits for the server to acknowledge what was settled and end the stream."""
 _SETTLES = ("complete_tasks", "fail_tasks", "release_tasks")
 _BREAKS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED})
 
@@ -157,34 +158,29 @@ class WorkStream:
         self._raise_if_failed()
 
     async def close(self) -> None:
-        """Hand back leases never handed out, wait (a few seconds at most) for the acks of what
-        was settled, then close this side of the stream. Idempotent."""
+        """Hand back leases never handed out, send what is queued, close this side of the
+        stream, and read to its end (the acks of what was settled), a few seconds at most.
+        Idempotent."""
         if self._closing:
             return
         self._closing = True
         for lease in self._ready:
             self.release(lease)
         self._ready.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CLOSE_ACK_WAIT_SECONDS):
-                while self._unsettled() and self._call is not None and not self._failed():
-                    self._changed.clear()
-                    await self._changed.wait()
+        self._wake_writer.set()  # the writer sends what is queued, then closes our side
+        task = self._task
+        if task is None:
+            return
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await asyncio.shield(task)
         if self._unsettled():
             _log.warning(
-                "closing with %d settles the server has not acknowledged", self._unsettled()
+                "closed with %d settles the server has not acknowledged", self._unsettled()
             )
-        call, task = self._call, self._task
-        if call is not None:
-            with contextlib.suppress(Exception):
-                await call.done_writing()
-        if task is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                async with asyncio.timeout(2):  # the server ends the stream after our side closes
-                    await asyncio.shield(task)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
     async def __aenter__(self) -> WorkStream:
         await self.start()
@@ -293,6 +289,9 @@ class WorkStream:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise RpcError.from_grpc(self._error) from self._error
+        task = self._task
+        if task is not None and task.done() and not task.cancelled() and task.exception():
+            raise task.exception()  # type: ignore[misc]  # a bug of ours: never hide it
 
     # --- the stream, reopened until closed ------------------------------------------------------
 
@@ -501,6 +500,9 @@ class WorkStream:
                 getattr(getattr(request, kind), field).extend(items)
                 await call.write(request)
             self._changed.set()
+            if self._closing:  # all written: the server acks it, hands back the rest, ends
+                await call.done_writing()
+                return
 
     async def _extend_loop(self) -> None:
         """Extend the leases still held once half of each is used up."""
