@@ -281,3 +281,59 @@ def test_a_lease_cancelled_while_its_worker_reconnects_is_not_resumed_and_its_wo
         if runner is not None and runner.poll() is None:
             runner.kill()
         a.__exit__()
+
+
+def test_a_long_task_keeps_its_short_lease_extended_across_a_server_restart(
+    tmp_path: Path,
+) -> None:
+    # A 2 s lease on a 5 s task: the Runner extends it at half-life, before and after the
+    # server restarts under it; were the extensions to stop with the old stream, the lease
+    # would expire and the task be taken back.
+    server = ServerProcess(tmp_path / "agentrun.db", free_port()).start()
+    runner: subprocess.Popen[str] | None = None
+    try:
+        with Client(server.url) as client:
+            client.apply_workflow(
+                WorkflowSpec.model_validate(
+                    {"name": "one", "stages": [{"name": "work", "lease_seconds": 2}]}
+                ).to_proto()
+            )
+            collection = client.create_collection("one", workflow="one").collection.id
+        with AgentRunWriter(collection, server.url, flush_interval=0.01) as writer:
+            writer.log_agent_runs([tiny_run(0, "one")])
+        runner = subprocess.Popen(
+            [sys.executable, "-c", LONG_RUNNER, server.url], stdout=subprocess.PIPE, text=True
+        )
+        assert runner.stdout is not None
+        assert runner.stdout.readline().strip() == "started"
+        time.sleep(1.0)
+        assert server.terminate() == 0
+        server.start()
+        out, _ = runner.communicate(timeout=60)
+        assert runner.returncode == 0
+        assert json.loads(out.strip().splitlines()[-1]) == {"done": 1, "revoked": 0}
+        (task,) = tasks_of(server.url, "one")
+        assert task.state == workflow_pb2.TASK_STATE_DONE
+        assert (task.attempt, list(task.failures)) == (1, [])
+    finally:
+        if runner is not None and runner.poll() is None:
+            runner.kill()
+        server.__exit__()
+
+
+LONG_RUNNER = textwrap.dedent(
+    """
+    import json, sys, time
+    from agentrun import Runner
+    runner = Runner(workflow="one", server_url=sys.argv[1])
+
+    @runner.stage("work")
+    def work(run):
+        print("started", flush=True)
+        time.sleep(5)
+
+    summary = runner(task_batch_size=1)
+    print(json.dumps({"done": sum(summary.completed.values()),
+                      "revoked": sum(summary.revoked.values())}), flush=True)
+    """
+)

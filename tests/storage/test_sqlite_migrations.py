@@ -13,6 +13,7 @@ from agentrun_server.storage.sqlite._migrate import scripts
 # A migration that has landed is never edited (databases out there have run it): add a new one.
 LANDED = {
     1: "ef0f1a63ea7d4fb95fae52131acc847ce9411ea4fba5a474c71ca72e83d56711",
+    2: "14f8aa5f0d0d8805b57e2a3951ef26efa40a564c55af2b93b3ed3a535d542d62",
 }
 
 

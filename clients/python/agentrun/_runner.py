@@ -27,6 +27,10 @@ result is dropped (`RunSummary.revoked`).
 SIGTERM or SIGINT drains: tasks not yet started go back to the server at once (costing no attempt),
 tasks running get `drain_grace_seconds` to finish, then are handed back too, and the run ends with
 exit code 0.
+
+The protocol itself (credits, batched settles, extensions, reconnect and resume) is `WorkStream`'s:
+a server that restarts or a connection that breaks does not stop the stage functions; their
+leases are resumed on the next stream and settled there.
 """
 
 from __future__ import annotations
