@@ -76,6 +76,12 @@ async def test_concurrent_processes_never_share_a_lease_nor_accept_a_stale_settl
         elif code == ok:  # a release resent while the task still waits: a repeat, nothing more
             assert result == "repeat", (kind, task, result)
 
+    # Every lease granted ended in exactly one accepted settle by its holder (extensions aside):
+    # no lease was superseded by another granted while it was current.
+    grants = Counter(task for task, _, _ in granted)
+    settles = Counter(task for kind, task, _, _, _ in first if kind != "extend")
+    assert grants == settles
+
     # Every task done exactly once; nothing left behind.
     done = Counter(task for kind, task, _, code, result in first if result == "done")
     assert len(done) == 2 * RUNS and set(done.values()) == {1}
