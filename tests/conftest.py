@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from agentrun import AgentRun, load_agent_runs
 from agentrun_server import Server, ServerConfig
+
+from .postgres import fresh_database
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("AGENTRUN_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -43,10 +45,20 @@ def real_runs() -> list[AgentRun]:
     return [run for path in REAL_FILES for run in load_agent_runs(_require(path))]
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a fresh database of each backend: a SQLite file, a PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'agentrun.db'}"
+    else:
+        with fresh_database() as url:
+            yield url
+
+
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    """Both services in this process, on a real SQLite file and a real port (0)."""
-    s = Server(ServerConfig(db=f"sqlite:///{tmp_path / 'agentrun.db'}", port=0, metrics_port=-1))
+async def server(database: str) -> AsyncIterator[Server]:
+    """Both services in this process, on a fresh database of each backend and a real port (0)."""
+    s = Server(ServerConfig(db=database, port=0, metrics_port=-1))
     await s.start()
     yield s
     await s.shutdown(grace_seconds=1)

@@ -22,10 +22,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`agentrun serve` on a SQLite file and a fixed port, which can be killed and started again."""
+    """`agentrun serve` on a database (a URL, or a SQLite file's path) and a fixed port, which can
+    be killed and started again."""
 
-    def __init__(self, db: Path, port: int | None = None, *extra_args: str) -> None:
-        self.db = db
+    def __init__(self, db: Path | str, port: int | None = None, *extra_args: str) -> None:
+        self.db = db if isinstance(db, str) else f"sqlite:///{db}"
         self.port = port or free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.extra_args = extra_args
@@ -33,7 +34,7 @@ class ServerProcess:
 
     def start(self, timeout_seconds: float = 30) -> ServerProcess:
         """Start and wait until health says SERVING."""
-        command = [sys.executable, "-m", "agentrun._cli", "serve", "--db", f"sqlite:///{self.db}"]
+        command = [sys.executable, "-m", "agentrun._cli", "serve", "--db", self.db]
         command += ["--port", str(self.port), "--metrics-port", "-1", *self.extra_args]
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy()

@@ -41,7 +41,7 @@ from agentrun_server.serving import (
     MetricsEndpoint,
     MetricsInterceptor,
 )
-from agentrun_server.storage import PollingNotifier, Storage, open_storage
+from agentrun_server.storage import PoolConfig, Storage, open_storage
 
 _log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class ServerConfig:
     """How to run the server. `from_env()` reads the AGENTRUN_* variables."""
 
     db: str = "sqlite:///agentrun.db"
-    """Database URL: sqlite:///PATH (relative) or sqlite:////PATH (absolute)."""
+    """Database URL: sqlite:///PATH (relative), sqlite:////PATH (absolute), or
+    postgresql://USER@HOST:PORT/DBNAME."""
     host: str = "127.0.0.1"
     """Interface for gRPC and metrics."""
     port: int = 50051
@@ -80,6 +81,8 @@ class ServerConfig:
     """How long shutdown waits for in-flight calls."""
     limits: IngestionLimits = field(default_factory=IngestionLimits)
     """Ingestion limits."""
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    """The database server's connection pool and statement timeout (PostgreSQL)."""
     resume_grace_seconds: float = RESUME_GRACE_SECONDS
     """How long a lease whose stream ended (or whose server went silent) waits for its worker
     to resume it on a new stream before its task is retried, the attempt counted."""
@@ -131,7 +134,7 @@ class Server:
             raise InvalidArgument(
                 f"services: choose from {', '.join(SERVICES)}; got {sorted(unknown)}"
             )
-        self._storage = storage = await open_storage(config.db)
+        self._storage = storage = await open_storage(config.db, config.pool)
         limit = config.limits.max_message_bytes
         grpc_metrics = GrpcServerMetrics(self.registry)
         self._grpc = server = grpc.aio.server(
@@ -153,7 +156,7 @@ class Server:
             self._dispatcher = Dispatcher(
                 storage,
                 metrics,
-                PollingNotifier(storage),
+                storage.notifier(),
                 resume_grace_seconds=config.resume_grace_seconds,
             )
             self._backlog = BacklogCollector(asyncio.get_running_loop(), self._dispatcher.snapshot)

@@ -113,8 +113,8 @@ class RawWorker:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Any:
-    with ServerProcess(tmp_path / "agentrun.db") as process:
+def server(database: str) -> Any:
+    with ServerProcess(database) as process:
         yield process
 
 

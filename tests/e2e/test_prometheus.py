@@ -166,8 +166,8 @@ def make_run(i: int) -> AgentRun:
 
 
 @pytest.fixture
-async def split_services(tmp_path: Path) -> AsyncIterator[tuple[Server, Server]]:
-    db = f"sqlite:///{tmp_path / 'agentrun.db'}"
+async def split_services(database: str) -> AsyncIterator[tuple[Server, Server]]:
+    db = database
     servers = [
         Server(
             ServerConfig(db=db, port=0, metrics_port=0, services=(service,)), CollectorRegistry()

@@ -59,10 +59,15 @@ def copies(path: Path, times: int) -> list[agent_run_pb2.AgentRun]:
     return out
 
 
-def stored_ids(db: Path) -> list[str]:
-    """Every run id in the file, one entry per stored row."""
-    with sqlite3.connect(db) as conn:
-        return [row[0] for row in conn.execute("SELECT id FROM agent_runs")]
+def stored_ids(db: str) -> list[str]:
+    """Every run id in the database (a URL), one entry per stored row."""
+    if db.startswith("sqlite:///"):
+        with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
+            return [row[0] for row in conn.execute("SELECT id FROM agent_runs")]
+    import psycopg
+
+    with psycopg.connect(db) as pg:
+        return [row[0] for row in pg.execute("SELECT id FROM agent_runs").fetchall()]
 
 
 def make_run(run_id: str, text: str = "hello") -> AgentRun:
@@ -88,10 +93,10 @@ def wait_until(condition: object, timeout_seconds: float = 30) -> None:
 
 @pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
 def test_a_server_stopped_mid_upload_loses_nothing_and_stores_nothing_twice(
-    tmp_path: Path, tau_bench_path: Path, stop: str
+    database: str, tau_bench_path: Path, stop: str
 ) -> None:
     runs = copies(tau_bench_path, 15)  # 3,000 real runs, about 48 MB
-    db = tmp_path / "agentrun.db"
+    db = database
     with ServerProcess(db) as server:
         with Client(server.url) as client:
             collection = client.create_collection("c").collection.id
@@ -135,7 +140,7 @@ CHILD_WRITER = textwrap.dedent(
 def test_a_writer_killed_mid_upload_leaves_every_accepted_run_in_its_spool(
     tmp_path: Path, tau_bench_path: Path
 ) -> None:
-    db, spool = tmp_path / "agentrun.db", tmp_path / "spool"
+    db, spool = f"sqlite:///{tmp_path / 'agentrun.db'}", tmp_path / "spool"
     expected = [run.id for run in copies(tau_bench_path, 10)]
     with ServerProcess(db) as server:
         with Client(server.url) as client:
@@ -469,7 +474,9 @@ def test_finish_against_a_dead_server_returns_in_time_and_keeps_the_spool(tmp_pa
         with AgentRunWriter("c", server.url, spool_dir=tmp_path / "spool") as writer:
             pass
         assert writer.finish().replayed == 20
-    assert sorted(stored_ids(tmp_path / "agentrun.db")) == sorted(f"r{i}" for i in range(20))
+    assert sorted(stored_ids(f"sqlite:///{tmp_path / 'agentrun.db'}")) == sorted(
+        f"r{i}" for i in range(20)
+    )
 
 
 FORGETFUL_SCRIPT = textwrap.dedent(
@@ -498,7 +505,7 @@ FORGETFUL_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("alive", [True, False])
 def test_a_script_that_forgets_finish_still_exits(tmp_path: Path, alive: bool) -> None:
-    db = tmp_path / "agentrun.db"
+    db = f"sqlite:///{tmp_path / 'agentrun.db'}"
     with ServerProcess(db) as server:
         with Client(server.url) as client:
             collection = client.create_collection("c").collection.id

@@ -1,36 +1,49 @@
 """The storage contract suite runs against every backend: each test takes `database_url`.
 
-SQLite files are made per test. (The PostgreSQL backend adds its parameter here.)
+SQLite files and PostgreSQL databases are made per test.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from agentrun_server.storage import NewRun, StageDef, Storage, WorkflowDef, open_storage
 
-BACKENDS = ["sqlite"]
+from ..postgres import fresh_database
+
+BACKENDS = ["sqlite", "postgres"]
 
 OpenStorage = Callable[[], Awaitable[Storage]]
 
 
 @pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database of each backend."""
-    assert request.param == "sqlite"
-    return f"sqlite:///{tmp_path / 'agentrun.db'}"
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'agentrun.db'}"
+    else:
+        with fresh_database() as url:
+            yield url
 
 
 @pytest.fixture
 async def open_store(database_url: str) -> AsyncIterator[OpenStorage]:
-    """Opens storage objects on the one database (each its own connections); closes them all."""
+    """Opens storage objects on the one database (each its own connections); closes them all.
+    The tests pass their own times: PostgreSQL takes them instead of its clock."""
     opened: list[Storage] = []
 
     async def open_one() -> Storage:
-        opened.append(await open_storage(database_url))
+        if database_url.startswith("sqlite"):
+            opened.append(await open_storage(database_url))
+        else:
+            from agentrun_server.storage.postgres import PostgresStorage
+
+            postgres = PostgresStorage(database_url, caller_clock=True)
+            await postgres.open()
+            opened.append(postgres)
         return opened[-1]
 
     yield open_one

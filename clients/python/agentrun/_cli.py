@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--db",
         default=_env_default("AGENTRUN_DB", "sqlite:///agentrun.db"),
-        help="database URL: sqlite:///PATH [env AGENTRUN_DB; default sqlite:///agentrun.db]",
+        help="database URL: sqlite:///PATH or postgresql://USER@HOST:PORT/DBNAME "
+        "[env AGENTRUN_DB; default sqlite:///agentrun.db]",
     )
     serve.add_argument(
         "--host",
@@ -96,6 +97,20 @@ def _parser() -> argparse.ArgumentParser:
         default=10.0,
         help="on SIGTERM, how long in-flight calls may finish [default 10]",
     )
+    database = serve.add_argument_group("PostgreSQL")
+    database.add_argument(
+        "--db-max-connections",
+        type=int,
+        default=10,
+        help="connections the pool opens at most [default 10]",
+    )
+    database.add_argument(
+        "--db-statement-timeout-seconds",
+        type=float,
+        default=30.0,
+        help="a statement running longer is cancelled and its call answered UNAVAILABLE "
+        "[default 30]",
+    )
     serve.add_argument(
         "--resume-grace-seconds",
         type=float,
@@ -107,6 +122,18 @@ def _parser() -> argparse.ArgumentParser:
         "--only",
         choices=("ingestion", "orchestrator"),
         help="serve one of the pair (run the other as its own process on the same --db)",
+    )
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="apply the database's pending schema migrations, and exit",
+        description="Apply pending schema migrations (serve does too, at start). Replicas that "
+        "start together never race: PostgreSQL migrations run under an advisory lock.",
+    )
+    migrate.add_argument(
+        "--db",
+        default=_env_default("AGENTRUN_DB", "sqlite:///agentrun.db"),
+        help="database URL [env AGENTRUN_DB; default sqlite:///agentrun.db]",
     )
 
     upload = commands.add_parser(
@@ -174,8 +201,26 @@ def _parser() -> argparse.ArgumentParser:
 LIMIT_FLAGS = ("max_message_bytes", "max_runs_per_message", "max_run_bytes", "max_pending_bytes")
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from agentrun_server import ServerError
+    from agentrun_server.storage import open_storage
+
+    async def main() -> None:
+        storage = await open_storage(args.db)
+        await storage.close()
+
+    try:
+        asyncio.run(main())
+    except ServerError as exc:
+        print(f"agentrun migrate: {exc}", file=sys.stderr)
+        return 1
+    print(f"agentrun migrate: {args.db} is at the latest schema")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from agentrun_server import SERVICES, IngestionLimits, Server, ServerConfig
+    from agentrun_server import SERVICES, IngestionLimits, Server, ServerConfig, ServerError
+    from agentrun_server.storage import PoolConfig
 
     config = ServerConfig(
         db=args.db,
@@ -185,6 +230,7 @@ def _serve(args: argparse.Namespace) -> int:
         services=(args.only,) if args.only else SERVICES,
         grace_seconds=args.grace_seconds,
         resume_grace_seconds=args.resume_grace_seconds,
+        pool=PoolConfig(args.db_max_connections, args.db_statement_timeout_seconds),
         limits=IngestionLimits(
             **{
                 name: getattr(args, name)
@@ -214,7 +260,11 @@ def _serve(args: argparse.Namespace) -> int:
             )
         await serving
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except ServerError as exc:  # bad configuration, an unreachable database: one line
+        print(f"agentrun serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -339,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     handlers = {
         "serve": _serve,
+        "migrate": _migrate,
         "upload": _upload,
         "workflow": _apply,
         "stats": _stats,

@@ -31,6 +31,7 @@ from agentrun_server.storage._types import (
     LeasedTask,
     LeaseRef,
     NewRun,
+    PoolConfig,
     Release,
     Revocation,
     StageBacklog,
@@ -61,6 +62,7 @@ __all__ = [
     "NewRun",
     "Notifier",
     "PollingNotifier",
+    "PoolConfig",
     "Release",
     "Revocation",
     "SqliteStorage",
@@ -100,6 +102,9 @@ class Storage(Protocol):
 
     async def close(self) -> None:
         """Release connections and threads; later calls fail."""
+
+    def notifier(self) -> Notifier:
+        """The notifier through which server processes on this database hear each other."""
 
     # --- collections and runs -------------------------------------------------------------------
 
@@ -318,21 +323,40 @@ class Storage(Protocol):
         over `max_bytes` (the first regardless)."""
 
 
-async def open_storage(url: str) -> Storage:
-    """Open the store a URL names: `sqlite:///relative.db`, `sqlite:////abs/path.db`, or a path.
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+async def open_storage(url: str, pool: PoolConfig | None = None) -> Storage:
+    """Open the store a URL names, applying pending migrations: `sqlite:///relative.db`,
+    `sqlite:////abs/path.db` or a path (SQLite); `postgresql://USER@HOST:PORT/DBNAME` or
+    `postgres://...` (PostgreSQL, with `pool`'s limits).
 
     Raises:
-        InvalidArgument: an unsupported scheme (PostgreSQL support is a later addition).
+        InvalidArgument: an unsupported scheme, or PostgreSQL without its driver installed.
+        Unavailable: the PostgreSQL server cannot be reached.
     """
+    if url.startswith(POSTGRES_SCHEMES):
+        try:
+            from agentrun_server.storage.postgres import PostgresStorage
+        except ImportError as exc:
+            raise InvalidArgument(
+                f"--db: PostgreSQL needs its driver: pip install 'agentrun[postgres]' ({exc})"
+            ) from None
+        storage: Storage = PostgresStorage(url, pool)
+        await storage.open()  # type: ignore[attr-defined]  # open() is each backend's own
+        return storage
     if url.startswith("sqlite://"):
         path = url.removeprefix("sqlite://").removeprefix("/") or ":memory:"
     elif "://" in url:
         scheme = url.split("://", 1)[0]
-        raise InvalidArgument(f"--db: unsupported database scheme {scheme!r}; use sqlite:///PATH")
+        raise InvalidArgument(
+            f"--db: unsupported database scheme {scheme!r}; use sqlite:///PATH or "
+            "postgresql://USER@HOST:PORT/DBNAME"
+        )
     else:
         path = url
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    storage = SqliteStorage(path)
-    await storage.open()
-    return storage
+    sqlite = SqliteStorage(path)
+    await sqlite.open()
+    return sqlite

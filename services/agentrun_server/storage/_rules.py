@@ -220,19 +220,17 @@ def plan_completions(
     return CompletionPlan(acks, done, follow)
 
 
-def failure_outcome(
-    row: SettleRow, item: Failure, stage: StageDef, now: float
-) -> tuple[bool, float]:
-    """(dead, ready_at) after a failed attempt: dead when non-retryable or the attempts are spent;
-    else ready again after the worker's retry-after, or the stage's backoff."""
+def failure_outcome(row: SettleRow, item: Failure, stage: StageDef) -> tuple[bool, float]:
+    """(dead, delay in seconds) after a failed attempt: dead when non-retryable or the attempts
+    are spent; else ready again after the worker's retry-after, or the stage's backoff."""
     if item.non_retryable or row.attempt >= row.max_attempts:
-        return True, now
+        return True, 0.0
     delay = item.retry_after_seconds
     if delay is None:
         delay = backoff_seconds(
             row.attempt, stage.initial_backoff_seconds, stage.max_backoff_seconds
         )
-    return False, now + delay
+    return False, delay
 
 
 def lease_end_is_dead(attempt: int, max_attempts: int) -> bool:

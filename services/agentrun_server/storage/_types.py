@@ -17,6 +17,16 @@ DEFAULT_LEASE_SECONDS = 300.0
 MAX_NAME_BYTES = 256
 
 
+@dataclass(frozen=True)
+class PoolConfig:
+    """A database server's connection pool and statement limit (PostgreSQL; SQLite has none)."""
+
+    max_connections: int = 10
+    """Connections the pool opens at most (a Work stream's settle takes one briefly)."""
+    statement_timeout_seconds: float = 30.0
+    """A statement running longer is cancelled; its call is answered UNAVAILABLE."""
+
+
 def check_name(what: str, name: str) -> None:
     """Raise InvalidArgument unless `name` is 1 to MAX_NAME_BYTES bytes of UTF-8."""
     if not name:

@@ -10,6 +10,7 @@ import functools
 import sqlite3
 from collections.abc import Sequence
 
+from agentrun_server.storage._notifier import LocalNotifier, Notifier, PollingNotifier
 from agentrun_server.storage._types import (
     Ack,
     AckCode,
@@ -126,6 +127,10 @@ class SqliteStorage:
 
     async def close(self) -> None:
         await self._engine.close()
+
+    def notifier(self) -> Notifier:
+        """The data version and the revocations table, polled (one process in memory: local)."""
+        return LocalNotifier() if self._engine.in_memory else PollingNotifier(self)
 
     # --- collections and runs -------------------------------------------------------------------
 

@@ -182,8 +182,8 @@ def fail(
         if row is None or not rules.is_current(row, item.lease_id):
             acks.append(rules.answer_miss("fail", item.task_id, item.lease_id, row))
             continue
-        dead, ready_at = rules.failure_outcome(row, item, stage_of(workflows, db, row), now)
-        if not end_attempt(db, row, dead, ready_at, now):
+        dead, delay = rules.failure_outcome(row, item, stage_of(workflows, db, row))
+        if not end_attempt(db, row, dead, now + delay, now):
             row = settle_row(db, item.task_id, item.lease_id)
             acks.append(rules.answer_miss("fail", item.task_id, item.lease_id, row))
             continue
