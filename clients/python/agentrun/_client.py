@@ -32,25 +32,36 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # Calls spread over every address the target resolves to (replicas behind one DNS name, or
+    # an ipv4: list); one that goes down is skipped until it is back.
+    ("grpc.lb_policy_name", "round_robin"),
 ]
+_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
 
 
 def resolve_server(server_url: str | None) -> tuple[str, bool]:
-    """Return (target, use_tls) for a server URL.
+    """Return (gRPC target, use_tls) for a server URL.
 
-    Accepts `host:port`, `grpc://host:port`, `http://host:port` (plain) and `grpcs://` or
-    `https://` (TLS). None means $AGENTRUN_SERVER, else 127.0.0.1:50051.
+    Accepts `host:port`, `grpc://host:port`, `http://host:port` (plain), `grpcs://` or
+    `https://` (TLS); a list of replicas, `host:port,host:port` (IP addresses), or a gRPC target
+    (`dns:///agentrun.internal:50051`, `ipv4:10.0.0.1:50051,10.0.0.2:50051`): calls are balanced
+    over the replicas (round robin). None means $AGENTRUN_SERVER, else 127.0.0.1:50051.
     """
     url = server_url or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
-    for scheme, tls in (
+    tls = False
+    for scheme, secure in (
         ("grpcs://", True),
         ("https://", True),
         ("grpc://", False),
         ("http://", False),
     ):
         if url.startswith(scheme):
-            return url.removeprefix(scheme).rstrip("/"), tls
-    return url, False
+            url, tls = url.removeprefix(scheme).rstrip("/"), secure
+            break
+    if "," in url and not url.startswith(_TARGET_SCHEMES):
+        family = "ipv6" if url.startswith("[") else "ipv4"
+        url = f"{family}:{url}"
+    return url, tls
 
 
 def open_channel(server_url: str | None) -> grpc.Channel:
