@@ -11,11 +11,18 @@ TS := clients/typescript
 NPM := $(shell command -v npm 2>/dev/null)
 TS_STAMP := $(if $(NPM),$(TS)/node_modules/.package-lock.json)
 
-.PHONY: install install-ts gen gen-check lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale ci clean
+.PHONY: install install-ts install-bench gen gen-check lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale ci clean
 
 install: $(STAMP)
 
 install-ts: $(TS_STAMP)
+
+# The benchmarks' peers (PgQueuer), beside the development install.
+install-bench: $(VENV)/.bench-stamp
+
+$(VENV)/.bench-stamp: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,bench]'
+	touch $@
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,11 +66,13 @@ bench-model: install
 	$(BIN)/python bench/bench_model.py
 
 # Writer -> server -> SQLite on >= 1 GB of real runs, beside raw SQLite and HTTP+JSON; server RSS.
+# DB=postgresql://... measures PostgreSQL beside raw psycopg inserts.
 bench-ingest: install
 	$(BIN)/python bench/bench_ingest.py
 
-# No-op tasks through three stages with 1, 4 and 16 workers; dispatch latency p50/p99.
-bench-orchestrate: install
+# No-op tasks through three stages with 1, 4 and 16 workers and the Runner; dispatch latency.
+# DB=postgresql://USER@HOST:PORT/DBNAME measures on PostgreSQL, beside PgQueuer and two replicas.
+bench-orchestrate: install-bench
 	$(BIN)/python bench/bench_orchestrate.py
 
 # Reads as history grows: backlog, scrape, leasing while scraping, run pages, WAL; 10k-1M runs.

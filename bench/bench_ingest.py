@@ -21,6 +21,7 @@ machine's two.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sqlite3
 import subprocess
@@ -33,7 +34,13 @@ from pathlib import Path
 
 from agentrun import AgentRun, AgentRunWriter, Client, agent_run_to_proto, load_agent_runs
 from agentrun.v1 import agent_run_pb2
-from processes import machine, start, start_agentrun, stop  # bench/ is on sys.path when run
+from processes import (  # bench/ is on sys.path when run
+    database,
+    machine,
+    start,
+    start_agentrun,
+    stop,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("AGENTRUN_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -89,8 +96,78 @@ def raw_insert(db: Path, encoded: list[tuple[str, bytes]]) -> float:
     return seconds
 
 
+def raw_insert_postgres(url: str, encoded: list[tuple[str, bytes]], copy: bool) -> float:
+    """Seconds to insert every run with psycopg, 1,000 per transaction, into the server's schema
+    (`executemany` of binary parameters, or COPY in binary)."""
+    import psycopg
+
+    from agentrun_server.storage.postgres import migrate
+
+    asyncio.run(migrate(url))
+    with psycopg.connect(url) as conn:
+        conn.execute("INSERT INTO collections (id, name, created_at) VALUES ('c', 'c', 0)")
+        conn.commit()
+        started = time.perf_counter()
+        now = time.time()
+        for i in range(0, len(encoded), 1000):
+            rows = [(run_id, "c", len(data), now, data) for run_id, data in encoded[i : i + 1000]]
+            with conn.transaction():
+                if copy:
+                    with conn.cursor().copy(
+                        "COPY agent_runs (id, collection_id, size_bytes, ingested_at, data) "
+                        "FROM STDIN (FORMAT BINARY)"
+                    ) as writing:
+                        writing.set_types(["text", "text", "int4", "float8", "bytea"])
+                        for row in rows:
+                            writing.write_row(row)
+                else:
+                    conn.cursor().executemany(
+                        "INSERT INTO agent_runs (id, collection_id, size_bytes, ingested_at, data)"
+                        " VALUES (%s, %s, %s, %s, %b)",
+                        rows,
+                    )
+        return time.perf_counter() - started
+
+
+def postgres(
+    server: str,
+    folder: Path,
+    encoded: list[tuple[str, bytes]],
+    size: int,
+    runs: int,
+    proto: Callable[[int], agent_run_pb2.AgentRun],
+) -> None:
+    """The PostgreSQL rows: raw psycopg inserts beside the writer through the server."""
+    with database(server, folder, "raw-many") as url:
+        many = line(
+            "raw psycopg executemany, 1,000/tx",
+            len(encoded),
+            size,
+            raw_insert_postgres(url, encoded, copy=False),
+        )
+    with database(server, folder, "raw-copy") as url:
+        copied = line(
+            "raw psycopg COPY, 1,000/tx",
+            len(encoded),
+            size,
+            raw_insert_postgres(url, encoded, copy=True),
+        )
+    raw = max(many, copied)
+
+    def log_protos(writer: AgentRunWriter, count: int) -> None:
+        for i in range(0, count, 100):
+            writer.log_agent_runs([proto(j) for j in range(i, min(count, i + 100))])
+
+    with database(server, folder, "grpc") as url:
+        seconds, samples = grpc_upload(url, runs, log_protos, "wire")
+    line("gRPC writer, wire-form runs", runs, size, seconds, raw)
+    print()
+    print(f"  gRPC wire-form / fastest raw insert: {runs / seconds / raw:.2f}x (target >= 0.7x)")
+    print(f"  server RSS peak {max(rss for _, rss in samples) / 1e6:,.0f} MB")
+
+
 def grpc_upload(
-    db: Path, runs: int, log: Callable[[AgentRunWriter, int], None], label: str
+    db: Path | str, runs: int, log: Callable[[AgentRunWriter, int], None], label: str
 ) -> tuple[float, list[tuple[float, int]]]:
     """Seconds for a writer to deliver `runs` runs; the server's RSS samples (bytes sent, RSS)."""
     server, url = start_agentrun(db)
@@ -130,6 +207,12 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=65_000, help="runs through each gRPC path")
     parser.add_argument("--model-runs", type=int, default=20_000, help="runs from models")
     parser.add_argument("--http-runs", type=int, default=5_000, help="runs through HTTP+JSON")
+    parser.add_argument(
+        "--db",
+        default=os.environ.get("DB"),
+        help="PostgreSQL server (postgresql://USER@HOST:PORT/DBNAME; fresh databases are made on"
+        " it): the writer through the server beside raw psycopg inserts [env DB; default: SQLite]",
+    )
     args = parser.parse_args()
     if not TAU_BENCH.exists():
         print(f"skipped: real data not found at {TAU_BENCH} (set AGENTRUN_SHARED_DATA)")
@@ -152,6 +235,10 @@ def main() -> int:
         f"agentrun ingestion benchmark: {len(base)} tau-bench runs repeated, mean {mean / 1e3:.1f} kB"
         f" encoded; {machine()}"
     )
+    if args.db:
+        with tempfile.TemporaryDirectory() as tmp:
+            postgres(args.db, Path(tmp), encoded, size, args.runs, proto)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         raw = line(

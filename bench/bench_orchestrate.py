@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,14 +28,14 @@ from pathlib import Path
 
 import grpc
 
-from agentrun import AgentRun, AgentRunWriter, BaseAgentRunMetadata, Client, Transcript
+from agentrun import AgentRun, AgentRunWriter, BaseAgentRunMetadata, Client, Runner, Transcript
 from agentrun.chat import UserMessage
 from agentrun.v1 import ingestion_service_pb2 as ingestion_pb
 from agentrun.v1 import ingestion_service_pb2_grpc as ingestion_grpc
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from agentrun.v1 import workflow_pb2
-from processes import machine, start_agentrun, stop  # bench/ is on sys.path when run
+from processes import database, machine, start_agentrun, stop  # bench/ is on sys.path when run
 
 NEXT = {"a": "next", "b": "next", "c": ""}
 
@@ -115,11 +117,13 @@ async def worker(
         call.cancel()
 
 
-async def throughput(url: str, name: str, workers: int, credits: int, tasks: int) -> float:
+async def throughput(urls: list[str], name: str, workers: int, credits: int, tasks: int) -> float:
+    """Tasks per second of `workers` raw workers, spread over the servers `urls`."""
     done = [0]
     first: list[float] = []
     running = [
-        asyncio.create_task(worker(url, name, credits, done, first, tasks)) for _ in range(workers)
+        asyncio.create_task(worker(urls[i % len(urls)], name, credits, done, first, tasks))
+        for i in range(workers)
     ]
     await asyncio.wait(
         running, return_when=asyncio.FIRST_COMPLETED
@@ -188,37 +192,137 @@ async def dispatch_latency(url: str, name: str, samples: int) -> list[float]:
     return latencies
 
 
+def runner_rate(url: str, name: str, runs: int, credits: int) -> float:
+    """Tasks per second through the public Runner: no-op async stage functions, as a user writes
+    them, `credits` leases held and worked at once; from its start to its exit (empty stages)."""
+    runner = Runner(workflow=name, server_url=url)
+
+    @runner.stage("a")
+    async def a(run: AgentRun) -> str:
+        return "next"
+
+    @runner.stage("b")
+    async def b(run: AgentRun) -> str:
+        return "next"
+
+    @runner.stage("c")
+    async def c(run: AgentRun) -> None:
+        return None
+
+    started = time.perf_counter()
+    summary = runner(task_batch_size=credits, concurrency=credits)
+    elapsed = time.perf_counter() - started
+    done = sum(summary.completed.values())
+    if done != 3 * runs:
+        raise RuntimeError(f"the Runner completed {done} of {3 * runs} tasks")
+    return done / elapsed
+
+
+def pgqueuer_rate(server: str, folder: Path, runs: int, batch_size: int) -> float | None:
+    """PgQueuer's jobs per second (bench/peer_pgqueuer.py, in its own process, on a fresh
+    database); None when it is not installed."""
+    try:
+        import pgqueuer  # noqa: F401
+    except ImportError:
+        return None
+    with database(server, folder, f"pgqueuer-{batch_size}") as url:
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).parent / "peer_pgqueuer.py"),
+                url,
+                str(runs),
+                str(batch_size),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    return float(out.split()[-1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5_000, help="runs per worker count (x3 tasks)")
     parser.add_argument("--credits", type=int, default=64, help="credits per worker")
     parser.add_argument("--samples", type=int, default=500, help="dispatch latency samples")
     parser.add_argument("--workers", default="1,4,16", help="worker counts to measure")
-    args = parser.parse_args()
-    print(
-        f"agentrun orchestrator benchmark: no-op tasks through a -> b -> c on SQLite; {machine()}"
+    parser.add_argument(
+        "--db",
+        default=os.environ.get("DB"),
+        help="PostgreSQL server (postgresql://USER@HOST:PORT/DBNAME; fresh databases are made on"
+        " it), to measure there beside PgQueuer and with two replicas [env DB; default: SQLite]",
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        server, url = start_agentrun(Path(tmp) / "bench.db")
+    parser.add_argument(
+        "--pgqueuer-batch-sizes", default="10,100,500", help="PgQueuer batch sizes tried"
+    )
+    args = parser.parse_args()
+    engine = "PostgreSQL" if args.db else "SQLite"
+    print(
+        f"agentrun orchestrator benchmark: no-op tasks through a -> b -> c on {engine}; {machine()}"
+    )
+    tasks = 3 * args.runs
+    rates: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp, database(args.db, Path(tmp), "orchestrate") as db:
+        server, url = start_agentrun(db)
         try:
             for count in (int(n) for n in args.workers.split(",")):
                 name = f"bench-{count}"
                 ingest(url, name, args.runs)
-                tasks = 3 * args.runs
-                rate = asyncio.run(throughput(url, name, count, args.credits, tasks))
+                rate = asyncio.run(throughput([url], name, count, args.credits, tasks))
+                rates[f"{count} raw"] = rate
                 print(
                     f"  {count:>2} workers x {args.credits} credits: {rate:>8,.0f} tasks/s"
                     f"  ({tasks:,} tasks)"
                 )
+            ingest(url, "runner", args.runs)
+            rates["runner"] = runner_rate(url, "runner", args.runs, args.credits)
+            print(
+                f"  the public Runner, {args.credits} credits: {rates['runner']:>8,.0f} tasks/s"
+                f"  ({tasks:,} tasks)"
+            )
             latencies = asyncio.run(dispatch_latency(url, "latency", args.samples))
         finally:
             stop(server)
-    ms = sorted(latency * 1000 for latency in latencies)
-    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
-    print(
-        f"  dispatch latency, ready -> lease at an idle worker ({len(ms)} tasks):"
-        f" p50 {statistics.median(ms):.2f} ms, p99 {p99:.2f} ms, max {ms[-1]:.2f} ms"
-    )
+        ms = sorted(latency * 1000 for latency in latencies)
+        p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+        print(
+            f"  dispatch latency, ready -> lease at an idle worker ({len(ms)} tasks):"
+            f" p50 {statistics.median(ms):.2f} ms, p99 {p99:.2f} ms, max {ms[-1]:.2f} ms"
+        )
+        if not args.db:
+            return 0
+        with database(args.db, Path(tmp), "replicas") as shared:
+            first, first_url = start_agentrun(shared)
+            second, second_url = start_agentrun(shared)
+            try:
+                ingest(first_url, "replicas", args.runs)
+                count = max(int(n) for n in args.workers.split(","))
+                rate = asyncio.run(
+                    throughput([first_url, second_url], "replicas", count, args.credits, tasks)
+                )
+            finally:
+                stop(first)
+                stop(second)
+        best_one = max(v for k, v in rates.items() if k.endswith("raw"))
+        print(
+            f"  two replicas, {count} workers split over them: {rate:>8,.0f} tasks/s"
+            f"  ({rate / best_one:.2f}x one replica's best)"
+        )
+        peer = {
+            size: pgqueuer_rate(args.db, Path(tmp), args.runs, size)
+            for size in (int(n) for n in args.pgqueuer_batch_sizes.split(","))
+        }
+        if None in peer.values():
+            print("  PgQueuer: skipped (pip install pgqueuer)")
+            return 0
+        for size, value in peer.items():
+            print(f"  PgQueuer, batch size {size:>4}: {value:>8,.0f} jobs/s  ({tasks:,} jobs)")
+        best = max(v for v in peer.values() if v is not None)
+        print(
+            f"  agentrun / PgQueuer's best: raw workers {best_one / best:.1f}x,"
+            f" the public Runner {rates['runner'] / best:.1f}x"
+        )
     return 0
 
 

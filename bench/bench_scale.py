@@ -45,7 +45,7 @@ from agentrun.v1 import ingestion_service_pb2_grpc as ingestion_grpc
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from agentrun.v1 import workflow_pb2
-from processes import machine, start_agentrun_with_metrics, stop
+from processes import database, machine, start_agentrun_with_metrics, stop
 
 PAGE = 1000
 PAGED_RUNS = 100_000
@@ -99,20 +99,20 @@ async def complete_all(url: str, total: int) -> None:
         call.cancel()
 
 
-def fill(url: str, db: Path, count: int) -> tuple[float, int]:
+def fill(url: str, db: Path | None, count: int) -> tuple[float, int]:
     """Upload `count` runs while a worker completes their tasks; return the seconds it took and
-    the WAL's largest size."""
+    the largest size of the WAL of SQLite file `db` (0 for PostgreSQL)."""
     with Client(url) as client:
         client.apply_workflow(
             workflow_pb2.Workflow(name="scale", stages=[workflow_pb2.Stage(name="only")])
         )
         collection = client.create_collection("scale", workflow="scale").collection.id
-    wal = Path(str(db) + "-wal")
+    wal = Path(f"{db}-wal") if db is not None else None
     largest = [0]
     stop_sampling = threading.Event()
 
     def sample() -> None:
-        while not stop_sampling.wait(0.2):
+        while wal is not None and not stop_sampling.wait(0.2):
             with contextlib.suppress(OSError):
                 largest[0] = max(largest[0], wal.stat().st_size)
 
@@ -174,12 +174,12 @@ def latency(url: str, name: str, samples: int) -> tuple[float, float]:
     return statistics.median(ms), ms[min(len(ms) - 1, int(len(ms) * 0.99))]
 
 
-def measure(count: int, samples: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        db = Path(tmp) / "scale.db"
+def measure(count: int, samples: int, server_db: str | None) -> None:
+    with tempfile.TemporaryDirectory() as tmp, database(server_db, Path(tmp), "scale") as db:
         server, url, metrics_url = start_agentrun_with_metrics(db)
+        sqlite_file = Path(db.removeprefix("sqlite:///")) if db.startswith("sqlite") else None
         try:
-            seconds, wal_peak = fill(url, db, count)
+            seconds, wal_peak = fill(url, sqlite_file, count)
             with Client(url) as client:
                 backlog = timed(lambda: client.backlog(), 20)
             scraped = timed(lambda: scrape(metrics_url), 10)
@@ -198,8 +198,9 @@ def measure(count: int, samples: int) -> None:
                 scraping.set()
                 scraper.join()
             paged, paging_seconds = page_through(url, PAGED_RUNS)
-            size = db.stat().st_size
-            wal_now = Path(str(db) + "-wal").stat().st_size
+            if sqlite_file is not None:
+                size = sqlite_file.stat().st_size
+                wal_now = Path(str(sqlite_file) + "-wal").stat().st_size
         finally:
             stop(server)
     print(
@@ -213,10 +214,11 @@ def measure(count: int, samples: int) -> None:
         f"    ListAgentRuns       {paged:,} runs in {paging_seconds:.1f} s"
         f" ({paging_seconds / max(1, paged // PAGE) * 1000:.1f} ms a page of {PAGE})"
     )
-    print(
-        f"    database {size / 1e6:,.0f} MB; WAL peak {wal_peak / 1e6:,.0f} MB while filling,"
-        f" {wal_now / 1e6:,.1f} MB at the end"
-    )
+    if sqlite_file is not None:
+        print(
+            f"    database {size / 1e6:,.0f} MB; WAL peak {wal_peak / 1e6:,.0f} MB while filling,"
+            f" {wal_now / 1e6:,.1f} MB at the end"
+        )
     sys.stdout.flush()
 
 
@@ -224,10 +226,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", default="10000,100000,1000000", help="run counts to measure")
     parser.add_argument("--samples", type=int, default=200, help="dispatch latency samples")
+    parser.add_argument(
+        "--db",
+        default=os.environ.get("DB"),
+        help="PostgreSQL server (postgresql://USER@HOST:PORT/DBNAME; a fresh database is made"
+        " on it per scale) [env DB; default: SQLite files]",
+    )
     args = parser.parse_args()
-    print(f"agentrun at scale, SQLite; {machine()}; pid {os.getpid()}")
+    engine = "PostgreSQL" if args.db else "SQLite"
+    print(f"agentrun at scale, {engine}; {machine()}; pid {os.getpid()}")
     for count in (int(n) for n in args.scales.split(",")):
-        measure(count, args.samples)
+        measure(count, args.samples, args.db)
     return 0
 
 

@@ -8,6 +8,9 @@ import platform
 import re
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -38,16 +41,38 @@ def start(command: list[str], pattern: str) -> tuple[subprocess.Popen[str], int]
     raise RuntimeError(f"{command[0]} exited before serving")
 
 
-def start_agentrun(db: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
-    """`agentrun serve` on a SQLite file and a free port, without metrics; return it and its URL."""
-    serve = ["serve", "--db", f"sqlite:///{db}", "--port", "0", "--metrics-port", "-1", *args]
+@contextmanager
+def database(server: str | None, folder: Path, name: str) -> Iterator[str]:
+    """The URL of a fresh database: a SQLite file in `folder` (`server` None), or a new database
+    on the PostgreSQL server `server` names (`postgresql://USER@HOST:PORT/DBNAME`), dropped
+    afterwards."""
+    if not server or server.startswith("sqlite"):
+        yield f"sqlite:///{folder / f'{name}.db'}"
+        return
+    import psycopg
+
+    database_name = f"agentrun_bench_{name.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {database_name}")
+        try:
+            yield f"{server.rsplit('/', 1)[0]}/{database_name}"
+        finally:
+            admin.execute(f"DROP DATABASE {database_name} WITH (FORCE)")
+
+
+def start_agentrun(db: Path | str, *args: str) -> tuple[subprocess.Popen[str], str]:
+    """`agentrun serve` on a database (a URL, or a SQLite file's path) and a free port, without
+    metrics; return it and its URL."""
+    url = db if isinstance(db, str) else f"sqlite:///{db}"
+    serve = ["serve", "--db", url, "--port", "0", "--metrics-port", "-1", *args]
     process, port = start([sys.executable, "-m", "agentrun._cli", *serve], r"on [\d.]+:(\d+)")
     return process, f"127.0.0.1:{port}"
 
 
-def start_agentrun_with_metrics(db: Path) -> tuple[subprocess.Popen[str], str, str]:
-    """`agentrun serve` with metrics on a free port; return it, its URL and its metrics URL."""
-    serve = ["serve", "--db", f"sqlite:///{db}", "--port", "0", "--metrics-port", "0"]
+def start_agentrun_with_metrics(db: str) -> tuple[subprocess.Popen[str], str, str]:
+    """`agentrun serve` on a database URL with metrics on a free port; return it, its URL and
+    its metrics URL."""
+    serve = ["serve", "--db", db, "--port", "0", "--metrics-port", "0"]
     process = subprocess.Popen(
         [sys.executable, "-m", "agentrun._cli", *serve], stdout=subprocess.PIPE, text=True
     )

@@ -177,14 +177,16 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
             (
                 "Backlog by stage",
                 "short",
-                "Tasks waiting (ready, or scheduled for a retry) and leased, per stage.",
+                "Tasks waiting (ready, or scheduled for a retry) and leased, per stage. Every "
+                "replica reports the whole database's counts: max over replicas, never sum.",
                 [
                     (
-                        'sum by (workflow, stage) (agentrun_stage_tasks{state=~"ready|scheduled"})',
+                        "sum by (workflow, stage) (max by (workflow, stage, state) "
+                        '(agentrun_stage_tasks{state=~"ready|scheduled"}))',
                         "{{workflow}}/{{stage}} waiting",
                     ),
                     (
-                        'sum by (workflow, stage) (agentrun_stage_tasks{state="leased"})',
+                        'max by (workflow, stage) (agentrun_stage_tasks{state="leased"})',
                         "{{workflow}}/{{stage}} leased",
                     ),
                 ],
@@ -206,7 +208,7 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
                 "Tasks that exhausted their attempts or failed non-retryably; redrive them once fixed.",
                 [
                     (
-                        'sum by (workflow, stage) (agentrun_stage_tasks{state="dead"})',
+                        'max by (workflow, stage) (agentrun_stage_tasks{state="dead"})',
                         "{{workflow}}/{{stage}}",
                     )
                 ],
