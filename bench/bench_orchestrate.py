@@ -137,16 +137,22 @@ async def throughput(urls: list[str], name: str, workers: int, credits: int, tas
     return done[0] / elapsed
 
 
-async def dispatch_latency(url: str, name: str, samples: int) -> list[float]:
-    """Seconds from each task's creation to its lease reaching an idle worker."""
+async def dispatch_latency(
+    url: str, name: str, samples: int, upload_url: str | None = None
+) -> list[float]:
+    """Seconds from each task's creation to its lease reaching an idle worker of `url`; the runs
+    are uploaded through `upload_url` (another replica) if given."""
     with Client(url) as client:
         client.apply_workflow(
             workflow_pb2.Workflow(name=name, stages=[workflow_pb2.Stage(name="only")])
         )
         collection = client.create_collection(name, workflow=name).collection.id
     latencies = []
-    async with grpc.aio.insecure_channel(url) as channel:
-        ingestion = ingestion_grpc.IngestionServiceStub(channel)
+    async with (
+        grpc.aio.insecure_channel(url) as channel,
+        grpc.aio.insecure_channel(upload_url or url) as uploading,
+    ):
+        ingestion = ingestion_grpc.IngestionServiceStub(uploading)
         call = pb_grpc.OrchestratorServiceStub(channel).Work()
         await call.write(
             pb.WorkRequest(
@@ -301,6 +307,9 @@ def main() -> int:
                 rate = asyncio.run(
                     throughput([first_url, second_url], "replicas", count, args.credits, tasks)
                 )
+                across = asyncio.run(
+                    dispatch_latency(first_url, "across", args.samples, upload_url=second_url)
+                )
             finally:
                 stop(first)
                 stop(second)
@@ -308,6 +317,13 @@ def main() -> int:
         print(
             f"  two replicas, {count} workers split over them: {rate:>8,.0f} tasks/s"
             f"  ({rate / best_one:.2f}x one replica's best)"
+        )
+        ms = sorted(latency * 1000 for latency in across)
+        p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+        print(
+            f"  dispatch latency across replicas, run stored through B -> lease at A's idle"
+            f" worker ({len(ms)} tasks): p50 {statistics.median(ms):.2f} ms, p99 {p99:.2f} ms,"
+            f" max {ms[-1]:.2f} ms"
         )
         peer = {
             size: pgqueuer_rate(args.db, Path(tmp), args.runs, size)

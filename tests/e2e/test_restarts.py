@@ -152,10 +152,10 @@ def test_a_killed_server_restarted_under_load_loses_no_task(tmp_path: Path) -> N
     assert sum(s["done"] for s in summaries) >= 3 * RUNS
 
 
-async def test_two_server_processes_on_one_file_pass_wake_ups_and_cancels_between_them(
-    tmp_path: Path,
+async def test_two_server_processes_on_one_database_pass_wake_ups_and_cancels_between_them(
+    database: str,
 ) -> None:
-    db = tmp_path / "agentrun.db"
+    db = database
     with ServerProcess(db) as a, ServerProcess(db) as b:
         await asyncio.to_thread(set_up_one_stage, b.url)  # workflow and collection, through B
         worker = RawWorker(a.url)
@@ -171,7 +171,7 @@ async def test_two_server_processes_on_one_file_pass_wake_ups_and_cancels_betwee
                 (lease,) = (await worker.next("leases", 5)).leases
                 latencies.append(time.monotonic() - stored)
                 assert (await worker.complete(lease.task_id, lease.lease_id)).code == 0
-            assert max(latencies) < 0.25, latencies
+            assert max(latencies) < 0.25, latencies  # PostgreSQL's p99: make bench-orchestrate
 
             # A task cancelled through B while A's worker holds it: A tells its worker.
             with AgentRunWriter(collection, b.url, flush_interval=0.01) as writer:
