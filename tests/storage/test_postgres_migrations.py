@@ -29,3 +29,17 @@ async def test_replicas_migrating_at_once_apply_each_migration_once() -> None:
             }
         assert [r[0] for r in rows] == latest
         assert {"tasks", "agent_runs", "collections", "task_counts", "servers"} <= tables
+
+
+# A migration that has landed is never edited (databases out there have run it): add a new one.
+LANDED = {
+    1: "0675935f0fd5bddbd333e5ef3278333f3841601833ce03cc23656233cd30eca0",
+}
+
+
+def test_landed_migrations_are_never_edited() -> None:
+    import hashlib
+
+    found = {v: hashlib.sha256(script.read_bytes()).hexdigest() for v, script in scripts()}
+    assert {v: found[v] for v in LANDED} == LANDED
+    assert sorted(found) == list(range(1, len(found) + 1))  # numbered without gaps
