@@ -249,3 +249,16 @@ async def test_task_pages_stop_at_their_byte_budget(storage: Storage) -> None:
     assert sizes == [[400, 400], [1000], [0]]
     b_tasks, _ = await storage.list_tasks("w", "b", None, 0, 10)
     assert [t.input for t in b_tasks] == outputs
+
+
+async def test_a_release_may_ask_to_run_again_later_at_no_attempts_cost(storage: Storage) -> None:
+    await ingest(storage, 1)
+    (task,) = await storage.claim(request(), 10.0)
+    (released,) = await storage.release([Release(task.task_id, task.lease_id, 30.0)], 11.0)
+    assert released.result == "released"
+    later = await storage.get_task(task.task_id)
+    assert (later.state, later.ready_at, later.attempt) == (TaskState.READY, 41.0, 0)
+    assert await storage.claim(request(), 40.0) == []
+    (again,) = await storage.claim(request(), 41.0)
+    assert again.task_id == task.task_id and again.attempt == 1
+    assert (await storage.get_task(task.task_id)).failures == ()

@@ -15,6 +15,7 @@ async def test_a_task_cancelled_as_it_gets_its_slot_gives_the_slot_back() -> Non
     # cancelled wait had just acquired must not be lost, or the runner runs one task fewer.
     session = _Execution(
         stages={},
+        parameters={},
         workflow=workflow_pb2.Workflow(name="w"),
         server_url=None,
         metadata=(),

@@ -15,10 +15,16 @@ from __future__ import annotations
 from agentrun import chat, importers
 from agentrun._agent_run import AgentRun, AgentRunWithoutMetadataValidator, FilterableField
 from agentrun._client import Client
-from agentrun._convert import agent_run_from_proto, agent_run_to_proto
+from agentrun._convert import (
+    agent_run_from_proto,
+    agent_run_to_proto,
+    value_from_proto,
+    value_to_proto,
+)
 from agentrun._errors import AgentRunError, FormatError, RpcError, WorkflowError, WriterClosedError
 from agentrun._metadata import BaseAgentRunMetadata, BaseMetadata
-from agentrun._runner import Runner, RunSummary, StageResult
+from agentrun._runner import Runner, RunSummary
+from agentrun._stage import Fail, Retry, StageResult, TaskContext, TaskInput
 from agentrun._transcript import Transcript
 from agentrun._workflow import WorkflowSpec, load_workflow
 from agentrun._writer import AgentRunWriter, RejectedRun, WriteSummary, init
@@ -34,13 +40,17 @@ __all__ = [
     "BaseAgentRunMetadata",
     "BaseMetadata",
     "Client",
+    "Fail",
     "FilterableField",
     "FormatError",
     "RejectedRun",
+    "Retry",
     "RpcError",
     "RunSummary",
     "Runner",
     "StageResult",
+    "TaskContext",
+    "TaskInput",
     "Transcript",
     "WorkflowError",
     "WorkflowSpec",
@@ -54,4 +64,6 @@ __all__ = [
     "init",
     "load_agent_runs",
     "load_workflow",
+    "value_from_proto",
+    "value_to_proto",
 ]

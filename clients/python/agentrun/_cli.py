@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from agentrun._client import DEFAULT_SERVER, SERVER_ENV, Client
+from agentrun._convert import value_from_proto
 from agentrun._errors import AgentRunError, FormatError
 from agentrun._workflow import load_workflow
 from agentrun._writer import AgentRunWriter
@@ -180,6 +182,11 @@ def _parser() -> argparse.ArgumentParser:
 
     tasks = commands.add_parser("tasks", help="list, redrive or cancel tasks")
     task_commands = tasks.add_subparsers(dest="tasks_command", required=True, metavar="COMMAND")
+    show = task_commands.add_parser(
+        "show", help="one task: its state, attempts, pathway, input, output and failed attempts"
+    )
+    show.add_argument("task_id", metavar="ID")
+    _add_server(show)
     for name, help_text in (
         ("list", "list tasks of a workflow (newest last), with their last error"),
         ("redrive", "send dead tasks back to ready (all of a stage, or by id)"),
@@ -353,8 +360,31 @@ def _enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_task(task: workflow_pb2.Task) -> None:
+    state = workflow_pb2.TaskState.Name(task.state).removeprefix("TASK_STATE_").lower()
+    print(f"task {task.id}: {task.workflow}/{task.stage}, {state}")
+    print(f"  run          {task.agent_run_id} (collection {task.collection_id})")
+    print(f"  attempt      {task.attempt} of {task.max_attempts}; priority {task.priority}")
+    if task.state == workflow_pb2.TASK_STATE_DONE:
+        print(f"  pathway      {task.pathway or '(end)'}")
+    if task.previous_task_id:
+        print(f"  after task   {task.previous_task_id}")
+    for label, present, value in (
+        ("input", task.HasField("input"), task.input),
+        ("output", task.HasField("output"), task.output),
+    ):
+        if present:
+            text = json.dumps(value_from_proto(value), indent=2, default=str)
+            print(f"  {label:<12} " + text.replace("\n", "\n" + " " * 15))
+    for failure in task.failures:
+        print(f"  attempt {failure.attempt} failed: {failure.error}")
+
+
 def _tasks(args: argparse.Namespace) -> int:
     with Client(args.server) as client:
+        if args.tasks_command == "show":
+            _show_task(client.get_task(args.task_id))
+            return 0
         if args.tasks_command == "list":
             state = args.state and workflow_pb2.TaskState.Value(f"TASK_STATE_{args.state.upper()}")
             for task in client.list_tasks(args.workflow, args.stage, state or 0):

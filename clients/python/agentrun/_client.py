@@ -249,6 +249,13 @@ class Client:
             self.orchestrator.GetWorkflow, orchestrator_pb.GetWorkflowRequest(name=name)
         ).workflow
 
+    def get_task(self, task_id: str | int) -> workflow_pb2.Task:
+        """Return one task: its state, attempts, pathway, input and output (`agentrun.v1.Value`;
+        `value_from_proto` reads them as JSON-like values) and failed attempts."""
+        return self._call(
+            self.orchestrator.GetTask, orchestrator_pb.GetTaskRequest(task_id=str(task_id))
+        ).task
+
     def list_tasks(self, workflow: str, stage: str = "", state: int = 0) -> list[workflow_pb2.Task]:
         """Return every task of a workflow (of one stage, in one `TaskState`, if given)."""
         tasks: list[workflow_pb2.Task] = []

@@ -45,17 +45,25 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any
 
 from agentrun import _metrics
-from agentrun._agent_run import AgentRun
 from agentrun._client import Client, auth_metadata
-from agentrun._convert import agent_run_from_proto, value_to_proto
+from agentrun._convert import value_to_proto
 from agentrun._errors import WorkflowError
 from agentrun._progress import StageProgress, print_summary
+from agentrun._stage import (
+    Fail,
+    Retry,
+    StageFunction,
+    StageResult,
+    StageReturn,
+    arguments,
+    parameters,
+)
 from agentrun._work_stream import WorkStream
 from agentrun.v1 import agent_run_pb2, workflow_pb2
 from agentrun.v1 import orchestrator_service_pb2 as pb
@@ -66,24 +74,6 @@ DRAIN_GRACE_SECONDS = 30.0
 MAX_OUTPUT_BYTES = 1024 * 1024
 """The server's limit on a stage output, encoded (TaskCompletion.output in the proto)."""
 PROGRESS_REFRESH_SECONDS = 0.25
-
-
-@dataclass(frozen=True)
-class StageResult:
-    """What a stage function may return instead of a pathway name.
-
-    Attributes:
-        pathway: The pathway (None: as for a function returning None).
-        output: A JSON-like value stored with the task (`GetTask`) and passed to the next stage
-            as its task's input; at most MAX_OUTPUT_BYTES (1 MiB) encoded.
-    """
-
-    pathway: str | None = None
-    output: Any = None
-
-
-StageReturn: TypeAlias = "str | StageResult | None"
-StageFunction: TypeAlias = Callable[[AgentRun], "StageReturn | Awaitable[StageReturn]"]
 
 
 @dataclass
@@ -101,6 +91,8 @@ class RunSummary:
     revoked: Counter[str] = field(default_factory=Counter)
     """Leases the server took back (the task cancelled, or the lease expired), by stage: their
     stage functions were cancelled (async) or their results dropped (sync)."""
+    retried: Counter[str] = field(default_factory=Counter)
+    """Tasks a stage function asked to run again later (`Retry`), by stage: no attempt spent."""
 
     def __str__(self) -> str:
         lines = [
@@ -111,6 +103,7 @@ class RunSummary:
         lines += [f"  {stage}: {n} dead" for stage, n in sorted(self.dead.items())]
         lines += [f"  {stage}: {n} handed back" for stage, n in sorted(self.handed_back.items())]
         lines += [f"  {stage}: {n} taken back" for stage, n in sorted(self.revoked.items())]
+        lines += [f"  {stage}: {n} to retry later" for stage, n in sorted(self.retried.items())]
         return "runner summary:\n" + ("\n".join(lines) if lines else "  no tasks")
 
 
@@ -135,21 +128,26 @@ class Runner:
         self.server_url = server_url
         self.api_key = api_key
         self._stages: dict[str, StageFunction] = {}
+        self._parameters: dict[str, list[str]] = {}  # stage -> what each parameter asks for
 
     def stage(
         self, stage: str, *, overwrite: bool = False
     ) -> Callable[[StageFunction], StageFunction]:
-        """Register the decorated function for a stage; it gets the run and returns a pathway.
+        """Register the decorated function for a stage. It gets what its parameters ask for by
+        annotation (`AgentRun`, `TaskContext`, `TaskInput`; a lone unannotated parameter gets the
+        run) and returns a pathway, `StageResult`, `Retry` or `Fail` (see `agentrun._stage`).
 
         The function may be sync (run in a thread pool) or async. It is returned unchanged.
 
         Raises:
-            WorkflowError: the stage already has a function (pass overwrite=True to replace it).
+            WorkflowError: the stage already has a function (pass overwrite=True to replace it),
+                or a parameter asks for nothing the Runner gives.
         """
 
         def register(function: StageFunction) -> StageFunction:
             if stage in self._stages and not overwrite:
                 raise WorkflowError(f"stage {stage!r} already has a function; pass overwrite=True")
+            self._parameters[stage] = parameters(function, stage)
             self._stages[stage] = function
             return function
 
@@ -211,6 +209,7 @@ class Runner:
         self._check_stages(definition)
         execution = _Execution(
             self._stages,
+            self._parameters,
             definition,
             server_url,
             auth_metadata(self.api_key),
@@ -309,6 +308,7 @@ class _Execution:
     def __init__(
         self,
         stages: dict[str, StageFunction],
+        parameters: dict[str, list[str]],
         workflow: workflow_pb2.Workflow,
         server_url: str | None,
         metadata: tuple[tuple[str, str], ...],
@@ -321,6 +321,8 @@ class _Execution:
         progress: bool,
     ) -> None:
         self.stages = stages
+        self.parameters = parameters
+        self.workflow_name = workflow.name
         self.pathways = {s.name: [p.name for p in s.pathways] for s in workflow.stages}
         self.num_retries = num_retries
         self.refresh_every = refresh_every
@@ -487,15 +489,21 @@ class _Execution:
         return "failed"
 
     async def _work_on(self, lease: pb.Lease) -> str:
-        """Run the stage function on one task and settle it; return done or failed."""
+        """Run the stage function on one task and settle it; return done, failed or retried."""
         stage = lease.stage
         started = time.monotonic()
         try:
-            run = agent_run_from_proto(lease.agent_run)
+            args = arguments(self.parameters[stage], lease, self.workflow_name)
             try:
-                result = await self._call(self.stages[stage], run)
+                result = await self._call(self.stages[stage], args)
             finally:
                 _metrics.RUNNER_TASK_SECONDS.labels(stage).observe(time.monotonic() - started)
+            if isinstance(result, Retry):
+                return self._retry_later(lease, result)
+            if isinstance(result, Fail):
+                if not result.retryable:
+                    return self._give_up(lease, result.reason)
+                raise _Failed(result.reason)
             if isinstance(result, StageResult):
                 pathway, output = result.pathway or "", result.output
             else:
@@ -513,12 +521,13 @@ class _Execution:
                 lease.attempt,
                 min(lease.max_attempts, self.num_retries + 1),
                 "; giving up" if final else "",
-                exc_info=exc,
+                exc_info=None if isinstance(exc, _Failed) else exc,
             )
             self.summary.failed[stage] += 1
             if final:
                 self.summary.dead[stage] += 1
-            self.stream.fail(lease, f"{type(exc).__name__}: {exc}", non_retryable=final)
+            message = str(exc) if isinstance(exc, _Failed) else f"{type(exc).__name__}: {exc}"
+            self.stream.fail(lease, message, non_retryable=final)
             return "failed"
         valid = self.pathways[stage]
         if (valid and pathway not in valid) or (not valid and pathway):
@@ -545,14 +554,24 @@ class _Execution:
         self.stream.complete(lease, pathway, encoded)
         return "done"
 
-    async def _call(self, function: StageFunction, run: AgentRun) -> StageReturn:
+    def _retry_later(self, lease: pb.Lease, retry: Retry) -> str:
+        self.summary.retried[lease.stage] += 1
+        _log.info("task %s (%s): to run again in %.1f s", lease.task_id, lease.stage, retry.after)
+        self.stream.release(lease, after_seconds=max(0.0, retry.after))
+        return "retried"
+
+    async def _call(self, function: StageFunction, args: list[Any]) -> StageReturn:
         if inspect.iscoroutinefunction(function):
-            return await function(run)  # type: ignore[no-any-return]
+            return await function(*args)  # type: ignore[no-any-return]
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.executor, function, run)
+        result = await loop.run_in_executor(self.executor, functools.partial(function, *args))
         if inspect.isawaitable(result):
             result = await result
         return result
+
+
+class _Failed(Exception):
+    """A stage function's `Fail(reason, retryable=True)`: failed as an exception would."""
 
 
 def _forget(work: dict[str, asyncio.Task[None]], task_id: str, task: asyncio.Task[None]) -> None:

@@ -250,12 +250,13 @@ class WorkStream:
             failure.retry_after.FromNanoseconds(int(retry_after_seconds * 1e9))
         self._settle(lease, "fail_tasks", failure)
 
-    def release(self, lease: pb.Lease) -> None:
-        """Queue the hand-back of a held lease not worked on: ready again at once, no attempt
-        spent."""
-        self._settle(
-            lease, "release_tasks", pb.TaskRelease(task_id=lease.task_id, lease_id=lease.lease_id)
-        )
+    def release(self, lease: pb.Lease, after_seconds: float | None = None) -> None:
+        """Queue the hand-back of a held lease: ready again at once (or after `after_seconds`),
+        no attempt spent."""
+        release = pb.TaskRelease(task_id=lease.task_id, lease_id=lease.lease_id)
+        if after_seconds:
+            release.retry_after.FromNanoseconds(int(after_seconds * 1e9))
+        self._settle(lease, "release_tasks", release)
 
     def drain(self) -> None:
         """Ask for no more leases; the iteration ends once nothing is held."""

@@ -280,7 +280,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             )
         elif kind == "release_tasks":
             acks = await self._storage.release(
-                [Release(_task_id(r.task_id), r.lease_id) for r in request.release_tasks.releases],
+                [
+                    Release(
+                        _task_id(r.task_id),
+                        r.lease_id,
+                        max(0.0, seconds_of(r.retry_after)) if r.HasField("retry_after") else 0.0,
+                    )
+                    for r in request.release_tasks.releases
+                ],
                 now,
             )
         elif kind == "grant_credits":

@@ -283,10 +283,12 @@ class Extension(NamedTuple):
 
 
 class Release(NamedTuple):
-    """Hand back an unstarted leased task without costing an attempt."""
+    """Hand back a leased task without costing an attempt: ready again at once, or after
+    `delay_seconds` (a worker's "not now", which is not an error)."""
 
     task_id: int
     lease_id: str
+    delay_seconds: float = 0.0
 
 
 class LeaseRef(NamedTuple):

@@ -664,27 +664,34 @@ Global___ReleaseTasks: _TypeAlias = ReleaseTasks  # noqa: Y015
 
 @_typing.final
 class TaskRelease(_message.Message):
-    """Hands back one leased task that the worker has not started: it is ready again at once and the
-    attempt is not counted.
+    """Hands back one leased task: it is ready again at once (or after `retry_after`) and the attempt is
+    not counted. For a task the worker has not started, or one it asks to run again later without
+    an error (a rate limit, an external state not yet reached).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task."""
     lease_id: _builtins.str
     """The lease being settled."""
+    @_builtins.property
+    def retry_after(self) -> _duration_pb2.Duration:
+        """Optional delay before the task is ready again."""
+
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         lease_id: _builtins.str = ...,
+        retry_after: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_after", b"retry_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "retry_after", b"retry_after", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -180,7 +180,7 @@ class PostgresStorage:
         return await self._run(_tasks.extend, self._workflows, items, self._now(now))
 
     async def release(self, items: Sequence[Release], now: float) -> list[Ack]:
-        return await self._run(_tasks.release, items)
+        return await self._run(_tasks.release, items, self._now(now))
 
     # --- leases: streams, servers, expiry -------------------------------------------------------
 

@@ -334,7 +334,7 @@ async def extend(
     return acks
 
 
-async def release(conn: Connection, items: Sequence[Release]) -> list[Ack]:
+async def release(conn: Connection, items: Sequence[Release], now: float | None) -> list[Ack]:
     """See `Storage.release`; runs inside the caller's transaction. The lease id stays on the
     ready task until it is leased again, so a repeated release is recognised."""
     acks = []
@@ -342,9 +342,11 @@ async def release(conn: Connection, items: Sequence[Release]) -> list[Ack]:
     for item in items:
         cursor = await conn.execute(
             "UPDATE tasks SET state = 'ready', attempt = attempt - 1, lease_deadline = NULL, "
-            "session_id = NULL, server_id = NULL, detached_at = NULL "
-            "WHERE id = %s AND state = 'leased' AND lease_id = %s RETURNING stage, workflow",
-            (item.task_id, item.lease_id),
+            "session_id = NULL, server_id = NULL, detached_at = NULL, ready_at = CASE "
+            f"WHEN %(delay)s > 0 THEN {NOW} + %(delay)s ELSE ready_at END "
+            "WHERE id = %(task)s AND state = 'leased' AND lease_id = %(lease)s "
+            "RETURNING stage, workflow",
+            {"delay": item.delay_seconds, "task": item.task_id, "lease": item.lease_id, "now": now},
         )
         moved = await cursor.fetchone()
         if moved is None:

@@ -233,9 +233,15 @@ def release(db: sqlite3.Connection, items: Sequence[Release], now: float) -> lis
     for item in items:
         moved = db.execute(
             "UPDATE tasks SET state = 'ready', attempt = attempt - 1, lease_deadline = NULL, "
-            "session_id = NULL, server_id = NULL, detached_at = NULL "
+            "session_id = NULL, server_id = NULL, detached_at = NULL, "
+            "ready_at = CASE WHEN ? > 0 THEN ? ELSE ready_at END "
             "WHERE id = ? AND state = 'leased' AND lease_id = ? RETURNING stage",
-            (item.task_id, item.lease_id),
+            (
+                item.delay_seconds,
+                now + item.delay_seconds,
+                item.task_id,
+                item.lease_id,
+            ),
         ).fetchone()
         if moved is None:
             row = settle_row(db, item.task_id, item.lease_id)

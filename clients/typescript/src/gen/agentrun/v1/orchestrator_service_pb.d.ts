@@ -634,8 +634,9 @@ export declare type ReleaseTasks = Message<"agentrun.v1.ReleaseTasks"> & {
 export declare const ReleaseTasksSchema: GenMessage<ReleaseTasks>;
 
 /**
- * Hands back one leased task that the worker has not started: it is ready again at once and the
- * attempt is not counted.
+ * Hands back one leased task: it is ready again at once (or after `retry_after`) and the attempt is
+ * not counted. For a task the worker has not started, or one it asks to run again later without
+ * an error (a rate limit, an external state not yet reached).
  *
  * @generated from message agentrun.v1.TaskRelease
  */
@@ -653,6 +654,13 @@ export declare type TaskRelease = Message<"agentrun.v1.TaskRelease"> & {
    * @generated from field: string lease_id = 2;
    */
   leaseId: string;
+
+  /**
+   * Optional delay before the task is ready again.
+   *
+   * @generated from field: google.protobuf.Duration retry_after = 3;
+   */
+  retryAfter?: Duration | undefined;
 };
 
 /**
