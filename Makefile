@@ -25,6 +25,7 @@ $(VENV)/.bench-stamp: $(STAMP)
 	touch $@
 
 $(STAMP): pyproject.toml
+	@echo "make: installing agentrun and its tools into $(VENV) (about a minute, once)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,postgres]'
@@ -81,6 +82,7 @@ bench-scale: install
 
 # Both services in one process on SQLite: gRPC on 127.0.0.1:50051, metrics on 127.0.0.1:9464.
 run: install
+	@echo "make: serving both services on $(AGENTRUN_DB); Ctrl-C stops them"
 	$(BIN)/agentrun serve --db $(AGENTRUN_DB)
 
 ci: gen-check lint typecheck test

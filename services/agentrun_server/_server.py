@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 
 import grpc
@@ -60,6 +61,21 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise InvalidArgument(f"{name}: not an integer: {value!r}") from None
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether another process listens on host:port (checked before gRPC binds, which would
+    log its own error line first)."""
+    if port == 0:
+        return False
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -125,8 +141,9 @@ class Server:
         """Open storage and start serving.
 
         Raises:
-            InvalidArgument: bad configuration (unknown service, unsupported database URL).
-            RuntimeError: the port cannot be bound.
+            InvalidArgument: bad configuration (unknown service, unsupported database URL, a port
+                in use).
+            Unavailable: the database cannot be reached.
         """
         config = self.config
         unknown = set(config.services) - set(SERVICES)
@@ -148,6 +165,8 @@ class Server:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                # A second server on a port in use must fail, not share it (and the calls).
+                ("grpc.so_reuseport", 0),
             ],
         )
         wake = None
@@ -185,18 +204,35 @@ class Server:
             ],
             server,
         )
-        self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        try:
+            self.port = (
+                0 if _in_use(config.host, config.port) else server.add_insecure_port(address)
+            )
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"cannot bind gRPC on {config.host}:{config.port}")
+            await self.shutdown(0)
+            raise InvalidArgument(
+                f"--port: cannot listen on {address}: in use (another agentrun serve?) or not "
+                "this machine's; pick another with --port, or 0 for any free one"
+            )
         await server.start()
         if self._dispatcher is not None:
             await self._dispatcher.start()
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.metrics_port >= 0:
-            self._metrics_endpoint = MetricsEndpoint(
-                config.host, config.metrics_port, self.registry
-            )
+            try:
+                self._metrics_endpoint = MetricsEndpoint(
+                    config.host, config.metrics_port, self.registry
+                )
+            except OSError as exc:
+                await self.shutdown(0)
+                raise InvalidArgument(
+                    f"--metrics-port: cannot serve metrics on {config.host}:{config.metrics_port}: "
+                    f"{exc.strerror or exc}; pick another, 0 for any free one, or -1 for none"
+                ) from None
             self.metrics_port = self._metrics_endpoint.port
 
     async def shutdown(self, grace_seconds: float | None = None) -> None:

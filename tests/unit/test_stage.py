@@ -49,7 +49,7 @@ def test_a_parameter_asking_for_nothing_known_is_refused_at_registration() -> No
     def two(run, other):  # type: ignore[no-untyped-def]
         return None
 
-    def wrong(count: int) -> None:
+    def wrong(run: AgentRun, count: int) -> None:
         return None
 
     for function in (two, wrong):

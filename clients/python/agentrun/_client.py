@@ -24,6 +24,8 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 SERVER_ENV = "AGENTRUN_SERVER"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CALL_TIMEOUT_SECONDS = 30.0
+CONNECT_TIMEOUT_SECONDS = 5.0
+"""How long a client call waits for an unreachable server before failing with its address."""
 
 T = TypeVar("T")
 
@@ -82,6 +84,28 @@ def open_aio_channel(server_url: str | None) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
+def unreachable(server_url: str | None, channel: grpc.Channel, waited_seconds: float) -> RpcError:
+    """The error for a server not reached within `waited_seconds`: its address, and the cause
+    gRPC gives for it (one call that does not wait for the connection)."""
+    target, _ = resolve_server(server_url)
+    cause = f"no connection within {waited_seconds:g} s"
+    try:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check", request_serializer=None, response_deserializer=None
+        )
+        check(b"", timeout=2)
+    except grpc.RpcError as exc:
+        details = (exc.details() if isinstance(exc, grpc.Call) else str(exc)) or ""
+        last = details.rsplit(": ", 1)[-1].strip(" ]")
+        if last:
+            cause = last[0].lower() + last[1:]
+    return RpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"cannot reach the agentrun server at {target}: {cause}; is `agentrun serve` running "
+        f"there? (set --server or ${SERVER_ENV})",
+    )
+
+
 def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying `authorization: Bearer <key>`, for a gateway in front of the server
     (the servers themselves check no key). None reads $AGENTRUN_API_KEY; no key: no metadata."""
@@ -110,10 +134,18 @@ class Client:
     Every method raises `RpcError` when the call fails (e.g. NOT_FOUND for an unknown name).
     """
 
-    def __init__(self, server_url: str | None = None, *, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        server_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        connect_timeout_seconds: float = CONNECT_TIMEOUT_SECONDS,
+    ) -> None:
         self.server_url = server_url
+        self.connect_timeout_seconds = connect_timeout_seconds
         self._metadata = auth_metadata(api_key)
         self._channel = open_channel(server_url)
+        self._connected = False
         self.ingestion = ingestion_grpc.IngestionServiceStub(self._channel)
         self.orchestrator = orchestrator_grpc.OrchestratorServiceStub(self._channel)
 
@@ -127,7 +159,24 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _connect(self) -> None:
+        """Wait up to the connect timeout for the server, once per client.
+
+        Raises:
+            RpcError: UNAVAILABLE, naming the address and why it cannot be reached.
+        """
+        if self._connected:
+            return
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout_seconds)
+        except grpc.FutureTimeoutError:
+            raise unreachable(
+                self.server_url, self._channel, self.connect_timeout_seconds
+            ) from None
+        self._connected = True
+
     def _call(self, method: Callable[..., T], request: Any) -> T:
+        self._connect()
         with translate_rpc_errors():
             return method(
                 request,

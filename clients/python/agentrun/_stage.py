@@ -8,7 +8,8 @@ what an agent needs by type:
     def summarize(task: TaskContext) -> str: ...                       # the task alone
     def review(previous: TaskInput) -> None: ...                       # the last stage's output
 
-An unannotated single parameter gets the run, so `def stage(run)` works as it always did. The run
+A lone parameter gets the run unless annotated otherwise, so `def stage(run)` works as it always
+did. The run
 is built only for a function that asks for it (about a millisecond of CPU for a real run).
 
 It returns a pathway name (None: the end, at a terminal stage), or one of:
@@ -144,8 +145,8 @@ def parameters(function: StageFunction, stage: str) -> list[str]:
     for param in params:
         hint = hints.get(param.name, inspect.Parameter.empty)
         kind = _kind(param.name, hint) if hint is not inspect.Parameter.empty else None
-        if kind is None and hint is inspect.Parameter.empty and len(params) == 1:
-            kind = "run"  # `def stage(run)`: the run, as always
+        if kind is None and len(params) == 1:
+            kind = "run"  # `def stage(run)`, or `run: Any`: the run, as always
         if kind is None:
             raise WorkflowError(
                 f"stage {stage!r}: parameter {param.name!r} of {function.__name__} asks for "

@@ -143,6 +143,7 @@ class WorkStream:
         self._error: grpc.aio.AioRpcError | None = None
         self._started = asyncio.Event()
         self._streamed = False  # the current stream got as far as `subscribed`
+        self._out_of_reach = False  # a reconnect was reported and has not succeeded yet
         self._reconnect_asked = False  # the server asked this stream's worker to reconnect
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -310,6 +311,9 @@ class WorkStream:
                     return
                 if self._streamed:  # it was up: start the schedule over
                     attempt = breaks = 0
+                    if self._out_of_reach:
+                        self._out_of_reach = False
+                        _log.info("reconnected to the orchestrator")
                 if error is not None:
                     code = error.code()
                     if code in _BREAKS and self.subscribed is not None and breaks < MAX_BREAKS:
@@ -326,8 +330,13 @@ class WorkStream:
                     why = f"broke ({error.code().name}: {error.details()})"
                 else:
                     why = "ended: the server is shutting down" if self._reconnect_asked else "ended"
-                _log.warning(
-                    "orchestrator stream %s; reconnecting in %.1f s, %d leases held",
+                # Said once per outage (and each time the server asks): not at every attempt.
+                level = logging.WARNING if attempt == 1 else logging.DEBUG
+                self._out_of_reach = True
+                _log.log(
+                    level,
+                    "orchestrator stream %s; reconnecting in the background (next in %.1f s), "
+                    "%d leases held",
                     why,
                     delay,
                     len(self.held),

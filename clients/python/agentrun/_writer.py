@@ -26,7 +26,7 @@ import grpc
 
 from agentrun import _metrics
 from agentrun._agent_run import AgentRun
-from agentrun._client import Client, auth_metadata, open_channel
+from agentrun._client import Client, auth_metadata, open_channel, resolve_server
 from agentrun._convert import agent_run_to_proto
 from agentrun._errors import WriterClosedError
 from agentrun._retry import Backoff, Failure, Verdict
@@ -229,6 +229,7 @@ class AgentRunWriter:
         self._pending = 0  # logged or replayed, not yet settled
         self._stop = threading.Event()
         self._closed = False
+        self._out_of_reach = False  # an outage was reported; said once, until it ends
         self._spool = Spool(spool_dir, spool_fsync) if spool_dir is not None else None
         self._channel = open_channel(server_url)
         self._upload = self._channel.stream_unary(
@@ -397,10 +398,12 @@ class AgentRunWriter:
         while True:
             _metrics.WRITER_SENT_BYTES.inc(sum(len(item.data) for item in batch))
             try:
+                # Not wait_for_ready: a server out of reach fails the call at once (UNAVAILABLE),
+                # so the writer says so and retries on its schedule instead of hanging silent.
                 response = self._upload(
                     self._requests(batch),
                     timeout=UPLOAD_TIMEOUT_SECONDS,
-                    wait_for_ready=True,
+                    wait_for_ready=False,
                     metadata=self._metadata,
                     compression=self._compression,
                 )
@@ -423,13 +426,7 @@ class AgentRunWriter:
                 if verdict is Verdict.RETRY and not self._stop.is_set():
                     attempt += 1
                     delay = self.backoff.delay(attempt, failure.retry_after_seconds)
-                    _log.info(
-                        "upload of %d runs failed (%s); retry %d in %.2f s",
-                        len(batch),
-                        failure,
-                        attempt,
-                        delay,
-                    )
+                    self._log_retry(failure, len(batch), attempt, delay)
                     if not self._stop.wait(delay):
                         _metrics.WRITER_RETRIES.inc()
                         continue
@@ -437,8 +434,32 @@ class AgentRunWriter:
                     self._settle_undelivered(batch, str(failure))
                 _log.error("upload of %d runs failed for good: %s", len(batch), failure)
                 return
+            if self._out_of_reach:
+                self._out_of_reach = False
+                _log.info("the agentrun server is reachable again; delivering")
             self._record(batch, response)
             return
+
+    def _log_retry(self, failure: Failure, runs: int, attempt: int, delay: float) -> None:
+        """Say once that the server is out of reach (not at every retry of every batch)."""
+        if failure.code is not grpc.StatusCode.UNAVAILABLE:
+            _log.info(
+                "upload of %d runs failed (%s); retry %d in %.2f s", runs, failure, attempt, delay
+            )
+            return
+        with self._lock:
+            first, self._out_of_reach = not self._out_of_reach, True
+        if first:
+            target, _ = resolve_server(self.server_url)
+            _log.warning(
+                "cannot reach the agentrun server at %s (%s); retrying in the background, the runs "
+                "are kept%s",
+                target,
+                failure.details,
+                " (and spooled)" if self._spool is not None else "",
+            )
+        else:
+            _log.debug("upload of %d runs: retry %d in %.2f s (%s)", runs, attempt, delay, failure)
 
     def _reject_alone(self, item: _Item, failure: Failure) -> None:
         """A single run over the server's message limit: no split can help it."""
