@@ -185,7 +185,7 @@ def grpc_upload(
         samples.append((time.perf_counter(), rss_bytes(server.pid)))
         sampler.start()
         started = time.perf_counter()
-        writer = AgentRunWriter(collection, url)
+        writer = AgentRunWriter(collection, server_url=url)
         log(writer, runs)
         summary = writer.finish()
         seconds = time.perf_counter() - started

@@ -67,7 +67,7 @@ def ingest(url: str, name: str, runs: int) -> None:
     with Client(url) as client:
         client.apply_workflow(workflow(name))
         collection = client.create_collection(name, workflow=name).collection.id
-    writer = AgentRunWriter(collection, url, flush_interval=0.05)
+    writer = AgentRunWriter(collection, server_url=url, flush_interval=0.05)
     writer.log_agent_runs(tiny_run(i, name) for i in range(runs))
     summary = writer.finish()
     assert summary.accepted == runs, summary

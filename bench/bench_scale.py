@@ -121,7 +121,7 @@ def fill(url: str, db: Path | None, count: int) -> tuple[float, int]:
     started = time.perf_counter()
     worker = threading.Thread(target=lambda: asyncio.run(complete_all(url, count)), daemon=True)
     worker.start()
-    writer = AgentRunWriter(collection, url, batch_size=1000)
+    writer = AgentRunWriter(collection, server_url=url, batch_size=1000)
     for start in range(0, count, 50_000):
         writer.log_agent_runs(runs(start, min(50_000, count - start)))
     summary = writer.finish()

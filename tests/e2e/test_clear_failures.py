@@ -65,7 +65,7 @@ def test_a_writer_says_once_that_its_server_is_out_of_reach(
     caplog.set_level(logging.DEBUG, logger="agentrun")
     writer = AgentRunWriter(
         "c",
-        nowhere(),
+        server_url=nowhere(),
         batch_size=1,
         flush_interval=0.01,
         shutdown_timeout=1.5,
@@ -122,3 +122,15 @@ def test_a_second_server_on_a_taken_port_exits_at_once_saying_so(tmp_path: Path)
         # The first still serves alone.
         with Client(first.url) as client:
             assert client.list_collections() == []
+
+
+def test_finishing_twice_says_it_finished_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="agentrun")
+    from .test_writer import make_run
+
+    with AgentRunWriter("c", server_url=nowhere(), shutdown_timeout=0.5) as writer:
+        writer.log_agent_runs([make_run("r1")])
+    again = writer.finish()  # after `with`, as the README's example does
+    assert again.undelivered == 1
+    finished = [r for r in caplog.records if "writer finished" in r.getMessage()]
+    assert len(finished) == 1

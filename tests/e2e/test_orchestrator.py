@@ -54,7 +54,7 @@ def set_up(url: str, stages: list[dict[str, Any]], runs: int, name: str = "wf") 
             WorkflowSpec.model_validate({"name": name, "stages": stages}).to_proto()
         )
         collection = client.create_collection(name, workflow=name).collection.id
-    with AgentRunWriter(collection, url, flush_interval=0.05) as writer:
+    with AgentRunWriter(collection, server_url=url, flush_interval=0.05) as writer:
         writer.log_agent_runs(tiny_run(i, name) for i in range(runs))
     return collection
 
@@ -199,7 +199,9 @@ def test_lease_batches_of_large_runs_stay_under_the_message_limit(tmp_path: Path
         runs = [tiny_run(i, "big") for i in range(12)]
         for run in runs:
             run.transcripts["t"].messages[0].content = "x" * 800_000
-        with AgentRunWriter(collection, server.url, max_batch_bytes=limit // 2) as writer:
+        with AgentRunWriter(
+            collection, server_url=server.url, max_batch_bytes=limit // 2
+        ) as writer:
             writer.log_agent_runs(runs)
 
         async def lease_all() -> list[int]:

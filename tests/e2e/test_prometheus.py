@@ -204,7 +204,7 @@ async def drive_traffic(ingestion: Server, orchestrator: Server) -> None:
             client.apply_workflow(workflow)
         with Client(ingestion_url) as client:
             collection = client.create_collection("evals", workflow="grading").collection
-        with AgentRunWriter(collection.id, ingestion_url) as writer:
+        with AgentRunWriter(collection.id, server_url=ingestion_url) as writer:
             writer.log_agent_runs(make_run(i) for i in range(60))
         with grpc.insecure_channel(ingestion_url) as channel:
             stub = ingestion_grpc.IngestionServiceStub(channel)
@@ -254,7 +254,7 @@ async def end_leases(
             )
         with Client(ingestion_url) as client:
             collection = client.create_collection("held", workflow="holding").collection
-        with AgentRunWriter(collection.id, ingestion_url, flush_interval=0.01) as writer:
+        with AgentRunWriter(collection.id, server_url=ingestion_url, flush_interval=0.01) as writer:
             writer.log_agent_runs(make_run(1000 + i) for i in range(2))
 
     await asyncio.to_thread(set_up)

@@ -41,7 +41,9 @@ def test_two_replicas_survive_a_graceful_restart_and_a_kill_losing_nothing(tmp_p
                 )
                 collection = client.create_collection("three", workflow="three").collection.id
             for server, first in ((a, 0), (b, RUNS // 2)):  # half the runs through each replica
-                with AgentRunWriter(collection, server.url, flush_interval=0.05) as writer:
+                with AgentRunWriter(
+                    collection, server_url=server.url, flush_interval=0.05
+                ) as writer:
                     writer.log_agent_runs(
                         tiny_run(i, "three") for i in range(first, first + RUNS // 2)
                     )

@@ -62,7 +62,7 @@ def set_up(url: str) -> None:
             WorkflowSpec.model_validate({"name": "three", "stages": THREE_STAGES}).to_proto()
         )
         collection = client.create_collection("three", workflow="three").collection.id
-    with AgentRunWriter(collection, url, flush_interval=0.05) as writer:
+    with AgentRunWriter(collection, server_url=url, flush_interval=0.05) as writer:
         writer.log_agent_runs(tiny_run(i, "three") for i in range(RUNS))
 
 
@@ -165,7 +165,7 @@ async def test_two_server_processes_on_one_database_pass_wake_ups_and_cancels_be
                 collection = client.get_collection(name="one").id
             latencies = []
             for i in range(10):  # a run stored through B: its task reaches A's idle worker
-                with AgentRunWriter(collection, b.url, flush_interval=0.01) as writer:
+                with AgentRunWriter(collection, server_url=b.url, flush_interval=0.01) as writer:
                     writer.log_agent_runs([tiny_run(i, "one")])
                 stored = time.monotonic()
                 (lease,) = (await worker.next("leases", 5)).leases
@@ -174,7 +174,7 @@ async def test_two_server_processes_on_one_database_pass_wake_ups_and_cancels_be
             assert max(latencies) < 0.25, latencies  # PostgreSQL's p99: make bench-orchestrate
 
             # A task cancelled through B while A's worker holds it: A tells its worker.
-            with AgentRunWriter(collection, b.url, flush_interval=0.01) as writer:
+            with AgentRunWriter(collection, server_url=b.url, flush_interval=0.01) as writer:
                 writer.log_agent_runs([tiny_run(100, "one")])
             (lease,) = (await worker.next("leases", 5)).leases
             cancelled = time.monotonic()
@@ -187,7 +187,7 @@ async def test_two_server_processes_on_one_database_pass_wake_ups_and_cancels_be
             await worker.close()
 
         # A worker that loses its stream to A resumes its lease on B and settles it there.
-        with AgentRunWriter(collection, b.url, flush_interval=0.01) as writer:
+        with AgentRunWriter(collection, server_url=b.url, flush_interval=0.01) as writer:
             writer.log_agent_runs([tiny_run(200, "one")])
         first = RawWorker(a.url)
         await first.subscribe(["work"], credits=1, workflow="one")
@@ -262,7 +262,7 @@ def test_a_lease_cancelled_while_its_worker_reconnects_is_not_resumed_and_its_wo
             set_up_one_stage(b.url)
             with Client(b.url) as client:
                 collection = client.get_collection(name="one").id
-            with AgentRunWriter(collection, b.url, flush_interval=0.01) as writer:
+            with AgentRunWriter(collection, server_url=b.url, flush_interval=0.01) as writer:
                 writer.log_agent_runs([tiny_run(0, "one")])
             runner = subprocess.Popen(
                 [sys.executable, "-c", SLOW_RUNNER, a.url], stdout=subprocess.PIPE, text=True
@@ -299,7 +299,7 @@ def test_a_long_task_keeps_its_short_lease_extended_across_a_server_restart(
                 ).to_proto()
             )
             collection = client.create_collection("one", workflow="one").collection.id
-        with AgentRunWriter(collection, server.url, flush_interval=0.01) as writer:
+        with AgentRunWriter(collection, server_url=server.url, flush_interval=0.01) as writer:
             writer.log_agent_runs([tiny_run(0, "one")])
         runner = subprocess.Popen(
             [sys.executable, "-c", LONG_RUNNER, server.url], stdout=subprocess.PIPE, text=True

@@ -49,7 +49,7 @@ def set_up(url: str) -> None:
         collection = client.create_collection("chain", workflow="chain").collection.id
     from agentrun import AgentRunWriter
 
-    with AgentRunWriter(collection, url, flush_interval=0.01) as writer:
+    with AgentRunWriter(collection, server_url=url, flush_interval=0.01) as writer:
         writer.log_agent_runs(tiny_run(i, "chain") for i in range(3))
 
 

@@ -101,7 +101,11 @@ def test_a_server_stopped_mid_upload_loses_nothing_and_stores_nothing_twice(
         with Client(server.url) as client:
             collection = client.create_collection("c").collection.id
         writer = AgentRunWriter(
-            collection, server.url, batch_size=50, flush_interval=0.05, backoff=FAST_BACKOFF
+            collection,
+            server_url=server.url,
+            batch_size=50,
+            flush_interval=0.05,
+            backoff=FAST_BACKOFF,
         )
         writer.log_agent_runs(runs)
         wait_until(lambda: len(stored_ids(db)) >= 100)
@@ -127,7 +131,7 @@ CHILD_WRITER = textwrap.dedent(
     sys.path.insert(0, {root!r})
     from tests.e2e.test_writer import copies
     runs = copies({path!r}, 10)
-    writer = AgentRunWriter({collection!r}, {url!r}, spool_dir={spool!r}, batch_size=50,
+    writer = AgentRunWriter({collection!r}, server_url={url!r}, spool_dir={spool!r}, batch_size=50,
                             flush_interval=0.05)
     for i in range(0, len(runs), 50):
         writer.log_agent_runs(runs[i : i + 50])
@@ -166,7 +170,7 @@ def test_a_writer_killed_mid_upload_leaves_every_accepted_run_in_its_spool(
         stored_at_kill = set(stored_ids(db))
         assert len(stored_at_kill) < logged, "nothing was left to replay"
 
-        with AgentRunWriter(collection, server.url, spool_dir=spool) as writer:
+        with AgentRunWriter(collection, server_url=server.url, spool_dir=spool) as writer:
             pass
         summary = writer.finish()
     assert summary.ok, summary
@@ -225,7 +229,9 @@ async def test_the_writer_waits_as_long_as_retry_info_says(code: grpc.StatusCode
     server = await flaky.serve()
     try:
         writer = AgentRunWriter(
-            "c", f"127.0.0.1:{flaky.port}", backoff=Backoff(initial_seconds=0.01, max_seconds=0.01)
+            "c",
+            server_url=f"127.0.0.1:{flaky.port}",
+            backoff=Backoff(initial_seconds=0.01, max_seconds=0.01),
         )
         writer.log_agent_runs([make_run(f"r{i}") for i in range(10)])
         summary = await asyncio.to_thread(writer.finish)
@@ -241,7 +247,7 @@ async def test_resource_exhausted_without_retry_info_is_not_retried() -> None:
     flaky = FlakyIngestion(failures=1, code=grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after=None)
     server = await flaky.serve()
     try:
-        writer = AgentRunWriter("c", f"127.0.0.1:{flaky.port}", backoff=FAST_BACKOFF)
+        writer = AgentRunWriter("c", server_url=f"127.0.0.1:{flaky.port}", backoff=FAST_BACKOFF)
         writer.log_agent_runs([make_run("r")])
         summary = await asyncio.to_thread(writer.finish)
     finally:
@@ -271,7 +277,7 @@ async def test_a_mixed_batch_lands_its_good_runs_and_names_every_other_one(
     url = f"127.0.0.1:{small_server.port}"
     collection, other = await asyncio.to_thread(create_collections, url, "c", "other")
     for target, run_id in ((collection, "stored-before"), (other, "elsewhere")):
-        writer = AgentRunWriter(target, url)
+        writer = AgentRunWriter(target, server_url=url)
         writer.log_agent_runs([make_run(run_id)])
         await asyncio.to_thread(writer.finish)
     invalid = agent_run_to_proto(make_run("invalid"))
@@ -287,7 +293,7 @@ async def test_a_mixed_batch_lands_its_good_runs_and_names_every_other_one(
         make_run("good-2"),
     ]
     rejected: list[RejectedRun] = []
-    writer = AgentRunWriter(collection, url, on_rejected=rejected.append)
+    writer = AgentRunWriter(collection, server_url=url, on_rejected=rejected.append)
     writer.log_agent_runs(batch)
     summary = await asyncio.to_thread(writer.finish)
     assert (summary.accepted, summary.duplicates) == (3, 2)
@@ -330,7 +336,7 @@ async def test_a_batch_over_the_message_limit_is_split_and_a_lone_giant_rejected
     (collection,) = await asyncio.to_thread(create_collections, url, "c")
     runs = [make_run(f"r{i}", "y" * 3000) for i in range(40)]  # ~120 kB: twice the 64 kB limit
     giant = make_run("giant", "z" * 100_000)  # over the message limit on its own
-    writer = AgentRunWriter(collection, url, max_batch_bytes=10**7, flush_interval=0.2)
+    writer = AgentRunWriter(collection, server_url=url, max_batch_bytes=10**7, flush_interval=0.2)
     writer.log_agent_runs([*runs, giant])
     summary = await asyncio.to_thread(writer.finish)
     assert summary.accepted == 40
@@ -342,7 +348,7 @@ async def test_a_batch_over_the_message_limit_is_split_and_a_lone_giant_rejected
 async def test_gzip_uploads_land(server: Server) -> None:
     url = f"127.0.0.1:{server.port}"
     (collection,) = await asyncio.to_thread(create_collections, url, "c")
-    writer = AgentRunWriter(collection, url, compression="gzip")
+    writer = AgentRunWriter(collection, server_url=url, compression="gzip")
     writer.log_agent_runs([make_run(f"r{i}", "compressible " * 500) for i in range(20)])
     summary = await asyncio.to_thread(writer.finish)
     assert summary.ok and summary.accepted == 20
@@ -357,7 +363,7 @@ async def test_one_call_logging_more_runs_than_the_queue_holds_streams_through_i
     url = f"127.0.0.1:{server.port}"
     (collection,) = await asyncio.to_thread(create_collections, url, "c")
     writer = AgentRunWriter(
-        collection, url, queue_maxsize=50, batch_size=batch_size, flush_interval=0.01
+        collection, server_url=url, queue_maxsize=50, batch_size=batch_size, flush_interval=0.01
     )
     runs = (make_run(f"r{i}") for i in range(1_000))  # a generator: consumed in chunks
     try:
@@ -374,7 +380,7 @@ def test_finish_from_another_thread_accounts_for_a_caller_waiting_for_room() -> 
     # in the summary or named in the caller's error, none silently dropped.
     writer = AgentRunWriter(
         "c",
-        f"127.0.0.1:{free_port()}",  # nothing listens: the queue fills and stays full
+        server_url=f"127.0.0.1:{free_port()}",  # nothing listens: the queue fills and stays full
         num_workers=1,
         queue_maxsize=10,
         batch_size=5,
@@ -454,7 +460,7 @@ async def test_draining_turns_health_not_serving_and_finishes_open_uploads(
 def test_finish_against_a_dead_server_returns_in_time_and_keeps_the_spool(tmp_path: Path) -> None:
     port = free_port()  # nothing listens here yet
     writer = AgentRunWriter(
-        "c", f"127.0.0.1:{port}", shutdown_timeout=1, spool_dir=tmp_path / "spool"
+        "c", server_url=f"127.0.0.1:{port}", shutdown_timeout=1, spool_dir=tmp_path / "spool"
     )
     writer.log_agent_runs([make_run(f"r{i}") for i in range(20)])
     started = time.monotonic()
@@ -471,7 +477,7 @@ def test_finish_against_a_dead_server_returns_in_time_and_keeps_the_spool(tmp_pa
         db.execute("UPDATE collections SET id = 'c'")  # the id the runs were spooled for
         db.commit()
         db.close()
-        with AgentRunWriter("c", server.url, spool_dir=tmp_path / "spool") as writer:
+        with AgentRunWriter("c", server_url=server.url, spool_dir=tmp_path / "spool") as writer:
             pass
         assert writer.finish().replayed == 20
     assert sorted(stored_ids(f"sqlite:///{tmp_path / 'agentrun.db'}")) == sorted(
@@ -486,7 +492,7 @@ FORGETFUL_SCRIPT = textwrap.dedent(
     from agentrun.chat import UserMessage
 
     def main():  # off the main thread: no signal handlers to install, nothing to break
-        writer = AgentRunWriter({collection!r}, {url!r}, shutdown_timeout={timeout})
+        writer = AgentRunWriter({collection!r}, server_url={url!r}, shutdown_timeout={timeout})
         writer.log_agent_runs(
             AgentRun(
                 id=f"run-{{i}}",

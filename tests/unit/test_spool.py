@@ -55,3 +55,20 @@ def test_a_torn_write_is_dropped_and_a_corrupt_segment_set_aside(tmp_path: Path)
     assert not list(tmp_path.glob("*.tmp"))
     assert good.path.exists()
     spool.close()
+
+
+def test_a_summary_prints_as_a_few_lines_however_many_runs_were_rejected() -> None:
+    from agentrun import RejectedRun, WriteSummary
+
+    summary = WriteSummary(
+        accepted=5,
+        rejected=[RejectedRun(f"r{i}", "INVALID", "x" * 10_000) for i in range(1000)],
+        undelivered=2,
+    )
+    text = str(summary)
+    assert text.splitlines()[0] == (
+        "WriteSummary: 5 accepted, 0 duplicates, 1000 rejected, 2 undelivered (0 spooled), "
+        "0 replayed"
+    )
+    assert len(text.splitlines()) == 5 and "... and 997 more rejected" in text
+    assert len(text) < 1000

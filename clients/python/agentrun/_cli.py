@@ -283,7 +283,7 @@ def _upload(args: argparse.Namespace) -> int:
         print(f"agentrun upload: skipped {error}", file=sys.stderr)
     with Client(args.server) as client:
         collection = client.create_collection(args.collection, workflow=args.workflow).collection
-    writer = AgentRunWriter(collection.id, args.server)
+    writer = AgentRunWriter(collection.id, server_url=args.server)
     writer.log_agent_runs(runs)
     summary = writer.finish()
     read = f"{len(runs)} runs read" + (f" ({len(skipped)} invalid skipped)" if skipped else "")

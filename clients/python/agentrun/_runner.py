@@ -115,6 +115,14 @@ class Runner:
         server_url: The orchestrator (`host:port`); None uses $AGENTRUN_SERVER or 127.0.0.1:50051.
         api_key: Sent as `authorization: Bearer <key>` on every call, for a gateway in front of
             the server; None reads $AGENTRUN_API_KEY.
+        validate: Fetch the workflow now, so that an unreachable server or an unknown workflow
+            fails here, and each `@runner.stage(...)` naming a stage the workflow lacks fails as
+            it is registered (Encord's Runner checks its project at construction). Otherwise the
+            stages are checked when the Runner starts.
+
+    Raises:
+        RpcError: with `validate`, the server is unreachable or has no such workflow.
+        WorkflowError: with `validate`, no workflow named.
     """
 
     def __init__(
@@ -123,12 +131,19 @@ class Runner:
         server_url: str | None = None,
         *,
         api_key: str | None = None,
+        validate: bool = False,
     ) -> None:
         self.workflow = workflow
         self.server_url = server_url
         self.api_key = api_key
         self._stages: dict[str, StageFunction] = {}
         self._parameters: dict[str, list[str]] = {}  # stage -> what each parameter asks for
+        self._definition: workflow_pb2.Workflow | None = None
+        if validate:
+            if not workflow:
+                raise WorkflowError("validate=True needs a workflow: pass workflow= to Runner(...)")
+            with Client(server_url, api_key=api_key) as client:
+                self._definition = client.get_workflow(workflow)
 
     def stage(
         self, stage: str, *, overwrite: bool = False
@@ -141,12 +156,15 @@ class Runner:
 
         Raises:
             WorkflowError: the stage already has a function (pass overwrite=True to replace it),
-                or a parameter asks for nothing the Runner gives.
+                a parameter asks for nothing the Runner gives, or (with `validate`) the workflow
+                has no such stage.
         """
 
         def register(function: StageFunction) -> StageFunction:
             if stage in self._stages and not overwrite:
                 raise WorkflowError(f"stage {stage!r} already has a function; pass overwrite=True")
+            if self._definition is not None:
+                self._check_stages(self._definition, [stage])
             self._parameters[stage] = parameters(function, stage)
             self._stages[stage] = function
             return function
@@ -223,9 +241,11 @@ class Runner:
         )
         return asyncio.run(execution.run())
 
-    def _check_stages(self, workflow: workflow_pb2.Workflow) -> None:
+    def _check_stages(
+        self, workflow: workflow_pb2.Workflow, stages: Sequence[str] | None = None
+    ) -> None:
         names = [s.name for s in workflow.stages]
-        unknown = [s for s in self._stages if s not in names]
+        unknown = [s for s in (self._stages if stages is None else stages) if s not in names]
         if unknown:
             raise WorkflowError(
                 f"stage(s) {', '.join(repr(s) for s in unknown)} not in workflow "

@@ -87,6 +87,28 @@ class WriteSummary:
         """True when every run was stored or found stored."""
         return not self.rejected and not self.undelivered
 
+    SHOWN = 3
+    """Rejections and errors `str()` shows in full; the rest are counted."""
+
+    def __str__(self) -> str:
+        """A few lines: the counts, then the first rejections and errors ("and N more")."""
+        counts = (
+            f"WriteSummary: {self.accepted} accepted, {self.duplicates} duplicates, "
+            f"{len(self.rejected)} rejected, {self.undelivered} undelivered"
+            f" ({self.spooled} spooled), {self.replayed} replayed"
+        )
+        lines = [counts]
+        lines += [
+            f"  rejected {r.agent_run_id or '(no id)'}: {r.reason}: {r.message[:200]}"
+            for r in self.rejected[: self.SHOWN]
+        ]
+        if len(self.rejected) > self.SHOWN:
+            lines.append(f"  ... and {len(self.rejected) - self.SHOWN} more rejected")
+        lines += [f"  error: {e[:200]}" for e in self.errors[: self.SHOWN]]
+        if len(self.errors) > self.SHOWN:
+            lines.append(f"  ... and {len(self.errors) - self.SHOWN} more errors")
+        return "\n".join(lines)
+
 
 @dataclass
 class _Item:
@@ -166,7 +188,7 @@ class AgentRunWriter:
     RetryInfo says; a batch over the server's message limit is split in halves.
 
     Args:
-        collection_id: The collection to write to.
+        collection_id: The collection to write to (the only argument taken by position).
         server_url: The ingestion server (`host:port`); None uses $AGENTRUN_SERVER or
             127.0.0.1:50051.
         api_key: Sent as `authorization: Bearer <key>` on every call (for a gateway in front of
@@ -187,13 +209,15 @@ class AgentRunWriter:
     Raises:
         SpoolError: `spool_dir` cannot be created or is held by another writer.
         ValueError: a count or size option is below 1, or an unknown compression.
+        TypeError: more than the collection id given by position (Docent's order was
+            (api_key, collection_id, server_url)); the message shows the keyword form.
     """
 
     def __init__(
         self,
         collection_id: str,
+        *positional: object,
         server_url: str | None = None,
-        *,
         api_key: str | None = None,
         num_workers: int = 2,
         queue_maxsize: int = 20_000,
@@ -207,6 +231,13 @@ class AgentRunWriter:
         on_rejected: Callable[[RejectedRun], None] | None = None,
         backoff: Backoff | None = None,
     ) -> None:
+        if positional:
+            raise TypeError(
+                "AgentRunWriter takes the collection id alone by position, the rest by keyword: "
+                f"AgentRunWriter({collection_id!r}, server_url=..., api_key=...). (Docent's "
+                "writer took (api_key, collection_id, server_url) by position; so a call in that "
+                "order is refused here rather than send runs to the wrong place.)"
+            )
         if num_workers < 1 or batch_size < 1 or max_batch_bytes < 1:
             raise ValueError("num_workers, batch_size and max_batch_bytes must be at least 1")
         if compression not in _COMPRESSION:
@@ -230,6 +261,7 @@ class AgentRunWriter:
         self._stop = threading.Event()
         self._closed = False
         self._out_of_reach = False  # an outage was reported; said once, until it ends
+        self._finished: WriteSummary | None = None
         self._spool = Spool(spool_dir, spool_fsync) if spool_dir is not None else None
         self._channel = open_channel(server_url)
         self._upload = self._channel.stream_unary(
@@ -329,6 +361,8 @@ class AgentRunWriter:
         for the next writer). Idempotent.
         """
         with self._lock:
+            if self._finished is not None:  # a second call (`with writer:`, then finish())
+                return self._finished
             self._closed = True
         self._buffer.draining = True
         self._buffer.wake()
@@ -355,6 +389,7 @@ class AgentRunWriter:
             self._spool.close()
             self._spool = None
         atexit.unregister(self._finish_at_exit)
+        self._finished = summary
         if not summary.ok:
             _log.warning(
                 "agentrun writer finished with %d rejected and %d undelivered runs (%d spooled)",
@@ -526,20 +561,27 @@ def init(
     collection_name: str = "Agent Run Collection",
     collection_id: str | None = None,
     server_url: str | None = None,
+    web_url: str | None = None,
     api_key: str | None = None,
     workflow: str | None = None,
     **writer_options: object,
 ) -> AgentRunWriter:
-    """Return a writer for a collection, as `docent.init` does.
+    """Return a writer for a collection, as `docent.init` does (same arguments, same order).
 
     With no `collection_id`, the collection named `collection_name` is created (or reused: names
     are unique), bound to `workflow` if given, so each run written enters its first stage.
     `writer_options` go to `AgentRunWriter` (num_workers, batch_size, spool_dir, ...).
+    `web_url` (Docent's dashboard, for the links it logs) is accepted and not used: agentrun has
+    no web UI; a notice says so once.
 
     Raises:
         RpcError: the server is unreachable, the collection or workflow does not exist, or the
             collection is bound to another workflow.
     """
+    if web_url is not None:
+        _log.info(
+            "init(web_url=...) is Docent's dashboard address; agentrun has none, so it is not used"
+        )
     with Client(server_url, api_key=api_key) as client:
         if collection_id is None:
             collection_id = client.create_collection(
@@ -549,7 +591,7 @@ def init(
             client.get_collection(collection_id)
     return AgentRunWriter(
         collection_id,
-        server_url,
+        server_url=server_url,
         api_key=api_key,
         **writer_options,  # type: ignore[arg-type]
     )
