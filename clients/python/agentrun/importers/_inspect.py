@@ -60,13 +60,40 @@ def is_inspect_json(data: Any) -> bool:
     return isinstance(data, dict) and "eval" in data and "version" in data
 
 
+ZIP_ZSTANDARD = 93
+"""The zip method of Zstandard, which Inspect's .eval logs use for their entries."""
+
+
+def _zstandard(path: Path, archive: zipfile.ZipFile) -> None:
+    """Make `zipfile` read Zstandard entries, as Inspect does to write them: natively from Python
+    3.14, else through `zipfile-zstd` (a dependency of agentrun below 3.14), which patches it.
+
+    Raises:
+        FormatError: the log needs Zstandard and no reader for it is installed.
+    """
+    if not any(info.compress_type == ZIP_ZSTANDARD for info in archive.infolist()):
+        return
+    if hasattr(zipfile, "ZIP_ZSTANDARD"):
+        return
+    try:
+        import zipfile_zstd  # noqa: F401  # registers the method with zipfile
+    except ImportError as exc:
+        raise FormatError(
+            f"{path}: its entries are Zstandard-compressed (as Inspect writes .eval logs) and no "
+            f"reader for that is installed: pip install zipfile-zstd ({exc})",
+            path=str(path),
+        ) from None
+
+
 def eval_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """The samples of a `.eval` zip as `(member name, (sample, eval spec))`, read one at a time."""
+    """The samples of a `.eval` zip as `(member name, (sample, eval spec))`, read one at a time.
+    Entries may be deflated or Zstandard-compressed (Inspect's current logs)."""
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
         raise FormatError(f"{path}: not an Inspect .eval file: {exc}", path=str(path)) from exc
     with archive:
+        _zstandard(path, archive)
         try:
             header = json.loads(archive.read("header.json"))
         except KeyError:
