@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import psycopg
+
+from agentrun_server._errors import Unavailable
 from agentrun_server.storage._notifier import Notifier
 from agentrun_server.storage._types import (
     Ack,
@@ -87,7 +90,12 @@ class PostgresStorage:
         Raises:
             Unavailable: the database cannot be reached.
         """
-        await migrate(self.url, schema_version)
+        try:
+            await migrate(self.url, schema_version)
+        except psycopg.OperationalError as exc:
+            raise Unavailable(f"storage: cannot connect to PostgreSQL: {_first_line(exc)}") from exc
+        except psycopg.Error as exc:
+            raise Unavailable(f"storage: a migration failed: {_first_line(exc)}") from exc
         await self._engine.open()
 
     async def close(self) -> None:
@@ -243,6 +251,10 @@ class PostgresStorage:
         return await self._run(
             _reads.list_tasks, workflow, stage, state, after_id, limit, max_bytes
         )
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _bound(

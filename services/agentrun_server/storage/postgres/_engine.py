@@ -69,7 +69,8 @@ class Engine:
             await self.pool.open(wait=True, timeout=10)
         except Exception as exc:
             await self.pool.close()
-            raise Unavailable(f"storage: cannot connect to PostgreSQL: {exc}") from exc
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise Unavailable(f"storage: cannot connect to PostgreSQL: {first}") from exc
 
     async def close(self) -> None:
         await self.pool.close()
