@@ -35,6 +35,7 @@ from agentrun_server.orchestrator import (
     Dispatcher,
     OrchestratorMetrics,
     OrchestratorServicer,
+    WorkLimits,
 )
 from agentrun_server.serving import (
     ErrorInterceptor,
@@ -97,6 +98,8 @@ class ServerConfig:
     """How long shutdown waits for in-flight calls."""
     limits: IngestionLimits = field(default_factory=IngestionLimits)
     """Ingestion limits."""
+    work_limits: WorkLimits = field(default_factory=WorkLimits)
+    """What one Work stream may hold."""
     pool: PoolConfig = field(default_factory=PoolConfig)
     """The database server's connection pool and statement timeout (PostgreSQL)."""
     resume_grace_seconds: float = RESUME_GRACE_SECONDS
@@ -182,7 +185,8 @@ class Server:
             self.registry.register(self._backlog)
             wake = self._dispatcher.wake
             orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-                OrchestratorServicer(storage, self._dispatcher, metrics, limit), server
+                OrchestratorServicer(storage, self._dispatcher, metrics, limit, config.work_limits),
+                server,
             )
         if "ingestion" in config.services:
             IngestionServicer(

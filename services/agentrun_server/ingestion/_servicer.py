@@ -11,9 +11,17 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from agentrun._limits import MAX_DESCRIPTION_BYTES
 from agentrun.v1 import agent_run_pb2 as run_pb
 from agentrun.v1 import ingestion_service_pb2 as pb
 from agentrun.v1 import ingestion_service_pb2_grpc as pb_grpc
+from agentrun_server._checks import (
+    check_enum,
+    check_name,
+    check_reference,
+    check_text,
+    storable_text,
+)
 from agentrun_server._errors import InvalidArgument, ResourceExhausted
 from agentrun_server.ingestion._metrics import IngestionMetrics
 from agentrun_server.ingestion._validate import field_of, validate_agent_run
@@ -25,8 +33,9 @@ from agentrun_server.storage import (
     NewRun,
     Storage,
     StoredRun,
-    check_name,
 )
+
+_VIEWS = pb.AgentRunView.values()
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -80,11 +89,11 @@ class _CommitBudget:
 
 
 def collection_to_proto(collection: Collection) -> pb.Collection:
-    """The wire form of a collection."""
+    """The wire form of a collection (a description stored before its limit, clipped to it)."""
     return pb.Collection(
         id=collection.id,
         name=collection.name,
-        description=collection.description,
+        description=collection.description[:MAX_DESCRIPTION_BYTES],
         workflow=collection.workflow,
         create_time=to_timestamp(collection.created_at),
         run_count=collection.run_count,
@@ -141,9 +150,11 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
     async def CreateCollection(
         self, request: pb.CreateCollectionRequest, context: Context
     ) -> pb.CreateCollectionResponse:
-        check_name("name", request.name)
         collection, created = await self._storage.create_collection(
-            request.name, request.description, request.workflow, time.time()
+            check_name("name", request.name),
+            check_text("description", request.description),
+            check_reference("workflow", request.workflow),
+            time.time(),
         )
         return pb.CreateCollectionResponse(
             collection=collection_to_proto(collection), created=created
@@ -154,7 +165,9 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
     ) -> pb.GetCollectionResponse:
         if request.WhichOneof("selector") is None:
             raise InvalidArgument("selector: set id or name")
-        collection = await self._storage.get_collection(id=request.id, name=request.name)
+        collection = await self._storage.get_collection(
+            id=check_reference("id", request.id), name=check_reference("name", request.name)
+        )
         return pb.GetCollectionResponse(collection=collection_to_proto(collection))
 
     async def ListCollections(
@@ -212,6 +225,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             raise InvalidArgument(request.error)
         if not request.collection_id:
             raise InvalidArgument("collection_id: required in every UploadAgentRunsRequest")
+        check_reference("collection_id", request.collection_id)
         count = len(request.runs)
         if count > limits.max_runs_per_message:
             raise InvalidArgument(
@@ -257,7 +271,8 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
                 )
                 continue
             # The client's bytes are stored as sent: no re-encoding on the hot path.
-            runs.append(NewRun(run.id, run.name if run.HasField("name") else None, data))
+            name = storable_text(run.name) if run.HasField("name") else None
+            runs.append(NewRun(run.id, name, data))
             positions.append((index, run.id))
         self._metrics.received_bytes.inc(received_bytes)
         if not runs:
@@ -313,28 +328,31 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
     async def GetAgentRun(
         self, request: pb.GetAgentRunRequest, context: Context
     ) -> pb.GetAgentRunResponse:
-        run = await self._storage.get_run(request.agent_run_id)
-        return pb.GetAgentRunResponse(agent_run=_stored_run_to_proto(run, request.view))
+        run_id = check_reference("agent_run_id", request.agent_run_id, required=True)
+        view = check_enum("view", request.view, _VIEWS)
+        run = await self._storage.get_run(run_id)
+        return pb.GetAgentRunResponse(agent_run=_stored_run_to_proto(run, view))
 
     async def ListAgentRuns(
         self, request: pb.ListAgentRunsRequest, context: Context
     ) -> pb.ListAgentRunsResponse:
-        await self._storage.get_collection(id=request.collection_id)
+        collection_id = check_reference("collection_id", request.collection_id, required=True)
+        view = check_enum("view", request.view, _VIEWS)
+        await self._storage.get_collection(id=collection_id)
         after = page_after(request.page_token)
         size = page_size(request.page_size)
         # Pages stay within half the message limit: fewer runs than asked when they are large.
         page, more = await self._storage.list_runs(
-            request.collection_id, after, size, self.limits.max_message_bytes // 2
+            collection_id, after, size, self.limits.max_message_bytes // 2
         )
         return pb.ListAgentRunsResponse(
-            agent_runs=[_stored_run_to_proto(r, request.view) for r in page],
+            agent_runs=[_stored_run_to_proto(r, view) for r in page],
             next_page_token=str(page[-1].seq) if more else "",
         )
 
     async def CountAgentRuns(
         self, request: pb.CountAgentRunsRequest, context: Context
     ) -> pb.CountAgentRunsResponse:
-        await self._storage.get_collection(id=request.collection_id)
-        return pb.CountAgentRunsResponse(
-            count=await self._storage.count_runs(request.collection_id)
-        )
+        collection_id = check_reference("collection_id", request.collection_id, required=True)
+        await self._storage.get_collection(id=collection_id)
+        return pb.CountAgentRunsResponse(count=await self._storage.count_runs(collection_id))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agentrun_server.orchestrator._dispatcher import RESUME_GRACE_SECONDS, Dispatcher
 from agentrun_server.orchestrator._metrics import BacklogCollector, OrchestratorMetrics
-from agentrun_server.orchestrator._servicer import OrchestratorServicer
+from agentrun_server.orchestrator._servicer import OrchestratorServicer, WorkLimits
 
 __all__ = [
     "RESUME_GRACE_SECONDS",
@@ -12,4 +12,5 @@ __all__ = [
     "Dispatcher",
     "OrchestratorMetrics",
     "OrchestratorServicer",
+    "WorkLimits",
 ]

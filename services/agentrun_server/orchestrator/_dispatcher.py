@@ -79,9 +79,14 @@ class Session:
     outbox: asyncio.Queue[pb.WorkResponse | BaseException | None] = field(
         default_factory=asyncio.Queue
     )
+    max_leased_bytes: int = 2**62
+    """Most encoded bytes of unsettled leases this stream may hold: above it, no more leases."""
     in_flight: dict[str, float] = field(default_factory=dict)
     """Lease id -> when it was pushed (or resumed), for leases not yet settled: they hold the
-    credits."""
+    credits. Change it through `hold` and `drop`, which keep `held_bytes`."""
+    lease_bytes: dict[str, int] = field(default_factory=dict)
+    """Lease id -> the encoded bytes it carried, for leases in `in_flight` pushed here."""
+    held_bytes: int = 0
     draining: bool = False
     reconnecting: bool = False
     """Asked to reconnect (the server is shutting down): its close detaches, never hands back."""
@@ -92,8 +97,29 @@ class Session:
 
     @property
     def free_credits(self) -> int:
-        """Credits not held by a lease."""
+        """Credits not held by a lease (none while the stream holds `max_leased_bytes`)."""
+        if self.held_bytes >= self.max_leased_bytes:
+            return 0
         return max(0, self.credits - len(self.in_flight))
+
+    @property
+    def free_bytes(self) -> int:
+        """Encoded bytes of leases this stream may still be sent."""
+        return max(0, self.max_leased_bytes - self.held_bytes)
+
+    def hold(self, lease_id: str, now: float, size: int = 0) -> None:
+        """Count a lease pushed (or resumed) on this stream as held."""
+        self.in_flight[lease_id] = now
+        if size:
+            self.lease_bytes[lease_id] = size
+            self.held_bytes += size
+
+    def drop(self, lease_id: str) -> float | None:
+        """Stop counting a lease (settled, revoked); when it was held, or None if it was not."""
+        held_at = self.in_flight.pop(lease_id, None)
+        size = self.lease_bytes.pop(lease_id, 0)
+        self.held_bytes -= size
+        return held_at
 
 
 def _split_seconds(epoch_seconds: float) -> tuple[int, int]:
@@ -245,7 +271,7 @@ class Dispatcher:
             acks = await self._storage.resume(session.id, self.server_id, resume, now)
             for ack in acks:
                 if ack.code == 0:
-                    session.in_flight[ack.lease_id] = now
+                    session.hold(ack.lease_id, now)
         self._sessions.append(session)
         self._by_id[session.id] = session
         self._metrics.workers.inc()
@@ -303,7 +329,7 @@ class Dispatcher:
         revoked: dict[str, list[pb.RevokedLease]] = {}
         for item in revocations:
             session = self._by_id.get(item.session_id)
-            if session is None or session.in_flight.pop(item.lease_id, None) is None:
+            if session is None or session.drop(item.lease_id) is None:
                 continue
             revoked.setdefault(session.id, []).append(
                 pb.RevokedLease(
@@ -334,7 +360,7 @@ class Dispatcher:
             {s: min(limit, n) for s, n in session.stage_quota.items()},
             limit,
             session.lease_seconds,
-            session.max_batch_bytes,
+            max(1, min(session.max_batch_bytes, session.free_bytes)),
             self.server_id,
         )
 
@@ -453,7 +479,9 @@ class Dispatcher:
         metrics, workflow = self._metrics, session.workflow.name
         per_stage: dict[str, int] = {}
         for task in tasks:
-            session.in_flight[task.lease_id] = now
+            session.hold(
+                task.lease_id, now, len(task.run_data) + (len(task.input) if task.input else 0)
+            )
             if session.stage_quota[task.stage] != UNLIMITED:
                 session.stage_quota[task.stage] -= 1
             per_stage[task.stage] = per_stage.get(task.stage, 0) + 1

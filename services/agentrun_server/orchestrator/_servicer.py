@@ -6,14 +6,38 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 
+from agentrun._limits import (
+    MAX_DELAY_SECONDS,
+    MAX_IDENTIFIER_CHARS,
+    MAX_IDS_PER_REQUEST,
+    MAX_LEASE_SECONDS,
+    MAX_OUTPUT_BYTES,
+    MAX_STAGES,
+    shown,
+)
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from agentrun.v1 import workflow_pb2 as workflow_pb
+from agentrun_server._checks import (
+    check_count,
+    check_enum,
+    check_name,
+    check_reference,
+    check_seconds,
+    check_task_id,
+    check_task_ids,
+    duration_problem,
+    lease_id_problem,
+    parse_id,
+    storable_text,
+    value_depth_problem,
+)
 from agentrun_server._errors import InvalidArgument
 from agentrun_server.orchestrator._convert import (
     TASK_STATES_FROM_PROTO,
@@ -34,45 +58,72 @@ from agentrun_server.storage import (
     LeaseRef,
     Release,
     Storage,
-    check_name,
 )
 
 Context = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
+_TASK_STATES = tuple(workflow_pb.TaskState.values())
 
 
-MAX_OUTPUT_BYTES = 1024 * 1024
-"""The largest encoded stage output a completion may carry: outputs are results (scores, labels,
-summaries) that ride along as the next stage's input and in task listings, not payloads."""
 MAX_ERROR_CHARS = 64 * 1024
 """Longer failure messages are stored clipped to this many characters (the tail is dropped)."""
 CLOSE_CONFIRM_SECONDS = 0.2
 """How long after a worker's requests end the server waits for a cancellation (a connection
 broken, not closed) before taking the close as the worker's own: its leases go back at once."""
-DEFAULT_BATCH_BYTES = 16 * 1024 * 1024
-"""Encoded bytes per lease batch when the worker's Subscribe names no `max_batch_bytes`."""
+DEFAULT_BATCH_BYTES = 3 * 1024 * 1024
+"""Encoded bytes per lease batch when the worker's Subscribe names no `max_batch_bytes`: under
+gRPC's default 4 MiB receive limit, so a client built with defaults can read every batch (a run
+larger than that comes alone, and needs the client's limit raised)."""
+MAX_ITEMS_PER_MESSAGE = MAX_IDS_PER_REQUEST
+"""Most settles (completions, failures, extensions, releases) in one WorkRequest."""
+
+
+@dataclass(frozen=True)
+class WorkLimits:
+    """What one Work stream may hold, so that no worker can take the whole backlog or the
+    server's memory. The defaults are far above what a Runner asks for."""
+
+    max_credits: int = 10_000
+    """Leases one stream may hold at once: `subscribe.credits` plus grants. A larger subscribe is
+    INVALID_ARGUMENT; grants beyond it are cut to it."""
+    max_leased_bytes: int = 256 * 1024 * 1024
+    """Encoded bytes of leases (runs and inputs) one stream may hold unsettled; above it the
+    stream gets no more leases until it settles some."""
 
 
 def _clip(error: str) -> str:
+    error = storable_text(error)
     if len(error) <= MAX_ERROR_CHARS:
         return error
     return error[:MAX_ERROR_CHARS] + f"... [clipped from {len(error):,} characters]"
 
 
 def _task_id(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        return -1  # no such task: answered NOT_FOUND per item
+    """A settle's task id; 0 (no task has it: answered NOT_FOUND per item) if it is not one."""
+    return parse_id(text) or 0
 
 
-def _task_ids(texts: Sequence[str]) -> list[int]:
-    ids = []
-    for text in texts:
-        try:
-            ids.append(int(text))
-        except ValueError:
-            raise InvalidArgument(f"task_ids: {text!r} is not a task id") from None
-    return ids
+def _refuse(task_id: int, lease_id: str, message: str) -> Ack:
+    """The answer to a settle item refused before storage: the lease, if current, is kept."""
+    return Ack(task_id, lease_id, AckCode.INVALID_ARGUMENT, message)
+
+
+def _delay_problem(field: str, has: bool, duration: Any) -> str | None:
+    if not has:
+        return None
+    problem = duration_problem(duration, 0.0, MAX_DELAY_SECONDS, open_min=False)
+    return None if problem is None else f"{field}: {problem}"
+
+
+async def _with_refusals(
+    items: Sequence[T], refused: dict[int, Ack], settle: Callable[[list[T]], Awaitable[list[Ack]]]
+) -> list[Ack]:
+    """Settle the items not refused; the answers of all, in the items' order."""
+    if not refused:
+        return await settle(list(items))
+    kept = [item for i, item in enumerate(items) if i not in refused]
+    stored = iter(await settle(kept) if kept else [])
+    return [refused.get(i) or next(stored) for i in range(len(items))]
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
@@ -87,11 +138,13 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         dispatcher: Dispatcher,
         metrics: OrchestratorMetrics,
         max_message_bytes: int = 64 * 1024 * 1024,
+        limits: WorkLimits | None = None,
     ) -> None:
         self._storage = storage
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._max_batch_bytes = max_message_bytes // 2  # room for the leases' other fields
+        self.limits = limits or WorkLimits()
 
     # --- workflows ------------------------------------------------------------------------------
 
@@ -106,7 +159,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     async def GetWorkflow(
         self, request: pb.GetWorkflowRequest, context: Context
     ) -> pb.GetWorkflowResponse:
-        workflow = await self._storage.get_workflow(request.name)
+        workflow = await self._storage.get_workflow(
+            check_reference("name", request.name, required=True)
+        )
         return pb.GetWorkflowResponse(workflow=workflow_to_proto(workflow))
 
     async def ListWorkflows(
@@ -118,10 +173,13 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     async def EnqueueAgentRuns(
         self, request: pb.EnqueueAgentRunsRequest, context: Context
     ) -> pb.EnqueueAgentRunsResponse:
+        run_ids = check_count("agent_run_ids", request.agent_run_ids)
+        for i, run_id in enumerate(run_ids):
+            check_reference(f"agent_run_ids[{i}]", run_id, required=True)
         enqueued, skipped = await self._storage.enqueue(
-            request.workflow,
-            request.stage,
-            list(request.agent_run_ids),
+            check_reference("workflow", request.workflow, required=True),
+            check_reference("stage", request.stage),
+            list(run_ids),
             request.priority,
             time.time(),
         )
@@ -140,7 +198,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         if first.WhichOneof("kind") != "subscribe":
             raise InvalidArgument("the first WorkRequest must be `subscribe`")
         session = await self._open(first.subscribe)
-        resume = [LeaseRef(_task_id(ref.task_id), ref.lease_id) for ref in first.subscribe.resume]
+        resume = [
+            LeaseRef(_task_id(ref.task_id), ref.lease_id)
+            if lease_id_problem("lease_id", ref.lease_id) is None
+            else LeaseRef(0, "")  # no such lease: answered NOT_FOUND
+            for ref in check_count("subscribe.resume", first.subscribe.resume)
+        ]
         resumed = await self._dispatcher.add(session, resume)
         handback = False  # the worker closed its side: its leases end now; else they wait
         reader: asyncio.Task[None] | None = None
@@ -176,25 +239,37 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             await asyncio.shield(self._dispatcher.remove(session, handback))
 
     async def _open(self, subscribe: pb.Subscribe) -> Session:
-        workflow = await self._storage.get_workflow(subscribe.workflow)
+        limits = self.limits
+        if not 1 <= subscribe.credits <= limits.max_credits:
+            raise InvalidArgument(
+                f"subscribe.credits: {subscribe.credits}; must be 1 to {limits.max_credits:,} "
+                "(leases held at once by one stream)"
+            )
+        lease_seconds = None
+        if subscribe.HasField("lease_duration"):
+            lease_seconds = check_seconds(
+                "subscribe.lease_duration",
+                subscribe.lease_duration,
+                0.0,
+                MAX_LEASE_SECONDS,
+                open_min=True,
+            )
+        worker = check_name("subscribe.worker", subscribe.worker) if subscribe.worker else ""
         if not subscribe.stages:
             raise InvalidArgument("subscribe.stages: at least one stage is required")
+        check_count("subscribe.stages", subscribe.stages, MAX_STAGES)
+        workflow = await self._storage.get_workflow(
+            check_reference("subscribe.workflow", subscribe.workflow, required=True)
+        )
         quota = {}
         for i, stage in enumerate(subscribe.stages):
-            workflow.stage(stage.stage)
+            workflow.stage(check_reference(f"subscribe.stages[{i}].stage", stage.stage))
             if stage.stage in quota:
                 raise InvalidArgument(f"subscribe.stages[{i}]: stage {stage.stage!r} given twice")
             quota[stage.stage] = stage.max_tasks or UNLIMITED
-        if subscribe.credits < 1:
-            raise InvalidArgument("subscribe.credits: must be at least 1")
-        lease_seconds = None
-        if subscribe.HasField("lease_duration"):
-            lease_seconds = seconds_of(subscribe.lease_duration)
-            if lease_seconds <= 0:
-                raise InvalidArgument("subscribe.lease_duration: must be positive")
         return Session(
             id=uuid.uuid4().hex,
-            worker=subscribe.worker,
+            worker=worker,
             workflow=workflow,
             stage_quota=quota,
             credits=subscribe.credits,
@@ -203,6 +278,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             max_batch_bytes=min(
                 subscribe.max_batch_bytes or DEFAULT_BATCH_BYTES, self._max_batch_bytes
             ),
+            max_leased_bytes=limits.max_leased_bytes,
         )
 
     async def _read(self, session: Session, requests: AsyncIterator[pb.WorkRequest]) -> None:
@@ -221,16 +297,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         acks: list[Ack]
         leased: list[LeasedTask] = []
         if kind == "complete_tasks":
-            completions = [
-                Completion(
-                    _task_id(c.task_id),
-                    c.lease_id,
-                    c.pathway,
-                    c.output.SerializeToString() if c.HasField("output") else None,
-                )
-                for c in request.complete_tasks.completions
-            ]
-            acks, leased = await self._complete(session, completions, now)
+            completions, refused = self._completions(request.complete_tasks)
+            acks, leased = await self._complete(session, completions, refused, now)
             metrics, workflow = self._metrics, session.workflow.name
             done: dict[tuple[str, str], int] = {}
             for item, ack in zip(completions, acks, strict=True):
@@ -245,18 +313,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             for (stage, pathway), count in done.items():
                 metrics.child(metrics.completed, workflow, stage, pathway).inc(count)
         elif kind == "fail_tasks":
-            acks = await self._storage.fail(
-                [
-                    Failure(
-                        _task_id(f.task_id),
-                        f.lease_id,
-                        _clip(f.error),
-                        f.non_retryable,
-                        seconds_of(f.retry_after) if f.HasField("retry_after") else None,
-                    )
-                    for f in request.fail_tasks.failures
-                ],
-                now,
+            failures, refused = self._failures(request.fail_tasks)
+            acks = await _with_refusals(
+                failures, refused, lambda kept: self._storage.fail(kept, now)
             )
             metrics, workflow = self._metrics, session.workflow.name
             for ack in acks:
@@ -265,68 +324,146 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 if ack.result == "dead":
                     metrics.child(metrics.dead, workflow, ack.stage, "failed").inc()
         elif kind == "extend_leases":
-            acks = await self._storage.extend(
-                [
-                    Extension(
-                        _task_id(e.task_id),
-                        e.lease_id,
-                        seconds_of(e.lease_duration)
-                        if e.HasField("lease_duration")
-                        else session.lease_seconds,
-                    )
-                    for e in request.extend_leases.extensions
-                ],
-                now,
+            extensions, refused = self._extensions(session, request.extend_leases)
+            acks = await _with_refusals(
+                extensions, refused, lambda kept: self._storage.extend(kept, now)
             )
         elif kind == "release_tasks":
-            acks = await self._storage.release(
-                [
-                    Release(
-                        _task_id(r.task_id),
-                        r.lease_id,
-                        max(0.0, seconds_of(r.retry_after)) if r.HasField("retry_after") else 0.0,
-                    )
-                    for r in request.release_tasks.releases
-                ],
-                now,
+            releases, refused = self._releases(request.release_tasks)
+            acks = await _with_refusals(
+                releases, refused, lambda kept: self._storage.release(kept, now)
             )
         elif kind == "grant_credits":
-            session.credits += request.grant_credits.credits
+            # Cut to the stream's limit: a worker cannot take the backlog by granting.
+            session.credits = min(
+                session.credits + request.grant_credits.credits, self.limits.max_credits
+            )
             self._dispatcher.wake()
             return
         elif kind == "drain":
             session.draining = True
             return
+        elif kind == "subscribe":
+            raise InvalidArgument("WorkRequest.subscribe: only allowed as the first message")
         else:
-            raise InvalidArgument(f"WorkRequest.{kind}: only allowed as the first message")
+            raise InvalidArgument("WorkRequest.kind: not set, or not known to this server")
         self._settled(session, acks, kind)
         session.outbox.put_nowait(self._ack_batch(acks))
         if leased:
             await self._dispatcher.push(session, leased, now)
         self._dispatcher.wake()
 
-    async def _complete(
-        self, session: Session, completions: list[Completion], now: float
-    ) -> tuple[list[Ack], list[LeasedTask]]:
-        """Complete through the dispatcher, refusing outputs over MAX_OUTPUT_BYTES item by item
-        (INVALID_ARGUMENT: the lease is kept, so the worker can complete again)."""
-        oversize = {
-            i: Ack(
-                c.task_id,
-                c.lease_id,
-                AckCode.INVALID_ARGUMENT,
-                f"completions[{i}].output: {len(c.output):,} bytes encoded, over the "
-                f"{MAX_OUTPUT_BYTES:,}-byte limit",
+    @staticmethod
+    def _items(field: str, items: Sequence[T]) -> Sequence[T]:
+        return check_count(field, items, MAX_ITEMS_PER_MESSAGE)
+
+    def _completions(self, request: pb.CompleteTasks) -> tuple[list[Completion], dict[int, Ack]]:
+        """The completions, and those refused before storage (INVALID_ARGUMENT per item: the
+        lease is kept, so the worker can complete again): a pathway longer than any stage's, or
+        an output over MAX_OUTPUT_BYTES or nested deeper than the SDK's model allows."""
+        completions: list[Completion] = []
+        refused: dict[int, Ack] = {}
+        for i, c in enumerate(self._items("complete_tasks.completions", request.completions)):
+            output = c.output.SerializeToString() if c.HasField("output") else None
+            item = Completion(_task_id(c.task_id), c.lease_id, c.pathway, output)
+            completions.append(item)
+            problem = lease_id_problem(f"completions[{i}].lease_id", c.lease_id)
+            if problem:
+                pass
+            elif len(c.pathway) > MAX_IDENTIFIER_CHARS or "\x00" in c.pathway:
+                problem = (
+                    f"completions[{i}].pathway: {shown(c.pathway)} is not a pathway name (at most "
+                    f"{MAX_IDENTIFIER_CHARS} characters)"
+                )
+            elif output is not None and len(output) > MAX_OUTPUT_BYTES:
+                problem = (
+                    f"completions[{i}].output: {len(output):,} bytes encoded, over the "
+                    f"{MAX_OUTPUT_BYTES:,}-byte limit"
+                )
+            elif output is not None:
+                depth = value_depth_problem(c.output)
+                problem = depth and f"completions[{i}].output: {depth}"
+            if problem:
+                refused[i] = _refuse(item.task_id, item.lease_id, problem)
+        return completions, refused
+
+    def _failures(self, request: pb.FailTasks) -> tuple[list[Failure], dict[int, Ack]]:
+        """The failures, and those refused before storage: a retry_after out of range."""
+        failures: list[Failure] = []
+        refused: dict[int, Ack] = {}
+        for i, f in enumerate(self._items("fail_tasks.failures", request.failures)):
+            has = f.HasField("retry_after")
+            item = Failure(
+                _task_id(f.task_id),
+                f.lease_id,
+                _clip(f.error),
+                f.non_retryable,
+                seconds_of(f.retry_after) if has else None,
             )
-            for i, c in enumerate(completions)
-            if c.output is not None and len(c.output) > MAX_OUTPUT_BYTES
-        }
-        if not oversize:
-            return await self._dispatcher.complete(session, completions, now)
-        kept = [c for i, c in enumerate(completions) if i not in oversize]
-        acks, leased = await self._dispatcher.complete(session, kept, now)
-        stored = iter(acks)
-        return [oversize.get(i) or next(stored) for i in range(len(completions))], leased
+            problem = lease_id_problem(f"failures[{i}].lease_id", f.lease_id) or _delay_problem(
+                f"failures[{i}].retry_after", has, f.retry_after
+            )
+            if problem:
+                refused[i] = _refuse(item.task_id, item.lease_id, problem)
+            failures.append(item)
+        return failures, refused
+
+    def _extensions(
+        self, session: Session, request: pb.ExtendLeases
+    ) -> tuple[list[Extension], dict[int, Ack]]:
+        """The extensions, and those refused before storage: a duration not positive or over
+        MAX_LEASE_SECONDS."""
+        extensions: list[Extension] = []
+        refused: dict[int, Ack] = {}
+        for i, e in enumerate(self._items("extend_leases.extensions", request.extensions)):
+            has = e.HasField("lease_duration")
+            item = Extension(
+                _task_id(e.task_id),
+                e.lease_id,
+                seconds_of(e.lease_duration) if has else session.lease_seconds,
+            )
+            problem = lease_id_problem(f"extensions[{i}].lease_id", e.lease_id)
+            if has and not problem:
+                problem = duration_problem(e.lease_duration, 0.0, MAX_LEASE_SECONDS, open_min=True)
+                problem = problem and f"extensions[{i}].lease_duration: {problem}"
+            if problem:
+                refused[i] = _refuse(item.task_id, item.lease_id, problem)
+            extensions.append(item)
+        return extensions, refused
+
+    def _releases(self, request: pb.ReleaseTasks) -> tuple[list[Release], dict[int, Ack]]:
+        """The releases, and those refused before storage: a retry_after out of range."""
+        releases: list[Release] = []
+        refused: dict[int, Ack] = {}
+        for i, r in enumerate(self._items("release_tasks.releases", request.releases)):
+            has = r.HasField("retry_after")
+            item = Release(
+                _task_id(r.task_id), r.lease_id, seconds_of(r.retry_after) if has else 0.0
+            )
+            problem = lease_id_problem(f"releases[{i}].lease_id", r.lease_id) or _delay_problem(
+                f"releases[{i}].retry_after", has, r.retry_after
+            )
+            if problem:
+                refused[i] = _refuse(item.task_id, item.lease_id, problem)
+            releases.append(item)
+        return releases, refused
+
+    async def _complete(
+        self,
+        session: Session,
+        completions: list[Completion],
+        refused: dict[int, Ack],
+        now: float,
+    ) -> tuple[list[Ack], list[LeasedTask]]:
+        """Complete through the dispatcher all but the `refused`; the answers of all."""
+        leased: list[LeasedTask] = []
+
+        async def settle(kept: list[Completion]) -> list[Ack]:
+            acks, next_leases = await self._dispatcher.complete(session, kept, now)
+            leased.extend(next_leases)
+            return acks
+
+        return await _with_refusals(completions, refused, settle), leased
 
     @staticmethod
     def _settled(session: Session, acks: list[Ack], kind: str) -> None:
@@ -336,7 +473,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             # A rejected pathway leaves the task leased: the worker can settle it again.
             still_held |= ack.code == AckCode.INVALID_ARGUMENT
             if not still_held:
-                session.in_flight.pop(ack.lease_id, None)
+                session.drop(ack.lease_id)
 
     @staticmethod
     def _ack_batch(acks: list[Ack]) -> pb.WorkResponse:
@@ -359,7 +496,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     # --- tasks ----------------------------------------------------------------------------------
 
     async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
-        (task_id,) = _task_ids([request.task_id])
+        task_id = check_task_id("task_id", request.task_id)
         return pb.GetTaskResponse(task=task_to_proto(await self._storage.get_task(task_id)))
 
     async def ListTasks(
@@ -367,9 +504,15 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     ) -> pb.ListTasksResponse:
         after = page_after(request.page_token)
         size = page_size(request.page_size)
+        check_enum("state", request.state, _TASK_STATES)
         state = TASK_STATES_FROM_PROTO.get(request.state)
         page, more = await self._storage.list_tasks(
-            request.workflow, request.stage, state, after, size, self._max_batch_bytes
+            check_reference("workflow", request.workflow),
+            check_reference("stage", request.stage),
+            state,
+            after,
+            size,
+            self._max_batch_bytes,
         )
         return pb.ListTasksResponse(
             tasks=[task_to_proto(t) for t in page],
@@ -379,10 +522,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     async def RedriveTasks(
         self, request: pb.RedriveTasksRequest, context: Context
     ) -> pb.RedriveTasksResponse:
-        if request.workflow:
-            check_name("workflow", request.workflow)
         count = await self._storage.redrive(
-            request.workflow, request.stage, _task_ids(request.task_ids), time.time()
+            check_reference("workflow", request.workflow),
+            check_reference("stage", request.stage),
+            check_task_ids("task_ids", request.task_ids),
+            time.time(),
         )
         self._metrics.redriven.inc(count)
         self._dispatcher.wake()
@@ -392,7 +536,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self, request: pb.CancelTasksRequest, context: Context
     ) -> pb.CancelTasksResponse:
         count, leases = await self._storage.cancel(
-            request.workflow, request.stage, _task_ids(request.task_ids), time.time()
+            check_reference("workflow", request.workflow),
+            check_reference("stage", request.stage),
+            check_task_ids("task_ids", request.task_ids),
+            time.time(),
         )
         self._dispatcher.revoked(leases, "cancelled")
         return pb.CancelTasksResponse(cancelled_count=count)
@@ -401,7 +548,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self, request: pb.GetBacklogRequest, context: Context
     ) -> pb.GetBacklogResponse:
         now = time.time()
-        stages = await self._storage.backlog(request.workflow, now)
+        stages = await self._storage.backlog(check_reference("workflow", request.workflow), now)
         return pb.GetBacklogResponse(
             time=to_timestamp(now),
             stages=[

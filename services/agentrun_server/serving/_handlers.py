@@ -34,14 +34,22 @@ def yields_responses(behavior: Callable[..., Any]) -> bool:
     return inspect.isasyncgenfunction(behavior)
 
 
-def rewrap(handler: grpc.RpcMethodHandler[Any, Any], wrap: Wrap) -> grpc.RpcMethodHandler[Any, Any]:
-    """`handler` with its behavior replaced by `wrap(behavior, client_streaming, server_streaming)`."""
+def rewrap(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    wrap: Wrap,
+    wrap_deserializer: Callable[[Callable[[bytes], Any]], Callable[[bytes], Any]] | None = None,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` with its behavior replaced by `wrap(behavior, client_streaming, server_streaming)`
+    and, with `wrap_deserializer`, its request decoding by `wrap_deserializer(decoding)`."""
+    deserializer = handler.request_deserializer
+    if wrap_deserializer is not None and deserializer is not None:
+        deserializer = wrap_deserializer(deserializer)
     for attribute, client_streaming, server_streaming, factory in _KINDS:
         behavior = getattr(handler, attribute)
         if behavior is not None:
             return factory(
                 wrap(behavior, client_streaming, server_streaming),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
     return handler

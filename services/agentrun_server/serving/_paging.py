@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from agentrun._limits import shown
+from agentrun_server._checks import parse_id
 from agentrun_server._errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 100
@@ -14,10 +16,12 @@ def page_after(token: str) -> int:
     Raises:
         InvalidArgument: the token did not come from this API.
     """
-    try:
-        return int(token) if token else 0
-    except ValueError:
-        raise InvalidArgument(f"page_token: not a token from this API: {token!r}") from None
+    if not token:
+        return 0
+    after = parse_id(token)
+    if after is None:
+        raise InvalidArgument(f"page_token: {shown(token)} is not a page token from this API")
+    return after
 
 
 def page_size(requested: int) -> int:

@@ -4,13 +4,17 @@ Handlers raise `agentrun_server._errors` exceptions; nothing else builds a statu
 unexpected exception is logged with its traceback and answered INTERNAL. An error with
 `retry_after_seconds` carries a google.rpc.RetryInfo detail in the `grpc-status-details-bin`
 trailer, the standard place gRPC clients look for it (AIP-193).
+
+A request that does not decode is INVALID_ARGUMENT: the interceptor decodes it, so that the
+decoder's exception never reaches grpc (which answers it UNKNOWN and logs a traceback).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -76,13 +80,69 @@ async def _abort(
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
 
 
+class MalformedRequest(NamedTuple):
+    """What a request that did not decode becomes: the handler answers INVALID_ARGUMENT."""
+
+    message: str
+
+
+class ThrottledLog:
+    """Logs a kind of client error at WARNING at most once per `interval_seconds`, saying how many
+    were not logged: a client sending garbage in a loop cannot flood the log."""
+
+    def __init__(self, logger: logging.Logger, interval_seconds: float = 60.0) -> None:
+        self._logger = logger
+        self._interval = interval_seconds
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -self._interval) < self._interval:
+            self._skipped[kind] = self._skipped.get(kind, 0) + 1
+            return
+        skipped = self._skipped.pop(kind, 0)
+        self._last[kind] = now
+        more = f" ({skipped} more in the last {self._interval:g} s)" if skipped else ""
+        self._logger.warning("%s%s", message, more)
+
+
+_client_errors = ThrottledLog(_log)
+
+
+def _decoding(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError; protobuf raises nothing narrower for bad input
+            return MalformedRequest(f"malformed request: {exc}"[:300])
+
+    return decode
+
+
+def _refuse_malformed(method: str, request: MalformedRequest) -> InvalidArgument:
+    _client_errors.warning(method, f"{method}: {request.message}")
+    return InvalidArgument(request.message)
+
+
+async def _checked(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    async for request in requests:
+        if type(request) is MalformedRequest:
+            raise _refuse_malformed(method, request)
+        yield request
+
+
 def _wrap(
-    behavior: Callable[..., Any], streaming_response: bool, method: str
+    behavior: Callable[..., Any], streaming_request: bool, streaming_response: bool, method: str
 ) -> Callable[..., Any]:
     if streaming_response and yields_responses(behavior):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
+                if streaming_request:
+                    request = _checked(request, method)
+                elif type(request) is MalformedRequest:
+                    raise _refuse_malformed(method, request)
                 async for response in behavior(request, context):
                     yield response
             except grpc.aio.AbortError:
@@ -94,6 +154,10 @@ def _wrap(
 
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
+            if streaming_request:
+                request = _checked(request, method)
+            elif type(request) is MalformedRequest:
+                raise _refuse_malformed(method, request)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -119,7 +183,8 @@ class ErrorInterceptor(ServerInterceptor):
         method = handler_call_details.method
         return rewrap(
             handler,
-            lambda behavior, _client_streaming, server_streaming: _wrap(
-                behavior, server_streaming, method
+            lambda behavior, client_streaming, server_streaming: _wrap(
+                behavior, client_streaming, server_streaming, method
             ),
+            _decoding,
         )

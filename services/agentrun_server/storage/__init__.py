@@ -40,7 +40,6 @@ from agentrun_server.storage._types import (
     TaskRecord,
     TaskState,
     WorkflowDef,
-    check_name,
 )
 from agentrun_server.storage.sqlite import SqliteStorage
 
@@ -74,7 +73,6 @@ __all__ = [
     "TaskState",
     "WorkflowDef",
     "backoff_seconds",
-    "check_name",
     "open_storage",
 ]
 

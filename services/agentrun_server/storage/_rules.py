@@ -52,8 +52,9 @@ class SettleRow(NamedTuple):
     attempt: int
     max_attempts: int
     pathway: str | None
-    failed_under_lease: bool = False
-    """A failure is on record under the lease presented (a failed attempt, or a lease ended)."""
+    failure_under_lease: str | None = None
+    """The error of a failure on record under the lease presented: a failed attempt, or the
+    lease's end (LEASE_EXPIRED, STREAM_CLOSED, NOT_RESUMED); None without one."""
 
 
 class Candidate(NamedTuple):
@@ -122,6 +123,11 @@ def settle_error(task_id: int, lease_id: str, row: SettleRow | None) -> Ack:
     )
 
 
+def is_lease_end(error: str) -> bool:
+    """Whether a failure record was written by the end of a lease, not by its worker."""
+    return error in (LEASE_EXPIRED, STREAM_CLOSED) or error.startswith(NOT_RESUMED.split("{")[0])
+
+
 def is_repeat(kind: str, row: SettleRow | None, lease_id: str, pathway: str = "") -> bool:
     """Whether a settle that moved nothing repeats one that did, under the same lease: answered
     OK again. `kind` is "complete" (same pathway), "fail" or "release"."""
@@ -129,11 +135,12 @@ def is_repeat(kind: str, row: SettleRow | None, lease_id: str, pathway: str = ""
         return False
     if kind == "complete":
         return row.state == "done" and row.lease_id == lease_id and row.pathway == pathway
-    if kind == "fail":
-        return row.failed_under_lease
+    failure = row.failure_under_lease
+    if kind == "fail":  # a fail after its lease ended is stale, like any other settle
+        return failure is not None and not is_lease_end(failure)
     if kind == "release":
         # A release keeps the lease id on the ready task until it is leased again.
-        return row.state == "ready" and row.lease_id == lease_id and not row.failed_under_lease
+        return row.state == "ready" and row.lease_id == lease_id and failure is None
     return False
 
 

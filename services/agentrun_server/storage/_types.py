@@ -8,13 +8,20 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from agentrun._limits import (
+    MAX_ATTEMPTS,
+    MAX_DELAY_SECONDS,
+    MAX_LEASE_SECONDS,
+    MAX_PATHWAYS,
+    MAX_STAGES,
+)
+from agentrun_server._checks import check_identifier
 from agentrun_server._errors import InvalidArgument, NotFound
 
 DEFAULT_MAX_ATTEMPTS = 4
 DEFAULT_INITIAL_BACKOFF_SECONDS = 1.0
 DEFAULT_MAX_BACKOFF_SECONDS = 60.0
 DEFAULT_LEASE_SECONDS = 300.0
-MAX_NAME_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -25,14 +32,6 @@ class PoolConfig:
     """Connections the pool opens at most (a Work stream's settle takes one briefly)."""
     statement_timeout_seconds: float = 30.0
     """A statement running longer is cancelled; its call is answered UNAVAILABLE."""
-
-
-def check_name(what: str, name: str) -> None:
-    """Raise InvalidArgument unless `name` is 1 to MAX_NAME_BYTES bytes of UTF-8."""
-    if not name:
-        raise InvalidArgument(f"{what}: must not be empty")
-    if len(name.encode()) > MAX_NAME_BYTES:
-        raise InvalidArgument(f"{what}: {len(name.encode())} bytes exceeds {MAX_NAME_BYTES}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,29 +140,56 @@ class WorkflowDef:
         """Check names, uniqueness, policies, and that every pathway leads somewhere.
 
         Raises:
-            InvalidArgument: naming the stage or pathway at fault.
+            InvalidArgument: naming the stage or pathway at fault, and the limit it breaks
+                (`agentrun._limits`).
         """
-        check_name("workflow.name", self.name)
+        check_identifier("workflow.name", self.name)
         if not self.stages:
             raise InvalidArgument(f"workflow {self.name!r}: stages: at least one stage is required")
-        names = [s.name for s in self.stages]
+        if len(self.stages) > MAX_STAGES:
+            raise InvalidArgument(
+                f"workflow {self.name!r}: stages: {len(self.stages):,} stages, over the limit of "
+                f"{MAX_STAGES}"
+            )
+        names: set[str] = set()
+        for i, stage in enumerate(self.stages):  # names first: messages below list them
+            where = f"workflow {self.name!r}: stages[{i}]"
+            check_identifier(f"{where}.name", stage.name)
+            if stage.name in names:
+                raise InvalidArgument(f"{where}.name: stage {stage.name!r} is defined twice")
+            names.add(stage.name)
         for i, stage in enumerate(self.stages):
             where = f"workflow {self.name!r}: stages[{i}]"
-            check_name(f"{where}.name", stage.name)
-            if names.count(stage.name) > 1:
-                raise InvalidArgument(f"{where}.name: stage {stage.name!r} is defined twice")
-            if stage.max_attempts < 1:
-                raise InvalidArgument(f"{where}.max_attempts: must be at least 1")
-            if stage.lease_seconds <= 0:
-                raise InvalidArgument(f"{where}.lease_duration: must be positive")
-            if stage.initial_backoff_seconds < 0 or stage.max_backoff_seconds < 0:
-                raise InvalidArgument(f"{where}.retry_policy: backoffs must not be negative")
+            if not 1 <= stage.max_attempts <= MAX_ATTEMPTS:
+                raise InvalidArgument(
+                    f"{where}.retry_policy.max_attempts: {stage.max_attempts}; must be 1 to "
+                    f"{MAX_ATTEMPTS}"
+                )
+            if not 0 < stage.lease_seconds <= MAX_LEASE_SECONDS:
+                raise InvalidArgument(
+                    f"{where}.lease_duration: {stage.lease_seconds:g} s; must be more than 0 s "
+                    f"and at most {MAX_LEASE_SECONDS:g} s"
+                )
+            for what, seconds in (
+                ("initial_backoff", stage.initial_backoff_seconds),
+                ("max_backoff", stage.max_backoff_seconds),
+            ):
+                if not 0 <= seconds <= MAX_DELAY_SECONDS:
+                    raise InvalidArgument(
+                        f"{where}.retry_policy.{what}: {seconds:g} s; must be 0 s to "
+                        f"{MAX_DELAY_SECONDS:g} s"
+                    )
+            if len(stage.pathways) > MAX_PATHWAYS:
+                raise InvalidArgument(
+                    f"{where}.pathways: {len(stage.pathways)} pathways, over the limit of "
+                    f"{MAX_PATHWAYS}"
+                )
             for pathway, target in stage.pathways.items():
-                check_name(f"{where}.pathways name", pathway)
+                check_identifier(f"{where}.pathways name", pathway)
                 if target is not None and target not in names:
                     raise InvalidArgument(
-                        f"{where}.pathways[{pathway!r}]: leads to unknown stage {target!r}; "
-                        f"stages: {', '.join(repr(n) for n in names)}"
+                        f"{where}.pathways[{pathway!r}]: leads to unknown stage {target[:128]!r}; "
+                        f"stages: {', '.join(repr(s.name) for s in self.stages[:20])}"
                     )
 
     def to_json(self) -> str:

@@ -16,7 +16,7 @@ import psycopg
 from psycopg import errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from agentrun_server._errors import Unavailable
+from agentrun_server._errors import InvalidArgument, Unavailable
 from agentrun_server.storage._types import PoolConfig
 
 _log = logging.getLogger(__name__)
@@ -79,8 +79,10 @@ class Engine:
         """Run `fn(conn)` in one transaction on a pooled connection; commit on return.
 
         Raises:
-            Unavailable: the database is unreachable, a statement timed out, or the transaction
-                kept being aborted (deadlocks, serialization failures).
+            Unavailable: the database is unreachable or out of resources (disk full), a
+                statement timed out, or the transaction kept being aborted (deadlocks,
+                serialization failures).
+            InvalidArgument: the database refused a value (a DataError).
         """
         for attempt in range(1, RETRIES + 2):
             try:
@@ -97,5 +99,11 @@ class Engine:
                     f"storage: a statement ran over {self.config.statement_timeout_seconds:g} s"
                 ) from exc
             except (psycopg.OperationalError, PoolTimeout) as exc:
+                # Connection loss, the server shutting down, a full disk (class 53): all pass.
                 raise Unavailable(f"storage: PostgreSQL unavailable: {exc}") from exc
+            except errors.DataError as exc:
+                # A value the checks at the edge let through and the database refuses.
+                _log.warning("storage refused a value: %s", exc)
+                first = str(exc).strip().splitlines()[0][:200]
+                raise InvalidArgument(f"a value the database cannot store: {first}") from exc
         raise AssertionError("unreachable")

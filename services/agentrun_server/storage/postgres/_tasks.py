@@ -37,16 +37,16 @@ _SETTLE_COLUMNS = "id, state, lease_id, workflow, stage, attempt, max_attempts, 
 async def settle_rows(conn: Connection, task_ids: Sequence[int]) -> dict[int, SettleRow]:
     """The tasks named, by id (absent: no such task)."""
     cursor = await conn.execute(
-        f"SELECT {_SETTLE_COLUMNS}, false FROM tasks WHERE id = ANY(%s)", (list(set(task_ids)),)
+        f"SELECT {_SETTLE_COLUMNS}, NULL FROM tasks WHERE id = ANY(%s)", (list(set(task_ids)),)
     )
     return {row[0]: SettleRow._make(row) for row in await cursor.fetchall()}
 
 
 async def settle_row(conn: Connection, task_id: int, lease_id: str) -> SettleRow | None:
-    """One task, and whether a failure is on record under `lease_id`."""
+    """One task, and the error of a failure on record under `lease_id` (if any)."""
     cursor = await conn.execute(
-        f"SELECT {_SETTLE_COLUMNS}, EXISTS (SELECT 1 FROM task_failures f "
-        "WHERE f.task_id = tasks.id AND f.lease_id = %s) FROM tasks WHERE id = %s",
+        f"SELECT {_SETTLE_COLUMNS}, (SELECT error FROM task_failures f "
+        "WHERE f.task_id = tasks.id AND f.lease_id = %s LIMIT 1) FROM tasks WHERE id = %s",
         (lease_id, task_id),
     )
     row = await cursor.fetchone()

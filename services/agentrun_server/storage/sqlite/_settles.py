@@ -29,16 +29,18 @@ def settle_rows(db: sqlite3.Connection, task_ids: Sequence[int]) -> dict[int, Se
     return {
         row[0]: SettleRow._make(row)
         for row in select_in(
-            db, f"SELECT {_SETTLE_COLUMNS}, 0 FROM tasks WHERE id IN ({{ids}})", list(set(task_ids))
+            db,
+            f"SELECT {_SETTLE_COLUMNS}, NULL FROM tasks WHERE id IN ({{ids}})",
+            list(set(task_ids)),
         )
     }
 
 
 def settle_row(db: sqlite3.Connection, task_id: int, lease_id: str) -> SettleRow | None:
-    """One task, and whether a failure is on record under `lease_id`."""
+    """One task, and the error of a failure on record under `lease_id` (if any)."""
     row = db.execute(
-        f"SELECT {_SETTLE_COLUMNS}, EXISTS (SELECT 1 FROM task_failures f "
-        "WHERE f.task_id = tasks.id AND f.lease_id = ?) FROM tasks WHERE id = ?",
+        f"SELECT {_SETTLE_COLUMNS}, (SELECT error FROM task_failures f "
+        "WHERE f.task_id = tasks.id AND f.lease_id = ? LIMIT 1) FROM tasks WHERE id = ?",
         (lease_id, task_id),
     ).fetchone()
     return None if row is None else SettleRow._make(row)
