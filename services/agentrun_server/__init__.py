@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from agentrun_server._errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -17,12 +18,15 @@ from agentrun_server._errors import (
     ServerError,
     Unavailable,
 )
-from agentrun_server._server import SERVICES, Server, ServerConfig
+from agentrun_server._server import SERVICES, ConnectionLimits, Server, ServerConfig
 from agentrun_server.ingestion import IngestionLimits
+from agentrun_server.orchestrator import WorkLimits
 
 __all__ = [
     "SERVICES",
     "AlreadyExists",
+    "ConnectionLimits",
+    "DeadlineExceeded",
     "FailedPrecondition",
     "IngestionLimits",
     "InvalidArgument",
@@ -32,4 +36,5 @@ __all__ = [
     "ServerConfig",
     "ServerError",
     "Unavailable",
+    "WorkLimits",
 ]

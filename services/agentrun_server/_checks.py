@@ -17,13 +17,11 @@ from agentrun._limits import (
     MAX_DESCRIPTION_BYTES,
     MAX_IDS_PER_REQUEST,
     MAX_NAME_BYTES,
-    MAX_VALUE_DEPTH,
     identifier_problem,
     name_problem,
     normalized_name,
     shown,
 )
-from agentrun.v1 import agent_run_pb2 as run_pb
 from agentrun_server._errors import InvalidArgument
 
 MAX_INT64 = 2**63 - 1
@@ -171,22 +169,3 @@ def finite_seconds(value: float, low: float, high: float) -> float:
     if math.isnan(value):
         return low
     return min(max(value, low), high)
-
-
-def value_depth_problem(value: run_pb.Value, depth: int = 0) -> str | None:
-    """Why `value` nests too deep, or None: as `agentrun._limits.value_depth_problem` counts on
-    the model (a struct or list is one level), with `depth` levels above it already."""
-    stack = [(value, depth)]
-    while stack:
-        current, level = stack.pop()
-        kind = current.WhichOneof("kind")
-        if kind == "struct_value":
-            children = [f.value for f in current.struct_value.fields]
-        elif kind == "list_value":
-            children = list(current.list_value.values)
-        else:
-            continue
-        if level + 1 > MAX_VALUE_DEPTH:
-            return f"nested more than {MAX_VALUE_DEPTH} levels deep (dicts and lists)"
-        stack.extend((child, level + 1) for child in children)
-    return None

@@ -43,6 +43,10 @@ class ResourceExhausted(ServerError):
         self.retry_after_seconds = retry_after_seconds
 
 
+class DeadlineExceeded(ServerError):
+    """A limit on time ran out (e.g. an upload stream idle for too long)."""
+
+
 class Unavailable(ServerError):
     """The server cannot serve now (draining, storage busy); retry after `retry_after_seconds`."""
 

@@ -80,6 +80,47 @@ def _in_use(host: str, port: int) -> bool:
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """HTTP/2 connection policy: dead peers found, over-eager pingers cut off, no connection
+    kept forever."""
+
+    keepalive_seconds: float = 30.0
+    """The server pings a connection idle this long..."""
+    keepalive_timeout_seconds: float = 10.0
+    """...and closes it when the ping is not answered within this."""
+    min_client_ping_interval_seconds: float = 10.0
+    """Clients may ping at most this often; after `max_ping_strikes` pings too soon the server
+    closes the connection (GOAWAY ENHANCE_YOUR_CALM), as gRPC's keepalive enforcement does."""
+    max_ping_strikes: int = 2
+    max_connection_age_seconds: float = 3600.0
+    """A connection older than this is asked to go away (GOAWAY, +-10 % jitter): clients open a
+    new one, which also spreads them over replicas. Work streams resume their leases on it."""
+    max_connection_age_grace_seconds: float = 300.0
+    """How long calls on an aged connection may run on before it is closed."""
+    max_concurrent_streams: int = 1024
+    """Calls open at once on one connection."""
+
+    def options(self) -> list[tuple[str, int]]:
+        """The grpc server options of this policy."""
+        return [
+            ("grpc.keepalive_time_ms", int(self.keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_seconds * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            (
+                "grpc.http2.min_recv_ping_interval_without_data_ms",
+                int(self.min_client_ping_interval_seconds * 1000),
+            ),
+            ("grpc.http2.max_ping_strikes", self.max_ping_strikes),
+            ("grpc.max_connection_age_ms", int(self.max_connection_age_seconds * 1000)),
+            (
+                "grpc.max_connection_age_grace_ms",
+                int(self.max_connection_age_grace_seconds * 1000),
+            ),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+        ]
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """How to run the server. `from_env()` reads the AGENTRUN_* variables."""
 
@@ -99,7 +140,9 @@ class ServerConfig:
     limits: IngestionLimits = field(default_factory=IngestionLimits)
     """Ingestion limits."""
     work_limits: WorkLimits = field(default_factory=WorkLimits)
-    """What one Work stream may hold."""
+    """What one Work stream may hold, and Work streams per client host."""
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    """Keepalive, its enforcement, and connection age."""
     pool: PoolConfig = field(default_factory=PoolConfig)
     """The database server's connection pool and statement timeout (PostgreSQL)."""
     resume_grace_seconds: float = RESUME_GRACE_SECONDS
@@ -163,11 +206,7 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                # Work streams live long: keep idle connections checked, tolerate client pings.
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                *config.connections.options(),
                 # A second server on a port in use must fail, not share it (and the calls).
                 ("grpc.so_reuseport", 0),
             ],

@@ -22,7 +22,7 @@ from agentrun.v1 import ingestion_service_pb2_grpc as ingest_grpc
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from agentrun.v1 import workflow_pb2 as wf_pb
-from agentrun_server import Server, ServerConfig
+from agentrun_server import ConnectionLimits, IngestionLimits, Server, ServerConfig
 from agentrun_server.orchestrator import WorkLimits
 from agentrun_server.storage import Failure, StageDef, WorkflowDef, open_storage
 
@@ -571,3 +571,132 @@ async def test_collection_names_are_nfc_and_printable(stubs: Stubs) -> None:
             stubs.ingest.CreateCollection(ingest_pb.CreateCollectionRequest(name=name))
         )
         assert code is grpc.StatusCode.INVALID_ARGUMENT and "not printable" in details
+
+
+# --- slow clients and streams that never end ----------------------------------------------------
+
+
+async def _start(tmp_path: Any, host: str = "127.0.0.1", **config: Any) -> Server:
+    server = Server(
+        ServerConfig(
+            db=f"sqlite:///{tmp_path / 'a.db'}", host=host, port=0, metrics_port=-1, **config
+        )
+    )
+    await server.start()
+    return server
+
+
+def _idle_upload(stubs: Stubs) -> Any:
+    """An upload stream that opens and never sends a message."""
+
+    async def nothing() -> AsyncIterator[ingest_pb.UploadAgentRunsRequest]:
+        await asyncio.Event().wait()
+        yield ingest_pb.UploadAgentRunsRequest()
+
+    return stubs.ingest.UploadAgentRuns(nothing())
+
+
+async def test_idle_upload_streams_are_closed_and_cannot_lock_out_ingestion(tmp_path: Any) -> None:
+    limits = IngestionLimits(
+        max_upload_streams=4, max_upload_streams_per_peer=4, stream_idle_seconds=0.5
+    )
+    server = await _start(tmp_path, limits=limits)
+    stubs = Stubs(server.port)
+    try:
+        collection = await stubs.set_up(runs=0)
+        idle = [_idle_upload(stubs) for _ in range(4)]
+        await asyncio.sleep(0.2)  # all four hold a slot
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stubs.upload(collection, [agent_run_to_proto(_run(1))])
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        for call in idle:
+            code, details = await _code(call)
+            assert code is grpc.StatusCode.DEADLINE_EXCEEDED and "no message for 0.5 s" in details
+        response = await stubs.upload(collection, [agent_run_to_proto(_run(1))])
+        assert response.accepted_count == 1
+    finally:
+        await stubs.channel.close()
+        await server.shutdown(grace_seconds=1)
+
+
+async def test_one_client_host_cannot_hold_every_stream_slot(tmp_path: Any) -> None:
+    # Other hosts' slots are StreamSlots' unit test: every client here connects from 127.0.0.1.
+    server = await _start(
+        tmp_path,
+        limits=IngestionLimits(max_upload_streams_per_peer=2, stream_idle_seconds=30),
+        work_limits=WorkLimits(max_streams_per_peer=2),
+    )
+    stubs = Stubs(server.port)
+    try:
+        collection = await stubs.set_up(runs=0)
+        idle = [_idle_upload(stubs) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stubs.upload(collection, [agent_run_to_proto(_run(1))])
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 open from client host ipv4:127.0.0.1, at max_upload_streams_per_peer=2" in (
+            refused.value.details() or ""
+        )
+        workers = [Worker(stubs), Worker(stubs)]
+        for worker in workers:
+            await worker.subscribe(credits=1)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await Worker(stubs).subscribe(credits=1)
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        for call in idle:  # slots come back as streams end
+            call.cancel()
+        workers[0].call.cancel()
+        await asyncio.sleep(0.3)
+        assert (await stubs.upload(collection, [agent_run_to_proto(_run(1))])).accepted_count == 1
+        await Worker(stubs).subscribe(credits=1)
+    finally:
+        await stubs.channel.close()
+        await server.shutdown(grace_seconds=1)
+
+
+async def test_connections_are_not_kept_forever(tmp_path: Any) -> None:
+    server = await _start(
+        tmp_path,
+        connections=ConnectionLimits(
+            max_connection_age_seconds=0.5, max_connection_age_grace_seconds=0.5
+        ),
+    )
+    stubs = Stubs(server.port)
+    try:
+        await stubs.set_up(runs=0)
+        aged = Worker(stubs)
+        await aged.subscribe(credits=1)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await aged.next("leases", timeout_seconds=5)
+        assert ended.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        await stubs.channel.close()
+        await server.shutdown(grace_seconds=1)
+
+
+async def test_a_client_pinging_too_often_is_cut_off(tmp_path: Any) -> None:
+    server = await _start(
+        tmp_path, connections=ConnectionLimits(min_client_ping_interval_seconds=60)
+    )
+    setup = Stubs(server.port)
+    pinger = Stubs(
+        server.port,
+        options=[
+            ("grpc.keepalive_time_ms", 100),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_time_between_pings_ms", 100),
+            ("grpc.http2.min_ping_interval_without_data_ms", 100),
+        ],
+    )
+    try:
+        await setup.set_up(runs=0)
+        worker = Worker(pinger)
+        await worker.subscribe(credits=1)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await worker.next("leases", timeout_seconds=15)  # cut off in about 4 s
+        assert ended.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        await setup.channel.close()
+        await pinger.channel.close()
+        await server.shutdown(grace_seconds=1)

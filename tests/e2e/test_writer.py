@@ -26,6 +26,7 @@ from agentrun import (
     AgentRunWriter,
     BaseAgentRunMetadata,
     Client,
+    InvalidRunError,
     RejectedRun,
     Transcript,
     WriterClosedError,
@@ -285,7 +286,6 @@ async def test_a_mixed_batch_lands_its_good_runs_and_names_every_other_one(
     batch: list[AgentRun | agent_run_pb2.AgentRun] = [
         make_run("good-0"),
         make_run("oversize", "x" * 5000),
-        invalid,
         make_run("good-1"),
         make_run("stored-before"),
         make_run("good-0"),  # repeated within the batch
@@ -294,18 +294,19 @@ async def test_a_mixed_batch_lands_its_good_runs_and_names_every_other_one(
     ]
     rejected: list[RejectedRun] = []
     writer = AgentRunWriter(collection, server_url=url, on_rejected=rejected.append)
+    # A run the server would refuse as invalid fails here, in the caller, on the server's checks.
+    with pytest.raises(InvalidRunError, match="'invalid': transcripts: an agent run must have"):
+        writer.log_agent_runs([invalid])
     writer.log_agent_runs(batch)
     summary = await asyncio.to_thread(writer.finish)
     assert (summary.accepted, summary.duplicates) == (3, 2)
     assert {(r.agent_run_id, r.reason) for r in summary.rejected} == {
         ("oversize", "TOO_LARGE"),
-        ("invalid", "INVALID"),
         ("elsewhere", "CONFLICT"),
     }
     assert rejected == summary.rejected
     by_id = {r.agent_run_id: r.message for r in rejected}
     assert "max_run_bytes=4096" in by_id["oversize"]
-    assert by_id["invalid"].startswith("transcripts:")
 
     # On the wire, each rejection carries its index in the stream.
     async with grpc.aio.insecure_channel(url) as channel:
@@ -316,7 +317,7 @@ async def test_a_mixed_batch_lands_its_good_runs_and_names_every_other_one(
                         collection_id=collection,
                         agent_runs=[
                             r if isinstance(r, agent_run_pb2.AgentRun) else agent_run_to_proto(r)
-                            for r in batch
+                            for r in [*batch[:2], invalid, *batch[2:]]
                         ],
                     )
                 ]

@@ -52,6 +52,8 @@ def test_a_torn_write_is_dropped_and_a_corrupt_segment_set_aside(tmp_path: Path)
     spool = Spool(tmp_path)
     assert [runs for _, _, runs in spool.replay()] == [[b"kept"]]
     assert not bad.exists() and bad.with_suffix(".bad").exists()
+    (damage,) = spool.damage
+    assert "torn after 0 runs" in damage and "00000000000000000005.bad" in damage
     assert not list(tmp_path.glob("*.tmp"))
     assert good.path.exists()
     spool.close()

@@ -21,7 +21,15 @@ from agentrun._convert import (
     value_from_proto,
     value_to_proto,
 )
-from agentrun._errors import AgentRunError, FormatError, RpcError, WorkflowError, WriterClosedError
+from agentrun._errors import (
+    AgentRunError,
+    FormatError,
+    InvalidRunError,
+    RpcError,
+    SpoolError,
+    WorkflowError,
+    WriterClosedError,
+)
 from agentrun._metadata import BaseAgentRunMetadata, BaseMetadata
 from agentrun._runner import Runner, RunSummary
 from agentrun._stage import Fail, Retry, StageResult, TaskContext, TaskInput
@@ -43,11 +51,13 @@ __all__ = [
     "Fail",
     "FilterableField",
     "FormatError",
+    "InvalidRunError",
     "RejectedRun",
     "Retry",
     "RpcError",
     "RunSummary",
     "Runner",
+    "SpoolError",
     "StageResult",
     "TaskContext",
     "TaskInput",

@@ -93,6 +93,16 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="bytes waiting to commit before uploads are told to retry later [default 256 MiB]",
     )
+    limits.add_argument(
+        "--stream-idle-seconds",
+        type=float,
+        help="an upload stream that sends nothing this long is closed [default 30]",
+    )
+    limits.add_argument(
+        "--max-upload-streams-per-peer",
+        type=int,
+        help="upload streams open at once from one client host [default 32]",
+    )
     serve.add_argument(
         "--grace-seconds",
         type=float,
@@ -205,7 +215,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-LIMIT_FLAGS = ("max_message_bytes", "max_runs_per_message", "max_run_bytes", "max_pending_bytes")
+LIMIT_FLAGS = (
+    "max_message_bytes",
+    "max_runs_per_message",
+    "max_run_bytes",
+    "max_pending_bytes",
+    "stream_idle_seconds",
+    "max_upload_streams_per_peer",
+)
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ AgentRunError
 ├── RpcError        a call to the server failed (carries the gRPC status code)
 ├── FormatError     a file of runs or a workflow file cannot be read
 ├── WorkflowError   a workflow definition or a Runner's stages do not fit together
+├── InvalidRunError     a run the server would refuse (logged to a writer, or stored by an importer)
 ├── WriterClosedError   runs logged to a writer after finish()
 └── SpoolError      a writer's spool directory cannot be used (held by another writer, disk full)
 """
@@ -59,6 +60,24 @@ class FormatError(AgentRunError):
 
 class WorkflowError(AgentRunError):
     """A workflow definition is invalid, or a Runner's stages do not match the workflow."""
+
+
+class InvalidRunError(AgentRunError, ValueError):
+    """A run the server would refuse, found before it is sent: the checks the ingestion server
+    applies (`agentrun._run_checks`) also run in `AgentRunWriter.log_agent_runs`.
+
+    Attributes:
+        agent_run_id: The run's id (cut short when over the name limit).
+        field: The field at fault, e.g. "transcripts[0].messages[3].role" or
+            "metadata.fields['config']".
+        reason: Why, e.g. "nested more than 20 levels deep (dicts and lists)".
+    """
+
+    def __init__(self, agent_run_id: str, field: str, reason: str) -> None:
+        super().__init__(f"agent run {agent_run_id!r}: {field}: {reason}")
+        self.agent_run_id = agent_run_id
+        self.field = field
+        self.reason = reason
 
 
 class WriterClosedError(AgentRunError):

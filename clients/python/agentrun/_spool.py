@@ -33,13 +33,33 @@ MAGIC = b"agentrun-spool-1\n"
 SUFFIX = ".seg"
 
 
-def _records(data: bytes, pos: int) -> Iterator[bytes]:
+def parse_segment(data: bytes) -> tuple[bytes, list[bytes], str | None]:
+    """(collection id, the whole runs, what is wrong past them or None) of a segment's bytes.
+
+    A segment torn by a crash or power loss (rename reached the disk, not all of the data) still
+    gives up every run before the tear.
+    """
+    if not data.startswith(MAGIC):
+        return b"", [], "not a spool segment"
+    try:
+        length, pos = read_varint(data, len(MAGIC))
+    except ValueError:
+        return b"", [], "torn in its header"
+    if pos + length > len(data):
+        return b"", [], "torn in its header"
+    collection = data[pos : pos + length]
+    pos += length
+    runs: list[bytes] = []
     while pos < len(data):
-        length, pos = read_varint(data, pos)
-        if pos + length > len(data):
-            raise ValueError("truncated record")
-        yield data[pos : pos + length]
-        pos += length
+        try:
+            length, start = read_varint(data, pos)
+        except ValueError:
+            return collection, runs, f"torn after {len(runs)} runs"
+        if start + length > len(data):
+            return collection, runs, f"torn after {len(runs)} runs"
+        runs.append(data[start : start + length])
+        pos = start + length
+    return collection, runs, None
 
 
 class Segment:
@@ -81,23 +101,27 @@ class Spool:
         self._next = int(existing[-1].stem) + 1 if existing else 0
         self.runs = 0
         self.bytes = 0
+        self.damage: list[str] = []
+        """One line per damaged segment found by `replay`."""
 
     def replay(self) -> Iterator[tuple[Segment, bytes, list[bytes]]]:
         """Yield (segment, collection id, encoded runs) for each segment left on disk, oldest first.
 
-        A segment that cannot be read is renamed to `*.bad`, logged, and skipped.
+        A damaged segment (torn by a crash or power loss, or not a segment) is renamed to `*.bad`
+        and kept for inspection; the whole runs before the damage are salvaged into a new segment
+        and yielded. Each damaged segment adds a line to `damage`.
         """
         for path in sorted(self.directory.glob("*" + SUFFIX)):
             try:
                 data = path.read_bytes()
-                if not data.startswith(MAGIC):
-                    raise ValueError("not a spool segment")
-                length, pos = read_varint(data, len(MAGIC))
-                collection = data[pos : pos + length]
-                runs = list(_records(data, pos + length))
-            except (OSError, ValueError) as exc:
-                _log.error("spool segment %s is unreadable (%s); set aside as .bad", path, exc)
-                path.rename(path.with_suffix(".bad"))
+            except OSError as exc:
+                self._set_aside(path, exc.strerror or str(exc), 0)
+                continue
+            collection, runs, problem = parse_segment(data)
+            if problem is not None:
+                self._set_aside(path, problem, len(runs))
+                if runs:
+                    yield self.append(collection, runs), collection, runs
                 continue
             if not runs:
                 path.unlink(missing_ok=True)
@@ -105,6 +129,19 @@ class Spool:
             segment = Segment(path, len(runs), sum(len(r) for r in runs))
             self._count(len(runs), segment.size)
             yield segment, collection, runs
+
+    def _set_aside(self, path: Path, problem: str, salvaged: int) -> None:
+        bad = path.with_suffix(".bad")
+        try:
+            path.rename(bad)
+        except OSError:
+            bad = path
+        line = (
+            f"spool segment {path.name} is damaged ({problem}): {salvaged} whole runs before "
+            f"the damage are being delivered; the file is kept as {bad}"
+        )
+        _log.error("%s", line)
+        self.damage.append(line)
 
     def append(self, collection: bytes, runs: list[bytes]) -> Segment:
         """Write runs as one new segment, durably before returning.

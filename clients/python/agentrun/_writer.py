@@ -23,13 +23,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from agentrun import _metrics
 from agentrun._agent_run import AgentRun
 from agentrun._client import Client, auth_metadata, open_channel, resolve_server
 from agentrun._convert import agent_run_to_proto
-from agentrun._errors import WriterClosedError
+from agentrun._errors import InvalidRunError, WriterClosedError
 from agentrun._retry import Backoff, Failure, Verdict
+from agentrun._run_checks import check_agent_run
 from agentrun._spool import Segment, Spool
 from agentrun._varint import encode_varint
 from agentrun.v1 import agent_run_pb2
@@ -81,11 +83,14 @@ class WriteSummary:
     """Runs found in the spool at start, left by an earlier writer (counted in the results too)."""
     errors: list[str] = field(default_factory=list)
     """Why batches went undelivered."""
+    spool_damage: list[str] = field(default_factory=list)
+    """Damaged spool segments found at start (torn by a crash or power loss): one line each, with
+    how many whole runs were salvaged and where the file was set aside. Runs past a tear are lost."""
 
     @property
     def ok(self) -> bool:
-        """True when every run was stored or found stored."""
-        return not self.rejected and not self.undelivered
+        """True when every run was stored or found stored, and the spool was whole."""
+        return not self.rejected and not self.undelivered and not self.spool_damage
 
     SHOWN = 3
     """Rejections and errors `str()` shows in full; the rest are counted."""
@@ -98,6 +103,7 @@ class WriteSummary:
             f" ({self.spooled} spooled), {self.replayed} replayed"
         )
         lines = [counts]
+        lines += [f"  {line}" for line in self.spool_damage]
         lines += [
             f"  rejected {r.agent_run_id or '(no id)'}: {r.reason}: {r.message[:200]}"
             for r in self.rejected[: self.SHOWN]
@@ -282,16 +288,28 @@ class AgentRunWriter:
     def _replay(self, spool: Spool) -> None:
         replayed = 0
         for segment, collection, runs in spool.replay():
-            items = [
-                _Item(agent_run_pb2.AgentRun.FromString(data).id, data, collection, segment)
-                for data in runs
-            ]
-            replayed += len(items)
-            self._pending += len(items)
+            items: list[_Item] = []
+            refused: list[tuple[_Item, str]] = []
+            for data in runs:
+                item = _Item("", data, collection, segment)
+                try:  # spooled by an older SDK, or damaged: refused here, never sent
+                    run = agent_run_pb2.AgentRun.FromString(data)
+                    item.run_id = run.id
+                    check_agent_run(run)
+                    items.append(item)
+                except DecodeError:
+                    refused.append((item, "a spooled run that does not decode; not sent"))
+                except InvalidRunError as exc:
+                    refused.append((item, f"spooled run: {exc.field}: {exc.reason}; not sent"))
+            replayed += len(items) + len(refused)
+            self._pending += len(items) + len(refused)
+            if refused:
+                self._reject_here(refused)
             self._buffer.put(items, block=False)  # never block a constructor
+            _metrics.WRITER_QUEUED_RUNS.inc(len(items))
+        self._summary.spool_damage += spool.damage
         if replayed:
             self._summary.replayed = replayed
-            _metrics.WRITER_QUEUED_RUNS.inc(replayed)
             _log.info("replaying %d unacknowledged runs from spool %s", replayed, spool.directory)
 
     # --- producer side --------------------------------------------------------------------------
@@ -307,8 +325,12 @@ class AgentRunWriter:
         Raises:
             WriterClosedError: `finish()` was called, before this call or while it waited for
                 room (the message says how many of its runs were queued).
-            TypeError: a run's metadata is not JSON-like (raised here, in the caller); the runs
-                of earlier chunks are queued, none of its own chunk is.
+            InvalidRunError: a run the server would refuse (its id or a transcript key is not
+                a printable name, a value nests more than 20 levels deep, a metadata field is
+                named `scores`, ...: the ingestion server's own checks, `agentrun._run_checks`);
+                raised here, in the caller, naming the run and field. The runs of earlier chunks
+                are queued, none of its own chunk is, and nothing of it reaches the spool.
+            TypeError: a run's metadata is not JSON-like (raised likewise).
             SpoolError: the spool could not be written; none of that chunk's runs were queued.
         """
         runs = iter(agent_runs)
@@ -326,12 +348,7 @@ class AgentRunWriter:
     def _log_chunk(self, chunk: list[AgentRun | agent_run_pb2.AgentRun]) -> int:
         """Queue one chunk; return how many of its runs were queued (all, unless finish() ended
         the writer while this waited for room)."""
-        items = [
-            _Item(run.id, run.SerializeToString(), self._collection)
-            if isinstance(run, agent_run_pb2.AgentRun)
-            else _Item(run.id, agent_run_to_proto(run).SerializeToString(), self._collection)
-            for run in chunk
-        ]
+        items = [self._encode(run) for run in chunk]
         with self._lock:
             if self._closed:
                 raise WriterClosedError("log_agent_runs() after finish()")
@@ -350,6 +367,11 @@ class AgentRunWriter:
                 self._pending = max(0, self._pending - len(refused))
                 self._settled.notify_all()
         return len(items) - len(refused)
+
+    def _encode(self, run: AgentRun | agent_run_pb2.AgentRun) -> _Item:
+        message = run if isinstance(run, agent_run_pb2.AgentRun) else agent_run_to_proto(run)
+        check_agent_run(message)
+        return _Item(message.id, message.SerializeToString(), self._collection)
 
     # --- shutdown -------------------------------------------------------------------------------
 
@@ -506,6 +528,18 @@ class AgentRunWriter:
             message=f"run is {len(item.data)} bytes encoded; the server refused it: {failure}",
         )
         self._record([item], response)
+
+    def _reject_here(self, refused: Sequence[tuple[_Item, str]]) -> None:
+        """Settle runs that can never be stored as rejected INVALID, without sending them."""
+        response = pb.UploadAgentRunsResponse()
+        for index, (item, message) in enumerate(refused):
+            response.rejected.add(
+                index=index,
+                agent_run_id=item.run_id,
+                reason=pb.REJECTION_REASON_INVALID,
+                message=message,
+            )
+        self._record([item for item, _ in refused], response)
 
     def _record(self, batch: list[_Item], response: pb.UploadAgentRunsResponse) -> None:
         rejected = [

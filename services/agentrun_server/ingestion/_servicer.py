@@ -22,11 +22,17 @@ from agentrun_server._checks import (
     check_text,
     storable_text,
 )
-from agentrun_server._errors import InvalidArgument, ResourceExhausted
+from agentrun_server._errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from agentrun_server.ingestion._metrics import IngestionMetrics
-from agentrun_server.ingestion._validate import field_of, validate_agent_run
+from agentrun_server.ingestion._validate import InvalidRun, validate_agent_run
 from agentrun_server.ingestion._wire import RawUpload, decode_upload_request
-from agentrun_server.serving import add_service, page_after, page_size, to_timestamp
+from agentrun_server.serving import (
+    StreamSlots,
+    add_service,
+    page_after,
+    page_size,
+    to_timestamp,
+)
 from agentrun_server.storage import (
     Collection,
     InsertStatus,
@@ -52,6 +58,12 @@ class IngestionLimits:
     """Largest encoded run; a larger one is rejected on its own (TOO_LARGE), the batch lands."""
     max_upload_streams: int = 64
     """Upload streams open at once; one more is answered RESOURCE_EXHAUSTED with RetryInfo."""
+    max_upload_streams_per_peer: int = 32
+    """Upload streams open at once from one client host (its IP address), so that one host
+    cannot hold every slot; one more is answered RESOURCE_EXHAUSTED with RetryInfo."""
+    stream_idle_seconds: float = 30.0
+    """An upload stream that delivers no message for this long is closed (DEADLINE_EXCEEDED;
+    the runs of its earlier messages stay stored), so that idle streams cannot hold the slots."""
     max_pending_bytes: int = 256 * 1024 * 1024
     """Received bytes waiting for or in their commit, over all streams. A message above it waits
     (its stream reads nothing more: HTTP/2 flow control slows the client) for up to
@@ -135,7 +147,12 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         self._metrics = metrics
         self.limits = limits or IngestionLimits()
         self._on_runs_stored = on_runs_stored
-        self._streams = 0
+        self._slots = StreamSlots(
+            "upload streams",
+            ("max_upload_streams", self.limits.max_upload_streams),
+            ("max_upload_streams_per_peer", self.limits.max_upload_streams_per_peer),
+            self.limits.retry_after_seconds,
+        )
         self._budget = _CommitBudget(self.limits.max_pending_bytes)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -184,37 +201,43 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         Raises:
             InvalidArgument: a message is malformed, lacks collection_id, or is over
                 max_runs_per_message (runs of earlier messages in the stream stay stored).
-            ResourceExhausted: with RetryInfo: over max_upload_streams, or no room under
-                max_pending_bytes within admission_wait_seconds.
+            ResourceExhausted: with RetryInfo: over max_upload_streams (in all, or from this
+                client host), or no room under max_pending_bytes within admission_wait_seconds.
+            DeadlineExceeded: no message for stream_idle_seconds.
             NotFound: no such collection.
         """
         limits = self.limits
-        if self._streams >= limits.max_upload_streams:
-            raise ResourceExhausted(
-                f"upload streams: {self._streams} open, at max_upload_streams="
-                f"{limits.max_upload_streams}; retry later",
-                limits.retry_after_seconds,
-            )
         response = pb.UploadAgentRunsResponse()
         index = 0
-        self._streams += 1
-        self._metrics.open_streams.inc()
-        try:
-            async for request in request_iterator:
-                if not await self._budget.acquire(request.size, limits.admission_wait_seconds):
-                    raise ResourceExhausted(
-                        f"ingestion is behind: {self._budget.used} bytes waiting to commit, "
-                        f"at max_pending_bytes={limits.max_pending_bytes}; retry later",
-                        limits.retry_after_seconds,
-                    )
-                try:
-                    await self._upload_batch(request, index, response)
-                finally:
-                    await self._budget.release(request.size)
-                index += len(request.runs)
-        finally:
-            self._streams -= 1
-            self._metrics.open_streams.dec()
+        with self._slots.slot(context.peer()):
+            self._metrics.open_streams.inc()
+            try:
+                requests = aiter(request_iterator)
+                while True:
+                    try:
+                        async with asyncio.timeout(limits.stream_idle_seconds):
+                            request = await anext(requests)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        raise DeadlineExceeded(
+                            f"upload stream: no message for {limits.stream_idle_seconds:g} s "
+                            f"(stream_idle_seconds); {response.accepted_count} runs of it "
+                            "stored; send each batch on a stream of its own"
+                        ) from None
+                    if not await self._budget.acquire(request.size, limits.admission_wait_seconds):
+                        raise ResourceExhausted(
+                            f"ingestion is behind: {self._budget.used} bytes waiting to commit, "
+                            f"at max_pending_bytes={limits.max_pending_bytes}; retry later",
+                            limits.retry_after_seconds,
+                        )
+                    try:
+                        await self._upload_batch(request, index, response)
+                    finally:
+                        await self._budget.release(request.size)
+                    index += len(request.runs)
+            finally:
+                self._metrics.open_streams.dec()
         return response
 
     async def _upload_batch(
@@ -265,9 +288,9 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
                 continue
             try:
                 validate_agent_run(run)
-            except InvalidArgument as exc:
+            except InvalidRun as exc:
                 self._reject(
-                    response, index, run.id, pb.REJECTION_REASON_INVALID, field_of(exc), str(exc)
+                    response, index, run.id, pb.REJECTION_REASON_INVALID, exc.field, str(exc)
                 )
                 continue
             # The client's bytes are stored as sent: no re-encoding on the hot path.

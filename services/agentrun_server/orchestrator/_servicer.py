@@ -21,6 +21,7 @@ from agentrun._limits import (
     MAX_STAGES,
     shown,
 )
+from agentrun._run_checks import proto_value_depth_problem
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from agentrun.v1 import workflow_pb2 as workflow_pb
@@ -36,7 +37,6 @@ from agentrun_server._checks import (
     lease_id_problem,
     parse_id,
     storable_text,
-    value_depth_problem,
 )
 from agentrun_server._errors import InvalidArgument
 from agentrun_server.orchestrator._convert import (
@@ -47,7 +47,14 @@ from agentrun_server.orchestrator._convert import (
 )
 from agentrun_server.orchestrator._dispatcher import UNLIMITED, Dispatcher, Session
 from agentrun_server.orchestrator._metrics import OrchestratorMetrics
-from agentrun_server.serving import page_after, page_size, seconds_of, to_duration, to_timestamp
+from agentrun_server.serving import (
+    StreamSlots,
+    page_after,
+    page_size,
+    seconds_of,
+    to_duration,
+    to_timestamp,
+)
 from agentrun_server.storage import (
     Ack,
     AckCode,
@@ -89,6 +96,9 @@ class WorkLimits:
     max_leased_bytes: int = 256 * 1024 * 1024
     """Encoded bytes of leases (runs and inputs) one stream may hold unsettled; above it the
     stream gets no more leases until it settles some."""
+    max_streams_per_peer: int = 256
+    """Work streams open at once from one client host (its IP address); one more is answered
+    RESOURCE_EXHAUSTED with RetryInfo."""
 
 
 def _clip(error: str) -> str:
@@ -145,6 +155,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._metrics = metrics
         self._max_batch_bytes = max_message_bytes // 2  # room for the leases' other fields
         self.limits = limits or WorkLimits()
+        self._slots = StreamSlots(
+            "Work streams", None, ("max_streams_per_peer", self.limits.max_streams_per_peer)
+        )
 
     # --- workflows ------------------------------------------------------------------------------
 
@@ -191,6 +204,13 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     async def Work(
         self, request_iterator: AsyncIterator[pb.WorkRequest], context: Context
+    ) -> AsyncIterator[pb.WorkResponse]:
+        with self._slots.slot(context.peer()):
+            async for response in self._work(request_iterator):
+                yield response
+
+    async def _work(
+        self, request_iterator: AsyncIterator[pb.WorkRequest]
     ) -> AsyncIterator[pb.WorkResponse]:
         first = await anext(aiter(request_iterator), None)
         if first is None:
@@ -381,7 +401,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                     f"{MAX_OUTPUT_BYTES:,}-byte limit"
                 )
             elif output is not None:
-                depth = value_depth_problem(c.output)
+                depth = proto_value_depth_problem(c.output)
                 problem = depth and f"completions[{i}].output: {depth}"
             if problem:
                 refused[i] = _refuse(item.task_id, item.lease_id, problem)
