@@ -33,10 +33,11 @@ class RpcError(AgentRunError):
 
     @classmethod
     def from_grpc(cls, error: grpc.RpcError) -> RpcError:
-        """Wrap a grpc error (a `grpc.Call` carries the code and details)."""
-        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-        details = error.details() if isinstance(error, grpc.Call) else str(error)
-        return cls(code, details or "")
+        """Wrap a grpc error: a `grpc.Call` or a `grpc.aio.AioRpcError` carries the code and
+        details (an AioRpcError is not a grpc.Call)."""
+        if isinstance(error, grpc.Call | grpc.aio.AioRpcError):
+            return cls(error.code(), error.details() or "")
+        return cls(grpc.StatusCode.UNKNOWN, str(error))
 
 
 class FormatError(AgentRunError):

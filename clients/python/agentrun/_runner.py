@@ -54,6 +54,7 @@ from agentrun import _metrics
 from agentrun._client import Client, auth_metadata
 from agentrun._convert import value_to_proto
 from agentrun._errors import WorkflowError
+from agentrun._limits import MAX_OUTPUT_BYTES, value_depth_problem
 from agentrun._progress import StageProgress, print_summary
 from agentrun._stage import (
     Fail,
@@ -71,8 +72,6 @@ from agentrun.v1 import orchestrator_service_pb2 as pb
 _log = logging.getLogger(__name__)
 
 DRAIN_GRACE_SECONDS = 30.0
-MAX_OUTPUT_BYTES = 1024 * 1024
-"""The server's limit on a stage output, encoded (TaskCompletion.output in the proto)."""
 PROGRESS_REFRESH_SECONDS = 0.25
 
 
@@ -530,6 +529,9 @@ class _Execution:
                 pathway, output = result or "", None
             encoded = None
             if output is not None:
+                problem = value_depth_problem(output)
+                if problem is not None:  # deterministic: another attempt returns the same
+                    return self._give_up(lease, f"stage function returned an output {problem}")
                 encoded = agent_run_pb2.Value()
                 value_to_proto(output, encoded)
         except Exception as exc:

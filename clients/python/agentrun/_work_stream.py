@@ -53,13 +53,29 @@ _log = logging.getLogger(__name__)
 
 RECONNECT_BACKOFF = Backoff(initial_seconds=0.5, max_seconds=5.0)
 EXTEND_CHECK_SECONDS = 1.0
-MAX_BREAKS = 5
-"""Streams in a row that may break with INTERNAL, UNKNOWN or CANCELLED (a server killed mid-write
-can end one so) before the error is taken as final. UNAVAILABLE is always retried."""
+_FINAL = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+"""Codes that end the stream for good: the subscription itself is wrong, and another attempt
+would be answered the same. Every other code is a reconnect: UNAVAILABLE, and also INTERNAL,
+UNKNOWN or CANCELLED, with which a server killed mid-write can end a stream (grpc/grpc#36066),
+DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (a per-host cap on streams)."""
+LOUD_EVERY = 10
+"""Attempts in a row after which a failing reconnect is logged again at WARNING."""
 CLOSE_SECONDS = 5.0
 """How long `close()` waits for the server to acknowledge what was settled and end the stream."""
 _SETTLES = ("complete_tasks", "fail_tasks", "release_tasks")
-_BREAKS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED})
+_VERBS = {"complete_tasks": "completion", "release_tasks": "release"}
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 OnRevoked = Callable[[pb.Lease, str], None]
 
@@ -298,7 +314,7 @@ class WorkStream:
     # --- the stream, reopened until closed ------------------------------------------------------
 
     async def _run(self) -> None:
-        attempt = breaks = 0
+        attempt = 0
         try:
             while not self._closing:
                 self._streamed = False
@@ -310,17 +326,13 @@ class WorkStream:
                 if self._closing:
                     return
                 if self._streamed:  # it was up: start the schedule over
-                    attempt = breaks = 0
+                    attempt = 0
                     if self._out_of_reach:
                         self._out_of_reach = False
                         _log.info("reconnected to the orchestrator")
-                if error is not None:
-                    code = error.code()
-                    if code in _BREAKS and self.subscribed is not None and breaks < MAX_BREAKS:
-                        breaks += 1
-                    elif code != grpc.StatusCode.UNAVAILABLE:
-                        self._error = error
-                        return
+                if error is not None and error.code() in _FINAL:
+                    self._error = error
+                    return
                 attempt += 1
                 delay = self._reconnect.delay(
                     attempt,
@@ -330,8 +342,9 @@ class WorkStream:
                     why = f"broke ({error.code().name}: {error.details()})"
                 else:
                     why = "ended: the server is shutting down" if self._reconnect_asked else "ended"
-                # Said once per outage (and each time the server asks): not at every attempt.
-                level = logging.WARNING if attempt == 1 else logging.DEBUG
+                # Said once per outage (and each time the server asks), and again every
+                # LOUD_EVERY attempts: not at every attempt.
+                level = logging.WARNING if attempt % LOUD_EVERY == 1 else logging.DEBUG
                 self._out_of_reach = True
                 _log.log(
                     level,
@@ -354,7 +367,9 @@ class WorkStream:
                 metadata=self._metadata
             )
             resumed = [held.lease for held in self.held.values()]
-            await call.write(pb.WorkRequest(subscribe=self._subscribe(resumed)))
+            # A call that ended already raises InvalidStateError here; the read raises its status.
+            with contextlib.suppress(asyncio.InvalidStateError):
+                await call.write(pb.WorkRequest(subscribe=self._subscribe(resumed)))
             first: pb.WorkResponse = await call.read()
             if first is grpc.aio.EOF:  # type: ignore[attr-defined]  # not in grpc-stubs
                 return
@@ -476,7 +491,20 @@ class WorkStream:
                     held.deadline = _seconds(ack.deadline)
             resent = (ack.task_id, ack.lease_id) in self._resent
             self._resent.discard((ack.task_id, ack.lease_id))
-            if ack.code != 0 and not resent:
+            if ack.code == _INVALID and kind in ("complete_tasks", "release_tasks"):
+                # Refused as malformed, the lease is still held on the server: fail the attempt
+                # with the server's reason rather than leave it leased until it expires.
+                _log.error("task %s: the server refused its %s: %s", ack.task_id, kind, ack.message)
+                self._pending["fail_tasks"].append(
+                    pb.TaskFailure(
+                        task_id=ack.task_id,
+                        lease_id=ack.lease_id,
+                        error=f"the server refused the worker's {_VERBS[kind]}: {ack.message}",
+                        non_retryable=kind == "complete_tasks",
+                    )
+                )
+                self._wake_writer.set()
+            elif ack.code != 0 and not resent:
                 _log.warning("task %s: the server refused: %s", ack.task_id, ack.message)
             elif ack.code != 0:
                 _log.debug("task %s: resent settle refused: %s", ack.task_id, ack.message)
