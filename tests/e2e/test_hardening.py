@@ -573,6 +573,56 @@ async def test_collection_names_are_nfc_and_printable(stubs: Stubs) -> None:
         assert code is grpc.StatusCode.INVALID_ARGUMENT and "not printable" in details
 
 
+async def test_the_cli_escapes_what_it_prints(sqlite_server: Server, tmp_path: Any) -> None:
+    """A failure's error is free text, and a collection named before names were checked may hold
+    anything: `stats`, `tasks list` and `tasks show` print escape sequences and right-to-left
+    overrides escaped, never raw."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    stubs = Stubs(sqlite_server.port)
+    await stubs.set_up(runs=1)
+    worker = Worker(stubs)
+    await worker.subscribe()
+    (lease,) = await worker.leases(1)
+    evil = "boom\x1b[2J\x1b]0;owned\x07 \u202etxt.exe\nsecond line"
+    (ack,) = await worker.send(
+        fail_tasks=pb.FailTasks(
+            failures=[
+                pb.TaskFailure(
+                    task_id=lease.task_id, lease_id=lease.lease_id, error=evil, non_retryable=True
+                )
+            ]
+        )
+    )
+    assert ack.code == 0
+    with sqlite3.connect(tmp_path / "a.db") as db:  # stored before names were checked
+        db.execute("UPDATE collections SET name = 'red\x1b[31m\u202e'")
+    url = f"127.0.0.1:{sqlite_server.port}"
+    outputs = []
+    for command in (
+        ["stats"],
+        ["tasks", "list", "wf", "--state", "dead"],
+        ["tasks", "show", lease.task_id],
+    ):
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "agentrun._cli", *command, "--server", url],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        outputs.append(done.stdout)
+    stats, listing, shown = outputs
+    for out in outputs:
+        assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out
+    assert "red\\x1b[31m\\u202e" in stats
+    assert "last error: boom\\x1b[2J\\x1b]0;owned\\x07 \\u202etxt.exe\\nsecond line" in listing
+    assert "failed: boom\\x1b[2J" in shown and "\n    second line" in shown
+    await stubs.channel.close()
+
+
 # --- slow clients and streams that never end ----------------------------------------------------
 
 

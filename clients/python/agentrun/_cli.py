@@ -292,6 +292,20 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _safe(text: str, *, keep_newlines: bool = False) -> str:
+    """`text` with every unprintable character escaped (`\\x1b`, `\\u202e`), so that printing a
+    stored name, id or error never sends escape sequences or right-to-left overrides to the
+    terminal."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c
+        if c.isprintable() or (keep_newlines and c == "\n")
+        else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
+
+
 def _upload(args: argparse.Namespace) -> int:
     skipped: list[FormatError] = []
     on_invalid = skipped.append if args.skip_invalid else None
@@ -310,9 +324,12 @@ def _upload(args: argparse.Namespace) -> int:
         f"(collection {collection.name!r}, {collection.id})"
     )
     for rejected in summary.rejected:
-        print(f"  rejected {rejected.agent_run_id}: {rejected.reason}: {rejected.message}")
+        print(
+            f"  rejected {_safe(rejected.agent_run_id)}: {rejected.reason}: "
+            f"{_safe(rejected.message)}"
+        )
     for message in summary.errors:
-        print(f"  error: {message}")
+        print(f"  error: {_safe(message)}")
     return 0 if summary.ok else 1
 
 
@@ -335,8 +352,8 @@ def _stats(args: argparse.Namespace) -> int:
         backlog = client.backlog()
     print("collections:")
     for c in collections:
-        bound = f" -> workflow {c.workflow}" if c.workflow else ""
-        print(f"  {c.name:<24} {c.run_count:>8} runs{bound}")
+        bound = f" -> workflow {_safe(c.workflow)}" if c.workflow else ""
+        print(f"  {_safe(c.name):<24} {c.run_count:>8} runs{bound}")
     if not collections:
         print("  (none)")
     print("tasks:")
@@ -355,7 +372,7 @@ def _stats(args: argparse.Namespace) -> int:
         )
         age = s.oldest_ready_age.ToNanoseconds() / 1e9
         print(
-            f"  {s.workflow + '/' + s.stage:<32}"
+            f"  {_safe(s.workflow + '/' + s.stage):<32}"
             + "".join(f"{n:>10}" for n in counts)
             + (f"  {age:.1f} s" if age else "  -")
         )
@@ -379,11 +396,11 @@ def _enqueue(args: argparse.Namespace) -> int:
 
 def _show_task(task: workflow_pb2.Task) -> None:
     state = workflow_pb2.TaskState.Name(task.state).removeprefix("TASK_STATE_").lower()
-    print(f"task {task.id}: {task.workflow}/{task.stage}, {state}")
-    print(f"  run          {task.agent_run_id} (collection {task.collection_id})")
+    print(f"task {task.id}: {_safe(task.workflow)}/{_safe(task.stage)}, {state}")
+    print(f"  run          {_safe(task.agent_run_id)} (collection {_safe(task.collection_id)})")
     print(f"  attempt      {task.attempt} of {task.max_attempts}; priority {task.priority}")
     if task.state == workflow_pb2.TASK_STATE_DONE:
-        print(f"  pathway      {task.pathway or '(end)'}")
+        print(f"  pathway      {_safe(task.pathway) or '(end)'}")
     if task.previous_task_id:
         print(f"  after task   {task.previous_task_id}")
     for label, present, value in (
@@ -394,7 +411,8 @@ def _show_task(task: workflow_pb2.Task) -> None:
             text = json.dumps(value_from_proto(value), indent=2, default=str)
             print(f"  {label:<12} " + text.replace("\n", "\n" + " " * 15))
     for failure in task.failures:
-        print(f"  attempt {failure.attempt} failed: {failure.error}")
+        error = _safe(failure.error, keep_newlines=True).replace("\n", "\n" + " " * 4)
+        print(f"  attempt {failure.attempt} failed: {error}")
 
 
 def _tasks(args: argparse.Namespace) -> int:
@@ -406,10 +424,10 @@ def _tasks(args: argparse.Namespace) -> int:
             state = args.state and workflow_pb2.TaskState.Value(f"TASK_STATE_{args.state.upper()}")
             for task in client.list_tasks(args.workflow, args.stage, state or 0):
                 name = workflow_pb2.TaskState.Name(task.state).removeprefix("TASK_STATE_")
-                error = task.failures[-1].error if task.failures else ""
+                error = _safe(task.failures[-1].error) if task.failures else ""
                 print(
-                    f"{task.id:>8}  {task.stage:<16} {name.lower():<10} attempt "
-                    f"{task.attempt}/{task.max_attempts}  run {task.agent_run_id}"
+                    f"{task.id:>8}  {_safe(task.stage):<16} {name.lower():<10} attempt "
+                    f"{task.attempt}/{task.max_attempts}  run {_safe(task.agent_run_id)}"
                     + (f"  last error: {error}" if error else "")
                 )
             return 0
