@@ -43,7 +43,7 @@ from agentrun_server.serving import (
     MetricsEndpoint,
     MetricsInterceptor,
 )
-from agentrun_server.storage import PoolConfig, Storage, open_storage
+from agentrun_server.storage import PoolConfig, SqliteConfig, Storage, open_storage
 
 _log = logging.getLogger(__name__)
 
@@ -145,6 +145,8 @@ class ServerConfig:
     """Keepalive, its enforcement, and connection age."""
     pool: PoolConfig = field(default_factory=PoolConfig)
     """The database server's connection pool and statement timeout (PostgreSQL)."""
+    sqlite: SqliteConfig = field(default_factory=SqliteConfig)
+    """SQLite's durability: commits synced at each write ("full") or at checkpoints ("normal")."""
     resume_grace_seconds: float = RESUME_GRACE_SECONDS
     """How long a lease whose stream ended (or whose server went silent) waits for its worker
     to resume it on a new stream before its task is retried, the attempt counted."""
@@ -197,7 +199,7 @@ class Server:
             raise InvalidArgument(
                 f"services: choose from {', '.join(SERVICES)}; got {sorted(unknown)}"
             )
-        self._storage = storage = await open_storage(config.db, config.pool)
+        self._storage = storage = await open_storage(config.db, config.pool, config.sqlite)
         limit = config.limits.max_message_bytes
         grpc_metrics = GrpcServerMetrics(self.registry)
         self._grpc = server = grpc.aio.server(

@@ -623,6 +623,75 @@ async def test_the_cli_escapes_what_it_prints(sqlite_server: Server, tmp_path: A
     await stubs.channel.close()
 
 
+# --- storage failures ----------------------------------------------------------------------------
+
+
+async def _set_max_pages(server: Server, pages: int | None) -> None:
+    """Cap the SQLite file at `pages` (None: its size now) on the server's writing connections:
+    SQLite's own SQLITE_FULL, as on a full disk, for whatever would grow the file."""
+    engine = server._storage._engine  # type: ignore[union-attr]  # what a full disk reaches
+
+    def cap(db: Any) -> None:
+        limit = pages or db.execute("PRAGMA page_count").fetchone()[0]
+        for conn in (db, engine._loop_conn):
+            conn.execute(f"PRAGMA max_page_count = {limit}")
+
+    await engine.write(cap)
+
+
+async def test_a_full_disk_is_unavailable_with_retry_info_and_the_writer_delivers_later(
+    sqlite_server: Server,
+) -> None:
+    from agentrun import AgentRunWriter
+    from agentrun._retry import Backoff
+
+    stubs = Stubs(sqlite_server.port)
+    collection = await stubs.set_up(runs=0)
+    await _set_max_pages(sqlite_server, None)
+    big = [agent_run_to_proto(_run(i)) for i in range(200)]
+    for run in big:
+        run.transcripts[0].messages[0].text = "x" * 20_000
+    with pytest.raises(grpc.aio.AioRpcError) as full:
+        await stubs.upload(collection, big[:50])
+    assert full.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "the disk is full" in (full.value.details() or "")
+    trailers = dict(full.value.trailing_metadata() or ())
+    assert "grpc-status-details-bin" in trailers  # RetryInfo: the writer waits as told
+    # Reads go on.
+    listed = await stubs.ingest.ListCollections(ingest_pb.ListCollectionsRequest())
+    assert [c.id for c in listed.collections] == [collection]
+
+    writer = AgentRunWriter(
+        collection,
+        server_url=f"127.0.0.1:{sqlite_server.port}",
+        backoff=Backoff(initial_seconds=0.1, max_seconds=0.5),
+    )
+    writer.log_agent_runs(big)
+    await asyncio.sleep(1.5)  # the writer meets the full disk and keeps the runs
+    await _set_max_pages(sqlite_server, 1_000_000)  # space freed
+    summary = await asyncio.to_thread(writer.finish)
+    assert (summary.accepted, summary.undelivered, summary.rejected) == (200, 0, [])
+    count = await stubs.ingest.CountAgentRuns(
+        ingest_pb.CountAgentRunsRequest(collection_id=collection)
+    )
+    assert count.count == 200
+    await stubs.channel.close()
+
+
+async def test_sqlite_synchronous_full_is_an_option(tmp_path: Any) -> None:
+    from agentrun_server.storage import SqliteConfig
+
+    for setting, pragma in (("normal", 1), ("full", 2)):
+        server = await _start(tmp_path / setting, sqlite=SqliteConfig(setting))
+        engine = server._storage._engine  # type: ignore[union-attr]
+        got = await engine.write(lambda db: db.execute("PRAGMA synchronous").fetchone()[0])
+        assert got == pragma
+        assert engine._loop_conn.execute("PRAGMA synchronous").fetchone()[0] == pragma
+        await server.shutdown(grace_seconds=1)
+    with pytest.raises(ValueError, match="choose normal or full"):
+        SqliteConfig("off")
+
+
 # --- slow clients and streams that never end ----------------------------------------------------
 
 

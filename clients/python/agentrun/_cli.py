@@ -109,6 +109,14 @@ def _parser() -> argparse.ArgumentParser:
         default=10.0,
         help="on SIGTERM, how long in-flight calls may finish [default 10]",
     )
+    serve.add_argument(
+        "--sqlite-synchronous",
+        choices=("normal", "full"),
+        default="normal",
+        help="SQLite: 'normal' keeps every acknowledged write through a crash or kill of the "
+        "server; 'full' also through power loss or an OS crash, at an fsync per write "
+        "[default normal]",
+    )
     database = serve.add_argument_group("PostgreSQL")
     database.add_argument(
         "--db-max-connections",
@@ -244,7 +252,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from agentrun_server import SERVICES, IngestionLimits, Server, ServerConfig, ServerError
-    from agentrun_server.storage import PoolConfig
+    from agentrun_server.storage import PoolConfig, SqliteConfig
 
     config = ServerConfig(
         db=args.db,
@@ -255,6 +263,7 @@ def _serve(args: argparse.Namespace) -> int:
         grace_seconds=args.grace_seconds,
         resume_grace_seconds=args.resume_grace_seconds,
         pool=PoolConfig(args.db_max_connections, args.db_statement_timeout_seconds),
+        sqlite=SqliteConfig(args.sqlite_synchronous),
         limits=IngestionLimits(
             **{
                 name: getattr(args, name)

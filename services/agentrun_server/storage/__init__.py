@@ -34,6 +34,7 @@ from agentrun_server.storage._types import (
     PoolConfig,
     Release,
     Revocation,
+    SqliteConfig,
     StageBacklog,
     StageDef,
     StoredRun,
@@ -64,6 +65,7 @@ __all__ = [
     "PoolConfig",
     "Release",
     "Revocation",
+    "SqliteConfig",
     "SqliteStorage",
     "StageBacklog",
     "StageDef",
@@ -324,10 +326,12 @@ class Storage(Protocol):
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
-async def open_storage(url: str, pool: PoolConfig | None = None) -> Storage:
+async def open_storage(
+    url: str, pool: PoolConfig | None = None, sqlite: SqliteConfig | None = None
+) -> Storage:
     """Open the store a URL names, applying pending migrations: `sqlite:///relative.db`,
-    `sqlite:////abs/path.db` or a path (SQLite); `postgresql://USER@HOST:PORT/DBNAME` or
-    `postgres://...` (PostgreSQL, with `pool`'s limits).
+    `sqlite:////abs/path.db` or a path (SQLite, with `sqlite`'s durability);
+    `postgresql://USER@HOST:PORT/DBNAME` or `postgres://...` (PostgreSQL, with `pool`'s limits).
 
     Raises:
         InvalidArgument: an unsupported scheme, or PostgreSQL without its driver installed.
@@ -355,6 +359,6 @@ async def open_storage(url: str, pool: PoolConfig | None = None) -> Storage:
         path = url
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sqlite = SqliteStorage(path)
-    await sqlite.open()
-    return sqlite
+    store = SqliteStorage(path, sqlite or SqliteConfig())
+    await store.open()
+    return store

@@ -34,6 +34,27 @@ class PoolConfig:
     """A statement running longer is cancelled; its call is answered UNAVAILABLE."""
 
 
+SQLITE_SYNCHRONOUS = ("normal", "full")
+
+
+@dataclass(frozen=True)
+class SqliteConfig:
+    """How SQLite trades durability for speed (SQLite's `PRAGMA synchronous`, in WAL mode)."""
+
+    synchronous: str = "normal"
+    """"normal": a commit survives the server's crash or kill, and the database is never
+    corrupted, but the last commits before a power loss or OS crash may be lost (SQLite syncs
+    the WAL at checkpoints, not at each commit). "full": every commit is synced to the disk
+    before it is acknowledged, so it survives power loss too, at the price of an fsync per
+    write transaction."""
+
+    def __post_init__(self) -> None:
+        if self.synchronous not in SQLITE_SYNCHRONOUS:
+            raise ValueError(
+                f"synchronous: choose {' or '.join(SQLITE_SYNCHRONOUS)}, not {self.synchronous!r}"
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class Collection:
     """A named set of runs, optionally bound to a workflow (empty string: unbound)."""

@@ -26,6 +26,7 @@ from agentrun_server.storage._types import (
     NewRun,
     Release,
     Revocation,
+    SqliteConfig,
     StageBacklog,
     StoredRun,
     TaskRecord,
@@ -115,9 +116,9 @@ class SqliteStorage:
     `path` ":memory:" keeps everything in one connection (tests only).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, config: SqliteConfig | None = None) -> None:
         self.path = path
-        self._engine = Engine(path)
+        self._engine = Engine(path, (config or SqliteConfig()).synchronous)
         self._workflows = _workflows.WorkflowCache()
 
     async def open(self, schema_version: int | None = None) -> None:

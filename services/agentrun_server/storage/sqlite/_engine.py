@@ -40,6 +40,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 Statements = Callable[Concatenate[sqlite3.Connection, P], T]
 
+_SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 BUSY_TIMEOUT_SECONDS = 30.0
 CHECKPOINT_INTERVAL_SECONDS = 1.0
 WAL_CHECK_SECONDS = 0.25
@@ -56,15 +57,43 @@ HOT_PATH_MAX_TASKS = 256
 for its whole transaction, about 10 us per task."""
 
 
-def is_busy(exc: sqlite3.OperationalError) -> bool:
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+_OUT_OF_RESOURCES = {
+    sqlite3.SQLITE_FULL: "the disk is full",
+    sqlite3.SQLITE_IOERR: "a disk I/O error",
+    sqlite3.SQLITE_READONLY: "the database file is read-only",
+    sqlite3.SQLITE_CANTOPEN: "the database file cannot be opened",
+    sqlite3.SQLITE_NOMEM: "out of memory",
+}
+"""SQLite's result codes for a database that cannot take a write now but may later: an operator's
+problem, not the request's. The client keeps what it sent and retries (UNAVAILABLE)."""
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF  # extended codes carry the primary in the low byte
+
+
+def is_busy(exc: sqlite3.Error) -> bool:
     """Whether SQLite refused because another connection holds the lock."""
+    code = _primary_code(exc)
+    if code is not None:
+        return code in _BUSY
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-def _unavailable(exc: sqlite3.OperationalError) -> Unavailable:
-    return Unavailable(
-        f"storage: {exc} (another process held it over {BUSY_TIMEOUT_SECONDS:.0f} s)"
-    )
+def unavailable(exc: sqlite3.Error) -> Unavailable | None:
+    """The UNAVAILABLE answer for a storage failure that is not the request's fault (busy past the
+    timeout, disk full, I/O error, read-only file), or None for one that is our bug."""
+    if is_busy(exc):
+        return Unavailable(
+            f"storage: {exc} (another process held it over {BUSY_TIMEOUT_SECONDS:.0f} s)"
+        )
+    why = _OUT_OF_RESOURCES.get(_primary_code(exc) or -1)
+    if why is None:
+        return None
+    _log.error("SQLite cannot write: %s (%s); answering UNAVAILABLE until it can", exc, why)
+    return Unavailable(f"storage: {why} ({exc}); nothing was stored, retry", retry_after_seconds=5)
 
 
 @contextmanager
@@ -76,7 +105,10 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         yield db
     except BaseException:
         if db.in_transaction:
-            db.execute("ROLLBACK")
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error as failed:  # SQLite may have rolled back already (disk full)
+                _log.warning("rollback after a failed write failed too: %s", failed)
         raise
     db.execute("COMMIT")
 
@@ -97,13 +129,14 @@ def select_in(
 
 
 def connect(
-    path: str, busy_timeout_seconds: float, *, read_only: bool = False
+    path: str, busy_timeout_seconds: float, *, read_only: bool = False, synchronous: str = "normal"
 ) -> sqlite3.Connection:
-    """A connection with the settings every connection of ours shares."""
+    """A connection with the settings every connection of ours shares (`synchronous`: SQLite's
+    pragma, "normal" or "full"; see `SqliteConfig`)."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")
     conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[synchronous]}")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
     # SQLite's default since 3.32; some builds allow more (Debian's: 250,000). Pinned, so a
@@ -126,8 +159,9 @@ class Engine:
     to the storage thread.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, synchronous: str = "normal") -> None:
         self.path = path
+        self.synchronous = synchronous
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentrun-sqlite")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentrun-sqlite-read")
         self._conn: sqlite3.Connection | None = None
@@ -154,7 +188,9 @@ class Engine:
                 self._reader,
                 functools.partial(connect, self.path, BUSY_TIMEOUT_SECONDS, read_only=True),
             )
-            self._loop_conn = connect(self.path, busy_timeout_seconds=0)
+            self._loop_conn = connect(
+                self.path, busy_timeout_seconds=0, synchronous=self.synchronous
+            )
             self._loop = loop
             self._checkpointer = threading.Thread(
                 target=self._checkpoint_loop, name="agentrun-sqlite-checkpoint", daemon=True
@@ -162,7 +198,7 @@ class Engine:
             self._checkpointer.start()
 
     def _open_writer(self, migrate: Callable[[sqlite3.Connection], object]) -> None:
-        self._conn = connect(self.path, BUSY_TIMEOUT_SECONDS)
+        self._conn = connect(self.path, BUSY_TIMEOUT_SECONDS, synchronous=self.synchronous)
         migrate(self._conn)
 
     async def close(self) -> None:
@@ -190,17 +226,19 @@ class Engine:
         """Run `fn(db, ...)` on the storage thread, taking turns with the hot path.
 
         Raises:
-            Unavailable: another process held the database past the busy timeout.
+            Unavailable: another process held the database past the busy timeout, or the disk
+                is full, failing or read-only.
         """
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
                 self._writer, functools.partial(self._locked, fn, *args, **kwargs)
             )
-        except sqlite3.OperationalError as exc:
-            if not is_busy(exc):
+        except sqlite3.Error as exc:
+            answer = unavailable(exc)
+            if answer is None:
                 raise
-            raise _unavailable(exc) from exc
+            raise answer from exc
 
     def _locked(self, fn: Statements[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         conn = self._conn
@@ -235,9 +273,12 @@ class Engine:
                 await self._unlocked.wait()
             try:
                 return fn(conn, *args, **kwargs)
-            except sqlite3.OperationalError as exc:
+            except sqlite3.Error as exc:
                 if not is_busy(exc):
-                    raise
+                    answer = unavailable(exc)
+                    if answer is None:
+                        raise
+                    raise answer from exc
                 # Rolled back: wait for the other process on the storage thread.
             finally:
                 self._lock.release()
@@ -254,10 +295,11 @@ class Engine:
             return await loop.run_in_executor(
                 self._reader, functools.partial(fn, conn, *args, **kwargs)
             )
-        except sqlite3.OperationalError as exc:
-            if not is_busy(exc):
+        except sqlite3.Error as exc:
+            answer = unavailable(exc)
+            if answer is None:
                 raise
-            raise _unavailable(exc) from exc
+            raise answer from exc
 
     def _checkpoint_loop(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
