@@ -117,6 +117,11 @@ class ConnectionLimits:
                 int(self.max_connection_age_grace_seconds * 1000),
             ),
             ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            # What a stream not being read may buffer: HTTP/2's 64 KiB. BDP probing would grow
+            # every stream's window to megabytes, so an upload waiting for room under
+            # max_pending_bytes held about 10 MB of its next message anyway.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", 64 * 1024),
         ]
 
 

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from agentrun._convert import agent_run_to_proto
+from agentrun._retry import retry_delay_seconds
 from agentrun.v1 import agent_run_pb2 as run_pb
 from agentrun.v1 import ingestion_service_pb2 as ingest_pb
 from agentrun.v1 import ingestion_service_pb2_grpc as ingest_grpc
@@ -733,6 +734,41 @@ async def test_idle_upload_streams_are_closed_and_cannot_lock_out_ingestion(tmp_
             assert code is grpc.StatusCode.DEADLINE_EXCEEDED and "no message for 0.5 s" in details
         response = await stubs.upload(collection, [agent_run_to_proto(_run(1))])
         assert response.accepted_count == 1
+    finally:
+        await stubs.channel.close()
+        await server.shutdown(grace_seconds=1)
+
+
+async def test_streams_read_only_with_room_reserved_and_one_host_holds_only_its_share(
+    tmp_path: Any,
+) -> None:
+    """gRPC holds a whole message in memory once a read is asked for, so a stream reads its next
+    message only with max_message_bytes of room reserved; one host may hold only its share."""
+    limits = IngestionLimits(
+        max_message_bytes=100_000,
+        max_run_bytes=90_000,
+        max_pending_bytes=1_000_000,
+        max_pending_bytes_per_peer=250_000,
+        admission_wait_seconds=0.5,
+        stream_idle_seconds=30,
+    )
+    server = await _start(tmp_path, limits=limits)
+    stubs = Stubs(server.port)
+    try:
+        collection = await stubs.set_up(runs=0)
+        idle = [_idle_upload(stubs) for _ in range(2)]  # each holds 100,000 of this host's 250,000
+        await asyncio.sleep(0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stubs.upload(collection, [agent_run_to_proto(_run(1))])
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = refused.value.details() or ""
+        assert "200,000 from client host ipv4:127.0.0.1" in details
+        assert "max_pending_bytes_per_peer=250000" in details
+        assert retry_delay_seconds(refused.value) == 1.0  # type: ignore[arg-type]
+        idle[0].cancel()  # its reservation comes back
+        await asyncio.sleep(0.2)
+        assert (await stubs.upload(collection, [agent_run_to_proto(_run(1))])).accepted_count == 1
+        idle[1].cancel()
     finally:
         await stubs.channel.close()
         await server.shutdown(grace_seconds=1)

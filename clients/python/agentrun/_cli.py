@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--max-message-bytes",
         type=int,
-        help="largest upload message after decompression [default 64 MiB]",
+        help="largest upload message after decompression; each stream reserves this much of "
+        "--max-pending-bytes while it receives one [default 17 MiB]",
     )
     limits.add_argument(
         "--max-runs-per-message",
@@ -91,7 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--max-pending-bytes",
         type=int,
-        help="bytes waiting to commit before uploads are told to retry later [default 256 MiB]",
+        help="bytes of uploads in memory (being received or committed) before streams are "
+        "told to retry later [default 256 MiB]",
+    )
+    limits.add_argument(
+        "--max-pending-bytes-per-peer",
+        type=int,
+        help="the part of --max-pending-bytes one client host may hold [default 64 MiB]",
     )
     limits.add_argument(
         "--stream-idle-seconds",
@@ -228,6 +235,7 @@ LIMIT_FLAGS = (
     "max_runs_per_message",
     "max_run_bytes",
     "max_pending_bytes",
+    "max_pending_bytes_per_peer",
     "stream_idle_seconds",
     "max_upload_streams_per_peer",
 )

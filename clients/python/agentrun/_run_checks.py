@@ -9,46 +9,173 @@ model building.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 
 from agentrun._errors import InvalidRunError
 from agentrun._limits import MAX_VALUE_DEPTH, name_problem, shown
+from agentrun._varint import encode_varint
 from agentrun.v1 import agent_run_pb2 as pb
 
 
-def check_agent_run(run: pb.AgentRun) -> None:
+def check_agent_run(run: pb.AgentRun, *, shallow: bool = False) -> None:
     """Check what storing and rendering a run relies on: a printable id, at least one transcript,
     distinct printable transcript keys, a role and content on every message, no metadata field
-    `scores` (scores travel in `AgentRun.scores`), values nested at most MAX_VALUE_DEPTH deep.
+    `scores` (scores travel in `AgentRun.scores`), values nested at most MAX_VALUE_DEPTH deep
+    (not walked when `shallow`: `parse_agent_run` or `encodes_shallow` found so already).
 
     Raises:
         InvalidRunError: naming the first field at fault.
     """
-    found = _first_problem(run)
+    found = _first_problem(run, shallow)
     if found is not None:
         field, reason = found
         raise InvalidRunError(run.id if len(run.id) <= 256 else shown(run.id), field, reason)
 
 
+def parse_agent_run(data: bytes | memoryview) -> tuple[pb.AgentRun, bool]:
+    """Decode an encoded run, and say whether its values are known to nest at most
+    MAX_VALUE_DEPTH deep (then `check_agent_run(run, shallow=True)` skips the walk).
+
+    The run is decoded inside `_PROBE_LEVELS` nested groups of `_Probe`, which the protobuf
+    decoder (C) counts against its nesting limit: when it decodes, nothing in the run nests
+    deeper than a run whose metadata is a chain of MAX_VALUE_DEPTH lists, the cheapest nesting
+    there is. Otherwise (a deeper run, or no such limit here) it is decoded plainly.
+
+    Raises:
+        DecodeError: not an encoded AgentRun.
+    """
+    if _PROBE_LEVELS:
+        try:
+            probe = _Probe.FromString(_probe_bytes(data, _PROBE_LEVELS))
+        except DecodeError:
+            pass
+        else:
+            for _ in range(_PROBE_LEVELS):
+                probe = probe.probe
+            return probe.run, True
+    return pb.AgentRun.FromString(data), False  # type: ignore[arg-type]  # upb takes any buffer
+
+
+def encodes_shallow(data: bytes) -> bool:
+    """Whether an encoded run's values are known to nest at most MAX_VALUE_DEPTH deep (see
+    `parse_agent_run`)."""
+    if not _PROBE_LEVELS:
+        return False
+    try:
+        _Probe.FromString(_probe_bytes(data, _PROBE_LEVELS))
+    except DecodeError:
+        return False
+    return True
+
+
 def proto_value_depth_problem(value: pb.Value, depth: int = 0) -> str | None:
     """Why `value` nests too deep, or None: as `agentrun._limits.value_depth_problem` counts on
     the model (a struct or list is one level), with `depth` levels above it already."""
-    stack = [(value, depth)]
-    while stack:
-        current, level = stack.pop()
-        kind = current.WhichOneof("kind")
-        if kind == "struct_value":
-            children = [f.value for f in current.struct_value.fields]
-        elif kind == "list_value":
-            children = list(current.list_value.values)
-        else:
-            continue
-        if level + 1 > MAX_VALUE_DEPTH:
-            return f"nested more than {MAX_VALUE_DEPTH} levels deep (dicts and lists)"
-        stack.extend((child, level + 1) for child in children)
+    kind = value.WhichOneof("kind")
+    if kind != "struct_value" and kind != "list_value":
+        return None
+    # Each level costs at least 4 encoded bytes (a container, and the entry holding the next
+    # level, each a tag and a length), the innermost 2: a value smaller cannot nest too deep.
+    if value.ByteSize() < 4 * (MAX_VALUE_DEPTH - depth) + 2:
+        return None
+    if _nests_past(value, depth):
+        return f"nested more than {MAX_VALUE_DEPTH} levels deep (dicts and lists)"
     return None
 
 
-def _first_problem(run: pb.AgentRun) -> tuple[str, str] | None:
+def _probe_class() -> Any:
+    """`message Probe { optional group Probe = 1; optional agentrun.v1.AgentRun run = 2; }`
+    (proto2): a group is delimited by tags, not a length, so wrapping costs no encoding."""
+    file = descriptor_pb2.FileDescriptorProto(
+        name="agentrun/_run_checks_probe.proto",
+        package="agentrun.internal",
+        syntax="proto2",
+        dependency=[pb.DESCRIPTOR.name],
+    )
+    message = file.message_type.add(name="Probe")
+    optional = descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL
+    message.field.add(
+        name="probe",
+        number=1,
+        label=optional,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_GROUP,
+        type_name=".agentrun.internal.Probe",
+    )
+    message.field.add(
+        name="run",
+        number=2,
+        label=optional,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
+        type_name=".agentrun.v1.AgentRun",
+    )
+    pool = descriptor_pool.Default()
+    try:
+        descriptor = pool.FindMessageTypeByName("agentrun.internal.Probe")
+    except KeyError:
+        pool.Add(file)
+        descriptor = pool.FindMessageTypeByName("agentrun.internal.Probe")
+    return message_factory.GetMessageClass(descriptor)
+
+
+_Probe = _probe_class()
+
+
+def _probe_bytes(data: bytes | memoryview, levels: int) -> bytes:
+    return b"".join((b"\x0b" * levels, b"\x12", encode_varint(len(data)), data, b"\x0c" * levels))
+
+
+def _most_levels(run: pb.AgentRun) -> int:
+    """The most groups `run` decodes inside (0 if none; 1,000 stands for no limit found)."""
+    data = run.SerializeToString()
+    low, high = -1, 1000
+    while low + 1 < high:  # low decodes (or is -1), high does not (or is the cap)
+        middle = (low + high) // 2
+        try:
+            _Probe.FromString(_probe_bytes(data, middle))
+            low = middle
+        except DecodeError:
+            high = middle
+    return low
+
+
+def _calibrate() -> int:
+    """The groups to wrap a run in: a run whose metadata holds a chain of MAX_VALUE_DEPTH lists
+    decodes inside them, one with a chain a level longer does not. 0 disables the probe."""
+
+    def chained(levels: int) -> pb.AgentRun:
+        run = pb.AgentRun(id="probe")
+        value = run.metadata.fields["chain"].value
+        for _ in range(levels):
+            value = value.list_value.values.add()
+        value.string_value = "x"
+        return run
+
+    levels = _most_levels(chained(MAX_VALUE_DEPTH))
+    if levels <= 0 or levels >= 999 or _most_levels(chained(MAX_VALUE_DEPTH + 1)) >= levels:
+        return 0
+    return levels
+
+
+_PROBE_LEVELS = _calibrate()
+
+
+def _nests_past(value: pb.Value, level: int) -> bool:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        children: Any = [field.value for field in value.struct_value.fields]
+    elif kind == "list_value":
+        children = value.list_value.values
+    else:
+        return False
+    if level >= MAX_VALUE_DEPTH:
+        return True
+    return any(_nests_past(child, level + 1) for child in children)
+
+
+def _first_problem(run: pb.AgentRun, shallow: bool) -> tuple[str, str] | None:
     """(field, reason) of the first problem, or None."""
     problem = name_problem(run.id)
     if problem is not None:
@@ -60,7 +187,7 @@ def _first_problem(run: pb.AgentRun) -> tuple[str, str] | None:
             "metadata.fields['scores']",
             "scores travel in AgentRun.scores (bool, int or double), not as a metadata field",
         )
-    found = _metadata_problem("metadata", run.metadata)
+    found = None if shallow else _metadata_problem("metadata", run.metadata)
     if found is not None:
         return found
     keys = set()
@@ -71,25 +198,41 @@ def _first_problem(run: pb.AgentRun) -> tuple[str, str] | None:
         if transcript.key in keys:
             return f"transcripts[{t}].key", f"duplicate key {shown(transcript.key)}"
         keys.add(transcript.key)
-        found = _metadata_problem(f"transcripts[{t}].metadata", transcript.metadata)
+        found = (
+            None
+            if shallow
+            else _metadata_problem(f"transcripts[{t}].metadata", transcript.metadata)
+        )
         if found is not None:
             return found
         for m, message in enumerate(transcript.messages):
-            where = f"transcripts[{t}].messages[{m}]"
-            role = message.WhichOneof("role")
-            if role is None:
-                return f"{where}.role", "required"
-            if message.WhichOneof("content") is None:
-                return f"{where}.content", "required"
-            if role == "assistant":
-                for c, call in enumerate(message.assistant.tool_calls):
-                    problem = _struct_problem(call.arguments)
-                    if problem is not None:
-                        return f"{where}.tool_calls[{c}].arguments", problem
-            elif role == "tool" and message.tool.HasField("error"):
-                problem = _struct_problem(message.tool.error)
+            found = _message_problem(message, shallow)
+            if found is not None:
+                return f"transcripts[{t}].messages[{m}]{found[0]}", found[1]
+    return None
+
+
+def _message_problem(message: pb.ChatMessage, shallow: bool) -> tuple[str, str] | None:
+    """(field below the message, reason) of its first problem, or None. Runs for every message
+    of every run received: no work for a sound message beyond the checks themselves."""
+    role = message.WhichOneof("role")
+    if role is None:
+        return ".role", "required"
+    if message.WhichOneof("content") is None:
+        return ".content", "required"
+    if shallow:
+        return None
+    if role == "assistant":
+        calls = message.assistant.tool_calls
+        if calls:
+            for c, call in enumerate(calls):
+                problem = _struct_problem(call.arguments)
                 if problem is not None:
-                    return f"{where}.tool.error", problem
+                    return f".tool_calls[{c}].arguments", problem
+    elif role == "tool" and message.tool.HasField("error"):
+        problem = _struct_problem(message.tool.error)
+        if problem is not None:
+            return ".tool.error", problem
     return None
 
 
@@ -107,7 +250,10 @@ def _fields(struct: pb.StructValue) -> Iterator[pb.Value]:
 
 
 def _struct_problem(struct: pb.StructValue) -> str | None:
-    # The struct itself is the first level.
+    # The struct itself is the first level; its values have MAX_VALUE_DEPTH - 1 left, and one
+    # nested that deep takes at least 4 * (MAX_VALUE_DEPTH - 1) + 2 bytes (see above).
+    if struct.ByteSize() < 4 * (MAX_VALUE_DEPTH - 1) + 2:
+        return None
     for value in _fields(struct):
         problem = proto_value_depth_problem(value, 1)
         if problem is not None:

@@ -31,7 +31,7 @@ from agentrun._client import Client, auth_metadata, open_channel, resolve_server
 from agentrun._convert import agent_run_to_proto
 from agentrun._errors import InvalidRunError, WriterClosedError
 from agentrun._retry import Backoff, Failure, Verdict
-from agentrun._run_checks import check_agent_run
+from agentrun._run_checks import check_agent_run, encodes_shallow, parse_agent_run
 from agentrun._spool import Segment, Spool
 from agentrun._varint import encode_varint
 from agentrun.v1 import agent_run_pb2
@@ -293,9 +293,9 @@ class AgentRunWriter:
             for data in runs:
                 item = _Item("", data, collection, segment)
                 try:  # spooled by an older SDK, or damaged: refused here, never sent
-                    run = agent_run_pb2.AgentRun.FromString(data)
+                    run, shallow = parse_agent_run(data)
                     item.run_id = run.id
-                    check_agent_run(run)
+                    check_agent_run(run, shallow=shallow)
                     items.append(item)
                 except DecodeError:
                     refused.append((item, "a spooled run that does not decode; not sent"))
@@ -370,8 +370,9 @@ class AgentRunWriter:
 
     def _encode(self, run: AgentRun | agent_run_pb2.AgentRun) -> _Item:
         message = run if isinstance(run, agent_run_pb2.AgentRun) else agent_run_to_proto(run)
-        check_agent_run(message)
-        return _Item(message.id, message.SerializeToString(), self._collection)
+        data = message.SerializeToString()
+        check_agent_run(message, shallow=encodes_shallow(data))
+        return _Item(message.id, data, self._collection)
 
     # --- shutdown -------------------------------------------------------------------------------
 

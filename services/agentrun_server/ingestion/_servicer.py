@@ -12,6 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from agentrun._limits import MAX_DESCRIPTION_BYTES
+from agentrun._run_checks import parse_agent_run
 from agentrun.v1 import agent_run_pb2 as run_pb
 from agentrun.v1 import ingestion_service_pb2 as pb
 from agentrun.v1 import ingestion_service_pb2_grpc as pb_grpc
@@ -31,6 +32,7 @@ from agentrun_server.serving import (
     add_service,
     page_after,
     page_size,
+    peer_host,
     to_timestamp,
 )
 from agentrun_server.storage import (
@@ -50,8 +52,11 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class IngestionLimits:
     """Limits of the ingestion service. Over one, the client gets a status naming it."""
 
-    max_message_bytes: int = 64 * 1024 * 1024
-    """Largest request message, after decompression (gRPC answers RESOURCE_EXHAUSTED above)."""
+    max_message_bytes: int = 17 * 1024 * 1024
+    """Largest request message, after decompression (gRPC answers RESOURCE_EXHAUSTED above):
+    room for one run at max_run_bytes. Each stream reserves this much of max_pending_bytes
+    before it reads a message (gRPC holds a whole message in memory once asked to read it), so
+    the pair bounds the memory that uploads can take."""
     max_runs_per_message: int = 1000
     """Most runs in one UploadAgentRuns message (INVALID_ARGUMENT above, nothing of it stored)."""
     max_run_bytes: int = 16 * 1024 * 1024
@@ -64,40 +69,62 @@ class IngestionLimits:
     stream_idle_seconds: float = 30.0
     """An upload stream that delivers no message for this long is closed (DEADLINE_EXCEEDED;
     the runs of its earlier messages stay stored), so that idle streams cannot hold the slots."""
-    max_pending_bytes: int = 256 * 1024 * 1024
-    """Received bytes waiting for or in their commit, over all streams. A message above it waits
-    (its stream reads nothing more: HTTP/2 flow control slows the client) for up to
+    max_pending_bytes: int = 128 * 1024 * 1024
+    """Bytes of upload messages in memory, over all streams: reserved (max_message_bytes) while a
+    message is being received, then its real size until it is committed. A stream finding no
+    room reads nothing (HTTP/2 flow control holds the client back) for up to
     `admission_wait_seconds`, then is answered RESOURCE_EXHAUSTED with RetryInfo."""
+    max_pending_bytes_per_peer: int = 48 * 1024 * 1024
+    """The part of max_pending_bytes that one client host may hold, so that no host, however
+    many streams it opens, takes all of it."""
     admission_wait_seconds: float = 5.0
-    """How long a message waits for room under `max_pending_bytes`."""
+    """How long a stream waits for room under `max_pending_bytes` before its next message."""
     retry_after_seconds: float = 1.0
     """The delay RetryInfo asks of a client turned away by the two limits above."""
 
 
-class _CommitBudget:
-    """Bytes admitted to the commit path; a message bigger than the whole budget is admitted alone."""
+class _PendingBytes:
+    """Bytes of upload messages in memory, in all and per client host. A reservation bigger than
+    what is left is granted when nothing else is held (in all, or by that host)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_peer: int) -> None:
         self.limit = limit
+        self.per_peer = per_peer
         self.used = 0
+        self._by_peer: dict[str, int] = {}
         self._room = asyncio.Condition()
 
-    async def acquire(self, size: int, wait_seconds: float) -> bool:
+    def _fits(self, peer: str, size: int) -> bool:
+        mine = self._by_peer.get(peer, 0)
+        return (not self.used or self.used + size <= self.limit) and (
+            not mine or mine + size <= self.per_peer
+        )
+
+    async def acquire(self, peer: str, size: int, wait_seconds: float) -> bool:
         async with self._room:
             try:
                 async with asyncio.timeout(wait_seconds):  # wait_for can swallow a cancellation
-                    await self._room.wait_for(
-                        lambda: not self.used or self.used + size <= self.limit
-                    )
+                    await self._room.wait_for(lambda: self._fits(peer, size))
             except TimeoutError:
                 return False
             self.used += size
+            self._by_peer[peer] = self._by_peer.get(peer, 0) + size
             return True
 
-    async def release(self, size: int) -> None:
+    async def release(self, peer: str, size: int) -> None:
+        if not size:
+            return
         async with self._room:
             self.used -= size
+            left = self._by_peer[peer] - size
+            if left:
+                self._by_peer[peer] = left
+            else:
+                del self._by_peer[peer]
             self._room.notify_all()
+
+    def held_by(self, peer: str) -> int:
+        return self._by_peer.get(peer, 0)
 
 
 def collection_to_proto(collection: Collection) -> pb.Collection:
@@ -153,7 +180,9 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             ("max_upload_streams_per_peer", self.limits.max_upload_streams_per_peer),
             self.limits.retry_after_seconds,
         )
-        self._budget = _CommitBudget(self.limits.max_pending_bytes)
+        self._pending = _PendingBytes(
+            self.limits.max_pending_bytes, self.limits.max_pending_bytes_per_peer
+        )
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Serve this servicer on `server`; uploads are decoded by `decode_upload_request`."""
@@ -202,43 +231,63 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             InvalidArgument: a message is malformed, lacks collection_id, or is over
                 max_runs_per_message (runs of earlier messages in the stream stay stored).
             ResourceExhausted: with RetryInfo: over max_upload_streams (in all, or from this
-                client host), or no room under max_pending_bytes within admission_wait_seconds.
+                client host), or no room under max_pending_bytes (in all, or for this client
+                host) within admission_wait_seconds.
             DeadlineExceeded: no message for stream_idle_seconds.
             NotFound: no such collection.
         """
-        limits = self.limits
         response = pb.UploadAgentRunsResponse()
         index = 0
+        peer = peer_host(context.peer())
         with self._slots.slot(context.peer()):
             self._metrics.open_streams.inc()
             try:
                 requests = aiter(request_iterator)
                 while True:
-                    try:
-                        async with asyncio.timeout(limits.stream_idle_seconds):
-                            request = await anext(requests)
-                    except StopAsyncIteration:
+                    request = await self._receive(requests, peer, response.accepted_count)
+                    if request is None:
                         break
-                    except TimeoutError:
-                        raise DeadlineExceeded(
-                            f"upload stream: no message for {limits.stream_idle_seconds:g} s "
-                            f"(stream_idle_seconds); {response.accepted_count} runs of it "
-                            "stored; send each batch on a stream of its own"
-                        ) from None
-                    if not await self._budget.acquire(request.size, limits.admission_wait_seconds):
-                        raise ResourceExhausted(
-                            f"ingestion is behind: {self._budget.used} bytes waiting to commit, "
-                            f"at max_pending_bytes={limits.max_pending_bytes}; retry later",
-                            limits.retry_after_seconds,
-                        )
                     try:
                         await self._upload_batch(request, index, response)
                     finally:
-                        await self._budget.release(request.size)
+                        await self._pending.release(peer, request.size)
                     index += len(request.runs)
             finally:
                 self._metrics.open_streams.dec()
         return response
+
+    async def _receive(
+        self, requests: AsyncIterator[RawUpload], peer: str, stored: int
+    ) -> RawUpload | None:
+        """The stream's next message, read only once max_message_bytes of room is reserved for
+        it (gRPC buffers a whole message when asked for one); the reservation shrinks to the
+        message's size, held until the caller releases it. None at the end of the stream."""
+        limits = self.limits
+        reserved = limits.max_message_bytes
+        if not await self._pending.acquire(peer, reserved, limits.admission_wait_seconds):
+            mine = self._pending.held_by(peer)
+            raise ResourceExhausted(
+                f"ingestion is behind: {self._pending.used:,} bytes of uploads in memory "
+                f"({mine:,} from client host {peer}), at max_pending_bytes="
+                f"{limits.max_pending_bytes} (max_pending_bytes_per_peer="
+                f"{limits.max_pending_bytes_per_peer}); retry later",
+                limits.retry_after_seconds,
+            )
+        request = None
+        try:
+            async with asyncio.timeout(limits.stream_idle_seconds):
+                request = await anext(requests)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"upload stream: no message for {limits.stream_idle_seconds:g} s "
+                f"(stream_idle_seconds); {stored} runs of it stored; send each batch on a "
+                "stream of its own"
+            ) from None
+        finally:
+            await self._pending.release(peer, reserved - (request.size if request else 0))
+        return request
 
     async def _upload_batch(
         self, request: RawUpload, first_index: int, response: pb.UploadAgentRunsResponse
@@ -262,41 +311,11 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         received_bytes = 0
         for offset, data in enumerate(request.runs):
             index = first_index + offset
-            size = len(data)
-            received_bytes += size
-            try:
-                run = run_pb.AgentRun.FromString(data)  # type: ignore[arg-type]  # upb takes any buffer
-            except DecodeError:
-                self._reject(
-                    response,
-                    index,
-                    "",
-                    pb.REJECTION_REASON_INVALID,
-                    "",
-                    f"agent_runs[{index}]: not a valid encoded agentrun.v1.AgentRun",
-                )
-                continue
-            if size > limits.max_run_bytes:
-                self._reject(
-                    response,
-                    index,
-                    run.id,
-                    pb.REJECTION_REASON_TOO_LARGE,
-                    "",
-                    f"run is {size} bytes encoded, over max_run_bytes={limits.max_run_bytes}",
-                )
-                continue
-            try:
-                validate_agent_run(run)
-            except InvalidRun as exc:
-                self._reject(
-                    response, index, run.id, pb.REJECTION_REASON_INVALID, exc.field, str(exc)
-                )
-                continue
-            # The client's bytes are stored as sent: no re-encoding on the hot path.
-            name = storable_text(run.name) if run.HasField("name") else None
-            runs.append(NewRun(run.id, name, data))
-            positions.append((index, run.id))
+            received_bytes += len(data)
+            new_run = self._checked(data, index, response)
+            if new_run is not None:
+                runs.append(new_run)
+                positions.append((index, new_run.id))
         self._metrics.received_bytes.inc(received_bytes)
         if not runs:
             return
@@ -327,6 +346,43 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         self._metrics.duplicate_runs.inc(duplicates)
         if accepted and self._on_runs_stored is not None:
             self._on_runs_stored()
+
+    def _checked(
+        self, data: memoryview | bytes, index: int, response: pb.UploadAgentRunsResponse
+    ) -> NewRun | None:
+        """The run to store, or None with its rejection added to `response`. The decoded message
+        (several times the run's size in memory) is dropped on return, before the commit."""
+        limits = self.limits
+        try:
+            run, shallow = parse_agent_run(data)
+        except DecodeError:
+            self._reject(
+                response,
+                index,
+                "",
+                pb.REJECTION_REASON_INVALID,
+                "",
+                f"agent_runs[{index}]: not a valid encoded agentrun.v1.AgentRun",
+            )
+            return None
+        if len(data) > limits.max_run_bytes:
+            self._reject(
+                response,
+                index,
+                run.id,
+                pb.REJECTION_REASON_TOO_LARGE,
+                "",
+                f"run is {len(data)} bytes encoded, over max_run_bytes={limits.max_run_bytes}",
+            )
+            return None
+        try:
+            validate_agent_run(run, shallow=shallow)
+        except InvalidRun as exc:
+            self._reject(response, index, run.id, pb.REJECTION_REASON_INVALID, exc.field, str(exc))
+            return None
+        # The client's bytes are stored as sent: no re-encoding on the hot path.
+        name = storable_text(run.name) if run.HasField("name") else None
+        return NewRun(run.id, name, data)
 
     def _reject(
         self,

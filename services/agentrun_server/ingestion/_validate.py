@@ -20,13 +20,14 @@ class InvalidRun(InvalidArgument):
         self.field = problem.field
 
 
-def validate_agent_run(run: pb.AgentRun) -> None:
-    """Check what storing and rendering a run relies on.
+def validate_agent_run(run: pb.AgentRun, *, shallow: bool = False) -> None:
+    """Check what storing and rendering a run relies on (`shallow`: its nesting is known to be
+    within the limit, from `agentrun._run_checks.parse_agent_run`).
 
     Raises:
         InvalidRun: naming the field at fault (e.g. `transcripts[0].messages[3].role`).
     """
     try:
-        check_agent_run(run)
+        check_agent_run(run, shallow=shallow)
     except InvalidRunError as problem:
         raise InvalidRun(problem) from None

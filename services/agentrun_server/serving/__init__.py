@@ -6,7 +6,7 @@ from agentrun_server.serving._grpc_metrics import GrpcServerMetrics, MetricsInte
 from agentrun_server.serving._handlers import add_service
 from agentrun_server.serving._metrics import MetricsEndpoint
 from agentrun_server.serving._paging import page_after, page_size
-from agentrun_server.serving._slots import StreamSlots
+from agentrun_server.serving._slots import StreamSlots, peer_host
 from agentrun_server.serving._status import STATUS_CODES, ErrorInterceptor, status_for
 from agentrun_server.serving._wire import seconds_of, to_duration, to_timestamp
 
@@ -20,6 +20,7 @@ __all__ = [
     "add_service",
     "page_after",
     "page_size",
+    "peer_host",
     "seconds_of",
     "status_for",
     "to_duration",

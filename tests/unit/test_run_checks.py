@@ -1,0 +1,80 @@
+"""The run checks shared by the writer and the server: the fast nesting test (a decode inside
+nested groups, in protobuf's C code) says "shallow" only of runs the exact walk passes, and both
+paths refuse the same runs naming the same field."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from agentrun._convert import struct_to_proto, value_to_proto
+from agentrun._errors import InvalidRunError
+from agentrun._limits import MAX_VALUE_DEPTH
+from agentrun._run_checks import _PROBE_LEVELS, check_agent_run, parse_agent_run
+from agentrun.v1 import agent_run_pb2 as pb
+
+
+def _value(rng: random.Random, depth: int) -> Any:
+    if depth == 0:
+        return rng.choice(["s", 1, 2.5, None, True, [], {}])
+    if rng.random() < 0.5:
+        return [_value(rng, depth - 1), "pad" * rng.randint(0, 3)]
+    return {f"k{i}": _value(rng, depth - 1) for i in range(rng.choice([1, 1, 1, 2]))}
+
+
+def _run(rng: random.Random) -> pb.AgentRun:
+    run = pb.AgentRun(id="r")
+    transcript = run.transcripts.add(key="t")
+    transcript.messages.add(text="hi").user.SetInParent()
+    assistant = transcript.messages.add(text="calling")
+    assistant.assistant.SetInParent()
+    value = _value(rng, rng.randint(0, MAX_VALUE_DEPTH + 8))
+    where = rng.choice(["metadata", "transcript", "arguments"])
+    if where == "metadata":
+        value_to_proto(value, run.metadata.fields["x"].value)
+    elif where == "transcript":
+        value_to_proto(value, transcript.metadata.fields["x"].value)
+    else:
+        struct_to_proto({"a": value}, assistant.assistant.tool_calls.add(id="c").arguments)
+    return run
+
+
+def _verdict(run: pb.AgentRun, shallow: bool) -> str | None:
+    try:
+        check_agent_run(run, shallow=shallow)
+    except InvalidRunError as exc:
+        return exc.field
+    return None
+
+
+def test_the_fast_nesting_test_agrees_with_the_exact_walk() -> None:
+    if not _PROBE_LEVELS:
+        pytest.skip("this protobuf runtime has no nesting limit to probe with")
+    rng = random.Random(7)
+    refused = fast = 0
+    for _ in range(1500):
+        run = _run(rng)
+        exact = _verdict(run, shallow=False)
+        parsed, shallow = parse_agent_run(run.SerializeToString())
+        assert parsed == run
+        if shallow:
+            fast += 1
+            assert exact is None, "said shallow of a run the walk refuses"
+        assert _verdict(parsed, shallow) == exact
+        refused += exact is not None
+    assert refused > 300 and fast > 600  # both kinds of run were met
+
+
+@pytest.mark.parametrize("levels", [MAX_VALUE_DEPTH, MAX_VALUE_DEPTH + 1])
+def test_the_limit_holds_exactly_on_the_cheapest_nesting(levels: int) -> None:
+    run = pb.AgentRun(id="r")
+    run.transcripts.add(key="t").messages.add(text="hi").user.SetInParent()
+    value = run.metadata.fields["chain"].value
+    for _ in range(levels):
+        value = value.list_value.values.add()
+    value.string_value = "x"
+    parsed, shallow = parse_agent_run(run.SerializeToString())
+    refused = _verdict(parsed, shallow)
+    assert (refused is not None) == (levels > MAX_VALUE_DEPTH)
