@@ -11,7 +11,7 @@ TS := clients/typescript
 NPM := $(shell command -v npm 2>/dev/null)
 TS_STAMP := $(if $(NPM),$(TS)/node_modules/.package-lock.json)
 
-.PHONY: install install-ts install-bench gen gen-check lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale ci clean
+.PHONY: install install-ts install-bench gen gen-check lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure ci clean
 
 install: $(STAMP)
 
@@ -61,7 +61,7 @@ test: install install-ts
 	$(BIN)/python -m pytest
 
 # Benchmarks print figures; they are not tests. Each reads the real runs from ../shared/data.
-bench: bench-model bench-ingest bench-orchestrate bench-scale
+bench: bench-model bench-ingest bench-orchestrate bench-scale bench-pressure
 
 bench-model: install
 	$(BIN)/python bench/bench_model.py
@@ -79,6 +79,10 @@ bench-orchestrate: install-bench
 # Reads as history grows: backlog, scrape, leasing while scraping, run pages, WAL; 10k-1M runs.
 bench-scale: install
 	$(BIN)/python bench/bench_scale.py
+
+# 100 upload streams of near-limit messages at once: the server's peak RSS beside the 512 MB goal.
+bench-pressure: install
+	$(BIN)/python bench/bench_pressure.py
 
 # Both services in one process on SQLite: gRPC on 127.0.0.1:50051, metrics on 127.0.0.1:9464.
 run: install

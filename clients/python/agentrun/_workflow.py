@@ -8,34 +8,49 @@ workflow. Optional per stage: `max_attempts`, `lease_seconds`, `initial_backoff_
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from agentrun._errors import FormatError
+from agentrun._limits import (
+    IDENTIFIER_PATTERN,
+    MAX_ATTEMPTS,
+    MAX_DELAY_SECONDS,
+    MAX_LEASE_SECONDS,
+    MAX_PATHWAYS,
+    MAX_STAGES,
+)
 from agentrun.v1 import workflow_pb2 as pb
+
+Identifier = Annotated[str, StringConstraints(pattern=f"^{IDENTIFIER_PATTERN.pattern}$")]
+"""A workflow, stage or pathway name, as the server takes it (`agentrun._limits`)."""
 
 
 class StageSpec(BaseModel):
-    """One stage of a workflow file."""
+    """One stage of a workflow file, within the server's limits (`agentrun._limits`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1)
-    pathways: dict[str, str | None] = Field(default_factory=dict)
-    max_attempts: int | None = Field(default=None, ge=1)
-    lease_seconds: float | None = Field(default=None, gt=0)
-    initial_backoff_seconds: float | None = Field(default=None, ge=0)
-    max_backoff_seconds: float | None = Field(default=None, ge=0)
+    name: Identifier
+    pathways: dict[Identifier, Identifier | None] = Field(
+        default_factory=dict, max_length=MAX_PATHWAYS
+    )
+    max_attempts: int | None = Field(default=None, ge=1, le=MAX_ATTEMPTS)
+    lease_seconds: float | None = Field(default=None, gt=0, le=MAX_LEASE_SECONDS)
+    initial_backoff_seconds: float | None = Field(default=None, ge=0, le=MAX_DELAY_SECONDS)
+    max_backoff_seconds: float | None = Field(default=None, ge=0, le=MAX_DELAY_SECONDS)
 
 
 class WorkflowSpec(BaseModel):
-    """A workflow file."""
+    """A workflow file, within the server's limits: names `[A-Za-z0-9._-]{1,128}`, at most 200
+    stages of at most 64 pathways, at most 100 attempts, durations up to 7 days."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1)
-    stages: list[StageSpec] = Field(min_length=1)
+    name: Identifier
+    stages: list[StageSpec] = Field(min_length=1, max_length=MAX_STAGES)
 
     def to_proto(self) -> pb.Workflow:
         """The wire form (the server validates that pathways lead to existing stages)."""
