@@ -8,6 +8,7 @@ import pytest
 
 from agentrun import (
     AgentRun,
+    Retry,
     TaskContext,
     TaskInput,
     WorkflowError,
@@ -79,3 +80,10 @@ def test_the_run_is_built_only_for_a_function_that_asks_for_it(
     assert task.lease_deadline.timestamp() == 1_800_000_000
     assert (task.agent_run_id, task.collection_id, task.priority) == (leased.agent_run.id, "c", 3)
     assert _stage.arguments(["input"], lease(with_input=False), "w") == [None]
+
+
+@pytest.mark.parametrize("after", [-1.0, float("nan"), float("inf"), 7 * 24 * 3600 + 1])
+def test_a_retry_outside_what_the_server_takes_is_refused_where_it_is_made(after: float) -> None:
+    with pytest.raises(ValueError, match="seconds from 0 to 604,800"):
+        Retry(after=after)
+    assert Retry(after=7 * 24 * 3600).after == 604_800

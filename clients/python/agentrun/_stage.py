@@ -31,6 +31,7 @@ from typing import Annotated, Any, TypeAlias
 from agentrun._agent_run import AgentRun
 from agentrun._convert import agent_run_from_proto, value_from_proto
 from agentrun._errors import WorkflowError
+from agentrun._limits import MAX_DELAY_SECONDS
 from agentrun.v1 import orchestrator_service_pb2 as pb
 
 _INPUT = "agentrun.TaskInput"
@@ -90,7 +91,18 @@ class Retry:
     limit, an external state not yet reached). Retrying forever is the function's to avoid."""
 
     after: float = 0.0
-    """Seconds before the task is ready again."""
+    """Seconds before the task is ready again: 0 to 7 days (`agentrun._limits.MAX_DELAY_SECONDS`,
+    the server's limit).
+
+    Raises:
+        ValueError: `after` is negative, not finite, or over 7 days.
+    """
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.after <= MAX_DELAY_SECONDS:  # also refuses NaN
+            raise ValueError(
+                f"Retry(after={self.after!r}): seconds from 0 to {MAX_DELAY_SECONDS:,.0f} (7 days)"
+            )
 
 
 @dataclass(frozen=True)
