@@ -93,12 +93,12 @@ def _parser() -> argparse.ArgumentParser:
         "--max-pending-bytes",
         type=int,
         help="bytes of uploads in memory (being received or committed) before streams are "
-        "told to retry later [default 256 MiB]",
+        "told to retry later [default 128 MiB]",
     )
     limits.add_argument(
         "--max-pending-bytes-per-peer",
         type=int,
-        help="the part of --max-pending-bytes one client host may hold [default 64 MiB]",
+        help="the part of --max-pending-bytes one client host may hold [default 48 MiB]",
     )
     limits.add_argument(
         "--stream-idle-seconds",

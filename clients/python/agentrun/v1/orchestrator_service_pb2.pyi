@@ -344,8 +344,8 @@ class Subscribe(_message.Message):
     max_batch_bytes: _builtins.int
     """The most encoded run bytes one `LeaseBatch` carries, to keep it under this worker's largest
     receivable message: a batch stops short of its credits rather than exceed it, and a single
-    run larger than it still goes alone. 0: the server's default (16 MiB, or half its message
-    limit if smaller).
+    run larger than it still goes alone. 0: the server's default (3 MiB, under gRPC's default
+    4 MiB receive limit; or half the server's message limit if smaller).
     """
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageSubscription]:
