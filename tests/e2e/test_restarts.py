@@ -286,16 +286,17 @@ def test_a_lease_cancelled_while_its_worker_reconnects_is_not_resumed_and_its_wo
 def test_a_long_task_keeps_its_short_lease_extended_across_a_server_restart(
     tmp_path: Path,
 ) -> None:
-    # A 2 s lease on a 5 s task: the Runner extends it at half-life, before and after the
+    # A 4 s lease on an 8 s task: the Runner extends it at half-life, before and after the
     # server restarts under it; were the extensions to stop with the old stream, the lease
-    # would expire and the task be taken back.
+    # would expire and the task be taken back. (The restart and reconnect must fit in the 3 s
+    # the lease has left: with a 2 s lease, a loaded machine's slower restart let it expire.)
     server = ServerProcess(tmp_path / "agentrun.db", free_port()).start()
     runner: subprocess.Popen[str] | None = None
     try:
         with Client(server.url) as client:
             client.apply_workflow(
                 WorkflowSpec.model_validate(
-                    {"name": "one", "stages": [{"name": "work", "lease_seconds": 2}]}
+                    {"name": "one", "stages": [{"name": "work", "lease_seconds": 4}]}
                 ).to_proto()
             )
             collection = client.create_collection("one", workflow="one").collection.id
@@ -330,7 +331,7 @@ LONG_RUNNER = textwrap.dedent(
     @runner.stage("work")
     def work(run):
         print("started", flush=True)
-        time.sleep(5)
+        time.sleep(8)
 
     summary = runner(task_batch_size=1)
     print(json.dumps({"done": sum(summary.completed.values()),
