@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 
 from agentrun.v1 import (
     ingestion_service_pb2,
@@ -62,6 +63,20 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise InvalidArgument(f"{name}: not an integer: {value!r}") from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback one (127.0.0.0/8, ::1); "0.0.0.0", "::"
+    and names that resolve elsewhere (or not at all) are not."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
 def _in_use(host: str, port: int) -> bool:
@@ -133,11 +148,17 @@ class ServerConfig:
     """Database URL: sqlite:///PATH (relative), sqlite:////PATH (absolute), or
     postgresql://USER@HOST:PORT/DBNAME."""
     host: str = "127.0.0.1"
-    """Interface for gRPC and metrics."""
+    """Interface for gRPC. The server checks no credentials yet, so an address other than
+    loopback is refused unless `insecure`."""
     port: int = 50051
     """gRPC port; 0 picks a free one."""
+    metrics_host: str = "127.0.0.1"
+    """Interface for /metrics: loopback by default, so exposing gRPC does not expose metrics."""
     metrics_port: int = 9464
     """Prometheus /metrics port; 0 picks a free one, -1 disables it."""
+    insecure: bool = False
+    """Serve gRPC on a non-loopback `host` to every client on the network, unauthenticated: said
+    at start (WARNING) and by the gauge `agentrun_server_insecure`."""
     services: tuple[str, ...] = SERVICES
     """Which of the pair this process serves."""
     grace_seconds: float = 10.0
@@ -158,7 +179,8 @@ class ServerConfig:
 
     @classmethod
     def from_env(cls) -> ServerConfig:
-        """Defaults overridden by AGENTRUN_DB, AGENTRUN_HOST, AGENTRUN_PORT, AGENTRUN_METRICS_PORT.
+        """Defaults overridden by AGENTRUN_DB, AGENTRUN_HOST, AGENTRUN_PORT, AGENTRUN_METRICS_HOST,
+        AGENTRUN_METRICS_PORT.
 
         Raises:
             InvalidArgument: a variable does not parse.
@@ -168,6 +190,7 @@ class ServerConfig:
             db=os.environ.get("AGENTRUN_DB") or defaults.db,
             host=os.environ.get("AGENTRUN_HOST") or defaults.host,
             port=_env_int("AGENTRUN_PORT", defaults.port),
+            metrics_host=os.environ.get("AGENTRUN_METRICS_HOST") or defaults.metrics_host,
             metrics_port=_env_int("AGENTRUN_METRICS_PORT", defaults.metrics_port),
         )
 
@@ -199,6 +222,14 @@ class Server:
             Unavailable: the database cannot be reached.
         """
         config = self.config
+        exposed = not is_loopback(config.host)
+        if exposed and not config.insecure:
+            raise InvalidArgument(
+                f"--host {config.host}: not a loopback address, and this server checks no "
+                "credentials: every client that reaches it could read every run and settle or "
+                "cancel any task. Bind 127.0.0.1 behind an authenticating proxy, or pass "
+                "--insecure to serve the network unauthenticated anyway"
+            )
         unknown = set(config.services) - set(SERVICES)
         if unknown or not config.services:
             raise InvalidArgument(
@@ -207,6 +238,19 @@ class Server:
         self._storage = storage = await open_storage(config.db, config.pool, config.sqlite)
         limit = config.limits.max_message_bytes
         grpc_metrics = GrpcServerMetrics(self.registry)
+        insecure = Gauge(
+            "agentrun_server_insecure",
+            "1 when this server serves a non-loopback address without authentication (--insecure).",
+            registry=self.registry,
+        )
+        insecure.set(1 if exposed else 0)
+        if exposed:
+            _log.warning(
+                "serving %s:%d to the network WITHOUT authentication (--insecure): any client "
+                "that reaches it can read every run and settle or cancel any task",
+                config.host,
+                config.port,
+            )
         self._grpc = server = grpc.aio.server(
             # Metrics first: it counts the status the error table settles on.
             interceptors=[MetricsInterceptor(grpc_metrics), ErrorInterceptor()],
@@ -275,12 +319,13 @@ class Server:
         if config.metrics_port >= 0:
             try:
                 self._metrics_endpoint = MetricsEndpoint(
-                    config.host, config.metrics_port, self.registry
+                    config.metrics_host, config.metrics_port, self.registry
                 )
             except OSError as exc:
                 await self.shutdown(0)
                 raise InvalidArgument(
-                    f"--metrics-port: cannot serve metrics on {config.host}:{config.metrics_port}: "
+                    f"--metrics-port: cannot serve metrics on {config.metrics_host}:"
+                    f"{config.metrics_port}: "
                     f"{exc.strerror or exc}; pick another, 0 for any free one, or -1 for none"
                 ) from None
             self.metrics_port = self._metrics_endpoint.port

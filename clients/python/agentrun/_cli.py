@@ -58,7 +58,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host",
         default=_env_default("AGENTRUN_HOST", "127.0.0.1"),
-        help="interface to bind [env AGENTRUN_HOST; default 127.0.0.1]",
+        help="interface to bind gRPC to; another than loopback needs --insecure (no "
+        "authentication yet) [env AGENTRUN_HOST; default 127.0.0.1]",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a non-loopback --host without authentication: every client that reaches it "
+        "can read every run and settle or cancel any task (warned at start, and "
+        "agentrun_server_insecure 1)",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        default=_env_default("AGENTRUN_METRICS_HOST", "127.0.0.1"),
+        help="interface to serve /metrics on [env AGENTRUN_METRICS_HOST; default 127.0.0.1]",
     )
     serve.add_argument(
         "--port",
@@ -266,7 +279,9 @@ def _serve(args: argparse.Namespace) -> int:
         db=args.db,
         host=args.host,
         port=args.port,
+        metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        insecure=args.insecure,
         services=(args.only,) if args.only else SERVICES,
         grace_seconds=args.grace_seconds,
         resume_grace_seconds=args.resume_grace_seconds,
@@ -290,7 +305,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         if ready.is_set():
             metrics = (
-                f"metrics on http://{config.host}:{server.metrics_port}/metrics"
+                f"metrics on http://{config.metrics_host}:{server.metrics_port}/metrics"
                 if config.metrics_port >= 0
                 else "no metrics"
             )

@@ -1,0 +1,97 @@
+"""Exposing the server: it checks no credentials yet, so a non-loopback address needs --insecure
+(said at start and in a gauge), and /metrics stays on loopback unless told otherwise."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from agentrun_server._server import is_loopback
+
+from ..processes import ServerProcess, free_port
+
+
+def _serve(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    db = f"sqlite:///{tmp_path / 'agentrun.db'}"
+    command = [sys.executable, "-m", "agentrun._cli", "serve", "--db", db, "--port", "0"]
+    return subprocess.run(
+        [*command, "--metrics-port", "-1", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def _outward_address() -> str | None:
+    """This machine's address on its default route, if it has one (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if is_loopback(address) or address == "0.0.0.0" else address
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.1.2.3", False),
+        ("no-such-host.invalid", False),
+    ],
+)
+def test_what_counts_as_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_serving_the_network_without_authentication_is_refused_with_what_to_do(
+    tmp_path: Path,
+) -> None:
+    done = _serve("--host", "0.0.0.0", tmp_path=tmp_path)
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("agentrun serve: --host 0.0.0.0: not a loopback address")
+    assert "--insecure" in line and "127.0.0.1" in line
+    assert not (tmp_path / "agentrun.db").exists()  # refused before anything was opened
+
+
+def test_insecure_serves_the_network_says_so_and_keeps_metrics_on_loopback(
+    tmp_path: Path,
+) -> None:
+    metrics_port = free_port()
+    server = ServerProcess(
+        tmp_path / "agentrun.db",
+        None,
+        "--host",
+        "0.0.0.0",
+        "--insecure",
+        "--metrics-port",
+        str(metrics_port),
+    )
+    with server:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as page:
+            text = page.read().decode()
+        assert "agentrun_server_insecure 1.0" in text
+        outward = _outward_address()
+        if outward is not None:  # gRPC answers there; /metrics does not
+            socket.create_connection((outward, server.port), timeout=5).close()
+            with pytest.raises(OSError):
+                socket.create_connection((outward, metrics_port), timeout=5).close()
+
+
+def test_a_loopback_server_reports_itself_secure(tmp_path: Path) -> None:
+    metrics_port = free_port()
+    with (
+        ServerProcess(tmp_path / "agentrun.db", None, "--metrics-port", str(metrics_port)),
+        urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as page,
+    ):
+        assert "agentrun_server_insecure 0.0" in page.read().decode()
