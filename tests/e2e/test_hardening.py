@@ -121,10 +121,18 @@ class Worker:
         return list((await self.next("acks")).acks)
 
 
+async def _start(tmp_path: Any, **config: Any) -> Server:
+    """Both services on a SQLite file in `tmp_path` and a free port, with `config`'s settings."""
+    server = Server(
+        ServerConfig(db=f"sqlite:///{tmp_path / 'a.db'}", port=0, metrics_port=-1, **config)
+    )
+    await server.start()
+    return server
+
+
 @pytest.fixture
 async def sqlite_server(tmp_path: Any) -> AsyncIterator[Server]:
-    server = Server(ServerConfig(db=f"sqlite:///{tmp_path / 'a.db'}", port=0, metrics_port=-1))
-    await server.start()
+    server = await _start(tmp_path)
     yield server
     await server.shutdown(grace_seconds=1)
 
@@ -451,12 +459,7 @@ async def test_a_run_nested_deeper_than_the_model_allows_is_refused_naming_the_f
 
 async def test_a_greedy_worker_cannot_take_the_backlog(tmp_path: Any) -> None:
     limits = WorkLimits(max_credits=5)
-    server = Server(
-        ServerConfig(
-            db=f"sqlite:///{tmp_path / 'a.db'}", port=0, metrics_port=-1, work_limits=limits
-        )
-    )
-    await server.start()
+    server = await _start(tmp_path, work_limits=limits)
     stubs = Stubs(server.port)
     try:
         await stubs.set_up(runs=20)
@@ -490,12 +493,7 @@ async def test_a_greedy_worker_cannot_take_the_backlog(tmp_path: Any) -> None:
 async def test_a_stream_holds_at_most_max_leased_bytes(tmp_path: Any) -> None:
     run_bytes = len(agent_run_to_proto(_run(1)).SerializeToString())
     limits = WorkLimits(max_leased_bytes=run_bytes * 3)
-    server = Server(
-        ServerConfig(
-            db=f"sqlite:///{tmp_path / 'a.db'}", port=0, metrics_port=-1, work_limits=limits
-        )
-    )
-    await server.start()
+    server = await _start(tmp_path, work_limits=limits)
     stubs = Stubs(server.port)
     try:
         await stubs.set_up(runs=10)
@@ -694,16 +692,6 @@ async def test_sqlite_synchronous_full_is_an_option(tmp_path: Any) -> None:
 
 
 # --- slow clients and streams that never end ----------------------------------------------------
-
-
-async def _start(tmp_path: Any, host: str = "127.0.0.1", **config: Any) -> Server:
-    server = Server(
-        ServerConfig(
-            db=f"sqlite:///{tmp_path / 'a.db'}", host=host, port=0, metrics_port=-1, **config
-        )
-    )
-    await server.start()
-    return server
 
 
 def _idle_upload(stubs: Stubs) -> Any:

@@ -5,28 +5,19 @@ SQLite files and PostgreSQL databases are made per test.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from agentrun_server.storage import NewRun, StageDef, Storage, WorkflowDef, open_storage
 
-from ..postgres import fresh_database
-
-BACKENDS = ["sqlite", "postgres"]
-
 OpenStorage = Callable[[], Awaitable[Storage]]
 
 
-@pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database of each backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'agentrun.db'}"
-    else:
-        with fresh_database() as url:
-            yield url
+@pytest.fixture
+def database_url(database: str) -> str:
+    """A fresh, empty database of each backend (the suite-wide `database` fixture)."""
+    return database
 
 
 @pytest.fixture

@@ -113,6 +113,27 @@ def _task_id(text: str) -> int:
     return parse_id(text) or 0
 
 
+def _completion_problem(i: int, c: pb.TaskCompletion, output: bytes | None) -> str | None:
+    """Why completion `i` is refused before storage, or None."""
+    problem = lease_id_problem(f"completions[{i}].lease_id", c.lease_id)
+    if problem is not None:
+        return problem
+    if len(c.pathway) > MAX_IDENTIFIER_CHARS or "\x00" in c.pathway:
+        return (
+            f"completions[{i}].pathway: {shown(c.pathway)} is not a pathway name (at most "
+            f"{MAX_IDENTIFIER_CHARS} characters)"
+        )
+    if output is None:
+        return None
+    if len(output) > MAX_OUTPUT_BYTES:
+        return (
+            f"completions[{i}].output: {len(output):,} bytes encoded, over the "
+            f"{MAX_OUTPUT_BYTES:,}-byte limit"
+        )
+    depth = proto_value_depth_problem(c.output)
+    return depth and f"completions[{i}].output: {depth}"
+
+
 def _refuse(task_id: int, lease_id: str, message: str) -> Ack:
     """The answer to a settle item refused before storage: the lease, if current, is kept."""
     return Ack(task_id, lease_id, AckCode.INVALID_ARGUMENT, message)
@@ -387,22 +408,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             output = c.output.SerializeToString() if c.HasField("output") else None
             item = Completion(_task_id(c.task_id), c.lease_id, c.pathway, output)
             completions.append(item)
-            problem = lease_id_problem(f"completions[{i}].lease_id", c.lease_id)
-            if problem:
-                pass
-            elif len(c.pathway) > MAX_IDENTIFIER_CHARS or "\x00" in c.pathway:
-                problem = (
-                    f"completions[{i}].pathway: {shown(c.pathway)} is not a pathway name (at most "
-                    f"{MAX_IDENTIFIER_CHARS} characters)"
-                )
-            elif output is not None and len(output) > MAX_OUTPUT_BYTES:
-                problem = (
-                    f"completions[{i}].output: {len(output):,} bytes encoded, over the "
-                    f"{MAX_OUTPUT_BYTES:,}-byte limit"
-                )
-            elif output is not None:
-                depth = proto_value_depth_problem(c.output)
-                problem = depth and f"completions[{i}].output: {depth}"
+            problem = _completion_problem(i, c, output)
             if problem:
                 refused[i] = _refuse(item.task_id, item.lease_id, problem)
         return completions, refused

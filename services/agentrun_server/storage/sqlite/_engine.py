@@ -70,16 +70,14 @@ problem, not the request's. The client keeps what it sent and retries (UNAVAILAB
 
 
 def _primary_code(exc: sqlite3.Error) -> int | None:
+    """SQLite's primary result code of `exc`; None for errors of the sqlite3 module itself."""
     code = getattr(exc, "sqlite_errorcode", None)
     return None if code is None else code & 0xFF  # extended codes carry the primary in the low byte
 
 
 def is_busy(exc: sqlite3.Error) -> bool:
     """Whether SQLite refused because another connection holds the lock."""
-    code = _primary_code(exc)
-    if code is not None:
-        return code in _BUSY
-    return "locked" in str(exc) or "busy" in str(exc)
+    return _primary_code(exc) in _BUSY
 
 
 def unavailable(exc: sqlite3.Error) -> Unavailable | None:
