@@ -14,11 +14,14 @@ from agentrun_server._errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     ServerError,
+    Unauthenticated,
     Unavailable,
 )
 from agentrun_server._server import SERVICES, ConnectionLimits, Server, ServerConfig
+from agentrun_server.auth._tls import TlsConfig
 from agentrun_server.ingestion import IngestionLimits
 from agentrun_server.orchestrator import WorkLimits
 
@@ -31,10 +34,13 @@ __all__ = [
     "IngestionLimits",
     "InvalidArgument",
     "NotFound",
+    "PermissionDenied",
     "ResourceExhausted",
     "Server",
     "ServerConfig",
     "ServerError",
+    "TlsConfig",
+    "Unauthenticated",
     "Unavailable",
     "WorkLimits",
 ]

@@ -22,6 +22,15 @@ class InvalidArgument(ServerError):
     """The request is malformed; the message names the field and, where one applies, the limit."""
 
 
+class Unauthenticated(ServerError):
+    """The call carries no credentials the server knows: no key, an unknown or revoked one."""
+
+
+class PermissionDenied(ServerError):
+    """The caller is known but its key lacks the scope, or the collection or workflow, the call
+    needs; the message names what is needed."""
+
+
 class NotFound(ServerError):
     """The named collection, run, workflow, stage or task does not exist."""
 

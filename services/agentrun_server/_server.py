@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,10 +26,14 @@ from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 
 from agentrun.v1 import (
     ingestion_service_pb2,
+    key_service_pb2,
+    key_service_pb2_grpc,
     orchestrator_service_pb2,
     orchestrator_service_pb2_grpc,
 )
 from agentrun_server._errors import InvalidArgument
+from agentrun_server.auth import AuthInterceptor, KeyRing, KeyServicer, ServerTls
+from agentrun_server.auth._tls import TlsConfig
 from agentrun_server.ingestion import IngestionLimits, IngestionMetrics, IngestionServicer
 from agentrun_server.orchestrator import (
     RESUME_GRACE_SECONDS,
@@ -49,6 +54,8 @@ from agentrun_server.storage import PoolConfig, SqliteConfig, Storage, open_stor
 _log = logging.getLogger(__name__)
 
 SERVICES = ("ingestion", "orchestrator")
+AUTH_MODES = ("none", "keys")
+_KEY_SERVICE = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"]
 _SERVICE_DESCRIPTORS = {
     "ingestion": ingestion_service_pb2.DESCRIPTOR.services_by_name["IngestionService"],
     "orchestrator": orchestrator_service_pb2.DESCRIPTOR.services_by_name["OrchestratorService"],
@@ -148,17 +155,21 @@ class ServerConfig:
     """Database URL: sqlite:///PATH (relative), sqlite:////PATH (absolute), or
     postgresql://USER@HOST:PORT/DBNAME."""
     host: str = "127.0.0.1"
-    """Interface for gRPC. The server checks no credentials yet, so an address other than
-    loopback is refused unless `insecure`."""
+    """Interface for gRPC. An address other than loopback needs `auth="keys"` (or `insecure`)."""
     port: int = 50051
     """gRPC port; 0 picks a free one."""
     metrics_host: str = "127.0.0.1"
     """Interface for /metrics: loopback by default, so exposing gRPC does not expose metrics."""
     metrics_port: int = 9464
     """Prometheus /metrics port; 0 picks a free one, -1 disables it."""
+    auth: str = "none"
+    """"keys": every call needs a live API key (or a client certificate entry) with the scope
+    its RPC needs; "none": no credentials checked (loopback, or with `insecure`)."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """The gRPC port's certificate (TLS) and client CA (mTLS); by default plaintext."""
     insecure: bool = False
-    """Serve gRPC on a non-loopback `host` to every client on the network, unauthenticated: said
-    at start (WARNING) and by the gauge `agentrun_server_insecure`."""
+    """With auth "none", serve gRPC on a non-loopback `host` to every client on the network,
+    unauthenticated: said at start (WARNING) and by the gauge `agentrun_server_insecure`."""
     services: tuple[str, ...] = SERVICES
     """Which of the pair this process serves."""
     grace_seconds: float = 10.0
@@ -180,7 +191,8 @@ class ServerConfig:
     @classmethod
     def from_env(cls) -> ServerConfig:
         """Defaults overridden by AGENTRUN_DB, AGENTRUN_HOST, AGENTRUN_PORT, AGENTRUN_METRICS_HOST,
-        AGENTRUN_METRICS_PORT.
+        AGENTRUN_METRICS_PORT, AGENTRUN_AUTH, AGENTRUN_TLS_CERT, AGENTRUN_TLS_KEY,
+        AGENTRUN_TLS_CLIENT_CA.
 
         Raises:
             InvalidArgument: a variable does not parse.
@@ -192,6 +204,12 @@ class ServerConfig:
             port=_env_int("AGENTRUN_PORT", defaults.port),
             metrics_host=os.environ.get("AGENTRUN_METRICS_HOST") or defaults.metrics_host,
             metrics_port=_env_int("AGENTRUN_METRICS_PORT", defaults.metrics_port),
+            auth=os.environ.get("AGENTRUN_AUTH") or defaults.auth,
+            tls=TlsConfig(
+                os.environ.get("AGENTRUN_TLS_CERT", ""),
+                os.environ.get("AGENTRUN_TLS_KEY", ""),
+                os.environ.get("AGENTRUN_TLS_CLIENT_CA", ""),
+            ),
         )
 
 
@@ -212,6 +230,8 @@ class Server:
         self._dispatcher: Dispatcher | None = None
         self._backlog: BacklogCollector | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped
+        self._keys: KeyRing | None = None
+        self.tls: ServerTls | None = None
 
     async def start(self) -> None:
         """Open storage and start serving.
@@ -222,20 +242,43 @@ class Server:
             Unavailable: the database cannot be reached.
         """
         config = self.config
+        if config.auth not in AUTH_MODES:
+            raise InvalidArgument(f"--auth: {config.auth!r}; choose keys or none")
         exposed = not is_loopback(config.host)
-        if exposed and not config.insecure:
+        open_to_all = exposed and config.auth == "none"
+        if open_to_all and not config.insecure:
             raise InvalidArgument(
-                f"--host {config.host}: not a loopback address, and this server checks no "
+                f"--host {config.host}: not a loopback address, and --auth none checks no "
                 "credentials: every client that reaches it could read every run and settle or "
-                "cancel any task. Bind 127.0.0.1 behind an authenticating proxy, or pass "
-                "--insecure to serve the network unauthenticated anyway"
+                "cancel any task. Pass --auth keys (make the first key with `agentrun keys "
+                f"create admin --scope admin --db {config.db}`), bind 127.0.0.1 behind an "
+                "authenticating proxy, or pass --insecure to serve the network "
+                "unauthenticated anyway"
             )
+        if config.tls.enabled or config.tls.key_file or config.tls.client_ca_file:
+            self.tls = ServerTls(config.tls)
         unknown = set(config.services) - set(SERVICES)
         if unknown or not config.services:
             raise InvalidArgument(
                 f"services: choose from {', '.join(SERVICES)}; got {sorted(unknown)}"
             )
         self._storage = storage = await open_storage(config.db, config.pool, config.sqlite)
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+        if config.auth == "keys":
+            self._keys = KeyRing(storage)
+            await self._keys.start()
+            interceptors.append(AuthInterceptor(self._keys))
+            if not self._keys.count:
+                _log.warning(
+                    "--auth keys: the database holds no API key yet, so every call is refused; "
+                    "make the first with `agentrun keys create admin --scope admin --db %s`",
+                    config.db,
+                )
+            if exposed and self.tls is None:
+                _log.warning(
+                    "--auth keys without --tls-cert: API keys cross the network in plaintext; "
+                    "terminate TLS here (--tls-cert, --tls-key) or in a proxy in front"
+                )
         limit = config.limits.max_message_bytes
         grpc_metrics = GrpcServerMetrics(self.registry)
         insecure = Gauge(
@@ -243,8 +286,8 @@ class Server:
             "1 when this server serves a non-loopback address without authentication (--insecure).",
             registry=self.registry,
         )
-        insecure.set(1 if exposed else 0)
-        if exposed:
+        insecure.set(1 if open_to_all else 0)
+        if open_to_all:
             _log.warning(
                 "serving %s:%d to the network WITHOUT authentication (--insecure): any client "
                 "that reaches it can read every run and settle or cancel any task",
@@ -253,7 +296,8 @@ class Server:
             )
         self._grpc = server = grpc.aio.server(
             # Metrics first: it counts the status the error table settles on.
-            interceptors=[MetricsInterceptor(grpc_metrics), ErrorInterceptor()],
+            # Auth after the error table, which answers what it raises.
+            interceptors=[MetricsInterceptor(grpc_metrics), ErrorInterceptor(), *interceptors],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -283,10 +327,15 @@ class Server:
                 storage, IngestionMetrics(self.registry), config.limits, wake
             ).add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = [_SERVICE_DESCRIPTORS[s].full_name for s in config.services]
+        key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(storage), server)
+        names = [
+            *(_SERVICE_DESCRIPTORS[s].full_name for s in config.services),
+            _KEY_SERVICE.full_name,
+        ]
         grpc_metrics.preregister(
             [
                 *(_SERVICE_DESCRIPTORS[s] for s in config.services),
+                _KEY_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"],
             ]
         )
@@ -300,9 +349,12 @@ class Server:
         )
         address = f"{config.host}:{config.port}"
         try:
-            self.port = (
-                0 if _in_use(config.host, config.port) else server.add_insecure_port(address)
-            )
+            if _in_use(config.host, config.port):
+                self.port = 0
+            elif self.tls is not None:
+                self.port = server.add_secure_port(address, self.tls.credentials())
+            else:
+                self.port = server.add_insecure_port(address)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -351,18 +403,25 @@ class Server:
         backlog, self._backlog = self._backlog, None
         if backlog is not None:
             self.registry.unregister(backlog)
+        keys, self._keys = self._keys, None
+        if keys is not None:
+            await keys.shutdown()
         storage, self._storage = self._storage, None
         if storage is not None:
             await storage.close()
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
-        """Start, run until SIGTERM or SIGINT, then shut down gracefully."""
+        """Start, run until SIGTERM or SIGINT, then shut down gracefully. SIGHUP re-reads the
+        TLS files at the next handshake."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         await self.start()
+        if self.tls is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signal.SIGHUP, self.tls.reload)
         if ready is not None:
             ready.set()
         try:

@@ -62,18 +62,3 @@ def test_edge_values_round_trip() -> None:
     assert list(back.transcripts) == ["b", "a"]
     assert type(back.metadata.scores["i"]) is int
     assert back.metadata.get("big") == 2**80
-
-
-def test_a_server_url_names_one_server_or_replicas_to_balance_over() -> None:
-    from agentrun._client import resolve_server
-
-    assert resolve_server("127.0.0.1:50051") == ("127.0.0.1:50051", False)
-    assert resolve_server("grpcs://agentrun.example:443") == ("agentrun.example:443", True)
-    assert resolve_server("10.0.0.1:50051,10.0.0.2:50051") == (
-        "ipv4:10.0.0.1:50051,10.0.0.2:50051",
-        False,
-    )
-    assert resolve_server("dns:///agentrun.internal:50051") == (
-        "dns:///agentrun.internal:50051",
-        False,
-    )

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from agentrun import Connection
 from agentrun._runner import _Execution
 from agentrun.v1 import workflow_pb2
 
@@ -17,8 +18,7 @@ async def test_a_task_cancelled_as_it_gets_its_slot_gives_the_slot_back() -> Non
         stages={},
         parameters={},
         workflow=workflow_pb2.Workflow(name="w"),
-        server_url=None,
-        metadata=(),
+        connection=Connection(),
         num_retries=0,
         credits=1,
         max_tasks_per_stage=None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 from agentrun import chat, importers
 from agentrun._agent_run import AgentRun, AgentRunWithoutMetadataValidator, FilterableField
 from agentrun._client import Client
+from agentrun._connection import Connection
 from agentrun._convert import (
     agent_run_from_proto,
     agent_run_to_proto,
@@ -23,6 +24,7 @@ from agentrun._convert import (
 )
 from agentrun._errors import (
     AgentRunError,
+    ConnectionConfigError,
     FormatError,
     InvalidRunError,
     RpcError,
@@ -48,6 +50,8 @@ __all__ = [
     "BaseAgentRunMetadata",
     "BaseMetadata",
     "Client",
+    "Connection",
+    "ConnectionConfigError",
     "Fail",
     "FilterableField",
     "FormatError",

@@ -13,9 +13,16 @@ import os
 import sys
 from collections.abc import Sequence
 
-from agentrun._client import DEFAULT_SERVER, SERVER_ENV, Client
+from agentrun._cli_keys import add_keys_commands, run_keys_command
+from agentrun._client import Client
+from agentrun._connection import (
+    SERVER_ENV,
+    add_connection_arguments,
+    connection_from_arguments,
+)
 from agentrun._convert import value_from_proto
 from agentrun._errors import AgentRunError, FormatError
+from agentrun._terminal import safe_text as _safe
 from agentrun._workflow import load_workflow
 from agentrun._writer import AgentRunWriter
 from agentrun.importers import load_agent_runs
@@ -35,11 +42,11 @@ def _env_default(name: str, fallback: str) -> str:
 
 
 def _add_server(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--server",
-        default=_env_default(SERVER_ENV, DEFAULT_SERVER),
-        help=f"server host:port [default: ${SERVER_ENV} or {DEFAULT_SERVER}]",
-    )
+    add_connection_arguments(parser, os.environ.get(SERVER_ENV))
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(connection=connection_from_arguments(args))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,15 +65,44 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host",
         default=_env_default("AGENTRUN_HOST", "127.0.0.1"),
-        help="interface to bind gRPC to; another than loopback needs --insecure (no "
-        "authentication yet) [env AGENTRUN_HOST; default 127.0.0.1]",
+        help="interface to bind gRPC to; another than loopback needs --auth keys (or "
+        "--insecure) [env AGENTRUN_HOST; default 127.0.0.1]",
+    )
+    serve.add_argument(
+        "--auth",
+        choices=("keys", "none"),
+        default=_env_default("AGENTRUN_AUTH", "none"),
+        help="keys: every call needs an API key with the scope its RPC needs (make the first "
+        "with `agentrun keys create admin --scope admin --db URL`); none: no credentials "
+        "checked, for loopback [env AGENTRUN_AUTH; default none]",
     )
     serve.add_argument(
         "--insecure",
         action="store_true",
-        help="serve a non-loopback --host without authentication: every client that reaches it "
+        help="with --auth none, serve a non-loopback --host anyway: every client that reaches it "
         "can read every run and settle or cancel any task (warned at start, and "
         "agentrun_server_insecure 1)",
+    )
+    tls = serve.add_argument_group("TLS (certificates reload on change or SIGHUP)")
+    tls.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=os.environ.get("AGENTRUN_TLS_CERT", ""),
+        help="serve gRPC over TLS with this PEM certificate chain [env AGENTRUN_TLS_CERT]",
+    )
+    tls.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        default=os.environ.get("AGENTRUN_TLS_KEY", ""),
+        help="the certificate's PEM private key [env AGENTRUN_TLS_KEY]",
+    )
+    tls.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        default=os.environ.get("AGENTRUN_TLS_CLIENT_CA", ""),
+        help="require client certificates signed by this PEM CA (mTLS); a certificate's "
+        "subject is admitted by a key entry (keys create --certificate-subject) "
+        "[env AGENTRUN_TLS_CLIENT_CA]",
     )
     serve.add_argument(
         "--metrics-host",
@@ -240,6 +276,7 @@ def _parser() -> argparse.ArgumentParser:
                 "--task", action="append", default=[], metavar="ID", help="only these tasks"
             )
         _add_server(command)
+    add_keys_commands(commands, _add_server)
     return parser
 
 
@@ -272,7 +309,14 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from agentrun_server import SERVICES, IngestionLimits, Server, ServerConfig, ServerError
+    from agentrun_server import (
+        SERVICES,
+        IngestionLimits,
+        Server,
+        ServerConfig,
+        ServerError,
+        TlsConfig,
+    )
     from agentrun_server.storage import PoolConfig, SqliteConfig
 
     config = ServerConfig(
@@ -281,6 +325,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        auth=args.auth,
+        tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca),
         insecure=args.insecure,
         services=(args.only,) if args.only else SERVICES,
         grace_seconds=args.grace_seconds,
@@ -324,29 +370,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _safe(text: str, *, keep_newlines: bool = False) -> str:
-    """`text` with every unprintable character escaped (`\\x1b`, `\\u202e`), so that printing a
-    stored name, id or error never sends escape sequences or right-to-left overrides to the
-    terminal."""
-    if text.isprintable():
-        return text
-    return "".join(
-        c
-        if c.isprintable() or (keep_newlines and c == "\n")
-        else c.encode("unicode_escape").decode("ascii")
-        for c in text
-    )
-
-
 def _upload(args: argparse.Namespace) -> int:
     skipped: list[FormatError] = []
     on_invalid = skipped.append if args.skip_invalid else None
     runs = [run for path in args.paths for run in load_agent_runs(path, on_invalid=on_invalid)]
     for error in skipped:
         print(f"agentrun upload: skipped {error}", file=sys.stderr)
-    with Client(args.server) as client:
+    with _client(args) as client:
         collection = client.create_collection(args.collection, workflow=args.workflow).collection
-    writer = AgentRunWriter(collection.id, server_url=args.server)
+    writer = AgentRunWriter(collection.id, connection=connection_from_arguments(args))
     writer.log_agent_runs(runs)
     summary = writer.finish()
     read = f"{len(runs)} runs read" + (f" ({len(skipped)} invalid skipped)" if skipped else "")
@@ -367,7 +399,7 @@ def _upload(args: argparse.Namespace) -> int:
 
 def _apply(args: argparse.Namespace) -> int:
     spec = load_workflow(args.file)
-    with Client(args.server) as client:
+    with _client(args) as client:
         response = client.apply_workflow(spec.to_proto())
     w = response.workflow
     state = "applied" if response.changed else "unchanged"
@@ -379,7 +411,7 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    with Client(args.server) as client:
+    with _client(args) as client:
         collections = client.list_collections()
         backlog = client.backlog()
     print("collections:")
@@ -414,7 +446,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _enqueue(args: argparse.Namespace) -> int:
-    with Client(args.server) as client:
+    with _client(args) as client:
         collection = client.get_collection(name=args.collection)
         enqueued, skipped = client.enqueue_runs(
             args.workflow, client.iter_run_ids(collection.id), args.stage, args.priority
@@ -448,7 +480,7 @@ def _show_task(task: workflow_pb2.Task) -> None:
 
 
 def _tasks(args: argparse.Namespace) -> int:
-    with Client(args.server) as client:
+    with _client(args) as client:
         if args.tasks_command == "show":
             _show_task(client.get_task(args.task_id))
             return 0
@@ -492,6 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stats": _stats,
         "enqueue": _enqueue,
         "tasks": _tasks,
+        "keys": run_keys_command,
     }
     try:
         return handlers[args.command](args)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -11,83 +10,28 @@ from typing import Any, TypeVar
 import grpc
 
 from agentrun._agent_run import AgentRun
+from agentrun._connection import SERVER_ENV, Connection, connection_of
 from agentrun._convert import agent_run_from_proto
 from agentrun._errors import RpcError
 from agentrun._metadata import BaseAgentRunMetadata
 from agentrun.v1 import ingestion_service_pb2 as ingestion_pb
 from agentrun.v1 import ingestion_service_pb2_grpc as ingestion_grpc
+from agentrun.v1 import key_service_pb2 as key_pb
+from agentrun.v1 import key_service_pb2_grpc as key_grpc
 from agentrun.v1 import orchestrator_service_pb2 as orchestrator_pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as orchestrator_grpc
 from agentrun.v1 import workflow_pb2
 
-DEFAULT_SERVER = "127.0.0.1:50051"
-SERVER_ENV = "AGENTRUN_SERVER"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CALL_TIMEOUT_SECONDS = 30.0
 CONNECT_TIMEOUT_SECONDS = 5.0
 """How long a client call waits for an unreachable server before failing with its address."""
 
 T = TypeVar("T")
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    # Calls spread over every address the target resolves to (replicas behind one DNS name, or
-    # an ipv4: list); one that goes down is skipped until it is back.
-    ("grpc.lb_policy_name", "round_robin"),
-]
-_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
 
-
-def resolve_server(server_url: str | None) -> tuple[str, bool]:
-    """Return (gRPC target, use_tls) for a server URL.
-
-    Accepts `host:port`, `grpc://host:port`, `http://host:port` (plain), `grpcs://` or
-    `https://` (TLS); a list of replicas, `host:port,host:port` (IP addresses), or a gRPC target
-    (`dns:///agentrun.internal:50051`, `ipv4:10.0.0.1:50051,10.0.0.2:50051`): calls are balanced
-    over the replicas (round robin). None means $AGENTRUN_SERVER, else 127.0.0.1:50051.
-    """
-    url = server_url or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
-    tls = False
-    for scheme, secure in (
-        ("grpcs://", True),
-        ("https://", True),
-        ("grpc://", False),
-        ("http://", False),
-    ):
-        if url.startswith(scheme):
-            url, tls = url.removeprefix(scheme).rstrip("/"), secure
-            break
-    if "," in url and not url.startswith(_TARGET_SCHEMES):
-        family = "ipv6" if url.startswith("[") else "ipv4"
-        url = f"{family}:{url}"
-    return url, tls
-
-
-def open_channel(server_url: str | None) -> grpc.Channel:
-    """A synchronous channel to the server."""
-    target, tls = resolve_server(server_url)
-    if tls:
-        return grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=CHANNEL_OPTIONS)
-    return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-
-
-def open_aio_channel(server_url: str | None) -> grpc.aio.Channel:
-    """An asyncio channel to the server (create it inside the event loop that uses it)."""
-    target, tls = resolve_server(server_url)
-    if tls:
-        return grpc.aio.secure_channel(
-            target, grpc.ssl_channel_credentials(), options=CHANNEL_OPTIONS
-        )
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-
-
-def unreachable(server_url: str | None, channel: grpc.Channel, waited_seconds: float) -> RpcError:
+def unreachable(target: str, channel: grpc.Channel, waited_seconds: float) -> RpcError:
     """The error for a server not reached within `waited_seconds`: its address, and the cause
     gRPC gives for it (one call that does not wait for the connection)."""
-    target, _ = resolve_server(server_url)
     cause = f"no connection within {waited_seconds:g} s"
     try:
         check = channel.unary_unary(
@@ -106,13 +50,6 @@ def unreachable(server_url: str | None, channel: grpc.Channel, waited_seconds: f
     )
 
 
-def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying `authorization: Bearer <key>`, for a gateway in front of the server
-    (the servers themselves check no key). None reads $AGENTRUN_API_KEY; no key: no metadata."""
-    key = api_key or os.environ.get("AGENTRUN_API_KEY")
-    return (("authorization", f"Bearer {key}"),) if key else ()
-
-
 @contextmanager
 def translate_rpc_errors() -> Iterator[None]:
     """Re-raise grpc errors as `RpcError` (the one place the SDK maps transport errors)."""
@@ -126,10 +63,12 @@ class Client:
     """A synchronous client for the unary calls of both services.
 
     Args:
-        server_url: The server (`host:port`, or `https://host[:port]` for TLS); None uses
-            $AGENTRUN_SERVER or 127.0.0.1:50051.
-        api_key: Sent as `authorization: Bearer <key>` on every call; None reads
-            $AGENTRUN_API_KEY (see `auth_metadata`).
+        server_url: The server (`host:port`, or `grpcs://host[:port]` for TLS); None uses
+            the connection's, else $AGENTRUN_SERVER, else 127.0.0.1:50051.
+        api_key: Sent as `authorization: Bearer <key>` on every call; None uses the
+            connection's, else $AGENTRUN_API_KEY.
+        connection: TLS, client certificate, metadata, keepalive (see `Connection`); None: from
+            the environment.
 
     Every method raises `RpcError` when the call fails (e.g. NOT_FOUND for an unknown name).
     """
@@ -139,15 +78,18 @@ class Client:
         server_url: str | None = None,
         *,
         api_key: str | None = None,
+        connection: Connection | None = None,
         connect_timeout_seconds: float = CONNECT_TIMEOUT_SECONDS,
     ) -> None:
+        self.connection = connection_of(server_url, api_key, connection)
         self.server_url = server_url
         self.connect_timeout_seconds = connect_timeout_seconds
-        self._metadata = auth_metadata(api_key)
-        self._channel = open_channel(server_url)
+        self._metadata = self.connection.call_metadata()
+        self._channel = self.connection.channel()
         self._connected = False
         self.ingestion = ingestion_grpc.IngestionServiceStub(self._channel)
         self.orchestrator = orchestrator_grpc.OrchestratorServiceStub(self._channel)
+        self.keys = key_grpc.KeyServiceStub(self._channel)
 
     def close(self) -> None:
         """Close the channel."""
@@ -171,7 +113,7 @@ class Client:
             grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout_seconds)
         except grpc.FutureTimeoutError:
             raise unreachable(
-                self.server_url, self._channel, self.connect_timeout_seconds
+                self.connection.target, self._channel, self.connect_timeout_seconds
             ) from None
         self._connected = True
 
@@ -355,3 +297,31 @@ class Client:
                 self.orchestrator.GetBacklog, orchestrator_pb.GetBacklogRequest(workflow=workflow)
             ).stages
         )
+
+    def create_api_key(
+        self,
+        name: str,
+        scopes: Iterable[str],
+        *,
+        collections: Iterable[str] = (),
+        workflows: Iterable[str] = (),
+        certificate_subject: str = "",
+    ) -> key_pb.CreateApiKeyResponse:
+        """Create an API key (needs an unlimited `admin` key); the response's `token` is shown
+        this once. With `certificate_subject`, an entry admitting that client certificate."""
+        key = key_pb.ApiKey(
+            name=name,
+            scopes=list(scopes),
+            collections=list(collections),
+            workflows=list(workflows),
+            certificate_subject=certificate_subject,
+        )
+        return self._call(self.keys.CreateApiKey, key_pb.CreateApiKeyRequest(key=key))
+
+    def list_api_keys(self) -> list[key_pb.ApiKey]:
+        """Every API key, revoked ones included (never their tokens)."""
+        return list(self._call(self.keys.ListApiKeys, key_pb.ListApiKeysRequest()).keys)
+
+    def revoke_api_key(self, name: str) -> key_pb.ApiKey:
+        """Revoke a key: every server refuses it within a second."""
+        return self._call(self.keys.RevokeApiKey, key_pb.RevokeApiKeyRequest(name=name)).key

@@ -87,3 +87,8 @@ class WriterClosedError(AgentRunError):
 
 class SpoolError(AgentRunError):
     """A writer's `spool_dir` cannot be used: another writer holds it, or the disk refused a write."""
+
+
+class ConnectionConfigError(AgentRunError, ValueError):
+    """A `Connection` cannot be used as given: an API key would go in plaintext to another
+    machine, half a client certificate is given, or a TLS file cannot be read."""

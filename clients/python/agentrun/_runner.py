@@ -51,7 +51,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentrun import _metrics
-from agentrun._client import Client, auth_metadata
+from agentrun._client import Client
+from agentrun._connection import (
+    Connection,
+    add_connection_arguments,
+    connection_from_arguments,
+    connection_of,
+)
 from agentrun._convert import value_to_proto
 from agentrun._errors import WorkflowError
 from agentrun._limits import MAX_OUTPUT_BYTES, value_depth_problem
@@ -111,9 +117,13 @@ class Runner:
 
     Args:
         workflow: The workflow's name (also settable per call and by --workflow).
-        server_url: The orchestrator (`host:port`); None uses $AGENTRUN_SERVER or 127.0.0.1:50051.
-        api_key: Sent as `authorization: Bearer <key>` on every call, for a gateway in front of
-            the server; None reads $AGENTRUN_API_KEY.
+        server_url: The orchestrator (`host:port`, `grpcs://host:port`); None uses the
+            connection's, else $AGENTRUN_SERVER, else 127.0.0.1:50051.
+        api_key: Sent as `authorization: Bearer <key>` on every call (a server run with
+            `--auth keys` needs one with the `work` scope); None uses the connection's, else
+            $AGENTRUN_API_KEY.
+        connection: TLS, client certificate, metadata, keepalive (see `Connection`); None: from
+            the environment.
         validate: Fetch the workflow now, so that an unreachable server or an unknown workflow
             fails here, and each `@runner.stage(...)` naming a stage the workflow lacks fails as
             it is registered (Encord's Runner checks its project at construction). Otherwise the
@@ -130,18 +140,20 @@ class Runner:
         server_url: str | None = None,
         *,
         api_key: str | None = None,
+        connection: Connection | None = None,
         validate: bool = False,
     ) -> None:
         self.workflow = workflow
         self.server_url = server_url
         self.api_key = api_key
+        self.connection = connection_of(server_url, api_key, connection)
         self._stages: dict[str, StageFunction] = {}
         self._parameters: dict[str, list[str]] = {}  # stage -> what each parameter asks for
         self._definition: workflow_pb2.Workflow | None = None
         if validate:
             if not workflow:
                 raise WorkflowError("validate=True needs a workflow: pass workflow= to Runner(...)")
-            with Client(server_url, api_key=api_key) as client:
+            with Client(connection=self.connection) as client:
                 self._definition = client.get_workflow(workflow)
 
     def stage(
@@ -206,7 +218,7 @@ class Runner:
             RpcError: the server is unreachable.
         """
         workflow = workflow or self.workflow
-        server_url = server_url or self.server_url
+        connection = self.connection.with_overrides(server_url=server_url)
         if not workflow:
             raise WorkflowError("no workflow: pass workflow= to Runner(...) or --workflow")
         if not self._stages:
@@ -221,15 +233,14 @@ class Runner:
                 "task_batch_size, max_tasks_per_stage and concurrency must be >= 1, "
                 "num_retries >= 0"
             )
-        with Client(server_url, api_key=self.api_key) as client:
+        with Client(connection=connection) as client:
             definition = client.get_workflow(workflow)
         self._check_stages(definition)
         execution = _Execution(
             self._stages,
             self._parameters,
             definition,
-            server_url,
-            auth_metadata(self.api_key),
+            connection,
             num_retries,
             task_batch_size,
             max_tasks_per_stage,
@@ -256,11 +267,7 @@ class Runner:
         parser = argparse.ArgumentParser(
             description="Work the tasks of this script's stages on an agentrun orchestrator."
         )
-        parser.add_argument(
-            "--server",
-            default=self.server_url,
-            help="orchestrator host:port [default: $AGENTRUN_SERVER or 127.0.0.1:50051]",
-        )
+        add_connection_arguments(parser, self.connection.server_url)
         parser.add_argument("--workflow", default=self.workflow, help="workflow name")
         parser.add_argument(
             "--refresh-every",
@@ -304,9 +311,9 @@ class Runner:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         try:
+            self.connection = connection_from_arguments(args, self.connection)
             summary = self(
                 workflow=args.workflow,
-                server_url=args.server,
                 refresh_every=args.refresh_every,
                 num_retries=args.num_retries,
                 task_batch_size=args.task_batch_size,
@@ -329,8 +336,7 @@ class _Execution:
         stages: dict[str, StageFunction],
         parameters: dict[str, list[str]],
         workflow: workflow_pb2.Workflow,
-        server_url: str | None,
-        metadata: tuple[tuple[str, str], ...],
+        connection: Connection,
         num_retries: int,
         credits: int,
         max_tasks_per_stage: int | None,
@@ -348,12 +354,11 @@ class _Execution:
         self.drain_grace_seconds = drain_grace_seconds
         self.summary = RunSummary()
         self.stream = WorkStream(
-            server_url,
+            connection,
             workflow.name,
             list(stages),
             credits,
             max_tasks_per_stage=max_tasks_per_stage,
-            metadata=metadata,
             notify_when_empty=refresh_every is None,
             on_revoked=self._on_revoked,
         )

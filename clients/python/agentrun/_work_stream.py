@@ -42,7 +42,7 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2
 
-from agentrun._client import open_aio_channel
+from agentrun._connection import Connection
 from agentrun._errors import RpcError
 from agentrun._retry import Backoff, retry_delay_seconds
 from agentrun.v1 import agent_run_pb2
@@ -100,12 +100,12 @@ class WorkStream:
     """One worker's Work session with the orchestrator, across reconnects.
 
     Args:
-        server_url: The orchestrator (as `Client` takes it); None: $AGENTRUN_SERVER or the default.
+        server: The orchestrator: a `Connection`, or a server URL as `Client` takes it (None:
+            $AGENTRUN_SERVER or the default); its API key and metadata go with the stream.
         workflow: The workflow whose stages are served.
         stages: The stages served.
         credits: Leases held at once (leased and not yet settled).
         max_tasks_per_stage: Take at most this many tasks of each stage in all (None: no limit).
-        metadata: Call metadata (e.g. the API key's `authorization`).
         notify_when_empty: End the iteration once the stages hold no task and nothing is held.
         on_revoked: Called with a lease the server took back and why ("cancelled", "expired",
             "not resumed: ..."); the lease is already dropped.
@@ -115,13 +115,12 @@ class WorkStream:
 
     def __init__(
         self,
-        server_url: str | None,
+        server: Connection | str | None,
         workflow: str,
         stages: Sequence[str],
         credits: int,
         *,
         max_tasks_per_stage: int | None = None,
-        metadata: tuple[tuple[str, str], ...] = (),
         notify_when_empty: bool = False,
         on_revoked: OnRevoked | None = None,
         worker: str | None = None,
@@ -137,8 +136,9 @@ class WorkStream:
         """Leases received per stage, over every stream."""
         self.subscribed: pb.Subscribed | None = None
         """The server's answer to the last subscribe (the workflow, as the server has it)."""
-        self._server_url = server_url
-        self._metadata = metadata
+        self._connection = (
+            server if isinstance(server, Connection) else Connection(server_url=server)
+        )
         self._notify_when_empty = notify_when_empty
         self._on_revoked = on_revoked
         self._worker = worker or f"{socket.gethostname()}/pid-{os.getpid()}"
@@ -361,10 +361,10 @@ class WorkStream:
 
     async def _stream(self) -> None:
         self._reconnect_asked = False
-        async with open_aio_channel(self._server_url) as channel:
+        async with self._connection.aio_channel() as channel:
             # Written to with call.write(); grpc-stubs 1.53 wants a request iterator.
             call: Any = pb_grpc.OrchestratorServiceStub(channel).Work(  # type: ignore[call-arg]
-                metadata=self._metadata
+                metadata=self._connection.call_metadata()
             )
             resumed = [held.lease for held in self.held.values()]
             # A call that ended already raises InvalidStateError here; the read raises its status.

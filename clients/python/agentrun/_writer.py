@@ -27,7 +27,8 @@ from google.protobuf.message import DecodeError
 
 from agentrun import _metrics
 from agentrun._agent_run import AgentRun
-from agentrun._client import Client, auth_metadata, open_channel, resolve_server
+from agentrun._client import Client
+from agentrun._connection import Connection, connection_of
 from agentrun._convert import agent_run_to_proto
 from agentrun._errors import InvalidRunError, WriterClosedError
 from agentrun._retry import Backoff, Failure, Verdict
@@ -195,10 +196,13 @@ class AgentRunWriter:
 
     Args:
         collection_id: The collection to write to (the only argument taken by position).
-        server_url: The ingestion server (`host:port`); None uses $AGENTRUN_SERVER or
-            127.0.0.1:50051.
-        api_key: Sent as `authorization: Bearer <key>` on every call (for a gateway in front of
-            the server; None reads $AGENTRUN_API_KEY; the server itself does not check it).
+        server_url: The ingestion server (`host:port`, `grpcs://host:port`); None uses the
+            connection's, else $AGENTRUN_SERVER, else 127.0.0.1:50051.
+        api_key: Sent as `authorization: Bearer <key>` on every call (a server run with
+            `--auth keys` needs one with the `ingest` scope); None uses the connection's, else
+            $AGENTRUN_API_KEY.
+        connection: TLS, client certificate, metadata, keepalive (see `Connection`); None: from
+            the environment.
         num_workers: Concurrent upload streams.
         queue_maxsize: Runs queued at most; `log_agent_runs` blocks while full. <= 0: unbounded.
         flush_interval: Seconds a partial batch waits for more runs before it is sent.
@@ -225,6 +229,7 @@ class AgentRunWriter:
         *positional: object,
         server_url: str | None = None,
         api_key: str | None = None,
+        connection: Connection | None = None,
         num_workers: int = 2,
         queue_maxsize: int = 20_000,
         flush_interval: float = 1.0,
@@ -250,6 +255,7 @@ class AgentRunWriter:
             raise ValueError(f"compression: choose gzip or None, not {compression!r}")
         self.collection_id = collection_id
         self.server_url = server_url
+        self.connection = connection_of(server_url, api_key, connection)
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         self.shutdown_timeout = shutdown_timeout
@@ -257,7 +263,7 @@ class AgentRunWriter:
         self.backoff = backoff or Backoff()
         self._collection = collection_id.encode()
         self._compression = _COMPRESSION[compression]
-        self._metadata = auth_metadata(api_key)
+        self._metadata = self.connection.call_metadata()
         self._on_rejected = on_rejected
         self._buffer = _Buffer(queue_maxsize)
         self._summary = WriteSummary()
@@ -269,7 +275,7 @@ class AgentRunWriter:
         self._out_of_reach = False  # an outage was reported; said once, until it ends
         self._finished: WriteSummary | None = None
         self._spool = Spool(spool_dir, spool_fsync) if spool_dir is not None else None
-        self._channel = open_channel(server_url)
+        self._channel = self.connection.channel()
         self._upload = self._channel.stream_unary(
             UPLOAD_METHOD,
             request_serializer=None,  # requests are pre-encoded bytes
@@ -508,7 +514,7 @@ class AgentRunWriter:
         with self._lock:
             first, self._out_of_reach = not self._out_of_reach, True
         if first:
-            target, _ = resolve_server(self.server_url)
+            target = self.connection.target
             _log.warning(
                 "cannot reach the agentrun server at %s (%s); retrying in the background, the runs "
                 "are kept%s",
@@ -599,13 +605,15 @@ def init(
     web_url: str | None = None,
     api_key: str | None = None,
     workflow: str | None = None,
+    connection: Connection | None = None,
     **writer_options: object,
 ) -> AgentRunWriter:
     """Return a writer for a collection, as `docent.init` does (same arguments, same order).
 
     With no `collection_id`, the collection named `collection_name` is created (or reused: names
     are unique), bound to `workflow` if given, so each run written enters its first stage.
-    `writer_options` go to `AgentRunWriter` (num_workers, batch_size, spool_dir, ...).
+    `writer_options` go to `AgentRunWriter` (num_workers, batch_size, spool_dir, ...);
+    `connection` carries TLS and the rest of `Connection` (agentrun's own, after Docent's).
     `web_url` (Docent's dashboard, for the links it logs) is accepted and not used: agentrun has
     no web UI; a notice says so once.
 
@@ -617,7 +625,7 @@ def init(
         _log.info(
             "init(web_url=...) is Docent's dashboard address; agentrun has none, so it is not used"
         )
-    with Client(server_url, api_key=api_key) as client:
+    with Client(server_url, api_key=api_key, connection=connection) as client:
         if collection_id is None:
             collection_id = client.create_collection(
                 collection_name, workflow=workflow or ""
@@ -628,5 +636,6 @@ def init(
         collection_id,
         server_url=server_url,
         api_key=api_key,
+        connection=connection,
         **writer_options,  # type: ignore[arg-type]
     )

@@ -23,7 +23,13 @@ from agentrun_server._checks import (
     check_text,
     storable_text,
 )
-from agentrun_server._errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from agentrun_server._errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from agentrun_server.auth import caller
 from agentrun_server.ingestion._metrics import IngestionMetrics
 from agentrun_server.ingestion._validate import InvalidRun, validate_agent_run
 from agentrun_server.ingestion._wire import RawUpload, decode_upload_request
@@ -183,6 +189,23 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         self._pending = _PendingBytes(
             self.limits.max_pending_bytes, self.limits.max_pending_bytes_per_peer
         )
+        # Collections by id, for limited keys' checks (a collection's name and workflow never
+        # change once it exists).
+        self._collections: dict[str, Collection] = {}
+
+    async def _check_collection(self, collection_id: str, field: str = "collection_id") -> None:
+        """Raises PermissionDenied when the caller's key is limited to other collections
+        (unlimited keys cost nothing here); NotFound when there is no such collection."""
+        principal = caller()
+        if not principal.limited:
+            return
+        collection = self._collections.get(collection_id)
+        if collection is None:
+            collection = await self._storage.get_collection(id=collection_id)
+            if len(self._collections) >= 10_000:
+                self._collections.clear()
+            self._collections[collection_id] = collection
+        principal.check_collection(collection.name, collection.workflow, field)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Serve this servicer on `server`; uploads are decoded by `decode_upload_request`."""
@@ -196,8 +219,10 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
     async def CreateCollection(
         self, request: pb.CreateCollectionRequest, context: Context
     ) -> pb.CreateCollectionResponse:
+        name = check_name("name", request.name)
+        caller().check_collection(name, request.workflow, "name")
         collection, created = await self._storage.create_collection(
-            check_name("name", request.name),
+            name,
             check_text("description", request.description),
             check_reference("workflow", request.workflow),
             time.time(),
@@ -209,17 +234,24 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
     async def GetCollection(
         self, request: pb.GetCollectionRequest, context: Context
     ) -> pb.GetCollectionResponse:
-        if request.WhichOneof("selector") is None:
+        selector = request.WhichOneof("selector")
+        if selector is None:
             raise InvalidArgument("selector: set id or name")
         collection = await self._storage.get_collection(
             id=check_reference("id", request.id), name=check_reference("name", request.name)
         )
+        caller().check_collection(collection.name, collection.workflow, selector)
         return pb.GetCollectionResponse(collection=collection_to_proto(collection))
 
     async def ListCollections(
         self, request: pb.ListCollectionsRequest, context: Context
     ) -> pb.ListCollectionsResponse:
-        collections = await self._storage.list_collections()
+        principal = caller()
+        collections = [
+            c
+            for c in await self._storage.list_collections()
+            if principal.sees_collection(c.name, c.workflow)
+        ]
         return pb.ListCollectionsResponse(collections=[collection_to_proto(c) for c in collections])
 
     async def UploadAgentRuns(  # type: ignore[override]  # requests arrive as RawUpload (_wire)
@@ -298,6 +330,9 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         if not request.collection_id:
             raise InvalidArgument("collection_id: required in every UploadAgentRunsRequest")
         check_reference("collection_id", request.collection_id)
+        if caller().revoked:
+            raise Unauthenticated("the API key was revoked while the stream was open")
+        await self._check_collection(request.collection_id)
         count = len(request.runs)
         if count > limits.max_runs_per_message:
             raise InvalidArgument(
@@ -410,6 +445,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         run_id = check_reference("agent_run_id", request.agent_run_id, required=True)
         view = check_enum("view", request.view, _VIEWS)
         run = await self._storage.get_run(run_id)
+        await self._check_collection(run.collection_id, "agent_run_id")
         return pb.GetAgentRunResponse(agent_run=_stored_run_to_proto(run, view))
 
     async def ListAgentRuns(
@@ -418,6 +454,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         collection_id = check_reference("collection_id", request.collection_id, required=True)
         view = check_enum("view", request.view, _VIEWS)
         await self._storage.get_collection(id=collection_id)
+        await self._check_collection(collection_id)
         after = page_after(request.page_token)
         size = page_size(request.page_size)
         # Pages stay within half the message limit: fewer runs than asked when they are large.
@@ -434,4 +471,5 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
     ) -> pb.CountAgentRunsResponse:
         collection_id = check_reference("collection_id", request.collection_id, required=True)
         await self._storage.get_collection(id=collection_id)
+        await self._check_collection(collection_id)
         return pb.CountAgentRunsResponse(count=await self._storage.count_runs(collection_id))

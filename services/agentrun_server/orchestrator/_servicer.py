@@ -38,7 +38,8 @@ from agentrun_server._checks import (
     parse_id,
     storable_text,
 )
-from agentrun_server._errors import InvalidArgument
+from agentrun_server._errors import InvalidArgument, NotFound, Unauthenticated
+from agentrun_server.auth import audit, caller
 from agentrun_server.orchestrator._convert import (
     TASK_STATES_FROM_PROTO,
     task_to_proto,
@@ -64,6 +65,7 @@ from agentrun_server.storage import (
     LeasedTask,
     LeaseRef,
     Release,
+    StageBacklog,
     Storage,
 )
 
@@ -187,21 +189,26 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     ) -> pb.ApplyWorkflowResponse:
         workflow = workflow_from_proto(request.workflow)
         workflow.validate()
+        caller().check_workflow(workflow.name, "workflow.name")
         stored, changed = await self._storage.put_workflow(workflow, time.time())
+        audit("workflow.apply", workflow=stored.name, version=stored.version, changed=changed)
         return pb.ApplyWorkflowResponse(workflow=workflow_to_proto(stored), changed=changed)
 
     async def GetWorkflow(
         self, request: pb.GetWorkflowRequest, context: Context
     ) -> pb.GetWorkflowResponse:
-        workflow = await self._storage.get_workflow(
-            check_reference("name", request.name, required=True)
-        )
+        name = check_reference("name", request.name, required=True)
+        caller().check_workflow(name, "name")
+        workflow = await self._storage.get_workflow(name)
         return pb.GetWorkflowResponse(workflow=workflow_to_proto(workflow))
 
     async def ListWorkflows(
         self, request: pb.ListWorkflowsRequest, context: Context
     ) -> pb.ListWorkflowsResponse:
-        workflows = await self._storage.list_workflows()
+        principal = caller()
+        workflows = [
+            w for w in await self._storage.list_workflows() if principal.sees_workflow(w.name)
+        ]
         return pb.ListWorkflowsResponse(workflows=[workflow_to_proto(w) for w in workflows])
 
     async def EnqueueAgentRuns(
@@ -210,12 +217,22 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         run_ids = check_count("agent_run_ids", request.agent_run_ids)
         for i, run_id in enumerate(run_ids):
             check_reference(f"agent_run_ids[{i}]", run_id, required=True)
+        workflow = check_reference("workflow", request.workflow, required=True)
+        caller().check_workflow(workflow)
         enqueued, skipped = await self._storage.enqueue(
-            check_reference("workflow", request.workflow, required=True),
+            workflow,
             check_reference("stage", request.stage),
             list(run_ids),
             request.priority,
             time.time(),
+        )
+        audit(
+            "runs.enqueue",
+            workflow=workflow,
+            stage=request.stage,
+            runs=len(run_ids),
+            enqueued=enqueued,
+            skipped=skipped,
         )
         if enqueued:
             self._dispatcher.tasks_ready(request.workflow, [request.stage] if request.stage else [])
@@ -248,7 +265,15 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         resumed = await self._dispatcher.add(session, resume)
         handback = False  # the worker closed its side: its leases end now; else they wait
         reader: asyncio.Task[None] | None = None
+        revoked = contextlib.ExitStack()
         try:
+            revoked.enter_context(
+                caller().watch(
+                    lambda: session.outbox.put_nowait(
+                        Unauthenticated("the API key was revoked while the Work stream was open")
+                    )
+                )
+            )
             subscribed = pb.WorkResponse(
                 subscribed=pb.Subscribed(
                     session_id=session.id, workflow=workflow_to_proto(session.workflow)
@@ -272,6 +297,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                     raise item
                 yield item
         finally:
+            revoked.close()
             if reader is not None:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -299,9 +325,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         if not subscribe.stages:
             raise InvalidArgument("subscribe.stages: at least one stage is required")
         check_count("subscribe.stages", subscribe.stages, MAX_STAGES)
-        workflow = await self._storage.get_workflow(
-            check_reference("subscribe.workflow", subscribe.workflow, required=True)
-        )
+        name = check_reference("subscribe.workflow", subscribe.workflow, required=True)
+        caller().check_workflow(name, "subscribe.workflow")
+        workflow = await self._storage.get_workflow(name)
         quota = {}
         for i, stage in enumerate(subscribe.stages):
             workflow.stage(check_reference(f"subscribe.stages[{i}].stage", stage.stage))
@@ -523,7 +549,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
         task_id = check_task_id("task_id", request.task_id)
-        return pb.GetTaskResponse(task=task_to_proto(await self._storage.get_task(task_id)))
+        task = await self._storage.get_task(task_id)
+        caller().check_workflow(task.workflow, "task_id")
+        return pb.GetTaskResponse(task=task_to_proto(task))
 
     async def ListTasks(
         self, request: pb.ListTasksRequest, context: Context
@@ -532,8 +560,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         size = page_size(request.page_size)
         check_enum("state", request.state, _TASK_STATES)
         state = TASK_STATES_FROM_PROTO.get(request.state)
+        workflow = check_reference("workflow", request.workflow)
+        caller().check_workflow(workflow)
         page, more = await self._storage.list_tasks(
-            check_reference("workflow", request.workflow),
+            workflow,
             check_reference("stage", request.stage),
             state,
             after,
@@ -548,11 +578,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     async def RedriveTasks(
         self, request: pb.RedriveTasksRequest, context: Context
     ) -> pb.RedriveTasksResponse:
+        workflow = check_reference("workflow", request.workflow)
+        caller().check_workflow(workflow)
+        task_ids = check_task_ids("task_ids", request.task_ids)
         count = await self._storage.redrive(
-            check_reference("workflow", request.workflow),
-            check_reference("stage", request.stage),
-            check_task_ids("task_ids", request.task_ids),
-            time.time(),
+            workflow, check_reference("stage", request.stage), task_ids, time.time()
+        )
+        audit(
+            "tasks.redrive", workflow=workflow, stage=request.stage, task_ids=task_ids, count=count
         )
         self._metrics.redriven.inc(count)
         self._dispatcher.wake()
@@ -561,20 +594,37 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     async def CancelTasks(
         self, request: pb.CancelTasksRequest, context: Context
     ) -> pb.CancelTasksResponse:
+        workflow = check_reference("workflow", request.workflow)
+        caller().check_workflow(workflow)
+        task_ids = check_task_ids("task_ids", request.task_ids)
         count, leases = await self._storage.cancel(
-            check_reference("workflow", request.workflow),
-            check_reference("stage", request.stage),
-            check_task_ids("task_ids", request.task_ids),
-            time.time(),
+            workflow, check_reference("stage", request.stage), task_ids, time.time()
+        )
+        audit(
+            "tasks.cancel", workflow=workflow, stage=request.stage, task_ids=task_ids, count=count
         )
         self._dispatcher.revoked(leases, "cancelled")
         return pb.CancelTasksResponse(cancelled_count=count)
+
+    async def _backlog_of(self, workflow: str, now: float) -> list[StageBacklog]:
+        try:
+            return await self._storage.backlog(workflow, now)
+        except NotFound:  # a limit may name a workflow not applied yet
+            return []
 
     async def GetBacklog(
         self, request: pb.GetBacklogRequest, context: Context
     ) -> pb.GetBacklogResponse:
         now = time.time()
-        stages = await self._storage.backlog(check_reference("workflow", request.workflow), now)
+        workflow = check_reference("workflow", request.workflow)
+        principal = caller()
+        if workflow or not principal.limited:
+            principal.check_workflow(workflow)
+            stages = await self._storage.backlog(workflow, now)
+        else:  # every workflow the key may see
+            stages = [
+                s for name in sorted(principal.workflows) for s in await self._backlog_of(name, now)
+            ]
         return pb.GetBacklogResponse(
             time=to_timestamp(now),
             stages=[

@@ -26,8 +26,10 @@ from agentrun_server._errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     ServerError,
+    Unauthenticated,
     Unavailable,
 )
 from agentrun_server.serving._handlers import ServerInterceptor, rewrap, yields_responses
@@ -42,6 +44,8 @@ STATUS_CODES: dict[type[ServerError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 

@@ -19,6 +19,7 @@ from agentrun_server.storage._rules import backoff_seconds
 from agentrun_server.storage._types import (
     Ack,
     AckCode,
+    ApiKeyRecord,
     AttemptFailureRecord,
     ClaimRequest,
     Collection,
@@ -47,6 +48,7 @@ from agentrun_server.storage.sqlite import SqliteStorage
 __all__ = [
     "Ack",
     "AckCode",
+    "ApiKeyRecord",
     "AttemptFailureRecord",
     "ClaimRequest",
     "Collection",
@@ -321,6 +323,32 @@ class Storage(Protocol):
         """Up to `limit` tasks with id > `after_id`, filtered where arguments are set, and
         whether more follow; the page stops before the task whose input and output would take it
         over `max_bytes` (the first regardless)."""
+
+    # --- API keys -------------------------------------------------------------------------------
+
+    async def create_key(self, key: ApiKeyRecord) -> ApiKeyRecord:
+        """Store a new key entry (its `created_at` as given; never used, never revoked).
+
+        Raises:
+            AlreadyExists: a key of this name exists (revoked ones too), or a live entry for the
+                same certificate subject.
+        """
+
+    async def list_keys(self) -> list[ApiKeyRecord]:
+        """Every key entry, revoked ones included, by name."""
+
+    async def revoke_key(self, name: str, now: float) -> ApiKeyRecord:
+        """Revoke a key (a no-op on a revoked one) and return it.
+
+        Raises:
+            NotFound: no key of this name.
+        """
+
+    async def keys_version(self) -> int:
+        """A number that grows whenever a key is created or revoked: servers poll it to reload."""
+
+    async def touch_keys(self, used: dict[str, float]) -> None:
+        """Record last-use times, by key name (an earlier time never overwrites a later one)."""
 
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")

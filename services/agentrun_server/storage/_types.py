@@ -436,3 +436,23 @@ class StageBacklog:
     dead: int = 0
     cancelled: int = 0
     oldest_ready_age_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    """An API key entry: a token's hash, or a client certificate's subject, with what it may do.
+
+    `collections` and `workflows` empty on both: the key is not limited to named resources.
+    """
+
+    name: str
+    scopes: tuple[str, ...]
+    collections: tuple[str, ...] = ()
+    workflows: tuple[str, ...] = ()
+    token_hash: str | None = None
+    """SHA-256 of the token, hex; None for a certificate entry."""
+    subject: str | None = None
+    """The client certificate subject this entry admits (mTLS); None for a token key."""
+    created_at: float = 0.0
+    revoked_at: float | None = None
+    last_used_at: float | None = None

@@ -16,6 +16,7 @@ from agentrun_server.storage._notifier import Notifier
 from agentrun_server.storage._types import (
     Ack,
     AckCode,
+    ApiKeyRecord,
     ClaimRequest,
     Collection,
     Completion,
@@ -35,7 +36,7 @@ from agentrun_server.storage._types import (
     TaskState,
     WorkflowDef,
 )
-from agentrun_server.storage.postgres import _leases, _reads, _runs, _tasks
+from agentrun_server.storage.postgres import _keys, _leases, _reads, _runs, _tasks
 from agentrun_server.storage.postgres._engine import Connection, Engine
 from agentrun_server.storage.postgres._migrate import migrate
 from agentrun_server.storage.postgres._notifier import ListenNotifier
@@ -251,6 +252,23 @@ class PostgresStorage:
         return await self._run(
             _reads.list_tasks, workflow, stage, state, after_id, limit, max_bytes
         )
+
+    # --- API keys -------------------------------------------------------------------------------
+
+    async def create_key(self, key: ApiKeyRecord) -> ApiKeyRecord:
+        return await self._run(_keys.create_key, key)
+
+    async def list_keys(self) -> list[ApiKeyRecord]:
+        return await self._run(_keys.list_keys)
+
+    async def revoke_key(self, name: str, now: float) -> ApiKeyRecord:
+        return await self._run(_keys.revoke_key, name, now)
+
+    async def keys_version(self) -> int:
+        return await self._run(_keys.keys_version)
+
+    async def touch_keys(self, used: dict[str, float]) -> None:
+        await self._run(_keys.touch_keys, used)
 
 
 def _first_line(exc: Exception) -> str:

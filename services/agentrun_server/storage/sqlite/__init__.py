@@ -14,6 +14,7 @@ from agentrun_server.storage._notifier import LocalNotifier, Notifier, PollingNo
 from agentrun_server.storage._types import (
     Ack,
     AckCode,
+    ApiKeyRecord,
     ClaimRequest,
     Collection,
     Completion,
@@ -36,6 +37,7 @@ from agentrun_server.storage._types import (
 from agentrun_server.storage.sqlite import (
     _claims,
     _counts,
+    _keys,
     _leases,
     _runs,
     _settles,
@@ -271,3 +273,20 @@ class SqliteStorage:
         return await self._engine.read(
             _task_reads.list_tasks, workflow, stage, state, after_id, limit, max_bytes
         )
+
+    # --- API keys -------------------------------------------------------------------------------
+
+    async def create_key(self, key: ApiKeyRecord) -> ApiKeyRecord:
+        return await self._engine.write(_keys.create_key, key)
+
+    async def list_keys(self) -> list[ApiKeyRecord]:
+        return await self._engine.read(_keys.list_keys)
+
+    async def revoke_key(self, name: str, now: float) -> ApiKeyRecord:
+        return await self._engine.write(_keys.revoke_key, name, now)
+
+    async def keys_version(self) -> int:
+        return await self._engine.read(_keys.keys_version)
+
+    async def touch_keys(self, used: dict[str, float]) -> None:
+        await self._engine.write(_keys.touch_keys, used)
