@@ -327,7 +327,9 @@ class Server:
                 storage, IngestionMetrics(self.registry), config.limits, wake
             ).add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(storage), server)
+        key_service_pb2_grpc.add_KeyServiceServicer_to_server(
+            KeyServicer(storage, self._keys.reload if self._keys else None), server
+        )
         names = [
             *(_SERVICE_DESCRIPTORS[s].full_name for s in config.services),
             _KEY_SERVICE.full_name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agentrun.v1 import key_service_pb2 as pb
@@ -77,10 +78,18 @@ def key_to_proto(record: ApiKeyRecord) -> pb.ApiKey:
 
 
 class KeyServicer(pb_grpc.KeyServiceServicer):
-    """Serves `agentrun.v1.KeyService` over a `Storage`."""
+    """Serves `agentrun.v1.KeyService` over a `Storage`; `on_change` (this server's key ring
+    reload) runs after a create or revoke, so this server applies it at once (others poll)."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(
+        self, storage: Storage, on_change: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         self._storage = storage
+        self._on_change = on_change
+
+    async def _changed(self) -> None:
+        if self._on_change is not None:
+            await self._on_change()
 
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: Any) -> Any:
         caller().require_unlimited("CreateApiKey")
@@ -93,6 +102,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
             k.certificate_subject,
         )
         stored = await self._storage.create_key(record)
+        await self._changed()
         audit(
             "keys.create",
             name=stored.name,
@@ -113,5 +123,6 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
         caller().require_unlimited("RevokeApiKey")
         name = check_reference("name", request.name, required=True)
         record = await self._storage.revoke_key(name, time.time())
+        await self._changed()
         audit("keys.revoke", name=name)
         return pb.RevokeApiKeyResponse(key=key_to_proto(record))
