@@ -3,6 +3,7 @@ every scope, keys limited to collections and workflows, health open, reflection 
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import grpc
@@ -292,3 +293,51 @@ async def test_only_an_unlimited_admin_manages_keys(secured: tuple[Server, str])
 
 
 METHODS_READ = "/agentrun.v1.IngestionService/ListCollections"
+
+
+async def test_every_admin_action_is_one_audit_line_naming_the_key(
+    secured: tuple[Server, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, admin = secured
+    caplog.set_level("INFO", logger="agentrun.audit")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        orchestrator = orch_grpc.OrchestratorServiceStub(channel)
+        meta = _auth(admin)
+        await orchestrator.ApplyWorkflow(
+            orch_pb.ApplyWorkflowRequest(workflow=_workflow("w")), metadata=meta
+        )
+        collection = await ingest_grpc.IngestionServiceStub(channel).CreateCollection(
+            ingest_pb.CreateCollectionRequest(name="c"), metadata=meta
+        )
+        upload = ingest_pb.UploadAgentRunsRequest(
+            collection_id=collection.collection.id, agent_runs=[_run("r")]
+        )
+        await ingest_grpc.IngestionServiceStub(channel).UploadAgentRuns(
+            iter([upload]), metadata=meta
+        )
+        await orchestrator.EnqueueAgentRuns(
+            orch_pb.EnqueueAgentRunsRequest(workflow="w", agent_run_ids=["r"]), metadata=meta
+        )
+        await orchestrator.CancelTasks(
+            orch_pb.CancelTasksRequest(workflow="w", stage="grade"), metadata=meta
+        )
+        await orchestrator.RedriveTasks(
+            orch_pb.RedriveTasksRequest(workflow="w", stage="grade"), metadata=meta
+        )
+        await _create_key(channel, admin, "ci", ["ingest"])
+        await key_grpc.KeyServiceStub(channel).RevokeApiKey(
+            key_pb.RevokeApiKeyRequest(name="ci"), metadata=meta
+        )
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "agentrun.audit"]
+    assert [line["audit"] for line in lines] == [
+        "workflow.apply",
+        "runs.enqueue",
+        "tasks.cancel",
+        "tasks.redrive",
+        "keys.create",
+        "keys.revoke",
+    ]
+    assert {line["key"] for line in lines} == {"root"}
+    assert lines[1]["workflow"] == "w" and lines[1]["enqueued"] == 1
+    assert lines[2]["count"] == 1
+    assert lines[4]["name"] == "ci" and lines[4]["scopes"] == ["ingest"]

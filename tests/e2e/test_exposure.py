@@ -1,8 +1,9 @@
-"""Exposing the server: it checks no credentials yet, so a non-loopback address needs --insecure
-(said at start and in a gauge), and /metrics stays on loopback unless told otherwise."""
+"""Exposing the server: a non-loopback address needs --auth keys, or --insecure (said at start and
+in a gauge), and /metrics stays on loopback unless told otherwise."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def test_serving_the_network_without_authentication_is_refused_with_what_to_do(
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("agentrun serve: --host 0.0.0.0: not a loopback address")
     assert "--insecure" in line and "127.0.0.1" in line
+    assert "--auth keys" in line and "agentrun keys create admin --scope admin --db" in line
     assert not (tmp_path / "agentrun.db").exists()  # refused before anything was opened
 
 
@@ -95,3 +97,28 @@ def test_a_loopback_server_reports_itself_secure(tmp_path: Path) -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as page,
     ):
         assert "agentrun_server_insecure 0.0" in page.read().decode()
+
+
+def test_auth_keys_serves_the_network_checking_keys_and_not_insecure(tmp_path: Path) -> None:
+    metrics_port = free_port()
+    server = ServerProcess(
+        tmp_path / "agentrun.db",
+        None,
+        "--host",
+        "0.0.0.0",
+        "--auth",
+        "keys",
+        "--metrics-port",
+        str(metrics_port),
+    )
+    with server:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as page:
+            assert "agentrun_server_insecure 0.0" in page.read().decode()
+        done = subprocess.run(
+            [sys.executable, "-m", "agentrun._cli", "stats", "--server", server.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("AGENTRUN_")},
+        )
+        assert done.returncode == 1 and "UNAUTHENTICATED" in done.stderr
