@@ -48,6 +48,7 @@ from agentrun_server.serving import (
     GrpcServerMetrics,
     MetricsEndpoint,
     MetricsInterceptor,
+    MetricsWebConfig,
 )
 from agentrun_server.storage import PoolConfig, SqliteConfig, Storage, open_storage
 
@@ -162,6 +163,9 @@ class ServerConfig:
     """Interface for /metrics: loopback by default, so exposing gRPC does not expose metrics."""
     metrics_port: int = 9464
     """Prometheus /metrics port; 0 picks a free one, -1 disables it."""
+    metrics_web_config: str = ""
+    """A web configuration file for /metrics in exporter-toolkit's format (TLS, basic auth);
+    empty: plain HTTP, open to whoever reaches `metrics_host`."""
     auth: str = "none"
     """"keys": every call needs a live API key (or a client certificate entry) with the scope
     its RPC needs; "none": no credentials checked (loopback, or with `insecure`)."""
@@ -191,7 +195,7 @@ class ServerConfig:
     @classmethod
     def from_env(cls) -> ServerConfig:
         """Defaults overridden by AGENTRUN_DB, AGENTRUN_HOST, AGENTRUN_PORT, AGENTRUN_METRICS_HOST,
-        AGENTRUN_METRICS_PORT, AGENTRUN_AUTH, AGENTRUN_TLS_CERT, AGENTRUN_TLS_KEY,
+        AGENTRUN_METRICS_PORT, AGENTRUN_METRICS_WEB_CONFIG, AGENTRUN_AUTH, AGENTRUN_TLS_CERT, AGENTRUN_TLS_KEY,
         AGENTRUN_TLS_CLIENT_CA.
 
         Raises:
@@ -204,6 +208,7 @@ class ServerConfig:
             port=_env_int("AGENTRUN_PORT", defaults.port),
             metrics_host=os.environ.get("AGENTRUN_METRICS_HOST") or defaults.metrics_host,
             metrics_port=_env_int("AGENTRUN_METRICS_PORT", defaults.metrics_port),
+            metrics_web_config=os.environ.get("AGENTRUN_METRICS_WEB_CONFIG", ""),
             auth=os.environ.get("AGENTRUN_AUTH") or defaults.auth,
             tls=TlsConfig(
                 os.environ.get("AGENTRUN_TLS_CERT", ""),
@@ -257,6 +262,9 @@ class Server:
             )
         if config.tls.enabled or config.tls.key_file or config.tls.client_ca_file:
             self.tls = ServerTls(config.tls)
+        web = (
+            MetricsWebConfig.load(config.metrics_web_config) if config.metrics_web_config else None
+        )
         unknown = set(config.services) - set(SERVICES)
         if unknown or not config.services:
             raise InvalidArgument(
@@ -373,8 +381,11 @@ class Server:
         if config.metrics_port >= 0:
             try:
                 self._metrics_endpoint = MetricsEndpoint(
-                    config.metrics_host, config.metrics_port, self.registry
+                    config.metrics_host, config.metrics_port, self.registry, web
                 )
+            except InvalidArgument:
+                await self.shutdown(0)
+                raise
             except OSError as exc:
                 await self.shutdown(0)
                 raise InvalidArgument(
@@ -383,6 +394,11 @@ class Server:
                     f"{exc.strerror or exc}; pick another, 0 for any free one, or -1 for none"
                 ) from None
             self.metrics_port = self._metrics_endpoint.port
+
+    @property
+    def metrics_url(self) -> str:
+        """Where /metrics is served (https with a web configuration's TLS); "" when it is not."""
+        return self._metrics_endpoint.url if self._metrics_endpoint is not None else ""
 
     async def shutdown(self, grace_seconds: float | None = None) -> None:
         """Stop gracefully: NOT_SERVING, finish in-flight calls within the grace, close storage.

@@ -3,10 +3,12 @@ in a gauge), and /metrics stays on loopback unless told otherwise."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -122,3 +124,71 @@ def test_auth_keys_serves_the_network_checking_keys_and_not_insecure(tmp_path: P
             env={k: v for k, v in os.environ.items() if not k.startswith("AGENTRUN_")},
         )
         assert done.returncode == 1 and "UNAUTHENTICATED" in done.stderr
+
+
+async def test_metrics_serve_tls_and_basic_auth_from_an_exporter_web_config(
+    tmp_path: Path,
+) -> None:
+    import base64
+    import ssl
+
+    import bcrypt
+
+    from agentrun_server import Server, ServerConfig
+
+    from ..certificates import Authority
+
+    ca = Authority(tmp_path / "ca")
+    issued = ca.issue("localhost", server=True)
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+    web = tmp_path / "web.yml"
+    web.write_text(
+        "tls_server_config:\n"
+        f"  cert_file: {issued.cert.relative_to(tmp_path)}\n"
+        f"  key_file: {issued.key}\n"
+        f"basic_auth_users:\n  prometheus: '{hashed}'\n"
+    )
+    server = Server(
+        ServerConfig(
+            db=f"sqlite:///{tmp_path / 'agentrun.db'}",
+            port=0,
+            metrics_port=0,
+            metrics_web_config=str(web),
+        )
+    )
+    await server.start()
+    try:
+        assert server.metrics_url.startswith("https://")
+        trusted = ssl.create_default_context(cafile=str(ca.cert))
+        url = f"https://localhost:{server.metrics_port}/metrics"
+
+        def scrape(password: str | None) -> tuple[int, str]:
+            request = urllib.request.Request(url)
+            if password is not None:
+                token = base64.b64encode(f"prometheus:{password}".encode()).decode()
+                request.add_header("Authorization", f"Basic {token}")
+            try:
+                with urllib.request.urlopen(request, context=trusted, timeout=10) as page:
+                    return page.status, page.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, ""
+
+        assert (await asyncio.to_thread(scrape, None))[0] == 401
+        assert (await asyncio.to_thread(scrape, "wrong"))[0] == 401
+        status, text = await asyncio.to_thread(scrape, "s3cret")
+        assert status == 200 and "agentrun_server_insecure 0.0" in text
+        with pytest.raises(OSError):  # plaintext HTTP is not served
+            await asyncio.to_thread(
+                urllib.request.urlopen, f"http://127.0.0.1:{server.metrics_port}/metrics", None, 5
+            )
+    finally:
+        await server.shutdown(grace_seconds=1)
+
+
+def test_a_bad_metrics_web_config_refuses_to_start_in_one_line(tmp_path: Path) -> None:
+    web = tmp_path / "web.yml"
+    web.write_text("tls_server_config:\n  cert_file: a.pem\nbasic_auth_user: {}\n")
+    done = _serve("--metrics-web-config", str(web), tmp_path=tmp_path)
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert "unknown keys ['basic_auth_user']" in line

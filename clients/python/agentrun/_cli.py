@@ -110,6 +110,14 @@ def _parser() -> argparse.ArgumentParser:
         help="interface to serve /metrics on [env AGENTRUN_METRICS_HOST; default 127.0.0.1]",
     )
     serve.add_argument(
+        "--metrics-web-config",
+        metavar="FILE",
+        default=os.environ.get("AGENTRUN_METRICS_WEB_CONFIG", ""),
+        help="TLS and basic auth for /metrics, in the format of Prometheus exporters' "
+        "--web.config.file (tls_server_config, basic_auth_users) "
+        "[env AGENTRUN_METRICS_WEB_CONFIG]",
+    )
+    serve.add_argument(
         "--port",
         type=int,
         default=int(_env_default("AGENTRUN_PORT", "50051")),
@@ -325,6 +333,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        metrics_web_config=args.metrics_web_config,
         auth=args.auth,
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca),
         insecure=args.insecure,
@@ -351,13 +360,11 @@ def _serve(args: argparse.Namespace) -> int:
         )
         if ready.is_set():
             metrics = (
-                f"metrics on http://{config.metrics_host}:{server.metrics_port}/metrics"
-                if config.metrics_port >= 0
-                else "no metrics"
+                f"metrics on {server.metrics_url}" if config.metrics_port >= 0 else "no metrics"
             )
             print(
                 f"agentrun serving {' and '.join(config.services)} on {config.host}:{server.port}"
-                f" ({metrics}; db {config.db})",
+                f" ({metrics}; auth {config.auth}{', TLS' if server.tls else ''}; db {config.db})",
                 flush=True,
             )
         await serving

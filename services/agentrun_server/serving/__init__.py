@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agentrun_server.serving._grpc_metrics import GrpcServerMetrics, MetricsInterceptor
 from agentrun_server.serving._handlers import add_service
-from agentrun_server.serving._metrics import MetricsEndpoint
+from agentrun_server.serving._metrics import MetricsEndpoint, MetricsWebConfig
 from agentrun_server.serving._paging import page_after, page_size
 from agentrun_server.serving._slots import StreamSlots, peer_host
 from agentrun_server.serving._status import STATUS_CODES, ErrorInterceptor, status_for
@@ -16,6 +16,7 @@ __all__ = [
     "GrpcServerMetrics",
     "MetricsEndpoint",
     "MetricsInterceptor",
+    "MetricsWebConfig",
     "StreamSlots",
     "add_service",
     "page_after",
