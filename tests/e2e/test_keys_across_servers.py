@@ -44,10 +44,9 @@ def created_token(done: subprocess.CompletedProcess[str]) -> str:
 
 
 async def test_a_key_revoked_through_one_server_stops_on_another_within_a_second(
-    tmp_path: Path,
+    database: str,
 ) -> None:
-    db = tmp_path / "agentrun.db"
-    url = f"sqlite:///{db}"
+    db = url = database  # each engine: a SQLite file shared by two processes, or PostgreSQL
     admin = created_token(agentrun("keys", "create", "root", "--scope", "admin", "--db", url))
     with (
         ServerProcess(db, None, "--auth", "keys") as one,

@@ -9,10 +9,16 @@ from typing import Any
 import grpc
 
 from agentrun_server.auth._keys import KeyRing
-from agentrun_server.auth._principal import METHOD_SCOPES, OPEN_PREFIXES, Principal, set_caller
+from agentrun_server.auth._principal import (
+    METHOD_SCOPES,
+    OPEN_PREFIXES,
+    SCOPES,
+    Principal,
+    set_caller,
+)
 from agentrun_server.serving._handlers import ServerInterceptor, rewrap, yields_responses
 
-_NO_SCOPES: tuple[str, ...] = ("ingest", "read", "work", "admin")
+_ANY_SCOPE = SCOPES  # reflection: any live key
 
 
 def bearer_token(metadata: Any) -> str | None:
@@ -53,7 +59,7 @@ class AuthInterceptor(ServerInterceptor):
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
-        scopes = METHOD_SCOPES.get(method, _NO_SCOPES)
+        scopes = METHOD_SCOPES.get(method, _ANY_SCOPE)
         ring = self._ring
 
         def admit(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
