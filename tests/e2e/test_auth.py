@@ -60,7 +60,7 @@ async def _code(channel: grpc.aio.Channel, method: str, token: str | None) -> gr
     name = method.rsplit("/", 1)[-1]
     metadata = _auth(token)
     try:
-        if name == "Work":
+        if name in ("Work", "StreamAgentRunEvents"):
             call = channel.stream_stream(method)(iter(()), metadata=metadata, timeout=10)
             async for _ in call:
                 pass

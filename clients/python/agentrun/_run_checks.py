@@ -20,16 +20,17 @@ from agentrun._varint import encode_varint
 from agentrun.v1 import agent_run_pb2 as pb
 
 
-def check_agent_run(run: pb.AgentRun, *, shallow: bool = False) -> None:
+def check_agent_run(run: pb.AgentRun, *, shallow: bool = False, patch: bool = False) -> None:
     """Check what storing and rendering a run relies on: a printable id, at least one transcript,
     distinct printable transcript keys, a role and content on every message, no metadata field
     `scores` (scores travel in `AgentRun.scores`), values nested at most MAX_VALUE_DEPTH deep
     (not walked when `shallow`: `parse_agent_run` or `encodes_shallow` found so already).
+    A `patch` (a live run's event) may hold no transcript.
 
     Raises:
         InvalidRunError: naming the first field at fault.
     """
-    found = _first_problem(run, shallow)
+    found = _first_problem(run, shallow, patch)
     if found is not None:
         field, reason = found
         raise InvalidRunError(run.id if len(run.id) <= 256 else shown(run.id), field, reason)
@@ -175,12 +176,12 @@ def _nests_past(value: pb.Value, level: int) -> bool:
     return any(_nests_past(child, level + 1) for child in children)
 
 
-def _first_problem(run: pb.AgentRun, shallow: bool) -> tuple[str, str] | None:
+def _first_problem(run: pb.AgentRun, shallow: bool, patch: bool = False) -> tuple[str, str] | None:
     """(field, reason) of the first problem, or None."""
     problem = name_problem(run.id)
     if problem is not None:
         return "id", f"{shown(run.id)}: {problem}"
-    if not run.transcripts:
+    if not run.transcripts and not patch:
         return "transcripts", "an agent run must have at least one transcript"
     if "scores" in run.metadata.fields:
         return (

@@ -18,6 +18,7 @@ _KEYS = "/agentrun.v1.KeyService/"
 METHOD_SCOPES: dict[str, tuple[str, ...]] = {
     _INGESTION + "CreateCollection": ("ingest",),
     _INGESTION + "UploadAgentRuns": ("ingest",),
+    _INGESTION + "StreamAgentRunEvents": ("ingest",),
     _INGESTION + "GetCollection": ("read", "ingest"),  # the writer checks its collection
     _INGESTION + "ListCollections": ("read",),
     _INGESTION + "GetAgentRun": ("read",),

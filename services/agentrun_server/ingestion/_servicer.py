@@ -26,10 +26,13 @@ from agentrun_server._checks import (
 from agentrun_server._errors import (
     DeadlineExceeded,
     InvalidArgument,
+    PermissionDenied,
     ResourceExhausted,
+    ServerError,
     Unauthenticated,
 )
 from agentrun_server.auth import caller
+from agentrun_server.ingestion._live import checked_event, fold_finished, fold_run
 from agentrun_server.ingestion._metrics import IngestionMetrics
 from agentrun_server.ingestion._validate import InvalidRun, validate_agent_run
 from agentrun_server.ingestion._wire import RawUpload, decode_upload_request
@@ -39,11 +42,14 @@ from agentrun_server.serving import (
     page_after,
     page_size,
     peer_host,
+    status_for,
     to_timestamp,
 )
 from agentrun_server.storage import (
     Collection,
+    EventStatus,
     InsertStatus,
+    NewEvent,
     NewRun,
     Storage,
     StoredRun,
@@ -87,6 +93,12 @@ class IngestionLimits:
     """How long a stream waits for room under `max_pending_bytes` before its next message."""
     retry_after_seconds: float = 1.0
     """The delay RetryInfo asks of a client turned away by the two limits above."""
+    max_live_run_bytes: int = 256 * 1024 * 1024
+    """Most bytes of events one live run may take (it grows past max_run_bytes up to this); an
+    event beyond it is refused RESOURCE_EXHAUSTED."""
+    max_event_streams_per_peer: int = 256
+    """StreamAgentRunEvents streams open at once from one client host (they are long-lived: one
+    per agent process or writer)."""
 
 
 class _PendingBytes:
@@ -145,11 +157,27 @@ def collection_to_proto(collection: Collection) -> pb.Collection:
     )
 
 
+_STATES = {
+    "running": pb.AGENT_RUN_STATE_RUNNING,
+    "finished": pb.AGENT_RUN_STATE_FINISHED,
+    "abandoned": pb.AGENT_RUN_STATE_ABANDONED,
+}
+
+
 def _stored_run_to_proto(run: StoredRun, view: int) -> pb.StoredAgentRun:
     out = pb.StoredAgentRun(
-        collection_id=run.collection_id, ingest_time=to_timestamp(run.ingested_at)
+        collection_id=run.collection_id,
+        ingest_time=to_timestamp(run.ingested_at),
+        state=_STATES[run.state],
+        update_time=to_timestamp(run.updated_at if run.updated_at is not None else run.ingested_at),
+        event_count=max(run.next_sequence - 1, 0),
     )
-    if view == pb.AGENT_RUN_VIEW_BASIC:
+    if run.state != "finished":  # a live run as it stands, folded from its events
+        out.agent_run.CopyFrom(fold_run(run.id, run.parts))
+        if view == pb.AGENT_RUN_VIEW_BASIC:
+            out.agent_run.ClearField("transcripts")
+            out.agent_run.ClearField("metadata")
+    elif view == pb.AGENT_RUN_VIEW_BASIC:
         full = run_pb.AgentRun.FromString(run.data)
         out.agent_run.id = full.id
         if full.HasField("name"):
@@ -161,6 +189,25 @@ def _stored_run_to_proto(run: StoredRun, view: int) -> pb.StoredAgentRun:
     else:
         out.agent_run.MergeFromString(run.data)
     return out
+
+
+_EVENT_STATUS = {
+    EventStatus.STORED: pb.EVENT_STATUS_STORED,
+    EventStatus.DUPLICATE: pb.EVENT_STATUS_DUPLICATE,
+}
+
+
+def _refused_ack(
+    run_id: str, sequence: int, error: ServerError, next_sequence: int
+) -> pb.AgentRunEventAck:
+    return pb.AgentRunEventAck(
+        agent_run_id=run_id[:300],
+        sequence=sequence,
+        status=pb.EVENT_STATUS_REFUSED,
+        code=status_for(error).value[0],
+        message=str(error),
+        next_sequence=next_sequence,
+    )
 
 
 class IngestionServicer(pb_grpc.IngestionServiceServicer):
@@ -184,6 +231,12 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             "upload streams",
             ("max_upload_streams", self.limits.max_upload_streams),
             ("max_upload_streams_per_peer", self.limits.max_upload_streams_per_peer),
+            self.limits.retry_after_seconds,
+        )
+        self._event_slots = StreamSlots(
+            "event streams",
+            None,
+            ("max_event_streams_per_peer", self.limits.max_event_streams_per_peer),
             self.limits.retry_after_seconds,
         )
         self._pending = _PendingBytes(
@@ -438,6 +491,79 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         self._metrics.rejected_runs.labels(
             pb.RejectionReason.Name(reason).removeprefix("REJECTION_REASON_").lower()
         ).inc()
+
+    async def StreamAgentRunEvents(
+        self, request_iterator: AsyncIterator[pb.StreamAgentRunEventsRequest], context: Context
+    ) -> AsyncIterator[pb.StreamAgentRunEventsResponse]:
+        """Store each message's events in one transaction, answering each (see the proto).
+
+        Raises:
+            InvalidArgument: a message over max_runs_per_message events.
+            ResourceExhausted: with RetryInfo, over max_event_streams_per_peer.
+            Unauthenticated: the key was revoked while the stream was open.
+        """
+        with self._event_slots.slot(context.peer()):
+            async for request in request_iterator:
+                yield await self._store_events(request)
+
+    async def _store_events(
+        self, request: pb.StreamAgentRunEventsRequest
+    ) -> pb.StreamAgentRunEventsResponse:
+        principal = caller()
+        if principal.revoked:
+            raise Unauthenticated("the API key was revoked while the stream was open")
+        limit = self.limits.max_runs_per_message
+        if len(request.events) > limit:
+            raise InvalidArgument(
+                f"events: {len(request.events)} in one message exceeds max_runs_per_message="
+                f"{limit}; split the batch"
+            )
+        acks: list[pb.AgentRunEventAck | None] = []
+        kept: list[NewEvent] = []
+        for i, event in enumerate(request.events):
+            try:
+                new = checked_event(event, i)
+                if principal.limited:
+                    if not new.collection_id:
+                        raise PermissionDenied(
+                            f"events[{i}].collection_id: required on every event from a key "
+                            "limited to collections or workflows"
+                        )
+                    await self._check_collection(new.collection_id, f"events[{i}].collection_id")
+            except ServerError as error:
+                acks.append(_refused_ack(event.agent_run_id, event.sequence, error, 0))
+                continue
+            acks.append(None)
+            kept.append(new)
+        outcomes = iter(
+            await self._storage.append_events(
+                kept, fold_finished, self.limits.max_live_run_bytes, time.time()
+            )
+            if kept
+            else []
+        )
+        response = pb.StreamAgentRunEventsResponse()
+        finished = False
+        stored = iter(kept)
+        for ack in acks:
+            if ack is None:
+                new, outcome = next(stored), next(outcomes)
+                finished |= new.finish and outcome.status is EventStatus.STORED
+                if outcome.error is not None:
+                    ack = _refused_ack(
+                        new.run_id, new.sequence, outcome.error, outcome.next_sequence
+                    )
+                else:
+                    ack = pb.AgentRunEventAck(
+                        agent_run_id=new.run_id,
+                        sequence=new.sequence,
+                        status=_EVENT_STATUS[outcome.status],
+                        next_sequence=outcome.next_sequence,
+                    )
+            response.acks.append(ack)
+        if finished and self._on_runs_stored is not None:
+            self._on_runs_stored()
+        return response
 
     async def GetAgentRun(
         self, request: pb.GetAgentRunRequest, context: Context

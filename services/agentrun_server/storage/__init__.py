@@ -25,12 +25,16 @@ from agentrun_server.storage._types import (
     Collection,
     Completion,
     EndedLease,
+    EventOutcome,
+    EventStatus,
     Extension,
     Failure,
+    Fold,
     InsertOutcome,
     InsertStatus,
     LeasedTask,
     LeaseRef,
+    NewEvent,
     NewRun,
     PoolConfig,
     Release,
@@ -54,13 +58,17 @@ __all__ = [
     "Collection",
     "Completion",
     "EndedLease",
+    "EventOutcome",
+    "EventStatus",
     "Extension",
     "Failure",
+    "Fold",
     "InsertOutcome",
     "InsertStatus",
     "LeaseRef",
     "LeasedTask",
     "LocalNotifier",
+    "NewEvent",
     "NewRun",
     "Notifier",
     "PollingNotifier",
@@ -141,6 +149,17 @@ class Storage(Protocol):
         Raises:
             NotFound: no such collection (or its workflow vanished).
         """
+
+    async def append_events(
+        self, events: Sequence[NewEvent], fold: Fold, max_run_bytes: int, now: float
+    ) -> list[EventOutcome]:
+        """Apply live runs' events in order, in one transaction, answering each: STORED (a first
+        event, sequence 1 with a collection, creates the run; `finish` writes the run whole with
+        `fold` and enters it into its collection's workflow), DUPLICATE (a sequence number
+        already stored), or REFUSED with the error: FailedPrecondition for a gap or an event
+        after the run finished, NotFound for an unknown collection, AlreadyExists for a run of
+        another collection or uploaded whole, ResourceExhausted past `max_run_bytes` of events,
+        InvalidArgument when `fold` refuses the finished run."""
 
     async def get_run(self, run_id: str) -> StoredRun:
         """One run.

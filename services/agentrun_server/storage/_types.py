@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -16,7 +17,7 @@ from agentrun._limits import (
     MAX_STAGES,
 )
 from agentrun_server._checks import check_identifier
-from agentrun_server._errors import InvalidArgument, NotFound
+from agentrun_server._errors import InvalidArgument, NotFound, ServerError
 
 DEFAULT_MAX_ATTEMPTS = 4
 DEFAULT_INITIAL_BACKOFF_SECONDS = 1.0
@@ -94,13 +95,53 @@ class InsertOutcome:
 
 @dataclass(frozen=True, slots=True)
 class StoredRun:
-    """A stored run with its encoded data."""
+    """A stored run with its encoded data; a live run that has not finished has its events'
+    patches in `parts` instead (`data` empty), for the caller to fold."""
 
     id: str
     collection_id: str
     ingested_at: float
     data: bytes
     seq: int
+    state: str = "finished"
+    """"running", "finished" or "abandoned"."""
+    updated_at: float | None = None
+    """When its last event was stored; None for a whole-run upload."""
+    next_sequence: int = 0
+    """The sequence number its next event takes; 0 for a whole-run upload."""
+    parts: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """One event of a live run: an encoded partial AgentRun, in the run's sequence."""
+
+    run_id: str
+    sequence: int
+    collection_id: str
+    patch: bytes
+    finish: bool = False
+
+
+class EventStatus(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True, slots=True)
+class EventOutcome:
+    """What became of an event; `error` says why it was refused; `next_sequence` is where the run
+    resumes (0: no such run)."""
+
+    status: EventStatus
+    next_sequence: int
+    error: ServerError | None = None
+
+
+Fold = Callable[[str, Sequence[bytes]], tuple[bytes, str | None]]
+"""(run id, the patches of its events in order) -> (the run encoded whole, its name). Raises
+InvalidArgument when the patches do not make a run that can be stored (no transcript)."""
 
 
 @dataclass(frozen=True, slots=True)

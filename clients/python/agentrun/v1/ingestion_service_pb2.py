@@ -26,17 +26,21 @@ from agentrun.v1 import agent_run_pb2 as agentrun_dot_v1_dot_agent__run__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#agentrun/v1/ingestion_service.proto\x12\x0b\x61gentrun.v1\x1a\x1b\x61gentrun/v1/agent_run.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x91\x01\n\nCollection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08workflow\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trun_count\x18\x06 \x01(\x03\"N\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08workflow\x18\x03 \x01(\t\"X\n\x18\x43reateCollectionResponse\x12+\n\ncollection\x18\x01 \x01(\x0b\x32\x17.agentrun.v1.Collection\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"@\n\x14GetCollectionRequest\x12\x0c\n\x02id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x42\n\n\x08selector\"D\n\x15GetCollectionResponse\x12+\n\ncollection\x18\x01 \x01(\x0b\x32\x17.agentrun.v1.Collection\"\x18\n\x16ListCollectionsRequest\"G\n\x17ListCollectionsResponse\x12,\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x17.agentrun.v1.Collection\"Z\n\x16UploadAgentRunsRequest\x12\x15\n\rcollection_id\x18\x01 \x01(\t\x12)\n\nagent_runs\x18\x02 \x03(\x0b\x32\x15.agentrun.v1.AgentRun\"\x85\x01\n\x10RejectedAgentRun\x12\r\n\x05index\x18\x01 \x01(\r\x12\x14\n\x0c\x61gent_run_id\x18\x02 \x01(\t\x12,\n\x06reason\x18\x03 \x01(\x0e\x32\x1c.agentrun.v1.RejectionReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05\x66ield\x18\x05 \x01(\t\"{\n\x17UploadAgentRunsResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x01 \x01(\r\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\r\x12/\n\x08rejected\x18\x03 \x03(\x0b\x32\x1d.agentrun.v1.RejectedAgentRun\"\x82\x01\n\x0eStoredAgentRun\x12(\n\tagent_run\x18\x01 \x01(\x0b\x32\x15.agentrun.v1.AgentRun\x12\x15\n\rcollection_id\x18\x02 \x01(\t\x12/\n\x0bingest_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"S\n\x12GetAgentRunRequest\x12\x14\n\x0c\x61gent_run_id\x18\x01 \x01(\t\x12\'\n\x04view\x18\x02 \x01(\x0e\x32\x19.agentrun.v1.AgentRunView\"E\n\x13GetAgentRunResponse\x12.\n\tagent_run\x18\x01 \x01(\x0b\x32\x1b.agentrun.v1.StoredAgentRun\"}\n\x14ListAgentRunsRequest\x12\x15\n\rcollection_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\'\n\x04view\x18\x04 \x01(\x0e\x32\x19.agentrun.v1.AgentRunView\"a\n\x15ListAgentRunsResponse\x12/\n\nagent_runs\x18\x01 \x03(\x0b\x32\x1b.agentrun.v1.StoredAgentRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x15\x43ountAgentRunsRequest\x12\x15\n\rcollection_id\x18\x01 \x01(\t\"\'\n\x16\x43ountAgentRunsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03*\x90\x01\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REJECTION_REASON_INVALID\x10\x01\x12\x1e\n\x1aREJECTION_REASON_TOO_LARGE\x10\x02\x12\x1d\n\x19REJECTION_REASON_CONFLICT\x10\x03*a\n\x0c\x41gentRunView\x12\x1e\n\x1a\x41GENT_RUN_VIEW_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_RUN_VIEW_BASIC\x10\x01\x12\x17\n\x13\x41GENT_RUN_VIEW_FULL\x10\x02\x32\x8e\x05\n\x10IngestionService\x12_\n\x10\x43reateCollection\x12$.agentrun.v1.CreateCollectionRequest\x1a%.agentrun.v1.CreateCollectionResponse\x12V\n\rGetCollection\x12!.agentrun.v1.GetCollectionRequest\x1a\".agentrun.v1.GetCollectionResponse\x12\\\n\x0fListCollections\x12#.agentrun.v1.ListCollectionsRequest\x1a$.agentrun.v1.ListCollectionsResponse\x12^\n\x0fUploadAgentRuns\x12#.agentrun.v1.UploadAgentRunsRequest\x1a$.agentrun.v1.UploadAgentRunsResponse(\x01\x12P\n\x0bGetAgentRun\x12\x1f.agentrun.v1.GetAgentRunRequest\x1a .agentrun.v1.GetAgentRunResponse\x12V\n\rListAgentRuns\x12!.agentrun.v1.ListAgentRunsRequest\x1a\".agentrun.v1.ListAgentRunsResponse\x12Y\n\x0e\x43ountAgentRuns\x12\".agentrun.v1.CountAgentRunsRequest\x1a#.agentrun.v1.CountAgentRunsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#agentrun/v1/ingestion_service.proto\x12\x0b\x61gentrun.v1\x1a\x1b\x61gentrun/v1/agent_run.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x91\x01\n\nCollection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08workflow\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trun_count\x18\x06 \x01(\x03\"N\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08workflow\x18\x03 \x01(\t\"X\n\x18\x43reateCollectionResponse\x12+\n\ncollection\x18\x01 \x01(\x0b\x32\x17.agentrun.v1.Collection\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"@\n\x14GetCollectionRequest\x12\x0c\n\x02id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x42\n\n\x08selector\"D\n\x15GetCollectionResponse\x12+\n\ncollection\x18\x01 \x01(\x0b\x32\x17.agentrun.v1.Collection\"\x18\n\x16ListCollectionsRequest\"G\n\x17ListCollectionsResponse\x12,\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x17.agentrun.v1.Collection\"Z\n\x16UploadAgentRunsRequest\x12\x15\n\rcollection_id\x18\x01 \x01(\t\x12)\n\nagent_runs\x18\x02 \x03(\x0b\x32\x15.agentrun.v1.AgentRun\"\x85\x01\n\x10RejectedAgentRun\x12\r\n\x05index\x18\x01 \x01(\r\x12\x14\n\x0c\x61gent_run_id\x18\x02 \x01(\t\x12,\n\x06reason\x18\x03 \x01(\x0e\x32\x1c.agentrun.v1.RejectionReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05\x66ield\x18\x05 \x01(\t\"{\n\x17UploadAgentRunsResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x01 \x01(\r\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\r\x12/\n\x08rejected\x18\x03 \x03(\x0b\x32\x1d.agentrun.v1.RejectedAgentRun\"\xf3\x01\n\x0eStoredAgentRun\x12(\n\tagent_run\x18\x01 \x01(\x0b\x32\x15.agentrun.v1.AgentRun\x12\x15\n\rcollection_id\x18\x02 \x01(\t\x12/\n\x0bingest_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.agentrun.v1.AgentRunState\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65vent_count\x18\x06 \x01(\x04\"\x84\x01\n\rAgentRunEvent\x12\x14\n\x0c\x61gent_run_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x15\n\rcollection_id\x18\x03 \x01(\t\x12$\n\x05patch\x18\x04 \x01(\x0b\x32\x15.agentrun.v1.AgentRun\x12\x0e\n\x06\x66inish\x18\x05 \x01(\x08\"I\n\x1bStreamAgentRunEventsRequest\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.agentrun.v1.AgentRunEvent\"\x9a\x01\n\x10\x41gentRunEventAck\x12\x14\n\x0c\x61gent_run_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12(\n\x06status\x18\x03 \x01(\x0e\x32\x18.agentrun.v1.EventStatus\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x15\n\rnext_sequence\x18\x06 \x01(\x04\"K\n\x1cStreamAgentRunEventsResponse\x12+\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x1d.agentrun.v1.AgentRunEventAck\"S\n\x12GetAgentRunRequest\x12\x14\n\x0c\x61gent_run_id\x18\x01 \x01(\t\x12\'\n\x04view\x18\x02 \x01(\x0e\x32\x19.agentrun.v1.AgentRunView\"E\n\x13GetAgentRunResponse\x12.\n\tagent_run\x18\x01 \x01(\x0b\x32\x1b.agentrun.v1.StoredAgentRun\"}\n\x14ListAgentRunsRequest\x12\x15\n\rcollection_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\'\n\x04view\x18\x04 \x01(\x0e\x32\x19.agentrun.v1.AgentRunView\"a\n\x15ListAgentRunsResponse\x12/\n\nagent_runs\x18\x01 \x03(\x0b\x32\x1b.agentrun.v1.StoredAgentRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x15\x43ountAgentRunsRequest\x12\x15\n\rcollection_id\x18\x01 \x01(\t\"\'\n\x16\x43ountAgentRunsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03*\x90\x01\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REJECTION_REASON_INVALID\x10\x01\x12\x1e\n\x1aREJECTION_REASON_TOO_LARGE\x10\x02\x12\x1d\n\x19REJECTION_REASON_CONFLICT\x10\x03*a\n\x0c\x41gentRunView\x12\x1e\n\x1a\x41GENT_RUN_VIEW_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_RUN_VIEW_BASIC\x10\x01\x12\x17\n\x13\x41GENT_RUN_VIEW_FULL\x10\x02*\x8a\x01\n\rAgentRunState\x12\x1f\n\x1b\x41GENT_RUN_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41GENT_RUN_STATE_RUNNING\x10\x01\x12\x1c\n\x18\x41GENT_RUN_STATE_FINISHED\x10\x02\x12\x1d\n\x19\x41GENT_RUN_STATE_ABANDONED\x10\x03*z\n\x0b\x45ventStatus\x12\x1c\n\x18\x45VENT_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_STATUS_STORED\x10\x01\x12\x1a\n\x16\x45VENT_STATUS_DUPLICATE\x10\x02\x12\x18\n\x14\x45VENT_STATUS_REFUSED\x10\x03\x32\xff\x05\n\x10IngestionService\x12_\n\x10\x43reateCollection\x12$.agentrun.v1.CreateCollectionRequest\x1a%.agentrun.v1.CreateCollectionResponse\x12V\n\rGetCollection\x12!.agentrun.v1.GetCollectionRequest\x1a\".agentrun.v1.GetCollectionResponse\x12\\\n\x0fListCollections\x12#.agentrun.v1.ListCollectionsRequest\x1a$.agentrun.v1.ListCollectionsResponse\x12^\n\x0fUploadAgentRuns\x12#.agentrun.v1.UploadAgentRunsRequest\x1a$.agentrun.v1.UploadAgentRunsResponse(\x01\x12P\n\x0bGetAgentRun\x12\x1f.agentrun.v1.GetAgentRunRequest\x1a .agentrun.v1.GetAgentRunResponse\x12V\n\rListAgentRuns\x12!.agentrun.v1.ListAgentRunsRequest\x1a\".agentrun.v1.ListAgentRunsResponse\x12o\n\x14StreamAgentRunEvents\x12(.agentrun.v1.StreamAgentRunEventsRequest\x1a).agentrun.v1.StreamAgentRunEventsResponse(\x01\x30\x01\x12Y\n\x0e\x43ountAgentRuns\x12\".agentrun.v1.CountAgentRunsRequest\x1a#.agentrun.v1.CountAgentRunsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentrun.v1.ingestion_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REJECTIONREASON']._serialized_start=1625
-  _globals['_REJECTIONREASON']._serialized_end=1769
-  _globals['_AGENTRUNVIEW']._serialized_start=1771
-  _globals['_AGENTRUNVIEW']._serialized_end=1868
+  _globals['_REJECTIONREASON']._serialized_start=2182
+  _globals['_REJECTIONREASON']._serialized_end=2326
+  _globals['_AGENTRUNVIEW']._serialized_start=2328
+  _globals['_AGENTRUNVIEW']._serialized_end=2425
+  _globals['_AGENTRUNSTATE']._serialized_start=2428
+  _globals['_AGENTRUNSTATE']._serialized_end=2566
+  _globals['_EVENTSTATUS']._serialized_start=2568
+  _globals['_EVENTSTATUS']._serialized_end=2690
   _globals['_COLLECTION']._serialized_start=115
   _globals['_COLLECTION']._serialized_end=260
   _globals['_CREATECOLLECTIONREQUEST']._serialized_start=262
@@ -58,19 +62,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADAGENTRUNSRESPONSE']._serialized_start=895
   _globals['_UPLOADAGENTRUNSRESPONSE']._serialized_end=1018
   _globals['_STOREDAGENTRUN']._serialized_start=1021
-  _globals['_STOREDAGENTRUN']._serialized_end=1151
-  _globals['_GETAGENTRUNREQUEST']._serialized_start=1153
-  _globals['_GETAGENTRUNREQUEST']._serialized_end=1236
-  _globals['_GETAGENTRUNRESPONSE']._serialized_start=1238
-  _globals['_GETAGENTRUNRESPONSE']._serialized_end=1307
-  _globals['_LISTAGENTRUNSREQUEST']._serialized_start=1309
-  _globals['_LISTAGENTRUNSREQUEST']._serialized_end=1434
-  _globals['_LISTAGENTRUNSRESPONSE']._serialized_start=1436
-  _globals['_LISTAGENTRUNSRESPONSE']._serialized_end=1533
-  _globals['_COUNTAGENTRUNSREQUEST']._serialized_start=1535
-  _globals['_COUNTAGENTRUNSREQUEST']._serialized_end=1581
-  _globals['_COUNTAGENTRUNSRESPONSE']._serialized_start=1583
-  _globals['_COUNTAGENTRUNSRESPONSE']._serialized_end=1622
-  _globals['_INGESTIONSERVICE']._serialized_start=1871
-  _globals['_INGESTIONSERVICE']._serialized_end=2525
+  _globals['_STOREDAGENTRUN']._serialized_end=1264
+  _globals['_AGENTRUNEVENT']._serialized_start=1267
+  _globals['_AGENTRUNEVENT']._serialized_end=1399
+  _globals['_STREAMAGENTRUNEVENTSREQUEST']._serialized_start=1401
+  _globals['_STREAMAGENTRUNEVENTSREQUEST']._serialized_end=1474
+  _globals['_AGENTRUNEVENTACK']._serialized_start=1477
+  _globals['_AGENTRUNEVENTACK']._serialized_end=1631
+  _globals['_STREAMAGENTRUNEVENTSRESPONSE']._serialized_start=1633
+  _globals['_STREAMAGENTRUNEVENTSRESPONSE']._serialized_end=1708
+  _globals['_GETAGENTRUNREQUEST']._serialized_start=1710
+  _globals['_GETAGENTRUNREQUEST']._serialized_end=1793
+  _globals['_GETAGENTRUNRESPONSE']._serialized_start=1795
+  _globals['_GETAGENTRUNRESPONSE']._serialized_end=1864
+  _globals['_LISTAGENTRUNSREQUEST']._serialized_start=1866
+  _globals['_LISTAGENTRUNSREQUEST']._serialized_end=1991
+  _globals['_LISTAGENTRUNSRESPONSE']._serialized_start=1993
+  _globals['_LISTAGENTRUNSRESPONSE']._serialized_end=2090
+  _globals['_COUNTAGENTRUNSREQUEST']._serialized_start=2092
+  _globals['_COUNTAGENTRUNSREQUEST']._serialized_end=2138
+  _globals['_COUNTAGENTRUNSRESPONSE']._serialized_start=2140
+  _globals['_COUNTAGENTRUNSRESPONSE']._serialized_end=2179
+  _globals['_INGESTIONSERVICE']._serialized_start=2693
+  _globals['_INGESTIONSERVICE']._serialized_end=3460
 # @@protoc_insertion_point(module_scope)

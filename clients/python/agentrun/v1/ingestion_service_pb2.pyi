@@ -73,6 +73,62 @@ AGENT_RUN_VIEW_FULL: AgentRunView.ValueType  # 2
 """The whole run."""
 Global___AgentRunView: _TypeAlias = AgentRunView  # noqa: Y015
 
+class _AgentRunState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AgentRunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentRunState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGENT_RUN_STATE_UNSPECIFIED: _AgentRunState.ValueType  # 0
+    """Not set (never returned)."""
+    AGENT_RUN_STATE_RUNNING: _AgentRunState.ValueType  # 1
+    """A live run that may still grow."""
+    AGENT_RUN_STATE_FINISHED: _AgentRunState.ValueType  # 2
+    """Complete: uploaded whole, or a live run that finished."""
+    AGENT_RUN_STATE_ABANDONED: _AgentRunState.ValueType  # 3
+    """A live run without an event for the server's live run timeout; a later event reopens it."""
+
+class AgentRunState(_AgentRunState, metaclass=_AgentRunStateEnumTypeWrapper):
+    """Where a run stands: a whole-run upload is finished at once; a live run runs until it finishes."""
+
+AGENT_RUN_STATE_UNSPECIFIED: AgentRunState.ValueType  # 0
+"""Not set (never returned)."""
+AGENT_RUN_STATE_RUNNING: AgentRunState.ValueType  # 1
+"""A live run that may still grow."""
+AGENT_RUN_STATE_FINISHED: AgentRunState.ValueType  # 2
+"""Complete: uploaded whole, or a live run that finished."""
+AGENT_RUN_STATE_ABANDONED: AgentRunState.ValueType  # 3
+"""A live run without an event for the server's live run timeout; a later event reopens it."""
+Global___AgentRunState: _TypeAlias = AgentRunState  # noqa: Y015
+
+class _EventStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_STATUS_UNSPECIFIED: _EventStatus.ValueType  # 0
+    """Not set (never returned)."""
+    EVENT_STATUS_STORED: _EventStatus.ValueType  # 1
+    """Stored, durably."""
+    EVENT_STATUS_DUPLICATE: _EventStatus.ValueType  # 2
+    """This sequence number was stored before; nothing was stored now."""
+    EVENT_STATUS_REFUSED: _EventStatus.ValueType  # 3
+    """Not stored: `code` and `message` say why."""
+
+class EventStatus(_EventStatus, metaclass=_EventStatusEnumTypeWrapper):
+    """What became of one event."""
+
+EVENT_STATUS_UNSPECIFIED: EventStatus.ValueType  # 0
+"""Not set (never returned)."""
+EVENT_STATUS_STORED: EventStatus.ValueType  # 1
+"""Stored, durably."""
+EVENT_STATUS_DUPLICATE: EventStatus.ValueType  # 2
+"""This sequence number was stored before; nothing was stored now."""
+EVENT_STATUS_REFUSED: EventStatus.ValueType  # 3
+"""Not stored: `code` and `message` say why."""
+Global___EventStatus: _TypeAlias = EventStatus  # noqa: Y015
+
 @_typing.final
 class Collection(_message.Message):
     """A named set of runs, optionally bound to a workflow."""
@@ -381,15 +437,26 @@ class StoredAgentRun(_message.Message):
     AGENT_RUN_FIELD_NUMBER: _builtins.int
     COLLECTION_ID_FIELD_NUMBER: _builtins.int
     INGEST_TIME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
     collection_id: _builtins.str
     """The collection it belongs to."""
+    state: Global___AgentRunState.ValueType
+    """Where the run stands."""
+    event_count: _builtins.int
+    """Events stored for it (0 for a whole-run upload)."""
     @_builtins.property
     def agent_run(self) -> _agent_run_pb2.AgentRun:
-        """The run."""
+        """The run (a live one as it stands)."""
 
     @_builtins.property
     def ingest_time(self) -> _timestamp_pb2.Timestamp:
-        """When it was stored."""
+        """When it was stored (a live run: its first event)."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When its last event was stored (a whole-run upload: its ingest time)."""
 
     def __init__(
         self,
@@ -397,14 +464,157 @@ class StoredAgentRun(_message.Message):
         agent_run: _agent_run_pb2.AgentRun | None = ...,
         collection_id: _builtins.str = ...,
         ingest_time: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___AgentRunState.ValueType = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        event_count: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_run", b"agent_run", "ingest_time", b"ingest_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_run", b"agent_run", "ingest_time", b"ingest_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run", b"agent_run", "collection_id", b"collection_id", "ingest_time", b"ingest_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run", b"agent_run", "collection_id", b"collection_id", "event_count", b"event_count", "ingest_time", b"ingest_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoredAgentRun: _TypeAlias = StoredAgentRun  # noqa: Y015
+
+@_typing.final
+class AgentRunEvent(_message.Message):
+    """One step of a live run: a patch to the run as it stands, and whether it finishes the run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_RUN_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    COLLECTION_ID_FIELD_NUMBER: _builtins.int
+    PATCH_FIELD_NUMBER: _builtins.int
+    FINISH_FIELD_NUMBER: _builtins.int
+    agent_run_id: _builtins.str
+    """The run's id: 1 to 256 bytes."""
+    sequence: _builtins.int
+    """The event's place in the run: 1 for the first, then each next number, no gaps."""
+    collection_id: _builtins.str
+    """The collection; MUST be set on the first event, and if set later MUST be the same."""
+    finish: _builtins.bool
+    """Finish the run after applying the patch: it enters its collection's workflow, and takes no
+    more events.
+    """
+    @_builtins.property
+    def patch(self) -> _agent_run_pb2.AgentRun:
+        """What changes, as a partial run (its `id` is ignored): each transcript's messages are appended
+        to the transcript of the same key (a new key adds a transcript; its name, description and
+        metadata fields are set or merged), scores and metadata fields are merged by key, and name and
+        description replace the run's when set.
+        """
+
+    def __init__(
+        self,
+        *,
+        agent_run_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        collection_id: _builtins.str = ...,
+        patch: _agent_run_pb2.AgentRun | None = ...,
+        finish: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["patch", b"patch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_id", b"agent_run_id", "collection_id", b"collection_id", "finish", b"finish", "patch", b"patch", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentRunEvent: _TypeAlias = AgentRunEvent  # noqa: Y015
+
+@_typing.final
+class StreamAgentRunEventsRequest(_message.Message):
+    """A batch of events, in one message of the StreamAgentRunEvents stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentRunEvent]:
+        """The events, applied in order; events of one run MUST come in sequence order."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___AgentRunEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamAgentRunEventsRequest: _TypeAlias = StreamAgentRunEventsRequest  # noqa: Y015
+
+@_typing.final
+class AgentRunEventAck(_message.Message):
+    """The answer to one event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_RUN_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    NEXT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    agent_run_id: _builtins.str
+    """The run."""
+    sequence: _builtins.int
+    """The event's sequence number."""
+    status: Global___EventStatus.ValueType
+    """What became of it."""
+    code: _builtins.int
+    """For REFUSED: the google.rpc.Code (FAILED_PRECONDITION, NOT_FOUND, ALREADY_EXISTS,
+    INVALID_ARGUMENT, RESOURCE_EXHAUSTED).
+    """
+    message: _builtins.str
+    """For REFUSED: why, naming the field and the limit."""
+    next_sequence: _builtins.int
+    """The sequence number the run expects next (where a client resumes); 0 when the run does not
+    exist.
+    """
+    def __init__(
+        self,
+        *,
+        agent_run_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        status: Global___EventStatus.ValueType = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        next_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_id", b"agent_run_id", "code", b"code", "message", b"message", "next_sequence", b"next_sequence", "sequence", b"sequence", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentRunEventAck: _TypeAlias = AgentRunEventAck  # noqa: Y015
+
+@_typing.final
+class StreamAgentRunEventsResponse(_message.Message):
+    """The acks of one request message, in the order of its events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentRunEventAck]:
+        """One per event."""
+
+    def __init__(
+        self,
+        *,
+        acks: _abc.Iterable[Global___AgentRunEventAck] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamAgentRunEventsResponse: _TypeAlias = StreamAgentRunEventsResponse  # noqa: Y015
 
 @_typing.final
 class GetAgentRunRequest(_message.Message):

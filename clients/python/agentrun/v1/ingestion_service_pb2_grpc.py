@@ -66,6 +66,11 @@ class IngestionServiceStub:
                 request_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.ListAgentRunsRequest.SerializeToString,
                 response_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.ListAgentRunsResponse.FromString,
                 _registered_method=True)
+        self.StreamAgentRunEvents = channel.stream_stream(
+                '/agentrun.v1.IngestionService/StreamAgentRunEvents',
+                request_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.StreamAgentRunEventsRequest.SerializeToString,
+                response_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.StreamAgentRunEventsResponse.FromString,
+                _registered_method=True)
         self.CountAgentRuns = channel.unary_unary(
                 '/agentrun.v1.IngestionService/CountAgentRuns',
                 request_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.CountAgentRunsRequest.SerializeToString,
@@ -130,6 +135,22 @@ class IngestionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamAgentRunEvents(self, request_iterator, context):
+        """Live runs: long-running agents stream each run as it happens, as events of a per-run sequence
+        (1, 2, 3, ...), many runs on one stream, each request message a batch of events. Every event is
+        answered by an ack, in order, once it is durable: STORED; DUPLICATE for a sequence number
+        already stored (nothing is stored again, so a client resends freely after any failure); or
+        REFUSED with a status code and the next sequence number the run expects: FAILED_PRECONDITION
+        for a gap or an event after the run finished, NOT_FOUND for an unknown collection,
+        ALREADY_EXISTS for an id stored by a whole-run upload or in another collection,
+        INVALID_ARGUMENT for a malformed event, RESOURCE_EXHAUSTED past `max_live_run_bytes`. A run
+        is created by its first event and enters its collection's workflow when it finishes.
+        Stream-level errors: INVALID_ARGUMENT for a message over `max_runs_per_message` events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CountAgentRuns(self, request, context):
         """Counts the runs of a collection.
         """
@@ -169,6 +190,11 @@ def add_IngestionServiceServicer_to_server(servicer, server):
                     servicer.ListAgentRuns,
                     request_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.ListAgentRunsRequest.FromString,
                     response_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.ListAgentRunsResponse.SerializeToString,
+            ),
+            'StreamAgentRunEvents': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamAgentRunEvents,
+                    request_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.StreamAgentRunEventsRequest.FromString,
+                    response_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.StreamAgentRunEventsResponse.SerializeToString,
             ),
             'CountAgentRuns': grpc.unary_unary_rpc_method_handler(
                     servicer.CountAgentRuns,
@@ -340,6 +366,33 @@ class IngestionService:
             '/agentrun.v1.IngestionService/ListAgentRuns',
             agentrun_dot_v1_dot_ingestion__service__pb2.ListAgentRunsRequest.SerializeToString,
             agentrun_dot_v1_dot_ingestion__service__pb2.ListAgentRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamAgentRunEvents(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/agentrun.v1.IngestionService/StreamAgentRunEvents',
+            agentrun_dot_v1_dot_ingestion__service__pb2.StreamAgentRunEventsRequest.SerializeToString,
+            agentrun_dot_v1_dot_ingestion__service__pb2.StreamAgentRunEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,18 @@ class IngestionServiceStub:
     """Returns one stored run. Errors: NOT_FOUND."""
     ListAgentRuns: _grpc.UnaryUnaryMultiCallable[_ingestion_service_pb2.ListAgentRunsRequest, _ingestion_service_pb2.ListAgentRunsResponse]
     """Lists the runs of a collection in ingestion order, one page at a time."""
+    StreamAgentRunEvents: _grpc.StreamStreamMultiCallable[_ingestion_service_pb2.StreamAgentRunEventsRequest, _ingestion_service_pb2.StreamAgentRunEventsResponse]
+    """Live runs: long-running agents stream each run as it happens, as events of a per-run sequence
+    (1, 2, 3, ...), many runs on one stream, each request message a batch of events. Every event is
+    answered by an ack, in order, once it is durable: STORED; DUPLICATE for a sequence number
+    already stored (nothing is stored again, so a client resends freely after any failure); or
+    REFUSED with a status code and the next sequence number the run expects: FAILED_PRECONDITION
+    for a gap or an event after the run finished, NOT_FOUND for an unknown collection,
+    ALREADY_EXISTS for an id stored by a whole-run upload or in another collection,
+    INVALID_ARGUMENT for a malformed event, RESOURCE_EXHAUSTED past `max_live_run_bytes`. A run
+    is created by its first event and enters its collection's workflow when it finishes.
+    Stream-level errors: INVALID_ARGUMENT for a message over `max_runs_per_message` events.
+    """
     CountAgentRuns: _grpc.UnaryUnaryMultiCallable[_ingestion_service_pb2.CountAgentRunsRequest, _ingestion_service_pb2.CountAgentRunsResponse]
     """Counts the runs of a collection."""
 
@@ -93,6 +105,18 @@ class IngestionServiceAsyncStub(IngestionServiceStub):
     """Returns one stored run. Errors: NOT_FOUND."""
     ListAgentRuns: _aio.UnaryUnaryMultiCallable[_ingestion_service_pb2.ListAgentRunsRequest, _ingestion_service_pb2.ListAgentRunsResponse]  # type: ignore[assignment]
     """Lists the runs of a collection in ingestion order, one page at a time."""
+    StreamAgentRunEvents: _aio.StreamStreamMultiCallable[_ingestion_service_pb2.StreamAgentRunEventsRequest, _ingestion_service_pb2.StreamAgentRunEventsResponse]  # type: ignore[assignment]
+    """Live runs: long-running agents stream each run as it happens, as events of a per-run sequence
+    (1, 2, 3, ...), many runs on one stream, each request message a batch of events. Every event is
+    answered by an ack, in order, once it is durable: STORED; DUPLICATE for a sequence number
+    already stored (nothing is stored again, so a client resends freely after any failure); or
+    REFUSED with a status code and the next sequence number the run expects: FAILED_PRECONDITION
+    for a gap or an event after the run finished, NOT_FOUND for an unknown collection,
+    ALREADY_EXISTS for an id stored by a whole-run upload or in another collection,
+    INVALID_ARGUMENT for a malformed event, RESOURCE_EXHAUSTED past `max_live_run_bytes`. A run
+    is created by its first event and enters its collection's workflow when it finishes.
+    Stream-level errors: INVALID_ARGUMENT for a message over `max_runs_per_message` events.
+    """
     CountAgentRuns: _aio.UnaryUnaryMultiCallable[_ingestion_service_pb2.CountAgentRunsRequest, _ingestion_service_pb2.CountAgentRunsResponse]  # type: ignore[assignment]
     """Counts the runs of a collection."""
 
@@ -160,6 +184,24 @@ class IngestionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ingestion_service_pb2.ListAgentRunsResponse, _abc.Awaitable[_ingestion_service_pb2.ListAgentRunsResponse]]:
         """Lists the runs of a collection in ingestion order, one page at a time."""
+
+    @_abc_1.abstractmethod
+    def StreamAgentRunEvents(
+        self,
+        request_iterator: _MaybeAsyncIterator[_ingestion_service_pb2.StreamAgentRunEventsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ingestion_service_pb2.StreamAgentRunEventsResponse], _abc.AsyncIterator[_ingestion_service_pb2.StreamAgentRunEventsResponse]]:
+        """Live runs: long-running agents stream each run as it happens, as events of a per-run sequence
+        (1, 2, 3, ...), many runs on one stream, each request message a batch of events. Every event is
+        answered by an ack, in order, once it is durable: STORED; DUPLICATE for a sequence number
+        already stored (nothing is stored again, so a client resends freely after any failure); or
+        REFUSED with a status code and the next sequence number the run expects: FAILED_PRECONDITION
+        for a gap or an event after the run finished, NOT_FOUND for an unknown collection,
+        ALREADY_EXISTS for an id stored by a whole-run upload or in another collection,
+        INVALID_ARGUMENT for a malformed event, RESOURCE_EXHAUSTED past `max_live_run_bytes`. A run
+        is created by its first event and enters its collection's workflow when it finishes.
+        Stream-level errors: INVALID_ARGUMENT for a message over `max_runs_per_message` events.
+        """
 
     @_abc_1.abstractmethod
     def CountAgentRuns(

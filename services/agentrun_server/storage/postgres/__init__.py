@@ -21,11 +21,14 @@ from agentrun_server.storage._types import (
     Collection,
     Completion,
     EndedLease,
+    EventOutcome,
     Extension,
     Failure,
+    Fold,
     InsertOutcome,
     LeasedTask,
     LeaseRef,
+    NewEvent,
     NewRun,
     PoolConfig,
     Release,
@@ -36,7 +39,7 @@ from agentrun_server.storage._types import (
     TaskState,
     WorkflowDef,
 )
-from agentrun_server.storage.postgres import _keys, _leases, _reads, _runs, _tasks
+from agentrun_server.storage.postgres import _keys, _leases, _live, _reads, _runs, _tasks
 from agentrun_server.storage.postgres._engine import Connection, Engine
 from agentrun_server.storage.postgres._migrate import migrate
 from agentrun_server.storage.postgres._notifier import ListenNotifier
@@ -66,6 +69,17 @@ async def _complete_and_claim(
             request.server_id,
         )
     return acks, await _tasks.claim(conn, workflows, request, now)
+
+
+async def _get_run(conn: Connection, run_id: str) -> StoredRun:
+    return await _live.with_parts(conn, await _runs.get_run(conn, run_id))
+
+
+async def _list_runs(
+    conn: Connection, collection_id: str, after_seq: int, limit: int, max_bytes: int | None
+) -> tuple[list[StoredRun], bool]:
+    page, more = await _runs.list_runs(conn, collection_id, after_seq, limit, max_bytes)
+    return [await _live.with_parts(conn, run) for run in page], more
 
 
 class PostgresStorage:
@@ -134,13 +148,20 @@ class PostgresStorage:
             _runs.insert_runs, self._workflows, collection_id, runs, self._now(now)
         )
 
+    async def append_events(
+        self, events: Sequence[NewEvent], fold: Fold, max_run_bytes: int, now: float
+    ) -> list[EventOutcome]:
+        return await self._run(
+            _live.append_events, self._workflows, events, fold, max_run_bytes, self._now(now)
+        )
+
     async def get_run(self, run_id: str) -> StoredRun:
-        return await self._run(_runs.get_run, run_id)
+        return await self._run(_get_run, run_id)
 
     async def list_runs(
         self, collection_id: str, after_seq: int, limit: int, max_bytes: int | None = None
     ) -> tuple[list[StoredRun], bool]:
-        return await self._run(_runs.list_runs, collection_id, after_seq, limit, max_bytes)
+        return await self._run(_list_runs, collection_id, after_seq, limit, max_bytes)
 
     async def count_runs(self, collection_id: str) -> int:
         return await self._run(_runs.count_runs, collection_id)

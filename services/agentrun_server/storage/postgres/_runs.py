@@ -21,7 +21,7 @@ from agentrun_server.storage._types import (
 from agentrun_server.storage.postgres._engine import NOW, Connection
 
 _COLLECTION_COLUMNS = "id, name, description, workflow, created_at, run_count"
-_RUN_COLUMNS = "id, collection_id, ingested_at, data, seq"
+_RUN_COLUMNS = "id, collection_id, ingested_at, data, seq, state, updated_at, next_sequence"
 
 
 class WorkflowCache:

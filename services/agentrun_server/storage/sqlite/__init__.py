@@ -19,11 +19,14 @@ from agentrun_server.storage._types import (
     Collection,
     Completion,
     EndedLease,
+    EventOutcome,
     Extension,
     Failure,
+    Fold,
     InsertOutcome,
     LeasedTask,
     LeaseRef,
+    NewEvent,
     NewRun,
     Release,
     Revocation,
@@ -39,6 +42,7 @@ from agentrun_server.storage.sqlite import (
     _counts,
     _keys,
     _leases,
+    _live,
     _runs,
     _settles,
     _task_reads,
@@ -155,6 +159,13 @@ class SqliteStorage:
     ) -> list[InsertOutcome]:
         return await self._engine.write(
             _runs.insert_runs, self._workflows, collection_id, runs, now
+        )
+
+    async def append_events(
+        self, events: Sequence[NewEvent], fold: Fold, max_run_bytes: int, now: float
+    ) -> list[EventOutcome]:
+        return await self._engine.write(
+            _live.append_events, self._workflows, events, fold, max_run_bytes, now
         )
 
     async def get_run(self, run_id: str) -> StoredRun:

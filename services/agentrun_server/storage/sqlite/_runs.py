@@ -17,10 +17,11 @@ from agentrun_server.storage._types import (
     StoredRun,
 )
 from agentrun_server.storage.sqlite._engine import select_in, transaction
+from agentrun_server.storage.sqlite._live import with_parts
 from agentrun_server.storage.sqlite._workflows import WorkflowCache
 
 _COLLECTION_COLUMNS = "id, name, description, workflow, created_at, run_count"
-_RUN_COLUMNS = "id, collection_id, ingested_at, data, seq"
+_RUN_COLUMNS = "id, collection_id, ingested_at, data, seq, state, updated_at, next_sequence"
 _INSERT_ROWS = 100
 _INSERT_BYTES = 4 * 1024 * 1024
 """A multi-row INSERT holds at most this many bytes of runs (and at least one run): SQLite copies
@@ -169,7 +170,7 @@ def get_run(db: sqlite3.Connection, run_id: str) -> StoredRun:
     row = db.execute(f"SELECT {_RUN_COLUMNS} FROM agent_runs WHERE id = ?", (run_id,)).fetchone()
     if row is None:
         raise NotFound(f"no agent run with id {run_id!r}")
-    return StoredRun(*row)
+    return with_parts(db, StoredRun(*row))
 
 
 def list_runs(
@@ -189,7 +190,7 @@ def list_runs(
         "WHERE collection_id = ? AND seq > ? AND seq <= ? ORDER BY seq",
         (collection_id, after_seq, sizes[kept - 1][0]),
     ).fetchall()
-    return [StoredRun(*r) for r in rows], more
+    return [with_parts(db, StoredRun(*r)) for r in rows], more
 
 
 def count_runs(db: sqlite3.Connection, collection_id: str) -> int:

@@ -337,7 +337,7 @@ export declare const UploadAgentRunsResponseSchema: GenMessage<UploadAgentRunsRe
  */
 export declare type StoredAgentRun = Message<"agentrun.v1.StoredAgentRun"> & {
   /**
-   * The run.
+   * The run (a live one as it stands).
    *
    * @generated from field: agentrun.v1.AgentRun agent_run = 1;
    */
@@ -351,11 +351,32 @@ export declare type StoredAgentRun = Message<"agentrun.v1.StoredAgentRun"> & {
   collectionId: string;
 
   /**
-   * When it was stored.
+   * When it was stored (a live run: its first event).
    *
    * @generated from field: google.protobuf.Timestamp ingest_time = 3;
    */
   ingestTime?: Timestamp | undefined;
+
+  /**
+   * Where the run stands.
+   *
+   * @generated from field: agentrun.v1.AgentRunState state = 4;
+   */
+  state: AgentRunState;
+
+  /**
+   * When its last event was stored (a whole-run upload: its ingest time).
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 5;
+   */
+  updateTime?: Timestamp | undefined;
+
+  /**
+   * Events stored for it (0 for a whole-run upload).
+   *
+   * @generated from field: uint64 event_count = 6;
+   */
+  eventCount: bigint;
 };
 
 /**
@@ -363,6 +384,155 @@ export declare type StoredAgentRun = Message<"agentrun.v1.StoredAgentRun"> & {
  * Use `create(StoredAgentRunSchema)` to create a new message.
  */
 export declare const StoredAgentRunSchema: GenMessage<StoredAgentRun>;
+
+/**
+ * One step of a live run: a patch to the run as it stands, and whether it finishes the run.
+ *
+ * @generated from message agentrun.v1.AgentRunEvent
+ */
+export declare type AgentRunEvent = Message<"agentrun.v1.AgentRunEvent"> & {
+  /**
+   * The run's id: 1 to 256 bytes.
+   *
+   * @generated from field: string agent_run_id = 1;
+   */
+  agentRunId: string;
+
+  /**
+   * The event's place in the run: 1 for the first, then each next number, no gaps.
+   *
+   * @generated from field: uint64 sequence = 2;
+   */
+  sequence: bigint;
+
+  /**
+   * The collection; MUST be set on the first event, and if set later MUST be the same.
+   *
+   * @generated from field: string collection_id = 3;
+   */
+  collectionId: string;
+
+  /**
+   * What changes, as a partial run (its `id` is ignored): each transcript's messages are appended
+   * to the transcript of the same key (a new key adds a transcript; its name, description and
+   * metadata fields are set or merged), scores and metadata fields are merged by key, and name and
+   * description replace the run's when set.
+   *
+   * @generated from field: agentrun.v1.AgentRun patch = 4;
+   */
+  patch?: AgentRun | undefined;
+
+  /**
+   * Finish the run after applying the patch: it enters its collection's workflow, and takes no
+   * more events.
+   *
+   * @generated from field: bool finish = 5;
+   */
+  finish: boolean;
+};
+
+/**
+ * Describes the message agentrun.v1.AgentRunEvent.
+ * Use `create(AgentRunEventSchema)` to create a new message.
+ */
+export declare const AgentRunEventSchema: GenMessage<AgentRunEvent>;
+
+/**
+ * A batch of events, in one message of the StreamAgentRunEvents stream.
+ *
+ * @generated from message agentrun.v1.StreamAgentRunEventsRequest
+ */
+export declare type StreamAgentRunEventsRequest = Message<"agentrun.v1.StreamAgentRunEventsRequest"> & {
+  /**
+   * The events, applied in order; events of one run MUST come in sequence order.
+   *
+   * @generated from field: repeated agentrun.v1.AgentRunEvent events = 1;
+   */
+  events: AgentRunEvent[];
+};
+
+/**
+ * Describes the message agentrun.v1.StreamAgentRunEventsRequest.
+ * Use `create(StreamAgentRunEventsRequestSchema)` to create a new message.
+ */
+export declare const StreamAgentRunEventsRequestSchema: GenMessage<StreamAgentRunEventsRequest>;
+
+/**
+ * The answer to one event.
+ *
+ * @generated from message agentrun.v1.AgentRunEventAck
+ */
+export declare type AgentRunEventAck = Message<"agentrun.v1.AgentRunEventAck"> & {
+  /**
+   * The run.
+   *
+   * @generated from field: string agent_run_id = 1;
+   */
+  agentRunId: string;
+
+  /**
+   * The event's sequence number.
+   *
+   * @generated from field: uint64 sequence = 2;
+   */
+  sequence: bigint;
+
+  /**
+   * What became of it.
+   *
+   * @generated from field: agentrun.v1.EventStatus status = 3;
+   */
+  status: EventStatus;
+
+  /**
+   * For REFUSED: the google.rpc.Code (FAILED_PRECONDITION, NOT_FOUND, ALREADY_EXISTS,
+   * INVALID_ARGUMENT, RESOURCE_EXHAUSTED).
+   *
+   * @generated from field: int32 code = 4;
+   */
+  code: number;
+
+  /**
+   * For REFUSED: why, naming the field and the limit.
+   *
+   * @generated from field: string message = 5;
+   */
+  message: string;
+
+  /**
+   * The sequence number the run expects next (where a client resumes); 0 when the run does not
+   * exist.
+   *
+   * @generated from field: uint64 next_sequence = 6;
+   */
+  nextSequence: bigint;
+};
+
+/**
+ * Describes the message agentrun.v1.AgentRunEventAck.
+ * Use `create(AgentRunEventAckSchema)` to create a new message.
+ */
+export declare const AgentRunEventAckSchema: GenMessage<AgentRunEventAck>;
+
+/**
+ * The acks of one request message, in the order of its events.
+ *
+ * @generated from message agentrun.v1.StreamAgentRunEventsResponse
+ */
+export declare type StreamAgentRunEventsResponse = Message<"agentrun.v1.StreamAgentRunEventsResponse"> & {
+  /**
+   * One per event.
+   *
+   * @generated from field: repeated agentrun.v1.AgentRunEventAck acks = 1;
+   */
+  acks: AgentRunEventAck[];
+};
+
+/**
+ * Describes the message agentrun.v1.StreamAgentRunEventsResponse.
+ * Use `create(StreamAgentRunEventsResponseSchema)` to create a new message.
+ */
+export declare const StreamAgentRunEventsResponseSchema: GenMessage<StreamAgentRunEventsResponse>;
 
 /**
  * Request of GetAgentRun.
@@ -595,6 +765,86 @@ export enum AgentRunView {
 export declare const AgentRunViewSchema: GenEnum<AgentRunView>;
 
 /**
+ * Where a run stands: a whole-run upload is finished at once; a live run runs until it finishes.
+ *
+ * @generated from enum agentrun.v1.AgentRunState
+ */
+export enum AgentRunState {
+  /**
+   * Not set (never returned).
+   *
+   * @generated from enum value: AGENT_RUN_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A live run that may still grow.
+   *
+   * @generated from enum value: AGENT_RUN_STATE_RUNNING = 1;
+   */
+  RUNNING = 1,
+
+  /**
+   * Complete: uploaded whole, or a live run that finished.
+   *
+   * @generated from enum value: AGENT_RUN_STATE_FINISHED = 2;
+   */
+  FINISHED = 2,
+
+  /**
+   * A live run without an event for the server's live run timeout; a later event reopens it.
+   *
+   * @generated from enum value: AGENT_RUN_STATE_ABANDONED = 3;
+   */
+  ABANDONED = 3,
+}
+
+/**
+ * Describes the enum agentrun.v1.AgentRunState.
+ */
+export declare const AgentRunStateSchema: GenEnum<AgentRunState>;
+
+/**
+ * What became of one event.
+ *
+ * @generated from enum agentrun.v1.EventStatus
+ */
+export enum EventStatus {
+  /**
+   * Not set (never returned).
+   *
+   * @generated from enum value: EVENT_STATUS_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Stored, durably.
+   *
+   * @generated from enum value: EVENT_STATUS_STORED = 1;
+   */
+  STORED = 1,
+
+  /**
+   * This sequence number was stored before; nothing was stored now.
+   *
+   * @generated from enum value: EVENT_STATUS_DUPLICATE = 2;
+   */
+  DUPLICATE = 2,
+
+  /**
+   * Not stored: `code` and `message` say why.
+   *
+   * @generated from enum value: EVENT_STATUS_REFUSED = 3;
+   */
+  REFUSED = 3,
+}
+
+/**
+ * Describes the enum agentrun.v1.EventStatus.
+ */
+export declare const EventStatusSchema: GenEnum<EventStatus>;
+
+/**
  * The ingestion service: agents and eval harnesses stream AgentRuns to it in batches; each run is
  * validated and stored exactly once, keyed by its id, and answered per item (partial success).
  *
@@ -670,6 +920,25 @@ export declare const IngestionService: GenService<{
     methodKind: "unary";
     input: typeof ListAgentRunsRequestSchema;
     output: typeof ListAgentRunsResponseSchema;
+  },
+  /**
+   * Live runs: long-running agents stream each run as it happens, as events of a per-run sequence
+   * (1, 2, 3, ...), many runs on one stream, each request message a batch of events. Every event is
+   * answered by an ack, in order, once it is durable: STORED; DUPLICATE for a sequence number
+   * already stored (nothing is stored again, so a client resends freely after any failure); or
+   * REFUSED with a status code and the next sequence number the run expects: FAILED_PRECONDITION
+   * for a gap or an event after the run finished, NOT_FOUND for an unknown collection,
+   * ALREADY_EXISTS for an id stored by a whole-run upload or in another collection,
+   * INVALID_ARGUMENT for a malformed event, RESOURCE_EXHAUSTED past `max_live_run_bytes`. A run
+   * is created by its first event and enters its collection's workflow when it finishes.
+   * Stream-level errors: INVALID_ARGUMENT for a message over `max_runs_per_message` events.
+   *
+   * @generated from rpc agentrun.v1.IngestionService.StreamAgentRunEvents
+   */
+  streamAgentRunEvents: {
+    methodKind: "bidi_streaming";
+    input: typeof StreamAgentRunEventsRequestSchema;
+    output: typeof StreamAgentRunEventsResponseSchema;
   },
   /**
    * Counts the runs of a collection.

@@ -1,0 +1,227 @@
+"""Statements on live runs: events appended in each run's sequence (the run's row locked), and the
+run written whole when it finishes."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from agentrun_server._errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServerError,
+)
+from agentrun_server.storage._types import EventOutcome, EventStatus, Fold, NewEvent, StoredRun
+from agentrun_server.storage.postgres._engine import NOW, Connection
+from agentrun_server.storage.postgres._runs import WorkflowCache, notify_ready
+
+
+def _refused(error: ServerError, next_sequence: int) -> EventOutcome:
+    return EventOutcome(EventStatus.REFUSED, next_sequence, error)
+
+
+async def append_events(
+    conn: Connection,
+    workflows: WorkflowCache,
+    events: Sequence[NewEvent],
+    fold: Fold,
+    max_run_bytes: int,
+    now: float | None,
+) -> list[EventOutcome]:
+    """See `Storage.append_events`."""
+    return [await _append(conn, workflows, e, fold, max_run_bytes, now) for e in events]
+
+
+async def _append(
+    conn: Connection,
+    workflows: WorkflowCache,
+    event: NewEvent,
+    fold: Fold,
+    max_run_bytes: int,
+    now: float | None,
+) -> EventOutcome:
+    cursor = await conn.execute(
+        "SELECT collection_id, state, next_sequence, size_bytes FROM agent_runs WHERE id = %s "
+        "FOR UPDATE",
+        (event.run_id,),
+    )
+    row = await cursor.fetchone()
+    if row is None:
+        opened = await _open(conn, workflows, event, fold, max_run_bytes, now)
+        if opened is not None:
+            return opened
+        cursor = await conn.execute(  # another replica created it meanwhile
+            "SELECT collection_id, state, next_sequence, size_bytes FROM agent_runs "
+            "WHERE id = %s FOR UPDATE",
+            (event.run_id,),
+        )
+        row = await cursor.fetchone()
+        assert row is not None
+    collection_id, state, expected, size = row
+    if event.collection_id and event.collection_id != collection_id:
+        return _refused(
+            AlreadyExists(f"run {event.run_id!r} is in another collection ({collection_id})"),
+            expected,
+        )
+    if expected == 0:
+        return _refused(
+            AlreadyExists(f"run {event.run_id!r} was uploaded whole: it takes no events"), 0
+        )
+    if event.sequence < expected:
+        return EventOutcome(EventStatus.DUPLICATE, expected)
+    if state == "finished":
+        return _refused(
+            FailedPrecondition(f"run {event.run_id!r} is finished: it takes no more events"),
+            expected,
+        )
+    if event.sequence > expected:
+        return _refused(
+            FailedPrecondition(
+                f"sequence: {event.sequence} for run {event.run_id!r}, which expects "
+                f"{expected} next (resend from {expected})"
+            ),
+            expected,
+        )
+    size += len(event.patch)
+    if size > max_run_bytes:
+        return _refused(
+            ResourceExhausted(
+                f"run {event.run_id!r}: {size:,} bytes of events, over max_live_run_bytes="
+                f"{max_run_bytes}"
+            ),
+            expected,
+        )
+    finished = None
+    if event.finish:
+        cursor = await conn.execute(
+            "SELECT data FROM agent_run_events WHERE agent_run_id = %s ORDER BY sequence",
+            (event.run_id,),
+        )
+        parts = [r[0] for r in await cursor.fetchall()]
+        try:
+            finished = fold(event.run_id, [*parts, event.patch])
+        except InvalidArgument as exc:
+            return _refused(exc, expected)
+    await conn.execute(
+        f"UPDATE agent_runs SET next_sequence = %(next)s, size_bytes = %(size)s, updated_at = {NOW}, "
+        "state = 'running' WHERE id = %(id)s",
+        {"next": expected + 1, "size": size, "id": event.run_id, "now": now},
+    )
+    await _insert_event(conn, event, now)
+    if finished is not None:
+        await _finish(conn, workflows, event.run_id, collection_id, finished, now)
+    return EventOutcome(EventStatus.STORED, expected + 1)
+
+
+async def _open(
+    conn: Connection,
+    workflows: WorkflowCache,
+    event: NewEvent,
+    fold: Fold,
+    max_run_bytes: int,
+    now: float | None,
+) -> EventOutcome | None:
+    """Create the run with its first event; None when another replica created it first."""
+    if event.sequence != 1:
+        return _refused(
+            FailedPrecondition(
+                f"sequence: {event.sequence} for run {event.run_id!r}, which does not exist: "
+                "its first event is sequence 1"
+            ),
+            0,
+        )
+    if not event.collection_id:
+        return _refused(InvalidArgument("collection_id: required on a run's first event"), 0)
+    cursor = await conn.execute("SELECT 1 FROM collections WHERE id = %s", (event.collection_id,))
+    if await cursor.fetchone() is None:
+        return _refused(NotFound(f"no collection with id {event.collection_id!r}"), 0)
+    if len(event.patch) > max_run_bytes:
+        return _refused(
+            ResourceExhausted(
+                f"run {event.run_id!r}: {len(event.patch):,} bytes, over max_live_run_bytes="
+                f"{max_run_bytes}"
+            ),
+            0,
+        )
+    finished = None
+    if event.finish:
+        try:
+            finished = fold(event.run_id, [event.patch])
+        except InvalidArgument as exc:
+            return _refused(exc, 0)
+    cursor = await conn.execute(
+        "INSERT INTO agent_runs (id, collection_id, name, size_bytes, ingested_at, data, state, "
+        f"next_sequence, updated_at) VALUES (%(id)s, %(collection)s, NULL, %(size)s, {NOW}, "
+        f"'', 'running', 2, {NOW}) ON CONFLICT (id) DO NOTHING RETURNING id",
+        {
+            "id": event.run_id,
+            "collection": event.collection_id,
+            "size": len(event.patch),
+            "now": now,
+        },
+    )
+    if await cursor.fetchone() is None:
+        return None
+    await conn.execute(
+        "UPDATE collections SET run_count = run_count + 1 WHERE id = %s", (event.collection_id,)
+    )
+    await _insert_event(conn, event, now)
+    if finished is not None:
+        await _finish(conn, workflows, event.run_id, event.collection_id, finished, now)
+    return EventOutcome(EventStatus.STORED, 2)
+
+
+async def _insert_event(conn: Connection, event: NewEvent, now: float | None) -> None:
+    await conn.execute(
+        "INSERT INTO agent_run_events (agent_run_id, sequence, created_at, data) "
+        f"VALUES (%(id)s, %(sequence)s, {NOW}, %(data)s)",
+        {"id": event.run_id, "sequence": event.sequence, "data": event.patch, "now": now},
+    )
+
+
+async def _finish(
+    conn: Connection,
+    workflows: WorkflowCache,
+    run_id: str,
+    collection_id: str,
+    finished: tuple[bytes, str | None],
+    now: float | None,
+) -> None:
+    data, name = finished
+    await conn.execute(
+        f"UPDATE agent_runs SET state = 'finished', data = %(data)s, name = %(name)s, "
+        f"size_bytes = %(size)s, updated_at = {NOW} WHERE id = %(id)s",
+        {"data": data, "name": name, "size": len(data), "id": run_id, "now": now},
+    )
+    cursor = await conn.execute("SELECT workflow FROM collections WHERE id = %s", (collection_id,))
+    row = await cursor.fetchone()
+    if row is None or not row[0]:
+        return
+    stage = (await workflows.get(conn, row[0])).first_stage
+    await conn.execute(
+        "INSERT INTO tasks (workflow, stage, agent_run_id, collection_id, state, max_attempts, "
+        f"created_at, ready_at) VALUES (%(workflow)s, %(stage)s, %(id)s, %(collection)s, "
+        f"'ready', %(max)s, {NOW}, {NOW}) ON CONFLICT DO NOTHING",
+        {
+            "workflow": row[0],
+            "stage": stage.name,
+            "id": run_id,
+            "collection": collection_id,
+            "max": stage.max_attempts,
+            "now": now,
+        },
+    )
+    await notify_ready(conn, row[0])
+
+
+async def with_parts(conn: Connection, run: StoredRun) -> StoredRun:
+    """`run` with the patches of its events, if it is a live run that has not finished."""
+    if run.state == "finished":
+        return run
+    cursor = await conn.execute(
+        "SELECT data FROM agent_run_events WHERE agent_run_id = %s ORDER BY sequence", (run.id,)
+    )
+    return dataclasses.replace(run, parts=tuple(bytes(r[0]) for r in await cursor.fetchall()))

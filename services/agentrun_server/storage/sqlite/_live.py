@@ -1,0 +1,210 @@
+"""Statements on live runs: events appended in each run's sequence, and the run written whole when
+it finishes."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from collections.abc import Sequence
+
+from agentrun_server._errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServerError,
+)
+from agentrun_server.storage._types import EventOutcome, EventStatus, Fold, NewEvent, StoredRun
+from agentrun_server.storage.sqlite._engine import transaction
+from agentrun_server.storage.sqlite._workflows import WorkflowCache
+
+
+def _refused(error: ServerError, next_sequence: int) -> EventOutcome:
+    return EventOutcome(EventStatus.REFUSED, next_sequence, error)
+
+
+def append_events(
+    db: sqlite3.Connection,
+    workflows: WorkflowCache,
+    events: Sequence[NewEvent],
+    fold: Fold,
+    max_run_bytes: int,
+    now: float,
+) -> list[EventOutcome]:
+    """See `Storage.append_events`."""
+    with transaction(db):
+        return [_append(db, workflows, e, fold, max_run_bytes, now) for e in events]
+
+
+def _append(
+    db: sqlite3.Connection,
+    workflows: WorkflowCache,
+    event: NewEvent,
+    fold: Fold,
+    max_run_bytes: int,
+    now: float,
+) -> EventOutcome:
+    row = db.execute(
+        "SELECT collection_id, state, next_sequence, size_bytes FROM agent_runs WHERE id = ?",
+        (event.run_id,),
+    ).fetchone()
+    if row is None:
+        return _open(db, workflows, event, fold, max_run_bytes, now)
+    collection_id, state, expected, size = row
+    if event.collection_id and event.collection_id != collection_id:
+        return _refused(
+            AlreadyExists(f"run {event.run_id!r} is in another collection ({collection_id})"),
+            expected,
+        )
+    if expected == 0:
+        return _refused(
+            AlreadyExists(f"run {event.run_id!r} was uploaded whole: it takes no events"), 0
+        )
+    if event.sequence < expected:
+        return EventOutcome(EventStatus.DUPLICATE, expected)
+    if state == "finished":
+        return _refused(
+            FailedPrecondition(f"run {event.run_id!r} is finished: it takes no more events"),
+            expected,
+        )
+    if event.sequence > expected:
+        return _refused(
+            FailedPrecondition(
+                f"sequence: {event.sequence} for run {event.run_id!r}, which expects "
+                f"{expected} next (resend from {expected})"
+            ),
+            expected,
+        )
+    size += len(event.patch)
+    if size > max_run_bytes:
+        return _refused(
+            ResourceExhausted(
+                f"run {event.run_id!r}: {size:,} bytes of events, over max_live_run_bytes="
+                f"{max_run_bytes}"
+            ),
+            expected,
+        )
+    finished = _finished(db, event, fold) if event.finish else None
+    if isinstance(finished, InvalidArgument):
+        return _refused(finished, expected)
+    db.execute(
+        "UPDATE agent_runs SET next_sequence = ?, size_bytes = ?, updated_at = ?, "
+        "state = 'running' WHERE id = ? AND next_sequence = ?",
+        (expected + 1, size, now, event.run_id, expected),
+    )
+    _insert_event(db, event, now)
+    if finished is not None:
+        _finish(db, workflows, event.run_id, collection_id, finished, now)
+    return EventOutcome(EventStatus.STORED, expected + 1)
+
+
+def _open(
+    db: sqlite3.Connection,
+    workflows: WorkflowCache,
+    event: NewEvent,
+    fold: Fold,
+    max_run_bytes: int,
+    now: float,
+) -> EventOutcome:
+    if event.sequence != 1:
+        return _refused(
+            FailedPrecondition(
+                f"sequence: {event.sequence} for run {event.run_id!r}, which does not exist: "
+                "its first event is sequence 1"
+            ),
+            0,
+        )
+    if not event.collection_id:
+        return _refused(InvalidArgument("collection_id: required on a run's first event"), 0)
+    if (
+        db.execute("SELECT 1 FROM collections WHERE id = ?", (event.collection_id,)).fetchone()
+        is None
+    ):
+        return _refused(NotFound(f"no collection with id {event.collection_id!r}"), 0)
+    if len(event.patch) > max_run_bytes:
+        return _refused(
+            ResourceExhausted(
+                f"run {event.run_id!r}: {len(event.patch):,} bytes, over max_live_run_bytes="
+                f"{max_run_bytes}"
+            ),
+            0,
+        )
+    finished = None
+    if event.finish:
+        try:
+            finished = fold(event.run_id, [event.patch])
+        except InvalidArgument as exc:
+            return _refused(exc, 0)
+    db.execute(
+        "INSERT INTO agent_runs (id, collection_id, name, size_bytes, ingested_at, data, state, "
+        "next_sequence, updated_at) VALUES (?, ?, NULL, ?, ?, x'', 'running', 2, ?)",
+        (event.run_id, event.collection_id, len(event.patch), now, now),
+    )
+    db.execute(
+        "UPDATE collections SET run_count = run_count + 1 WHERE id = ?", (event.collection_id,)
+    )
+    _insert_event(db, event, now)
+    if finished is not None:
+        _finish(db, workflows, event.run_id, event.collection_id, finished, now)
+    return EventOutcome(EventStatus.STORED, 2)
+
+
+def _finished(
+    db: sqlite3.Connection, event: NewEvent, fold: Fold
+) -> tuple[bytes, str | None] | InvalidArgument:
+    parts = [
+        r[0]
+        for r in db.execute(
+            "SELECT data FROM agent_run_events WHERE agent_run_id = ? ORDER BY sequence",
+            (event.run_id,),
+        )
+    ]
+    try:
+        return fold(event.run_id, [*parts, event.patch])
+    except InvalidArgument as exc:
+        return exc
+
+
+def _insert_event(db: sqlite3.Connection, event: NewEvent, now: float) -> None:
+    db.execute(
+        "INSERT INTO agent_run_events (agent_run_id, sequence, created_at, data) "
+        "VALUES (?, ?, ?, ?)",
+        (event.run_id, event.sequence, now, event.patch),
+    )
+
+
+def _finish(
+    db: sqlite3.Connection,
+    workflows: WorkflowCache,
+    run_id: str,
+    collection_id: str,
+    finished: tuple[bytes, str | None],
+    now: float,
+) -> None:
+    data, name = finished
+    db.execute(
+        "UPDATE agent_runs SET state = 'finished', data = ?, name = ?, updated_at = ? WHERE id = ?",
+        (data, name, now, run_id),
+    )
+    workflow_name = db.execute(
+        "SELECT workflow FROM collections WHERE id = ?", (collection_id,)
+    ).fetchone()[0]
+    if workflow_name:
+        stage = workflows.get(db, workflow_name).first_stage
+        db.execute(
+            "INSERT INTO tasks (workflow, stage, agent_run_id, collection_id, state, "
+            "max_attempts, created_at, ready_at) VALUES (?, ?, ?, ?, 'ready', ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            (workflow_name, stage.name, run_id, collection_id, stage.max_attempts, now, now),
+        )
+
+
+def with_parts(db: sqlite3.Connection, run: StoredRun) -> StoredRun:
+    """`run` with the patches of its events, if it is a live run that has not finished."""
+    if run.state == "finished":
+        return run
+    rows = db.execute(
+        "SELECT data FROM agent_run_events WHERE agent_run_id = ? ORDER BY sequence", (run.id,)
+    )
+    return dataclasses.replace(run, parts=tuple(r[0] for r in rows))

@@ -1,0 +1,214 @@
+"""Live runs (issue 17, first step): events in a per-run sequence over StreamAgentRunEvents, on
+both engines: resends acknowledged as duplicates, gaps refused with where to resume, a live run
+read as it stands, finishing once, the workflow entered at the finish; and the real runs replayed
+message by message ending equal to the same runs uploaded whole."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+from google.rpc import code_pb2
+
+from agentrun import AgentRun
+from agentrun._convert import agent_run_from_proto, agent_run_to_proto
+from agentrun.v1 import agent_run_pb2 as run_pb
+from agentrun.v1 import ingestion_service_pb2 as pb
+from agentrun.v1 import ingestion_service_pb2_grpc as pb_grpc
+from agentrun.v1 import orchestrator_service_pb2 as orch_pb
+from agentrun.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from agentrun.v1 import workflow_pb2
+from agentrun_server import Server
+
+STORED, DUPLICATE, REFUSED = (
+    pb.EVENT_STATUS_STORED,
+    pb.EVENT_STATUS_DUPLICATE,
+    pb.EVENT_STATUS_REFUSED,
+)
+
+
+def _message(role: str, text: str) -> run_pb.ChatMessage:
+    message = run_pb.ChatMessage(text=text)
+    getattr(message, role).SetInParent()
+    return message
+
+
+def _event(
+    run_id: str,
+    sequence: int,
+    collection_id: str = "",
+    messages: Sequence[run_pb.ChatMessage] = (),
+    finish: bool = False,
+    **patch: object,
+) -> pb.AgentRunEvent:
+    body = run_pb.AgentRun(**patch)  # type: ignore[arg-type]
+    if messages:
+        body.transcripts.add(key="main", messages=messages)
+    return pb.AgentRunEvent(
+        agent_run_id=run_id,
+        sequence=sequence,
+        collection_id=collection_id,
+        patch=body,
+        finish=finish,
+    )
+
+
+class Stream:
+    """One StreamAgentRunEvents stream: send a batch, get its acks."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.call = pb_grpc.IngestionServiceStub(channel).StreamAgentRunEvents()
+
+    async def send(self, *events: pb.AgentRunEvent) -> list[pb.AgentRunEventAck]:
+        await self.call.write(pb.StreamAgentRunEventsRequest(events=events))
+        response = await self.call.read()
+        assert len(response.acks) == len(events)
+        return list(response.acks)
+
+
+async def test_a_live_run_grows_in_sequence_and_enters_the_workflow_when_it_finishes(
+    server: Server,
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        ingestion = pb_grpc.IngestionServiceStub(channel)
+        orchestrator = orch_grpc.OrchestratorServiceStub(channel)
+        await orchestrator.ApplyWorkflow(
+            orch_pb.ApplyWorkflowRequest(
+                workflow=workflow_pb2.Workflow(name="w", stages=[workflow_pb2.Stage(name="s")])
+            )
+        )
+        collection = (
+            await ingestion.CreateCollection(pb.CreateCollectionRequest(name="c", workflow="w"))
+        ).collection
+        stream = Stream(channel)
+        (opened,) = await stream.send(
+            _event("r", 1, collection.id, [_message("user", "2+2?")], name="task-17")
+        )
+        assert (opened.status, opened.next_sequence) == (STORED, 2)
+        second = _event("r", 2, messages=[_message("assistant", "4")])
+        assert [a.status for a in await stream.send(second, second)] == [STORED, DUPLICATE]
+        (gap,) = await stream.send(_event("r", 4, messages=[_message("user", "late")]))
+        assert (gap.status, gap.code, gap.next_sequence) == (
+            REFUSED,
+            code_pb2.FAILED_PRECONDITION,
+            3,
+        )
+        assert "expects 3" in gap.message
+
+        live = (await ingestion.GetAgentRun(pb.GetAgentRunRequest(agent_run_id="r"))).agent_run
+        assert live.state == pb.AGENT_RUN_STATE_RUNNING and live.event_count == 2
+        assert live.agent_run.name == "task-17"
+        assert [m.text for m in live.agent_run.transcripts[0].messages] == ["2+2?", "4"]
+        backlog = await orchestrator.GetBacklog(orch_pb.GetBacklogRequest(workflow="w"))
+        assert backlog.stages[0].ready_count == 0  # not in the workflow while running
+
+        scores = {"reward": run_pb.Score(double_value=1.0)}
+        finish = _event("r", 3, finish=True, scores=scores)
+        assert [a.status for a in await stream.send(finish)] == [STORED]
+        assert [a.status for a in await stream.send(finish)] == [DUPLICATE]  # finishing twice
+        (after,) = await stream.send(_event("r", 4, messages=[_message("user", "more")]))
+        assert (after.status, after.code) == (REFUSED, code_pb2.FAILED_PRECONDITION)
+        assert "finished" in after.message
+
+        done = (await ingestion.GetAgentRun(pb.GetAgentRunRequest(agent_run_id="r"))).agent_run
+        assert done.state == pb.AGENT_RUN_STATE_FINISHED and done.event_count == 3
+        assert done.agent_run.scores["reward"].double_value == 1.0
+        backlog = await orchestrator.GetBacklog(orch_pb.GetBacklogRequest(workflow="w"))
+        assert backlog.stages[0].ready_count == 1  # entered once
+        listed = await ingestion.ListAgentRuns(pb.ListAgentRunsRequest(collection_id=collection.id))
+        assert [r.agent_run.id for r in listed.agent_runs] == ["r"]
+        stream.call.cancel()
+
+
+async def test_events_the_server_cannot_take_are_refused_each_with_its_reason(
+    server: Server,
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        ingestion = pb_grpc.IngestionServiceStub(channel)
+        collection = (
+            await ingestion.CreateCollection(pb.CreateCollectionRequest(name="c"))
+        ).collection
+        whole = pb.UploadAgentRunsRequest(
+            collection_id=collection.id,
+            agent_runs=[
+                run_pb.AgentRun(
+                    id="whole",
+                    transcripts=[run_pb.Transcript(key="t", messages=[_message("user", "hi")])],
+                )
+            ],
+        )
+        await ingestion.UploadAgentRuns(iter([whole]))
+        stream = Stream(channel)
+        roleless = _event("bad", 1, collection.id)
+        roleless.patch.transcripts.add(key="t").messages.add(text="no role")
+        acks = await stream.send(
+            _event("x", 1, "no-such-collection", [_message("user", "hi")]),
+            _event("y", 1, "", [_message("user", "hi")]),
+            _event("whole", 1, collection.id, [_message("user", "hi")]),
+            _event("z", 2, collection.id, [_message("user", "hi")]),
+            _event("empty", 1, collection.id, finish=True),
+            roleless,
+            _event("ok", 1, collection.id, [_message("user", "hi")], finish=True),
+        )
+        assert [(a.status, a.code) for a in acks] == [
+            (REFUSED, code_pb2.NOT_FOUND),
+            (REFUSED, code_pb2.INVALID_ARGUMENT),
+            (REFUSED, code_pb2.ALREADY_EXISTS),
+            (REFUSED, code_pb2.FAILED_PRECONDITION),
+            (REFUSED, code_pb2.INVALID_ARGUMENT),
+            (REFUSED, code_pb2.INVALID_ARGUMENT),
+            (STORED, 0),
+        ]
+        assert "collection_id: required" in acks[1].message
+        assert "uploaded whole" in acks[2].message
+        assert "first event is sequence 1" in acks[3].message
+        assert "no transcript" in acks[4].message
+        assert "role" in acks[5].message
+        count = await ingestion.CountAgentRuns(
+            pb.CountAgentRunsRequest(collection_id=collection.id)
+        )
+        assert count.count == 2  # "whole" and "ok": nothing of the refused ones
+        stream.call.cancel()
+
+
+def _events_of(run: AgentRun, collection_id: str) -> list[pb.AgentRunEvent]:
+    """A run replayed as a live run: its name, metadata, scores and empty transcripts first, then
+    one event per message, the last one finishing it."""
+    whole = agent_run_to_proto(run)
+    first = run_pb.AgentRun()
+    first.CopyFrom(whole)
+    for transcript in first.transcripts:
+        del transcript.messages[:]
+    events = [pb.AgentRunEvent(agent_run_id=run.id, sequence=1, collection_id=collection_id)]
+    events[0].patch.CopyFrom(first)
+    for transcript in whole.transcripts:
+        for message in transcript.messages:
+            event = pb.AgentRunEvent(agent_run_id=run.id, sequence=len(events) + 1)
+            event.patch.transcripts.add(key=transcript.key).messages.append(message)
+            events.append(event)
+    events[-1].finish = True
+    return events
+
+
+async def test_real_runs_replayed_message_by_message_equal_the_runs_uploaded_whole(
+    server: Server, real_runs: list[AgentRun]
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        ingestion = pb_grpc.IngestionServiceStub(channel)
+        collection = (
+            await ingestion.CreateCollection(pb.CreateCollectionRequest(name="live"))
+        ).collection
+        stream = Stream(channel)
+        runs = [run for run in real_runs if any(t.messages for t in run.transcripts.values())][:40]
+        for run in runs:
+            events = _events_of(run, collection.id)
+            for start in range(0, len(events), 50):
+                acks = await stream.send(*events[start : start + 50])
+                assert {a.status for a in acks} == {STORED}, acks
+        stream.call.cancel()
+        for run in runs:
+            stored = await ingestion.GetAgentRun(pb.GetAgentRunRequest(agent_run_id=run.id))
+            assert stored.agent_run.state == pb.AGENT_RUN_STATE_FINISHED
+            assert stored.agent_run.agent_run == agent_run_to_proto(run), run.id
+            back = agent_run_from_proto(stored.agent_run.agent_run, type(run.metadata))
+            assert back.text == run.text
