@@ -5,6 +5,7 @@ message by message ending equal to the same runs uploaded whole."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import grpc
@@ -18,7 +19,7 @@ from agentrun.v1 import ingestion_service_pb2_grpc as pb_grpc
 from agentrun.v1 import orchestrator_service_pb2 as orch_pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from agentrun.v1 import workflow_pb2
-from agentrun_server import Server
+from agentrun_server import IngestionLimits, Server, ServerConfig
 
 STORED, DUPLICATE, REFUSED = (
     pb.EVENT_STATUS_STORED,
@@ -212,3 +213,51 @@ async def test_real_runs_replayed_message_by_message_equal_the_runs_uploaded_who
             assert stored.agent_run.agent_run == agent_run_to_proto(run), run.id
             back = agent_run_from_proto(stored.agent_run.agent_run, type(run.metadata))
             assert back.text == run.text
+
+
+async def test_a_silent_run_reads_as_abandoned_until_its_next_event_reopens_it(
+    database: str,
+) -> None:
+    server = Server(
+        ServerConfig(
+            db=database,
+            port=0,
+            metrics_port=-1,
+            limits=IngestionLimits(live_run_timeout_seconds=0.5),
+        )
+    )
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            ingestion = pb_grpc.IngestionServiceStub(channel)
+            collection = (
+                await ingestion.CreateCollection(pb.CreateCollectionRequest(name="c"))
+            ).collection
+            stream = Stream(channel)
+            for run_id in ("quiet", "done"):
+                await stream.send(
+                    _event(
+                        run_id, 1, collection.id, [_message("user", "hi")], finish=run_id == "done"
+                    )
+                )
+
+            async def listed(state: int) -> list[str]:
+                page = await ingestion.ListAgentRuns(
+                    pb.ListAgentRunsRequest(collection_id=collection.id, state=state)
+                )
+                return [r.agent_run.id for r in page.agent_runs]
+
+            assert await listed(pb.AGENT_RUN_STATE_RUNNING) == ["quiet"]
+            assert await listed(pb.AGENT_RUN_STATE_FINISHED) == ["done"]
+            await asyncio.sleep(0.7)
+            assert await listed(pb.AGENT_RUN_STATE_ABANDONED) == ["quiet"]
+            assert await listed(pb.AGENT_RUN_STATE_RUNNING) == []
+            got = await ingestion.GetAgentRun(pb.GetAgentRunRequest(agent_run_id="quiet"))
+            assert got.agent_run.state == pb.AGENT_RUN_STATE_ABANDONED
+            (ack,) = await stream.send(_event("quiet", 2, messages=[_message("assistant", "back")]))
+            assert ack.status == STORED
+            assert await listed(pb.AGENT_RUN_STATE_RUNNING) == ["quiet"]
+            assert await listed(0) == ["quiet", "done"]
+            stream.call.cancel()
+    finally:
+        await server.shutdown(grace_seconds=1)

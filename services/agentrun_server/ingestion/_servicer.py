@@ -96,6 +96,8 @@ class IngestionLimits:
     max_live_run_bytes: int = 256 * 1024 * 1024
     """Most bytes of events one live run may take (it grows past max_run_bytes up to this); an
     event beyond it is refused RESOURCE_EXHAUSTED."""
+    live_run_timeout_seconds: float = 3600.0
+    """A live run with no event for this long reads as abandoned; its next event reopens it."""
     max_event_streams_per_peer: int = 256
     """StreamAgentRunEvents streams open at once from one client host (they are long-lived: one
     per agent process or writer)."""
@@ -162,13 +164,18 @@ _STATES = {
     "finished": pb.AGENT_RUN_STATE_FINISHED,
     "abandoned": pb.AGENT_RUN_STATE_ABANDONED,
 }
+_STATE_NAMES: dict[int, str] = {value: name for name, value in _STATES.items()}
+_STATE_VALUES = tuple(pb.AgentRunState.values())
 
 
-def _stored_run_to_proto(run: StoredRun, view: int) -> pb.StoredAgentRun:
+def _stored_run_to_proto(run: StoredRun, view: int, abandoned_before: float) -> pb.StoredAgentRun:
+    state = run.state
+    if state == "running" and (run.updated_at or 0.0) < abandoned_before:
+        state = "abandoned"
     out = pb.StoredAgentRun(
         collection_id=run.collection_id,
         ingest_time=to_timestamp(run.ingested_at),
-        state=_STATES[run.state],
+        state=_STATES[state],
         update_time=to_timestamp(run.updated_at if run.updated_at is not None else run.ingested_at),
         event_count=max(run.next_sequence - 1, 0),
     )
@@ -565,6 +572,9 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             self._on_runs_stored()
         return response
 
+    def _abandoned_before(self) -> float:
+        return time.time() - self.limits.live_run_timeout_seconds
+
     async def GetAgentRun(
         self, request: pb.GetAgentRunRequest, context: Context
     ) -> pb.GetAgentRunResponse:
@@ -572,7 +582,9 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         view = check_enum("view", request.view, _VIEWS)
         run = await self._storage.get_run(run_id)
         await self._check_collection(run.collection_id, "agent_run_id")
-        return pb.GetAgentRunResponse(agent_run=_stored_run_to_proto(run, view))
+        return pb.GetAgentRunResponse(
+            agent_run=_stored_run_to_proto(run, view, self._abandoned_before())
+        )
 
     async def ListAgentRuns(
         self, request: pb.ListAgentRunsRequest, context: Context
@@ -581,14 +593,21 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         view = check_enum("view", request.view, _VIEWS)
         await self._storage.get_collection(id=collection_id)
         await self._check_collection(collection_id)
+        state = check_enum("state", request.state, _STATE_VALUES)
         after = page_after(request.page_token)
         size = page_size(request.page_size)
+        abandoned_before = self._abandoned_before()
         # Pages stay within half the message limit: fewer runs than asked when they are large.
         page, more = await self._storage.list_runs(
-            collection_id, after, size, self.limits.max_message_bytes // 2
+            collection_id,
+            after,
+            size,
+            self.limits.max_message_bytes // 2,
+            _STATE_NAMES.get(state),
+            abandoned_before,
         )
         return pb.ListAgentRunsResponse(
-            agent_runs=[_stored_run_to_proto(r, view) for r in page],
+            agent_runs=[_stored_run_to_proto(r, view, abandoned_before) for r in page],
             next_page_token=str(page[-1].seq) if more else "",
         )
 

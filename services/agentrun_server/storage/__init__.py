@@ -169,12 +169,19 @@ class Storage(Protocol):
         """
 
     async def list_runs(
-        self, collection_id: str, after_seq: int, limit: int, max_bytes: int | None = None
+        self,
+        collection_id: str,
+        after_seq: int,
+        limit: int,
+        max_bytes: int | None = None,
+        state: str | None = None,
+        abandoned_before: float = 0.0,
     ) -> tuple[list[StoredRun], bool]:
         """Up to `limit` runs of a collection with seq > `after_seq`, in ingestion order, and
-        whether more follow. The page stops before the run that would take its encoded size over
-        `max_bytes` (the first run goes regardless). A page costs what it holds, whatever the
-        collection's size."""
+        whether more follow; only runs in `state` ("running", "finished", "abandoned": running
+        with no event since `abandoned_before`) when given. The page stops before the run that
+        would take its encoded size over `max_bytes` (the first run goes regardless). A page
+        costs what it holds, whatever the collection's size."""
 
     async def count_runs(self, collection_id: str) -> int:
         """The runs of a collection (0 for an unknown one)."""

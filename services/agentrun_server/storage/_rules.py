@@ -244,3 +244,21 @@ def lease_end_is_dead(attempt: int, max_attempts: int) -> bool:
     """Whether a lease that ended unsettled (expired, its stream closed, never resumed) leaves its
     task dead: the attempt counts, since the worker may have died of the task."""
     return attempt >= max_attempts
+
+
+RUN_STATES = ("running", "finished", "abandoned")
+
+
+def run_state_clause(
+    state: str | None, abandoned_before: float, mark: str
+) -> tuple[str, tuple[float, ...]]:
+    """The SQL condition (with `mark` as its placeholder) and parameters that keep runs in
+    `state`: a running run with no event since `abandoned_before` counts as abandoned (a later
+    event reopens it, so the state is decided when read, not stored)."""
+    if state is None:
+        return "", ()
+    if state == "finished":
+        return " AND state = 'finished'", ()
+    if state == "running":
+        return f" AND state = 'running' AND updated_at >= {mark}", (abandoned_before,)
+    return f" AND state = 'running' AND updated_at < {mark}", (abandoned_before,)

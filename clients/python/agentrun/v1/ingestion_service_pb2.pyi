@@ -676,6 +676,7 @@ class ListAgentRunsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     collection_id: _builtins.str
     """The collection to list."""
     page_size: _builtins.int
@@ -687,6 +688,8 @@ class ListAgentRunsRequest(_message.Message):
     """Token from a previous response's `next_page_token`; empty for the first page."""
     view: Global___AgentRunView.ValueType
     """How much of each run to return."""
+    state: Global___AgentRunState.ValueType
+    """Only runs in this state (unspecified: all)."""
     def __init__(
         self,
         *,
@@ -694,10 +697,11 @@ class ListAgentRunsRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         view: Global___AgentRunView.ValueType = ...,
+        state: Global___AgentRunState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection_id", b"collection_id", "page_size", b"page_size", "page_token", b"page_token", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection_id", b"collection_id", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

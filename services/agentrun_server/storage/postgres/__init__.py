@@ -76,9 +76,17 @@ async def _get_run(conn: Connection, run_id: str) -> StoredRun:
 
 
 async def _list_runs(
-    conn: Connection, collection_id: str, after_seq: int, limit: int, max_bytes: int | None
+    conn: Connection,
+    collection_id: str,
+    after_seq: int,
+    limit: int,
+    max_bytes: int | None,
+    state: str | None,
+    abandoned_before: float,
 ) -> tuple[list[StoredRun], bool]:
-    page, more = await _runs.list_runs(conn, collection_id, after_seq, limit, max_bytes)
+    page, more = await _runs.list_runs(
+        conn, collection_id, after_seq, limit, max_bytes, state, abandoned_before
+    )
     return [await _live.with_parts(conn, run) for run in page], more
 
 
@@ -159,9 +167,17 @@ class PostgresStorage:
         return await self._run(_get_run, run_id)
 
     async def list_runs(
-        self, collection_id: str, after_seq: int, limit: int, max_bytes: int | None = None
+        self,
+        collection_id: str,
+        after_seq: int,
+        limit: int,
+        max_bytes: int | None = None,
+        state: str | None = None,
+        abandoned_before: float = 0.0,
     ) -> tuple[list[StoredRun], bool]:
-        return await self._run(_list_runs, collection_id, after_seq, limit, max_bytes)
+        return await self._run(
+            _list_runs, collection_id, after_seq, limit, max_bytes, state, abandoned_before
+        )
 
     async def count_runs(self, collection_id: str) -> int:
         return await self._run(_runs.count_runs, collection_id)

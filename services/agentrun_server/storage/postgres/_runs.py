@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from psycopg.rows import tuple_row
 
 from agentrun_server._errors import FailedPrecondition, NotFound, Unavailable
-from agentrun_server.storage._rules import take_within
+from agentrun_server.storage._rules import run_state_clause, take_within
 from agentrun_server.storage._types import (
     Collection,
     InsertOutcome,
@@ -211,13 +211,20 @@ async def get_run(conn: Connection, run_id: str) -> StoredRun:
 
 
 async def list_runs(
-    conn: Connection, collection_id: str, after_seq: int, limit: int, max_bytes: int | None
+    conn: Connection,
+    collection_id: str,
+    after_seq: int,
+    limit: int,
+    max_bytes: int | None,
+    state: str | None = None,
+    abandoned_before: float = 0.0,
 ) -> tuple[list[StoredRun], bool]:
     """See `Storage.list_runs`. Sizes are read first, so only the runs returned are read whole."""
+    where, params = run_state_clause(state, abandoned_before, "%s")
     cursor = await conn.execute(
-        "SELECT seq, size_bytes FROM agent_runs WHERE collection_id = %s AND seq > %s "
+        f"SELECT seq, size_bytes FROM agent_runs WHERE collection_id = %s AND seq > %s{where} "
         "ORDER BY seq LIMIT %s",
-        (collection_id, after_seq, limit + 1),
+        (collection_id, after_seq, *params, limit + 1),
     )
     sizes = await cursor.fetchall()
     kept, more = take_within([size for _, size in sizes], limit, max_bytes)
@@ -226,8 +233,8 @@ async def list_runs(
     async with conn.cursor(binary=True, row_factory=tuple_row) as binary:
         await binary.execute(
             f"SELECT {_RUN_COLUMNS} FROM agent_runs "
-            "WHERE collection_id = %s AND seq > %s AND seq <= %s ORDER BY seq",
-            (collection_id, after_seq, sizes[kept - 1][0]),
+            f"WHERE collection_id = %s AND seq > %s AND seq <= %s{where} ORDER BY seq",
+            (collection_id, after_seq, sizes[kept - 1][0], *params),
         )
         return [StoredRun(*r) for r in await binary.fetchall()], more
 

@@ -172,9 +172,17 @@ class SqliteStorage:
         return await self._engine.read(_runs.get_run, run_id)
 
     async def list_runs(
-        self, collection_id: str, after_seq: int, limit: int, max_bytes: int | None = None
+        self,
+        collection_id: str,
+        after_seq: int,
+        limit: int,
+        max_bytes: int | None = None,
+        state: str | None = None,
+        abandoned_before: float = 0.0,
     ) -> tuple[list[StoredRun], bool]:
-        return await self._engine.read(_runs.list_runs, collection_id, after_seq, limit, max_bytes)
+        return await self._engine.read(
+            _runs.list_runs, collection_id, after_seq, limit, max_bytes, state, abandoned_before
+        )
 
     async def count_runs(self, collection_id: str) -> int:
         return await self._engine.read(_runs.count_runs, collection_id)

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from agentrun_server._errors import FailedPrecondition, NotFound
-from agentrun_server.storage._rules import take_within
+from agentrun_server.storage._rules import run_state_clause, take_within
 from agentrun_server.storage._types import (
     Collection,
     InsertOutcome,
@@ -174,21 +174,28 @@ def get_run(db: sqlite3.Connection, run_id: str) -> StoredRun:
 
 
 def list_runs(
-    db: sqlite3.Connection, collection_id: str, after_seq: int, limit: int, max_bytes: int | None
+    db: sqlite3.Connection,
+    collection_id: str,
+    after_seq: int,
+    limit: int,
+    max_bytes: int | None,
+    state: str | None = None,
+    abandoned_before: float = 0.0,
 ) -> tuple[list[StoredRun], bool]:
     """See `Storage.list_runs`. Sizes are read first, so only the runs returned are read whole."""
+    where, params = run_state_clause(state, abandoned_before, "?")
     sizes = db.execute(
-        "SELECT seq, size_bytes FROM agent_runs WHERE collection_id = ? AND seq > ? "
+        f"SELECT seq, size_bytes FROM agent_runs WHERE collection_id = ? AND seq > ?{where} "
         "ORDER BY seq LIMIT ?",
-        (collection_id, after_seq, limit + 1),
+        (collection_id, after_seq, *params, limit + 1),
     ).fetchall()
     kept, more = take_within([size for _, size in sizes], limit, max_bytes)
     if not kept:
         return [], False
     rows = db.execute(
         f"SELECT {_RUN_COLUMNS} FROM agent_runs "
-        "WHERE collection_id = ? AND seq > ? AND seq <= ? ORDER BY seq",
-        (collection_id, after_seq, sizes[kept - 1][0]),
+        f"WHERE collection_id = ? AND seq > ? AND seq <= ?{where} ORDER BY seq",
+        (collection_id, after_seq, sizes[kept - 1][0], *params),
     ).fetchall()
     return [with_parts(db, StoredRun(*r)) for r in rows], more
 

@@ -616,6 +616,13 @@ export declare type ListAgentRunsRequest = Message<"agentrun.v1.ListAgentRunsReq
    * @generated from field: agentrun.v1.AgentRunView view = 4;
    */
   view: AgentRunView;
+
+  /**
+   * Only runs in this state (unspecified: all).
+   *
+   * @generated from field: agentrun.v1.AgentRunState state = 5;
+   */
+  state: AgentRunState;
 };
 
 /**
