@@ -64,6 +64,9 @@ async def _code(channel: grpc.aio.Channel, method: str, token: str | None) -> gr
             call = channel.stream_stream(method)(iter(()), metadata=metadata, timeout=10)
             async for _ in call:
                 pass
+        elif name == "WatchAgentRun":
+            async for _ in channel.unary_stream(method)(b"", metadata=metadata, timeout=10):
+                pass
         elif name in STREAMING_REQUESTS:
             await channel.stream_unary(method)(iter(()), metadata=metadata, timeout=10)
         else:

@@ -6,9 +6,13 @@ message by message ending equal to the same runs uploaded whole."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import time
 from collections.abc import Sequence
 
 import grpc
+import pytest
 from google.rpc import code_pb2
 
 from agentrun import AgentRun
@@ -261,3 +265,93 @@ async def test_a_silent_run_reads_as_abandoned_until_its_next_event_reopens_it(
             stream.call.cancel()
     finally:
         await server.shutdown(grace_seconds=1)
+
+
+async def test_a_watcher_sees_each_event_in_order_within_a_second(server: Server) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        ingestion = pb_grpc.IngestionServiceStub(channel)
+        collection = (
+            await ingestion.CreateCollection(pb.CreateCollectionRequest(name="c"))
+        ).collection
+        stream = Stream(channel)
+        await stream.send(_event("w", 1, collection.id, [_message("user", "step 0")]))
+        seen: list[tuple[int, str, float]] = []
+        states: list[int] = []
+
+        async def watch() -> None:
+            call = ingestion.WatchAgentRun(pb.WatchAgentRunRequest(agent_run_id="w"))
+            async for response in call:
+                states.append(response.state)
+                for event in response.events:
+                    text = event.patch.transcripts[0].messages[0].text
+                    seen.append((event.sequence, text, time.monotonic()))
+
+        watcher = asyncio.create_task(watch())
+        sent: dict[int, float] = {}
+        for sequence in range(2, 6):
+            await asyncio.sleep(0.2)
+            sent[sequence] = time.monotonic()
+            await stream.send(
+                _event(
+                    "w",
+                    sequence,
+                    messages=[_message("assistant", f"step {sequence}")],
+                    finish=sequence == 5,
+                )
+            )
+        async with asyncio.timeout(5):
+            await watcher  # it ends once the run finished and every event went out
+        assert [s for s, _, _ in seen] == [1, 2, 3, 4, 5]
+        assert seen[0][1] == "step 0" and seen[-1][1] == "step 5"
+        assert max(at - sent[s] for s, _, at in seen[1:]) < 1.0
+        assert states[0] == pb.AGENT_RUN_STATE_RUNNING and states[-1] == pb.AGENT_RUN_STATE_FINISHED
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            async for _ in ingestion.WatchAgentRun(pb.WatchAgentRunRequest(agent_run_id="nope")):
+                pass
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        stream.call.cancel()
+
+
+async def test_agentrun_tail_prints_messages_as_they_land_and_ends_with_the_run(
+    server: Server,
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        ingestion = pb_grpc.IngestionServiceStub(channel)
+        collection = (
+            await ingestion.CreateCollection(pb.CreateCollectionRequest(name="c"))
+        ).collection
+        stream = Stream(channel)
+        await stream.send(_event("t", 1, collection.id, [_message("user", "what is 2+2?")]))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTRUN_")}
+        tail = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agentrun._cli",
+            "tail",
+            "t",
+            "--server",
+            f"127.0.0.1:{server.port}",
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        assert tail.stdout is not None
+        async with asyncio.timeout(20):
+            assert await tail.stdout.readline() == b"[1] main user: what is 2+2?\n"
+            assert await tail.stdout.readline() == b"-- run t is running\n"
+            await stream.send(
+                _event(
+                    "t",
+                    2,
+                    messages=[_message("assistant", "4\x1b[31m")],
+                    finish=True,
+                    scores={"reward": run_pb.Score(double_value=1.0)},
+                )
+            )
+            rest = (await tail.stdout.read()).decode().splitlines()
+            assert await tail.wait() == 0
+        assert rest == [
+            "[2] main assistant: 4\\x1b[31m",  # escaped, never sent to the terminal
+            "[2] score reward = 1.0",
+            "-- run t is finished",
+        ]
+        stream.call.cancel()

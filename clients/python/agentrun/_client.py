@@ -298,6 +298,21 @@ class Client:
             ).stages
         )
 
+    def watch_run(
+        self, agent_run_id: str, after_sequence: int = 0
+    ) -> Iterator[ingestion_pb.WatchAgentRunResponse]:
+        """The events of a live run as they land (after `after_sequence`), until it finishes.
+
+        Raises:
+            RpcError: NOT_FOUND for an unknown run, or the stream broke.
+        """
+        self._connect()
+        request = ingestion_pb.WatchAgentRunRequest(
+            agent_run_id=agent_run_id, after_sequence=after_sequence
+        )
+        with translate_rpc_errors():
+            yield from self.ingestion.WatchAgentRun(request, metadata=self._metadata)
+
     def create_api_key(
         self,
         name: str,

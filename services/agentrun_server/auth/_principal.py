@@ -24,6 +24,7 @@ METHOD_SCOPES: dict[str, tuple[str, ...]] = {
     _INGESTION + "GetAgentRun": ("read",),
     _INGESTION + "ListAgentRuns": ("read",),
     _INGESTION + "CountAgentRuns": ("read",),
+    _INGESTION + "WatchAgentRun": ("read",),
     _ORCHESTRATOR + "ApplyWorkflow": ("admin",),
     _ORCHESTRATOR + "GetWorkflow": ("read", "work"),  # the Runner reads its workflow
     _ORCHESTRATOR + "ListWorkflows": ("read",),

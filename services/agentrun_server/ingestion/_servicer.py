@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -198,6 +199,11 @@ def _stored_run_to_proto(run: StoredRun, view: int, abandoned_before: float) -> 
     return out
 
 
+WATCH_BATCH = 500
+"""Most events in one WatchAgentRun response."""
+WATCH_POLL_SECONDS = 0.25
+"""How often a watcher looks for events stored through another server process."""
+
 _EVENT_STATUS = {
     EventStatus.STORED: pb.EVENT_STATUS_STORED,
     EventStatus.DUPLICATE: pb.EVENT_STATUS_DUPLICATE,
@@ -246,6 +252,15 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             ("max_event_streams_per_peer", self.limits.max_event_streams_per_peer),
             self.limits.retry_after_seconds,
         )
+        self._watch_slots = StreamSlots(
+            "watch streams",
+            None,
+            ("max_event_streams_per_peer", self.limits.max_event_streams_per_peer),
+            self.limits.retry_after_seconds,
+        )
+        # Set (and replaced) whenever events land here: watchers on this process wake at once;
+        # those of events stored through other processes poll.
+        self._landed = asyncio.Event()
         self._pending = _PendingBytes(
             self.limits.max_pending_bytes, self.limits.max_pending_bytes_per_peer
         )
@@ -570,7 +585,55 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             response.acks.append(ack)
         if finished and self._on_runs_stored is not None:
             self._on_runs_stored()
+        if kept:
+            self._landed.set()
+            self._landed = asyncio.Event()
         return response
+
+    async def WatchAgentRun(
+        self, request: pb.WatchAgentRunRequest, context: Context
+    ) -> AsyncIterator[pb.WatchAgentRunResponse]:
+        """Send the run's events as they land (see the proto).
+
+        Raises:
+            NotFound: no such run.
+            ResourceExhausted: with RetryInfo, over max_event_streams_per_peer watch streams.
+        """
+        run_id = check_reference("agent_run_id", request.agent_run_id, required=True)
+        after = request.after_sequence
+        checked = False
+        sent_state = None
+        with self._watch_slots.slot(context.peer()):
+            while True:
+                landed = self._landed
+                run, events = await self._storage.events_after(run_id, after, WATCH_BATCH)
+                if not checked:
+                    await self._check_collection(run.collection_id, "agent_run_id")
+                    checked = True
+                state = run.state
+                if state == "running" and (run.updated_at or 0.0) < self._abandoned_before():
+                    state = "abandoned"
+                last = run.next_sequence - 1
+                if events or state != sent_state:
+                    response = pb.WatchAgentRunResponse(state=_STATES[state])
+                    for sequence, data in events:
+                        event = response.events.add(
+                            agent_run_id=run_id,
+                            sequence=sequence,
+                            finish=state == "finished" and sequence == last,
+                        )
+                        event.patch.MergeFromString(data)
+                    yield response
+                    sent_state = state
+                if events:
+                    after = events[-1][0]
+                if state == "finished" and after >= last:
+                    return
+                if len(events) == WATCH_BATCH:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(WATCH_POLL_SECONDS):
+                        await landed.wait()
 
     def _abandoned_before(self) -> float:
         return time.time() - self.limits.live_run_timeout_seconds

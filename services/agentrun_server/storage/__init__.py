@@ -161,6 +161,16 @@ class Storage(Protocol):
         another collection or uploaded whole, ResourceExhausted past `max_run_bytes` of events,
         InvalidArgument when `fold` refuses the finished run."""
 
+    async def events_after(
+        self, run_id: str, after_sequence: int, limit: int
+    ) -> tuple[StoredRun, list[tuple[int, bytes]]]:
+        """A run's record (without its data) and up to `limit` of its events after
+        `after_sequence`, as (sequence, patch), in order.
+
+        Raises:
+            NotFound: no such run.
+        """
+
     async def get_run(self, run_id: str) -> StoredRun:
         """One run.
 

@@ -778,3 +778,57 @@ class CountAgentRunsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CountAgentRunsResponse: _TypeAlias = CountAgentRunsResponse  # noqa: Y015
+
+@_typing.final
+class WatchAgentRunRequest(_message.Message):
+    """Request of WatchAgentRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_RUN_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    agent_run_id: _builtins.str
+    """The run."""
+    after_sequence: _builtins.int
+    """Send the events after this sequence number (0: from the first)."""
+    def __init__(
+        self,
+        *,
+        agent_run_id: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "agent_run_id", b"agent_run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAgentRunRequest: _TypeAlias = WatchAgentRunRequest  # noqa: Y015
+
+@_typing.final
+class WatchAgentRunResponse(_message.Message):
+    """Events of a watched run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    state: Global___AgentRunState.ValueType
+    """The run's state after them."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentRunEvent]:
+        """New events, in sequence order (their patches as stored)."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___AgentRunEvent] | None = ...,
+        state: Global___AgentRunState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAgentRunResponse: _TypeAlias = WatchAgentRunResponse  # noqa: Y015

@@ -71,6 +71,11 @@ class IngestionServiceStub:
                 request_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.StreamAgentRunEventsRequest.SerializeToString,
                 response_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.StreamAgentRunEventsResponse.FromString,
                 _registered_method=True)
+        self.WatchAgentRun = channel.unary_stream(
+                '/agentrun.v1.IngestionService/WatchAgentRun',
+                request_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.WatchAgentRunRequest.SerializeToString,
+                response_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.WatchAgentRunResponse.FromString,
+                _registered_method=True)
         self.CountAgentRuns = channel.unary_unary(
                 '/agentrun.v1.IngestionService/CountAgentRuns',
                 request_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.CountAgentRunsRequest.SerializeToString,
@@ -151,6 +156,16 @@ class IngestionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAgentRun(self, request, context):
+        """Sends a run's events as they land, from after `after_sequence`, each response a batch in
+        sequence order with the run's state; the stream ends once the run is finished and every event
+        is sent (a run uploaded whole: one response, no events). An event stored through any server
+        process reaches a watcher within a second. Errors: NOT_FOUND for an unknown run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CountAgentRuns(self, request, context):
         """Counts the runs of a collection.
         """
@@ -195,6 +210,11 @@ def add_IngestionServiceServicer_to_server(servicer, server):
                     servicer.StreamAgentRunEvents,
                     request_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.StreamAgentRunEventsRequest.FromString,
                     response_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.StreamAgentRunEventsResponse.SerializeToString,
+            ),
+            'WatchAgentRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAgentRun,
+                    request_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.WatchAgentRunRequest.FromString,
+                    response_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.WatchAgentRunResponse.SerializeToString,
             ),
             'CountAgentRuns': grpc.unary_unary_rpc_method_handler(
                     servicer.CountAgentRuns,
@@ -393,6 +413,33 @@ class IngestionService:
             '/agentrun.v1.IngestionService/StreamAgentRunEvents',
             agentrun_dot_v1_dot_ingestion__service__pb2.StreamAgentRunEventsRequest.SerializeToString,
             agentrun_dot_v1_dot_ingestion__service__pb2.StreamAgentRunEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAgentRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentrun.v1.IngestionService/WatchAgentRun',
+            agentrun_dot_v1_dot_ingestion__service__pb2.WatchAgentRunRequest.SerializeToString,
+            agentrun_dot_v1_dot_ingestion__service__pb2.WatchAgentRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

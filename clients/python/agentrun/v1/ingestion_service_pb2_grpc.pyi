@@ -71,6 +71,12 @@ class IngestionServiceStub:
     is created by its first event and enters its collection's workflow when it finishes.
     Stream-level errors: INVALID_ARGUMENT for a message over `max_runs_per_message` events.
     """
+    WatchAgentRun: _grpc.UnaryStreamMultiCallable[_ingestion_service_pb2.WatchAgentRunRequest, _ingestion_service_pb2.WatchAgentRunResponse]
+    """Sends a run's events as they land, from after `after_sequence`, each response a batch in
+    sequence order with the run's state; the stream ends once the run is finished and every event
+    is sent (a run uploaded whole: one response, no events). An event stored through any server
+    process reaches a watcher within a second. Errors: NOT_FOUND for an unknown run.
+    """
     CountAgentRuns: _grpc.UnaryUnaryMultiCallable[_ingestion_service_pb2.CountAgentRunsRequest, _ingestion_service_pb2.CountAgentRunsResponse]
     """Counts the runs of a collection."""
 
@@ -116,6 +122,12 @@ class IngestionServiceAsyncStub(IngestionServiceStub):
     INVALID_ARGUMENT for a malformed event, RESOURCE_EXHAUSTED past `max_live_run_bytes`. A run
     is created by its first event and enters its collection's workflow when it finishes.
     Stream-level errors: INVALID_ARGUMENT for a message over `max_runs_per_message` events.
+    """
+    WatchAgentRun: _aio.UnaryStreamMultiCallable[_ingestion_service_pb2.WatchAgentRunRequest, _ingestion_service_pb2.WatchAgentRunResponse]  # type: ignore[assignment]
+    """Sends a run's events as they land, from after `after_sequence`, each response a batch in
+    sequence order with the run's state; the stream ends once the run is finished and every event
+    is sent (a run uploaded whole: one response, no events). An event stored through any server
+    process reaches a watcher within a second. Errors: NOT_FOUND for an unknown run.
     """
     CountAgentRuns: _aio.UnaryUnaryMultiCallable[_ingestion_service_pb2.CountAgentRunsRequest, _ingestion_service_pb2.CountAgentRunsResponse]  # type: ignore[assignment]
     """Counts the runs of a collection."""
@@ -201,6 +213,18 @@ class IngestionServiceServicer(metaclass=_abc_1.ABCMeta):
         INVALID_ARGUMENT for a malformed event, RESOURCE_EXHAUSTED past `max_live_run_bytes`. A run
         is created by its first event and enters its collection's workflow when it finishes.
         Stream-level errors: INVALID_ARGUMENT for a message over `max_runs_per_message` events.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchAgentRun(
+        self,
+        request: _ingestion_service_pb2.WatchAgentRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ingestion_service_pb2.WatchAgentRunResponse], _abc.AsyncIterator[_ingestion_service_pb2.WatchAgentRunResponse]]:
+        """Sends a run's events as they land, from after `after_sequence`, each response a batch in
+        sequence order with the run's state; the stream ends once the run is finished and every event
+        is sent (a run uploaded whole: one response, no events). An event stored through any server
+        process reaches a watcher within a second. Errors: NOT_FOUND for an unknown run.
         """
 
     @_abc_1.abstractmethod

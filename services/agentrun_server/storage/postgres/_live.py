@@ -225,3 +225,24 @@ async def with_parts(conn: Connection, run: StoredRun) -> StoredRun:
         "SELECT data FROM agent_run_events WHERE agent_run_id = %s ORDER BY sequence", (run.id,)
     )
     return dataclasses.replace(run, parts=tuple(bytes(r[0]) for r in await cursor.fetchall()))
+
+
+async def events_after(
+    conn: Connection, run_id: str, after_sequence: int, limit: int
+) -> tuple[StoredRun, list[tuple[int, bytes]]]:
+    """See `Storage.events_after`."""
+    cursor = await conn.execute(
+        "SELECT id, collection_id, ingested_at, ''::bytea, seq, state, updated_at, next_sequence "
+        "FROM agent_runs WHERE id = %s",
+        (run_id,),
+    )
+    row = await cursor.fetchone()
+    if row is None:
+        raise NotFound(f"no agent run with id {run_id!r}")
+    cursor = await conn.execute(
+        "SELECT sequence, data FROM agent_run_events WHERE agent_run_id = %s AND sequence > %s "
+        "ORDER BY sequence LIMIT %s",
+        (run_id, after_sequence, limit),
+    )
+    events = [(int(s), bytes(d)) for s, d in await cursor.fetchall()]
+    return StoredRun(*row), events

@@ -168,6 +168,11 @@ class SqliteStorage:
             _live.append_events, self._workflows, events, fold, max_run_bytes, now
         )
 
+    async def events_after(
+        self, run_id: str, after_sequence: int, limit: int
+    ) -> tuple[StoredRun, list[tuple[int, bytes]]]:
+        return await self._engine.read(_live.events_after, run_id, after_sequence, limit)
+
     async def get_run(self, run_id: str) -> StoredRun:
         return await self._engine.read(_runs.get_run, run_id)
 

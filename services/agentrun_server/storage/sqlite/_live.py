@@ -208,3 +208,22 @@ def with_parts(db: sqlite3.Connection, run: StoredRun) -> StoredRun:
         "SELECT data FROM agent_run_events WHERE agent_run_id = ? ORDER BY sequence", (run.id,)
     )
     return dataclasses.replace(run, parts=tuple(r[0] for r in rows))
+
+
+def events_after(
+    db: sqlite3.Connection, run_id: str, after_sequence: int, limit: int
+) -> tuple[StoredRun, list[tuple[int, bytes]]]:
+    """See `Storage.events_after`."""
+    row = db.execute(
+        "SELECT id, collection_id, ingested_at, x'', seq, state, updated_at, next_sequence "
+        "FROM agent_runs WHERE id = ?",
+        (run_id,),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"no agent run with id {run_id!r}")
+    events = db.execute(
+        "SELECT sequence, data FROM agent_run_events WHERE agent_run_id = ? AND sequence > ? "
+        "ORDER BY sequence LIMIT ?",
+        (run_id, after_sequence, limit),
+    ).fetchall()
+    return StoredRun(*row), [(int(s), bytes(d)) for s, d in events]

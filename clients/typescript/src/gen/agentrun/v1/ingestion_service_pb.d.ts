@@ -699,6 +699,60 @@ export declare type CountAgentRunsResponse = Message<"agentrun.v1.CountAgentRuns
 export declare const CountAgentRunsResponseSchema: GenMessage<CountAgentRunsResponse>;
 
 /**
+ * Request of WatchAgentRun.
+ *
+ * @generated from message agentrun.v1.WatchAgentRunRequest
+ */
+export declare type WatchAgentRunRequest = Message<"agentrun.v1.WatchAgentRunRequest"> & {
+  /**
+   * The run.
+   *
+   * @generated from field: string agent_run_id = 1;
+   */
+  agentRunId: string;
+
+  /**
+   * Send the events after this sequence number (0: from the first).
+   *
+   * @generated from field: uint64 after_sequence = 2;
+   */
+  afterSequence: bigint;
+};
+
+/**
+ * Describes the message agentrun.v1.WatchAgentRunRequest.
+ * Use `create(WatchAgentRunRequestSchema)` to create a new message.
+ */
+export declare const WatchAgentRunRequestSchema: GenMessage<WatchAgentRunRequest>;
+
+/**
+ * Events of a watched run.
+ *
+ * @generated from message agentrun.v1.WatchAgentRunResponse
+ */
+export declare type WatchAgentRunResponse = Message<"agentrun.v1.WatchAgentRunResponse"> & {
+  /**
+   * New events, in sequence order (their patches as stored).
+   *
+   * @generated from field: repeated agentrun.v1.AgentRunEvent events = 1;
+   */
+  events: AgentRunEvent[];
+
+  /**
+   * The run's state after them.
+   *
+   * @generated from field: agentrun.v1.AgentRunState state = 2;
+   */
+  state: AgentRunState;
+};
+
+/**
+ * Describes the message agentrun.v1.WatchAgentRunResponse.
+ * Use `create(WatchAgentRunResponseSchema)` to create a new message.
+ */
+export declare const WatchAgentRunResponseSchema: GenMessage<WatchAgentRunResponse>;
+
+/**
  * Why a run was rejected.
  *
  * @generated from enum agentrun.v1.RejectionReason
@@ -946,6 +1000,19 @@ export declare const IngestionService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof StreamAgentRunEventsRequestSchema;
     output: typeof StreamAgentRunEventsResponseSchema;
+  },
+  /**
+   * Sends a run's events as they land, from after `after_sequence`, each response a batch in
+   * sequence order with the run's state; the stream ends once the run is finished and every event
+   * is sent (a run uploaded whole: one response, no events). An event stored through any server
+   * process reaches a watcher within a second. Errors: NOT_FOUND for an unknown run.
+   *
+   * @generated from rpc agentrun.v1.IngestionService.WatchAgentRun
+   */
+  watchAgentRun: {
+    methodKind: "server_streaming";
+    input: typeof WatchAgentRunRequestSchema;
+    output: typeof WatchAgentRunResponseSchema;
   },
   /**
    * Counts the runs of a collection.
