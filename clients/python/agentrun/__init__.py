@@ -32,6 +32,7 @@ from agentrun._errors import (
     WorkflowError,
     WriterClosedError,
 )
+from agentrun._live_run import LiveRun, LiveRunError
 from agentrun._metadata import BaseAgentRunMetadata, BaseMetadata
 from agentrun._runner import Runner, RunSummary
 from agentrun._stage import Fail, Retry, StageResult, TaskContext, TaskInput
@@ -56,6 +57,8 @@ __all__ = [
     "FilterableField",
     "FormatError",
     "InvalidRunError",
+    "LiveRun",
+    "LiveRunError",
     "RejectedRun",
     "Retry",
     "RpcError",

@@ -18,9 +18,11 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -30,7 +32,8 @@ from agentrun._agent_run import AgentRun
 from agentrun._client import Client
 from agentrun._connection import Connection, connection_of
 from agentrun._convert import agent_run_to_proto
-from agentrun._errors import InvalidRunError, WriterClosedError
+from agentrun._errors import InvalidRunError, RpcError, WriterClosedError
+from agentrun._live_run import EventSender, LiveRun, LiveRunError
 from agentrun._retry import Backoff, Failure, Verdict
 from agentrun._run_checks import check_agent_run, encodes_shallow, parse_agent_run
 from agentrun._spool import Segment, Spool
@@ -281,6 +284,7 @@ class AgentRunWriter:
             request_serializer=None,  # requests are pre-encoded bytes
             response_deserializer=pb.UploadAgentRunsResponse.FromString,
         )
+        self._events: EventSender | None = None
         if self._spool is not None:
             self._replay(self._spool)
         self._workers = [
@@ -400,6 +404,11 @@ class AgentRunWriter:
                 deadline = time.monotonic() + self.shutdown_timeout
                 while self._pending and time.monotonic() < deadline:
                     self._settled.wait(deadline - time.monotonic())
+        events, self._events = self._events, None
+        if events is not None:
+            left = events.stop(0 if force else self.shutdown_timeout)
+            if left:
+                _log.warning("agentrun writer: %d live run events not acknowledged at finish", left)
         self._stop.set()
         self._buffer.stopped = True
         self._buffer.wake()
@@ -427,6 +436,71 @@ class AgentRunWriter:
                 summary.spooled,
             )
         return summary
+
+    def live_run(
+        self,
+        agent_run_id: str | None = None,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        max_pending_events: int = 10_000,
+    ) -> LiveRun:
+        """A run that grows while the agent works, as Docent's `agent_run_context` and
+        LangSmith's `RunTree` (post at start, patch at end) offer; here every step is durable once
+        acknowledged, and visible to `GetAgentRun` and `agentrun tail` at once.
+
+            with writer.live_run(name="task-17") as run:
+                run.append("default", [UserMessage(content=...), AssistantMessage(content=...)])
+                run.set_scores(reward=1.0)
+            # leaving the block finishes the run (an exception: finished with `error` in metadata)
+
+        With `agent_run_id` of a run that is not finished, its events continue after the ones
+        stored (a process resuming another's run). Events of all of a writer's live runs share
+        one stream, in order; `append` blocks only while `max_pending_events` (of the first live
+        run made) are unacknowledged. `finish()` waits for them within `shutdown_timeout`.
+
+        Raises:
+            WriterClosedError: after `finish()`.
+            LiveRunError: the run is finished, or was uploaded whole.
+            RpcError: the server cannot be reached to find where the run stands.
+        """
+        with self._lock:
+            if self._closed:
+                raise WriterClosedError("live_run() after finish()")
+            if self._events is None:
+                self._events = EventSender(
+                    self._channel, self._metadata, max_pending_events, self.backoff
+                )
+            sender = self._events
+        next_sequence = 1
+        if agent_run_id is None:
+            agent_run_id = str(uuid.uuid4())
+        else:
+            next_sequence = self._resume_point(agent_run_id)
+        run = LiveRun(sender, agent_run_id, self.collection_id, next_sequence)
+        if next_sequence == 1 or name is not None or description is not None or metadata:
+            run.open(name, description, metadata)
+        return run
+
+    def _resume_point(self, agent_run_id: str) -> int:
+        stub = self._channel.unary_unary(
+            "/agentrun.v1.IngestionService/GetAgentRun",
+            request_serializer=pb.GetAgentRunRequest.SerializeToString,
+            response_deserializer=pb.GetAgentRunResponse.FromString,
+        )
+        request = pb.GetAgentRunRequest(agent_run_id=agent_run_id, view=pb.AGENT_RUN_VIEW_BASIC)
+        try:
+            stored = stub(request, metadata=self._metadata, timeout=30, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
+                return 1
+            raise RpcError.from_grpc(exc) from exc
+        run = stored.agent_run
+        if run.state == pb.AGENT_RUN_STATE_FINISHED:
+            how = "uploaded whole" if run.event_count == 0 else "finished"
+            raise LiveRunError(f"run {agent_run_id!r} is {how}: it takes no more events")
+        return int(run.event_count) + 1
 
     def _finish_at_exit(self) -> None:
         if not self._closed:

@@ -1,0 +1,267 @@
+"""Live runs from the SDK: a handle a long-running agent keeps (`AgentRunWriter.live_run`), whose
+appends travel as sequenced events over one StreamAgentRunEvents stream per writer.
+
+Events are sent in the order they were made, many per message, as soon as the stream has room;
+each is acknowledged once durable. When the stream breaks, the events not yet acknowledged are
+sent again, in order, on a new one: the server stores each sequence number once (a resend is a
+duplicate), so nothing is lost or stored twice. `append` blocks only while `max_pending_events`
+are unacknowledged.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import grpc
+
+from agentrun._convert import message_to_proto, value_to_proto
+from agentrun._errors import AgentRunError, RpcError
+from agentrun._retry import Backoff
+from agentrun.chat import ChatMessage
+from agentrun.v1 import agent_run_pb2 as run_pb
+from agentrun.v1 import ingestion_service_pb2 as pb
+
+_log = logging.getLogger(__name__)
+
+EVENTS_METHOD = "/agentrun.v1.IngestionService/StreamAgentRunEvents"
+MAX_EVENTS_PER_MESSAGE = 500
+MAX_MESSAGES_IN_FLIGHT = 8
+
+
+class LiveRunError(AgentRunError):
+    """An event of a live run was refused by the server (the run is left as it was before it), or
+    the run cannot be opened (finished already)."""
+
+
+def _score(value: bool | int | float) -> run_pb.Score:
+    if isinstance(value, bool):
+        return run_pb.Score(bool_value=value)
+    if isinstance(value, int):
+        return run_pb.Score(int_value=value)
+    return run_pb.Score(double_value=float(value))
+
+
+def _metadata(fields: Mapping[str, Any], out: run_pb.Metadata) -> None:
+    out.SetInParent()
+    for key, value in fields.items():
+        value_to_proto(value, out.fields[key].value)
+
+
+class EventSender:
+    """One writer's StreamAgentRunEvents stream, on a thread of its own (started at first use)."""
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        metadata: tuple[tuple[str, str], ...],
+        max_pending_events: int,
+        backoff: Backoff,
+    ) -> None:
+        self._call = channel.stream_stream(
+            EVENTS_METHOD,
+            request_serializer=pb.StreamAgentRunEventsRequest.SerializeToString,
+            response_deserializer=pb.StreamAgentRunEventsResponse.FromString,
+        )
+        self._metadata = metadata
+        self._max_pending = max_pending_events
+        self._backoff = backoff
+        self._cond = threading.Condition()
+        self._queued: collections.deque[pb.AgentRunEvent] = collections.deque()
+        self._in_flight: collections.deque[list[pb.AgentRunEvent]] = collections.deque()
+        self._generation = 0
+        self._stopping = False
+        self.refused: list[pb.AgentRunEventAck] = []
+        self.acknowledged = 0
+        self._thread = threading.Thread(target=self._run, name="agentrun-live-runs", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Events made and not yet acknowledged."""
+        return len(self._queued) + sum(len(batch) for batch in self._in_flight)
+
+    def submit(self, event: pb.AgentRunEvent) -> None:
+        """Queue an event; blocks while `max_pending_events` are unacknowledged."""
+        with self._cond:
+            while self.pending >= self._max_pending and not self._stopping:
+                self._cond.wait()
+            self._queued.append(event)
+            self._cond.notify_all()
+
+    def flush(self, timeout_seconds: float | None = None) -> bool:
+        """Wait until every event made so far is acknowledged; whether it was, in time."""
+        deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+        with self._cond:
+            while self.pending:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def stop(self, timeout_seconds: float) -> int:
+        """Flush within the timeout, then stop; return the events left unacknowledged."""
+        self.flush(timeout_seconds)
+        with self._cond:
+            self._stopping = True
+            left = self.pending
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+        return left
+
+    def _requests(self, generation: int) -> Iterator[pb.StreamAgentRunEventsRequest]:
+        while True:
+            with self._cond:
+                while (
+                    (not self._queued or len(self._in_flight) >= MAX_MESSAGES_IN_FLIGHT)
+                    and not self._stopping
+                    and generation == self._generation
+                ):
+                    self._cond.wait(0.5)
+                if self._stopping or generation != self._generation:
+                    return
+                batch = [
+                    self._queued.popleft()
+                    for _ in range(min(len(self._queued), MAX_EVENTS_PER_MESSAGE))
+                ]
+                self._in_flight.append(batch)
+            yield pb.StreamAgentRunEventsRequest(events=batch)
+
+    def _acked(self, response: pb.StreamAgentRunEventsResponse) -> None:
+        with self._cond:
+            batch = self._in_flight.popleft()
+            self.acknowledged += len(batch)
+            self._cond.notify_all()
+        for ack in response.acks:
+            if ack.status == pb.EVENT_STATUS_REFUSED:
+                self.refused.append(ack)
+                _log.warning(
+                    "live run %s: event %d refused: %s", ack.agent_run_id, ack.sequence, ack.message
+                )
+
+    def _run(self) -> None:
+        attempt = 0
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                generation = self._generation
+            try:
+                responses = self._call(
+                    self._requests(generation), metadata=self._metadata, wait_for_ready=True
+                )
+                for response in responses:
+                    self._acked(response)
+                    attempt = 0
+            except grpc.RpcError as exc:
+                error = RpcError.from_grpc(exc)
+                attempt += 1
+                delay = self._backoff.delay(attempt)
+                _log.info("live runs: stream broke (%s); resending in %.2f s", error, delay)
+                with self._cond:
+                    if self._stopping:
+                        return
+                    # Unacknowledged events go again, first and in order: the server answers
+                    # those it stored already as duplicates.
+                    while self._in_flight:
+                        self._queued.extendleft(reversed(self._in_flight.pop()))
+                    self._generation += 1
+                    self._cond.notify_all()
+                    self._cond.wait(delay)
+            else:
+                with self._cond:
+                    self._generation += 1
+                    if self._stopping:
+                        return
+
+
+class LiveRun:
+    """A run that grows while the agent works (see `AgentRunWriter.live_run`).
+
+    Thread-safe: events take sequence numbers in the order the calls are made. Leaving the `with`
+    block finishes the run; an exception finishes it with `error` set in its metadata.
+    """
+
+    def __init__(
+        self,
+        sender: EventSender,
+        agent_run_id: str,
+        collection_id: str,
+        next_sequence: int,
+    ) -> None:
+        self.agent_run_id = agent_run_id
+        self.collection_id = collection_id
+        self._sender = sender
+        self._next = next_sequence
+        self._lock = threading.Lock()
+        self.finished = False
+
+    def _send(self, patch: run_pb.AgentRun, finish: bool = False) -> int:
+        with self._lock:
+            if self.finished:
+                raise LiveRunError(f"live run {self.agent_run_id!r} is finished")
+            sequence, self._next = self._next, self._next + 1
+            self.finished = finish
+            event = pb.AgentRunEvent(
+                agent_run_id=self.agent_run_id,
+                sequence=sequence,
+                collection_id=self.collection_id,
+                patch=patch,
+                finish=finish,
+            )
+            self._sender.submit(event)  # under the lock: the queue keeps sequence order
+        return sequence
+
+    def append(self, transcript: str, messages: Iterable[ChatMessage]) -> int:
+        """Append messages to a transcript (created by its first append); return the event's
+        sequence number."""
+        patch = run_pb.AgentRun()
+        part = patch.transcripts.add(key=transcript)
+        for message in messages:
+            message_to_proto(message, part.messages.add())
+        return self._send(patch)
+
+    def set_scores(self, **scores: bool | int | float) -> int:
+        """Set scores by name (merged with those set before)."""
+        patch = run_pb.AgentRun()
+        for name, value in scores.items():
+            patch.scores[name].CopyFrom(_score(value))
+        return self._send(patch)
+
+    def update_metadata(self, **fields: Any) -> int:
+        """Set metadata fields (JSON-like values; merged by name with those set before)."""
+        patch = run_pb.AgentRun()
+        _metadata(fields, patch.metadata)
+        return self._send(patch)
+
+    def finish(self, error: str | None = None) -> int:
+        """Finish the run: it enters its collection's workflow and takes no more events. With
+        `error`, the metadata field `error` says what went wrong."""
+        patch = run_pb.AgentRun()
+        if error is not None:
+            _metadata({"error": error}, patch.metadata)
+        return self._send(patch, finish=True)
+
+    def open(
+        self, name: str | None, description: str | None, metadata: Mapping[str, Any] | None
+    ) -> None:
+        patch = run_pb.AgentRun()
+        if name is not None:
+            patch.name = name
+        if description is not None:
+            patch.description = description
+        if metadata:
+            _metadata(metadata, patch.metadata)
+        self._send(patch)
+
+    def __enter__(self) -> LiveRun:
+        return self
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        if not self.finished:
+            self.finish(None if error is None else f"{type(error).__name__}: {error}")

@@ -1,0 +1,121 @@
+"""Live runs from the Python SDK (issue 17): `AgentRunWriter.live_run`, its appends acknowledged
+in order, a run resumed by another writer, and 50 live runs appending through a server killed
+with SIGKILL and restarted: every event stored once, in order."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agentrun import AgentRunWriter, Client, LiveRunError
+from agentrun.chat import AssistantMessage, UserMessage
+from agentrun.v1 import ingestion_service_pb2 as pb
+from agentrun.v1 import workflow_pb2
+
+from ..processes import ServerProcess
+
+
+def _texts(client: Client, run_id: str) -> tuple[int, list[str], pb.StoredAgentRun]:
+    stored = client.ingestion.GetAgentRun(pb.GetAgentRunRequest(agent_run_id=run_id)).agent_run
+    texts = [m.text for t in stored.agent_run.transcripts for m in t.messages]
+    return stored.state, texts, stored
+
+
+def test_a_live_run_from_the_writer_grows_then_finishes_into_the_workflow(tmp_path: Path) -> None:
+    with ServerProcess(tmp_path / "agentrun.db") as server, Client(server.url) as client:
+        client.apply_workflow(
+            workflow_pb2.Workflow(name="w", stages=[workflow_pb2.Stage(name="grade")])
+        )
+        collection = client.create_collection("live", workflow="w").collection
+        writer = AgentRunWriter(collection.id, server_url=server.url)
+        with writer.live_run(name="task-17", metadata={"model": "m"}) as run:
+            for step in range(5):
+                run.append(
+                    "main", [UserMessage(content=f"q{step}"), AssistantMessage(content=f"a{step}")]
+                )
+            writer._events.flush(10)  # type: ignore[union-attr]
+            state, texts, _ = _texts(client, run.agent_run_id)
+            assert state == pb.AGENT_RUN_STATE_RUNNING and len(texts) == 10
+            assert client.backlog("w")[0].ready_count == 0
+            run.set_scores(reward=1.0)
+        with pytest.raises(LiveRunError):
+            run.append("main", [UserMessage(content="late")])
+        with pytest.raises(ValueError), writer.live_run(name="crashes") as crashed:
+            crashed.append("main", [UserMessage(content="about to fail")])
+            raise ValueError("tool exploded")
+        writer.finish()
+        state, texts, stored = _texts(client, run.agent_run_id)
+        assert state == pb.AGENT_RUN_STATE_FINISHED
+        assert texts == [f"{kind}{step}" for step in range(5) for kind in "qa"]
+        assert stored.agent_run.name == "task-17"
+        assert stored.agent_run.scores["reward"].double_value == 1.0
+        assert stored.agent_run.metadata.fields["model"].value.string_value == "m"
+        state, _, failed = _texts(client, crashed.agent_run_id)
+        assert state == pb.AGENT_RUN_STATE_FINISHED
+        error = failed.agent_run.metadata.fields["error"].value.string_value
+        assert error == "ValueError: tool exploded"
+        assert client.backlog("w")[0].ready_count == 2  # each entered once, at its finish
+
+
+def test_another_writer_resumes_a_run_where_its_events_stopped(tmp_path: Path) -> None:
+    with ServerProcess(tmp_path / "agentrun.db") as server, Client(server.url) as client:
+        collection = client.create_collection("live").collection
+        first = AgentRunWriter(collection.id, server_url=server.url)
+        run = first.live_run("resumed-run", name="r")
+        run.append("main", [UserMessage(content="one")])
+        first.finish()  # the process ends; the run stays open
+        second = AgentRunWriter(collection.id, server_url=server.url)
+        with second.live_run("resumed-run") as again:
+            again.append("main", [AssistantMessage(content="two")])
+        second.finish()
+        state, texts, stored = _texts(client, "resumed-run")
+        assert (state, texts, stored.event_count) == (
+            pb.AGENT_RUN_STATE_FINISHED,
+            ["one", "two"],
+            4,  # open and "one" (first writer), "two" and finish (second)
+        )
+        third = AgentRunWriter(collection.id, server_url=server.url)
+        with pytest.raises(LiveRunError, match="finished"):
+            third.live_run("resumed-run")
+        third.finish()
+
+
+def test_fifty_live_runs_append_through_a_server_killed_and_restarted(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "agentrun.db").start()
+    try:
+        with Client(server.url) as client:
+            collection = client.create_collection("live").collection
+        writer = AgentRunWriter(collection.id, server_url=server.url)
+        steps = 30
+        halfway = threading.Barrier(51)
+
+        def agent(i: int) -> None:
+            with writer.live_run(f"agent-{i}") as run:
+                for step in range(steps):
+                    run.append("main", [AssistantMessage(content=f"{i}:{step}")])
+                    if step == steps // 2:
+                        halfway.wait(timeout=60)
+                    time.sleep(0.01)
+
+        agents = [threading.Thread(target=agent, args=(i,)) for i in range(50)]
+        for thread in agents:
+            thread.start()
+        halfway.wait(timeout=60)
+        server.kill()
+        time.sleep(0.5)
+        server.start()
+        for thread in agents:
+            thread.join(timeout=120)
+        summary = writer.finish()
+        assert summary.ok, summary
+        with Client(server.url) as client:
+            for i in range(50):
+                state, texts, stored = _texts(client, f"agent-{i}")
+                assert texts == [f"{i}:{step}" for step in range(steps)], i
+                assert state == pb.AGENT_RUN_STATE_FINISHED
+                assert stored.event_count == steps + 2  # open, the appends, finish
+    finally:
+        server.terminate()
