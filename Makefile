@@ -11,7 +11,7 @@ TS := clients/typescript
 NPM := $(shell command -v npm 2>/dev/null)
 TS_STAMP := $(if $(NPM),$(TS)/node_modules/.package-lock.json)
 
-.PHONY: install install-ts install-bench gen gen-check lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth ci clean
+.PHONY: install install-ts install-bench gen gen-check lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live ci clean
 
 install: $(STAMP)
 
@@ -61,7 +61,7 @@ test: install install-ts
 	$(BIN)/python -m pytest
 
 # Benchmarks print figures; they are not tests. Each reads the real runs from ../shared/data.
-bench: bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth
+bench: bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live
 
 bench-model: install
 	$(BIN)/python bench/bench_model.py
@@ -87,6 +87,10 @@ bench-pressure: install
 # What --auth keys and TLS cost the writer and the Runner, beside --auth none, in one run.
 bench-auth: install
 	$(BIN)/python bench/bench_auth.py
+
+# 1,000 live runs appending real messages: events/s, append-to-ack latency, a 50 MB run.
+bench-live: install
+	$(BIN)/python bench/bench_live.py
 
 # Both services in one process on SQLite: gRPC on 127.0.0.1:50051, metrics on 127.0.0.1:9464.
 run: install

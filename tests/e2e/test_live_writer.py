@@ -60,6 +60,23 @@ def test_a_live_run_from_the_writer_grows_then_finishes_into_the_workflow(tmp_pa
         assert client.backlog("w")[0].ready_count == 2  # each entered once, at its finish
 
 
+def test_large_events_travel_in_messages_under_the_servers_limit(tmp_path: Path) -> None:
+    with ServerProcess(tmp_path / "agentrun.db") as server, Client(server.url) as client:
+        collection = client.create_collection("live").collection
+        writer = AgentRunWriter(collection.id, server_url=server.url)
+        big = "x" * (3 * 1024 * 1024)
+        with writer.live_run("big") as run:
+            for _ in range(6):  # 19 MB queued at once: over the server's 17 MiB in one message
+                run.append("main", [UserMessage(content=big)])
+            with pytest.raises(LiveRunError, match="over 16,777,216"):
+                run.append("main", [UserMessage(content="y" * (17 * 1024 * 1024))])
+        assert writer.finish().ok
+        basic = pb.GetAgentRunRequest(agent_run_id="big", view=pb.AGENT_RUN_VIEW_BASIC)
+        stored = client.ingestion.GetAgentRun(basic).agent_run  # too large to read whole
+        assert stored.state == pb.AGENT_RUN_STATE_FINISHED
+        assert stored.event_count == 8  # open, six appends, finish
+
+
 def test_another_writer_resumes_a_run_where_its_events_stopped(tmp_path: Path) -> None:
     with ServerProcess(tmp_path / "agentrun.db") as server, Client(server.url) as client:
         collection = client.create_collection("live").collection

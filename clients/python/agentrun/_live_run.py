@@ -30,6 +30,10 @@ _log = logging.getLogger(__name__)
 
 EVENTS_METHOD = "/agentrun.v1.IngestionService/StreamAgentRunEvents"
 MAX_EVENTS_PER_MESSAGE = 500
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""A request message holds events up to this many bytes (and at least one)."""
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+"""The largest event: the server's default max_run_bytes (its messages take 17 MiB)."""
 MAX_MESSAGES_IN_FLIGHT = 8
 
 
@@ -125,10 +129,13 @@ class EventSender:
                     self._cond.wait(0.5)
                 if self._stopping or generation != self._generation:
                     return
-                batch = [
-                    self._queued.popleft()
-                    for _ in range(min(len(self._queued), MAX_EVENTS_PER_MESSAGE))
-                ]
+                batch = [self._queued.popleft()]
+                size = batch[0].ByteSize()
+                while self._queued and len(batch) < MAX_EVENTS_PER_MESSAGE:
+                    size += self._queued[0].ByteSize()  # cached by protobuf after the first
+                    if size > MAX_MESSAGE_BYTES:
+                        break
+                    batch.append(self._queued.popleft())
                 self._in_flight.append(batch)
             yield pb.StreamAgentRunEventsRequest(events=batch)
 
@@ -202,6 +209,11 @@ class LiveRun:
         self.finished = False
 
     def _send(self, patch: run_pb.AgentRun, finish: bool = False) -> int:
+        if patch.ByteSize() > MAX_EVENT_BYTES:
+            raise LiveRunError(
+                f"live run {self.agent_run_id!r}: an event of {patch.ByteSize():,} bytes, over "
+                f"{MAX_EVENT_BYTES:,}; append fewer messages at a time"
+            )
         with self._lock:
             if self.finished:
                 raise LiveRunError(f"live run {self.agent_run_id!r} is finished")
