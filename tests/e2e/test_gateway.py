@@ -41,6 +41,11 @@ class Gateway:
             self._record(method, context)
             return await channel.stream_unary(method)(requests)  # type: ignore[no-any-return]
 
+        async def unary_stream(request: bytes, context: Any) -> Any:
+            self._record(method, context)
+            async for response in channel.unary_stream(method)(request):
+                yield response
+
         async def stream_stream(requests: AsyncIterator[bytes], context: Any) -> Any:
             self._record(method, context)
             async for response in channel.stream_stream(method)(requests):
@@ -83,6 +88,8 @@ def work_through_the_gateway(url: str) -> tuple[int, int]:
         )
         for i in range(3)
     )
+    with writer.live_run() as live:  # enters the workflow at its finish: a fourth task
+        live.append("t", [UserMessage(content="step")])
     accepted = writer.finish().accepted
     runner = Runner(workflow="w", server_url=url, api_key="k-123")
 
@@ -101,12 +108,13 @@ async def test_every_call_of_client_writer_and_runner_carries_the_api_key(server
     finally:
         await proxy.stop(0)
         await channel.close()
-    assert (accepted, completed) == (3, 3)
+    assert (accepted, completed) == (3, 4)
     methods = {method for method, _ in gateway.calls}
     assert {
         "ApplyWorkflow",
         "CreateCollection",
         "UploadAgentRuns",
+        "StreamAgentRunEvents",
         "GetWorkflow",
         "Work",
     } <= methods
