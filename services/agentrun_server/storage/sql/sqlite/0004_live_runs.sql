@@ -11,6 +11,6 @@ CREATE TABLE agent_run_events (
     created_at   REAL NOT NULL,
     data         BLOB NOT NULL,
     PRIMARY KEY (agent_run_id, sequence)
-) WITHOUT ROWID;
+);
 
 CREATE INDEX agent_runs_live ON agent_runs (updated_at) WHERE state = 'running';
