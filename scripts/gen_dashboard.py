@@ -102,6 +102,43 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
         ],
     ),
     (
+        "Live runs",
+        [
+            (
+                "Live run events / s by status",
+                "ops",
+                "Events of live runs answered: stored, duplicate (a resend), refused (a gap, a finished run, a bad event).",
+                [
+                    (
+                        f"sum by (status) (rate(agentrun_ingest_live_events_total[{RATE}]))",
+                        "{{status}}",
+                    )
+                ],
+            ),
+            (
+                "Event commit latency",
+                "s",
+                "Time to make one StreamAgentRunEvents message's events durable, before they are acked.",
+                [
+                    (expr, f"commit {legend}")
+                    for expr, legend in quantiles("agentrun_ingest_live_commit_seconds")
+                ],
+            ),
+            (
+                "Live runs finished / s, open event streams",
+                "short",
+                "Live runs finished (each enters its collection's workflow then), and StreamAgentRunEvents streams open now.",
+                [
+                    (
+                        f"sum(rate(agentrun_ingest_live_runs_finished_total[{RATE}]))",
+                        "finished / s",
+                    ),
+                    ("sum(agentrun_ingest_open_event_streams)", "open streams"),
+                ],
+            ),
+        ],
+    ),
+    (
         "gRPC",
         [
             (

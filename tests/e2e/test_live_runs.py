@@ -123,6 +123,17 @@ async def test_a_live_run_grows_in_sequence_and_enters_the_workflow_when_it_fini
         listed = await ingestion.ListAgentRuns(pb.ListAgentRunsRequest(collection_id=collection.id))
         assert [r.agent_run.id for r in listed.agent_runs] == ["r"]
         stream.call.cancel()
+        counted = await asyncio.to_thread(
+            lambda: {
+                status: server.registry.get_sample_value(
+                    "agentrun_ingest_live_events_total", {"status": status}
+                )
+                for status in ("stored", "duplicate", "refused")
+            }
+        )
+        assert counted == {"stored": 3, "duplicate": 2, "refused": 2}
+        finished = server.registry.get_sample_value("agentrun_ingest_live_runs_finished_total")
+        assert finished == 1
 
 
 async def test_events_the_server_cannot_take_are_refused_each_with_its_reason(

@@ -91,7 +91,7 @@ def test_the_dashboard_imports_as_it_is() -> None:
         if panel["type"] != "row":
             assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
-    assert rows == ["Ingestion", "gRPC", "Orchestrator", "Clients"]
+    assert rows == ["Ingestion", "Live runs", "gRPC", "Orchestrator", "Clients"]
 
 
 def test_the_deploy_files_pass_promtool(promtool_bin: str) -> None:
@@ -206,6 +206,10 @@ async def drive_traffic(ingestion: Server, orchestrator: Server) -> None:
             collection = client.create_collection("evals", workflow="grading").collection
         with AgentRunWriter(collection.id, server_url=ingestion_url) as writer:
             writer.log_agent_runs(make_run(i) for i in range(60))
+            with writer.live_run(name="live") as live:  # enters the workflow when it finishes
+                for step in range(3):
+                    live.append("t", [UserMessage(content=f"step {step}")])
+                live.set_scores(reward=1.0)
         with grpc.insecure_channel(ingestion_url) as channel:
             stub = ingestion_grpc.IngestionServiceStub(channel)
             invalid = agent_run_pb2.AgentRun(id="no-transcripts")
@@ -229,7 +233,7 @@ async def drive_traffic(ingestion: Server, orchestrator: Server) -> None:
         return None
 
     summary = await asyncio.to_thread(runner, num_retries=0)
-    assert sum(summary.completed.values()) == 80  # 40 triaged, then reviewed
+    assert sum(summary.completed.values()) == 82  # 40 uploaded and 1 live run triaged, reviewed
     assert sum(summary.dead.values()) == 20
     await end_leases(ingestion_url, orchestrator_url, orchestrator.registry)
 
@@ -367,6 +371,7 @@ async def test_every_panel_and_alert_expression_against_prometheus(
     assert loaded == {name: "ok" for name, _ in alert_expressions()}
     # The traffic is in the figures, not only in the series.
     assert value_of(results, "Runs / s", "agentrun_ingest_stored_runs_total") > 0
+    assert value_of(results, "Live run events / s by status", "agentrun_ingest_live_events") > 0
     assert value_of(results, "Dead tasks", "agentrun_stage_tasks") == 22
 
 

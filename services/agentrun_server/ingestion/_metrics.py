@@ -6,7 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class IngestionMetrics:
-    """Runs and bytes received and stored, duplicates, rejections, batch sizes, commit latency."""
+    """Runs and bytes received and stored, duplicates, rejections, batch sizes, commit latency;
+    live run events by status, their commit latency, live runs finished."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.received_runs = Counter(
@@ -50,4 +51,28 @@ class IngestionMetrics:
         )
         self.open_streams = Gauge(
             "agentrun_ingest_open_streams", "Upload streams open now.", registry=registry
+        )
+        self.live_events = Counter(
+            "agentrun_ingest_live_events",
+            "Live run events answered, by status (stored, duplicate, refused).",
+            ["status"],
+            registry=registry,
+        )
+        for status in ("stored", "duplicate", "refused"):
+            self.live_events.labels(status)
+        self.live_commit_seconds = Histogram(
+            "agentrun_ingest_live_commit_seconds",
+            "Time to make one StreamAgentRunEvents message's events durable (then they are acked).",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
+        self.live_runs_finished = Counter(
+            "agentrun_ingest_live_runs_finished",
+            "Live runs finished (each then enters its collection's workflow).",
+            registry=registry,
+        )
+        self.open_event_streams = Gauge(
+            "agentrun_ingest_open_event_streams",
+            "StreamAgentRunEvents streams open now.",
+            registry=registry,
         )

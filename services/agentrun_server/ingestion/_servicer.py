@@ -204,6 +204,11 @@ WATCH_BATCH = 500
 WATCH_POLL_SECONDS = 0.25
 """How often a watcher looks for events stored through another server process."""
 
+_STATUS_LABELS = {
+    pb.EVENT_STATUS_STORED: "stored",
+    pb.EVENT_STATUS_DUPLICATE: "duplicate",
+    pb.EVENT_STATUS_REFUSED: "refused",
+}
 _EVENT_STATUS = {
     EventStatus.STORED: pb.EVENT_STATUS_STORED,
     EventStatus.DUPLICATE: pb.EVENT_STATUS_DUPLICATE,
@@ -525,8 +530,12 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             Unauthenticated: the key was revoked while the stream was open.
         """
         with self._event_slots.slot(context.peer()):
-            async for request in request_iterator:
-                yield await self._store_events(request)
+            self._metrics.open_event_streams.inc()
+            try:
+                async for request in request_iterator:
+                    yield await self._store_events(request)
+            finally:
+                self._metrics.open_event_streams.dec()
 
     async def _store_events(
         self, request: pb.StreamAgentRunEventsRequest
@@ -557,6 +566,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
                 continue
             acks.append(None)
             kept.append(new)
+        started = time.perf_counter()
         outcomes = iter(
             await self._storage.append_events(
                 kept, fold_finished, self.limits.max_live_run_bytes, time.time()
@@ -564,13 +574,16 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             if kept
             else []
         )
+        if kept:
+            self._metrics.live_commit_seconds.observe(time.perf_counter() - started)
         response = pb.StreamAgentRunEventsResponse()
-        finished = False
+        finished = 0
+        counts = {"stored": 0, "duplicate": 0, "refused": 0}
         stored = iter(kept)
         for ack in acks:
             if ack is None:
                 new, outcome = next(stored), next(outcomes)
-                finished |= new.finish and outcome.status is EventStatus.STORED
+                finished += new.finish and outcome.status is EventStatus.STORED
                 if outcome.error is not None:
                     ack = _refused_ack(
                         new.run_id, new.sequence, outcome.error, outcome.next_sequence
@@ -583,6 +596,12 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
                         next_sequence=outcome.next_sequence,
                     )
             response.acks.append(ack)
+            counts[_STATUS_LABELS[ack.status]] += 1
+        for status, count in counts.items():
+            if count:
+                self._metrics.live_events.labels(status).inc(count)
+        if finished:
+            self._metrics.live_runs_finished.inc(finished)
         if finished and self._on_runs_stored is not None:
             self._on_runs_stored()
         if kept:
