@@ -25,6 +25,7 @@ from agentrun.v1 import workflow_pb2
 from agentrun_server import Server, ServerConfig
 from agentrun_server.auth import METHOD_SCOPES, SCOPES, new_key
 
+LIST_COLLECTIONS = "/agentrun.v1.IngestionService/ListCollections"
 STREAMING_REQUESTS = {"UploadAgentRuns", "Work"}
 
 
@@ -292,10 +293,7 @@ async def test_only_an_unlimited_admin_manages_keys(secured: tuple[Server, str])
         assert [k.name for k in listed.keys] == ["ops-a", "root"]
         await keys.RevokeApiKey(key_pb.RevokeApiKeyRequest(name="ops-a"), metadata=_auth(admin))
         # Revoked through this server: refused here at once.
-        assert await _code(channel, METHODS_READ, limited) == grpc.StatusCode.UNAUTHENTICATED
-
-
-METHODS_READ = "/agentrun.v1.IngestionService/ListCollections"
+        assert await _code(channel, LIST_COLLECTIONS, limited) == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_every_admin_action_is_one_audit_line_naming_the_key(

@@ -54,6 +54,7 @@ from agentrun_server.storage import (
     NewRun,
     Storage,
     StoredRun,
+    run_state,
 )
 
 _VIEWS = pb.AgentRunView.values()
@@ -170,9 +171,7 @@ _STATE_VALUES = tuple(pb.AgentRunState.values())
 
 
 def _stored_run_to_proto(run: StoredRun, view: int, abandoned_before: float) -> pb.StoredAgentRun:
-    state = run.state
-    if state == "running" and (run.updated_at or 0.0) < abandoned_before:
-        state = "abandoned"
+    state = run_state(run.state, run.updated_at, abandoned_before)
     out = pb.StoredAgentRun(
         collection_id=run.collection_id,
         ingest_time=to_timestamp(run.ingested_at),
@@ -629,9 +628,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
                 if not checked:
                     await self._check_collection(run.collection_id, "agent_run_id")
                     checked = True
-                state = run.state
-                if state == "running" and (run.updated_at or 0.0) < self._abandoned_before():
-                    state = "abandoned"
+                state = run_state(run.state, run.updated_at, self._abandoned_before())
                 last = run.next_sequence - 1
                 if events or state != sent_state:
                     response = pb.WatchAgentRunResponse(state=_STATES[state])

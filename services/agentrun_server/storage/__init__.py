@@ -15,7 +15,7 @@ from typing import Protocol
 
 from agentrun_server._errors import InvalidArgument
 from agentrun_server.storage._notifier import LocalNotifier, Notifier, PollingNotifier
-from agentrun_server.storage._rules import backoff_seconds
+from agentrun_server.storage._rules import backoff_seconds, run_state
 from agentrun_server.storage._types import (
     Ack,
     AckCode,
@@ -86,6 +86,7 @@ __all__ = [
     "WorkflowDef",
     "backoff_seconds",
     "open_storage",
+    "run_state",
 ]
 
 

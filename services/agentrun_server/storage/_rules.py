@@ -21,12 +21,23 @@ import random
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from agentrun_server._errors import InvalidArgument, NotFound
+from agentrun_server._errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServerError,
+)
 from agentrun_server.storage._types import (
     Ack,
     AckCode,
     Completion,
+    EventOutcome,
+    EventStatus,
     Failure,
+    Fold,
+    NewEvent,
     StageDef,
     WorkflowDef,
 )
@@ -249,6 +260,14 @@ def lease_end_is_dead(attempt: int, max_attempts: int) -> bool:
 RUN_STATES = ("running", "finished", "abandoned")
 
 
+def run_state(state: str, updated_at: float | None, abandoned_before: float) -> str:
+    """A run's state as read: a running run with no event since `abandoned_before` is
+    abandoned (what `run_state_clause` selects)."""
+    if state == "running" and (updated_at or 0.0) < abandoned_before:
+        return "abandoned"
+    return state
+
+
 def run_state_clause(
     state: str | None, abandoned_before: float, mark: str
 ) -> tuple[str, tuple[float, ...]]:
@@ -262,3 +281,82 @@ def run_state_clause(
     if state == "running":
         return f" AND state = 'running' AND updated_at >= {mark}", (abandoned_before,)
     return f" AND state = 'running' AND updated_at < {mark}", (abandoned_before,)
+
+
+def _refused(error: ServerError, next_sequence: int) -> EventOutcome:
+    return EventOutcome(EventStatus.REFUSED, next_sequence, error)
+
+
+def first_event_refusal(event: NewEvent, max_run_bytes: int) -> EventOutcome | None:
+    """Why the first event of a run that does not exist cannot create it, or None if it can
+    (its collection still to be found)."""
+    if event.sequence != 1:
+        return _refused(
+            FailedPrecondition(
+                f"sequence: {event.sequence} for run {event.run_id!r}, which does not exist: "
+                "its first event is sequence 1"
+            ),
+            0,
+        )
+    if not event.collection_id:
+        return _refused(InvalidArgument("collection_id: required on a run's first event"), 0)
+    return _size_refusal(event, len(event.patch), max_run_bytes, 0)
+
+
+def next_event_refusal(
+    event: NewEvent, collection_id: str, state: str, expected: int, size: int, max_run_bytes: int
+) -> EventOutcome | None:
+    """What becomes of an event of a stored run (in `collection_id` and `state`, expecting
+    sequence `expected`, holding `size` bytes of events) short of storing it: DUPLICATE for a
+    sequence number stored before, REFUSED for another collection, a run uploaded whole, a
+    finished run, a gap, or one over `max_run_bytes`; None: store it."""
+    if event.collection_id and event.collection_id != collection_id:
+        return _refused(
+            AlreadyExists(f"run {event.run_id!r} is in another collection ({collection_id})"),
+            expected,
+        )
+    if expected == 0:
+        return _refused(
+            AlreadyExists(f"run {event.run_id!r} was uploaded whole: it takes no events"), 0
+        )
+    if event.sequence < expected:
+        return EventOutcome(EventStatus.DUPLICATE, expected)
+    if state == "finished":
+        return _refused(
+            FailedPrecondition(f"run {event.run_id!r} is finished: it takes no more events"),
+            expected,
+        )
+    if event.sequence > expected:
+        return _refused(
+            FailedPrecondition(
+                f"sequence: {event.sequence} for run {event.run_id!r}, which expects "
+                f"{expected} next (resend from {expected})"
+            ),
+            expected,
+        )
+    return _size_refusal(event, size + len(event.patch), max_run_bytes, expected)
+
+
+def _size_refusal(
+    event: NewEvent, size: int, max_run_bytes: int, expected: int
+) -> EventOutcome | None:
+    if size <= max_run_bytes:
+        return None
+    return _refused(
+        ResourceExhausted(
+            f"run {event.run_id!r}: {size:,} bytes of events, over max_live_run_bytes="
+            f"{max_run_bytes}"
+        ),
+        expected,
+    )
+
+
+def folded(
+    fold: Fold, event: NewEvent, parts: Sequence[bytes], expected: int
+) -> tuple[bytes, str | None] | EventOutcome:
+    """The run that a finishing event makes (its earlier events' `parts`, then its own patch),
+    or the refusal of the event when `fold` refuses the run."""
+    try:
+        return fold(event.run_id, [*parts, event.patch])
+    except InvalidArgument as exc:
+        return _refused(exc, expected)

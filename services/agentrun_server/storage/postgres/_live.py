@@ -5,22 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
-from agentrun_server._errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    ServerError,
-)
+from agentrun_server._errors import NotFound
+from agentrun_server.storage._rules import first_event_refusal, folded, next_event_refusal
 from agentrun_server.storage._types import EventOutcome, EventStatus, Fold, NewEvent, StoredRun
 from agentrun_server.storage.postgres._engine import NOW, Connection
 from agentrun_server.storage.postgres._runs import WorkflowCache, notify_ready
-
-
-def _refused(error: ServerError, next_sequence: int) -> EventOutcome:
-    return EventOutcome(EventStatus.REFUSED, next_sequence, error)
 
 
 async def append_events(
@@ -43,68 +34,24 @@ async def _append(
     max_run_bytes: int,
     now: float | None,
 ) -> EventOutcome:
-    cursor = await conn.execute(
-        "SELECT collection_id, state, next_sequence, size_bytes FROM agent_runs WHERE id = %s "
-        "FOR UPDATE",
-        (event.run_id,),
-    )
-    row = await cursor.fetchone()
+    row = await _locked_run(conn, event.run_id)
     if row is None:
         opened = await _open(conn, workflows, event, fold, max_run_bytes, now)
         if opened is not None:
             return opened
-        cursor = await conn.execute(  # another replica created it meanwhile
-            "SELECT collection_id, state, next_sequence, size_bytes FROM agent_runs "
-            "WHERE id = %s FOR UPDATE",
-            (event.run_id,),
-        )
-        row = await cursor.fetchone()
+        row = await _locked_run(conn, event.run_id)  # another replica created it meanwhile
         assert row is not None
     collection_id, state, expected, size = row
-    if event.collection_id and event.collection_id != collection_id:
-        return _refused(
-            AlreadyExists(f"run {event.run_id!r} is in another collection ({collection_id})"),
-            expected,
-        )
-    if expected == 0:
-        return _refused(
-            AlreadyExists(f"run {event.run_id!r} was uploaded whole: it takes no events"), 0
-        )
-    if event.sequence < expected:
-        return EventOutcome(EventStatus.DUPLICATE, expected)
-    if state == "finished":
-        return _refused(
-            FailedPrecondition(f"run {event.run_id!r} is finished: it takes no more events"),
-            expected,
-        )
-    if event.sequence > expected:
-        return _refused(
-            FailedPrecondition(
-                f"sequence: {event.sequence} for run {event.run_id!r}, which expects "
-                f"{expected} next (resend from {expected})"
-            ),
-            expected,
-        )
+    refusal = next_event_refusal(event, collection_id, state, expected, size, max_run_bytes)
+    if refusal is not None:
+        return refusal
     size += len(event.patch)
-    if size > max_run_bytes:
-        return _refused(
-            ResourceExhausted(
-                f"run {event.run_id!r}: {size:,} bytes of events, over max_live_run_bytes="
-                f"{max_run_bytes}"
-            ),
-            expected,
-        )
-    finished = None
+    finished: tuple[bytes, str | None] | None = None
     if event.finish:
-        cursor = await conn.execute(
-            "SELECT data FROM agent_run_events WHERE agent_run_id = %s ORDER BY sequence",
-            (event.run_id,),
-        )
-        parts = [r[0] for r in await cursor.fetchall()]
-        try:
-            finished = fold(event.run_id, [*parts, event.patch])
-        except InvalidArgument as exc:
-            return _refused(exc, expected)
+        made = folded(fold, event, await _parts(conn, event.run_id), expected)
+        if isinstance(made, EventOutcome):
+            return made
+        finished = made
     await conn.execute(
         f"UPDATE agent_runs SET next_sequence = %(next)s, size_bytes = %(size)s, updated_at = {NOW}, "
         "state = 'running' WHERE id = %(id)s",
@@ -116,6 +63,16 @@ async def _append(
     return EventOutcome(EventStatus.STORED, expected + 1)
 
 
+async def _locked_run(conn: Connection, run_id: str) -> tuple[Any, ...] | None:
+    """The run's collection, state, next sequence and size, its row locked to the transaction."""
+    cursor = await conn.execute(
+        "SELECT collection_id, state, next_sequence, size_bytes FROM agent_runs WHERE id = %s "
+        "FOR UPDATE",
+        (run_id,),
+    )
+    return await cursor.fetchone()
+
+
 async def _open(
     conn: Connection,
     workflows: WorkflowCache,
@@ -125,33 +82,20 @@ async def _open(
     now: float | None,
 ) -> EventOutcome | None:
     """Create the run with its first event; None when another replica created it first."""
-    if event.sequence != 1:
-        return _refused(
-            FailedPrecondition(
-                f"sequence: {event.sequence} for run {event.run_id!r}, which does not exist: "
-                "its first event is sequence 1"
-            ),
-            0,
-        )
-    if not event.collection_id:
-        return _refused(InvalidArgument("collection_id: required on a run's first event"), 0)
+    refusal = first_event_refusal(event, max_run_bytes)
+    if refusal is not None:
+        return refusal
     cursor = await conn.execute("SELECT 1 FROM collections WHERE id = %s", (event.collection_id,))
     if await cursor.fetchone() is None:
-        return _refused(NotFound(f"no collection with id {event.collection_id!r}"), 0)
-    if len(event.patch) > max_run_bytes:
-        return _refused(
-            ResourceExhausted(
-                f"run {event.run_id!r}: {len(event.patch):,} bytes, over max_live_run_bytes="
-                f"{max_run_bytes}"
-            ),
-            0,
+        return EventOutcome(
+            EventStatus.REFUSED, 0, NotFound(f"no collection with id {event.collection_id!r}")
         )
-    finished = None
+    finished: tuple[bytes, str | None] | None = None
     if event.finish:
-        try:
-            finished = fold(event.run_id, [event.patch])
-        except InvalidArgument as exc:
-            return _refused(exc, 0)
+        made = folded(fold, event, [], 0)
+        if isinstance(made, EventOutcome):
+            return made
+        finished = made
     cursor = await conn.execute(
         "INSERT INTO agent_runs (id, collection_id, name, size_bytes, ingested_at, data, state, "
         f"next_sequence, updated_at) VALUES (%(id)s, %(collection)s, NULL, %(size)s, {NOW}, "
@@ -172,6 +116,14 @@ async def _open(
     if finished is not None:
         await _finish(conn, workflows, event.run_id, event.collection_id, finished, now)
     return EventOutcome(EventStatus.STORED, 2)
+
+
+async def _parts(conn: Connection, run_id: str) -> list[bytes]:
+    """The patches of a run's stored events, in order."""
+    cursor = await conn.execute(
+        "SELECT data FROM agent_run_events WHERE agent_run_id = %s ORDER BY sequence", (run_id,)
+    )
+    return [bytes(r[0]) for r in await cursor.fetchall()]
 
 
 async def _insert_event(conn: Connection, event: NewEvent, now: float | None) -> None:
@@ -221,10 +173,7 @@ async def with_parts(conn: Connection, run: StoredRun) -> StoredRun:
     """`run` with the patches of its events, if it is a live run that has not finished."""
     if run.state == "finished":
         return run
-    cursor = await conn.execute(
-        "SELECT data FROM agent_run_events WHERE agent_run_id = %s ORDER BY sequence", (run.id,)
-    )
-    return dataclasses.replace(run, parts=tuple(bytes(r[0]) for r in await cursor.fetchall()))
+    return dataclasses.replace(run, parts=tuple(await _parts(conn, run.id)))
 
 
 async def events_after(

@@ -7,21 +7,11 @@ import dataclasses
 import sqlite3
 from collections.abc import Sequence
 
-from agentrun_server._errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    ServerError,
-)
+from agentrun_server._errors import NotFound
+from agentrun_server.storage._rules import first_event_refusal, folded, next_event_refusal
 from agentrun_server.storage._types import EventOutcome, EventStatus, Fold, NewEvent, StoredRun
 from agentrun_server.storage.sqlite._engine import transaction
 from agentrun_server.storage.sqlite._workflows import WorkflowCache
-
-
-def _refused(error: ServerError, next_sequence: int) -> EventOutcome:
-    return EventOutcome(EventStatus.REFUSED, next_sequence, error)
 
 
 def append_events(
@@ -52,42 +42,16 @@ def _append(
     if row is None:
         return _open(db, workflows, event, fold, max_run_bytes, now)
     collection_id, state, expected, size = row
-    if event.collection_id and event.collection_id != collection_id:
-        return _refused(
-            AlreadyExists(f"run {event.run_id!r} is in another collection ({collection_id})"),
-            expected,
-        )
-    if expected == 0:
-        return _refused(
-            AlreadyExists(f"run {event.run_id!r} was uploaded whole: it takes no events"), 0
-        )
-    if event.sequence < expected:
-        return EventOutcome(EventStatus.DUPLICATE, expected)
-    if state == "finished":
-        return _refused(
-            FailedPrecondition(f"run {event.run_id!r} is finished: it takes no more events"),
-            expected,
-        )
-    if event.sequence > expected:
-        return _refused(
-            FailedPrecondition(
-                f"sequence: {event.sequence} for run {event.run_id!r}, which expects "
-                f"{expected} next (resend from {expected})"
-            ),
-            expected,
-        )
+    refusal = next_event_refusal(event, collection_id, state, expected, size, max_run_bytes)
+    if refusal is not None:
+        return refusal
     size += len(event.patch)
-    if size > max_run_bytes:
-        return _refused(
-            ResourceExhausted(
-                f"run {event.run_id!r}: {size:,} bytes of events, over max_live_run_bytes="
-                f"{max_run_bytes}"
-            ),
-            expected,
-        )
-    finished = _finished(db, event, fold) if event.finish else None
-    if isinstance(finished, InvalidArgument):
-        return _refused(finished, expected)
+    finished: tuple[bytes, str | None] | None = None
+    if event.finish:
+        made = folded(fold, event, _parts(db, event.run_id), expected)
+        if isinstance(made, EventOutcome):
+            return made
+        finished = made
     db.execute(
         "UPDATE agent_runs SET next_sequence = ?, size_bytes = ?, updated_at = ?, "
         "state = 'running' WHERE id = ? AND next_sequence = ?",
@@ -107,35 +71,22 @@ def _open(
     max_run_bytes: int,
     now: float,
 ) -> EventOutcome:
-    if event.sequence != 1:
-        return _refused(
-            FailedPrecondition(
-                f"sequence: {event.sequence} for run {event.run_id!r}, which does not exist: "
-                "its first event is sequence 1"
-            ),
-            0,
-        )
-    if not event.collection_id:
-        return _refused(InvalidArgument("collection_id: required on a run's first event"), 0)
+    refusal = first_event_refusal(event, max_run_bytes)
+    if refusal is not None:
+        return refusal
     if (
         db.execute("SELECT 1 FROM collections WHERE id = ?", (event.collection_id,)).fetchone()
         is None
     ):
-        return _refused(NotFound(f"no collection with id {event.collection_id!r}"), 0)
-    if len(event.patch) > max_run_bytes:
-        return _refused(
-            ResourceExhausted(
-                f"run {event.run_id!r}: {len(event.patch):,} bytes, over max_live_run_bytes="
-                f"{max_run_bytes}"
-            ),
-            0,
+        return EventOutcome(
+            EventStatus.REFUSED, 0, NotFound(f"no collection with id {event.collection_id!r}")
         )
-    finished = None
+    finished: tuple[bytes, str | None] | None = None
     if event.finish:
-        try:
-            finished = fold(event.run_id, [event.patch])
-        except InvalidArgument as exc:
-            return _refused(exc, 0)
+        made = folded(fold, event, [], 0)
+        if isinstance(made, EventOutcome):
+            return made
+        finished = made
     db.execute(
         "INSERT INTO agent_runs (id, collection_id, name, size_bytes, ingested_at, data, state, "
         "next_sequence, updated_at) VALUES (?, ?, NULL, ?, ?, x'', 'running', 2, ?)",
@@ -150,20 +101,12 @@ def _open(
     return EventOutcome(EventStatus.STORED, 2)
 
 
-def _finished(
-    db: sqlite3.Connection, event: NewEvent, fold: Fold
-) -> tuple[bytes, str | None] | InvalidArgument:
-    parts = [
-        r[0]
-        for r in db.execute(
-            "SELECT data FROM agent_run_events WHERE agent_run_id = ? ORDER BY sequence",
-            (event.run_id,),
-        )
-    ]
-    try:
-        return fold(event.run_id, [*parts, event.patch])
-    except InvalidArgument as exc:
-        return exc
+def _parts(db: sqlite3.Connection, run_id: str) -> list[bytes]:
+    """The patches of a run's stored events, in order."""
+    rows = db.execute(
+        "SELECT data FROM agent_run_events WHERE agent_run_id = ? ORDER BY sequence", (run_id,)
+    )
+    return [r[0] for r in rows]
 
 
 def _insert_event(db: sqlite3.Connection, event: NewEvent, now: float) -> None:
@@ -204,10 +147,7 @@ def with_parts(db: sqlite3.Connection, run: StoredRun) -> StoredRun:
     """`run` with the patches of its events, if it is a live run that has not finished."""
     if run.state == "finished":
         return run
-    rows = db.execute(
-        "SELECT data FROM agent_run_events WHERE agent_run_id = ? ORDER BY sequence", (run.id,)
-    )
-    return dataclasses.replace(run, parts=tuple(r[0] for r in rows))
+    return dataclasses.replace(run, parts=tuple(_parts(db, run.id)))
 
 
 def events_after(
