@@ -1,9 +1,14 @@
 """Live runs from the Python SDK (issue 17): `AgentRunWriter.live_run`, its appends acknowledged
-in order, a run resumed by another writer, and 50 live runs appending through a server killed
-with SIGKILL and restarted: every event stored once, in order."""
+in order, a run resumed by another writer, an agent process killed with SIGKILL and resumed from
+its spool, and 50 live runs appending through a server killed with SIGKILL and restarted: every
+event stored once, in order."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -134,5 +139,76 @@ def test_fifty_live_runs_append_through_a_server_killed_and_restarted(tmp_path: 
                 assert texts == [f"{i}:{step}" for step in range(steps)], i
                 assert state == pb.AGENT_RUN_STATE_FINISHED
                 assert stored.event_count == steps + 2  # open, the appends, finish
+    finally:
+        server.terminate()
+
+
+AGENT = textwrap.dedent(
+    """
+    import time
+    from agentrun import AgentRunWriter
+    from agentrun.chat import AssistantMessage
+    writer = AgentRunWriter({collection!r}, server_url={url!r}, spool_dir={spool!r})
+    run = writer.live_run("killed-agent", name="long task")
+    for step in range(100_000):
+        run.append("main", [AssistantMessage(content=f"step {{step}}")])
+        print(step, flush=True)
+        time.sleep(0.005)
+    """
+)
+
+
+def test_an_agent_killed_mid_run_is_resumed_from_its_spool_with_nothing_lost(
+    tmp_path: Path,
+) -> None:
+    spool = tmp_path / "spool"
+    server = ServerProcess(tmp_path / "agentrun.db").start()
+    try:
+        with Client(server.url) as client:
+            client.apply_workflow(
+                workflow_pb2.Workflow(name="w", stages=[workflow_pb2.Stage(name="grade")])
+            )
+            collection = client.create_collection("live", workflow="w").collection.id
+        script = AGENT.format(collection=collection, url=server.url, spool=str(spool))
+        agent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert agent.stdout is not None
+        returned = -1  # the last step whose append returned
+        for line in agent.stdout:
+            returned = int(line)
+            if returned == 40:
+                server.kill()  # what the agent appends from here is acknowledged by no one
+            if returned == 80:
+                agent.send_signal(signal.SIGKILL)
+                break
+        agent.wait(timeout=10)
+        agent.stdout.close()
+        assert agent.returncode == -signal.SIGKILL
+        assert list(spool.glob("events-*.log")), "the agent left no events in its spool"
+
+        server.start()
+        with Client(server.url) as client:
+            _, texts, _ = _texts(client, "killed-agent")
+            assert 0 < len(texts) <= 41 < returned, "the spool had nothing unacknowledged to send"
+        writer = AgentRunWriter(collection, server_url=server.url, spool_dir=spool)
+        with writer.live_run("killed-agent") as run:  # continues after what the spool holds
+            run.append("main", [AssistantMessage(content="resumed")])
+        summary = writer.finish()
+        assert summary.ok, summary
+        assert summary.events_replayed > returned - 41
+        assert not list(spool.glob("events-*.log"))  # every event acknowledged and removed
+
+        with Client(server.url) as client:
+            state, texts, stored = _texts(client, "killed-agent")
+            assert state == pb.AGENT_RUN_STATE_FINISHED
+            # Every append that returned, once and in order; at most the one being made at the
+            # kill besides (on disk before its print), then the resumed writer's.
+            steps = texts[:-1]
+            assert steps == [f"step {i}" for i in range(len(steps))]
+            assert returned + 1 <= len(steps) <= returned + 2
+            assert texts[-1] == "resumed"
+            assert stored.agent_run.name == "long task"
+            assert stored.event_count == len(steps) + 3  # open, the steps, resumed, finish
+            backlog = client.backlog("w")[0]
+            assert backlog.ready_count == 1  # entered the workflow once, at its finish
     finally:
         server.terminate()

@@ -32,7 +32,7 @@ from agentrun._errors import (
     WorkflowError,
     WriterClosedError,
 )
-from agentrun._live_run import LiveRun, LiveRunError
+from agentrun._live_run import LiveRun, LiveRunError, RefusedEvent
 from agentrun._metadata import BaseAgentRunMetadata, BaseMetadata
 from agentrun._runner import Runner, RunSummary
 from agentrun._stage import Fail, Retry, StageResult, TaskContext, TaskInput
@@ -59,6 +59,7 @@ __all__ = [
     "InvalidRunError",
     "LiveRun",
     "LiveRunError",
+    "RefusedEvent",
     "RejectedRun",
     "Retry",
     "RpcError",

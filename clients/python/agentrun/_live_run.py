@@ -1,11 +1,12 @@
 """Live runs from the SDK: a handle a long-running agent keeps (`AgentRunWriter.live_run`), whose
 appends travel as sequenced events over one StreamAgentRunEvents stream per writer.
 
-Events are sent in the order they were made, many per message, as soon as the stream has room;
+Events are encoded once, when made (with a spool, written to its event journal before `append`
+returns), and sent in the order they were made, many per message, as soon as the stream has room;
 each is acknowledged once durable. When the stream breaks, the events not yet acknowledged are
 sent again, in order, on a new one: the server stores each sequence number once (a resend is a
-duplicate), so nothing is lost or stored twice. `append` blocks only while `max_pending_events`
-are unacknowledged.
+duplicate), so nothing is lost or stored twice. `append` blocks only while the writer's
+`max_pending_events` are unacknowledged.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import grpc
 
+from agentrun import _metrics
 from agentrun._convert import message_to_proto, value_to_proto
 from agentrun._errors import AgentRunError, RpcError
+from agentrun._event_spool import EventJournal
 from agentrun._retry import Backoff
+from agentrun._varint import encode_varint
 from agentrun.chat import ChatMessage
 from agentrun.v1 import agent_run_pb2 as run_pb
 from agentrun.v1 import ingestion_service_pb2 as pb
@@ -42,6 +47,39 @@ class LiveRunError(AgentRunError):
     the run cannot be opened (finished already)."""
 
 
+@dataclass(frozen=True)
+class RefusedEvent:
+    """A live run event the server refused: the run, the event's sequence number, the gRPC status
+    name (e.g. "FAILED_PRECONDITION") and the server's reason."""
+
+    agent_run_id: str
+    sequence: int
+    code: str
+    message: str
+
+
+class Event(NamedTuple):
+    """An encoded `AgentRunEvent` with what the sender needs to know of it."""
+
+    data: bytes
+    agent_run_id: str
+    sequence: int
+    finish: bool
+
+    @classmethod
+    def decode(cls, data: bytes) -> Event:
+        """Raises: google.protobuf.message.DecodeError: not an encoded AgentRunEvent."""
+        event = pb.AgentRunEvent.FromString(data)
+        return cls(data, event.agent_run_id, event.sequence, event.finish)
+
+
+def _code_name(code: int) -> str:
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return str(status.name)
+    return str(code)
+
+
 def _score(value: bool | int | float) -> run_pb.Score:
     if isinstance(value, bool):
         return run_pb.Score(bool_value=value)
@@ -56,8 +94,20 @@ def _metadata(fields: Mapping[str, Any], out: run_pb.Metadata) -> None:
         value_to_proto(value, out.fields[key].value)
 
 
+def _request(batch: list[Event]) -> bytes:
+    """A `StreamAgentRunEventsRequest` (repeated field 1, length-delimited) from encoded events."""
+    parts: list[bytes] = []
+    for event in batch:
+        parts += (b"\x0a", encode_varint(len(event.data)), event.data)
+    return b"".join(parts)
+
+
 class EventSender:
-    """One writer's StreamAgentRunEvents stream, on a thread of its own (started at first use)."""
+    """One writer's StreamAgentRunEvents stream, on a thread of its own.
+
+    Args:
+        replayed: Events a spool held at start (already in `journal`): sent first, in order.
+    """
 
     def __init__(
         self,
@@ -65,43 +115,67 @@ class EventSender:
         metadata: tuple[tuple[str, str], ...],
         max_pending_events: int,
         backoff: Backoff,
+        journal: EventJournal | None = None,
+        replayed: Iterable[Event] = (),
     ) -> None:
         self._call = channel.stream_stream(
             EVENTS_METHOD,
-            request_serializer=pb.StreamAgentRunEventsRequest.SerializeToString,
+            request_serializer=None,  # requests are built from encoded events
             response_deserializer=pb.StreamAgentRunEventsResponse.FromString,
         )
         self._metadata = metadata
         self._max_pending = max_pending_events
         self._backoff = backoff
+        self._journal = journal
         self._cond = threading.Condition()
-        self._queued: collections.deque[pb.AgentRunEvent] = collections.deque()
-        self._in_flight: collections.deque[list[pb.AgentRunEvent]] = collections.deque()
+        self._queued: collections.deque[Event] = collections.deque(replayed)
+        self._in_flight: collections.deque[list[Event]] = collections.deque()
+        self._pending = len(self._queued)
         self._generation = 0
         self._stopping = False
-        self.refused: list[pb.AgentRunEventAck] = []
-        self.acknowledged = 0
+        self._last: dict[str, tuple[int, bool]] = {}
+        """Per run with events not all acknowledged: its last sequence number made, and whether
+        that event finishes it. Where a run resumed in this process continues."""
+        for event in self._queued:
+            self._last[event.agent_run_id] = (event.sequence, event.finish)
+        self.stored = 0
+        self.duplicates = 0
+        self.refused: list[RefusedEvent] = []
         self._thread = threading.Thread(target=self._run, name="agentrun-live-runs", daemon=True)
         self._thread.start()
 
     @property
     def pending(self) -> int:
-        """Events made and not yet acknowledged."""
-        return len(self._queued) + sum(len(batch) for batch in self._in_flight)
+        """Events made (or replayed) and not yet acknowledged."""
+        return self._pending
 
-    def submit(self, event: pb.AgentRunEvent) -> None:
-        """Queue an event; blocks while `max_pending_events` are unacknowledged."""
+    def last_made(self, agent_run_id: str) -> tuple[int, bool] | None:
+        """(sequence, finishes) of the run's last event not yet acknowledged, if any."""
         with self._cond:
-            while self.pending >= self._max_pending and not self._stopping:
+            return self._last.get(agent_run_id)
+
+    def submit(self, event: Event) -> None:
+        """Queue an event (and write it to the spool); blocks while `max_pending_events` are
+        unacknowledged.
+
+        Raises:
+            SpoolError: the spool refused the write; the event was not queued.
+        """
+        with self._cond:
+            while self._pending >= self._max_pending and not self._stopping:
                 self._cond.wait()
+            if self._journal is not None:
+                self._journal.append(event.data)
             self._queued.append(event)
+            self._pending += 1
+            self._last[event.agent_run_id] = (event.sequence, event.finish)
             self._cond.notify_all()
 
     def flush(self, timeout_seconds: float | None = None) -> bool:
         """Wait until every event made so far is acknowledged; whether it was, in time."""
         deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
         with self._cond:
-            while self.pending:
+            while self._pending:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -113,12 +187,12 @@ class EventSender:
         self.flush(timeout_seconds)
         with self._cond:
             self._stopping = True
-            left = self.pending
+            left = self._pending
             self._cond.notify_all()
         self._thread.join(timeout=5)
         return left
 
-    def _requests(self, generation: int) -> Iterator[pb.StreamAgentRunEventsRequest]:
+    def _requests(self, generation: int) -> Iterator[bytes]:
         while True:
             with self._cond:
                 while (
@@ -130,25 +204,42 @@ class EventSender:
                 if self._stopping or generation != self._generation:
                     return
                 batch = [self._queued.popleft()]
-                size = batch[0].ByteSize()
+                size = len(batch[0].data)
                 while self._queued and len(batch) < MAX_EVENTS_PER_MESSAGE:
-                    size += self._queued[0].ByteSize()  # cached by protobuf after the first
+                    size += len(self._queued[0].data) + 6
                     if size > MAX_MESSAGE_BYTES:
                         break
                     batch.append(self._queued.popleft())
                 self._in_flight.append(batch)
-            yield pb.StreamAgentRunEventsRequest(events=batch)
+            yield _request(batch)
 
     def _acked(self, response: pb.StreamAgentRunEventsResponse) -> None:
         with self._cond:
             batch = self._in_flight.popleft()
-            self.acknowledged += len(batch)
+            self._pending -= len(batch)
+            if self._journal is not None:
+                self._journal.settle(len(batch))
+            for event in batch:
+                if self._last.get(event.agent_run_id, (0, False))[0] == event.sequence:
+                    del self._last[event.agent_run_id]
             self._cond.notify_all()
         for ack in response.acks:
-            if ack.status == pb.EVENT_STATUS_REFUSED:
-                self.refused.append(ack)
+            if ack.status == pb.EVENT_STATUS_STORED:
+                self.stored += 1
+                _metrics.WRITER_LIVE_EVENTS.labels("stored").inc()
+            elif ack.status == pb.EVENT_STATUS_DUPLICATE:
+                self.duplicates += 1
+                _metrics.WRITER_LIVE_EVENTS.labels("duplicate").inc()
+            else:
+                code = _code_name(ack.code)
+                self.refused.append(RefusedEvent(ack.agent_run_id, ack.sequence, code, ack.message))
+                _metrics.WRITER_LIVE_EVENTS.labels("refused").inc()
                 _log.warning(
-                    "live run %s: event %d refused: %s", ack.agent_run_id, ack.sequence, ack.message
+                    "live run %s: event %d refused: %s: %s",
+                    ack.agent_run_id,
+                    ack.sequence,
+                    code,
+                    ack.message,
                 )
 
     def _run(self) -> None:
@@ -217,21 +308,29 @@ class LiveRun:
         with self._lock:
             if self.finished:
                 raise LiveRunError(f"live run {self.agent_run_id!r} is finished")
-            sequence, self._next = self._next, self._next + 1
-            self.finished = finish
-            event = pb.AgentRunEvent(
+            sequence = self._next
+            data = pb.AgentRunEvent(
                 agent_run_id=self.agent_run_id,
                 sequence=sequence,
                 collection_id=self.collection_id,
                 patch=patch,
                 finish=finish,
-            )
-            self._sender.submit(event)  # under the lock: the queue keeps sequence order
+            ).SerializeToString()
+            # Under the lock: the queue keeps sequence order. A spool that refuses the event
+            # raises here, and the sequence number stays free.
+            self._sender.submit(Event(data, self.agent_run_id, sequence, finish))
+            self._next = sequence + 1
+            self.finished = finish
         return sequence
 
     def append(self, transcript: str, messages: Iterable[ChatMessage]) -> int:
         """Append messages to a transcript (created by its first append); return the event's
-        sequence number."""
+        sequence number. With a spool, the event is on disk when this returns.
+
+        Raises:
+            LiveRunError: the run is finished, or the event is over 16 MiB encoded.
+            SpoolError: the spool refused the write; nothing was appended.
+        """
         patch = run_pb.AgentRun()
         part = patch.transcripts.add(key=transcript)
         for message in messages:

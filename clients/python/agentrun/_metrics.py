@@ -32,8 +32,19 @@ WRITER_SPOOL_RUNS = Gauge(
     "agentrun_writer_spool_runs", "Runs in writer spools on disk, not yet acknowledged."
 )
 WRITER_SPOOL_BYTES = Gauge("agentrun_writer_spool_bytes", "Bytes of writer spool segments on disk.")
+WRITER_SPOOL_EVENTS = Gauge(
+    "agentrun_writer_spool_events",
+    "Live run events in writer spools on disk, not yet acknowledged.",
+)
 for _result in ("accepted", "duplicate", "rejected", "undelivered"):
     WRITER_RUNS.labels(_result)
+WRITER_LIVE_EVENTS = Counter(
+    "agentrun_writer_live_events",
+    "Live run events the server acknowledged, by result: stored, duplicate, refused.",
+    ["result"],
+)
+for _result in ("stored", "duplicate", "refused"):
+    WRITER_LIVE_EVENTS.labels(_result)
 
 RUNNER_TASKS = Counter(
     "agentrun_runner_tasks",

@@ -1,4 +1,5 @@
-"""The writer's durable spool: runs on local disk from `log_agent_runs` until the server acks them.
+"""The writer's durable spool: runs on local disk from `log_agent_runs` until the server acks them
+(and live run events, in the same directory: `agentrun._event_spool`).
 
 A spool is a directory of segment files, one per slice of a `log_agent_runs` call (at most
 `batch_size` runs). A segment is written to a temporary name and renamed into place, so a reader
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from agentrun import _metrics
 from agentrun._errors import SpoolError
+from agentrun._event_spool import EventJournal
 from agentrun._varint import encode_varint, read_varint
 
 _log = logging.getLogger(__name__)
@@ -103,6 +105,8 @@ class Spool:
         self.bytes = 0
         self.damage: list[str] = []
         """One line per damaged segment found by `replay`."""
+        self.events = EventJournal(self.directory, fsync)
+        """Live run events (see `agentrun._event_spool`)."""
 
     def replay(self) -> Iterator[tuple[Segment, bytes, list[bytes]]]:
         """Yield (segment, collection id, encoded runs) for each segment left on disk, oldest first.
@@ -188,7 +192,8 @@ class Spool:
         self._count(-runs, -segment.size if done else 0)
 
     def close(self) -> None:
-        """Release the spool to the next writer (segments stay for it)."""
+        """Release the spool to the next writer (segments and unacknowledged events stay for it)."""
+        self.events.close()
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         self._lock_file.close()
 

@@ -33,7 +33,7 @@ from agentrun._client import Client
 from agentrun._connection import Connection, connection_of
 from agentrun._convert import agent_run_to_proto
 from agentrun._errors import InvalidRunError, RpcError, WriterClosedError
-from agentrun._live_run import EventSender, LiveRun, LiveRunError
+from agentrun._live_run import Event, EventSender, LiveRun, LiveRunError, RefusedEvent
 from agentrun._retry import Backoff, Failure, Verdict
 from agentrun._run_checks import check_agent_run, encodes_shallow, parse_agent_run
 from agentrun._spool import Segment, Spool
@@ -88,13 +88,32 @@ class WriteSummary:
     errors: list[str] = field(default_factory=list)
     """Why batches went undelivered."""
     spool_damage: list[str] = field(default_factory=list)
-    """Damaged spool segments found at start (torn by a crash or power loss): one line each, with
-    how many whole runs were salvaged and where the file was set aside. Runs past a tear are lost."""
+    """Damaged spool segments and event logs found at start (torn by a crash or power loss): one
+    line each, with how many whole runs or events were salvaged and where the file was set aside.
+    What lay past a tear is lost."""
+    events_stored: int = 0
+    """Live run events (`live_run`) stored by this writer."""
+    events_duplicate: int = 0
+    """Live run events the server had stored already (resent after a lost ack, or replayed)."""
+    events_refused: list[RefusedEvent] = field(default_factory=list)
+    """Live run events the server refused, with its reasons."""
+    events_undelivered: int = 0
+    """Live run events never acknowledged (the server out of reach until `shutdown_timeout`)."""
+    events_spooled: int = 0
+    """Of the undelivered events, those kept in the spool for the next writer on it to send."""
+    events_replayed: int = 0
+    """Live run events found in the spool at start, left by an earlier writer."""
 
     @property
     def ok(self) -> bool:
-        """True when every run was stored or found stored, and the spool was whole."""
-        return not self.rejected and not self.undelivered and not self.spool_damage
+        """True when every run and event was stored or found stored, and the spool was whole."""
+        return not (
+            self.rejected
+            or self.undelivered
+            or self.spool_damage
+            or self.events_refused
+            or self.events_undelivered
+        )
 
     SHOWN = 3
     """Rejections and errors `str()` shows in full; the rest are counted."""
@@ -107,6 +126,12 @@ class WriteSummary:
             f" ({self.spooled} spooled), {self.replayed} replayed"
         )
         lines = [counts]
+        if self.events_stored or self.events_duplicate or self.events_refused:
+            lines.append(
+                f"  live run events: {self.events_stored} stored, {self.events_duplicate} "
+                f"duplicates, {len(self.events_refused)} refused, {self.events_undelivered} "
+                f"undelivered ({self.events_spooled} spooled), {self.events_replayed} replayed"
+            )
         lines += [f"  {line}" for line in self.spool_damage]
         lines += [
             f"  rejected {r.agent_run_id or '(no id)'}: {r.reason}: {r.message[:200]}"
@@ -114,6 +139,12 @@ class WriteSummary:
         ]
         if len(self.rejected) > self.SHOWN:
             lines.append(f"  ... and {len(self.rejected) - self.SHOWN} more rejected")
+        lines += [
+            f"  refused event {e.agent_run_id}#{e.sequence}: {e.code}: {e.message[:200]}"
+            for e in self.events_refused[: self.SHOWN]
+        ]
+        if len(self.events_refused) > self.SHOWN:
+            lines.append(f"  ... and {len(self.events_refused) - self.SHOWN} more refused events")
         lines += [f"  error: {e[:200]}" for e in self.errors[: self.SHOWN]]
         if len(self.errors) > self.SHOWN:
             lines.append(f"  ... and {len(self.errors) - self.SHOWN} more errors")
@@ -216,6 +247,8 @@ class AgentRunWriter:
             a writer started on it first replays what an earlier one left. None: memory only.
         spool_fsync: fsync each spool segment, so runs survive power loss too (not only a crash).
         compression: "gzip" to compress uploads (worth it on slow links; costs CPU), or None.
+        max_pending_events: Live run events (`live_run`) unacknowledged at most; `append` blocks
+            while this many are.
         on_rejected: Called (from a writer thread) with each run the server rejects.
         backoff: The retry schedule.
 
@@ -242,6 +275,7 @@ class AgentRunWriter:
         spool_dir: str | os.PathLike[str] | None = None,
         spool_fsync: bool = False,
         compression: str | None = None,
+        max_pending_events: int = 10_000,
         on_rejected: Callable[[RejectedRun], None] | None = None,
         backoff: Backoff | None = None,
     ) -> None:
@@ -252,8 +286,10 @@ class AgentRunWriter:
                 "writer took (api_key, collection_id, server_url) by position; so a call in that "
                 "order is refused here rather than send runs to the wrong place.)"
             )
-        if num_workers < 1 or batch_size < 1 or max_batch_bytes < 1:
-            raise ValueError("num_workers, batch_size and max_batch_bytes must be at least 1")
+        if min(num_workers, batch_size, max_batch_bytes, max_pending_events) < 1:
+            raise ValueError(
+                "num_workers, batch_size, max_batch_bytes and max_pending_events must be at least 1"
+            )
         if compression not in _COMPRESSION:
             raise ValueError(f"compression: choose gzip or None, not {compression!r}")
         self.collection_id = collection_id
@@ -264,6 +300,7 @@ class AgentRunWriter:
         self.shutdown_timeout = shutdown_timeout
         self.max_batch_bytes = max_batch_bytes
         self.backoff = backoff or Backoff()
+        self.max_pending_events = max_pending_events
         self._collection = collection_id.encode()
         self._compression = _COMPRESSION[compression]
         self._metadata = self.connection.call_metadata()
@@ -287,6 +324,7 @@ class AgentRunWriter:
         self._events: EventSender | None = None
         if self._spool is not None:
             self._replay(self._spool)
+            self._replay_events(self._spool)
         self._workers = [
             threading.Thread(target=self._work, name=f"agentrun-writer-{i}", daemon=True)
             for i in range(num_workers)
@@ -321,6 +359,26 @@ class AgentRunWriter:
         if replayed:
             self._summary.replayed = replayed
             _log.info("replaying %d unacknowledged runs from spool %s", replayed, spool.directory)
+
+    def _replay_events(self, spool: Spool) -> None:
+        """Send the live run events an earlier writer left unacknowledged, before any new one."""
+        events: list[Event] = []
+        for data in spool.events.replay():
+            try:
+                events.append(Event.decode(data))
+            except DecodeError:  # a length-delimited record that is no event: never sent
+                spool.events.damage.append("spool event log: an event that does not decode")
+        self._summary.spool_damage += spool.events.damage
+        if events or spool.events.unsettled:
+            self._summary.events_replayed = len(events)
+            _log.info("replaying %d unacknowledged live run events from spool", len(events))
+            self._events = self._event_sender(events)
+
+    def _event_sender(self, replayed: list[Event]) -> EventSender:
+        journal = self._spool.events if self._spool is not None else None
+        return EventSender(
+            self._channel, self._metadata, self.max_pending_events, self.backoff, journal, replayed
+        )
 
     # --- producer side --------------------------------------------------------------------------
 
@@ -407,8 +465,18 @@ class AgentRunWriter:
         events, self._events = self._events, None
         if events is not None:
             left = events.stop(0 if force else self.shutdown_timeout)
+            with self._lock:
+                s = self._summary
+                s.events_stored, s.events_duplicate = events.stored, events.duplicates
+                s.events_refused = list(events.refused)
+                s.events_undelivered = left
+                s.events_spooled = left if self._spool is not None else 0
             if left:
-                _log.warning("agentrun writer: %d live run events not acknowledged at finish", left)
+                _log.warning(
+                    "agentrun writer: %d live run events not acknowledged at finish%s",
+                    left,
+                    " (kept in the spool)" if self._spool is not None else "",
+                )
         self._stop.set()
         self._buffer.stopped = True
         self._buffer.wake()
@@ -444,7 +512,6 @@ class AgentRunWriter:
         name: str | None = None,
         description: str | None = None,
         metadata: Mapping[str, Any] | None = None,
-        max_pending_events: int = 10_000,
     ) -> LiveRun:
         """A run that grows while the agent works, as Docent's `agent_run_context` and
         LangSmith's `RunTree` (post at start, patch at end) offer; here every step is durable once
@@ -456,34 +523,44 @@ class AgentRunWriter:
             # leaving the block finishes the run (an exception: finished with `error` in metadata)
 
         With `agent_run_id` of a run that is not finished, its events continue after the ones
-        stored (a process resuming another's run). Events of all of a writer's live runs share
-        one stream, in order; `append` blocks only while `max_pending_events` (of the first live
-        run made) are unacknowledged. `finish()` waits for them within `shutdown_timeout`.
+        stored and those still unacknowledged here (a process resuming its own run after a
+        restart, or another's). With `spool_dir`, every event is on disk when `append` returns,
+        and a writer started on the spool sends those not acknowledged before anything new: an
+        agent killed mid-run resumes it by id with nothing lost. Events of all of a writer's live
+        runs share one stream, in order; `append` blocks only while `max_pending_events` are
+        unacknowledged. `finish()` waits for them within `shutdown_timeout`.
 
         Raises:
             WriterClosedError: after `finish()`.
             LiveRunError: the run is finished, or was uploaded whole.
-            RpcError: the server cannot be reached to find where the run stands.
+            RpcError: the server cannot be reached to find where the run stands (only when
+                resuming a run by id).
         """
         with self._lock:
             if self._closed:
                 raise WriterClosedError("live_run() after finish()")
             if self._events is None:
-                self._events = EventSender(
-                    self._channel, self._metadata, max_pending_events, self.backoff
-                )
+                self._events = self._event_sender([])
             sender = self._events
         next_sequence = 1
         if agent_run_id is None:
             agent_run_id = str(uuid.uuid4())
         else:
-            next_sequence = self._resume_point(agent_run_id)
+            next_sequence = self._resume_point(agent_run_id, sender)
         run = LiveRun(sender, agent_run_id, self.collection_id, next_sequence)
         if next_sequence == 1 or name is not None or description is not None or metadata:
             run.open(name, description, metadata)
         return run
 
-    def _resume_point(self, agent_run_id: str) -> int:
+    def _resume_point(self, agent_run_id: str, sender: EventSender) -> int:
+        """The run's next sequence number: after its events stored and those made here (or
+        replayed from the spool) and not yet acknowledged."""
+        made = sender.last_made(agent_run_id)
+        if made is not None:
+            sequence, finishes = made
+            if finishes:
+                raise LiveRunError(f"run {agent_run_id!r} is finished: it takes no more events")
+            return sequence + 1
         stub = self._channel.unary_unary(
             "/agentrun.v1.IngestionService/GetAgentRun",
             request_serializer=pb.GetAgentRunRequest.SerializeToString,
