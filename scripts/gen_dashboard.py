@@ -136,6 +136,14 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
                     ("sum(agentrun_ingest_open_event_streams)", "open streams"),
                 ],
             ),
+            (
+                "Live runs by state",
+                "short",
+                "Live runs not finished: running (an event within --live-run-timeout), abandoned "
+                "(none since; the next event reopens it). Counted in the database at each scrape, "
+                "so every replica reports the same figure.",
+                [("max by (state) (agentrun_live_runs)", "{{state}}")],
+            ),
         ],
     ),
     (
@@ -294,11 +302,16 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
             (
                 "Writer queue, spool, retries and drops",
                 "short",
-                "Runs waiting in writer queues and in spools on disk (not yet acknowledged); "
+                "Runs waiting in writer queues and in spools on disk, live run events in spools "
+                "(not yet acknowledged); "
                 "retried uploads and dropped runs per second.",
                 [
                     ("sum by (instance) (agentrun_writer_queued_runs)", "{{instance}} queued"),
                     ("sum by (instance) (agentrun_writer_spool_runs)", "{{instance}} spooled"),
+                    (
+                        "sum by (instance) (agentrun_writer_spool_events)",
+                        "{{instance}} spooled live run events",
+                    ),
                     (f"sum(rate(agentrun_writer_retries_total[{RATE}]))", "retries / s"),
                     (f"sum(rate(agentrun_writer_dropped_runs_total[{RATE}]))", "dropped / s"),
                 ],

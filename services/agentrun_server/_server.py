@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
+from prometheus_client.registry import Collector
 
 from agentrun.v1 import (
     ingestion_service_pb2,
@@ -34,14 +35,19 @@ from agentrun.v1 import (
 from agentrun_server._errors import InvalidArgument
 from agentrun_server.auth import AuthInterceptor, KeyRing, KeyServicer, ServerTls
 from agentrun_server.auth._tls import TlsConfig
-from agentrun_server.ingestion import IngestionLimits, IngestionMetrics, IngestionServicer
+from agentrun_server.ingestion import (
+    IngestionLimits,
+    IngestionMetrics,
+    IngestionServicer,
+    live_runs_collector,
+)
 from agentrun_server.orchestrator import (
     RESUME_GRACE_SECONDS,
-    BacklogCollector,
     Dispatcher,
     OrchestratorMetrics,
     OrchestratorServicer,
     WorkLimits,
+    backlog_collector,
 )
 from agentrun_server.serving import (
     ErrorInterceptor,
@@ -233,7 +239,7 @@ class Server:
         self._storage: Storage | None = None
         self._grpc: grpc.aio.Server | None = None
         self._dispatcher: Dispatcher | None = None
-        self._backlog: BacklogCollector | None = None
+        self._scraped: list[Collector] = []  # metrics read from the database at scrape
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped
         self._keys: KeyRing | None = None
         self.tls: ServerTls | None = None
@@ -323,14 +329,22 @@ class Server:
                 storage.notifier(),
                 resume_grace_seconds=config.resume_grace_seconds,
             )
-            self._backlog = BacklogCollector(asyncio.get_running_loop(), self._dispatcher.snapshot)
-            self.registry.register(self._backlog)
+            self._scraped.append(
+                backlog_collector(asyncio.get_running_loop(), self._dispatcher.snapshot)
+            )
+            self.registry.register(self._scraped[-1])
             wake = self._dispatcher.wake
             orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
                 OrchestratorServicer(storage, self._dispatcher, metrics, limit, config.work_limits),
                 server,
             )
         if "ingestion" in config.services:
+            self._scraped.append(
+                live_runs_collector(
+                    asyncio.get_running_loop(), storage, config.limits.live_run_timeout_seconds
+                )
+            )
+            self.registry.register(self._scraped[-1])
             IngestionServicer(
                 storage, IngestionMetrics(self.registry), config.limits, wake
             ).add_to_server(server)
@@ -418,9 +432,9 @@ class Server:
         endpoint, self._metrics_endpoint = self._metrics_endpoint, None
         if endpoint is not None:
             await asyncio.to_thread(endpoint.close)
-        backlog, self._backlog = self._backlog, None
-        if backlog is not None:
-            self.registry.unregister(backlog)
+        scraped, self._scraped = self._scraped, []
+        for collector in scraped:
+            self.registry.unregister(collector)
         keys, self._keys = self._keys, None
         if keys is not None:
             await keys.shutdown()

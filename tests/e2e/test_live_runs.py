@@ -262,17 +262,26 @@ async def test_a_silent_run_reads_as_abandoned_until_its_next_event_reopens_it(
                 )
                 return [r.agent_run.id for r in page.agent_runs]
 
+            def gauge() -> dict[str, float | None]:  # read as a scrape reads it, off the loop
+                return {
+                    state: server.registry.get_sample_value("agentrun_live_runs", {"state": state})
+                    for state in ("running", "abandoned")
+                }
+
             assert await listed(pb.AGENT_RUN_STATE_RUNNING) == ["quiet"]
             assert await listed(pb.AGENT_RUN_STATE_FINISHED) == ["done"]
+            assert await asyncio.to_thread(gauge) == {"running": 1, "abandoned": 0}
             await asyncio.sleep(0.7)
             assert await listed(pb.AGENT_RUN_STATE_ABANDONED) == ["quiet"]
             assert await listed(pb.AGENT_RUN_STATE_RUNNING) == []
+            assert await asyncio.to_thread(gauge) == {"running": 0, "abandoned": 1}
             got = await ingestion.GetAgentRun(pb.GetAgentRunRequest(agent_run_id="quiet"))
             assert got.agent_run.state == pb.AGENT_RUN_STATE_ABANDONED
             (ack,) = await stream.send(_event("quiet", 2, messages=[_message("assistant", "back")]))
             assert ack.status == STORED
             assert await listed(pb.AGENT_RUN_STATE_RUNNING) == ["quiet"]
             assert await listed(0) == ["quiet", "done"]
+            assert await asyncio.to_thread(gauge) == {"running": 1, "abandoned": 0}
             stream.call.cancel()
     finally:
         await server.shutdown(grace_seconds=1)

@@ -210,6 +210,8 @@ async def drive_traffic(ingestion: Server, orchestrator: Server) -> None:
                 for step in range(3):
                     live.append("t", [UserMessage(content=f"step {step}")])
                 live.set_scores(reward=1.0)
+            still_going = writer.live_run(name="still going")  # never finished: running
+            still_going.append("t", [UserMessage(content="step 0")])
         with grpc.insecure_channel(ingestion_url) as channel:
             stub = ingestion_grpc.IngestionServiceStub(channel)
             invalid = agent_run_pb2.AgentRun(id="no-transcripts")
@@ -373,6 +375,7 @@ async def test_every_panel_and_alert_expression_against_prometheus(
     assert value_of(results, "Runs / s", "agentrun_ingest_stored_runs_total") > 0
     assert value_of(results, "Live run events / s by status", "agentrun_ingest_live_events") > 0
     assert value_of(results, "Dead tasks", "agentrun_stage_tasks") == 22
+    assert value_of(results, "Live runs by state", "agentrun_live_runs") == 1
 
 
 def value_of(results: dict[tuple[str, str], dict[str, Any]], title: str, metric: str) -> float:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from agentrun_server.serving._scrape import ScrapedCollector
+from agentrun_server.storage import Storage
 
 
 class IngestionMetrics:
@@ -76,3 +84,27 @@ class IngestionMetrics:
             "StreamAgentRunEvents streams open now.",
             registry=registry,
         )
+
+
+def live_runs_collector(
+    loop: asyncio.AbstractEventLoop, storage: Storage, live_run_timeout_seconds: float
+) -> ScrapedCollector[tuple[int, int]]:
+    """`agentrun_live_runs{state}`: running and abandoned live runs, counted in the database
+    at each scrape (a run is abandoned after `live_run_timeout_seconds` without an event)."""
+
+    async def read() -> tuple[int, int]:
+        return await storage.count_live_runs(time.time() - live_run_timeout_seconds)
+
+    return ScrapedCollector(loop, read, _live_run_families, "live run")
+
+
+def _live_run_families(counts: tuple[int, int]) -> Iterator[Metric]:
+    family = GaugeMetricFamily(
+        "agentrun_live_runs",
+        "Live runs not finished, by state: running (an event within --live-run-timeout) and "
+        "abandoned (none since; the next event reopens it).",
+        labels=["state"],
+    )
+    family.add_metric(["running"], counts[0])
+    family.add_metric(["abandoned"], counts[1])
+    yield family

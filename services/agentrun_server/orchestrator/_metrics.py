@@ -2,7 +2,7 @@
 
 Counters and histograms are counted in this process as things happen. What lives in the database
 (tasks per stage and state, the oldest ready task's age) is read at scrape time by
-`BacklogCollector`, so it is right whichever process made the change.
+`backlog_collector`, so it is right whichever process made the change.
 """
 
 from __future__ import annotations
@@ -15,16 +15,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
+from agentrun_server.serving._scrape import ScrapedCollector
 from agentrun_server.storage import StageBacklog
 
 _log = logging.getLogger(__name__)
 
 _SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
-
-# Scrapes wait at most this long for the database; a slow scrape omits the backlog, never hangs.
-SCRAPE_TIMEOUT_SECONDS = 5.0
 
 TASK_STATES = ("ready", "scheduled", "leased", "done", "dead", "cancelled")
 
@@ -92,64 +89,55 @@ class OrchestratorMetrics:
         return metric.labels(*labels)
 
 
-class BacklogCollector(Collector):
+def backlog_collector(
+    loop: asyncio.AbstractEventLoop,
+    snapshot: Callable[[], Coroutine[Any, Any, tuple[list[StageBacklog], dict[str, int]]]],
+) -> ScrapedCollector[tuple[list[StageBacklog], dict[str, int]]]:
     """Per-stage task counts and ages, and worker credits, read when Prometheus scrapes.
 
-    `snapshot` is a coroutine function run on the server's event loop (the scrape comes from the
-    metrics HTTP thread); it returns the stage backlogs and free credits per workflow.
+    `snapshot` is a coroutine function run on the server's event loop; it returns the stage
+    backlogs and free credits per workflow.
     """
+    return ScrapedCollector(loop, snapshot, _backlog_families, "backlog")
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        snapshot: Callable[[], Coroutine[Any, Any, tuple[list[StageBacklog], dict[str, int]]]],
-    ) -> None:
-        self._loop = loop
-        self._snapshot = snapshot
 
-    def describe(self) -> Iterator[Metric]:
-        return iter(())  # the families are known only at scrape time
-
-    def collect(self) -> Iterator[Metric]:
-        try:
-            future = asyncio.run_coroutine_threadsafe(self._snapshot(), self._loop)
-            backlog, credits = future.result(timeout=SCRAPE_TIMEOUT_SECONDS)
-        except Exception:
-            _log.warning("backlog metrics skipped in this scrape", exc_info=True)
-            return
-        tasks = GaugeMetricFamily(
-            "agentrun_stage_tasks",
-            "Tasks per workflow stage and state (ready, scheduled, leased, done, dead, cancelled).",
-            labels=["workflow", "stage", "state"],
+def _backlog_families(
+    snapshot: tuple[list[StageBacklog], dict[str, int]],
+) -> Iterator[Metric]:
+    backlog, credits = snapshot
+    tasks = GaugeMetricFamily(
+        "agentrun_stage_tasks",
+        "Tasks per workflow stage and state (ready, scheduled, leased, done, dead, cancelled).",
+        labels=["workflow", "stage", "state"],
+    )
+    created = CounterMetricFamily(
+        "agentrun_tasks_enqueued",
+        "Tasks ever created per stage (runs entering a workflow, completions moving on).",
+        labels=["workflow", "stage"],
+    )
+    oldest = GaugeMetricFamily(
+        "agentrun_stage_oldest_ready_age_seconds",
+        "Age of the oldest ready task per stage; 0 when none is ready.",
+        labels=["workflow", "stage"],
+    )
+    for stage in backlog:
+        counts = (
+            stage.ready,
+            stage.scheduled,
+            stage.leased,
+            stage.done,
+            stage.dead,
+            stage.cancelled,
         )
-        created = CounterMetricFamily(
-            "agentrun_tasks_enqueued",
-            "Tasks ever created per stage (runs entering a workflow, completions moving on).",
-            labels=["workflow", "stage"],
-        )
-        oldest = GaugeMetricFamily(
-            "agentrun_stage_oldest_ready_age_seconds",
-            "Age of the oldest ready task per stage; 0 when none is ready.",
-            labels=["workflow", "stage"],
-        )
-        for stage in backlog:
-            counts = (
-                stage.ready,
-                stage.scheduled,
-                stage.leased,
-                stage.done,
-                stage.dead,
-                stage.cancelled,
-            )
-            for state, count in zip(TASK_STATES, counts, strict=True):
-                tasks.add_metric([stage.workflow, stage.stage, state], count)
-            created.add_metric([stage.workflow, stage.stage], sum(counts))
-            oldest.add_metric([stage.workflow, stage.stage], stage.oldest_ready_age_seconds)
-        free = GaugeMetricFamily(
-            "agentrun_worker_free_credits",
-            "Credits of connected workers not held by a lease, per workflow.",
-            labels=["workflow"],
-        )
-        for workflow, count in sorted(credits.items()):
-            free.add_metric([workflow], count)
-        yield from (tasks, created, oldest, free)
+        for state, count in zip(TASK_STATES, counts, strict=True):
+            tasks.add_metric([stage.workflow, stage.stage, state], count)
+        created.add_metric([stage.workflow, stage.stage], sum(counts))
+        oldest.add_metric([stage.workflow, stage.stage], stage.oldest_ready_age_seconds)
+    free = GaugeMetricFamily(
+        "agentrun_worker_free_credits",
+        "Credits of connected workers not held by a lease, per workflow.",
+        labels=["workflow"],
+    )
+    for workflow, count in sorted(credits.items()):
+        free.add_metric([workflow], count)
+    yield from (tasks, created, oldest, free)

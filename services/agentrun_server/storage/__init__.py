@@ -172,6 +172,10 @@ class Storage(Protocol):
             NotFound: no such run.
         """
 
+    async def count_live_runs(self, abandoned_before: float) -> tuple[int, int]:
+        """(running, abandoned) live runs in every collection: running runs with an event since
+        `abandoned_before`, and those without."""
+
     async def get_run(self, run_id: str) -> StoredRun:
         """One run.
 

@@ -283,6 +283,15 @@ def run_state_clause(
     return f" AND state = 'running' AND updated_at < {mark}", (abandoned_before,)
 
 
+def live_run_counts_statement(mark: str) -> str:
+    """SQL (with `mark` as its placeholder, given `abandoned_before` twice) counting running and
+    abandoned runs, in that order; read off the partial index of running runs."""
+    return (
+        f"SELECT count(*) FILTER (WHERE updated_at >= {mark}), "
+        f"count(*) FILTER (WHERE updated_at < {mark}) FROM agent_runs WHERE state = 'running'"
+    )
+
+
 def _refused(error: ServerError, next_sequence: int) -> EventOutcome:
     return EventOutcome(EventStatus.REFUSED, next_sequence, error)
 

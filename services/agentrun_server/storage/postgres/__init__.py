@@ -168,6 +168,9 @@ class PostgresStorage:
     ) -> tuple[StoredRun, list[tuple[int, bytes]]]:
         return await self._run(_live.events_after, run_id, after_sequence, limit)
 
+    async def count_live_runs(self, abandoned_before: float) -> tuple[int, int]:
+        return await self._run(_live.count_live_runs, abandoned_before)
+
     async def get_run(self, run_id: str) -> StoredRun:
         return await self._run(_get_run, run_id)
 

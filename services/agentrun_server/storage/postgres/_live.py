@@ -8,7 +8,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from agentrun_server._errors import NotFound
-from agentrun_server.storage._rules import first_event_refusal, folded, next_event_refusal
+from agentrun_server.storage._rules import (
+    first_event_refusal,
+    folded,
+    live_run_counts_statement,
+    next_event_refusal,
+)
 from agentrun_server.storage._types import EventOutcome, EventStatus, Fold, NewEvent, StoredRun
 from agentrun_server.storage.postgres._engine import NOW, Connection
 from agentrun_server.storage.postgres._runs import WorkflowCache, notify_ready
@@ -195,3 +200,13 @@ async def events_after(
     )
     events = [(int(s), bytes(d)) for s, d in await cursor.fetchall()]
     return StoredRun(*row), events
+
+
+async def count_live_runs(conn: Connection, abandoned_before: float) -> tuple[int, int]:
+    """See `Storage.count_live_runs`."""
+    cursor = await conn.execute(
+        live_run_counts_statement("%s"), (abandoned_before, abandoned_before)
+    )
+    row = await cursor.fetchone()
+    assert row is not None  # an aggregate has a row
+    return int(row[0]), int(row[1])

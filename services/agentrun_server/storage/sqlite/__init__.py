@@ -173,6 +173,9 @@ class SqliteStorage:
     ) -> tuple[StoredRun, list[tuple[int, bytes]]]:
         return await self._engine.read(_live.events_after, run_id, after_sequence, limit)
 
+    async def count_live_runs(self, abandoned_before: float) -> tuple[int, int]:
+        return await self._engine.read(_live.count_live_runs, abandoned_before)
+
     async def get_run(self, run_id: str) -> StoredRun:
         return await self._engine.read(_runs.get_run, run_id)
 

@@ -8,7 +8,12 @@ import sqlite3
 from collections.abc import Sequence
 
 from agentrun_server._errors import NotFound
-from agentrun_server.storage._rules import first_event_refusal, folded, next_event_refusal
+from agentrun_server.storage._rules import (
+    first_event_refusal,
+    folded,
+    live_run_counts_statement,
+    next_event_refusal,
+)
 from agentrun_server.storage._types import EventOutcome, EventStatus, Fold, NewEvent, StoredRun
 from agentrun_server.storage.sqlite._engine import transaction
 from agentrun_server.storage.sqlite._workflows import WorkflowCache
@@ -167,3 +172,11 @@ def events_after(
         (run_id, after_sequence, limit),
     ).fetchall()
     return StoredRun(*row), [(int(s), bytes(d)) for s, d in events]
+
+
+def count_live_runs(db: sqlite3.Connection, abandoned_before: float) -> tuple[int, int]:
+    """See `Storage.count_live_runs`."""
+    row = db.execute(
+        live_run_counts_statement("?"), (abandoned_before, abandoned_before)
+    ).fetchone()
+    return int(row[0]), int(row[1])
