@@ -11,11 +11,12 @@ import sys
 import textwrap
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from agentrun import AgentRunWriter, Client, LiveRunError
+from agentrun import AgentRunWriter, Client, LiveRunError, agent_run_from_proto
 from agentrun.chat import AssistantMessage, UserMessage
 from agentrun.v1 import ingestion_service_pb2 as pb
 from agentrun.v1 import workflow_pb2
@@ -36,11 +37,11 @@ def test_a_live_run_from_the_writer_grows_then_finishes_into_the_workflow(tmp_pa
         )
         collection = client.create_collection("live", workflow="w").collection
         writer = AgentRunWriter(collection.id, server_url=server.url)
+        made_at = datetime(2026, 12, 1, 4, 30, 15, 123456, tzinfo=UTC)
         with writer.live_run(name="task-17", metadata={"model": "m"}) as run:
             for step in range(5):
-                run.append(
-                    "main", [UserMessage(content=f"q{step}"), AssistantMessage(content=f"a{step}")]
-                )
+                question = UserMessage(content=f"q{step}", timestamp=made_at)
+                run.append("main", [question, AssistantMessage(content=f"a{step}")])
             writer._events.flush(10)  # type: ignore[union-attr]
             state, texts, _ = _texts(client, run.agent_run_id)
             assert state == pb.AGENT_RUN_STATE_RUNNING and len(texts) == 10
@@ -58,6 +59,8 @@ def test_a_live_run_from_the_writer_grows_then_finishes_into_the_workflow(tmp_pa
         assert stored.agent_run.name == "task-17"
         assert stored.agent_run.scores["reward"].double_value == 1.0
         assert stored.agent_run.metadata.fields["model"].value.string_value == "m"
+        first, second = agent_run_from_proto(stored.agent_run).transcripts["main"].messages[:2]
+        assert (first.timestamp, second.timestamp) == (made_at, None)  # kept on the wire, to the µs
         state, _, failed = _texts(client, crashed.agent_run_id)
         assert state == pb.AGENT_RUN_STATE_FINISHED
         error = failed.agent_run.metadata.fields["error"].value.string_value

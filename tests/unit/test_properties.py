@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -68,17 +69,23 @@ tool_calls = st.builds(
         content=text,
     ),
 )
+# Any instant protobuf can carry, in any zone (naive ones are taken as UTC).
+timestamps = st.none() | st.datetimes(
+    min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.timezones()
+)
 messages = st.one_of(
-    st.builds(SystemMessage, id=st.none() | text, content=content(False)),
+    st.builds(SystemMessage, id=st.none() | text, content=content(False), timestamp=timestamps),
     st.builds(
         UserMessage,
         id=st.none() | text,
+        timestamp=timestamps,
         content=content(False),
         tool_call_id=st.none() | st.lists(text, min_size=1, max_size=2),
     ),
     st.builds(
         AssistantMessage,
         id=st.none() | text,
+        timestamp=timestamps,
         content=content(True),
         model=st.none() | text,
         tool_calls=st.none() | st.lists(tool_calls, min_size=1, max_size=3),
@@ -86,6 +93,7 @@ messages = st.one_of(
     st.builds(
         ToolMessage,
         id=st.none() | text,
+        timestamp=timestamps,
         content=content(False),
         tool_call_id=st.none() | text,
         function=st.none() | text,

@@ -78,3 +78,27 @@ def test_the_limit_holds_exactly_on_the_cheapest_nesting(levels: int) -> None:
     parsed, shallow = parse_agent_run(run.SerializeToString())
     refused = _verdict(parsed, shallow)
     assert (refused is not None) == (levels > MAX_VALUE_DEPTH)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos", "reason"),
+    [
+        (253_402_300_800, 0, "0001-01-01..9999-12-31"),  # 10000-01-01
+        (-62_135_596_801, 0, "0001-01-01..9999-12-31"),
+        (0, 1_000_000_000, "0..999,999,999"),
+        (0, -1, "0..999,999,999"),
+    ],
+)
+def test_a_message_timestamp_out_of_range_is_refused_naming_it(
+    seconds: int, nanos: int, reason: str
+) -> None:
+    run = pb.AgentRun(id="r")
+    message = run.transcripts.add(key="t").messages.add(text="hi")
+    message.user.SetInParent()
+    message.timestamp.seconds, message.timestamp.nanos = 253_402_300_799, 999_999_999
+    assert _verdict(run, shallow=True) is None  # the last instant there is
+    message.timestamp.seconds, message.timestamp.nanos = seconds, nanos
+    for shallow in (True, False):
+        with pytest.raises(InvalidRunError, match=reason) as raised:
+            check_agent_run(run, shallow=shallow)
+        assert raised.value.field == "transcripts[0].messages[0].timestamp"

@@ -11,6 +11,7 @@ declares the fields.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC
 from typing import Any, TypeVar
 
 from agentrun._agent_run import AgentRun
@@ -191,6 +192,8 @@ def message_to_proto(message: ChatMessage, out: pb.ChatMessage) -> None:
     """Write a chat message into `out`."""
     if message.id is not None:
         out.id = message.id
+    if message.timestamp is not None:
+        out.timestamp.FromDatetime(message.timestamp)
     if isinstance(message.content, str):
         out.text = message.content
     else:
@@ -255,18 +258,23 @@ def message_from_proto(message: pb.ChatMessage) -> ChatMessage:
     else:
         content = message.text
     message_id = message.id if message.HasField("id") else None
+    timestamp = message.timestamp.ToDatetime(tzinfo=UTC) if message.HasField("timestamp") else None
     role = message.WhichOneof("role")
     if role == "system":
-        return SystemMessage(id=message_id, content=content)
+        return SystemMessage(id=message_id, content=content, timestamp=timestamp)
     if role == "user":
         return UserMessage(
-            id=message_id, content=content, tool_call_id=list(message.user.tool_call_ids) or None
+            id=message_id,
+            content=content,
+            timestamp=timestamp,
+            tool_call_id=list(message.user.tool_call_ids) or None,
         )
     if role == "assistant":
         a = message.assistant
         return AssistantMessage(
             id=message_id,
             content=content,
+            timestamp=timestamp,
             model=a.model if a.HasField("model") else None,
             tool_calls=[_tool_call_from_proto(c) for c in a.tool_calls] or None,
         )
@@ -275,6 +283,7 @@ def message_from_proto(message: pb.ChatMessage) -> ChatMessage:
         return ToolMessage(
             id=message_id,
             content=content,
+            timestamp=timestamp,
             tool_call_id=tool.tool_call_id if tool.HasField("tool_call_id") else None,
             function=tool.function if tool.HasField("function") else None,
             error=struct_from_proto(tool.error) if tool.HasField("error") else None,

@@ -215,6 +215,8 @@ def _message_problem(message: pb.ChatMessage, shallow: bool) -> tuple[str, str] 
         return ".role", "required"
     if message.WhichOneof("content") is None:
         return ".content", "required"
+    if message.HasField("timestamp") and (problem := _timestamp_problem(message.timestamp)):
+        return ".timestamp", problem
     if shallow:
         return None
     if role == "assistant":
@@ -226,6 +228,18 @@ def _message_problem(message: pb.ChatMessage, shallow: bool) -> tuple[str, str] 
         problem = _struct_problem(message.tool.error)
         if problem is not None:
             return ".tool.error", problem
+    return None
+
+
+_MIN_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
+_MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
+
+
+def _timestamp_problem(timestamp: Any) -> str | None:
+    if not _MIN_SECONDS <= timestamp.seconds <= _MAX_SECONDS:
+        return "seconds must lie in 0001-01-01..9999-12-31"
+    if not 0 <= timestamp.nanos <= 999_999_999:
+        return "nanos must lie in 0..999,999,999"
     return None
 
 

@@ -5,11 +5,13 @@ A transcript is a list of `ChatMessage`: a `SystemMessage`, `UserMessage`, `Assi
 of `ContentText` / `ContentReasoning` parts.
 
 Differences from Docent: `ToolCall` is a pydantic model (keyword arguments; `type` is optional, as in
-Docent's later releases), and an empty `tool_calls` or `tool_call_id` list is stored as None.
+Docent's later releases), an empty `tool_calls` or `tool_call_id` list is stored as None, and a
+message may carry a `timestamp` (when the agent made it; kept on the wire, not rendered).
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Discriminator, TypeAdapter, field_validator
@@ -74,6 +76,18 @@ class BaseChatMessage(BaseModel):
     id: str | None = None
     content: str | list[Content]
     role: Literal["system", "user", "assistant", "tool"]
+    timestamp: datetime | None = None
+    """When the message was made (optional), held in UTC (a time without a zone is taken as
+    UTC; one with a zone is converted, as on the wire). Kept to microseconds; not in `.text`."""
+
+    @field_validator("timestamp")
+    @classmethod
+    def _in_utc(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
 
     @property
     def text(self) -> str:

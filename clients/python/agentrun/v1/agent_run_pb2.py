@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61gentrun/v1/agent_run.proto\x12\x0b\x61gentrun.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xa9\x02\n\x08\x41gentRun\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x04name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0b\x64\x65scription\x18\x03 \x01(\tH\x01\x88\x01\x01\x12,\n\x0btranscripts\x18\x04 \x03(\x0b\x32\x17.agentrun.v1.Transcript\x12\x31\n\x06scores\x18\x05 \x03(\x0b\x32!.agentrun.v1.AgentRun.ScoresEntry\x12\'\n\x08metadata\x18\x06 \x01(\x0b\x32\x15.agentrun.v1.Metadata\x1a\x41\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.agentrun.v1.Score:\x02\x38\x01\x42\x07\n\x05_nameB\x0e\n\x0c_description\"R\n\x05Score\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x42\x06\n\x04kind\"\xc0\x01\n\nTranscript\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x11\n\x04name\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0b\x64\x65scription\x18\x04 \x01(\tH\x01\x88\x01\x01\x12*\n\x08messages\x18\x05 \x03(\x0b\x32\x18.agentrun.v1.ChatMessage\x12\'\n\x08metadata\x18\x06 \x01(\x0b\x32\x15.agentrun.v1.MetadataB\x07\n\x05_nameB\x0e\n\x0c_description\"\xac\x01\n\x08Metadata\x12\x31\n\x06\x66ields\x18\x01 \x03(\x0b\x32!.agentrun.v1.Metadata.FieldsEntry\x12\"\n\x1arequire_field_descriptions\x18\x02 \x01(\x08\x1aI\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.agentrun.v1.MetadataField:\x02\x38\x01\"n\n\rMetadataField\x12!\n\x05value\x18\x01 \x01(\x0b\x32\x12.agentrun.v1.Value\x12\x10\n\x08\x64\x65\x63lared\x18\x02 \x01(\x08\x12\x18\n\x0b\x64\x65scription\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_description\"\x95\x02\n\x05Value\x12\x30\n\nnull_value\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValueH\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x12H\x00\x12\x16\n\x0c\x64ouble_value\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x12,\n\nlist_value\x18\x06 \x01(\x0b\x32\x16.agentrun.v1.ListValueH\x00\x12\x30\n\x0cstruct_value\x18\x07 \x01(\x0b\x32\x18.agentrun.v1.StructValueH\x00\x12\x17\n\rbig_int_value\x18\x08 \x01(\tH\x00\x42\x06\n\x04kind\"/\n\tListValue\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.agentrun.v1.Value\"7\n\x0bStructValue\x12(\n\x06\x66ields\x18\x01 \x03(\x0b\x32\x18.agentrun.v1.StructField\"=\n\x0bStructField\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.agentrun.v1.Value\"\x9e\x02\n\x0b\x43hatMessage\x12\x0f\n\x02id\x18\x01 \x01(\tH\x02\x88\x01\x01\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x05parts\x18\x03 \x01(\x0b\x32\x19.agentrun.v1.ContentPartsH\x00\x12)\n\x06system\x18\x04 \x01(\x0b\x32\x17.agentrun.v1.SystemRoleH\x01\x12%\n\x04user\x18\x05 \x01(\x0b\x32\x15.agentrun.v1.UserRoleH\x01\x12/\n\tassistant\x18\x06 \x01(\x0b\x32\x1a.agentrun.v1.AssistantRoleH\x01\x12%\n\x04tool\x18\x07 \x01(\x0b\x32\x15.agentrun.v1.ToolRoleH\x01\x42\t\n\x07\x63ontentB\x06\n\x04roleB\x05\n\x03_id\"3\n\x0c\x43ontentParts\x12#\n\x05parts\x18\x01 \x03(\x0b\x32\x14.agentrun.v1.Content\"o\n\x07\x43ontent\x12(\n\x04text\x18\x01 \x01(\x0b\x32\x18.agentrun.v1.TextContentH\x00\x12\x32\n\treasoning\x18\x02 \x01(\x0b\x32\x1d.agentrun.v1.ReasoningContentH\x00\x42\x06\n\x04kind\"=\n\x0bTextContent\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x14\n\x07refusal\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_refusal\"]\n\x10ReasoningContent\x12\x11\n\treasoning\x18\x01 \x01(\t\x12\x16\n\tsignature\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08redacted\x18\x03 \x01(\x08\x42\x0c\n\n_signature\"\x0c\n\nSystemRole\"!\n\x08UserRole\x12\x15\n\rtool_call_ids\x18\x01 \x03(\t\"X\n\rAssistantRole\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x12)\n\ntool_calls\x18\x02 \x03(\x0b\x32\x15.agentrun.v1.ToolCallB\x08\n\x06_model\"\x92\x01\n\x08ToolRole\x12\x19\n\x0ctool_call_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08\x66unction\x18\x02 \x01(\tH\x01\x88\x01\x01\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.agentrun.v1.StructValueH\x02\x88\x01\x01\x42\x0f\n\r_tool_call_idB\x0b\n\t_functionB\x08\n\x06_error\"\xd2\x01\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12+\n\targuments\x18\x03 \x01(\x0b\x32\x18.agentrun.v1.StructValue\x12\x11\n\x04type\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0bparse_error\x18\x05 \x01(\tH\x01\x88\x01\x01\x12,\n\x04view\x18\x06 \x01(\x0b\x32\x19.agentrun.v1.ToolCallViewH\x02\x88\x01\x01\x42\x07\n\x05_typeB\x0e\n\x0c_parse_errorB\x07\n\x05_view\"M\n\x0cToolCallView\x12\x12\n\x05title\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\tB\x08\n\x06_titleb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61gentrun/v1/agent_run.proto\x12\x0b\x61gentrun.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa9\x02\n\x08\x41gentRun\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x04name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0b\x64\x65scription\x18\x03 \x01(\tH\x01\x88\x01\x01\x12,\n\x0btranscripts\x18\x04 \x03(\x0b\x32\x17.agentrun.v1.Transcript\x12\x31\n\x06scores\x18\x05 \x03(\x0b\x32!.agentrun.v1.AgentRun.ScoresEntry\x12\'\n\x08metadata\x18\x06 \x01(\x0b\x32\x15.agentrun.v1.Metadata\x1a\x41\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.agentrun.v1.Score:\x02\x38\x01\x42\x07\n\x05_nameB\x0e\n\x0c_description\"R\n\x05Score\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x42\x06\n\x04kind\"\xc0\x01\n\nTranscript\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x11\n\x04name\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0b\x64\x65scription\x18\x04 \x01(\tH\x01\x88\x01\x01\x12*\n\x08messages\x18\x05 \x03(\x0b\x32\x18.agentrun.v1.ChatMessage\x12\'\n\x08metadata\x18\x06 \x01(\x0b\x32\x15.agentrun.v1.MetadataB\x07\n\x05_nameB\x0e\n\x0c_description\"\xac\x01\n\x08Metadata\x12\x31\n\x06\x66ields\x18\x01 \x03(\x0b\x32!.agentrun.v1.Metadata.FieldsEntry\x12\"\n\x1arequire_field_descriptions\x18\x02 \x01(\x08\x1aI\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.agentrun.v1.MetadataField:\x02\x38\x01\"n\n\rMetadataField\x12!\n\x05value\x18\x01 \x01(\x0b\x32\x12.agentrun.v1.Value\x12\x10\n\x08\x64\x65\x63lared\x18\x02 \x01(\x08\x12\x18\n\x0b\x64\x65scription\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_description\"\x95\x02\n\x05Value\x12\x30\n\nnull_value\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValueH\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x12H\x00\x12\x16\n\x0c\x64ouble_value\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x12,\n\nlist_value\x18\x06 \x01(\x0b\x32\x16.agentrun.v1.ListValueH\x00\x12\x30\n\x0cstruct_value\x18\x07 \x01(\x0b\x32\x18.agentrun.v1.StructValueH\x00\x12\x17\n\rbig_int_value\x18\x08 \x01(\tH\x00\x42\x06\n\x04kind\"/\n\tListValue\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.agentrun.v1.Value\"7\n\x0bStructValue\x12(\n\x06\x66ields\x18\x01 \x03(\x0b\x32\x18.agentrun.v1.StructField\"=\n\x0bStructField\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.agentrun.v1.Value\"\xcd\x02\n\x0b\x43hatMessage\x12\x0f\n\x02id\x18\x01 \x01(\tH\x02\x88\x01\x01\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x05parts\x18\x03 \x01(\x0b\x32\x19.agentrun.v1.ContentPartsH\x00\x12)\n\x06system\x18\x04 \x01(\x0b\x32\x17.agentrun.v1.SystemRoleH\x01\x12%\n\x04user\x18\x05 \x01(\x0b\x32\x15.agentrun.v1.UserRoleH\x01\x12/\n\tassistant\x18\x06 \x01(\x0b\x32\x1a.agentrun.v1.AssistantRoleH\x01\x12%\n\x04tool\x18\x07 \x01(\x0b\x32\x15.agentrun.v1.ToolRoleH\x01\x12-\n\ttimestamp\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\t\n\x07\x63ontentB\x06\n\x04roleB\x05\n\x03_id\"3\n\x0c\x43ontentParts\x12#\n\x05parts\x18\x01 \x03(\x0b\x32\x14.agentrun.v1.Content\"o\n\x07\x43ontent\x12(\n\x04text\x18\x01 \x01(\x0b\x32\x18.agentrun.v1.TextContentH\x00\x12\x32\n\treasoning\x18\x02 \x01(\x0b\x32\x1d.agentrun.v1.ReasoningContentH\x00\x42\x06\n\x04kind\"=\n\x0bTextContent\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x14\n\x07refusal\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_refusal\"]\n\x10ReasoningContent\x12\x11\n\treasoning\x18\x01 \x01(\t\x12\x16\n\tsignature\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08redacted\x18\x03 \x01(\x08\x42\x0c\n\n_signature\"\x0c\n\nSystemRole\"!\n\x08UserRole\x12\x15\n\rtool_call_ids\x18\x01 \x03(\t\"X\n\rAssistantRole\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x12)\n\ntool_calls\x18\x02 \x03(\x0b\x32\x15.agentrun.v1.ToolCallB\x08\n\x06_model\"\x92\x01\n\x08ToolRole\x12\x19\n\x0ctool_call_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08\x66unction\x18\x02 \x01(\tH\x01\x88\x01\x01\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.agentrun.v1.StructValueH\x02\x88\x01\x01\x42\x0f\n\r_tool_call_idB\x0b\n\t_functionB\x08\n\x06_error\"\xd2\x01\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12+\n\targuments\x18\x03 \x01(\x0b\x32\x18.agentrun.v1.StructValue\x12\x11\n\x04type\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0bparse_error\x18\x05 \x01(\tH\x01\x88\x01\x01\x12,\n\x04view\x18\x06 \x01(\x0b\x32\x19.agentrun.v1.ToolCallViewH\x02\x88\x01\x01\x42\x07\n\x05_typeB\x0e\n\x0c_parse_errorB\x07\n\x05_view\"M\n\x0cToolCallView\x12\x12\n\x05title\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\tB\x08\n\x06_titleb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,48 +37,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTRUN_SCORESENTRY']._serialized_options = b'8\001'
   _globals['_METADATA_FIELDSENTRY']._loaded_options = None
   _globals['_METADATA_FIELDSENTRY']._serialized_options = b'8\001'
-  _globals['_AGENTRUN']._serialized_start=75
-  _globals['_AGENTRUN']._serialized_end=372
-  _globals['_AGENTRUN_SCORESENTRY']._serialized_start=282
-  _globals['_AGENTRUN_SCORESENTRY']._serialized_end=347
-  _globals['_SCORE']._serialized_start=374
-  _globals['_SCORE']._serialized_end=456
-  _globals['_TRANSCRIPT']._serialized_start=459
-  _globals['_TRANSCRIPT']._serialized_end=651
-  _globals['_METADATA']._serialized_start=654
-  _globals['_METADATA']._serialized_end=826
-  _globals['_METADATA_FIELDSENTRY']._serialized_start=753
-  _globals['_METADATA_FIELDSENTRY']._serialized_end=826
-  _globals['_METADATAFIELD']._serialized_start=828
-  _globals['_METADATAFIELD']._serialized_end=938
-  _globals['_VALUE']._serialized_start=941
-  _globals['_VALUE']._serialized_end=1218
-  _globals['_LISTVALUE']._serialized_start=1220
-  _globals['_LISTVALUE']._serialized_end=1267
-  _globals['_STRUCTVALUE']._serialized_start=1269
-  _globals['_STRUCTVALUE']._serialized_end=1324
-  _globals['_STRUCTFIELD']._serialized_start=1326
-  _globals['_STRUCTFIELD']._serialized_end=1387
-  _globals['_CHATMESSAGE']._serialized_start=1390
-  _globals['_CHATMESSAGE']._serialized_end=1676
-  _globals['_CONTENTPARTS']._serialized_start=1678
-  _globals['_CONTENTPARTS']._serialized_end=1729
-  _globals['_CONTENT']._serialized_start=1731
-  _globals['_CONTENT']._serialized_end=1842
-  _globals['_TEXTCONTENT']._serialized_start=1844
-  _globals['_TEXTCONTENT']._serialized_end=1905
-  _globals['_REASONINGCONTENT']._serialized_start=1907
-  _globals['_REASONINGCONTENT']._serialized_end=2000
-  _globals['_SYSTEMROLE']._serialized_start=2002
-  _globals['_SYSTEMROLE']._serialized_end=2014
-  _globals['_USERROLE']._serialized_start=2016
-  _globals['_USERROLE']._serialized_end=2049
-  _globals['_ASSISTANTROLE']._serialized_start=2051
-  _globals['_ASSISTANTROLE']._serialized_end=2139
-  _globals['_TOOLROLE']._serialized_start=2142
-  _globals['_TOOLROLE']._serialized_end=2288
-  _globals['_TOOLCALL']._serialized_start=2291
-  _globals['_TOOLCALL']._serialized_end=2501
-  _globals['_TOOLCALLVIEW']._serialized_start=2503
-  _globals['_TOOLCALLVIEW']._serialized_end=2580
+  _globals['_AGENTRUN']._serialized_start=108
+  _globals['_AGENTRUN']._serialized_end=405
+  _globals['_AGENTRUN_SCORESENTRY']._serialized_start=315
+  _globals['_AGENTRUN_SCORESENTRY']._serialized_end=380
+  _globals['_SCORE']._serialized_start=407
+  _globals['_SCORE']._serialized_end=489
+  _globals['_TRANSCRIPT']._serialized_start=492
+  _globals['_TRANSCRIPT']._serialized_end=684
+  _globals['_METADATA']._serialized_start=687
+  _globals['_METADATA']._serialized_end=859
+  _globals['_METADATA_FIELDSENTRY']._serialized_start=786
+  _globals['_METADATA_FIELDSENTRY']._serialized_end=859
+  _globals['_METADATAFIELD']._serialized_start=861
+  _globals['_METADATAFIELD']._serialized_end=971
+  _globals['_VALUE']._serialized_start=974
+  _globals['_VALUE']._serialized_end=1251
+  _globals['_LISTVALUE']._serialized_start=1253
+  _globals['_LISTVALUE']._serialized_end=1300
+  _globals['_STRUCTVALUE']._serialized_start=1302
+  _globals['_STRUCTVALUE']._serialized_end=1357
+  _globals['_STRUCTFIELD']._serialized_start=1359
+  _globals['_STRUCTFIELD']._serialized_end=1420
+  _globals['_CHATMESSAGE']._serialized_start=1423
+  _globals['_CHATMESSAGE']._serialized_end=1756
+  _globals['_CONTENTPARTS']._serialized_start=1758
+  _globals['_CONTENTPARTS']._serialized_end=1809
+  _globals['_CONTENT']._serialized_start=1811
+  _globals['_CONTENT']._serialized_end=1922
+  _globals['_TEXTCONTENT']._serialized_start=1924
+  _globals['_TEXTCONTENT']._serialized_end=1985
+  _globals['_REASONINGCONTENT']._serialized_start=1987
+  _globals['_REASONINGCONTENT']._serialized_end=2080
+  _globals['_SYSTEMROLE']._serialized_start=2082
+  _globals['_SYSTEMROLE']._serialized_end=2094
+  _globals['_USERROLE']._serialized_start=2096
+  _globals['_USERROLE']._serialized_end=2129
+  _globals['_ASSISTANTROLE']._serialized_start=2131
+  _globals['_ASSISTANTROLE']._serialized_end=2219
+  _globals['_TOOLROLE']._serialized_start=2222
+  _globals['_TOOLROLE']._serialized_end=2368
+  _globals['_TOOLCALL']._serialized_start=2371
+  _globals['_TOOLCALL']._serialized_end=2581
+  _globals['_TOOLCALLVIEW']._serialized_start=2583
+  _globals['_TOOLCALLVIEW']._serialized_end=2660
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -433,6 +434,7 @@ class ChatMessage(_message.Message):
     USER_FIELD_NUMBER: _builtins.int
     ASSISTANT_FIELD_NUMBER: _builtins.int
     TOOL_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Optional message identifier. Not rendered."""
     text: _builtins.str
@@ -457,6 +459,12 @@ class ChatMessage(_message.Message):
     def tool(self) -> Global___ToolRole:
         """The result of a tool call."""
 
+    @_builtins.property
+    def timestamp(self) -> _timestamp_pb2.Timestamp:
+        """Optional: when the message was made (by the agent's clock). Kept as sent; not rendered.
+        Seconds MUST lie in 0001-01-01..9999-12-31 and nanos in 0..999,999,999.
+        """
+
     def __init__(
         self,
         *,
@@ -467,10 +475,11 @@ class ChatMessage(_message.Message):
         user: Global___UserRole | None = ...,
         assistant: Global___AssistantRole | None = ...,
         tool: Global___ToolRole | None = ...,
+        timestamp: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_id", b"_id", "assistant", b"assistant", "content", b"content", "id", b"id", "parts", b"parts", "role", b"role", "system", b"system", "text", b"text", "tool", b"tool", "user", b"user"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_id", b"_id", "assistant", b"assistant", "content", b"content", "id", b"id", "parts", b"parts", "role", b"role", "system", b"system", "text", b"text", "timestamp", b"timestamp", "tool", b"tool", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_id", b"_id", "assistant", b"assistant", "content", b"content", "id", b"id", "parts", b"parts", "role", b"role", "system", b"system", "text", b"text", "tool", b"tool", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_id", b"_id", "assistant", b"assistant", "content", b"content", "id", b"id", "parts", b"parts", "role", b"role", "system", b"system", "text", b"text", "timestamp", b"timestamp", "tool", b"tool", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__id: _TypeAlias = _typing.Literal["id"]  # noqa: Y015
     _WhichOneofArgType__id: _TypeAlias = _typing.Literal["_id", b"_id"]  # noqa: Y015

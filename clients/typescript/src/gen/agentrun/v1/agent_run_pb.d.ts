@@ -4,7 +4,7 @@
 
 import type { GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import type { Message } from "@bufbuild/protobuf";
-import type { NullValue } from "@bufbuild/protobuf/wkt";
+import type { NullValue, Timestamp } from "@bufbuild/protobuf/wkt";
 
 /**
  * Describes the file agentrun/v1/agent_run.proto.
@@ -461,6 +461,14 @@ export declare type ChatMessage = Message<"agentrun.v1.ChatMessage"> & {
     value: ToolRole;
     case: "tool";
   } | { case: undefined; value?: undefined };
+
+  /**
+   * Optional: when the message was made (by the agent's clock). Kept as sent; not rendered.
+   * Seconds MUST lie in 0001-01-01..9999-12-31 and nanos in 0..999,999,999.
+   *
+   * @generated from field: google.protobuf.Timestamp timestamp = 8;
+   */
+  timestamp?: Timestamp | undefined;
 };
 
 /**
