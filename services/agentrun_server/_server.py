@@ -36,6 +36,7 @@ from agentrun_server._errors import InvalidArgument
 from agentrun_server.auth import AuthInterceptor, KeyRing, KeyServicer, ServerTls
 from agentrun_server.auth._tls import TlsConfig
 from agentrun_server.ingestion import (
+    AbandonSweep,
     IngestionLimits,
     IngestionMetrics,
     IngestionServicer,
@@ -239,6 +240,7 @@ class Server:
         self._storage: Storage | None = None
         self._grpc: grpc.aio.Server | None = None
         self._dispatcher: Dispatcher | None = None
+        self._sweep: AbandonSweep | None = None
         self._scraped: list[Collector] = []  # metrics read from the database at scrape
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped
         self._keys: KeyRing | None = None
@@ -345,9 +347,11 @@ class Server:
                 )
             )
             self.registry.register(self._scraped[-1])
-            IngestionServicer(
-                storage, IngestionMetrics(self.registry), config.limits, wake
-            ).add_to_server(server)
+            ingestion_metrics = IngestionMetrics(self.registry)
+            IngestionServicer(storage, ingestion_metrics, config.limits, wake).add_to_server(server)
+            self._sweep = AbandonSweep(
+                storage, config.limits.live_run_timeout_seconds, ingestion_metrics, wake
+            )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         key_service_pb2_grpc.add_KeyServiceServicer_to_server(
             KeyServicer(storage, self._keys.reload if self._keys else None), server
@@ -390,6 +394,8 @@ class Server:
         await server.start()
         if self._dispatcher is not None:
             await self._dispatcher.start()
+        if self._sweep is not None:
+            self._sweep.start()
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.metrics_port >= 0:
@@ -429,6 +435,9 @@ class Server:
             await server.stop(grace)
         if dispatcher is not None:
             await dispatcher.stop()
+        sweep, self._sweep = self._sweep, None
+        if sweep is not None:
+            await sweep.stop()
         endpoint, self._metrics_endpoint = self._metrics_endpoint, None
         if endpoint is not None:
             await asyncio.to_thread(endpoint.close)

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 import pytest
@@ -24,6 +25,8 @@ from agentrun.v1 import orchestrator_service_pb2 as orch_pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from agentrun.v1 import workflow_pb2
 from agentrun_server import IngestionLimits, Server, ServerConfig
+
+from .test_orchestrator import RawWorker
 
 STORED, DUPLICATE, REFUSED = (
     pb.EVENT_STATUS_STORED,
@@ -375,3 +378,85 @@ async def test_agentrun_tail_prints_messages_as_they_land_and_ends_with_the_run(
             "-- run t is finished",
         ]
         stream.call.cancel()
+
+
+async def test_a_collection_may_enter_its_abandoned_runs_into_the_workflow_once(
+    database: str,
+) -> None:
+    server = Server(
+        ServerConfig(
+            db=database,
+            port=0,
+            metrics_port=-1,
+            limits=IngestionLimits(live_run_timeout_seconds=0.4),
+        )
+    )
+    await server.start()
+    url = f"127.0.0.1:{server.port}"
+    worker = RawWorker(url)
+    try:
+        async with grpc.aio.insecure_channel(url) as channel:
+            ingestion = pb_grpc.IngestionServiceStub(channel)
+            orchestrator = orch_grpc.OrchestratorServiceStub(channel)
+            await orchestrator.ApplyWorkflow(
+                orch_pb.ApplyWorkflowRequest(
+                    workflow=workflow_pb2.Workflow(name="wf", stages=[workflow_pb2.Stage(name="s")])
+                )
+            )
+            entering, waiting = [
+                (
+                    await ingestion.CreateCollection(
+                        pb.CreateCollectionRequest(
+                            name=name, workflow="wf", enter_workflow_on_abandon=flag
+                        )
+                    )
+                ).collection
+                for name, flag in (("entering", True), ("waiting", False))
+            ]
+            assert (entering.enter_workflow_on_abandon, waiting.enter_workflow_on_abandon) == (
+                True,
+                False,
+            )
+            stream = Stream(channel)
+            await stream.send(
+                _event("gone", 1, entering.id, [_message("user", "step 0")], name="gone"),
+                _event("empty", 1, entering.id, name="no messages yet"),
+                _event("kept", 1, waiting.id, [_message("user", "step 0")]),
+            )
+
+            async def tasks_of(run_id: str) -> list[Any]:
+                listed = await orchestrator.ListTasks(orch_pb.ListTasksRequest(workflow="wf"))
+                return [t for t in listed.tasks if t.agent_run_id == run_id]
+
+            for _ in range(200):  # the sweep runs every 0.1 s here
+                if await tasks_of("gone"):
+                    break
+                await asyncio.sleep(0.05)
+            # Entered once, as it stood: the other collection's run and the run with nothing
+            # for a stage to read (no transcript) wait for their finish.
+            assert len(await tasks_of("gone")) == 1
+            assert await tasks_of("empty") == [] and await tasks_of("kept") == []
+            await worker.subscribe(["s"], credits=1)
+            (lease,) = (await worker.next("leases")).leases
+            assert lease.agent_run.id == "gone"
+            assert [m.text for m in lease.agent_run.transcripts[0].messages] == ["step 0"]
+            assert (await worker.complete(lease.task_id, lease.lease_id)).code == 0
+            entered = await asyncio.to_thread(  # off the loop: a scrape reads on it
+                server.registry.get_sample_value,
+                "agentrun_ingest_live_runs_entered_on_abandon_total",
+            )
+            assert entered == 1
+
+            # An event reopens it; its finish does not enter it again.
+            await stream.send(
+                _event("gone", 2, messages=[_message("assistant", "back")]),
+                _event("gone", 3, finish=True),
+                _event("empty", 2, messages=[_message("user", "at last")], finish=True),
+                _event("kept", 2, finish=True),
+            )
+            assert [t.state for t in await tasks_of("gone")] == [workflow_pb2.TASK_STATE_DONE]
+            assert len(await tasks_of("empty")) == 1 and len(await tasks_of("kept")) == 1
+            stream.call.cancel()
+    finally:
+        await worker.close()
+        await server.shutdown(grace_seconds=1)

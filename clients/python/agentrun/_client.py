@@ -128,13 +128,26 @@ class Client:
             )
 
     def create_collection(
-        self, name: str, description: str = "", workflow: str = ""
+        self,
+        name: str,
+        description: str = "",
+        workflow: str = "",
+        *,
+        enter_workflow_on_abandon: bool = False,
     ) -> ingestion_pb.CreateCollectionResponse:
-        """Create a collection, or get the one with this name."""
+        """Create a collection, or get the one with this name (as it was made).
+
+        With `workflow`, each run stored enters its first stage; a live run when it finishes, or
+        with `enter_workflow_on_abandon` also when it is abandoned (no event for the server's
+        `--live-run-timeout`), once either way.
+        """
         return self._call(
             self.ingestion.CreateCollection,
             ingestion_pb.CreateCollectionRequest(
-                name=name, description=description, workflow=workflow
+                name=name,
+                description=description,
+                workflow=workflow,
+                enter_workflow_on_abandon=enter_workflow_on_abandon,
             ),
         )
 

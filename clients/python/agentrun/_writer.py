@@ -757,12 +757,14 @@ def init(
     api_key: str | None = None,
     workflow: str | None = None,
     connection: Connection | None = None,
+    enter_workflow_on_abandon: bool = False,
     **writer_options: object,
 ) -> AgentRunWriter:
     """Return a writer for a collection, as `docent.init` does (same arguments, same order).
 
     With no `collection_id`, the collection named `collection_name` is created (or reused: names
-    are unique), bound to `workflow` if given, so each run written enters its first stage.
+    are unique), bound to `workflow` if given, so each run written enters its first stage (a
+    live run when it finishes, or with `enter_workflow_on_abandon` also when it is abandoned).
     `writer_options` go to `AgentRunWriter` (num_workers, batch_size, spool_dir, ...);
     `connection` carries TLS and the rest of `Connection` (agentrun's own, after Docent's).
     `web_url` (Docent's dashboard, for the links it logs) is accepted and not used: agentrun has
@@ -779,7 +781,9 @@ def init(
     with Client(server_url, api_key=api_key, connection=connection) as client:
         if collection_id is None:
             collection_id = client.create_collection(
-                collection_name, workflow=workflow or ""
+                collection_name,
+                workflow=workflow or "",
+                enter_workflow_on_abandon=enter_workflow_on_abandon,
             ).collection.id
         else:
             client.get_collection(collection_id)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from agentrun_server.ingestion._abandon import AbandonSweep
 from agentrun_server.ingestion._metrics import IngestionMetrics, live_runs_collector
 from agentrun_server.ingestion._servicer import IngestionLimits, IngestionServicer
 
-__all__ = ["IngestionLimits", "IngestionMetrics", "IngestionServicer", "live_runs_collector"]
+__all__ = [
+    "AbandonSweep",
+    "IngestionLimits",
+    "IngestionMetrics",
+    "IngestionServicer",
+    "live_runs_collector",
+]

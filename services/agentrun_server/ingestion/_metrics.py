@@ -79,6 +79,12 @@ class IngestionMetrics:
             "Live runs finished (each then enters its collection's workflow).",
             registry=registry,
         )
+        self.live_runs_entered_on_abandon = Counter(
+            "agentrun_ingest_live_runs_entered_on_abandon",
+            "Abandoned live runs entered into their workflow (collections with "
+            "enter_workflow_on_abandon).",
+            registry=registry,
+        )
         self.open_event_streams = Gauge(
             "agentrun_ingest_open_event_streams",
             "StreamAgentRunEvents streams open now.",

@@ -158,6 +158,7 @@ def collection_to_proto(collection: Collection) -> pb.Collection:
         workflow=collection.workflow,
         create_time=to_timestamp(collection.created_at),
         run_count=collection.run_count,
+        enter_workflow_on_abandon=collection.enter_on_abandon,
     )
 
 
@@ -305,6 +306,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             check_text("description", request.description),
             check_reference("workflow", request.workflow),
             time.time(),
+            enter_on_abandon=request.enter_workflow_on_abandon,
         )
         return pb.CreateCollectionResponse(
             collection=collection_to_proto(collection), created=created

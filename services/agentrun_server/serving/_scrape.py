@@ -41,6 +41,13 @@ class ScrapedCollector(Collector, Generic[T]):
 
     def collect(self) -> Iterator[Metric]:
         try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:  # waiting here would block the very loop that must read (a 5 s stall)
+            _log.debug("%s metrics skipped: collected on the server's event loop", self._what)
+            return
+        try:
             future = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
             value = future.result(timeout=SCRAPE_TIMEOUT_SECONDS)
         except Exception:

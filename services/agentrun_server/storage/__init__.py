@@ -120,9 +120,10 @@ class Storage(Protocol):
     # --- collections and runs -------------------------------------------------------------------
 
     async def create_collection(
-        self, name: str, description: str, workflow: str, now: float
+        self, name: str, description: str, workflow: str, now: float, enter_on_abandon: bool = False
     ) -> tuple[Collection, bool]:
-        """Create a collection, or return the one with this name (created=False).
+        """Create a collection, or return the one with this name (created=False; its description
+        and `enter_on_abandon` as they were).
 
         Raises:
             NotFound: `workflow` is not empty and names no workflow.
@@ -171,6 +172,15 @@ class Storage(Protocol):
         Raises:
             NotFound: no such run.
         """
+
+    async def enter_abandoned(
+        self, abandoned_before: float, fold: Fold, limit: int, now: float
+    ) -> list[str]:
+        """Enter up to `limit` abandoned runs (no event since `abandoned_before`) of collections
+        with `enter_on_abandon` into their workflow, oldest first, each as `fold` makes it from
+        its events; return their ids. A run enters its workflow once: its finish, later, does
+        not enter it again. One `fold` refuses (no transcript yet) never enters until it
+        finishes. Replicas sweeping at once enter each run once."""
 
     async def count_live_runs(self, abandoned_before: float) -> tuple[int, int]:
         """(running, abandoned) live runs in every collection: running runs with an event since

@@ -17,6 +17,7 @@ out), so a synchronous SQLite adapter and an asynchronous PostgreSQL one call th
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -41,6 +42,8 @@ from agentrun_server.storage._types import (
     StageDef,
     WorkflowDef,
 )
+
+_log = logging.getLogger(__name__)
 
 BACKOFF_JITTER = 0.2
 """Backoffs vary by +-20 %, so that tasks failed together do not retry together."""
@@ -290,6 +293,36 @@ def live_run_counts_statement(mark: str) -> str:
         f"SELECT count(*) FILTER (WHERE updated_at >= {mark}), "
         f"count(*) FILTER (WHERE updated_at < {mark}) FROM agent_runs WHERE state = 'running'"
     )
+
+
+NOTHING_TO_ENTER = -1.0
+"""`agent_runs.entered_at` of a run abandoned with nothing a stage could work on (no transcript):
+it left the sweep, and its finish enters it. NULL: not entered; else when it entered."""
+
+ABANDONED_TO_ENTER = (
+    "SELECT r.id, r.collection_id FROM agent_runs r JOIN collections c ON c.id = r.collection_id "
+    "WHERE r.state = 'running' AND r.entered_at IS NULL AND r.updated_at < {mark} "
+    "AND c.enter_on_abandon AND c.workflow != '' ORDER BY r.updated_at LIMIT {mark}"
+)
+"""Abandoned runs of collections that enter them into their workflow, not entered yet, oldest
+first (given `abandoned_before` and a limit); read off the partial index `agent_runs_to_enter`."""
+
+
+def enters_at_finish(entered_at: float | None) -> bool:
+    """Whether a run finishing now enters its workflow: unless it entered when abandoned."""
+    return entered_at is None or entered_at < 0
+
+
+def fold_abandoned(
+    fold: Fold, run_id: str, parts: Sequence[bytes]
+) -> tuple[bytes, str | None] | None:
+    """The run an abandoned run's events make, to enter into its workflow; None when `fold`
+    refuses it (no transcript yet: nothing for a stage to work on)."""
+    try:
+        return fold(run_id, parts)
+    except InvalidArgument as exc:
+        _log.info("abandoned run %r does not enter its workflow: %s", run_id, exc)
+        return None
 
 
 def _refused(error: ServerError, next_sequence: int) -> EventOutcome:

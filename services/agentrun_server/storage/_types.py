@@ -66,6 +66,8 @@ class Collection:
     workflow: str
     created_at: float
     run_count: int = 0
+    enter_on_abandon: bool = False
+    """Its live runs enter the workflow when abandoned, not only when they finish."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,6 +141,7 @@ class Collection(_message.Message):
     WORKFLOW_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     RUN_COUNT_FIELD_NUMBER: _builtins.int
+    ENTER_WORKFLOW_ON_ABANDON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (a uuid4 string)."""
     name: _builtins.str
@@ -153,6 +154,12 @@ class Collection(_message.Message):
     """
     run_count: _builtins.int
     """Number of runs stored in the collection."""
+    enter_workflow_on_abandon: _builtins.bool
+    """When true, a live run of this collection enters the workflow when it is abandoned (no event
+    for the server's --live-run-timeout), as it stands then, not only when it finishes. A run
+    enters its workflow once: one that entered when abandoned and then finishes does not enter
+    again (its stages read it as it stands when they lease it).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the collection was created."""
@@ -166,10 +173,11 @@ class Collection(_message.Message):
         workflow: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         run_count: _builtins.int = ...,
+        enter_workflow_on_abandon: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "id", b"id", "name", b"name", "run_count", b"run_count", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "enter_workflow_on_abandon", b"enter_workflow_on_abandon", "id", b"id", "name", b"name", "run_count", b"run_count", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -184,22 +192,26 @@ class CreateCollectionRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     WORKFLOW_FIELD_NUMBER: _builtins.int
+    ENTER_WORKFLOW_ON_ABANDON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the collection; 1 to 256 bytes. A collection with this name is returned if it exists."""
     description: _builtins.str
     """Optional description, used only when the collection is created."""
     workflow: _builtins.str
     """Optional workflow to bind the collection to. MUST name an applied workflow."""
+    enter_workflow_on_abandon: _builtins.bool
+    """See Collection.enter_workflow_on_abandon; used only when the collection is created."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         description: _builtins.str = ...,
         workflow: _builtins.str = ...,
+        enter_workflow_on_abandon: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "enter_workflow_on_abandon", b"enter_workflow_on_abandon", "name", b"name", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -137,10 +137,16 @@ class PostgresStorage:
     # --- collections and runs -------------------------------------------------------------------
 
     async def create_collection(
-        self, name: str, description: str, workflow: str, now: float
+        self, name: str, description: str, workflow: str, now: float, enter_on_abandon: bool = False
     ) -> tuple[Collection, bool]:
         return await self._run(
-            _runs.create_collection, self._workflows, name, description, workflow, self._now(now)
+            _runs.create_collection,
+            self._workflows,
+            name,
+            description,
+            workflow,
+            self._now(now),
+            enter_on_abandon,
         )
 
     async def get_collection(self, id: str = "", name: str = "") -> Collection:
@@ -167,6 +173,13 @@ class PostgresStorage:
         self, run_id: str, after_sequence: int, limit: int
     ) -> tuple[StoredRun, list[tuple[int, bytes]]]:
         return await self._run(_live.events_after, run_id, after_sequence, limit)
+
+    async def enter_abandoned(
+        self, abandoned_before: float, fold: Fold, limit: int, now: float
+    ) -> list[str]:
+        return await self._run(
+            _live.enter_abandoned, self._workflows, abandoned_before, fold, limit, self._now(now)
+        )
 
     async def count_live_runs(self, abandoned_before: float) -> tuple[int, int]:
         return await self._run(_live.count_live_runs, abandoned_before)

@@ -9,7 +9,11 @@ from typing import Any
 
 from agentrun_server._errors import NotFound
 from agentrun_server.storage._rules import (
+    ABANDONED_TO_ENTER,
+    NOTHING_TO_ENTER,
+    enters_at_finish,
     first_event_refusal,
+    fold_abandoned,
     folded,
     live_run_counts_statement,
     next_event_refusal,
@@ -148,11 +152,34 @@ async def _finish(
     now: float | None,
 ) -> None:
     data, name = finished
+    cursor = await conn.execute("SELECT entered_at FROM agent_runs WHERE id = %s", (run_id,))
+    row = await cursor.fetchone()  # the row is locked by this transaction
+    enters = enters_at_finish(row[0] if row else None)
     await conn.execute(
         f"UPDATE agent_runs SET state = 'finished', data = %(data)s, name = %(name)s, "
-        f"size_bytes = %(size)s, updated_at = {NOW} WHERE id = %(id)s",
-        {"data": data, "name": name, "size": len(data), "id": run_id, "now": now},
+        f"size_bytes = %(size)s, updated_at = {NOW}, "
+        f"entered_at = CASE WHEN %(enters)s THEN {NOW} ELSE entered_at END WHERE id = %(id)s",
+        {
+            "data": data,
+            "name": name,
+            "size": len(data),
+            "id": run_id,
+            "now": now,
+            "enters": enters,
+        },
     )
+    if enters:
+        await _enter(conn, workflows, run_id, collection_id, now)
+
+
+async def _enter(
+    conn: Connection,
+    workflows: WorkflowCache,
+    run_id: str,
+    collection_id: str,
+    now: float | None,
+) -> None:
+    """Enter the run into its collection's workflow, at the first stage (if bound to one)."""
     cursor = await conn.execute("SELECT workflow FROM collections WHERE id = %s", (collection_id,))
     row = await cursor.fetchone()
     if row is None or not row[0]:
@@ -172,6 +199,38 @@ async def _finish(
         },
     )
     await notify_ready(conn, row[0])
+
+
+async def enter_abandoned(
+    conn: Connection,
+    workflows: WorkflowCache,
+    abandoned_before: float,
+    fold: Fold,
+    limit: int,
+    now: float | None,
+) -> list[str]:
+    """See `Storage.enter_abandoned`. Rows another replica's sweep holds are skipped."""
+    cursor = await conn.execute(
+        ABANDONED_TO_ENTER.format(mark="%s") + " FOR UPDATE OF r SKIP LOCKED",
+        (abandoned_before, limit),
+    )
+    entered: list[str] = []
+    for run_id, collection_id in await cursor.fetchall():
+        made = fold_abandoned(fold, run_id, await _parts(conn, run_id))
+        if made is None:
+            await conn.execute(
+                "UPDATE agent_runs SET entered_at = %s WHERE id = %s", (NOTHING_TO_ENTER, run_id)
+            )
+            continue
+        data, name = made
+        await conn.execute(
+            f"UPDATE agent_runs SET data = %(data)s, name = %(name)s, entered_at = {NOW} "
+            "WHERE id = %(id)s",
+            {"data": data, "name": name, "id": run_id, "now": now},
+        )
+        await _enter(conn, workflows, run_id, collection_id, now)
+        entered.append(run_id)
+    return entered
 
 
 async def with_parts(conn: Connection, run: StoredRun) -> StoredRun:

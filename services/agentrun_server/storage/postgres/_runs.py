@@ -20,7 +20,7 @@ from agentrun_server.storage._types import (
 )
 from agentrun_server.storage.postgres._engine import NOW, Connection
 
-_COLLECTION_COLUMNS = "id, name, description, workflow, created_at, run_count"
+_COLLECTION_COLUMNS = "id, name, description, workflow, created_at, run_count, enter_on_abandon"
 _RUN_COLUMNS = "id, collection_id, ingested_at, data, seq, state, updated_at, next_sequence"
 
 
@@ -72,14 +72,15 @@ async def create_collection(
     description: str,
     workflow: str,
     now: float | None,
+    enter_on_abandon: bool = False,
 ) -> tuple[Collection, bool]:
     """See `Storage.create_collection`."""
     if workflow:
         await workflows.get(conn, workflow)
     collection_id = str(uuid.uuid4())
     cursor = await conn.execute(
-        "INSERT INTO collections (id, name, description, workflow, created_at) "
-        f"VALUES (%(id)s, %(name)s, %(description)s, %(workflow)s, {NOW}) "
+        "INSERT INTO collections (id, name, description, workflow, created_at, enter_on_abandon) "
+        f"VALUES (%(id)s, %(name)s, %(description)s, %(workflow)s, {NOW}, %(abandon)s) "
         "ON CONFLICT (name) DO NOTHING RETURNING created_at",
         {
             "id": collection_id,
@@ -87,11 +88,15 @@ async def create_collection(
             "description": description,
             "workflow": workflow,
             "now": now,
+            "abandon": enter_on_abandon,
         },
     )
     created = await cursor.fetchone()
     if created is not None:
-        return Collection(collection_id, name, description, workflow, created[0]), True
+        made = Collection(
+            collection_id, name, description, workflow, created[0], 0, enter_on_abandon
+        )
+        return made, True
     cursor = await conn.execute(
         f"SELECT {_COLLECTION_COLUMNS} FROM collections WHERE name = %s", (name,)
     )

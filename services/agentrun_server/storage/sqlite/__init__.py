@@ -142,10 +142,16 @@ class SqliteStorage:
     # --- collections and runs -------------------------------------------------------------------
 
     async def create_collection(
-        self, name: str, description: str, workflow: str, now: float
+        self, name: str, description: str, workflow: str, now: float, enter_on_abandon: bool = False
     ) -> tuple[Collection, bool]:
         return await self._engine.write(
-            _runs.create_collection, self._workflows, name, description, workflow, now
+            _runs.create_collection,
+            self._workflows,
+            name,
+            description,
+            workflow,
+            now,
+            enter_on_abandon,
         )
 
     async def get_collection(self, id: str = "", name: str = "") -> Collection:
@@ -172,6 +178,13 @@ class SqliteStorage:
         self, run_id: str, after_sequence: int, limit: int
     ) -> tuple[StoredRun, list[tuple[int, bytes]]]:
         return await self._engine.read(_live.events_after, run_id, after_sequence, limit)
+
+    async def enter_abandoned(
+        self, abandoned_before: float, fold: Fold, limit: int, now: float
+    ) -> list[str]:
+        return await self._engine.write(
+            _live.enter_abandoned, self._workflows, abandoned_before, fold, limit, now
+        )
 
     async def count_live_runs(self, abandoned_before: float) -> tuple[int, int]:
         return await self._engine.read(_live.count_live_runs, abandoned_before)

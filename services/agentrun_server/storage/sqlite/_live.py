@@ -9,7 +9,11 @@ from collections.abc import Sequence
 
 from agentrun_server._errors import NotFound
 from agentrun_server.storage._rules import (
+    ABANDONED_TO_ENTER,
+    NOTHING_TO_ENTER,
+    enters_at_finish,
     first_event_refusal,
+    fold_abandoned,
     folded,
     live_run_counts_statement,
     next_event_refusal,
@@ -131,10 +135,23 @@ def _finish(
     now: float,
 ) -> None:
     data, name = finished
+    (entered_at,) = db.execute(
+        "SELECT entered_at FROM agent_runs WHERE id = ?", (run_id,)
+    ).fetchone()
+    enters = enters_at_finish(entered_at)
     db.execute(
-        "UPDATE agent_runs SET state = 'finished', data = ?, name = ?, updated_at = ? WHERE id = ?",
-        (data, name, now, run_id),
+        "UPDATE agent_runs SET state = 'finished', data = ?, name = ?, size_bytes = ?, "
+        "updated_at = ?, entered_at = ? WHERE id = ?",
+        (data, name, len(data), now, now if enters else entered_at, run_id),
     )
+    if enters:
+        _enter(db, workflows, run_id, collection_id, now)
+
+
+def _enter(
+    db: sqlite3.Connection, workflows: WorkflowCache, run_id: str, collection_id: str, now: float
+) -> None:
+    """Enter the run into its collection's workflow, at the first stage (if bound to one)."""
     workflow_name = db.execute(
         "SELECT workflow FROM collections WHERE id = ?", (collection_id,)
     ).fetchone()[0]
@@ -146,6 +163,35 @@ def _finish(
             "ON CONFLICT DO NOTHING",
             (workflow_name, stage.name, run_id, collection_id, stage.max_attempts, now, now),
         )
+
+
+def enter_abandoned(
+    db: sqlite3.Connection,
+    workflows: WorkflowCache,
+    abandoned_before: float,
+    fold: Fold,
+    limit: int,
+    now: float,
+) -> list[str]:
+    """See `Storage.enter_abandoned`."""
+    with transaction(db):
+        rows = db.execute(ABANDONED_TO_ENTER.format(mark="?"), (abandoned_before, limit)).fetchall()
+        entered: list[str] = []
+        for run_id, collection_id in rows:
+            made = fold_abandoned(fold, run_id, _parts(db, run_id))
+            if made is None:
+                db.execute(
+                    f"UPDATE agent_runs SET entered_at = {NOTHING_TO_ENTER} WHERE id = ?", (run_id,)
+                )
+                continue
+            data, name = made
+            db.execute(
+                "UPDATE agent_runs SET data = ?, name = ?, entered_at = ? WHERE id = ?",
+                (data, name, now, run_id),
+            )
+            _enter(db, workflows, run_id, collection_id, now)
+            entered.append(run_id)
+        return entered
 
 
 def with_parts(db: sqlite3.Connection, run: StoredRun) -> StoredRun:

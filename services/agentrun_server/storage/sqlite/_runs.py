@@ -20,13 +20,20 @@ from agentrun_server.storage.sqlite._engine import select_in, transaction
 from agentrun_server.storage.sqlite._live import with_parts
 from agentrun_server.storage.sqlite._workflows import WorkflowCache
 
-_COLLECTION_COLUMNS = "id, name, description, workflow, created_at, run_count"
+_COLLECTION_COLUMNS = "id, name, description, workflow, created_at, run_count, enter_on_abandon"
 _RUN_COLUMNS = "id, collection_id, ingested_at, data, seq, state, updated_at, next_sequence"
 _INSERT_ROWS = 100
 _INSERT_BYTES = 4 * 1024 * 1024
 """A multi-row INSERT holds at most this many bytes of runs (and at least one run): SQLite copies
 every value it binds, so 1,000 rows of large runs held one statement's worth more memory at once
 (the server's peak RSS rose by half)."""
+
+
+def _collection(row: tuple[Any, ...]) -> Collection:
+    id, name, description, workflow, created_at, run_count, enter_on_abandon = row
+    return Collection(
+        id, name, description, workflow, created_at, run_count, bool(enter_on_abandon)
+    )
 
 
 def create_collection(
@@ -36,6 +43,7 @@ def create_collection(
     description: str,
     workflow: str,
     now: float,
+    enter_on_abandon: bool = False,
 ) -> tuple[Collection, bool]:
     """See `Storage.create_collection`."""
     with transaction(db):
@@ -43,14 +51,15 @@ def create_collection(
             workflows.get(db, workflow)
         collection_id = str(uuid.uuid4())
         created = db.execute(
-            "INSERT INTO collections (id, name, description, workflow, created_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING RETURNING id",
-            (collection_id, name, description, workflow, now),
+            "INSERT INTO collections (id, name, description, workflow, created_at, "
+            "enter_on_abandon) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING RETURNING id",
+            (collection_id, name, description, workflow, now, enter_on_abandon),
         ).fetchone()
         if created is not None:
-            return Collection(collection_id, name, description, workflow, now), True
-        existing = Collection(
-            *db.execute(
+            made = Collection(collection_id, name, description, workflow, now, 0, enter_on_abandon)
+            return made, True
+        existing = _collection(
+            db.execute(
                 f"SELECT {_COLLECTION_COLUMNS} FROM collections WHERE name = ?", (name,)
             ).fetchone()
         )
@@ -70,7 +79,7 @@ def get_collection(db: sqlite3.Connection, id: str, name: str) -> Collection:
     ).fetchone()
     if row is None:
         raise NotFound(f"no collection with {column} {key!r}")
-    return Collection(*row)
+    return _collection(row)
 
 
 def list_collections(db: sqlite3.Connection) -> list[Collection]:
@@ -78,7 +87,7 @@ def list_collections(db: sqlite3.Connection) -> list[Collection]:
     rows = db.execute(
         f"SELECT {_COLLECTION_COLUMNS} FROM collections ORDER BY created_at, id"
     ).fetchall()
-    return [Collection(*row) for row in rows]
+    return [_collection(row) for row in rows]
 
 
 def insert_runs(

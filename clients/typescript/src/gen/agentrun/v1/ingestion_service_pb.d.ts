@@ -60,6 +60,16 @@ export declare type Collection = Message<"agentrun.v1.Collection"> & {
    * @generated from field: int64 run_count = 6;
    */
   runCount: bigint;
+
+  /**
+   * When true, a live run of this collection enters the workflow when it is abandoned (no event
+   * for the server's --live-run-timeout), as it stands then, not only when it finishes. A run
+   * enters its workflow once: one that entered when abandoned and then finishes does not enter
+   * again (its stages read it as it stands when they lease it).
+   *
+   * @generated from field: bool enter_workflow_on_abandon = 7;
+   */
+  enterWorkflowOnAbandon: boolean;
 };
 
 /**
@@ -94,6 +104,13 @@ export declare type CreateCollectionRequest = Message<"agentrun.v1.CreateCollect
    * @generated from field: string workflow = 3;
    */
   workflow: string;
+
+  /**
+   * See Collection.enter_workflow_on_abandon; used only when the collection is created.
+   *
+   * @generated from field: bool enter_workflow_on_abandon = 4;
+   */
+  enterWorkflowOnAbandon: boolean;
 };
 
 /**
