@@ -4,7 +4,9 @@ import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { test } from "node:test";
 
-import { connect } from "../src/index.js";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+
+import { AgentRunState, EventStatus, connect } from "../src/index.js";
 
 const server = process.env.AGENTRUN_SERVER;
 
@@ -125,4 +127,64 @@ test("a call naming a missing workflow fails with NOT_FOUND and its message", { 
     assert.match(error.rawMessage, /no-such-workflow/);
     return true;
   });
+});
+
+test("a live run: events acknowledged in order, a resend is a duplicate, a watcher sees them", { skip: !server }, async () => {
+  const { ingestion } = connect(server);
+  const name = `ts-live-${randomUUID().slice(0, 8)}`;
+  const { collection } = await ingestion.createCollection({ name });
+  const madeAt = new Date("2026-12-01T04:30:15.123Z");
+  const message = (role, text) => ({
+    content: { case: "text", value: text },
+    role: { case: role, value: {} },
+    timestamp: timestampFromDate(madeAt),
+  });
+  const event = (sequence, patch, finish = false) => ({
+    agentRunId: name,
+    sequence: BigInt(sequence),
+    collectionId: collection.id,
+    patch,
+    finish,
+  });
+
+  // One long-lived stream carries the run's events; each message gets its acks, in order.
+  const out = channel();
+  const acks = ingestion.streamAgentRunEvents(out)[Symbol.asyncIterator]();
+  const send = async (...events) => {
+    out.push({ events });
+    return (await acks.next()).value.acks;
+  };
+  const opened = await send(
+    event(1, { name: "task-17", transcripts: [{ key: "main", messages: [message("user", "2+2?")] }] }),
+  );
+  assert.deepEqual(opened.map((a) => a.status), [EventStatus.STORED]);
+  const watcher = ingestion.watchAgentRun({ agentRunId: name });
+  const answered = await send(
+    event(2, { transcripts: [{ key: "main", messages: [message("assistant", "4")] }] }),
+    event(2, { transcripts: [{ key: "main", messages: [message("assistant", "4")] }] }), // a resend
+    event(4, {}), // a gap: refused, naming the number expected
+  );
+  assert.deepEqual(
+    answered.map((a) => a.status),
+    [EventStatus.STORED, EventStatus.DUPLICATE, EventStatus.REFUSED],
+  );
+  assert.equal(answered[2].code, 9); // FAILED_PRECONDITION
+  assert.equal(answered[2].nextSequence, 3n);
+  const running = await ingestion.getAgentRun({ agentRunId: name });
+  assert.equal(running.agentRun.state, AgentRunState.RUNNING);
+  assert.equal(running.agentRun.eventCount, 2n);
+  await send(event(3, { scores: { reward: { kind: { case: "doubleValue", value: 1 } } } }, true));
+  out.close();
+
+  const seen = [];
+  for await (const response of watcher) {
+    seen.push(...response.events.map((e) => e.sequence));
+    if (response.state === AgentRunState.FINISHED) break;
+  }
+  assert.deepEqual(seen, [1n, 2n, 3n]);
+  const done = (await ingestion.getAgentRun({ agentRunId: name })).agentRun;
+  assert.equal(done.state, AgentRunState.FINISHED);
+  const texts = done.agentRun.transcripts[0].messages.map((m) => m.content.value);
+  assert.deepEqual(texts, ["2+2?", "4"]);
+  assert.equal(done.agentRun.transcripts[0].messages[1].timestamp.nanos, 123_000_000);
 });

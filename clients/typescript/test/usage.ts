@@ -1,10 +1,14 @@
 // Compile-only (`npm run typecheck`): the public surface as a TypeScript user writes against it.
 import { create } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import {
   AgentRunSchema,
   type AgentRun,
   connect,
+  EventStatus,
   RevokeReason,
+  type StreamAgentRunEventsRequest,
+  StreamAgentRunEventsRequestSchema,
   type WorkRequest,
 } from "../src/index.js";
 
@@ -34,4 +38,41 @@ export async function example(requests: AsyncIterable<WorkRequest>): Promise<num
     }
   }
   return uploaded.acceptedCount + revoked;
+}
+
+// A live run: events on one long-lived stream, each acknowledged once durable.
+export async function liveRun(): Promise<bigint> {
+  const { ingestion } = connect();
+  async function* events(): AsyncIterable<StreamAgentRunEventsRequest> {
+    yield create(StreamAgentRunEventsRequestSchema, {
+      events: [
+        {
+          agentRunId: "r2",
+          sequence: 1n,
+          collectionId: "c",
+          patch: {
+            transcripts: [
+              {
+                key: "main",
+                messages: [
+                  {
+                    content: { case: "text", value: "step 1" },
+                    role: { case: "assistant", value: {} },
+                    timestamp: timestampFromDate(new Date()),
+                  },
+                ],
+              },
+            ],
+          },
+        },
+      ],
+    });
+  }
+  let next = 0n;
+  for await (const response of ingestion.streamAgentRunEvents(events())) {
+    for (const ack of response.acks) {
+      if (ack.status !== EventStatus.REFUSED) next = ack.nextSequence;
+    }
+  }
+  return next;
 }
