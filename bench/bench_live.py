@@ -18,9 +18,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from agentrun import AgentRunWriter, Client
+from agentrun import AgentRunWriter, Client, LiveRun
 from agentrun.chat import ChatMessage, UserMessage
 from agentrun.importers import load_agent_runs
 from processes import machine, start_agentrun, stop  # bench/ is on sys.path when run
@@ -54,6 +55,20 @@ class Timed:
 
         sender.submit = timed_submit  # type: ignore[method-assign]
         sender._acked = timed_acked  # type: ignore[method-assign]
+
+
+def saturate(
+    writer: AgentRunWriter, runs: list[LiveRun], events: int, source: Iterator[ChatMessage]
+) -> float:
+    """Append `events` messages round robin over `runs` as fast as the writer takes them; return
+    the seconds until the last is acknowledged."""
+    assert writer._events is not None
+    writer._events.flush()
+    started = time.perf_counter()
+    for i in range(events):
+        runs[i % len(runs)].append("main", [next(source)])
+    writer._events.flush()
+    return time.perf_counter() - started
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -90,17 +105,22 @@ def main() -> int:
             timed = Timed(writer)
             source = itertools.cycle(messages)
             assert writer._events is not None
-            writer._events.flush()
 
-            started = time.perf_counter()
-            for i in range(args.events):
-                runs[i % len(runs)].append("main", [next(source)])
-            writer._events.flush()
-            elapsed = time.perf_counter() - started
+            elapsed = saturate(writer, runs, args.events, source)
             print(
                 f"saturation: {args.events:,} events over {len(runs):,} runs in {elapsed:.2f} s: "
                 f"{args.events / elapsed:,.0f} events/s (goal 20,000)"
             )
+            spooled = AgentRunWriter(collection, server_url=url, spool_dir=Path(tmp) / "spool")
+            spooled_runs = [spooled.live_run(f"spooled-{i}") for i in range(args.runs)]
+            elapsed = saturate(spooled, spooled_runs, args.events, source)
+            print(
+                f"saturation with spool_dir (each event on disk before append returns): "
+                f"{args.events / elapsed:,.0f} events/s"
+            )
+            for run in spooled_runs:
+                run.finish()
+            spooled.finish()
 
             timed.latencies.clear()
             total = int(args.rate * args.seconds)
