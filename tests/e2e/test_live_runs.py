@@ -6,18 +6,25 @@ message by message ending equal to the same runs uploaded whole."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import pty
+import re
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from google.rpc import code_pb2
 
-from agentrun import AgentRun
+from agentrun import AgentRun, AgentRunWriter, Client
 from agentrun._convert import agent_run_from_proto, agent_run_to_proto
+from agentrun.chat import AssistantMessage, UserMessage
 from agentrun.v1 import agent_run_pb2 as run_pb
 from agentrun.v1 import ingestion_service_pb2 as pb
 from agentrun.v1 import ingestion_service_pb2_grpc as pb_grpc
@@ -26,6 +33,7 @@ from agentrun.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from agentrun.v1 import workflow_pb2
 from agentrun_server import IngestionLimits, Server, ServerConfig
 
+from ..processes import ServerProcess
 from .test_orchestrator import RawWorker
 
 STORED, DUPLICATE, REFUSED = (
@@ -460,3 +468,42 @@ async def test_a_collection_may_enter_its_abandoned_runs_into_the_workflow_once(
     finally:
         await worker.close()
         await server.shutdown(grace_seconds=1)
+
+
+def test_agentrun_tail_on_a_terminal_draws_with_rich_and_shows_timestamps(
+    tmp_path: Path,
+) -> None:
+    with ServerProcess(tmp_path / "agentrun.db") as server, Client(server.url) as client:
+        collection = client.create_collection("c").collection
+        made_at = datetime(2026, 12, 1, 4, 30, 15, tzinfo=UTC)
+        writer = AgentRunWriter(collection.id, server_url=server.url)
+        with writer.live_run("on-a-tty") as run:
+            run.append(
+                "main",
+                [
+                    UserMessage(content="[bold]not markup[/bold]", timestamp=made_at),
+                    AssistantMessage(content="4\x1b[31m"),
+                ],
+            )
+        assert writer.finish().ok
+        leader, follower = pty.openpty()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTRUN_")}
+        env.update(TZ="UTC", COLUMNS="200", TERM="xterm-256color")
+        tail = subprocess.Popen(
+            [sys.executable, "-m", "agentrun._cli", "tail", "on-a-tty", "--server", server.url],
+            stdout=follower,
+            env=env,
+        )
+        os.close(follower)
+        output = b""
+        with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
+            while chunk := os.read(leader, 65536):
+                output += chunk
+        os.close(leader)
+        assert tail.wait(timeout=20) == 0
+    drawn = output.decode()
+    assert "\x1b[" in drawn  # styled by rich
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", drawn).replace("\r\n", "\n")
+    assert "[2] 04:30:15 main user: [bold]not markup[/bold]\n" in plain  # literal, timed
+    assert "main assistant: 4\\x1b[31m\n" in plain  # the run's escape escaped
+    assert plain.rstrip().endswith("-- run on-a-tty is finished")

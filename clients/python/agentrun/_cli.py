@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from agentrun._cli_keys import add_keys_commands, run_keys_command
+from agentrun._cli_tail import add_tail_command, run_tail_command
 from agentrun._client import Client
 from agentrun._connection import (
     SERVER_ENV,
@@ -26,8 +27,6 @@ from agentrun._terminal import safe_text as _safe
 from agentrun._workflow import load_workflow
 from agentrun._writer import AgentRunWriter
 from agentrun.importers import load_agent_runs
-from agentrun.v1 import agent_run_pb2 as run_pb
-from agentrun.v1 import ingestion_service_pb2 as ingest_pb
 from agentrun.v1 import workflow_pb2
 
 STATE_COLUMNS = ("ready", "scheduled", "leased", "done", "dead", "cancelled")
@@ -299,18 +298,7 @@ def _parser() -> argparse.ArgumentParser:
                 "--task", action="append", default=[], metavar="ID", help="only these tasks"
             )
         _add_server(command)
-    tail = commands.add_parser(
-        "tail",
-        help="print a live run's messages as they land, until it finishes",
-        description="Follow a live run: each new message is printed as it is stored (after the "
-        "ones already there), with its event number, transcript and role; the command ends when "
-        "the run finishes (Ctrl-C stops it sooner).",
-    )
-    tail.add_argument("agent_run_id", metavar="RUN_ID")
-    tail.add_argument(
-        "--after", type=int, default=0, metavar="N", help="start after event N [default: 0]"
-    )
-    _add_server(tail)
+    add_tail_command(commands, _add_server)
     add_keys_commands(commands, _add_server)
     return parser
 
@@ -403,40 +391,6 @@ def _serve(args: argparse.Namespace) -> int:
     except ServerError as exc:  # bad configuration, an unreachable database: one line
         print(f"agentrun serve: {exc}", file=sys.stderr)
         return 1
-    return 0
-
-
-def _message_text(message: run_pb.ChatMessage) -> str:
-    if message.WhichOneof("content") == "parts":
-        return "".join(
-            part.text.text if part.WhichOneof("kind") == "text" else f"[{part.WhichOneof('kind')}]"
-            for part in message.parts.parts
-        )
-    return message.text
-
-
-def _tail(args: argparse.Namespace) -> int:
-    states = {
-        v: k.removeprefix("AGENT_RUN_STATE_").lower() for k, v in ingest_pb.AgentRunState.items()
-    }
-    last = None
-    with _client(args) as client:
-        for response in client.watch_run(args.agent_run_id, args.after):
-            for event in response.events:
-                for transcript in event.patch.transcripts:
-                    for message in transcript.messages:
-                        role = message.WhichOneof("role") or "?"
-                        text = _safe(_message_text(message), keep_newlines=True)
-                        print(
-                            f"[{event.sequence}] {_safe(transcript.key)} {role}: {text}", flush=True
-                        )
-                for key, score in event.patch.scores.items():
-                    value = getattr(score, score.WhichOneof("kind") or "double_value")
-                    print(f"[{event.sequence}] score {_safe(key)} = {value}", flush=True)
-            state = states.get(response.state, "?")
-            if state != last:
-                print(f"-- run {_safe(args.agent_run_id)} is {state}", flush=True)
-                last = state
     return 0
 
 
@@ -595,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "enqueue": _enqueue,
         "tasks": _tasks,
         "keys": run_keys_command,
-        "tail": _tail,
+        "tail": run_tail_command,
     }
     try:
         return handlers[args.command](args)
