@@ -3,8 +3,9 @@
 Unlike Docent's writer it never loses a run silently: every run logged ends accepted, duplicate,
 rejected (with the server's reason) or undelivered, and `finish()` returns those counts. A timeout
 is retried, not a reason to drop a batch; resending is safe because run ids are idempotency keys.
-With `spool_dir`, runs are on disk before `log_agent_runs` returns and stay there until the server
-acknowledges them, so a killed process loses nothing. Runs are encoded when logged (later edits do
+With `spool_dir`, runs are on disk before `log_agent_runs` returns (live run events before
+`LiveRun.append` returns) and stay there until the server acknowledges them, so a killed process
+loses nothing. Runs are encoded when logged (later edits do
 not leak into the upload, and a bad run raises in the caller). The writer installs no signal
 handlers and never hangs interpreter exit: its threads are daemons, and a forgotten `finish()` runs
 at exit, bounded by `shutdown_timeout`.
@@ -243,9 +244,11 @@ class AgentRunWriter:
         batch_size: Most runs per batch (the server accepts up to its max_runs_per_message).
         shutdown_timeout: Seconds `finish()` waits for queued and in-flight runs.
         max_batch_bytes: Most encoded bytes per batch (keep it under the server's max message).
-        spool_dir: A directory to keep runs in until the server acks them (see `agentrun._spool`);
-            a writer started on it first replays what an earlier one left. None: memory only.
-        spool_fsync: fsync each spool segment, so runs survive power loss too (not only a crash).
+        spool_dir: A directory to keep runs and live run events in until the server acks them
+            (see `agentrun._spool`, `agentrun._event_spool`); a writer started on it first sends
+            what an earlier one left. None: memory only.
+        spool_fsync: fsync each spool segment and each live run event, so they survive power
+            loss too (not only a crash); an fsync per `append` costs a disk flush.
         compression: "gzip" to compress uploads (worth it on slow links; costs CPU), or None.
         max_pending_events: Live run events (`live_run`) unacknowledged at most; `append` blocks
             while this many are.
