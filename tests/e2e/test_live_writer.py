@@ -193,6 +193,7 @@ def test_an_agent_killed_mid_run_is_resumed_from_its_spool_with_nothing_lost(
             _, texts, _ = _texts(client, "killed-agent")
             assert 0 < len(texts) <= 41 < returned, "the spool had nothing unacknowledged to send"
         writer = AgentRunWriter(collection, server_url=server.url, spool_dir=spool)
+        assert writer.unfinished_live_runs == ("killed-agent",)
         with writer.live_run("killed-agent") as run:  # continues after what the spool holds
             run.append("main", [AssistantMessage(content="resumed")])
         summary = writer.finish()

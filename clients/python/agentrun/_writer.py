@@ -325,6 +325,9 @@ class AgentRunWriter:
             response_deserializer=pb.UploadAgentRunsResponse.FromString,
         )
         self._events: EventSender | None = None
+        self.unfinished_live_runs: tuple[str, ...] = ()
+        """Live runs an earlier writer on the spool left unfinished with events unacknowledged
+        (sent first by this writer): resume each with `live_run(agent_run_id=...)`."""
         if self._spool is not None:
             self._replay(self._spool)
             self._replay_events(self._spool)
@@ -372,6 +375,10 @@ class AgentRunWriter:
             except DecodeError:  # a length-delimited record that is no event: never sent
                 spool.events.damage.append("spool event log: an event that does not decode")
         self._summary.spool_damage += spool.events.damage
+        last: dict[str, bool] = {}
+        for event in events:
+            last[event.agent_run_id] = event.finish
+        self.unfinished_live_runs = tuple(run for run, finished in last.items() if not finished)
         if events or spool.events.unsettled:
             self._summary.events_replayed = len(events)
             _log.info("replaying %d unacknowledged live run events from spool", len(events))
