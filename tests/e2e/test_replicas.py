@@ -1,13 +1,20 @@
 """Two server replicas on one PostgreSQL database, Runners balanced over both (round robin): one
-replica restarted gracefully under load, the other killed and restarted."""
+replica restarted gracefully under load, the other killed and restarted. Two replicas sweeping for
+abandoned live runs at once (on either engine) enter each run once."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from agentrun import AgentRunWriter, Client, WorkflowSpec
+from agentrun.chat import UserMessage
 from agentrun.v1 import workflow_pb2
 
 from ..postgres import fresh_database
@@ -73,3 +80,55 @@ def test_two_replicas_survive_a_graceful_restart_and_a_kill_losing_nothing(tmp_p
             assert failure.time.ToNanoseconds() / 1e9 >= killed, failure
     assert sum(t.attempt - 1 for t in tasks) <= RUNNERS * 16  # at most what was held at the kill
     assert sum(s["done"] for s in summaries) >= 3 * RUNS
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_replicas_sweeping_at_once_enter_each_abandoned_run_once(
+    engine: str, tmp_path: Path
+) -> None:
+    with contextlib.ExitStack() as stack:
+        if engine == "postgres":
+            db = stack.enter_context(fresh_database())
+        else:
+            db = f"sqlite:///{tmp_path / 'agentrun.db'}"
+        # Both sweep every 0.1 s; the runs fall silent together and are entered under contention.
+        metrics_ports = [free_port(), free_port()]
+        replicas = [
+            ServerProcess(
+                db, free_port(), "--live-run-timeout", "0.4", "--metrics-port", str(port)
+            ).start()
+            for port in metrics_ports
+        ]
+        for replica in replicas:
+            stack.callback(replica.terminate)
+        with Client(replicas[0].url) as client:
+            client.apply_workflow(
+                WorkflowSpec.model_validate({"name": "w", "stages": [{"name": "s"}]}).to_proto()
+            )
+            collection = client.create_collection(
+                "abandoning", workflow="w", enter_workflow_on_abandon=True
+            ).collection.id
+        runs = 300
+        for replica, half in zip(replicas, (range(0, runs, 2), range(1, runs, 2)), strict=True):
+            writer = AgentRunWriter(collection, server_url=replica.url)
+            for i in half:
+                writer.live_run(f"silent-{i}").append("main", [UserMessage(content=f"step {i}")])
+            assert writer.finish().ok  # the runs stay open, and fall silent
+        with Client(replicas[1].url) as client:
+            wait_until(lambda: len(client.list_tasks("w")) >= runs, 30, "every run entered")
+            time.sleep(1)  # more sweeps by both: none may enter a run again
+            tasks = client.list_tasks("w")
+        assert sorted(t.agent_run_id for t in tasks) == sorted(f"silent-{i}" for i in range(runs))
+        # A second entry would hide behind the one active task a run may have; the replicas'
+        # own counts show none happened.
+        entered = [entered_on_abandon(f"http://127.0.0.1:{port}/metrics") for port in metrics_ports]
+        assert sum(entered) == runs, entered
+
+
+def entered_on_abandon(url: str) -> float:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        page = response.read().decode()
+    for family in text_string_to_metric_families(page):
+        if family.name == "agentrun_ingest_live_runs_entered_on_abandon":
+            return sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+    raise AssertionError("no agentrun_ingest_live_runs_entered_on_abandon on " + url)
