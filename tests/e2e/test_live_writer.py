@@ -49,6 +49,13 @@ def test_a_live_run_from_the_writer_grows_then_finishes_into_the_workflow(tmp_pa
             run.set_scores(reward=1.0)
         with pytest.raises(LiveRunError):
             run.append("main", [UserMessage(content="late")])
+        with writer.live_run("from-dicts") as plain:  # OpenAI-style dicts, as Docent takes them
+            plain.append(
+                "main",
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+            )
+            with pytest.raises(ValueError, match="role"):
+                plain.append("main", [{"content": "who said this?"}])
         with pytest.raises(ValueError), writer.live_run(name="crashes") as crashed:
             crashed.append("main", [UserMessage(content="about to fail")])
             raise ValueError("tool exploded")
@@ -65,7 +72,8 @@ def test_a_live_run_from_the_writer_grows_then_finishes_into_the_workflow(tmp_pa
         assert state == pb.AGENT_RUN_STATE_FINISHED
         error = failed.agent_run.metadata.fields["error"].value.string_value
         assert error == "ValueError: tool exploded"
-        assert client.backlog("w")[0].ready_count == 2  # each entered once, at its finish
+        assert _texts(client, "from-dicts")[1] == ["hi", "hello"]
+        assert client.backlog("w")[0].ready_count == 3  # each entered once, at its finish
 
 
 def test_large_events_travel_in_messages_under_the_servers_limit(tmp_path: Path) -> None:

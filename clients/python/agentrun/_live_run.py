@@ -27,7 +27,7 @@ from agentrun._errors import AgentRunError, RpcError
 from agentrun._event_spool import EventJournal
 from agentrun._retry import Backoff
 from agentrun._varint import encode_varint
-from agentrun.chat import ChatMessage
+from agentrun.chat import ChatMessage, parse_chat_message
 from agentrun.v1 import agent_run_pb2 as run_pb
 from agentrun.v1 import ingestion_service_pb2 as pb
 
@@ -323,18 +323,23 @@ class LiveRun:
             self.finished = finish
         return sequence
 
-    def append(self, transcript: str, messages: Iterable[ChatMessage]) -> int:
+    def append(self, transcript: str, messages: Iterable[ChatMessage | dict[str, Any]]) -> int:
         """Append messages to a transcript (created by its first append); return the event's
         sequence number. With a spool, the event is on disk when this returns.
+
+        Messages are `agentrun.chat` models, or dicts with a `role` (as Docent's
+        `parse_chat_message` takes them: `{"role": "user", "content": "..."}`).
 
         Raises:
             LiveRunError: the run is finished, or the event is over 16 MiB encoded.
             SpoolError: the spool refused the write; nothing was appended.
+            ValueError: a dict without a known role; pydantic.ValidationError: one whose fields
+                do not fit its role. Nothing was appended.
         """
         patch = run_pb.AgentRun()
         part = patch.transcripts.add(key=transcript)
         for message in messages:
-            message_to_proto(message, part.messages.add())
+            message_to_proto(parse_chat_message(message), part.messages.add())
         return self._send(patch)
 
     def set_scores(self, **scores: bool | int | float) -> int:
