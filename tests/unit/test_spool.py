@@ -74,3 +74,24 @@ def test_a_summary_prints_as_a_few_lines_however_many_runs_were_rejected() -> No
     )
     assert len(text.splitlines()) == 5 and "... and 997 more rejected" in text
     assert len(text) < 1000
+
+
+def test_a_summary_of_live_run_events_prints_as_a_few_lines_too() -> None:
+    from agentrun import RefusedEvent, WriteSummary
+
+    assert "live run events" not in str(WriteSummary(accepted=1))
+    undelivered = WriteSummary(events_undelivered=4, events_spooled=4)
+    assert not undelivered.ok
+    assert "live run events: 0 stored, 0 duplicates, 0 refused, 4 undelivered (4 spooled)" in str(
+        undelivered
+    )
+    refused = WriteSummary(
+        events_stored=10,
+        events_refused=[
+            RefusedEvent("r", i, "FAILED_PRECONDITION", "y" * 10_000) for i in range(100)
+        ],
+    )
+    text = str(refused)
+    assert not refused.ok
+    assert "refused event r#0: FAILED_PRECONDITION: " in text
+    assert "... and 97 more refused events" in text and len(text) < 1200

@@ -127,7 +127,13 @@ class WriteSummary:
             f" ({self.spooled} spooled), {self.replayed} replayed"
         )
         lines = [counts]
-        if self.events_stored or self.events_duplicate or self.events_refused:
+        if (
+            self.events_stored
+            or self.events_duplicate
+            or self.events_refused
+            or self.events_undelivered
+            or self.events_replayed
+        ):
             lines.append(
                 f"  live run events: {self.events_stored} stored, {self.events_duplicate} "
                 f"duplicates, {len(self.events_refused)} refused, {self.events_undelivered} "
