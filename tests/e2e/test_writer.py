@@ -6,6 +6,7 @@ Every run is counted in the SQLite file itself: the server's word is not taken f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import sqlite3
@@ -445,6 +446,13 @@ async def test_draining_turns_health_not_serving_and_finishes_open_uploads(
                 collection_id=collection.id, agent_runs=[agent_run_to_proto(make_run("a"))]
             )
         )
+        # The upload is being served (its first message stored) before the shutdown begins: a
+        # call the server has not taken up yet when it stops is cancelled by gRPC itself.
+        for _ in range(200):
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.GetAgentRun(pb.GetAgentRunRequest(agent_run_id="a"))
+                break
+            await asyncio.sleep(0.05)
         shutdown = asyncio.create_task(server.shutdown(grace_seconds=5))
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
         # The open upload still finishes, and is acknowledged, during the grace period.
