@@ -5,10 +5,9 @@ rejected (with the server's reason) or undelivered, and `finish()` returns those
 is retried, not a reason to drop a batch; resending is safe because run ids are idempotency keys.
 With `spool_dir`, runs are on disk before `log_agent_runs` returns (live run events before
 `LiveRun.append` returns) and stay there until the server acknowledges them, so a killed process
-loses nothing. Runs are encoded when logged (later edits do
-not leak into the upload, and a bad run raises in the caller). The writer installs no signal
-handlers and never hangs interpreter exit: its threads are daemons, and a forgotten `finish()` runs
-at exit, bounded by `shutdown_timeout`.
+loses nothing. Runs are encoded when logged (later edits do not leak into the upload, and a bad run
+raises in the caller). The writer installs no signal handlers and never hangs interpreter exit: its
+threads are daemons, and a forgotten `finish()` runs at exit, bounded by `shutdown_timeout`.
 """
 
 from __future__ import annotations
