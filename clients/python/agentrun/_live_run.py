@@ -206,7 +206,7 @@ class EventSender:
                 batch = [self._queued.popleft()]
                 size = len(batch[0].data)
                 while self._queued and len(batch) < MAX_EVENTS_PER_MESSAGE:
-                    size += len(self._queued[0].data) + 6
+                    size += len(self._queued[0].data) + 6  # its tag and length prefix
                     if size > MAX_MESSAGE_BYTES:
                         break
                     batch.append(self._queued.popleft())
