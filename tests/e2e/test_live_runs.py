@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,24 @@ def _event(
         patch=body,
         finish=finish,
     )
+
+
+@contextlib.asynccontextmanager
+async def _server_timing_out(database: str, seconds: float) -> AsyncIterator[Server]:
+    """A server whose live runs are abandoned after `seconds` without an event."""
+    server = Server(
+        ServerConfig(
+            db=database,
+            port=0,
+            metrics_port=-1,
+            limits=IngestionLimits(live_run_timeout_seconds=seconds),
+        )
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.shutdown(grace_seconds=1)
 
 
 class Stream:
@@ -244,58 +262,47 @@ async def test_real_runs_replayed_message_by_message_equal_the_runs_uploaded_who
 async def test_a_silent_run_reads_as_abandoned_until_its_next_event_reopens_it(
     database: str,
 ) -> None:
-    server = Server(
-        ServerConfig(
-            db=database,
-            port=0,
-            metrics_port=-1,
-            limits=IngestionLimits(live_run_timeout_seconds=0.5),
-        )
-    )
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            ingestion = pb_grpc.IngestionServiceStub(channel)
-            collection = (
-                await ingestion.CreateCollection(pb.CreateCollectionRequest(name="c"))
-            ).collection
-            stream = Stream(channel)
-            for run_id in ("quiet", "done"):
-                await stream.send(
-                    _event(
-                        run_id, 1, collection.id, [_message("user", "hi")], finish=run_id == "done"
-                    )
-                )
+    async with (
+        _server_timing_out(database, 0.5) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        ingestion = pb_grpc.IngestionServiceStub(channel)
+        collection = (
+            await ingestion.CreateCollection(pb.CreateCollectionRequest(name="c"))
+        ).collection
+        stream = Stream(channel)
+        for run_id in ("quiet", "done"):
+            await stream.send(
+                _event(run_id, 1, collection.id, [_message("user", "hi")], finish=run_id == "done")
+            )
 
-            async def listed(state: int) -> list[str]:
-                page = await ingestion.ListAgentRuns(
-                    pb.ListAgentRunsRequest(collection_id=collection.id, state=state)
-                )
-                return [r.agent_run.id for r in page.agent_runs]
+        async def listed(state: int) -> list[str]:
+            page = await ingestion.ListAgentRuns(
+                pb.ListAgentRunsRequest(collection_id=collection.id, state=state)
+            )
+            return [r.agent_run.id for r in page.agent_runs]
 
-            def gauge() -> dict[str, float | None]:  # read as a scrape reads it, off the loop
-                return {
-                    state: server.registry.get_sample_value("agentrun_live_runs", {"state": state})
-                    for state in ("running", "abandoned")
-                }
+        def gauge() -> dict[str, float | None]:  # read as a scrape reads it, off the loop
+            return {
+                state: server.registry.get_sample_value("agentrun_live_runs", {"state": state})
+                for state in ("running", "abandoned")
+            }
 
-            assert await listed(pb.AGENT_RUN_STATE_RUNNING) == ["quiet"]
-            assert await listed(pb.AGENT_RUN_STATE_FINISHED) == ["done"]
-            assert await asyncio.to_thread(gauge) == {"running": 1, "abandoned": 0}
-            await asyncio.sleep(0.7)
-            assert await listed(pb.AGENT_RUN_STATE_ABANDONED) == ["quiet"]
-            assert await listed(pb.AGENT_RUN_STATE_RUNNING) == []
-            assert await asyncio.to_thread(gauge) == {"running": 0, "abandoned": 1}
-            got = await ingestion.GetAgentRun(pb.GetAgentRunRequest(agent_run_id="quiet"))
-            assert got.agent_run.state == pb.AGENT_RUN_STATE_ABANDONED
-            (ack,) = await stream.send(_event("quiet", 2, messages=[_message("assistant", "back")]))
-            assert ack.status == STORED
-            assert await listed(pb.AGENT_RUN_STATE_RUNNING) == ["quiet"]
-            assert await listed(0) == ["quiet", "done"]
-            assert await asyncio.to_thread(gauge) == {"running": 1, "abandoned": 0}
-            stream.call.cancel()
-    finally:
-        await server.shutdown(grace_seconds=1)
+        assert await listed(pb.AGENT_RUN_STATE_RUNNING) == ["quiet"]
+        assert await listed(pb.AGENT_RUN_STATE_FINISHED) == ["done"]
+        assert await asyncio.to_thread(gauge) == {"running": 1, "abandoned": 0}
+        await asyncio.sleep(0.7)
+        assert await listed(pb.AGENT_RUN_STATE_ABANDONED) == ["quiet"]
+        assert await listed(pb.AGENT_RUN_STATE_RUNNING) == []
+        assert await asyncio.to_thread(gauge) == {"running": 0, "abandoned": 1}
+        got = await ingestion.GetAgentRun(pb.GetAgentRunRequest(agent_run_id="quiet"))
+        assert got.agent_run.state == pb.AGENT_RUN_STATE_ABANDONED
+        (ack,) = await stream.send(_event("quiet", 2, messages=[_message("assistant", "back")]))
+        assert ack.status == STORED
+        assert await listed(pb.AGENT_RUN_STATE_RUNNING) == ["quiet"]
+        assert await listed(0) == ["quiet", "done"]
+        assert await asyncio.to_thread(gauge) == {"running": 1, "abandoned": 0}
+        stream.call.cancel()
 
 
 async def test_a_watcher_sees_each_event_in_order_within_a_second(server: Server) -> None:
@@ -391,83 +398,76 @@ async def test_agentrun_tail_prints_messages_as_they_land_and_ends_with_the_run(
 async def test_a_collection_may_enter_its_abandoned_runs_into_the_workflow_once(
     database: str,
 ) -> None:
-    server = Server(
-        ServerConfig(
-            db=database,
-            port=0,
-            metrics_port=-1,
-            limits=IngestionLimits(live_run_timeout_seconds=0.4),
-        )
-    )
-    await server.start()
-    url = f"127.0.0.1:{server.port}"
-    worker = RawWorker(url)
-    try:
-        async with grpc.aio.insecure_channel(url) as channel:
-            ingestion = pb_grpc.IngestionServiceStub(channel)
-            orchestrator = orch_grpc.OrchestratorServiceStub(channel)
-            await orchestrator.ApplyWorkflow(
-                orch_pb.ApplyWorkflowRequest(
-                    workflow=workflow_pb2.Workflow(name="wf", stages=[workflow_pb2.Stage(name="s")])
-                )
-            )
-            entering, waiting = [
-                (
-                    await ingestion.CreateCollection(
-                        pb.CreateCollectionRequest(
-                            name=name, workflow="wf", enter_workflow_on_abandon=flag
+    async with _server_timing_out(database, 0.4) as server:
+        url = f"127.0.0.1:{server.port}"
+        worker = RawWorker(url)
+        try:
+            async with grpc.aio.insecure_channel(url) as channel:
+                ingestion = pb_grpc.IngestionServiceStub(channel)
+                orchestrator = orch_grpc.OrchestratorServiceStub(channel)
+                await orchestrator.ApplyWorkflow(
+                    orch_pb.ApplyWorkflowRequest(
+                        workflow=workflow_pb2.Workflow(
+                            name="wf", stages=[workflow_pb2.Stage(name="s")]
                         )
                     )
-                ).collection
-                for name, flag in (("entering", True), ("waiting", False))
-            ]
-            assert (entering.enter_workflow_on_abandon, waiting.enter_workflow_on_abandon) == (
-                True,
-                False,
-            )
-            stream = Stream(channel)
-            await stream.send(
-                _event("gone", 1, entering.id, [_message("user", "step 0")], name="gone"),
-                _event("empty", 1, entering.id, name="no messages yet"),
-                _event("kept", 1, waiting.id, [_message("user", "step 0")]),
-            )
+                )
+                entering, waiting = [
+                    (
+                        await ingestion.CreateCollection(
+                            pb.CreateCollectionRequest(
+                                name=name, workflow="wf", enter_workflow_on_abandon=flag
+                            )
+                        )
+                    ).collection
+                    for name, flag in (("entering", True), ("waiting", False))
+                ]
+                assert (entering.enter_workflow_on_abandon, waiting.enter_workflow_on_abandon) == (
+                    True,
+                    False,
+                )
+                stream = Stream(channel)
+                await stream.send(
+                    _event("gone", 1, entering.id, [_message("user", "step 0")], name="gone"),
+                    _event("empty", 1, entering.id, name="no messages yet"),
+                    _event("kept", 1, waiting.id, [_message("user", "step 0")]),
+                )
 
-            async def tasks_of(run_id: str) -> list[Any]:
-                listed = await orchestrator.ListTasks(orch_pb.ListTasksRequest(workflow="wf"))
-                return [t for t in listed.tasks if t.agent_run_id == run_id]
+                async def tasks_of(run_id: str) -> list[Any]:
+                    listed = await orchestrator.ListTasks(orch_pb.ListTasksRequest(workflow="wf"))
+                    return [t for t in listed.tasks if t.agent_run_id == run_id]
 
-            for _ in range(200):  # the sweep runs every 0.1 s here
-                if await tasks_of("gone"):
-                    break
-                await asyncio.sleep(0.05)
-            # Entered once, as it stood: the other collection's run and the run with nothing
-            # for a stage to read (no transcript) wait for their finish.
-            assert len(await tasks_of("gone")) == 1
-            assert await tasks_of("empty") == [] and await tasks_of("kept") == []
-            await worker.subscribe(["s"], credits=1)
-            (lease,) = (await worker.next("leases")).leases
-            assert lease.agent_run.id == "gone"
-            assert [m.text for m in lease.agent_run.transcripts[0].messages] == ["step 0"]
-            assert (await worker.complete(lease.task_id, lease.lease_id)).code == 0
-            entered = await asyncio.to_thread(  # off the loop: a scrape reads on it
-                server.registry.get_sample_value,
-                "agentrun_ingest_live_runs_entered_on_abandon_total",
-            )
-            assert entered == 1
+                for _ in range(200):  # the sweep runs every 0.1 s here
+                    if await tasks_of("gone"):
+                        break
+                    await asyncio.sleep(0.05)
+                # Entered once, as it stood: the other collection's run and the run with nothing
+                # for a stage to read (no transcript) wait for their finish.
+                assert len(await tasks_of("gone")) == 1
+                assert await tasks_of("empty") == [] and await tasks_of("kept") == []
+                await worker.subscribe(["s"], credits=1)
+                (lease,) = (await worker.next("leases")).leases
+                assert lease.agent_run.id == "gone"
+                assert [m.text for m in lease.agent_run.transcripts[0].messages] == ["step 0"]
+                assert (await worker.complete(lease.task_id, lease.lease_id)).code == 0
+                entered = await asyncio.to_thread(  # off the loop: a scrape reads on it
+                    server.registry.get_sample_value,
+                    "agentrun_ingest_live_runs_entered_on_abandon_total",
+                )
+                assert entered == 1
 
-            # An event reopens it; its finish does not enter it again.
-            await stream.send(
-                _event("gone", 2, messages=[_message("assistant", "back")]),
-                _event("gone", 3, finish=True),
-                _event("empty", 2, messages=[_message("user", "at last")], finish=True),
-                _event("kept", 2, finish=True),
-            )
-            assert [t.state for t in await tasks_of("gone")] == [workflow_pb2.TASK_STATE_DONE]
-            assert len(await tasks_of("empty")) == 1 and len(await tasks_of("kept")) == 1
-            stream.call.cancel()
-    finally:
-        await worker.close()
-        await server.shutdown(grace_seconds=1)
+                # An event reopens it; its finish does not enter it again.
+                await stream.send(
+                    _event("gone", 2, messages=[_message("assistant", "back")]),
+                    _event("gone", 3, finish=True),
+                    _event("empty", 2, messages=[_message("user", "at last")], finish=True),
+                    _event("kept", 2, finish=True),
+                )
+                assert [t.state for t in await tasks_of("gone")] == [workflow_pb2.TASK_STATE_DONE]
+                assert len(await tasks_of("empty")) == 1 and len(await tasks_of("kept")) == 1
+                stream.call.cancel()
+        finally:
+            await worker.close()
 
 
 def test_agentrun_tail_on_a_terminal_draws_with_rich_and_shows_timestamps(
