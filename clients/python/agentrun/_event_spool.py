@@ -22,7 +22,8 @@ from typing import BinaryIO
 
 from agentrun import _metrics
 from agentrun._errors import SpoolError
-from agentrun._varint import encode_varint, read_varint
+from agentrun._files import fsync_directory, set_aside
+from agentrun._varint import encode_varint, split_records
 
 _log = logging.getLogger(__name__)
 
@@ -36,18 +37,8 @@ def parse_log(data: bytes) -> tuple[list[bytes], str | None]:
     """(the whole events, what is wrong past them or None) of a log file's bytes."""
     if not data.startswith(MAGIC):
         return [], "not an event log"
-    events: list[bytes] = []
-    pos = len(MAGIC)
-    while pos < len(data):
-        try:
-            length, start = read_varint(data, pos)
-        except ValueError:
-            return events, f"torn after {len(events)} events"
-        if start + length > len(data):
-            return events, f"torn after {len(events)} events"
-        events.append(data[start : start + length])
-        pos = start + length
-    return events, None
+    events, torn = split_records(data, len(MAGIC))
+    return events, f"torn after {len(events)} events" if torn else None
 
 
 @dataclass
@@ -105,13 +96,12 @@ class EventJournal:
         return events
 
     def _set_aside(self, path: Path, problem: str, salvaged: list[bytes]) -> None:
-        bad = path.with_suffix(".bad")
-        try:
-            path.rename(bad)
-            if salvaged:
+        bad = set_aside(path)
+        if salvaged and bad != path:
+            try:
                 self._write_whole(path, salvaged)
-        except OSError:
-            bad = path
+            except OSError:
+                bad = path
         line = (
             f"spool event log {path.name} is damaged ({problem}): {len(salvaged)} whole events "
             f"before the damage are being delivered; the file is kept as {bad}"
@@ -157,11 +147,7 @@ class EventJournal:
             current.write(MAGIC)
             if self.fsync:
                 os.fsync(current.fileno())
-                fd = os.open(self.directory, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_directory(self.directory)
         except OSError:
             current.close()
             path.unlink(missing_ok=True)

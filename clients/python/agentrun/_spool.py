@@ -27,7 +27,8 @@ from pathlib import Path
 from agentrun import _metrics
 from agentrun._errors import SpoolError
 from agentrun._event_spool import EventJournal
-from agentrun._varint import encode_varint, read_varint
+from agentrun._files import fsync_directory, set_aside
+from agentrun._varint import encode_varint, read_varint, split_records
 
 _log = logging.getLogger(__name__)
 
@@ -50,18 +51,8 @@ def parse_segment(data: bytes) -> tuple[bytes, list[bytes], str | None]:
     if pos + length > len(data):
         return b"", [], "torn in its header"
     collection = data[pos : pos + length]
-    pos += length
-    runs: list[bytes] = []
-    while pos < len(data):
-        try:
-            length, start = read_varint(data, pos)
-        except ValueError:
-            return collection, runs, f"torn after {len(runs)} runs"
-        if start + length > len(data):
-            return collection, runs, f"torn after {len(runs)} runs"
-        runs.append(data[start : start + length])
-        pos = start + length
-    return collection, runs, None
+    runs, torn = split_records(data, pos + length)
+    return collection, runs, f"torn after {len(runs)} runs" if torn else None
 
 
 class Segment:
@@ -135,11 +126,7 @@ class Spool:
             yield segment, collection, runs
 
     def _set_aside(self, path: Path, problem: str, salvaged: int) -> None:
-        bad = path.with_suffix(".bad")
-        try:
-            path.rename(bad)
-        except OSError:
-            bad = path
+        bad = set_aside(path)
         line = (
             f"spool segment {path.name} is damaged ({problem}): {salvaged} whole runs before "
             f"the damage are being delivered; the file is kept as {bad}"
@@ -169,11 +156,7 @@ class Spool:
                     os.fsync(f.fileno())
             os.rename(temporary, path)
             if self.fsync:
-                fd = os.open(self.directory, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_directory(self.directory)
         except OSError as exc:
             temporary.unlink(missing_ok=True)
             raise SpoolError(f"spool_dir {str(self.directory)!r}: {exc.strerror}") from exc

@@ -34,3 +34,19 @@ def read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
         shift += 7
         if shift > 63:
             raise ValueError("varint too long")
+
+
+def split_records(data: bytes, pos: int) -> tuple[list[bytes], bool]:
+    """The length-delimited records (a varint length, then the bytes) from `pos` to the end of
+    `data`, and whether the data ends inside one (torn: the whole records before it are kept)."""
+    records: list[bytes] = []
+    while pos < len(data):
+        try:
+            length, start = read_varint(data, pos)
+        except ValueError:
+            return records, True
+        if start + length > len(data):
+            return records, True
+        records.append(data[start : start + length])
+        pos = start + length
+    return records, False
