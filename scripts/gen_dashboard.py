@@ -127,11 +127,17 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
             (
                 "Live runs finished / s, open event streams",
                 "short",
-                "Live runs finished (each enters its collection's workflow then), and StreamAgentRunEvents streams open now.",
+                "Live runs finished (each enters its collection's workflow then, unless it entered "
+                "when abandoned), abandoned runs entered (collections with "
+                "enter_workflow_on_abandon), and StreamAgentRunEvents streams open now.",
                 [
                     (
                         f"sum(rate(agentrun_ingest_live_runs_finished_total[{RATE}]))",
                         "finished / s",
+                    ),
+                    (
+                        f"sum(rate(agentrun_ingest_live_runs_entered_on_abandon_total[{RATE}]))",
+                        "entered when abandoned / s",
                     ),
                     ("sum(agentrun_ingest_open_event_streams)", "open streams"),
                 ],
