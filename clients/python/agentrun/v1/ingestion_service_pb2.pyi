@@ -112,7 +112,9 @@ class _EventStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventStat
     EVENT_STATUS_STORED: _EventStatus.ValueType  # 1
     """Stored, durably."""
     EVENT_STATUS_DUPLICATE: _EventStatus.ValueType  # 2
-    """This sequence number was stored before; nothing was stored now."""
+    """This event (the same content under the same sequence number) was stored before; nothing was
+    stored now. A different event under a stored number is REFUSED with ABORTED, never this.
+    """
     EVENT_STATUS_REFUSED: _EventStatus.ValueType  # 3
     """Not stored: `code` and `message` say why."""
 
@@ -124,7 +126,9 @@ EVENT_STATUS_UNSPECIFIED: EventStatus.ValueType  # 0
 EVENT_STATUS_STORED: EventStatus.ValueType  # 1
 """Stored, durably."""
 EVENT_STATUS_DUPLICATE: EventStatus.ValueType  # 2
-"""This sequence number was stored before; nothing was stored now."""
+"""This event (the same content under the same sequence number) was stored before; nothing was
+stored now. A different event under a stored number is REFUSED with ABORTED, never this.
+"""
 EVENT_STATUS_REFUSED: EventStatus.ValueType  # 3
 """Not stored: `code` and `message` say why."""
 Global___EventStatus: _TypeAlias = EventStatus  # noqa: Y015

@@ -143,14 +143,20 @@ class IngestionServiceServicer:
     def StreamAgentRunEvents(self, request_iterator, context):
         """Live runs: long-running agents stream each run as it happens, as events of a per-run sequence
         (1, 2, 3, ...), many runs on one stream, each request message a batch of events. Every event is
-        answered by an ack, in order, once it is durable: STORED; DUPLICATE for a sequence number
-        already stored (nothing is stored again, so a client resends freely after any failure); or
-        REFUSED with a status code and the next sequence number the run expects: FAILED_PRECONDITION
-        for a gap or an event after the run finished, NOT_FOUND for an unknown collection,
-        ALREADY_EXISTS for an id stored by a whole-run upload or in another collection,
-        INVALID_ARGUMENT for a malformed event, RESOURCE_EXHAUSTED past `max_live_run_bytes`. A run
-        is created by its first event and enters its collection's workflow when it finishes.
-        Stream-level errors: INVALID_ARGUMENT for a message over `max_runs_per_message` events.
+        answered by an ack, in order, once it is durable: STORED; DUPLICATE for a resend of an event
+        already stored under its sequence number (the same content: nothing is stored again, so a
+        client resends freely after any failure); or REFUSED with a status code and the next sequence
+        number the run expects: ABORTED for a different event under a stored sequence number (another
+        writer appends to the run: nothing of it is stored), FAILED_PRECONDITION for a gap or an event
+        after the run finished, NOT_FOUND for an unknown collection, ALREADY_EXISTS for an id stored by
+        a whole-run upload or in another collection, INVALID_ARGUMENT for a malformed event,
+        RESOURCE_EXHAUSTED past `max_live_run_bytes`. A run is created by its first event and enters
+        its collection's workflow when it finishes. The first message MUST arrive within the server's
+        first-message deadline (10 s by default), and a stream with no message for its idle timeout
+        (30 s) ends DEADLINE_EXCEEDED: close a stream with nothing to send, and open another for the
+        next event. Stream-level errors: INVALID_ARGUMENT for a message over `max_runs_per_message`
+        events; DEADLINE_EXCEEDED as just said; RESOURCE_EXHAUSTED (with google.rpc.RetryInfo) over
+        the server's event streams, in all or per client host or per API key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,7 +166,9 @@ class IngestionServiceServicer:
         """Sends a run's events as they land, from after `after_sequence`, each response a batch in
         sequence order with the run's state; the stream ends once the run is finished and every event
         is sent (a run uploaded whole: one response, no events). An event stored through any server
-        process reaches a watcher within a second. Errors: NOT_FOUND for an unknown run.
+        process reaches a watcher within a second; a watcher costs the server nothing while its run is
+        quiet. Errors: NOT_FOUND for an unknown run; RESOURCE_EXHAUSTED (with google.rpc.RetryInfo)
+        over the server's watch streams, in all or per client host or per API key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -22,30 +22,37 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from agentrun.v1 import options_pb2 as agentrun_dot_v1_dot_options__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61gentrun/v1/key_service.proto\x12\x0b\x61gentrun.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x80\x02\n\x06\x41piKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x13\n\x0b\x63ollections\x18\x03 \x03(\t\x12\x11\n\tworkflows\x18\x04 \x03(\t\x12\x1b\n\x13\x63\x65rtificate_subject\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x13\x43reateApiKeyRequest\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.agentrun.v1.ApiKey\"G\n\x14\x43reateApiKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.agentrun.v1.ApiKey\x12\r\n\x05token\x18\x02 \x01(\t\"\x14\n\x12ListApiKeysRequest\"8\n\x13ListApiKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.agentrun.v1.ApiKey\"#\n\x13RevokeApiKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x14RevokeApiKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.agentrun.v1.ApiKey2\x88\x02\n\nKeyService\x12S\n\x0c\x43reateApiKey\x12 .agentrun.v1.CreateApiKeyRequest\x1a!.agentrun.v1.CreateApiKeyResponse\x12P\n\x0bListApiKeys\x12\x1f.agentrun.v1.ListApiKeysRequest\x1a .agentrun.v1.ListApiKeysResponse\x12S\n\x0cRevokeApiKey\x12 .agentrun.v1.RevokeApiKeyRequest\x1a!.agentrun.v1.RevokeApiKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61gentrun/v1/key_service.proto\x12\x0b\x61gentrun.v1\x1a\x19\x61gentrun/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x02\n\x06\x41piKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x13\n\x0b\x63ollections\x18\x03 \x03(\t\x12\x11\n\tworkflows\x18\x04 \x03(\t\x12\x1b\n\x13\x63\x65rtificate_subject\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x13\x43reateApiKeyRequest\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.agentrun.v1.ApiKey\"G\n\x14\x43reateApiKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.agentrun.v1.ApiKey\x12\r\n\x05token\x18\x02 \x01(\t\"\x14\n\x12ListApiKeysRequest\"8\n\x13ListApiKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.agentrun.v1.ApiKey\"#\n\x13RevokeApiKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x14RevokeApiKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.agentrun.v1.ApiKey2\xa9\x02\n\nKeyService\x12^\n\x0c\x43reateApiKey\x12 .agentrun.v1.CreateApiKeyRequest\x1a!.agentrun.v1.CreateApiKeyResponse\"\t\xca\xf3\x18\x05\x61\x64min\x12[\n\x0bListApiKeys\x12\x1f.agentrun.v1.ListApiKeysRequest\x1a .agentrun.v1.ListApiKeysResponse\"\t\xca\xf3\x18\x05\x61\x64min\x12^\n\x0cRevokeApiKey\x12 .agentrun.v1.RevokeApiKeyRequest\x1a!.agentrun.v1.RevokeApiKeyResponse\"\t\xca\xf3\x18\x05\x61\x64minb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentrun.v1.key_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_APIKEY']._serialized_start=80
-  _globals['_APIKEY']._serialized_end=336
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=338
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=393
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=395
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=466
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=468
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=488
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=490
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=546
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=548
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=583
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=585
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=641
-  _globals['_KEYSERVICE']._serialized_start=644
-  _globals['_KEYSERVICE']._serialized_end=908
+  _globals['_KEYSERVICE'].methods_by_name['CreateApiKey']._loaded_options = None
+  _globals['_KEYSERVICE'].methods_by_name['CreateApiKey']._serialized_options = b'\312\363\030\005admin'
+  _globals['_KEYSERVICE'].methods_by_name['ListApiKeys']._loaded_options = None
+  _globals['_KEYSERVICE'].methods_by_name['ListApiKeys']._serialized_options = b'\312\363\030\005admin'
+  _globals['_KEYSERVICE'].methods_by_name['RevokeApiKey']._loaded_options = None
+  _globals['_KEYSERVICE'].methods_by_name['RevokeApiKey']._serialized_options = b'\312\363\030\005admin'
+  _globals['_APIKEY']._serialized_start=107
+  _globals['_APIKEY']._serialized_end=412
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=414
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=469
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=471
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=542
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=544
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=564
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=566
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=622
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=624
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=659
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=661
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=717
+  _globals['_KEYSERVICE']._serialized_start=720
+  _globals['_KEYSERVICE']._serialized_end=1017
 # @@protoc_insertion_point(module_scope)

@@ -33,6 +33,7 @@ class ApiKey(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
     LAST_USE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name: 1 to 128 bytes of letters, digits and `._-`."""
     certificate_subject: _builtins.str
@@ -66,6 +67,12 @@ class ApiKey(_message.Message):
     def last_use_time(self) -> _timestamp_pb2.Timestamp:
         """When it was last used, to within a minute; unset if never."""
 
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it expires: from then on every server refuses it, and its open streams end, as if it
+        were revoked then. Unset: it never expires.
+        """
+
     def __init__(
         self,
         *,
@@ -77,10 +84,11 @@ class ApiKey(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
         last_use_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_use_time", b"last_use_time", "revoke_time", b"revoke_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_use_time", b"last_use_time", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_subject", b"certificate_subject", "collections", b"collections", "create_time", b"create_time", "last_use_time", b"last_use_time", "name", b"name", "revoke_time", b"revoke_time", "scopes", b"scopes", "workflows", b"workflows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_subject", b"certificate_subject", "collections", b"collections", "create_time", b"create_time", "expire_time", b"expire_time", "last_use_time", b"last_use_time", "name", b"name", "revoke_time", b"revoke_time", "scopes", b"scopes", "workflows", b"workflows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -95,7 +103,9 @@ class CreateApiKeyRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def key(self) -> Global___ApiKey:
-        """The key to create: name, scopes, and optional limits and certificate subject. Times are ignored."""
+        """The key to create: name, scopes, and optional limits, certificate subject and `expire_time`
+        (in the future). Its other times are ignored.
+        """
 
     def __init__(
         self,

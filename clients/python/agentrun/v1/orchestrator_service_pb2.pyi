@@ -265,6 +265,7 @@ class WorkRequest(_message.Message):
     EXTEND_LEASES_FIELD_NUMBER: _builtins.int
     RELEASE_TASKS_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def subscribe(self) -> Global___Subscribe:
         """Opens the session. MUST be the first message, and only the first."""
@@ -293,6 +294,10 @@ class WorkRequest(_message.Message):
     def drain(self) -> Global___Drain:
         """Asks for no new leases: the worker is shutting down."""
 
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat:
+        """Says the worker is alive when it has nothing else to send (see `Subscribed.idle_timeout`)."""
+
     def __init__(
         self,
         *,
@@ -303,16 +308,34 @@ class WorkRequest(_message.Message):
         extend_leases: Global___ExtendLeases | None = ...,
         release_tasks: Global___ReleaseTasks | None = ...,
         drain: Global___Drain | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["complete_tasks", b"complete_tasks", "drain", b"drain", "extend_leases", b"extend_leases", "fail_tasks", b"fail_tasks", "grant_credits", b"grant_credits", "kind", b"kind", "release_tasks", b"release_tasks", "subscribe", b"subscribe"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["complete_tasks", b"complete_tasks", "drain", b"drain", "extend_leases", b"extend_leases", "fail_tasks", b"fail_tasks", "grant_credits", b"grant_credits", "heartbeat", b"heartbeat", "kind", b"kind", "release_tasks", b"release_tasks", "subscribe", b"subscribe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete_tasks", b"complete_tasks", "drain", b"drain", "extend_leases", b"extend_leases", "fail_tasks", b"fail_tasks", "grant_credits", b"grant_credits", "kind", b"kind", "release_tasks", b"release_tasks", "subscribe", b"subscribe"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete_tasks", b"complete_tasks", "drain", b"drain", "extend_leases", b"extend_leases", "fail_tasks", b"fail_tasks", "grant_credits", b"grant_credits", "heartbeat", b"heartbeat", "kind", b"kind", "release_tasks", b"release_tasks", "subscribe", b"subscribe"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["subscribe", "grant_credits", "complete_tasks", "fail_tasks", "extend_leases", "release_tasks", "drain"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["subscribe", "grant_credits", "complete_tasks", "fail_tasks", "extend_leases", "release_tasks", "drain", "heartbeat"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___WorkRequest: _TypeAlias = WorkRequest  # noqa: Y015
+
+@_typing.final
+class Heartbeat(_message.Message):
+    """Keeps an idle stream open: the server answers nothing."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
 
 @_typing.final
 class Subscribe(_message.Message):
@@ -802,6 +825,7 @@ class Subscribed(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     WORKFLOW_FIELD_NUMBER: _builtins.int
     RESUMED_FIELD_NUMBER: _builtins.int
+    IDLE_TIMEOUT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Server-assigned session id, for logs and stats."""
     @_builtins.property
@@ -815,16 +839,24 @@ class Subscribed(_message.Message):
         lease is gone: expired, cancelled or settled; stop working on the task).
         """
 
+    @_builtins.property
+    def idle_timeout(self) -> _duration_pb2.Duration:
+        """How long the server waits for the worker's next message before it ends the stream
+        DEADLINE_EXCEEDED. A worker with nothing to settle sends a `heartbeat` well within it (a third
+        of it, say). Unset: no limit.
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         workflow: _workflow_pb2.Workflow | None = ...,
         resumed: _abc.Iterable[Global___Ack] | None = ...,
+        idle_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["idle_timeout", b"idle_timeout", "workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["resumed", b"resumed", "session_id", b"session_id", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idle_timeout", b"idle_timeout", "resumed", b"resumed", "session_id", b"session_id", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -136,9 +136,20 @@ class OrchestratorServiceServicer:
         (the worker vanished, or the server shut down with UNAVAILABLE), they stay leased, and the
         worker resumes them on a new stream to any server process (`Subscribe.resume`). Leases nobody
         resumes within the server's resume grace (15 s by default) go back to ready, their attempts
-        counted. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names
-        no stage; NOT_FOUND for an unknown workflow or stage. A server shutting down first asks the
-        worker to reconnect (`Reconnect`), then ends the stream UNAVAILABLE.
+        counted. A lease is settled through the stream that holds it: the one it was pushed on, or the
+        one that resumed it (a settle naming another live stream's lease is answered 9
+        FAILED_PRECONDITION). Leases are shared fairly between the streams of a workflow: the server
+        serves the streams holding the fewest leases first, and a stream holds at most a starting
+        window of leases beyond those it has settled (see the server's README). The first message MUST
+        arrive within the server's first-message deadline (10 s by default), and a worker MUST send
+        something (a `heartbeat` when it has nothing else) within `Subscribed.idle_timeout` of its last
+        message: a stream silent longer ends DEADLINE_EXCEEDED, its leases kept for a resume.
+        Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names no
+        stage; NOT_FOUND for an unknown workflow or stage; DEADLINE_EXCEEDED as just said;
+        RESOURCE_EXHAUSTED (with google.rpc.RetryInfo) over the server's Work streams, in all or per
+        client host or per API key; UNAUTHENTICATED when the key is revoked or expires. A server
+        shutting down first asks the worker to reconnect (`Reconnect`), then ends the stream
+        UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

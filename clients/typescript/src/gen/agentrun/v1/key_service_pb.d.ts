@@ -75,6 +75,14 @@ export declare type ApiKey = Message<"agentrun.v1.ApiKey"> & {
    * @generated from field: google.protobuf.Timestamp last_use_time = 8;
    */
   lastUseTime?: Timestamp | undefined;
+
+  /**
+   * When it expires: from then on every server refuses it, and its open streams end, as if it
+   * were revoked then. Unset: it never expires.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 9;
+   */
+  expireTime?: Timestamp | undefined;
 };
 
 /**
@@ -90,7 +98,8 @@ export declare const ApiKeySchema: GenMessage<ApiKey>;
  */
 export declare type CreateApiKeyRequest = Message<"agentrun.v1.CreateApiKeyRequest"> & {
   /**
-   * The key to create: name, scopes, and optional limits and certificate subject. Times are ignored.
+   * The key to create: name, scopes, and optional limits, certificate subject and `expire_time`
+   * (in the future). Its other times are ignored.
    *
    * @generated from field: agentrun.v1.ApiKey key = 1;
    */

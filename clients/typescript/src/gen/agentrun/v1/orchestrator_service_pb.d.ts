@@ -269,6 +269,14 @@ export declare type WorkRequest = Message<"agentrun.v1.WorkRequest"> & {
      */
     value: Drain;
     case: "drain";
+  } | {
+    /**
+     * Says the worker is alive when it has nothing else to send (see `Subscribed.idle_timeout`).
+     *
+     * @generated from field: agentrun.v1.Heartbeat heartbeat = 8;
+     */
+    value: Heartbeat;
+    case: "heartbeat";
   } | { case: undefined; value?: undefined };
 };
 
@@ -277,6 +285,20 @@ export declare type WorkRequest = Message<"agentrun.v1.WorkRequest"> & {
  * Use `create(WorkRequestSchema)` to create a new message.
  */
 export declare const WorkRequestSchema: GenMessage<WorkRequest>;
+
+/**
+ * Keeps an idle stream open: the server answers nothing.
+ *
+ * @generated from message agentrun.v1.Heartbeat
+ */
+export declare type Heartbeat = Message<"agentrun.v1.Heartbeat"> & {
+};
+
+/**
+ * Describes the message agentrun.v1.Heartbeat.
+ * Use `create(HeartbeatSchema)` to create a new message.
+ */
+export declare const HeartbeatSchema: GenMessage<Heartbeat>;
 
 /**
  * Opens a Work session.
@@ -798,6 +820,15 @@ export declare type Subscribed = Message<"agentrun.v1.Subscribed"> & {
    * @generated from field: repeated agentrun.v1.Ack resumed = 3;
    */
   resumed: Ack[];
+
+  /**
+   * How long the server waits for the worker's next message before it ends the stream
+   * DEADLINE_EXCEEDED. A worker with nothing to settle sends a `heartbeat` well within it (a third
+   * of it, say). Unset: no limit.
+   *
+   * @generated from field: google.protobuf.Duration idle_timeout = 4;
+   */
+  idleTimeout?: Duration | undefined;
 };
 
 /**
@@ -1432,9 +1463,20 @@ export declare const OrchestratorService: GenService<{
    * (the worker vanished, or the server shut down with UNAVAILABLE), they stay leased, and the
    * worker resumes them on a new stream to any server process (`Subscribe.resume`). Leases nobody
    * resumes within the server's resume grace (15 s by default) go back to ready, their attempts
-   * counted. Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names
-   * no stage; NOT_FOUND for an unknown workflow or stage. A server shutting down first asks the
-   * worker to reconnect (`Reconnect`), then ends the stream UNAVAILABLE.
+   * counted. A lease is settled through the stream that holds it: the one it was pushed on, or the
+   * one that resumed it (a settle naming another live stream's lease is answered 9
+   * FAILED_PRECONDITION). Leases are shared fairly between the streams of a workflow: the server
+   * serves the streams holding the fewest leases first, and a stream holds at most a starting
+   * window of leases beyond those it has settled (see the server's README). The first message MUST
+   * arrive within the server's first-message deadline (10 s by default), and a worker MUST send
+   * something (a `heartbeat` when it has nothing else) within `Subscribed.idle_timeout` of its last
+   * message: a stream silent longer ends DEADLINE_EXCEEDED, its leases kept for a resume.
+   * Stream-level errors: INVALID_ARGUMENT when the first message is not `subscribe` or names no
+   * stage; NOT_FOUND for an unknown workflow or stage; DEADLINE_EXCEEDED as just said;
+   * RESOURCE_EXHAUSTED (with google.rpc.RetryInfo) over the server's Work streams, in all or per
+   * client host or per API key; UNAUTHENTICATED when the key is revoked or expires. A server
+   * shutting down first asks the worker to reconnect (`Reconnect`), then ends the stream
+   * UNAVAILABLE.
    *
    * @generated from rpc agentrun.v1.OrchestratorService.Work
    */

@@ -4,6 +4,7 @@
 
 import { enumDesc, fileDesc, messageDesc, serviceDesc, tsEnum } from "@bufbuild/protobuf/codegenv2";
 import { file_agentrun_v1_agent_run } from "./agent_run_pb.js";
+import { file_agentrun_v1_options } from "./options_pb.js";
 import { file_agentrun_v1_workflow } from "./workflow_pb.js";
 import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 
@@ -11,7 +12,7 @@ import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@
  * Describes the file agentrun/v1/orchestrator_service.proto.
  */
 export const file_agentrun_v1_orchestrator_service = /*@__PURE__*/
-  fileDesc("CiZhZ2VudHJ1bi92MS9vcmNoZXN0cmF0b3Jfc2VydmljZS5wcm90bxILYWdlbnRydW4udjEiPwoUQXBwbHlXb3JrZmxvd1JlcXVlc3QSJwoId29ya2Zsb3cYASABKAsyFS5hZ2VudHJ1bi52MS5Xb3JrZmxvdyJRChVBcHBseVdvcmtmbG93UmVzcG9uc2USJwoId29ya2Zsb3cYASABKAsyFS5hZ2VudHJ1bi52MS5Xb3JrZmxvdxIPCgdjaGFuZ2VkGAIgASgIIiIKEkdldFdvcmtmbG93UmVxdWVzdBIMCgRuYW1lGAEgASgJIj4KE0dldFdvcmtmbG93UmVzcG9uc2USJwoId29ya2Zsb3cYASABKAsyFS5hZ2VudHJ1bi52MS5Xb3JrZmxvdyIWChRMaXN0V29ya2Zsb3dzUmVxdWVzdCJBChVMaXN0V29ya2Zsb3dzUmVzcG9uc2USKAoJd29ya2Zsb3dzGAEgAygLMhUuYWdlbnRydW4udjEuV29ya2Zsb3ciYwoXRW5xdWV1ZUFnZW50UnVuc1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkSDQoFc3RhZ2UYAiABKAkSFQoNYWdlbnRfcnVuX2lkcxgDIAMoCRIQCghwcmlvcml0eRgEIAEoBSJJChhFbnF1ZXVlQWdlbnRSdW5zUmVzcG9uc2USFgoOZW5xdWV1ZWRfY291bnQYASABKA0SFQoNc2tpcHBlZF9jb3VudBgCIAEoDSLnAgoLV29ya1JlcXVlc3QSKwoJc3Vic2NyaWJlGAEgASgLMhYuYWdlbnRydW4udjEuU3Vic2NyaWJlSAASMgoNZ3JhbnRfY3JlZGl0cxgCIAEoCzIZLmFnZW50cnVuLnYxLkdyYW50Q3JlZGl0c0gAEjQKDmNvbXBsZXRlX3Rhc2tzGAMgASgLMhouYWdlbnRydW4udjEuQ29tcGxldGVUYXNrc0gAEiwKCmZhaWxfdGFza3MYBCABKAsyFi5hZ2VudHJ1bi52MS5GYWlsVGFza3NIABIyCg1leHRlbmRfbGVhc2VzGAUgASgLMhkuYWdlbnRydW4udjEuRXh0ZW5kTGVhc2VzSAASMgoNcmVsZWFzZV90YXNrcxgGIAEoCzIZLmFnZW50cnVuLnYxLlJlbGVhc2VUYXNrc0gAEiMKBWRyYWluGAcgASgLMhIuYWdlbnRydW4udjEuRHJhaW5IAEIGCgRraW5kIvwBCglTdWJzY3JpYmUSEAoId29ya2Zsb3cYASABKAkSLgoGc3RhZ2VzGAIgAygLMh4uYWdlbnRydW4udjEuU3RhZ2VTdWJzY3JpcHRpb24SDwoHY3JlZGl0cxgDIAEoDRIxCg5sZWFzZV9kdXJhdGlvbhgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIOCgZ3b3JrZXIYBSABKAkSGQoRbm90aWZ5X3doZW5fZW1wdHkYBiABKAgSFwoPbWF4X2JhdGNoX2J5dGVzGAcgASgNEiUKBnJlc3VtZRgIIAMoCzIVLmFnZW50cnVuLnYxLkxlYXNlUmVmIi0KCExlYXNlUmVmEg8KB3Rhc2tfaWQYASABKAkSEAoIbGVhc2VfaWQYAiABKAkiNQoRU3RhZ2VTdWJzY3JpcHRpb24SDQoFc3RhZ2UYASABKAkSEQoJbWF4X3Rhc2tzGAIgASgNIh8KDEdyYW50Q3JlZGl0cxIPCgdjcmVkaXRzGAEgASgNIkEKDUNvbXBsZXRlVGFza3MSMAoLY29tcGxldGlvbnMYASADKAsyGy5hZ2VudHJ1bi52MS5UYXNrQ29tcGxldGlvbiJoCg5UYXNrQ29tcGxldGlvbhIPCgd0YXNrX2lkGAEgASgJEhAKCGxlYXNlX2lkGAIgASgJEg8KB3BhdGh3YXkYAyABKAkSIgoGb3V0cHV0GAQgASgLMhIuYWdlbnRydW4udjEuVmFsdWUiNwoJRmFpbFRhc2tzEioKCGZhaWx1cmVzGAEgAygLMhguYWdlbnRydW4udjEuVGFza0ZhaWx1cmUihgEKC1Rhc2tGYWlsdXJlEg8KB3Rhc2tfaWQYASABKAkSEAoIbGVhc2VfaWQYAiABKAkSDQoFZXJyb3IYAyABKAkSFQoNbm9uX3JldHJ5YWJsZRgEIAEoCBIuCgtyZXRyeV9hZnRlchgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI/CgxFeHRlbmRMZWFzZXMSLwoKZXh0ZW5zaW9ucxgBIAMoCzIbLmFnZW50cnVuLnYxLkxlYXNlRXh0ZW5zaW9uImYKDkxlYXNlRXh0ZW5zaW9uEg8KB3Rhc2tfaWQYASABKAkSEAoIbGVhc2VfaWQYAiABKAkSMQoObGVhc2VfZHVyYXRpb24YAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iOgoMUmVsZWFzZVRhc2tzEioKCHJlbGVhc2VzGAEgAygLMhguYWdlbnRydW4udjEuVGFza1JlbGVhc2UiYAoLVGFza1JlbGVhc2USDwoHdGFza19pZBgBIAEoCRIQCghsZWFzZV9pZBgCIAEoCRIuCgtyZXRyeV9hZnRlchgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiIHCgVEcmFpbiKlAgoMV29ya1Jlc3BvbnNlEi0KCnN1YnNjcmliZWQYASABKAsyFy5hZ2VudHJ1bi52MS5TdWJzY3JpYmVkSAASKQoGbGVhc2VzGAIgASgLMhcuYWdlbnRydW4udjEuTGVhc2VCYXRjaEgAEiUKBGFja3MYAyABKAsyFS5hZ2VudHJ1bi52MS5BY2tCYXRjaEgAEjAKDHN0YWdlc19lbXB0eRgEIAEoCzIYLmFnZW50cnVuLnYxLlN0YWdlc0VtcHR5SAASLQoHcmV2b2tlZBgFIAEoCzIaLmFnZW50cnVuLnYxLkxlYXNlc1Jldm9rZWRIABIrCglyZWNvbm5lY3QYBiABKAsyFi5hZ2VudHJ1bi52MS5SZWNvbm5lY3RIAEIGCgRraW5kIgsKCVJlY29ubmVjdCJsCgpTdWJzY3JpYmVkEhIKCnNlc3Npb25faWQYASABKAkSJwoId29ya2Zsb3cYAiABKAsyFS5hZ2VudHJ1bi52MS5Xb3JrZmxvdxIhCgdyZXN1bWVkGAMgAygLMhAuYWdlbnRydW4udjEuQWNrIjAKCkxlYXNlQmF0Y2gSIgoGbGVhc2VzGAEgAygLMhIuYWdlbnRydW4udjEuTGVhc2UitQIKBUxlYXNlEg8KB3Rhc2tfaWQYASABKAkSEAoIbGVhc2VfaWQYAiABKAkSDwoHYXR0ZW1wdBgDIAEoDRIUCgxtYXhfYXR0ZW1wdHMYBCABKA0SLAoIZGVhZGxpbmUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBXN0YWdlGAYgASgJEigKCWFnZW50X3J1bhgHIAEoCzIVLmFnZW50cnVuLnYxLkFnZW50UnVuEhUKDWNvbGxlY3Rpb25faWQYCCABKAkSEAoIcHJpb3JpdHkYCSABKAUSIQoFaW5wdXQYCiABKAsyEi5hZ2VudHJ1bi52MS5WYWx1ZRIvCgtjcmVhdGVfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiKgoIQWNrQmF0Y2gSHgoEYWNrcxgBIAMoCzIQLmFnZW50cnVuLnYxLkFjayKLAQoDQWNrEg8KB3Rhc2tfaWQYASABKAkSEAoIbGVhc2VfaWQYAiABKAkSDAoEY29kZRgDIAEoBRIPCgdtZXNzYWdlGAQgASgJEiwKCGRlYWRsaW5lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIUCgxuZXh0X3Rhc2tfaWQYBiABKAkiDQoLU3RhZ2VzRW1wdHkiOgoNTGVhc2VzUmV2b2tlZBIpCgZsZWFzZXMYASADKAsyGS5hZ2VudHJ1bi52MS5SZXZva2VkTGVhc2UiXAoMUmV2b2tlZExlYXNlEg8KB3Rhc2tfaWQYASABKAkSEAoIbGVhc2VfaWQYAiABKAkSKQoGcmVhc29uGAMgASgOMhkuYWdlbnRydW4udjEuUmV2b2tlUmVhc29uIiEKDkdldFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiMgoPR2V0VGFza1Jlc3BvbnNlEh8KBHRhc2sYASABKAsyES5hZ2VudHJ1bi52MS5UYXNrIoEBChBMaXN0VGFza3NSZXF1ZXN0EhAKCHdvcmtmbG93GAEgASgJEg0KBXN0YWdlGAIgASgJEiUKBXN0YXRlGAMgASgOMhYuYWdlbnRydW4udjEuVGFza1N0YXRlEhEKCXBhZ2Vfc2l6ZRgEIAEoDRISCgpwYWdlX3Rva2VuGAUgASgJIk4KEUxpc3RUYXNrc1Jlc3BvbnNlEiAKBXRhc2tzGAEgAygLMhEuYWdlbnRydW4udjEuVGFzaxIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiSAoTUmVkcml2ZVRhc2tzUmVxdWVzdBIQCgh3b3JrZmxvdxgBIAEoCRINCgVzdGFnZRgCIAEoCRIQCgh0YXNrX2lkcxgDIAMoCSIuChRSZWRyaXZlVGFza3NSZXNwb25zZRIWCg5yZWRyaXZlbl9jb3VudBgBIAEoDSJHChJDYW5jZWxUYXNrc1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkSDQoFc3RhZ2UYAiABKAkSEAoIdGFza19pZHMYAyADKAkiLgoTQ2FuY2VsVGFza3NSZXNwb25zZRIXCg9jYW5jZWxsZWRfY291bnQYASABKA0iJQoRR2V0QmFja2xvZ1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkiaQoSR2V0QmFja2xvZ1Jlc3BvbnNlEikKBnN0YWdlcxgBIAMoCzIZLmFnZW50cnVuLnYxLlN0YWdlQmFja2xvZxIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCplCgxSZXZva2VSZWFzb24SHQoZUkVWT0tFX1JFQVNPTl9VTlNQRUNJRklFRBAAEhsKF1JFVk9LRV9SRUFTT05fQ0FOQ0VMTEVEEAESGQoVUkVWT0tFX1JFQVNPTl9FWFBJUkVEEAIywQYKE09yY2hlc3RyYXRvclNlcnZpY2USVgoNQXBwbHlXb3JrZmxvdxIhLmFnZW50cnVuLnYxLkFwcGx5V29ya2Zsb3dSZXF1ZXN0GiIuYWdlbnRydW4udjEuQXBwbHlXb3JrZmxvd1Jlc3BvbnNlElAKC0dldFdvcmtmbG93Eh8uYWdlbnRydW4udjEuR2V0V29ya2Zsb3dSZXF1ZXN0GiAuYWdlbnRydW4udjEuR2V0V29ya2Zsb3dSZXNwb25zZRJWCg1MaXN0V29ya2Zsb3dzEiEuYWdlbnRydW4udjEuTGlzdFdvcmtmbG93c1JlcXVlc3QaIi5hZ2VudHJ1bi52MS5MaXN0V29ya2Zsb3dzUmVzcG9uc2USXwoQRW5xdWV1ZUFnZW50UnVucxIkLmFnZW50cnVuLnYxLkVucXVldWVBZ2VudFJ1bnNSZXF1ZXN0GiUuYWdlbnRydW4udjEuRW5xdWV1ZUFnZW50UnVuc1Jlc3BvbnNlEj8KBFdvcmsSGC5hZ2VudHJ1bi52MS5Xb3JrUmVxdWVzdBoZLmFnZW50cnVuLnYxLldvcmtSZXNwb25zZSgBMAESRAoHR2V0VGFzaxIbLmFnZW50cnVuLnYxLkdldFRhc2tSZXF1ZXN0GhwuYWdlbnRydW4udjEuR2V0VGFza1Jlc3BvbnNlEkoKCUxpc3RUYXNrcxIdLmFnZW50cnVuLnYxLkxpc3RUYXNrc1JlcXVlc3QaHi5hZ2VudHJ1bi52MS5MaXN0VGFza3NSZXNwb25zZRJTCgxSZWRyaXZlVGFza3MSIC5hZ2VudHJ1bi52MS5SZWRyaXZlVGFza3NSZXF1ZXN0GiEuYWdlbnRydW4udjEuUmVkcml2ZVRhc2tzUmVzcG9uc2USUAoLQ2FuY2VsVGFza3MSHy5hZ2VudHJ1bi52MS5DYW5jZWxUYXNrc1JlcXVlc3QaIC5hZ2VudHJ1bi52MS5DYW5jZWxUYXNrc1Jlc3BvbnNlEk0KCkdldEJhY2tsb2cSHi5hZ2VudHJ1bi52MS5HZXRCYWNrbG9nUmVxdWVzdBofLmFnZW50cnVuLnYxLkdldEJhY2tsb2dSZXNwb25zZWIGcHJvdG8z", [file_agentrun_v1_agent_run, file_agentrun_v1_workflow, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("CiZhZ2VudHJ1bi92MS9vcmNoZXN0cmF0b3Jfc2VydmljZS5wcm90bxILYWdlbnRydW4udjEiPwoUQXBwbHlXb3JrZmxvd1JlcXVlc3QSJwoId29ya2Zsb3cYASABKAsyFS5hZ2VudHJ1bi52MS5Xb3JrZmxvdyJRChVBcHBseVdvcmtmbG93UmVzcG9uc2USJwoId29ya2Zsb3cYASABKAsyFS5hZ2VudHJ1bi52MS5Xb3JrZmxvdxIPCgdjaGFuZ2VkGAIgASgIIiIKEkdldFdvcmtmbG93UmVxdWVzdBIMCgRuYW1lGAEgASgJIj4KE0dldFdvcmtmbG93UmVzcG9uc2USJwoId29ya2Zsb3cYASABKAsyFS5hZ2VudHJ1bi52MS5Xb3JrZmxvdyIWChRMaXN0V29ya2Zsb3dzUmVxdWVzdCJBChVMaXN0V29ya2Zsb3dzUmVzcG9uc2USKAoJd29ya2Zsb3dzGAEgAygLMhUuYWdlbnRydW4udjEuV29ya2Zsb3ciYwoXRW5xdWV1ZUFnZW50UnVuc1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkSDQoFc3RhZ2UYAiABKAkSFQoNYWdlbnRfcnVuX2lkcxgDIAMoCRIQCghwcmlvcml0eRgEIAEoBSJJChhFbnF1ZXVlQWdlbnRSdW5zUmVzcG9uc2USFgoOZW5xdWV1ZWRfY291bnQYASABKA0SFQoNc2tpcHBlZF9jb3VudBgCIAEoDSKUAwoLV29ya1JlcXVlc3QSKwoJc3Vic2NyaWJlGAEgASgLMhYuYWdlbnRydW4udjEuU3Vic2NyaWJlSAASMgoNZ3JhbnRfY3JlZGl0cxgCIAEoCzIZLmFnZW50cnVuLnYxLkdyYW50Q3JlZGl0c0gAEjQKDmNvbXBsZXRlX3Rhc2tzGAMgASgLMhouYWdlbnRydW4udjEuQ29tcGxldGVUYXNrc0gAEiwKCmZhaWxfdGFza3MYBCABKAsyFi5hZ2VudHJ1bi52MS5GYWlsVGFza3NIABIyCg1leHRlbmRfbGVhc2VzGAUgASgLMhkuYWdlbnRydW4udjEuRXh0ZW5kTGVhc2VzSAASMgoNcmVsZWFzZV90YXNrcxgGIAEoCzIZLmFnZW50cnVuLnYxLlJlbGVhc2VUYXNrc0gAEiMKBWRyYWluGAcgASgLMhIuYWdlbnRydW4udjEuRHJhaW5IABIrCgloZWFydGJlYXQYCCABKAsyFi5hZ2VudHJ1bi52MS5IZWFydGJlYXRIAEIGCgRraW5kIgsKCUhlYXJ0YmVhdCL8AQoJU3Vic2NyaWJlEhAKCHdvcmtmbG93GAEgASgJEi4KBnN0YWdlcxgCIAMoCzIeLmFnZW50cnVuLnYxLlN0YWdlU3Vic2NyaXB0aW9uEg8KB2NyZWRpdHMYAyABKA0SMQoObGVhc2VfZHVyYXRpb24YBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDgoGd29ya2VyGAUgASgJEhkKEW5vdGlmeV93aGVuX2VtcHR5GAYgASgIEhcKD21heF9iYXRjaF9ieXRlcxgHIAEoDRIlCgZyZXN1bWUYCCADKAsyFS5hZ2VudHJ1bi52MS5MZWFzZVJlZiItCghMZWFzZVJlZhIPCgd0YXNrX2lkGAEgASgJEhAKCGxlYXNlX2lkGAIgASgJIjUKEVN0YWdlU3Vic2NyaXB0aW9uEg0KBXN0YWdlGAEgASgJEhEKCW1heF90YXNrcxgCIAEoDSIfCgxHcmFudENyZWRpdHMSDwoHY3JlZGl0cxgBIAEoDSJBCg1Db21wbGV0ZVRhc2tzEjAKC2NvbXBsZXRpb25zGAEgAygLMhsuYWdlbnRydW4udjEuVGFza0NvbXBsZXRpb24iaAoOVGFza0NvbXBsZXRpb24SDwoHdGFza19pZBgBIAEoCRIQCghsZWFzZV9pZBgCIAEoCRIPCgdwYXRod2F5GAMgASgJEiIKBm91dHB1dBgEIAEoCzISLmFnZW50cnVuLnYxLlZhbHVlIjcKCUZhaWxUYXNrcxIqCghmYWlsdXJlcxgBIAMoCzIYLmFnZW50cnVuLnYxLlRhc2tGYWlsdXJlIoYBCgtUYXNrRmFpbHVyZRIPCgd0YXNrX2lkGAEgASgJEhAKCGxlYXNlX2lkGAIgASgJEg0KBWVycm9yGAMgASgJEhUKDW5vbl9yZXRyeWFibGUYBCABKAgSLgoLcmV0cnlfYWZ0ZXIYBSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iPwoMRXh0ZW5kTGVhc2VzEi8KCmV4dGVuc2lvbnMYASADKAsyGy5hZ2VudHJ1bi52MS5MZWFzZUV4dGVuc2lvbiJmCg5MZWFzZUV4dGVuc2lvbhIPCgd0YXNrX2lkGAEgASgJEhAKCGxlYXNlX2lkGAIgASgJEjEKDmxlYXNlX2R1cmF0aW9uGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjoKDFJlbGVhc2VUYXNrcxIqCghyZWxlYXNlcxgBIAMoCzIYLmFnZW50cnVuLnYxLlRhc2tSZWxlYXNlImAKC1Rhc2tSZWxlYXNlEg8KB3Rhc2tfaWQYASABKAkSEAoIbGVhc2VfaWQYAiABKAkSLgoLcmV0cnlfYWZ0ZXIYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iBwoFRHJhaW4ipQIKDFdvcmtSZXNwb25zZRItCgpzdWJzY3JpYmVkGAEgASgLMhcuYWdlbnRydW4udjEuU3Vic2NyaWJlZEgAEikKBmxlYXNlcxgCIAEoCzIXLmFnZW50cnVuLnYxLkxlYXNlQmF0Y2hIABIlCgRhY2tzGAMgASgLMhUuYWdlbnRydW4udjEuQWNrQmF0Y2hIABIwCgxzdGFnZXNfZW1wdHkYBCABKAsyGC5hZ2VudHJ1bi52MS5TdGFnZXNFbXB0eUgAEi0KB3Jldm9rZWQYBSABKAsyGi5hZ2VudHJ1bi52MS5MZWFzZXNSZXZva2VkSAASKwoJcmVjb25uZWN0GAYgASgLMhYuYWdlbnRydW4udjEuUmVjb25uZWN0SABCBgoEa2luZCILCglSZWNvbm5lY3QinQEKClN1YnNjcmliZWQSEgoKc2Vzc2lvbl9pZBgBIAEoCRInCgh3b3JrZmxvdxgCIAEoCzIVLmFnZW50cnVuLnYxLldvcmtmbG93EiEKB3Jlc3VtZWQYAyADKAsyEC5hZ2VudHJ1bi52MS5BY2sSLwoMaWRsZV90aW1lb3V0GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjAKCkxlYXNlQmF0Y2gSIgoGbGVhc2VzGAEgAygLMhIuYWdlbnRydW4udjEuTGVhc2UitQIKBUxlYXNlEg8KB3Rhc2tfaWQYASABKAkSEAoIbGVhc2VfaWQYAiABKAkSDwoHYXR0ZW1wdBgDIAEoDRIUCgxtYXhfYXR0ZW1wdHMYBCABKA0SLAoIZGVhZGxpbmUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBXN0YWdlGAYgASgJEigKCWFnZW50X3J1bhgHIAEoCzIVLmFnZW50cnVuLnYxLkFnZW50UnVuEhUKDWNvbGxlY3Rpb25faWQYCCABKAkSEAoIcHJpb3JpdHkYCSABKAUSIQoFaW5wdXQYCiABKAsyEi5hZ2VudHJ1bi52MS5WYWx1ZRIvCgtjcmVhdGVfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiKgoIQWNrQmF0Y2gSHgoEYWNrcxgBIAMoCzIQLmFnZW50cnVuLnYxLkFjayKLAQoDQWNrEg8KB3Rhc2tfaWQYASABKAkSEAoIbGVhc2VfaWQYAiABKAkSDAoEY29kZRgDIAEoBRIPCgdtZXNzYWdlGAQgASgJEiwKCGRlYWRsaW5lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIUCgxuZXh0X3Rhc2tfaWQYBiABKAkiDQoLU3RhZ2VzRW1wdHkiOgoNTGVhc2VzUmV2b2tlZBIpCgZsZWFzZXMYASADKAsyGS5hZ2VudHJ1bi52MS5SZXZva2VkTGVhc2UiXAoMUmV2b2tlZExlYXNlEg8KB3Rhc2tfaWQYASABKAkSEAoIbGVhc2VfaWQYAiABKAkSKQoGcmVhc29uGAMgASgOMhkuYWdlbnRydW4udjEuUmV2b2tlUmVhc29uIiEKDkdldFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiMgoPR2V0VGFza1Jlc3BvbnNlEh8KBHRhc2sYASABKAsyES5hZ2VudHJ1bi52MS5UYXNrIoEBChBMaXN0VGFza3NSZXF1ZXN0EhAKCHdvcmtmbG93GAEgASgJEg0KBXN0YWdlGAIgASgJEiUKBXN0YXRlGAMgASgOMhYuYWdlbnRydW4udjEuVGFza1N0YXRlEhEKCXBhZ2Vfc2l6ZRgEIAEoDRISCgpwYWdlX3Rva2VuGAUgASgJIk4KEUxpc3RUYXNrc1Jlc3BvbnNlEiAKBXRhc2tzGAEgAygLMhEuYWdlbnRydW4udjEuVGFzaxIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiSAoTUmVkcml2ZVRhc2tzUmVxdWVzdBIQCgh3b3JrZmxvdxgBIAEoCRINCgVzdGFnZRgCIAEoCRIQCgh0YXNrX2lkcxgDIAMoCSIuChRSZWRyaXZlVGFza3NSZXNwb25zZRIWCg5yZWRyaXZlbl9jb3VudBgBIAEoDSJHChJDYW5jZWxUYXNrc1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkSDQoFc3RhZ2UYAiABKAkSEAoIdGFza19pZHMYAyADKAkiLgoTQ2FuY2VsVGFza3NSZXNwb25zZRIXCg9jYW5jZWxsZWRfY291bnQYASABKA0iJQoRR2V0QmFja2xvZ1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkiaQoSR2V0QmFja2xvZ1Jlc3BvbnNlEikKBnN0YWdlcxgBIAMoCzIZLmFnZW50cnVuLnYxLlN0YWdlQmFja2xvZxIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCplCgxSZXZva2VSZWFzb24SHQoZUkVWT0tFX1JFQVNPTl9VTlNQRUNJRklFRBAAEhsKF1JFVk9LRV9SRUFTT05fQ0FOQ0VMTEVEEAESGQoVUkVWT0tFX1JFQVNPTl9FWFBJUkVEEAIyuQcKE09yY2hlc3RyYXRvclNlcnZpY2USYQoNQXBwbHlXb3JrZmxvdxIhLmFnZW50cnVuLnYxLkFwcGx5V29ya2Zsb3dSZXF1ZXN0GiIuYWdlbnRydW4udjEuQXBwbHlXb3JrZmxvd1Jlc3BvbnNlIgnK8xgFYWRtaW4SYgoLR2V0V29ya2Zsb3cSHy5hZ2VudHJ1bi52MS5HZXRXb3JrZmxvd1JlcXVlc3QaIC5hZ2VudHJ1bi52MS5HZXRXb3JrZmxvd1Jlc3BvbnNlIhDK8xgEcmVhZMrzGAR3b3JrEmAKDUxpc3RXb3JrZmxvd3MSIS5hZ2VudHJ1bi52MS5MaXN0V29ya2Zsb3dzUmVxdWVzdBoiLmFnZW50cnVuLnYxLkxpc3RXb3JrZmxvd3NSZXNwb25zZSIIyvMYBHJlYWQSagoQRW5xdWV1ZUFnZW50UnVucxIkLmFnZW50cnVuLnYxLkVucXVldWVBZ2VudFJ1bnNSZXF1ZXN0GiUuYWdlbnRydW4udjEuRW5xdWV1ZUFnZW50UnVuc1Jlc3BvbnNlIgnK8xgFYWRtaW4SSQoEV29yaxIYLmFnZW50cnVuLnYxLldvcmtSZXF1ZXN0GhkuYWdlbnRydW4udjEuV29ya1Jlc3BvbnNlIgjK8xgEd29yaygBMAESVgoHR2V0VGFzaxIbLmFnZW50cnVuLnYxLkdldFRhc2tSZXF1ZXN0GhwuYWdlbnRydW4udjEuR2V0VGFza1Jlc3BvbnNlIhDK8xgEcmVhZMrzGAR3b3JrElQKCUxpc3RUYXNrcxIdLmFnZW50cnVuLnYxLkxpc3RUYXNrc1JlcXVlc3QaHi5hZ2VudHJ1bi52MS5MaXN0VGFza3NSZXNwb25zZSIIyvMYBHJlYWQSXgoMUmVkcml2ZVRhc2tzEiAuYWdlbnRydW4udjEuUmVkcml2ZVRhc2tzUmVxdWVzdBohLmFnZW50cnVuLnYxLlJlZHJpdmVUYXNrc1Jlc3BvbnNlIgnK8xgFYWRtaW4SWwoLQ2FuY2VsVGFza3MSHy5hZ2VudHJ1bi52MS5DYW5jZWxUYXNrc1JlcXVlc3QaIC5hZ2VudHJ1bi52MS5DYW5jZWxUYXNrc1Jlc3BvbnNlIgnK8xgFYWRtaW4SVwoKR2V0QmFja2xvZxIeLmFnZW50cnVuLnYxLkdldEJhY2tsb2dSZXF1ZXN0Gh8uYWdlbnRydW4udjEuR2V0QmFja2xvZ1Jlc3BvbnNlIgjK8xgEcmVhZGIGcHJvdG8z", [file_agentrun_v1_agent_run, file_agentrun_v1_options, file_agentrun_v1_workflow, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Describes the message agentrun.v1.ApplyWorkflowRequest.
@@ -77,235 +78,242 @@ export const WorkRequestSchema = /*@__PURE__*/
   messageDesc(file_agentrun_v1_orchestrator_service, 8);
 
 /**
+ * Describes the message agentrun.v1.Heartbeat.
+ * Use `create(HeartbeatSchema)` to create a new message.
+ */
+export const HeartbeatSchema = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_orchestrator_service, 9);
+
+/**
  * Describes the message agentrun.v1.Subscribe.
  * Use `create(SubscribeSchema)` to create a new message.
  */
 export const SubscribeSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 9);
+  messageDesc(file_agentrun_v1_orchestrator_service, 10);
 
 /**
  * Describes the message agentrun.v1.LeaseRef.
  * Use `create(LeaseRefSchema)` to create a new message.
  */
 export const LeaseRefSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 10);
+  messageDesc(file_agentrun_v1_orchestrator_service, 11);
 
 /**
  * Describes the message agentrun.v1.StageSubscription.
  * Use `create(StageSubscriptionSchema)` to create a new message.
  */
 export const StageSubscriptionSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 11);
+  messageDesc(file_agentrun_v1_orchestrator_service, 12);
 
 /**
  * Describes the message agentrun.v1.GrantCredits.
  * Use `create(GrantCreditsSchema)` to create a new message.
  */
 export const GrantCreditsSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 12);
+  messageDesc(file_agentrun_v1_orchestrator_service, 13);
 
 /**
  * Describes the message agentrun.v1.CompleteTasks.
  * Use `create(CompleteTasksSchema)` to create a new message.
  */
 export const CompleteTasksSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 13);
+  messageDesc(file_agentrun_v1_orchestrator_service, 14);
 
 /**
  * Describes the message agentrun.v1.TaskCompletion.
  * Use `create(TaskCompletionSchema)` to create a new message.
  */
 export const TaskCompletionSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 14);
+  messageDesc(file_agentrun_v1_orchestrator_service, 15);
 
 /**
  * Describes the message agentrun.v1.FailTasks.
  * Use `create(FailTasksSchema)` to create a new message.
  */
 export const FailTasksSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 15);
+  messageDesc(file_agentrun_v1_orchestrator_service, 16);
 
 /**
  * Describes the message agentrun.v1.TaskFailure.
  * Use `create(TaskFailureSchema)` to create a new message.
  */
 export const TaskFailureSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 16);
+  messageDesc(file_agentrun_v1_orchestrator_service, 17);
 
 /**
  * Describes the message agentrun.v1.ExtendLeases.
  * Use `create(ExtendLeasesSchema)` to create a new message.
  */
 export const ExtendLeasesSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 17);
+  messageDesc(file_agentrun_v1_orchestrator_service, 18);
 
 /**
  * Describes the message agentrun.v1.LeaseExtension.
  * Use `create(LeaseExtensionSchema)` to create a new message.
  */
 export const LeaseExtensionSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 18);
+  messageDesc(file_agentrun_v1_orchestrator_service, 19);
 
 /**
  * Describes the message agentrun.v1.ReleaseTasks.
  * Use `create(ReleaseTasksSchema)` to create a new message.
  */
 export const ReleaseTasksSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 19);
+  messageDesc(file_agentrun_v1_orchestrator_service, 20);
 
 /**
  * Describes the message agentrun.v1.TaskRelease.
  * Use `create(TaskReleaseSchema)` to create a new message.
  */
 export const TaskReleaseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 20);
+  messageDesc(file_agentrun_v1_orchestrator_service, 21);
 
 /**
  * Describes the message agentrun.v1.Drain.
  * Use `create(DrainSchema)` to create a new message.
  */
 export const DrainSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 21);
+  messageDesc(file_agentrun_v1_orchestrator_service, 22);
 
 /**
  * Describes the message agentrun.v1.WorkResponse.
  * Use `create(WorkResponseSchema)` to create a new message.
  */
 export const WorkResponseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 22);
+  messageDesc(file_agentrun_v1_orchestrator_service, 23);
 
 /**
  * Describes the message agentrun.v1.Reconnect.
  * Use `create(ReconnectSchema)` to create a new message.
  */
 export const ReconnectSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 23);
+  messageDesc(file_agentrun_v1_orchestrator_service, 24);
 
 /**
  * Describes the message agentrun.v1.Subscribed.
  * Use `create(SubscribedSchema)` to create a new message.
  */
 export const SubscribedSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 24);
+  messageDesc(file_agentrun_v1_orchestrator_service, 25);
 
 /**
  * Describes the message agentrun.v1.LeaseBatch.
  * Use `create(LeaseBatchSchema)` to create a new message.
  */
 export const LeaseBatchSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 25);
+  messageDesc(file_agentrun_v1_orchestrator_service, 26);
 
 /**
  * Describes the message agentrun.v1.Lease.
  * Use `create(LeaseSchema)` to create a new message.
  */
 export const LeaseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 26);
+  messageDesc(file_agentrun_v1_orchestrator_service, 27);
 
 /**
  * Describes the message agentrun.v1.AckBatch.
  * Use `create(AckBatchSchema)` to create a new message.
  */
 export const AckBatchSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 27);
+  messageDesc(file_agentrun_v1_orchestrator_service, 28);
 
 /**
  * Describes the message agentrun.v1.Ack.
  * Use `create(AckSchema)` to create a new message.
  */
 export const AckSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 28);
+  messageDesc(file_agentrun_v1_orchestrator_service, 29);
 
 /**
  * Describes the message agentrun.v1.StagesEmpty.
  * Use `create(StagesEmptySchema)` to create a new message.
  */
 export const StagesEmptySchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 29);
+  messageDesc(file_agentrun_v1_orchestrator_service, 30);
 
 /**
  * Describes the message agentrun.v1.LeasesRevoked.
  * Use `create(LeasesRevokedSchema)` to create a new message.
  */
 export const LeasesRevokedSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 30);
+  messageDesc(file_agentrun_v1_orchestrator_service, 31);
 
 /**
  * Describes the message agentrun.v1.RevokedLease.
  * Use `create(RevokedLeaseSchema)` to create a new message.
  */
 export const RevokedLeaseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 31);
+  messageDesc(file_agentrun_v1_orchestrator_service, 32);
 
 /**
  * Describes the message agentrun.v1.GetTaskRequest.
  * Use `create(GetTaskRequestSchema)` to create a new message.
  */
 export const GetTaskRequestSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 32);
+  messageDesc(file_agentrun_v1_orchestrator_service, 33);
 
 /**
  * Describes the message agentrun.v1.GetTaskResponse.
  * Use `create(GetTaskResponseSchema)` to create a new message.
  */
 export const GetTaskResponseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 33);
+  messageDesc(file_agentrun_v1_orchestrator_service, 34);
 
 /**
  * Describes the message agentrun.v1.ListTasksRequest.
  * Use `create(ListTasksRequestSchema)` to create a new message.
  */
 export const ListTasksRequestSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 34);
+  messageDesc(file_agentrun_v1_orchestrator_service, 35);
 
 /**
  * Describes the message agentrun.v1.ListTasksResponse.
  * Use `create(ListTasksResponseSchema)` to create a new message.
  */
 export const ListTasksResponseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 35);
+  messageDesc(file_agentrun_v1_orchestrator_service, 36);
 
 /**
  * Describes the message agentrun.v1.RedriveTasksRequest.
  * Use `create(RedriveTasksRequestSchema)` to create a new message.
  */
 export const RedriveTasksRequestSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 36);
+  messageDesc(file_agentrun_v1_orchestrator_service, 37);
 
 /**
  * Describes the message agentrun.v1.RedriveTasksResponse.
  * Use `create(RedriveTasksResponseSchema)` to create a new message.
  */
 export const RedriveTasksResponseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 37);
+  messageDesc(file_agentrun_v1_orchestrator_service, 38);
 
 /**
  * Describes the message agentrun.v1.CancelTasksRequest.
  * Use `create(CancelTasksRequestSchema)` to create a new message.
  */
 export const CancelTasksRequestSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 38);
+  messageDesc(file_agentrun_v1_orchestrator_service, 39);
 
 /**
  * Describes the message agentrun.v1.CancelTasksResponse.
  * Use `create(CancelTasksResponseSchema)` to create a new message.
  */
 export const CancelTasksResponseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 39);
+  messageDesc(file_agentrun_v1_orchestrator_service, 40);
 
 /**
  * Describes the message agentrun.v1.GetBacklogRequest.
  * Use `create(GetBacklogRequestSchema)` to create a new message.
  */
 export const GetBacklogRequestSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 40);
+  messageDesc(file_agentrun_v1_orchestrator_service, 41);
 
 /**
  * Describes the message agentrun.v1.GetBacklogResponse.
  * Use `create(GetBacklogResponseSchema)` to create a new message.
  */
 export const GetBacklogResponseSchema = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_orchestrator_service, 41);
+  messageDesc(file_agentrun_v1_orchestrator_service, 42);
 
 /**
  * Describes the enum agentrun.v1.RevokeReason.
