@@ -43,6 +43,12 @@ class FailedPrecondition(ServerError):
     """The request conflicts with the current state (e.g. a collection bound to another workflow)."""
 
 
+class Aborted(ServerError):
+    """A concurrent change conflicts with the request: a sequencer check failed (another event
+    holds the sequence number). Resending the same request cannot succeed; the client must
+    re-read what is stored and continue from there."""
+
+
 class ResourceExhausted(ServerError):
     """A limit was reached; the message names it. With `retry_after_seconds` the limit is a
     momentary one (back-pressure) and the request may be sent again after that long."""

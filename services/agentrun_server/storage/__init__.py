@@ -15,7 +15,7 @@ from typing import Protocol
 
 from agentrun_server._errors import InvalidArgument
 from agentrun_server.storage._notifier import LocalNotifier, Notifier, PollingNotifier
-from agentrun_server.storage._rules import backoff_seconds, run_state
+from agentrun_server.storage._rules import backoff_seconds, event_digest, run_state
 from agentrun_server.storage._types import (
     Ack,
     AckCode,
@@ -85,6 +85,7 @@ __all__ = [
     "TaskState",
     "WorkflowDef",
     "backoff_seconds",
+    "event_digest",
     "open_storage",
     "run_state",
 ]
@@ -182,6 +183,9 @@ class Storage(Protocol):
         not enter it again. One `fold` refuses (no transcript yet) never enters until it
         finishes. Replicas sweeping at once enter each run once."""
 
+    async def run_collections(self, run_ids: Sequence[str]) -> dict[str, str]:
+        """The collection of each run named that exists, by run id (absent: no such run)."""
+
     async def count_live_runs(self, abandoned_before: float) -> tuple[int, int]:
         """(running, abandoned) live runs in every collection: running runs with an event since
         `abandoned_before`, and those without."""
@@ -253,29 +257,35 @@ class Storage(Protocol):
         lease id, the next attempt, and a deadline of now plus the request's lease duration (else
         the stage's). Only tasks still ready move."""
 
-    async def complete(self, items: Sequence[Completion], now: float) -> list[Ack]:
+    async def complete(
+        self, items: Sequence[Completion], now: float, holder: str = ""
+    ) -> list[Ack]:
         """Complete leased tasks with a pathway and output, and create each one's next-stage
         task (its input: the output), all in one transaction. The Ack of a done task names the
-        next task (`next_task_id`; none at the end of the workflow)."""
+        next task (`next_task_id`; none at the end of the workflow).
+
+        `holder`, in every settle, is the Work session settling: a lease another live session
+        holds is refused it (FAILED_PRECONDITION); one detached from its stream is not. "": any
+        (the caller is no stream)."""
 
     async def complete_and_claim(
         self, items: Sequence[Completion], request: ClaimRequest, now: float
     ) -> tuple[list[Ack], list[LeasedTask]]:
         """`complete`, then `claim` for the same session, in one transaction: a worker that
-        settles a batch gets its next without another round through the dispatcher.
-        `request.limit` counts the credits the completions free; each completion refused for its
+        settles a batch gets its next without another round through the dispatcher (the
+        session, `request.session_id`, is the completions' holder). `request.limit` counts the credits the completions free; each completion refused for its
         pathway keeps its lease (and credit), so it lowers the limit by one."""
 
-    async def fail(self, items: Sequence[Failure], now: float) -> list[Ack]:
+    async def fail(self, items: Sequence[Failure], now: float, holder: str = "") -> list[Ack]:
         """Record failed attempts: dead when non-retryable or the attempts are spent, else ready
         again after the failure's retry-after or the stage's backoff (`result` "dead" or
         "retry")."""
 
-    async def extend(self, items: Sequence[Extension], now: float) -> list[Ack]:
+    async def extend(self, items: Sequence[Extension], now: float, holder: str = "") -> list[Ack]:
         """Set lease deadlines to now plus each item's duration (None: the stage's); the Ack
         carries the new deadline."""
 
-    async def release(self, items: Sequence[Release], now: float) -> list[Ack]:
+    async def release(self, items: Sequence[Release], now: float, holder: str = "") -> list[Ack]:
         """Hand leased tasks back unstarted: ready again at once, the attempt not counted."""
 
     # --- leases: streams, servers, expiry -------------------------------------------------------

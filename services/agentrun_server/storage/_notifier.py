@@ -1,17 +1,22 @@
-"""The notifier: carries "tasks may be ready" and "lease revoked" between the server processes
-that share one database.
+"""The notifier: carries "tasks may be ready", "lease revoked" and "events landed on these runs"
+between the server processes that share one database.
 
-Both are hints, never commands: a process told that tasks may be ready runs a claim pass (which
-finds what is there), and one told of a revocation passes it to the stream holding the lease, if
-it serves that stream. So a lost or repeated notice costs a pass at most, and the dispatcher's
-own poll catches anything a notifier misses.
+All are hints, never commands: a process told that tasks may be ready runs a claim pass (which
+finds what is there), one told of a revocation passes it to the stream holding the lease, if it
+serves that stream, and one told that events landed wakes the watchers of those runs, which read
+what is there. So a lost or repeated notice costs a pass or a read at most, and the dispatcher's
+own poll catches anything a notifier misses; a watcher of a quiet run costs nothing.
 
-- `LocalNotifier`: one process; publishing calls the subscriber at once.
+- `LocalNotifier`: one process; publishing calls the subscribers at once.
 - `PollingNotifier`: several processes on one database: local delivery at once, and every
-  `interval_seconds` a look at what others did: "anything committed?" (`Storage.change_marker`,
+  `interval_seconds` a look at what others did: "anything committed?" (`change_marker`,
   SQLite's data version: no write, no table) wakes the dispatcher; revocations come from the small
-  table the storage writes them to in the transaction that revoked them.
-- LISTEN/NOTIFY carries both on PostgreSQL (the PostgreSQL adapter's own notifier).
+  table the storage writes them to in the transaction that revoked them; runs with new events
+  from the events table's newest rows, read only while this process has watchers.
+- LISTEN/NOTIFY carries all three on PostgreSQL (the PostgreSQL adapter's own notifier).
+
+Lifecycle: the server makes one notifier (`Storage.notifier()`), its parts `subscribe`, then
+`start()`; `close()` at shutdown.
 """
 
 from __future__ import annotations
@@ -20,12 +25,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from agentrun_server.storage._types import Revocation
-
-if TYPE_CHECKING:
-    from agentrun_server.storage import Storage
 
 _log = logging.getLogger(__name__)
 
@@ -33,13 +35,25 @@ POLL_INTERVAL_SECONDS = 0.025
 
 OnReady = Callable[[], None]
 OnRevoked = Callable[[Sequence[Revocation]], None]
+OnEvents = Callable[[Sequence[str] | None], None]
+"""Called with the ids of runs that got events, or None when any run may have (a notice lost)."""
 
 
 class Notifier(Protocol):
-    """Publishes and delivers the two notices; `start` names the one subscriber (the dispatcher)."""
+    """Publishes and delivers the notices to the parts of the server that `subscribe`."""
 
-    async def start(self, on_ready: OnReady, on_revoked: OnRevoked) -> None:
-        """Start delivering notices to the subscriber."""
+    def subscribe(
+        self,
+        on_ready: OnReady | None = None,
+        on_revoked: OnRevoked | None = None,
+        on_events: OnEvents | None = None,
+        events_wanted: Callable[[], bool] | None = None,
+    ) -> None:
+        """Deliver notices to these callbacks (any may be None); `events_wanted` says whether
+        event notices are wanted now (any watcher open), so none are looked for otherwise."""
+
+    async def start(self) -> None:
+        """Start delivering notices from other processes."""
 
     def tasks_ready(self, workflow: str, stages: Sequence[str]) -> None:
         """This process made tasks ready (ingested, enqueued, retried, completed onward)."""
@@ -47,48 +61,101 @@ class Notifier(Protocol):
     def leases_revoked(self, revocations: Sequence[Revocation]) -> None:
         """This process revoked leases (the storage recorded them for other processes)."""
 
+    def events_landed(self, run_ids: Sequence[str]) -> None:
+        """This process stored events of these runs (the storage tells other processes)."""
+
     async def close(self) -> None:
         """Stop delivering."""
 
 
+class PolledStorage(Protocol):
+    """What `PollingNotifier` reads from storage."""
+
+    async def change_marker(self) -> int | None: ...
+
+    async def revocations_after(self, after_id: int) -> tuple[int, list[Revocation]]: ...
+
+    async def events_landed_after(self, after_id: int) -> tuple[int, list[str] | None]: ...
+
+
 class LocalNotifier:
-    """Notices within one process: publishing calls the subscriber at once."""
+    """Notices within one process: publishing calls the subscribers at once."""
 
     def __init__(self) -> None:
-        self._on_ready: OnReady | None = None
-        self._on_revoked: OnRevoked | None = None
+        self._on_ready: list[OnReady] = []
+        self._on_revoked: list[OnRevoked] = []
+        self._on_events: list[OnEvents] = []
+        self._events_wanted: list[Callable[[], bool]] = []
 
-    async def start(self, on_ready: OnReady, on_revoked: OnRevoked) -> None:
-        self._on_ready, self._on_revoked = on_ready, on_revoked
+    def subscribe(
+        self,
+        on_ready: OnReady | None = None,
+        on_revoked: OnRevoked | None = None,
+        on_events: OnEvents | None = None,
+        events_wanted: Callable[[], bool] | None = None,
+    ) -> None:
+        if on_ready is not None:
+            self._on_ready.append(on_ready)
+        if on_revoked is not None:
+            self._on_revoked.append(on_revoked)
+        if on_events is not None:
+            self._on_events.append(on_events)
+        if events_wanted is not None:
+            self._events_wanted.append(events_wanted)
+
+    async def start(self) -> None:
+        pass
 
     def tasks_ready(self, workflow: str, stages: Sequence[str]) -> None:
-        if self._on_ready is not None:
-            self._on_ready()
+        self._ready()
 
     def leases_revoked(self, revocations: Sequence[Revocation]) -> None:
-        if self._on_revoked is not None and revocations:
-            self._on_revoked(revocations)
+        if revocations:
+            self._revoked(revocations)
+
+    def events_landed(self, run_ids: Sequence[str]) -> None:
+        if run_ids:
+            self._events(run_ids)
 
     async def close(self) -> None:
-        self._on_ready = self._on_revoked = None
+        self._on_ready, self._on_revoked, self._on_events = [], [], []
+
+    def _ready(self) -> None:
+        for callback in self._on_ready:
+            callback()
+
+    def _revoked(self, revocations: Sequence[Revocation]) -> None:
+        for callback in self._on_revoked:
+            callback(revocations)
+
+    def _events(self, run_ids: Sequence[str] | None) -> None:
+        for callback in self._on_events:
+            callback(run_ids)
+
+    def _wants_events(self) -> bool:
+        return any(wanted() for wanted in self._events_wanted) or (
+            bool(self._on_events) and not self._events_wanted
+        )
 
 
 class PollingNotifier(LocalNotifier):
     """Local notices at once; other processes' every `interval_seconds` (see the module)."""
 
-    def __init__(self, storage: Storage, interval_seconds: float = POLL_INTERVAL_SECONDS) -> None:
+    def __init__(
+        self, storage: PolledStorage, interval_seconds: float = POLL_INTERVAL_SECONDS
+    ) -> None:
         super().__init__()
         self._storage = storage
         self._interval = interval_seconds
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, on_ready: OnReady, on_revoked: OnRevoked) -> None:
-        await super().start(on_ready, on_revoked)
-        last_marker = await self._storage.change_marker()
-        last_id, _ = await self._storage.revocations_after(-1)
-        self._task = asyncio.create_task(self._poll(last_marker, last_id), name="agentrun-notifier")
+    async def start(self) -> None:
+        marker = await self._storage.change_marker()
+        revocation, _ = await self._storage.revocations_after(-1)
+        self._task = asyncio.create_task(self._poll(marker, revocation), name="agentrun-notifier")
 
-    async def _poll(self, marker: int | None, last_id: int) -> None:
+    async def _poll(self, marker: int | None, last_revocation: int) -> None:
+        last_event: int | None = None  # where event notices stand; None while nobody watches
         while True:
             await asyncio.sleep(self._interval)
             try:
@@ -96,12 +163,23 @@ class PollingNotifier(LocalNotifier):
                 if current is not None and current == marker:
                     continue  # nothing committed anywhere since the last look
                 marker = current
-                last_id, revoked = await self._storage.revocations_after(last_id)
-                if revoked and self._on_revoked is not None:
-                    self._on_revoked(revoked)
+                last_revocation, revoked = await self._storage.revocations_after(last_revocation)
+                if revoked:
+                    self._revoked(revoked)
+                if not self._wants_events():
+                    last_event = None
+                elif last_event is None:
+                    # Watchers came since the last look: start from the newest event, and wake
+                    # them all once for what landed before (they read what is there).
+                    last_event, _ = await self._storage.events_landed_after(-1)
+                    self._events(None)
+                else:
+                    last_event, runs = await self._storage.events_landed_after(last_event)
+                    if runs is None or runs:
+                        self._events(runs)
                 # A backend that cannot tell (None) leaves wake-ups to the dispatcher's poll.
-                if current is not None and self._on_ready is not None:
-                    self._on_ready()
+                if current is not None:
+                    self._ready()
             except Exception:
                 _log.warning("notifier poll failed; retrying", exc_info=True)
 

@@ -17,12 +17,14 @@ out), so a synchronous SQLite adapter and an asynchronous PostgreSQL one call th
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from agentrun_server._errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -69,6 +71,8 @@ class SettleRow(NamedTuple):
     failure_under_lease: str | None = None
     """The error of a failure on record under the lease presented: a failed attempt, or the
     lease's end (LEASE_EXPIRED, STREAM_CLOSED, NOT_RESUMED); None without one."""
+    session_id: str | None = None
+    """The Work session holding the lease (None: detached, or not leased)."""
 
 
 class Candidate(NamedTuple):
@@ -117,16 +121,38 @@ def choose_claims(
     return chosen[:kept]
 
 
-def is_current(row: SettleRow | None, lease_id: str) -> bool:
-    """Whether `lease_id` is the task's current lease: the one thing that lets a settle move it."""
-    return row is not None and row.state == "leased" and row.lease_id == lease_id
+def held_elsewhere(row: SettleRow, holder: str) -> bool:
+    """Whether another Work session than `holder` holds the lease ("" : any may settle it)."""
+    return bool(holder) and row.session_id is not None and row.session_id != holder
 
 
-def settle_error(task_id: int, lease_id: str, row: SettleRow | None) -> Ack:
+def is_current(row: SettleRow | None, lease_id: str, holder: str = "") -> bool:
+    """Whether `lease_id` is the task's current lease, held by `holder` (or detached): the one
+    thing that lets a settle move it. A lease is settled through the stream holding it (the one
+    it was pushed on, or the one that resumed it), so no stream can take another's credit."""
+    return (
+        row is not None
+        and row.state == "leased"
+        and row.lease_id == lease_id
+        and not held_elsewhere(row, holder)
+    )
+
+
+def settle_error(task_id: int, lease_id: str, row: SettleRow | None, holder: str = "") -> Ack:
     """The answer to a settle whose lease is not current: NOT_FOUND (no such task) or
-    FAILED_PRECONDITION (a stale lease: expired, released, settled otherwise, or superseded)."""
+    FAILED_PRECONDITION (a stale lease: expired, released, settled otherwise, or superseded; or
+    a lease another stream holds)."""
     if row is None:
         return Ack(task_id, lease_id, AckCode.NOT_FOUND, f"no task with id {task_id}")
+    if row.state == "leased" and row.lease_id == lease_id and held_elsewhere(row, holder):
+        return Ack(
+            task_id,
+            lease_id,
+            AckCode.FAILED_PRECONDITION,
+            f"task {task_id}: its lease is held by another Work stream; settle it there, or "
+            "resume it on this one (subscribe.resume)",
+            stage=row.stage,
+        )
     other = row.lease_id not in (None, lease_id) and row.state == "leased"
     return Ack(
         task_id,
@@ -159,13 +185,18 @@ def is_repeat(kind: str, row: SettleRow | None, lease_id: str, pathway: str = ""
 
 
 def answer_miss(
-    kind: str, task_id: int, lease_id: str, row: SettleRow | None, pathway: str = ""
+    kind: str,
+    task_id: int,
+    lease_id: str,
+    row: SettleRow | None,
+    pathway: str = "",
+    holder: str = "",
 ) -> Ack:
     """The answer to a settle that moved nothing: OK for a repeat, else why it is refused."""
     if is_repeat(kind, row, lease_id, pathway):
         assert row is not None
         return Ack(task_id, lease_id, stage=row.stage, result="repeat")
-    return settle_error(task_id, lease_id, row)
+    return settle_error(task_id, lease_id, row, holder)
 
 
 def route(workflow: WorkflowDef, stage: str, pathway: str) -> StageDef | None:
@@ -194,10 +225,12 @@ def plan_completions(
     items: Sequence[Completion],
     rows: dict[int, SettleRow],
     workflow: Callable[[str], WorkflowDef],
+    holder: str = "",
 ) -> CompletionPlan:
-    """Decide each completion: refused (a stale lease, or a pathway its stage lacks: the lease is
-    kept), a repeat, or to be written with the next stage it routes to. A task named twice in a
-    batch is judged the second time as the first left it."""
+    """Decide each completion: refused (a stale lease, one another stream holds than `holder`,
+    or a pathway its stage lacks: the lease is kept), a repeat, or to be written with the next
+    stage it routes to. A task named twice in a batch is judged the second time as the first
+    left it."""
     acks: list[Ack | None] = []
     done: list[Completion] = []
     follow: dict[int, StageDef] = {}
@@ -206,9 +239,12 @@ def plan_completions(
     planned: dict[int, Completion] = {}
     for item in items:
         row = rows.get(item.task_id)
-        if row is None or row.state != "leased" or row.lease_id != item.lease_id:
-            acks.append(answer_miss("complete", item.task_id, item.lease_id, row, item.pathway))
+        if not is_current(row, item.lease_id, holder):
+            acks.append(
+                answer_miss("complete", item.task_id, item.lease_id, row, item.pathway, holder)
+            )
             continue
+        assert row is not None
         first = planned.get(item.task_id)
         if first is not None:  # done by its first mention in this batch
             row = row._replace(state="done", pathway=first.pathway)
@@ -345,16 +381,38 @@ def first_event_refusal(event: NewEvent, max_run_bytes: int) -> EventOutcome | N
     return _size_refusal(event, len(event.patch), max_run_bytes, 0)
 
 
+def event_digest(patch: bytes, finish: bool) -> bytes:
+    """What identifies an event's content (its canonical patch and whether it finishes the run):
+    16 bytes of SHA-256."""
+    return hashlib.sha256(patch + (b"\x01" if finish else b"\x00")).digest()[:16]
+
+
+def stored_digest(digest: bytes | None, data: bytes, finishes: bool) -> bytes:
+    """The digest of a stored event: kept with it, or (stored before digests were kept) made from
+    its patch and whether it finished the run."""
+    return bytes(digest) if digest is not None else event_digest(bytes(data), finishes)
+
+
 def next_event_refusal(
-    event: NewEvent, collection_id: str, state: str, expected: int, size: int, max_run_bytes: int
+    event: NewEvent,
+    collection_id: str,
+    state: str,
+    expected: int,
+    size: int,
+    max_run_bytes: int,
+    stored: bytes | None = None,
 ) -> EventOutcome | None:
     """What becomes of an event of a stored run (in `collection_id` and `state`, expecting
     sequence `expected`, holding `size` bytes of events) short of storing it: DUPLICATE for a
-    sequence number stored before, REFUSED for another collection, a run uploaded whole, a
-    finished run, a gap, or one over `max_run_bytes`; None: store it."""
+    resend of a stored event (`stored`: the digest of the event stored under its sequence
+    number, read by the caller when it is below `expected`), REFUSED for another event under a
+    stored number (ABORTED: nothing is stored, never answered DUPLICATE), another collection, a
+    run uploaded whole, a finished run, a gap, or one over `max_run_bytes`; None: store it."""
     if event.collection_id and event.collection_id != collection_id:
         return _refused(
-            AlreadyExists(f"run {event.run_id!r} is in another collection ({collection_id})"),
+            AlreadyExists(
+                f"run {event.run_id!r} is in another collection, not {event.collection_id!r}"
+            ),
             expected,
         )
     if expected == 0:
@@ -362,7 +420,17 @@ def next_event_refusal(
             AlreadyExists(f"run {event.run_id!r} was uploaded whole: it takes no events"), 0
         )
     if event.sequence < expected:
-        return EventOutcome(EventStatus.DUPLICATE, expected)
+        if stored is None or not event.digest or stored == event.digest:
+            return EventOutcome(EventStatus.DUPLICATE, expected)
+        return _refused(
+            Aborted(
+                f"sequence: {event.sequence} of run {event.run_id!r} holds a different event; the "
+                f"run has {expected - 1} events and continues at {expected}. Another writer is "
+                "appending to this run, or this one restarted without its spool: nothing of this "
+                "event was stored"
+            ),
+            expected,
+        )
     if state == "finished":
         return _refused(
             FailedPrecondition(f"run {event.run_id!r} is finished: it takes no more events"),

@@ -123,6 +123,9 @@ class NewEvent:
     collection_id: str
     patch: bytes
     finish: bool = False
+    digest: bytes = b""
+    """`event_digest(patch, finish)`: what tells a resend of this event from another event
+    under its sequence number."""
 
 
 class EventStatus(enum.Enum):
@@ -499,3 +502,5 @@ class ApiKeyRecord:
     created_at: float = 0.0
     revoked_at: float | None = None
     last_used_at: float | None = None
+    expires_at: float | None = None
+    """From this time on the key is refused, as if revoked then; None: it never expires."""

@@ -56,7 +56,7 @@ async def _complete_and_claim(
     request: ClaimRequest,
     now: float | None,
 ) -> tuple[list[Ack], list[LeasedTask]]:
-    acks = await _tasks.complete(conn, workflows, items, now)
+    acks = await _tasks.complete(conn, workflows, items, now, request.session_id)
     kept = sum(1 for ack in acks if ack.code == AckCode.INVALID_ARGUMENT)
     if kept:
         request = ClaimRequest(
@@ -181,6 +181,9 @@ class PostgresStorage:
             _live.enter_abandoned, self._workflows, abandoned_before, fold, limit, self._now(now)
         )
 
+    async def run_collections(self, run_ids: Sequence[str]) -> dict[str, str]:
+        return await self._run(_runs.run_collections, list(run_ids))
+
     async def count_live_runs(self, abandoned_before: float) -> tuple[int, int]:
         return await self._run(_live.count_live_runs, abandoned_before)
 
@@ -232,22 +235,24 @@ class PostgresStorage:
     async def claim(self, request: ClaimRequest, now: float) -> list[LeasedTask]:
         return await self._run(_tasks.claim, self._workflows, request, self._now(now))
 
-    async def complete(self, items: Sequence[Completion], now: float) -> list[Ack]:
-        return await self._run(_tasks.complete, self._workflows, items, self._now(now))
+    async def complete(
+        self, items: Sequence[Completion], now: float, holder: str = ""
+    ) -> list[Ack]:
+        return await self._run(_tasks.complete, self._workflows, items, self._now(now), holder)
 
     async def complete_and_claim(
         self, items: Sequence[Completion], request: ClaimRequest, now: float
     ) -> tuple[list[Ack], list[LeasedTask]]:
         return await self._run(_complete_and_claim, self._workflows, items, request, self._now(now))
 
-    async def fail(self, items: Sequence[Failure], now: float) -> list[Ack]:
-        return await self._run(_tasks.fail, self._workflows, items, self._now(now))
+    async def fail(self, items: Sequence[Failure], now: float, holder: str = "") -> list[Ack]:
+        return await self._run(_tasks.fail, self._workflows, items, self._now(now), holder)
 
-    async def extend(self, items: Sequence[Extension], now: float) -> list[Ack]:
-        return await self._run(_tasks.extend, self._workflows, items, self._now(now))
+    async def extend(self, items: Sequence[Extension], now: float, holder: str = "") -> list[Ack]:
+        return await self._run(_tasks.extend, self._workflows, items, self._now(now), holder)
 
-    async def release(self, items: Sequence[Release], now: float) -> list[Ack]:
-        return await self._run(_tasks.release, items, self._now(now))
+    async def release(self, items: Sequence[Release], now: float, holder: str = "") -> list[Ack]:
+        return await self._run(_tasks.release, items, self._now(now), holder)
 
     # --- leases: streams, servers, expiry -------------------------------------------------------
 

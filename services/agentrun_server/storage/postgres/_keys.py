@@ -12,7 +12,7 @@ from agentrun_server.storage.postgres._engine import Connection
 
 _COLUMNS = (
     "name, scopes, collections, workflows, token_hash, subject, created_at, revoked_at, "
-    "last_used_at"
+    "last_used_at, expires_at"
 )
 
 
@@ -30,7 +30,7 @@ def _record(row: tuple[Any, ...]) -> ApiKeyRecord:
 async def create_key(conn: Connection, key: ApiKeyRecord) -> ApiKeyRecord:
     """See `Storage.create_key`."""
     cursor = await conn.execute(
-        f"INSERT INTO api_keys ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, NULL, NULL) "
+        f"INSERT INTO api_keys ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, NULL, NULL, %s) "
         f"ON CONFLICT DO NOTHING RETURNING {_COLUMNS}",
         (
             key.name,
@@ -40,6 +40,7 @@ async def create_key(conn: Connection, key: ApiKeyRecord) -> ApiKeyRecord:
             key.token_hash,
             key.subject,
             key.created_at,
+            key.expires_at,
         ),
     )
     row = await cursor.fetchone()

@@ -33,7 +33,7 @@ async def _end_leases(
     found = await cursor.fetchall()
     if not found:
         return []
-    rows = [(SettleRow._make(fields[:-1]), fields[-1]) for fields in found]
+    rows = [(row, row.session_id) for row in map(SettleRow._make, found)]
     dead = [rules.lease_end_is_dead(row.attempt, row.max_attempts) for row, _ in rows]
     cursor = await conn.execute(
         "WITH e AS (SELECT * FROM unnest(%(ids)s::bigint[], %(leases)s::text[], %(dead)s::bool[]) "

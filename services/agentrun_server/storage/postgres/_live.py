@@ -17,6 +17,7 @@ from agentrun_server.storage._rules import (
     folded,
     live_run_counts_statement,
     next_event_refusal,
+    stored_digest,
 )
 from agentrun_server.storage._types import EventOutcome, EventStatus, Fold, NewEvent, StoredRun
 from agentrun_server.storage.postgres._engine import NOW, Connection
@@ -31,8 +32,23 @@ async def append_events(
     max_run_bytes: int,
     now: float | None,
 ) -> list[EventOutcome]:
-    """See `Storage.append_events`."""
-    return [await _append(conn, workflows, e, fold, max_run_bytes, now) for e in events]
+    """See `Storage.append_events`; tells the replicas' watchers which runs got events."""
+    outcomes = [await _append(conn, workflows, e, fold, max_run_bytes, now) for e in events]
+    landed = list(
+        dict.fromkeys(
+            e.run_id
+            for e, o in zip(events, outcomes, strict=True)
+            if o.status is EventStatus.STORED
+        )
+    )
+    if landed:
+        payload = "\n".join(landed)
+        # NOTIFY's payload holds under 8,000 bytes: past it, wake every watcher.
+        await conn.execute(
+            "SELECT pg_notify('agentrun_events', %s)",
+            (payload if len(payload.encode()) < 7_900 else "*",),
+        )
+    return outcomes
 
 
 async def _append(
@@ -51,7 +67,10 @@ async def _append(
         row = await _locked_run(conn, event.run_id)  # another replica created it meanwhile
         assert row is not None
     collection_id, state, expected, size = row
-    refusal = next_event_refusal(event, collection_id, state, expected, size, max_run_bytes)
+    stored = None
+    if 0 < event.sequence < expected:
+        stored = await _stored(conn, event, state, expected)
+    refusal = next_event_refusal(event, collection_id, state, expected, size, max_run_bytes, stored)
     if refusal is not None:
         return refusal
     size += len(event.patch)
@@ -127,6 +146,19 @@ async def _open(
     return EventOutcome(EventStatus.STORED, 2)
 
 
+async def _stored(conn: Connection, event: NewEvent, state: str, expected: int) -> bytes | None:
+    """The digest of the event stored under `event`'s sequence number (None: none is)."""
+    cursor = await conn.execute(
+        "SELECT digest, data FROM agent_run_events WHERE agent_run_id = %s AND sequence = %s",
+        (event.run_id, event.sequence),
+    )
+    row = await cursor.fetchone()
+    if row is None:
+        return None
+    finishes = state == "finished" and event.sequence == expected - 1
+    return stored_digest(row[0], row[1], finishes)
+
+
 async def _parts(conn: Connection, run_id: str) -> list[bytes]:
     """The patches of a run's stored events, in order."""
     cursor = await conn.execute(
@@ -137,9 +169,15 @@ async def _parts(conn: Connection, run_id: str) -> list[bytes]:
 
 async def _insert_event(conn: Connection, event: NewEvent, now: float | None) -> None:
     await conn.execute(
-        "INSERT INTO agent_run_events (agent_run_id, sequence, created_at, data) "
-        f"VALUES (%(id)s, %(sequence)s, {NOW}, %(data)s)",
-        {"id": event.run_id, "sequence": event.sequence, "data": event.patch, "now": now},
+        "INSERT INTO agent_run_events (agent_run_id, sequence, created_at, data, digest) "
+        f"VALUES (%(id)s, %(sequence)s, {NOW}, %(data)s, %(digest)s)",
+        {
+            "id": event.run_id,
+            "sequence": event.sequence,
+            "data": event.patch,
+            "digest": event.digest or None,
+            "now": now,
+        },
     )
 
 

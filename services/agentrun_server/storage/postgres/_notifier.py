@@ -1,10 +1,12 @@
 """Notices between replicas on PostgreSQL: LISTEN/NOTIFY, with polling as the fallback.
 
-The storage NOTIFYs inside the transactions that make tasks ready (`agentrun_ready`) or revoke
-leases (`agentrun_revoked`; the revocations themselves are rows of `lease_revocations`), so a
-notice arrives only once its change is committed. Each replica LISTENs on a connection of its own.
-Notices are hints: every `POLL_SECONDS` (and whenever the listening connection is down) the
-notifier reads new revocations and wakes the dispatcher anyway.
+The storage NOTIFYs inside the transactions that make tasks ready (`agentrun_ready`), revoke
+leases (`agentrun_revoked`; the revocations themselves are rows of `lease_revocations`) or store
+live runs' events (`agentrun_events`, the runs' ids), so a notice arrives only once its change is
+committed. Each replica LISTENs on a connection of its own. Notices are hints: every
+`POLL_SECONDS` (and whenever the listening connection is down) the notifier reads new revocations
+and wakes the dispatcher anyway; watchers are woken all at once only when the listening
+connection was lost (they may have missed a notice), never on a schedule.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from agentrun_server.storage._notifier import LocalNotifier, OnReady, OnRevoked
+from agentrun_server.storage._notifier import LocalNotifier
 
 if TYPE_CHECKING:
     from agentrun_server.storage import Storage
@@ -37,12 +39,12 @@ class ListenNotifier(LocalNotifier):
         self._task: asyncio.Task[None] | None = None
         self._last_revocation = 0
 
-    async def start(self, on_ready: OnReady, on_revoked: OnRevoked) -> None:
-        await super().start(on_ready, on_revoked)
+    async def start(self) -> None:
         self._last_revocation, _ = await self._storage.revocations_after(-1)
         self._task = asyncio.create_task(self._listen(), name="agentrun-pg-listener")
 
     async def _listen(self) -> None:
+        first = True
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
@@ -50,13 +52,20 @@ class ListenNotifier(LocalNotifier):
                 ) as conn:
                     await conn.execute("LISTEN agentrun_ready")
                     await conn.execute("LISTEN agentrun_revoked")
+                    await conn.execute("LISTEN agentrun_events")
                     await self._poll()  # what happened while nobody listened
+                    if not first:
+                        self._events(None)
+                    first = False
                     while True:
                         async for notice in conn.notifies(timeout=POLL_SECONDS):
                             if notice.channel == "agentrun_revoked":
                                 await self._read_revocations()
-                            elif self._on_ready is not None:
-                                self._on_ready()
+                            elif notice.channel == "agentrun_events":
+                                payload = notice.payload
+                                self._events(None if payload == "*" else payload.split("\n"))
+                            else:
+                                self._ready()
                         await self._poll()  # every POLL_SECONDS, whatever was heard
             except asyncio.CancelledError:
                 raise
@@ -70,13 +79,12 @@ class ListenNotifier(LocalNotifier):
         self._last_revocation, revoked = await self._storage.revocations_after(
             self._last_revocation
         )
-        if revoked and self._on_revoked is not None:
-            self._on_revoked(revoked)
+        if revoked:
+            self._revoked(revoked)
 
     async def _poll(self) -> None:
         await self._read_revocations()
-        if self._on_ready is not None:
-            self._on_ready()
+        self._ready()
 
     async def close(self) -> None:
         if self._task is not None:

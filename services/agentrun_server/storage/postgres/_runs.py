@@ -244,6 +244,14 @@ async def list_runs(
         return [StoredRun(*r) for r in await binary.fetchall()], more
 
 
+async def run_collections(conn: Connection, run_ids: list[str]) -> dict[str, str]:
+    """See `Storage.run_collections`."""
+    cursor = await conn.execute(
+        "SELECT id, collection_id FROM agent_runs WHERE id = ANY(%s)", (list(set(run_ids)),)
+    )
+    return dict(await cursor.fetchall())
+
+
 async def count_runs(conn: Connection, collection_id: str) -> int:
     """See `Storage.count_runs`."""
     cursor = await conn.execute("SELECT run_count FROM collections WHERE id = %s", (collection_id,))

@@ -37,7 +37,8 @@ _SETTLE_COLUMNS = "id, state, lease_id, workflow, stage, attempt, max_attempts, 
 async def settle_rows(conn: Connection, task_ids: Sequence[int]) -> dict[int, SettleRow]:
     """The tasks named, by id (absent: no such task)."""
     cursor = await conn.execute(
-        f"SELECT {_SETTLE_COLUMNS}, NULL FROM tasks WHERE id = ANY(%s)", (list(set(task_ids)),)
+        f"SELECT {_SETTLE_COLUMNS}, NULL, session_id FROM tasks WHERE id = ANY(%s)",
+        (list(set(task_ids)),),
     )
     return {row[0]: SettleRow._make(row) for row in await cursor.fetchall()}
 
@@ -46,7 +47,8 @@ async def settle_row(conn: Connection, task_id: int, lease_id: str) -> SettleRow
     """One task, and the error of a failure on record under `lease_id` (if any)."""
     cursor = await conn.execute(
         f"SELECT {_SETTLE_COLUMNS}, (SELECT error FROM task_failures f "
-        "WHERE f.task_id = tasks.id AND f.lease_id = %s LIMIT 1) FROM tasks WHERE id = %s",
+        "WHERE f.task_id = tasks.id AND f.lease_id = %s LIMIT 1), session_id FROM tasks "
+        "WHERE id = %s",
         (lease_id, task_id),
     )
     row = await cursor.fetchone()
@@ -152,14 +154,18 @@ async def claim(
 
 
 async def complete(
-    conn: Connection, workflows: WorkflowCache, items: Sequence[Completion], now: float | None
+    conn: Connection,
+    workflows: WorkflowCache,
+    items: Sequence[Completion],
+    now: float | None,
+    holder: str = "",
 ) -> list[Ack]:
     """See `Storage.complete`; runs inside the caller's transaction. One read of every task
     named; then one statement marks them done (guarded), creates the next stages' tasks, counts
     them, and tells the replicas that tasks are ready."""
     rows = await settle_rows(conn, [item.task_id for item in items])
     definitions = await workflows.many(conn, {row.workflow for row in rows.values()})
-    plan = rules.plan_completions(items, rows, definitions.__getitem__)
+    plan = rules.plan_completions(items, rows, definitions.__getitem__, holder)
     next_ids: dict[int, int | None] = {}
     if plan.done:
         follow = [plan.follow.get(c.task_id) for c in plan.done]
@@ -205,7 +211,9 @@ async def complete(
         elif item.task_id not in next_ids:  # settled elsewhere between our read and write
             row = reread.get(item.task_id)
             acks.append(
-                rules.answer_miss("complete", item.task_id, item.lease_id, row, item.pathway)
+                rules.answer_miss(
+                    "complete", item.task_id, item.lease_id, row, item.pathway, holder
+                )
             )
         else:
             acks.append(
@@ -279,14 +287,18 @@ def _stage_of(definitions: dict[str, Any], row: SettleRow) -> StageDef:
 
 
 async def fail(
-    conn: Connection, workflows: WorkflowCache, items: Sequence[Failure], now: float | None
+    conn: Connection,
+    workflows: WorkflowCache,
+    items: Sequence[Failure],
+    now: float | None,
+    holder: str = "",
 ) -> list[Ack]:
     """See `Storage.fail`; runs inside the caller's transaction."""
     acks = []
     for item in items:
         row = await settle_row(conn, item.task_id, item.lease_id)
-        if row is None or not rules.is_current(row, item.lease_id):
-            acks.append(rules.answer_miss("fail", item.task_id, item.lease_id, row))
+        if row is None or not rules.is_current(row, item.lease_id, holder):
+            acks.append(rules.answer_miss("fail", item.task_id, item.lease_id, row, "", holder))
             continue
         definitions = await workflows.many(conn, {row.workflow})
         dead, delay = rules.failure_outcome(row, item, _stage_of(definitions, row))
@@ -304,7 +316,11 @@ async def fail(
 
 
 async def extend(
-    conn: Connection, workflows: WorkflowCache, items: Sequence[Extension], now: float | None
+    conn: Connection,
+    workflows: WorkflowCache,
+    items: Sequence[Extension],
+    now: float | None,
+    holder: str = "",
 ) -> list[Ack]:
     """See `Storage.extend`; runs inside the caller's transaction."""
     acks = []
@@ -312,8 +328,8 @@ async def extend(
     definitions = await workflows.many(conn, {row.workflow for row in rows.values()})
     for item in items:
         row = rows.get(item.task_id)
-        if row is None or not rules.is_current(row, item.lease_id):
-            acks.append(rules.settle_error(item.task_id, item.lease_id, row))
+        if row is None or not rules.is_current(row, item.lease_id, holder):
+            acks.append(rules.settle_error(item.task_id, item.lease_id, row, holder))
             continue
         seconds = item.lease_seconds
         if seconds is None:
@@ -334,7 +350,9 @@ async def extend(
     return acks
 
 
-async def release(conn: Connection, items: Sequence[Release], now: float | None) -> list[Ack]:
+async def release(
+    conn: Connection, items: Sequence[Release], now: float | None, holder: str = ""
+) -> list[Ack]:
     """See `Storage.release`; runs inside the caller's transaction. The lease id stays on the
     ready task until it is leased again, so a repeated release is recognised."""
     acks = []
@@ -345,13 +363,20 @@ async def release(conn: Connection, items: Sequence[Release], now: float | None)
             "session_id = NULL, server_id = NULL, detached_at = NULL, ready_at = CASE "
             f"WHEN %(delay)s > 0 THEN {NOW} + %(delay)s ELSE ready_at END "
             "WHERE id = %(task)s AND state = 'leased' AND lease_id = %(lease)s "
+            "AND (%(holder)s = '' OR session_id IS NULL OR session_id = %(holder)s) "
             "RETURNING stage, workflow",
-            {"delay": item.delay_seconds, "task": item.task_id, "lease": item.lease_id, "now": now},
+            {
+                "delay": item.delay_seconds,
+                "task": item.task_id,
+                "lease": item.lease_id,
+                "holder": holder,
+                "now": now,
+            },
         )
         moved = await cursor.fetchone()
         if moved is None:
             row = await settle_row(conn, item.task_id, item.lease_id)
-            acks.append(rules.answer_miss("release", item.task_id, item.lease_id, row))
+            acks.append(rules.answer_miss("release", item.task_id, item.lease_id, row, "", holder))
             continue
         workflows.add(moved[1])
         acks.append(Ack(item.task_id, item.lease_id, stage=moved[0], result="released"))

@@ -59,9 +59,10 @@ def _complete(
     workflows: _workflows.WorkflowCache,
     items: Sequence[Completion],
     now: float,
+    holder: str,
 ) -> list[Ack]:
     with transaction(db):
-        return _settles.complete(db, workflows, items, now)
+        return _settles.complete(db, workflows, items, now, holder)
 
 
 def _complete_and_claim(
@@ -72,7 +73,7 @@ def _complete_and_claim(
     now: float,
 ) -> tuple[list[Ack], list[LeasedTask]]:
     with transaction(db):
-        acks = _settles.complete(db, workflows, items, now)
+        acks = _settles.complete(db, workflows, items, now, request.session_id)
         kept = sum(1 for ack in acks if ack.code == AckCode.INVALID_ARGUMENT)
         if kept:
             request = dataclasses.replace(request, limit=request.limit - kept)
@@ -91,9 +92,10 @@ def _fail(
     workflows: _workflows.WorkflowCache,
     items: Sequence[Failure],
     now: float,
+    holder: str,
 ) -> list[Ack]:
     with transaction(db):
-        return _settles.fail(db, workflows, items, now)
+        return _settles.fail(db, workflows, items, now, holder)
 
 
 def _extend(
@@ -101,14 +103,17 @@ def _extend(
     workflows: _workflows.WorkflowCache,
     items: Sequence[Extension],
     now: float,
+    holder: str,
 ) -> list[Ack]:
     with transaction(db):
-        return _settles.extend(db, workflows, items, now)
+        return _settles.extend(db, workflows, items, now, holder)
 
 
-def _release(db: sqlite3.Connection, items: Sequence[Release], now: float) -> list[Ack]:
+def _release(
+    db: sqlite3.Connection, items: Sequence[Release], now: float, holder: str
+) -> list[Ack]:
     with transaction(db):
-        return _settles.release(db, items, now)
+        return _settles.release(db, items, now, holder)
 
 
 def _change_marker(db: sqlite3.Connection) -> int:
@@ -186,6 +191,9 @@ class SqliteStorage:
             _live.enter_abandoned, self._workflows, abandoned_before, fold, limit, now
         )
 
+    async def run_collections(self, run_ids: Sequence[str]) -> dict[str, str]:
+        return await self._engine.read(_runs.run_collections, run_ids)
+
     async def count_live_runs(self, abandoned_before: float) -> tuple[int, int]:
         return await self._engine.read(_live.count_live_runs, abandoned_before)
 
@@ -231,8 +239,10 @@ class SqliteStorage:
     async def claim(self, request: ClaimRequest, now: float) -> list[LeasedTask]:
         return await self._engine.hot(request.limit, _claim, self._workflows, request, now)
 
-    async def complete(self, items: Sequence[Completion], now: float) -> list[Ack]:
-        return await self._engine.hot(len(items), _complete, self._workflows, items, now)
+    async def complete(
+        self, items: Sequence[Completion], now: float, holder: str = ""
+    ) -> list[Ack]:
+        return await self._engine.hot(len(items), _complete, self._workflows, items, now, holder)
 
     async def complete_and_claim(
         self, items: Sequence[Completion], request: ClaimRequest, now: float
@@ -241,14 +251,14 @@ class SqliteStorage:
             len(items) + request.limit, _complete_and_claim, self._workflows, items, request, now
         )
 
-    async def fail(self, items: Sequence[Failure], now: float) -> list[Ack]:
-        return await self._engine.hot(len(items), _fail, self._workflows, items, now)
+    async def fail(self, items: Sequence[Failure], now: float, holder: str = "") -> list[Ack]:
+        return await self._engine.hot(len(items), _fail, self._workflows, items, now, holder)
 
-    async def extend(self, items: Sequence[Extension], now: float) -> list[Ack]:
-        return await self._engine.hot(len(items), _extend, self._workflows, items, now)
+    async def extend(self, items: Sequence[Extension], now: float, holder: str = "") -> list[Ack]:
+        return await self._engine.hot(len(items), _extend, self._workflows, items, now, holder)
 
-    async def release(self, items: Sequence[Release], now: float) -> list[Ack]:
-        return await self._engine.hot(len(items), _release, items, now)
+    async def release(self, items: Sequence[Release], now: float, holder: str = "") -> list[Ack]:
+        return await self._engine.hot(len(items), _release, items, now, holder)
 
     # --- leases: streams, servers, expiry -------------------------------------------------------
 
@@ -276,6 +286,11 @@ class SqliteStorage:
 
     async def revocations_after(self, after_id: int) -> tuple[int, list[Revocation]]:
         return await self._engine.read(_leases.revocations_after, after_id)
+
+    async def events_landed_after(self, after_id: int) -> tuple[int, list[str] | None]:
+        """The newest event's row id, and the runs with events after `after_id` (for the
+        `PollingNotifier`; None: too many to name)."""
+        return await self._engine.read(_live.events_landed_after, after_id)
 
     async def change_marker(self) -> int | None:
         if self._engine.in_memory:

@@ -12,7 +12,7 @@ from agentrun_server.storage.sqlite._engine import transaction
 
 _COLUMNS = (
     "name, scopes, collections, workflows, token_hash, subject, created_at, revoked_at, "
-    "last_used_at"
+    "last_used_at, expires_at"
 )
 
 
@@ -31,7 +31,7 @@ def create_key(db: sqlite3.Connection, key: ApiKeyRecord) -> ApiKeyRecord:
     """See `Storage.create_key`."""
     with transaction(db):
         row = db.execute(
-            f"INSERT INTO api_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL) "
+            f"INSERT INTO api_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?) "
             f"ON CONFLICT DO NOTHING RETURNING {_COLUMNS}",
             (
                 key.name,
@@ -41,6 +41,7 @@ def create_key(db: sqlite3.Connection, key: ApiKeyRecord) -> ApiKeyRecord:
                 key.token_hash,
                 key.subject,
                 key.created_at,
+                key.expires_at,
             ),
         ).fetchone()
     if row is None:

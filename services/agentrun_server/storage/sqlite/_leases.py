@@ -37,8 +37,9 @@ def _end_leases(
         args,
     ).fetchall()
     ended = []
-    for *fields, session_id in rows:
+    for fields in rows:
         row = SettleRow._make(fields)
+        session_id = row.session_id
         dead = rules.lease_end_is_dead(row.attempt, row.max_attempts)
         if end_attempt(db, row, dead, now, now):
             record_failure(db, row.task_id, row.attempt, row.lease_id, why, now)

@@ -17,6 +17,7 @@ from agentrun_server.storage._rules import (
     folded,
     live_run_counts_statement,
     next_event_refusal,
+    stored_digest,
 )
 from agentrun_server.storage._types import EventOutcome, EventStatus, Fold, NewEvent, StoredRun
 from agentrun_server.storage.sqlite._engine import transaction
@@ -51,7 +52,8 @@ def _append(
     if row is None:
         return _open(db, workflows, event, fold, max_run_bytes, now)
     collection_id, state, expected, size = row
-    refusal = next_event_refusal(event, collection_id, state, expected, size, max_run_bytes)
+    stored = _stored(db, event, state, expected) if 0 < event.sequence < expected else None
+    refusal = next_event_refusal(event, collection_id, state, expected, size, max_run_bytes, stored)
     if refusal is not None:
         return refusal
     size += len(event.patch)
@@ -110,6 +112,18 @@ def _open(
     return EventOutcome(EventStatus.STORED, 2)
 
 
+def _stored(db: sqlite3.Connection, event: NewEvent, state: str, expected: int) -> bytes | None:
+    """The digest of the event stored under `event`'s sequence number (None: none is)."""
+    row = db.execute(
+        "SELECT digest, data FROM agent_run_events WHERE agent_run_id = ? AND sequence = ?",
+        (event.run_id, event.sequence),
+    ).fetchone()
+    if row is None:
+        return None
+    finishes = state == "finished" and event.sequence == expected - 1
+    return stored_digest(row[0], row[1], finishes)
+
+
 def _parts(db: sqlite3.Connection, run_id: str) -> list[bytes]:
     """The patches of a run's stored events, in order."""
     rows = db.execute(
@@ -120,9 +134,9 @@ def _parts(db: sqlite3.Connection, run_id: str) -> list[bytes]:
 
 def _insert_event(db: sqlite3.Connection, event: NewEvent, now: float) -> None:
     db.execute(
-        "INSERT INTO agent_run_events (agent_run_id, sequence, created_at, data) "
-        "VALUES (?, ?, ?, ?)",
-        (event.run_id, event.sequence, now, event.patch),
+        "INSERT INTO agent_run_events (agent_run_id, sequence, created_at, data, digest) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (event.run_id, event.sequence, now, event.patch, event.digest or None),
     )
 
 
@@ -218,6 +232,29 @@ def events_after(
         (run_id, after_sequence, limit),
     ).fetchall()
     return StoredRun(*row), [(int(s), bytes(d)) for s, d in events]
+
+
+MAX_LANDED_RUNS = 10_000
+"""Runs one look at new events names at most; past it, every watcher is woken (None)."""
+
+
+def events_landed_after(db: sqlite3.Connection, after_id: int) -> tuple[int, list[str] | None]:
+    """The newest event's row id, and the runs whose events have row ids after `after_id` (None:
+    more than MAX_LANDED_RUNS, wake every watcher); -1: just the id to start from."""
+    if after_id < 0:
+        row = db.execute("SELECT coalesce(max(rowid), 0) FROM agent_run_events").fetchone()
+        return int(row[0]), []
+    rows = db.execute(
+        "SELECT agent_run_id, max(rowid) FROM agent_run_events WHERE rowid > ? "
+        "GROUP BY agent_run_id LIMIT ?",
+        (after_id, MAX_LANDED_RUNS + 1),
+    ).fetchall()
+    if not rows:
+        return after_id, []
+    if len(rows) > MAX_LANDED_RUNS:
+        row = db.execute("SELECT coalesce(max(rowid), 0) FROM agent_run_events").fetchone()
+        return int(row[0]), None
+    return max(int(r[1]) for r in rows), [r[0] for r in rows]
 
 
 def count_live_runs(db: sqlite3.Connection, abandoned_before: float) -> tuple[int, int]:

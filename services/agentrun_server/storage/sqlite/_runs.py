@@ -209,6 +209,15 @@ def list_runs(
     return [with_parts(db, StoredRun(*r)) for r in rows], more
 
 
+def run_collections(db: sqlite3.Connection, run_ids: Sequence[str]) -> dict[str, str]:
+    """See `Storage.run_collections`."""
+    return dict(
+        select_in(
+            db, "SELECT id, collection_id FROM agent_runs WHERE id IN ({ids})", list(set(run_ids))
+        )
+    )
+
+
 def count_runs(db: sqlite3.Connection, collection_id: str) -> int:
     """See `Storage.count_runs`."""
     row = db.execute("SELECT run_count FROM collections WHERE id = ?", (collection_id,)).fetchone()

@@ -30,7 +30,7 @@ def settle_rows(db: sqlite3.Connection, task_ids: Sequence[int]) -> dict[int, Se
         row[0]: SettleRow._make(row)
         for row in select_in(
             db,
-            f"SELECT {_SETTLE_COLUMNS}, NULL FROM tasks WHERE id IN ({{ids}})",
+            f"SELECT {_SETTLE_COLUMNS}, NULL, session_id FROM tasks WHERE id IN ({{ids}})",
             list(set(task_ids)),
         )
     }
@@ -40,7 +40,7 @@ def settle_row(db: sqlite3.Connection, task_id: int, lease_id: str) -> SettleRow
     """One task, and the error of a failure on record under `lease_id` (if any)."""
     row = db.execute(
         f"SELECT {_SETTLE_COLUMNS}, (SELECT error FROM task_failures f "
-        "WHERE f.task_id = tasks.id AND f.lease_id = ? LIMIT 1) FROM tasks WHERE id = ?",
+        "WHERE f.task_id = tasks.id AND f.lease_id = ? LIMIT 1), session_id FROM tasks WHERE id = ?",
         (lease_id, task_id),
     ).fetchone()
     return None if row is None else SettleRow._make(row)
@@ -55,12 +55,16 @@ def stage_of(workflows: WorkflowCache, db: sqlite3.Connection, row: SettleRow) -
 
 
 def complete(
-    db: sqlite3.Connection, workflows: WorkflowCache, items: Sequence[Completion], now: float
+    db: sqlite3.Connection,
+    workflows: WorkflowCache,
+    items: Sequence[Completion],
+    now: float,
+    holder: str = "",
 ) -> list[Ack]:
     """See `Storage.complete`; runs inside the caller's transaction. Set-based: one read of every
     task named, one guarded UPDATE of all of them, one INSERT of all next-stage tasks."""
     rows = settle_rows(db, [item.task_id for item in items])
-    plan = rules.plan_completions(items, rows, lambda name: workflows.get(db, name))
+    plan = rules.plan_completions(items, rows, lambda name: workflows.get(db, name), holder)
     moved: set[int] = set()
     for start in range(0, len(plan.done), _INSERT_ROWS):
         batch = plan.done[start : start + _INSERT_ROWS]
@@ -122,7 +126,9 @@ def complete(
         elif item.task_id in missed:  # another process settled it between our read and write
             row = reread.get(item.task_id)
             acks.append(
-                rules.answer_miss("complete", item.task_id, item.lease_id, row, item.pathway)
+                rules.answer_miss(
+                    "complete", item.task_id, item.lease_id, row, item.pathway, holder
+                )
             )
         else:
             acks.append(
@@ -175,14 +181,18 @@ def end_attempt(
 
 
 def fail(
-    db: sqlite3.Connection, workflows: WorkflowCache, items: Sequence[Failure], now: float
+    db: sqlite3.Connection,
+    workflows: WorkflowCache,
+    items: Sequence[Failure],
+    now: float,
+    holder: str = "",
 ) -> list[Ack]:
     """See `Storage.fail`; runs inside the caller's transaction."""
     acks = []
     for item in items:
         row = settle_row(db, item.task_id, item.lease_id)
-        if row is None or not rules.is_current(row, item.lease_id):
-            acks.append(rules.answer_miss("fail", item.task_id, item.lease_id, row))
+        if row is None or not rules.is_current(row, item.lease_id, holder):
+            acks.append(rules.answer_miss("fail", item.task_id, item.lease_id, row, "", holder))
             continue
         dead, delay = rules.failure_outcome(row, item, stage_of(workflows, db, row))
         if not end_attempt(db, row, dead, now + delay, now):
@@ -197,15 +207,19 @@ def fail(
 
 
 def extend(
-    db: sqlite3.Connection, workflows: WorkflowCache, items: Sequence[Extension], now: float
+    db: sqlite3.Connection,
+    workflows: WorkflowCache,
+    items: Sequence[Extension],
+    now: float,
+    holder: str = "",
 ) -> list[Ack]:
     """See `Storage.extend`; runs inside the caller's transaction."""
     acks = []
     rows = settle_rows(db, [item.task_id for item in items])
     for item in items:
         row = rows.get(item.task_id)
-        if row is None or not rules.is_current(row, item.lease_id):
-            acks.append(rules.settle_error(item.task_id, item.lease_id, row))
+        if row is None or not rules.is_current(row, item.lease_id, holder):
+            acks.append(rules.settle_error(item.task_id, item.lease_id, row, holder))
             continue
         seconds = item.lease_seconds
         if seconds is None:
@@ -228,7 +242,9 @@ def extend(
     return acks
 
 
-def release(db: sqlite3.Connection, items: Sequence[Release], now: float) -> list[Ack]:
+def release(
+    db: sqlite3.Connection, items: Sequence[Release], now: float, holder: str = ""
+) -> list[Ack]:
     """See `Storage.release`; runs inside the caller's transaction. The lease id stays on the
     ready task until it is leased again, so a repeated release is recognised."""
     acks = []
@@ -237,17 +253,20 @@ def release(db: sqlite3.Connection, items: Sequence[Release], now: float) -> lis
             "UPDATE tasks SET state = 'ready', attempt = attempt - 1, lease_deadline = NULL, "
             "session_id = NULL, server_id = NULL, detached_at = NULL, "
             "ready_at = CASE WHEN ? > 0 THEN ? ELSE ready_at END "
-            "WHERE id = ? AND state = 'leased' AND lease_id = ? RETURNING stage",
+            "WHERE id = ? AND state = 'leased' AND lease_id = ? "
+            "AND (? = '' OR session_id IS NULL OR session_id = ?) RETURNING stage",
             (
                 item.delay_seconds,
                 now + item.delay_seconds,
                 item.task_id,
                 item.lease_id,
+                holder,
+                holder,
             ),
         ).fetchone()
         if moved is None:
             row = settle_row(db, item.task_id, item.lease_id)
-            acks.append(rules.answer_miss("release", item.task_id, item.lease_id, row))
+            acks.append(rules.answer_miss("release", item.task_id, item.lease_id, row, "", holder))
             continue
         acks.append(Ack(item.task_id, item.lease_id, stage=moved[0], result="released"))
     return acks
