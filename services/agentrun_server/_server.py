@@ -33,7 +33,7 @@ from agentrun.v1 import (
     orchestrator_service_pb2_grpc,
 )
 from agentrun_server._errors import InvalidArgument
-from agentrun_server.auth import AuthInterceptor, KeyRing, KeyServicer, ServerTls
+from agentrun_server.auth import Access, AuthInterceptor, KeyRing, KeyServicer, ServerTls
 from agentrun_server.auth._tls import TlsConfig
 from agentrun_server.ingestion import (
     AbandonSweep,
@@ -57,7 +57,7 @@ from agentrun_server.serving import (
     MetricsInterceptor,
     MetricsWebConfig,
 )
-from agentrun_server.storage import PoolConfig, SqliteConfig, Storage, open_storage
+from agentrun_server.storage import Notifier, PoolConfig, SqliteConfig, Storage, open_storage
 
 _log = logging.getLogger(__name__)
 
@@ -170,6 +170,11 @@ class ServerConfig:
     """Interface for /metrics: loopback by default, so exposing gRPC does not expose metrics."""
     metrics_port: int = 9464
     """Prometheus /metrics port; 0 picks a free one, -1 disables it."""
+    health_port: int = -1
+    """A second gRPC port, on `host`, serving only the health service (`grpc.health.v1`), in
+    plaintext and to anyone: for load balancers and probes that hold no client certificate when
+    the main port requires one (mTLS), or speak no TLS (Kubernetes' gRPC probes). 0 picks a
+    free one; -1: none (under mTLS, health checks then need a client certificate too)."""
     metrics_web_config: str = ""
     """A web configuration file for /metrics in exporter-toolkit's format (TLS, basic auth);
     empty: plain HTTP, open to whoever reaches `metrics_host`."""
@@ -236,6 +241,8 @@ class Server:
         self.registry = registry or CollectorRegistry()
         self.port = 0
         self.metrics_port = 0
+        self.health_port = 0
+        self._health_server: grpc.aio.Server | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._storage: Storage | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -244,6 +251,7 @@ class Server:
         self._scraped: list[Collector] = []  # metrics read from the database at scrape
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped
         self._keys: KeyRing | None = None
+        self._notifier: Notifier | None = None
         self.tls: ServerTls | None = None
 
     async def start(self) -> None:
@@ -283,7 +291,7 @@ class Server:
         if config.auth == "keys":
             self._keys = KeyRing(storage)
             await self._keys.start()
-            interceptors.append(AuthInterceptor(self._keys))
+            interceptors.append(AuthInterceptor(self._keys, self.registry))
             if not self._keys.count:
                 _log.warning(
                     "--auth keys: the database holds no API key yet, so every call is refused; "
@@ -323,13 +331,16 @@ class Server:
             ],
         )
         wake = None
+        access = Access(storage)
+        self._notifier = notifier = storage.notifier()
         if "orchestrator" in config.services:
             metrics = OrchestratorMetrics(self.registry)
             self._dispatcher = Dispatcher(
                 storage,
                 metrics,
-                storage.notifier(),
+                notifier,
                 resume_grace_seconds=config.resume_grace_seconds,
+                max_leases_per_key=config.work_limits.max_leases_per_key,
             )
             self._scraped.append(
                 backlog_collector(asyncio.get_running_loop(), self._dispatcher.snapshot)
@@ -337,7 +348,9 @@ class Server:
             self.registry.register(self._scraped[-1])
             wake = self._dispatcher.wake
             orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-                OrchestratorServicer(storage, self._dispatcher, metrics, limit, config.work_limits),
+                OrchestratorServicer(
+                    storage, self._dispatcher, metrics, limit, config.work_limits, access
+                ),
                 server,
             )
         if "ingestion" in config.services:
@@ -348,7 +361,9 @@ class Server:
             )
             self.registry.register(self._scraped[-1])
             ingestion_metrics = IngestionMetrics(self.registry)
-            IngestionServicer(storage, ingestion_metrics, config.limits, wake).add_to_server(server)
+            IngestionServicer(
+                storage, ingestion_metrics, config.limits, wake, access, notifier
+            ).add_to_server(server)
             self._sweep = AbandonSweep(
                 storage, config.limits.live_run_timeout_seconds, ingestion_metrics, wake
             )
@@ -392,8 +407,16 @@ class Server:
                 "this machine's; pick another with --port, or 0 for any free one"
             )
         await server.start()
+        if config.health_port >= 0:
+            await self._serve_health(config.host, config.health_port)
+        elif self.tls is not None and config.tls.client_ca_file:
+            _log.warning(
+                "--tls-client-ca: every call needs a client certificate, health checks too; "
+                "serve them to load balancers without one with --health-port"
+            )
         if self._dispatcher is not None:
             await self._dispatcher.start()
+        await notifier.start()
         if self._sweep is not None:
             self._sweep.start()
         for name in ["", *names]:
@@ -415,6 +438,24 @@ class Server:
                 ) from None
             self.metrics_port = self._metrics_endpoint.port
 
+    async def _serve_health(self, host: str, port: int) -> None:
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, health_server)
+        try:
+            self.health_port = (
+                0 if _in_use(host, port) else health_server.add_insecure_port(f"{host}:{port}")
+            )
+        except RuntimeError:
+            self.health_port = 0
+        if self.health_port == 0:
+            await self.shutdown(0)
+            raise InvalidArgument(
+                f"--health-port: cannot listen on {host}:{port}: in use or not this machine's; "
+                "pick another, 0 for any free one, or -1 for none"
+            )
+        await health_server.start()
+        self._health_server = health_server
+
     @property
     def metrics_url(self) -> str:
         """Where /metrics is served (https with a web configuration's TLS); "" when it is not."""
@@ -433,8 +474,14 @@ class Server:
         server, self._grpc = self._grpc, None
         if server is not None:
             await server.stop(grace)
+        health_server, self._health_server = self._health_server, None
+        if health_server is not None:
+            await health_server.stop(0)
         if dispatcher is not None:
             await dispatcher.stop()
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            await notifier.close()
         sweep, self._sweep = self._sweep, None
         if sweep is not None:
             await sweep.stop()

@@ -23,7 +23,9 @@ from agentrun.v1 import orchestrator_service_pb2 as orch_pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from agentrun.v1 import workflow_pb2
 from agentrun_server import Server, ServerConfig
-from agentrun_server.auth import METHOD_SCOPES, SCOPES, new_key
+from agentrun_server._errors import PermissionDenied
+from agentrun_server.auth import METHOD_SCOPES, SCOPES, AuthInterceptor, KeyRing, new_key
+from agentrun_server.storage import open_storage
 
 LIST_COLLECTIONS = "/agentrun.v1.IngestionService/ListCollections"
 STREAMING_REQUESTS = {"UploadAgentRuns", "Work"}
@@ -342,3 +344,56 @@ async def test_every_admin_action_is_one_audit_line_naming_the_key(
     assert lines[1]["workflow"] == "w" and lines[1]["enqueued"] == 1
     assert lines[2]["count"] == 1
     assert lines[4]["name"] == "ci" and lines[4]["scopes"] == ["ingest"]
+
+
+async def test_refused_calls_are_counted_by_reason_and_logged_once_in_a_while(
+    secured: tuple[Server, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, _ = secured
+    caplog.set_level("WARNING", logger="agentrun_server.auth._interceptor")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        for _ in range(30):
+            await _code(channel, LIST_COLLECTIONS, "ark_guessing")
+        for _ in range(5):
+            await _code(channel, LIST_COLLECTIONS, None)
+
+    def refused(reason: str) -> float | None:
+        return server.registry.get_sample_value("agentrun_auth_refused_total", {"reason": reason})
+
+    assert (refused("unknown_key"), refused("no_credentials"), refused("scope")) == (30, 5, 0)
+    lines = [r for r in caplog.records if r.name == "agentrun_server.auth._interceptor"]
+    assert len(lines) == 1  # 35 refusals, one line per 10 s at most
+    assert "ipv4:127.0.0.1" in lines[0].getMessage()
+
+
+async def test_a_method_without_scopes_is_refused_to_every_key(database: str) -> None:
+    """Fail closed: a method served but missing from the scope table (a bug) admits no key."""
+    storage = await open_storage(database)
+    try:
+        record, token = new_key("root", ["admin"])
+        await storage.create_key(record)
+        ring = KeyRing(storage)
+        await ring.reload()
+
+        async def behavior(request: bytes, context: object) -> bytes:
+            return b"served"
+
+        async def continuation(details: object) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(behavior)
+
+        class Details:
+            method = "/agentrun.v1.IngestionService/DeleteEverything"
+            invocation_metadata = (("authorization", f"Bearer {token}"),)
+
+        class Context:
+            def auth_context(self) -> dict[str, list[bytes]]:
+                return {}
+
+            def peer(self) -> str:
+                return "ipv4:127.0.0.1:1"
+
+        handler = await AuthInterceptor(ring).intercept_service(continuation, Details())
+        with pytest.raises(PermissionDenied, match="no scope admits this method"):
+            await handler.unary_unary(b"", Context())
+    finally:
+        await storage.close()

@@ -75,8 +75,8 @@ class Worker:
     """A Work stream driven by hand. One task reads it (cancelling a read cancels the call), so
     that waiting for a response that never comes leaves the stream open."""
 
-    def __init__(self, stubs: Stubs) -> None:
-        self.call = stubs.orch.Work()
+    def __init__(self, stubs: Stubs, metadata: Any = ()) -> None:
+        self.call = stubs.orch.Work(metadata=metadata)
         self.responses: asyncio.Queue[pb.WorkResponse | BaseException | None] = asyncio.Queue()
         self._reader = asyncio.get_running_loop().create_task(self._read())
 

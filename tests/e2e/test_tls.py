@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentrun import AgentRun, AgentRunWriter, Client, Connection, Runner, Transcript
 from agentrun._convert import agent_run_to_proto
@@ -309,3 +310,40 @@ async def test_the_typescript_client_works_over_tls_with_a_key(
     report = output.decode()
     assert process.returncode == 0, report
     assert "skipped 0" in report, report
+
+
+async def test_under_mtls_health_is_served_on_its_own_port_to_probes_without_a_certificate(
+    tmp_path: Path, authority: Authority
+) -> None:
+    certificate = authority.issue("localhost", server=True, stem="server")
+    tls = TlsConfig(str(certificate.cert), str(certificate.key), str(authority.cert))
+    server = Server(
+        ServerConfig(
+            db=f"sqlite:///{tmp_path / 'agentrun.db'}",
+            port=0,
+            metrics_port=-1,
+            health_port=0,
+            auth="keys",
+            tls=tls,
+        )
+    )
+    await server.start()
+    try:
+        assert server.health_port not in (0, server.port)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as probe:
+            check = await health_pb2_grpc.HealthStub(probe).Check(
+                health_pb2.HealthCheckRequest(), timeout=3
+            )
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as unserved:  # health, and nothing else
+                await _list(probe, timeout=3)
+            assert unserved.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        ca = str(authority.cert)
+        async with Connection(f"127.0.0.1:{server.port}", tls_ca_file=ca).aio_channel() as plain:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:  # the main port: mTLS still
+                await health_pb2_grpc.HealthStub(plain).Check(
+                    health_pb2.HealthCheckRequest(), timeout=3
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.shutdown(grace_seconds=1)

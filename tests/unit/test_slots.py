@@ -30,3 +30,19 @@ def test_a_host_at_its_limit_leaves_room_for_others_and_slots_come_back() -> Non
     assert slots.open == 0
     with slots.slot("ipv4:10.0.0.1:4"):
         assert slots.open == 1
+
+
+def test_one_key_behind_many_hosts_holds_at_most_its_share() -> None:
+    slots = StreamSlots(
+        "watch streams",
+        total=("max_watch_streams", 10),
+        per_peer=("max_watch_streams_per_peer", 10),
+        per_key=("max_watch_streams_per_key", 2),
+    )
+    with slots.slot("ipv4:10.0.0.1:1", "fleet"), slots.slot("ipv4:10.0.0.2:1", "fleet"):
+        with pytest.raises(ResourceExhausted, match="under API key 'fleet', at max_watch"):
+            slots.slot("ipv4:10.0.0.3:1", "fleet").__enter__()
+        with slots.slot("ipv4:10.0.0.3:1", "other"), slots.slot("ipv4:10.0.0.3:2", ""):
+            assert slots.open == 4  # another key, and no key (auth off), are not counted with it
+    with slots.slot("ipv4:10.0.0.1:1", "fleet"):  # its slots came back
+        assert slots.open == 1

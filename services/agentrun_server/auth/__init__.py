@@ -8,6 +8,7 @@ certificate) is resolved once per call or stream from the `KeyRing`, its scope c
 
 from __future__ import annotations
 
+from agentrun_server.auth._access import Access
 from agentrun_server.auth._audit import audit, audit_log
 from agentrun_server.auth._interceptor import AuthInterceptor, bearer_token
 from agentrun_server.auth._keys import KeyRing, hash_token, new_token
@@ -25,6 +26,7 @@ __all__ = [
     "ANYONE",
     "METHOD_SCOPES",
     "SCOPES",
+    "Access",
     "AuthInterceptor",
     "KeyRing",
     "KeyServicer",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import hashlib
 import logging
 import secrets
@@ -28,6 +29,12 @@ TOUCH_SECONDS = 60.0
 """Last-use times are written at most this often, one statement for every key used."""
 
 
+def _utc(epoch_seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch_seconds, datetime.UTC).strftime(
+        "%Y-%m-%d %H:%M:%S UTC"
+    )
+
+
 def new_token() -> str:
     """A fresh random token."""
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -38,8 +45,18 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class KeyRefused(Unauthenticated):
+    """Credentials that name no live key; `reason` is the label it is counted under."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def _principal(record: ApiKeyRecord) -> Principal:
-    return Principal(record.name, record.scopes, record.collections, record.workflows)
+    return Principal(
+        record.name, record.scopes, record.collections, record.workflows, record.expires_at
+    )
 
 
 class KeyRing:
@@ -93,23 +110,31 @@ class KeyRing:
         if token:
             principal = self._by_hash.get(hash_token(token))
             if principal is None:
-                raise Unauthenticated("the API key is unknown or revoked")
+                raise KeyRefused("the API key is unknown or revoked", "unknown_key")
         else:
             principal = next(
                 (p for s in subjects if (p := self._by_subject.get(s)) is not None), None
             )
             if principal is None:
                 if subjects:
-                    raise Unauthenticated(
+                    raise KeyRefused(
                         f"no live key entry for client certificate {subjects[0]!r}; send an API "
                         "key (authorization: Bearer <token>) or add the subject with "
-                        "`agentrun keys create NAME --scope ... --certificate-subject ...`"
+                        "`agentrun keys create NAME --scope ... --certificate-subject ...`",
+                        "unknown_certificate",
                     )
-                raise Unauthenticated(
+                raise KeyRefused(
                     "this server requires an API key: send `authorization: Bearer <token>` "
-                    "(the SDK and CLI read $AGENTRUN_API_KEY)"
+                    "(the SDK and CLI read $AGENTRUN_API_KEY)",
+                    "no_credentials",
                 )
-        self._used[principal.name] = time.time()
+        now = time.time()
+        if principal.expires_at is not None and principal.expires_at <= now:
+            raise KeyRefused(
+                f"the API key {principal.name!r} expired at {_utc(principal.expires_at)}",
+                "expired_key",
+            )
+        self._used[principal.name] = now
         return principal
 
     async def reload(self) -> None:
@@ -139,9 +164,23 @@ class KeyRing:
             _log.info("API key %r revoked: refusing it from now on", principal.name)
             principal.revoke()
 
+    def expire(self, now: float | None = None) -> None:
+        """End the open streams of keys whose expiry has passed (they are refused from then on,
+        by `authenticate`)."""
+        now = time.time() if now is None else now
+        for principal in self._by_name.values():
+            if (
+                principal.expires_at is not None
+                and principal.expires_at <= now
+                and not principal.revoked
+            ):
+                _log.info("API key %r expired: refusing it from now on", principal.name)
+                principal.revoke()
+
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self._poll_seconds)
+            self.expire()
             try:
                 await self.reload()
                 if time.monotonic() - self._touched_at >= TOUCH_SECONDS:

@@ -6,41 +6,52 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 
+from google.protobuf.descriptor import ServiceDescriptor
+
+from agentrun.v1 import (
+    ingestion_service_pb2,
+    key_service_pb2,
+    options_pb2,
+    orchestrator_service_pb2,
+)
 from agentrun_server._errors import PermissionDenied
 
 SCOPES = ("ingest", "read", "work", "admin")
 """What a key may do. `admin` implies the other three."""
 
-_INGESTION = "/agentrun.v1.IngestionService/"
-_ORCHESTRATOR = "/agentrun.v1.OrchestratorService/"
-_KEYS = "/agentrun.v1.KeyService/"
+SERVICES = (
+    ingestion_service_pb2.DESCRIPTOR.services_by_name["IngestionService"],
+    orchestrator_service_pb2.DESCRIPTOR.services_by_name["OrchestratorService"],
+    key_service_pb2.DESCRIPTOR.services_by_name["KeyService"],
+)
+"""The services whose methods carry their scopes in the contract (`(agentrun.v1.scopes)`)."""
 
-METHOD_SCOPES: dict[str, tuple[str, ...]] = {
-    _INGESTION + "CreateCollection": ("ingest",),
-    _INGESTION + "UploadAgentRuns": ("ingest",),
-    _INGESTION + "StreamAgentRunEvents": ("ingest",),
-    _INGESTION + "GetCollection": ("read", "ingest"),  # the writer checks its collection
-    _INGESTION + "ListCollections": ("read",),
-    _INGESTION + "GetAgentRun": ("read",),
-    _INGESTION + "ListAgentRuns": ("read",),
-    _INGESTION + "CountAgentRuns": ("read",),
-    _INGESTION + "WatchAgentRun": ("read",),
-    _ORCHESTRATOR + "ApplyWorkflow": ("admin",),
-    _ORCHESTRATOR + "GetWorkflow": ("read", "work"),  # the Runner reads its workflow
-    _ORCHESTRATOR + "ListWorkflows": ("read",),
-    _ORCHESTRATOR + "EnqueueAgentRuns": ("admin",),
-    _ORCHESTRATOR + "Work": ("work",),
-    _ORCHESTRATOR + "GetTask": ("read", "work"),
-    _ORCHESTRATOR + "ListTasks": ("read",),
-    _ORCHESTRATOR + "RedriveTasks": ("admin",),
-    _ORCHESTRATOR + "CancelTasks": ("admin",),
-    _ORCHESTRATOR + "GetBacklog": ("read",),
-    _KEYS + "CreateApiKey": ("admin",),
-    _KEYS + "ListApiKeys": ("admin",),
-    _KEYS + "RevokeApiKey": ("admin",),
-}
-"""The scopes each RPC accepts (any one of them). A method not here (server reflection) needs a
-known key of any scope; the health service needs none."""
+ANY_SCOPE_METHODS = ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",)
+"""Methods any live key may call: server reflection (the contract is no secret, but a server
+with keys on says it only to its clients)."""
+
+
+def method_scopes(services: Iterable[ServiceDescriptor] = SERVICES) -> dict[str, tuple[str, ...]]:
+    """The table from full method name to the scopes that admit it, read from the contract.
+
+    Raises:
+        ValueError: a method declares no scope, or one not in SCOPES (a contract bug).
+    """
+    table: dict[str, tuple[str, ...]] = {}
+    for service in services:
+        for method in service.methods:
+            scopes = tuple(method.GetOptions().Extensions[options_pb2.scopes])
+            if not scopes or not set(scopes) <= set(SCOPES):
+                raise ValueError(f"{method.full_name}: (agentrun.v1.scopes) {scopes} is not valid")
+            table[f"/{service.full_name}/{method.name}"] = scopes
+    for name in ANY_SCOPE_METHODS:
+        table[name] = SCOPES
+    return table
+
+
+METHOD_SCOPES: dict[str, tuple[str, ...]] = method_scopes()
+"""The scopes each RPC accepts (any one of them), from the contract. A method not here is refused
+to every key (fail closed); the health service needs none."""
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 """Methods served without credentials: load balancers and orchestrators probe health."""
@@ -53,7 +64,15 @@ class Principal:
     collections bound to them. Neither list: it sees everything its scopes allow.
     """
 
-    __slots__ = ("_watchers", "collections", "name", "revoked", "scopes", "workflows")
+    __slots__ = (
+        "_watchers",
+        "collections",
+        "expires_at",
+        "name",
+        "revoked",
+        "scopes",
+        "workflows",
+    )
 
     def __init__(
         self,
@@ -61,8 +80,10 @@ class Principal:
         scopes: Iterable[str],
         collections: Iterable[str] = (),
         workflows: Iterable[str] = (),
+        expires_at: float | None = None,
     ) -> None:
         self.name = name
+        self.expires_at = expires_at
         self.scopes = frozenset(SCOPES if "admin" in scopes else scopes)
         self.collections = frozenset(collections)
         self.workflows = frozenset(workflows)
@@ -90,7 +111,7 @@ class Principal:
         """Raises PermissionDenied when the key is limited to collections or workflows."""
         if self.limited:
             raise PermissionDenied(
-                f"{what} needs a key not limited to collections or workflows; {self._limits()}"
+                f"{what} needs a key not limited to collections or workflows; {self.limits_text()}"
             )
 
     def sees_workflow(self, name: str) -> bool:
@@ -109,14 +130,15 @@ class Principal:
         workflow: only an unlimited key may)."""
         if not self.sees_workflow(name) or (not name and self.limited):
             target = f"workflow {name!r}" if name else "every workflow (no workflow named)"
-            raise PermissionDenied(f"{field}: {target} is outside {self._limits()}")
+            raise PermissionDenied(f"{field}: {target} is outside {self.limits_text()}")
 
     def check_collection(self, name: str, workflow: str = "", field: str = "collection") -> None:
         """Raises PermissionDenied unless the key may touch the collection."""
         if not self.sees_collection(name, workflow):
-            raise PermissionDenied(f"{field}: collection {name!r} is outside {self._limits()}")
+            raise PermissionDenied(f"{field}: collection {name!r} is outside {self.limits_text()}")
 
-    def _limits(self) -> str:
+    def limits_text(self) -> str:
+        """The key's limits in words, for messages."""
         parts = []
         if self.collections:
             parts.append(f"collections {', '.join(sorted(self.collections))}")
@@ -134,7 +156,7 @@ class Principal:
             self._watchers.discard(on_revoke)
 
     def revoke(self) -> None:
-        """Mark the key revoked and tell its open streams."""
+        """Mark the key revoked (or expired) and tell its open streams."""
         self.revoked = True
         for on_revoke in list(self._watchers):
             on_revoke()

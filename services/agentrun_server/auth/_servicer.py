@@ -14,7 +14,7 @@ from agentrun_server._errors import InvalidArgument
 from agentrun_server.auth._audit import audit
 from agentrun_server.auth._keys import hash_token, new_token
 from agentrun_server.auth._principal import SCOPES, caller
-from agentrun_server.serving import to_timestamp
+from agentrun_server.serving import epoch_seconds, to_timestamp
 from agentrun_server.storage import ApiKeyRecord, Storage
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -29,12 +29,18 @@ def new_key(
     workflows: list[str] | tuple[str, ...] = (),
     subject: str = "",
     now: float | None = None,
+    expires_at: float | None = None,
 ) -> tuple[ApiKeyRecord, str]:
-    """A checked key entry and its token ("" for a certificate entry), not yet stored.
+    """A checked key entry and its token ("" for a certificate entry), not yet stored;
+    `expires_at` (epoch seconds, in the future) ends it then.
 
     Raises:
-        InvalidArgument: a bad name, an unknown or missing scope, too many limits.
+        InvalidArgument: a bad name, an unknown or missing scope, too many limits, an expiry
+            not in the future.
     """
+    now = time.time() if now is None else now
+    if expires_at is not None and expires_at <= now:
+        raise InvalidArgument("expire_time: must be in the future")
     if not _NAME.fullmatch(name):
         raise InvalidArgument(f"name: {name!r}; use 1 to 128 letters, digits, '.', '_' or '-'")
     if not scopes:
@@ -56,7 +62,8 @@ def new_key(
         tuple(dict.fromkeys(workflows)),
         hash_token(token) if token else None,
         subject or None,
-        time.time() if now is None else now,
+        now,
+        expires_at=expires_at,
     )
     return record, token
 
@@ -74,6 +81,8 @@ def key_to_proto(record: ApiKeyRecord) -> pb.ApiKey:
         key.revoke_time.CopyFrom(to_timestamp(record.revoked_at))
     if record.last_used_at is not None:
         key.last_use_time.CopyFrom(to_timestamp(record.last_used_at))
+    if record.expires_at is not None:
+        key.expire_time.CopyFrom(to_timestamp(record.expires_at))
     return key
 
 
@@ -100,6 +109,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
             list(k.collections),
             list(k.workflows),
             k.certificate_subject,
+            expires_at=epoch_seconds(k.expire_time) if k.HasField("expire_time") else None,
         )
         stored = await self._storage.create_key(record)
         await self._changed()
@@ -110,6 +120,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
             collections=list(stored.collections),
             workflows=list(stored.workflows),
             certificate_subject=stored.subject,
+            expires_at=stored.expires_at,
         )
         return pb.CreateApiKeyResponse(key=key_to_proto(stored), token=token)
 

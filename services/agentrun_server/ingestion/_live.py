@@ -10,7 +10,7 @@ from agentrun.v1 import agent_run_pb2 as run_pb
 from agentrun.v1 import ingestion_service_pb2 as pb
 from agentrun_server._checks import check_reference
 from agentrun_server._errors import InvalidArgument
-from agentrun_server.storage import NewEvent
+from agentrun_server.storage import NewEvent, event_digest
 
 
 def _merge_metadata(
@@ -91,4 +91,13 @@ def checked_event(event: pb.AgentRunEvent, i: int) -> NewEvent:
     except InvalidRunError as problem:
         raise InvalidArgument(f"{where}.patch.{problem.field}: {problem.reason}") from None
     patch.id = ""
-    return NewEvent(run_id, event.sequence, collection_id, patch.SerializeToString(), event.finish)
+    # Deterministic: a resend of the event (and its digest) encodes to the same bytes.
+    data = patch.SerializeToString(deterministic=True)
+    return NewEvent(
+        run_id,
+        event.sequence,
+        collection_id,
+        data,
+        event.finish,
+        event_digest(data, event.finish),
+    )

@@ -25,24 +25,25 @@ from agentrun_server._checks import (
     storable_text,
 )
 from agentrun_server._errors import (
-    DeadlineExceeded,
     InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
     ServerError,
-    Unauthenticated,
 )
-from agentrun_server.auth import caller
+from agentrun_server.auth import Access, caller
 from agentrun_server.ingestion._live import checked_event, fold_finished, fold_run
 from agentrun_server.ingestion._metrics import IngestionMetrics
 from agentrun_server.ingestion._validate import InvalidRun, validate_agent_run
+from agentrun_server.ingestion._watchers import RunWatchers
 from agentrun_server.ingestion._wire import RawUpload, decode_upload_request
 from agentrun_server.serving import (
+    IdleTimeout,
     StreamSlots,
     add_service,
     page_after,
     page_size,
     peer_host,
+    receive,
     status_for,
     to_timestamp,
 )
@@ -50,8 +51,10 @@ from agentrun_server.storage import (
     Collection,
     EventStatus,
     InsertStatus,
+    LocalNotifier,
     NewEvent,
     NewRun,
+    Notifier,
     Storage,
     StoredRun,
     run_state,
@@ -80,9 +83,15 @@ class IngestionLimits:
     max_upload_streams_per_peer: int = 32
     """Upload streams open at once from one client host (its IP address), so that one host
     cannot hold every slot; one more is answered RESOURCE_EXHAUSTED with RetryInfo."""
+    max_upload_streams_per_key: int = 32
+    """Upload streams open at once under one API key (hosts behind one NAT share an address)."""
+    first_message_seconds: float = 10.0
+    """An upload or event stream whose first message does not arrive within this is closed
+    (DEADLINE_EXCEEDED): a stream that never starts gives its slot back."""
     stream_idle_seconds: float = 30.0
-    """An upload stream that delivers no message for this long is closed (DEADLINE_EXCEEDED;
-    the runs of its earlier messages stay stored), so that idle streams cannot hold the slots."""
+    """An upload or event stream that delivers no message for this long is closed
+    (DEADLINE_EXCEEDED; what its earlier messages carried stays stored), so that idle streams
+    cannot hold the slots. The SDK's writer closes an event stream with nothing to send first."""
     max_pending_bytes: int = 128 * 1024 * 1024
     """Bytes of upload messages in memory, over all streams: reserved (max_message_bytes) while a
     message is being received, then its real size until it is committed. A stream finding no
@@ -100,9 +109,19 @@ class IngestionLimits:
     event beyond it is refused RESOURCE_EXHAUSTED."""
     live_run_timeout_seconds: float = 3600.0
     """A live run with no event for this long reads as abandoned; its next event reopens it."""
+    max_event_streams: int = 2048
+    """StreamAgentRunEvents streams open at once in all (one per writer with events to send)."""
     max_event_streams_per_peer: int = 256
-    """StreamAgentRunEvents streams open at once from one client host (they are long-lived: one
-    per agent process or writer)."""
+    """StreamAgentRunEvents streams open at once from one client host."""
+    max_event_streams_per_key: int = 1024
+    """StreamAgentRunEvents streams open at once under one API key."""
+    max_watch_streams: int = 2048
+    """WatchAgentRun streams open at once in all (a watcher of a quiet run costs no reads, but
+    holds a slot)."""
+    max_watch_streams_per_peer: int = 256
+    """WatchAgentRun streams open at once from one client host."""
+    max_watch_streams_per_key: int = 1024
+    """WatchAgentRun streams open at once under one API key."""
 
 
 class _PendingBytes:
@@ -201,8 +220,6 @@ def _stored_run_to_proto(run: StoredRun, view: int, abandoned_before: float) -> 
 
 WATCH_BATCH = 500
 """Most events in one WatchAgentRun response."""
-WATCH_POLL_SECONDS = 0.25
-"""How often a watcher looks for events stored through another server process."""
 
 _STATUS_LABELS = {
     pb.EVENT_STATUS_STORED: "stored",
@@ -237,55 +254,50 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         metrics: IngestionMetrics,
         limits: IngestionLimits | None = None,
         on_runs_stored: Callable[[], None] | None = None,
+        access: Access | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         """Serve over `storage`; `on_runs_stored` is called after a batch stores new runs (the
-        orchestrator in the same process passes its wake-up, since new runs may enter a workflow).
+        orchestrator in the same process passes its wake-up, since new runs may enter a workflow);
+        `access` checks keys' limits (shared with the orchestrator); `notifier` carries "events
+        landed" between server processes (the server's one notifier, started by the server).
         """
         self._storage = storage
         self._metrics = metrics
         self.limits = limits or IngestionLimits()
         self._on_runs_stored = on_runs_stored
+        limits = self.limits
         self._slots = StreamSlots(
             "upload streams",
-            ("max_upload_streams", self.limits.max_upload_streams),
-            ("max_upload_streams_per_peer", self.limits.max_upload_streams_per_peer),
-            self.limits.retry_after_seconds,
+            ("max_upload_streams", limits.max_upload_streams),
+            ("max_upload_streams_per_peer", limits.max_upload_streams_per_peer),
+            limits.retry_after_seconds,
+            ("max_upload_streams_per_key", limits.max_upload_streams_per_key),
         )
         self._event_slots = StreamSlots(
             "event streams",
-            None,
-            ("max_event_streams_per_peer", self.limits.max_event_streams_per_peer),
-            self.limits.retry_after_seconds,
+            ("max_event_streams", limits.max_event_streams),
+            ("max_event_streams_per_peer", limits.max_event_streams_per_peer),
+            limits.retry_after_seconds,
+            ("max_event_streams_per_key", limits.max_event_streams_per_key),
         )
         self._watch_slots = StreamSlots(
             "watch streams",
-            None,
-            ("max_event_streams_per_peer", self.limits.max_event_streams_per_peer),
-            self.limits.retry_after_seconds,
+            ("max_watch_streams", limits.max_watch_streams),
+            ("max_watch_streams_per_peer", limits.max_watch_streams_per_peer),
+            limits.retry_after_seconds,
+            ("max_watch_streams_per_key", limits.max_watch_streams_per_key),
         )
-        # Set (and replaced) whenever events land here: watchers on this process wake at once;
-        # those of events stored through other processes poll.
-        self._landed = asyncio.Event()
+        # Watchers wake when their runs get events: here at once, elsewhere through the notifier.
+        self._watchers = RunWatchers()
+        self._notifier = notifier or LocalNotifier()
+        self._notifier.subscribe(
+            on_events=self._watchers.wake, events_wanted=lambda: self._watchers.wanted
+        )
         self._pending = _PendingBytes(
             self.limits.max_pending_bytes, self.limits.max_pending_bytes_per_peer
         )
-        # Collections by id, for limited keys' checks (a collection's name and workflow never
-        # change once it exists).
-        self._collections: dict[str, Collection] = {}
-
-    async def _check_collection(self, collection_id: str, field: str = "collection_id") -> None:
-        """Raises PermissionDenied when the caller's key is limited to other collections
-        (unlimited keys cost nothing here); NotFound when there is no such collection."""
-        principal = caller()
-        if not principal.limited:
-            return
-        collection = self._collections.get(collection_id)
-        if collection is None:
-            collection = await self._storage.get_collection(id=collection_id)
-            if len(self._collections) >= 10_000:
-                self._collections.clear()
-            self._collections[collection_id] = collection
-        principal.check_collection(collection.name, collection.workflow, field)
+        self._access = access or Access(storage)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Serve this servicer on `server`; uploads are decoded by `decode_upload_request`."""
@@ -300,7 +312,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         self, request: pb.CreateCollectionRequest, context: Context
     ) -> pb.CreateCollectionResponse:
         name = check_name("name", request.name)
-        caller().check_collection(name, request.workflow, "name")
+        await self._access.check("name", create=(name, request.workflow))
         collection, created = await self._storage.create_collection(
             name,
             check_text("description", request.description),
@@ -321,7 +333,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         collection = await self._storage.get_collection(
             id=check_reference("id", request.id), name=check_reference("name", request.name)
         )
-        caller().check_collection(collection.name, collection.workflow, selector)
+        await self._access.check(selector, collection=collection)
         return pb.GetCollectionResponse(collection=collection_to_proto(collection))
 
     async def ListCollections(
@@ -352,12 +364,14 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         response = pb.UploadAgentRunsResponse()
         index = 0
         peer = peer_host(context.peer())
-        with self._slots.slot(context.peer()):
+        with self._slots.slot(context.peer(), caller().name):
             self._metrics.open_streams.inc()
             try:
                 requests = aiter(request_iterator)
+                first = True
                 while True:
-                    request = await self._receive(requests, peer, response.accepted_count)
+                    request = await self._receive(requests, peer, response.accepted_count, first)
+                    first = False
                     if request is None:
                         break
                     try:
@@ -370,7 +384,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         return response
 
     async def _receive(
-        self, requests: AsyncIterator[RawUpload], peer: str, stored: int
+        self, requests: AsyncIterator[RawUpload], peer: str, stored: int, first: bool
     ) -> RawUpload | None:
         """The stream's next message, read only once max_message_bytes of room is reserved for
         it (gRPC buffers a whole message when asked for one); the reservation shrinks to the
@@ -388,16 +402,19 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             )
         request = None
         try:
-            async with asyncio.timeout(limits.stream_idle_seconds):
-                request = await anext(requests)
-        except StopAsyncIteration:
-            return None
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"upload stream: no message for {limits.stream_idle_seconds:g} s "
-                f"(stream_idle_seconds); {stored} runs of it stored; send each batch on a "
-                "stream of its own"
-            ) from None
+            if first:
+                request = await receive(
+                    requests,
+                    min(limits.first_message_seconds, limits.stream_idle_seconds),
+                    "first_message_seconds: an upload stream's first message comes at once",
+                )
+            else:
+                request = await receive(
+                    requests,
+                    limits.stream_idle_seconds,
+                    f"stream_idle_seconds; {stored} runs of this upload stored; send each batch "
+                    "on a stream of its own",
+                )
         finally:
             await self._pending.release(peer, reserved - (request.size if request else 0))
         return request
@@ -411,9 +428,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         if not request.collection_id:
             raise InvalidArgument("collection_id: required in every UploadAgentRunsRequest")
         check_reference("collection_id", request.collection_id)
-        if caller().revoked:
-            raise Unauthenticated("the API key was revoked while the stream was open")
-        await self._check_collection(request.collection_id)
+        await self._access.check("collection_id", collection_id=request.collection_id)
         count = len(request.runs)
         if count > limits.max_runs_per_message:
             raise InvalidArgument(
@@ -446,14 +461,16 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             elif outcome.status is InsertStatus.DUPLICATE:
                 duplicates += 1
             else:
+                # The other collection is named only to a key that may see it.
+                other = outcome.existing_collection_id or ""
+                where = f" ({other})" if await self._access.sees_collection(other) else ""
                 self._reject(
                     response,
                     index,
                     run_id,
                     pb.REJECTION_REASON_CONFLICT,
                     "id",
-                    f"id: a run with id {run_id!r} is stored in another collection "
-                    f"({outcome.existing_collection_id})",
+                    f"id: a run with id {run_id!r} is stored in another collection{where}",
                 )
         response.accepted_count += accepted
         response.duplicate_count += duplicates
@@ -530,11 +547,27 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             ResourceExhausted: with RetryInfo, over max_event_streams_per_peer.
             Unauthenticated: the key was revoked while the stream was open.
         """
-        with self._event_slots.slot(context.peer()):
+        limits = self.limits
+        with self._event_slots.slot(context.peer(), caller().name):
             self._metrics.open_event_streams.inc()
             try:
-                async for request in request_iterator:
-                    yield await self._store_events(request)
+                requests = aiter(request_iterator)
+                request = await receive(
+                    requests,
+                    min(limits.first_message_seconds, limits.stream_idle_seconds),
+                    "first_message_seconds: open an event stream when there is an event to send",
+                )
+                if request is None:
+                    return
+                yield await self._store_events(request)
+                with IdleTimeout(
+                    limits.stream_idle_seconds,
+                    "stream_idle_seconds: close an event stream with nothing to send, and open "
+                    "another for the next event",
+                ) as idle:
+                    async for request in requests:
+                        idle.touch()
+                        yield await self._store_events(request)
             finally:
                 self._metrics.open_event_streams.dec()
 
@@ -542,8 +575,6 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         self, request: pb.StreamAgentRunEventsRequest
     ) -> pb.StreamAgentRunEventsResponse:
         principal = caller()
-        if principal.revoked:
-            raise Unauthenticated("the API key was revoked while the stream was open")
         limit = self.limits.max_runs_per_message
         if len(request.events) > limit:
             raise InvalidArgument(
@@ -561,7 +592,9 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
                             f"events[{i}].collection_id: required on every event from a key "
                             "limited to collections or workflows"
                         )
-                    await self._check_collection(new.collection_id, f"events[{i}].collection_id")
+                    await self._access.check(
+                        f"events[{i}].collection_id", collection_id=new.collection_id
+                    )
             except ServerError as error:
                 acks.append(_refused_ack(event.agent_run_id, event.sequence, error, 0))
                 continue
@@ -605,9 +638,16 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             self._metrics.live_runs_finished.inc(finished)
         if finished and self._on_runs_stored is not None:
             self._on_runs_stored()
-        if kept:
-            self._landed.set()
-            self._landed = asyncio.Event()
+        if counts["stored"]:
+            self._notifier.events_landed(
+                list(
+                    dict.fromkeys(
+                        ack.agent_run_id
+                        for ack in response.acks
+                        if ack.status == pb.EVENT_STATUS_STORED
+                    )
+                )
+            )
         return response
 
     async def WatchAgentRun(
@@ -623,12 +663,16 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         after = request.after_sequence
         checked = False
         sent_state = None
-        with self._watch_slots.slot(context.peer()):
+        timeout_seconds = self.limits.live_run_timeout_seconds
+        with (
+            self._watch_slots.slot(context.peer(), caller().name),
+            self._watchers.watching(run_id) as woken,
+        ):
             while True:
-                landed = self._landed
+                woken.clear()  # before the read: an event landing during it wakes the next wait
                 run, events = await self._storage.events_after(run_id, after, WATCH_BATCH)
                 if not checked:
-                    await self._check_collection(run.collection_id, "agent_run_id")
+                    await self._access.check("agent_run_id", collection_id=run.collection_id)
                     checked = True
                 state = run_state(run.state, run.updated_at, self._abandoned_before())
                 last = run.next_sequence - 1
@@ -649,9 +693,15 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
                     return
                 if len(events) == WATCH_BATCH:
                     continue
+                # Asleep until the run gets events, or until it would turn abandoned (a state
+                # change no event announces): no reads while it is quiet.
+                wake_in = None
+                if state == "running":
+                    quiet_since = run.updated_at or run.ingested_at
+                    wake_in = max(0.0, quiet_since + timeout_seconds - time.time()) + 0.01
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(WATCH_POLL_SECONDS):
-                        await landed.wait()
+                    async with asyncio.timeout(wake_in):
+                        await woken.wait()
 
     def _abandoned_before(self) -> float:
         return time.time() - self.limits.live_run_timeout_seconds
@@ -662,7 +712,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         run_id = check_reference("agent_run_id", request.agent_run_id, required=True)
         view = check_enum("view", request.view, _VIEWS)
         run = await self._storage.get_run(run_id)
-        await self._check_collection(run.collection_id, "agent_run_id")
+        await self._access.check("agent_run_id", collection_id=run.collection_id)
         return pb.GetAgentRunResponse(
             agent_run=_stored_run_to_proto(run, view, self._abandoned_before())
         )
@@ -673,7 +723,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         collection_id = check_reference("collection_id", request.collection_id, required=True)
         view = check_enum("view", request.view, _VIEWS)
         await self._storage.get_collection(id=collection_id)
-        await self._check_collection(collection_id)
+        await self._access.check("collection_id", collection_id=collection_id)
         state = check_enum("state", request.state, _STATE_VALUES)
         after = page_after(request.page_token)
         size = page_size(request.page_size)
@@ -697,5 +747,5 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
     ) -> pb.CountAgentRunsResponse:
         collection_id = check_reference("collection_id", request.collection_id, required=True)
         await self._storage.get_collection(id=collection_id)
-        await self._check_collection(collection_id)
+        await self._access.check("collection_id", collection_id=collection_id)
         return pb.CountAgentRunsResponse(count=await self._storage.count_runs(collection_id))

@@ -55,6 +55,9 @@ POLL_INTERVAL_SECONDS = 0.25
 SWEEP_INTERVAL_SECONDS = 1.0
 RESUME_GRACE_SECONDS = 15.0
 """How long a lease detached from its stream waits for its worker to resume it."""
+MAX_UNSENT = 2
+"""Lease batches that may wait for a stream's writer: one more, and the stream is backed up (it
+reads nothing), so it is leased nothing until it reads again."""
 RECONNECT_WAIT_SECONDS = 2.0
 """How long a shutting-down server waits for asked workers to close their streams themselves."""
 CLOSE_STREAMS_TIMEOUT_SECONDS = 3.0
@@ -67,6 +70,10 @@ class Session:
     """One open Work stream."""
 
     id: str
+    key: str
+    """The API key it was opened with ("" when the server checks none)."""
+    window: int
+    """Fairness: it holds at most this many leases beyond those it has settled (`settled`)."""
     worker: str
     workflow: WorkflowDef
     stage_quota: dict[str, int]
@@ -94,13 +101,24 @@ class Session:
     empty_sent: bool = False
     claiming: bool = False
     """A claim for this session is in storage: no second one may count the same credits."""
+    settled: int = 0
+    """Leases it held and settled itself (not revoked): each widens its window by one."""
+    unsent: int = 0
+    """Lease batches queued for it and not yet taken by its stream's writer: while MAX_UNSENT
+    wait, the stream is not reading, and it is leased nothing more (they would pile up here)."""
+    key_held: dict[str, int] = field(default_factory=dict)
+    """Leases held per API key, over every session of the dispatcher (shared)."""
+    starved: bool = False
+    """Its last claim found fewer ready tasks than it could take: tasks are scarce for it."""
 
     @property
     def free_credits(self) -> int:
-        """Credits not held by a lease (none while the stream holds `max_leased_bytes`)."""
+        """Credits not held by a lease, within its window (none while the stream holds
+        `max_leased_bytes`)."""
         if self.held_bytes >= self.max_leased_bytes:
             return 0
-        return max(0, self.credits - len(self.in_flight))
+        allowed = min(self.credits, self.window + self.settled)
+        return max(0, allowed - len(self.in_flight))
 
     @property
     def free_bytes(self) -> int:
@@ -109,17 +127,52 @@ class Session:
 
     def hold(self, lease_id: str, now: float, size: int = 0) -> None:
         """Count a lease pushed (or resumed) on this stream as held."""
+        if lease_id not in self.in_flight and self.key:
+            self.key_held[self.key] = self.key_held.get(self.key, 0) + 1
         self.in_flight[lease_id] = now
         if size:
             self.lease_bytes[lease_id] = size
             self.held_bytes += size
 
-    def drop(self, lease_id: str) -> float | None:
-        """Stop counting a lease (settled, revoked); when it was held, or None if it was not."""
+    def drop(self, lease_id: str, settled: bool = False) -> float | None:
+        """Stop counting a lease (`settled` by the worker, or revoked); when it was held, or None
+        if it was not."""
         held_at = self.in_flight.pop(lease_id, None)
         size = self.lease_bytes.pop(lease_id, 0)
         self.held_bytes -= size
+        if held_at is not None:
+            self.settled += settled
+            if self.key:
+                left = self.key_held[self.key] - 1
+                if left:
+                    self.key_held[self.key] = left
+                else:
+                    del self.key_held[self.key]
         return held_at
+
+    def competes_with(self, other: Session) -> bool:
+        """Whether both serve one stage of one workflow (the same tasks could go to either)."""
+        return self.workflow.name == other.workflow.name and not self.stage_quota.keys().isdisjoint(
+            other.stage_quota
+        )
+
+    @property
+    def backed_up(self) -> bool:
+        """Whether its stream is not reading what is sent (MAX_UNSENT batches wait)."""
+        return self.unsent >= MAX_UNSENT
+
+    @property
+    def hungry(self) -> bool:
+        """Whether it could take a lease now."""
+        return not (self.closed or self.draining or self.backed_up) and self.free_credits > 0
+
+
+def _covers(drained: Session, session: Session) -> bool:
+    """Whether `drained` serves every stage `session` does (so `session` would find nothing that
+    `drained` found no more of)."""
+    return drained.workflow.name == session.workflow.name and (
+        session.stage_quota.keys() <= drained.stage_quota.keys()
+    )
 
 
 def _split_seconds(epoch_seconds: float) -> tuple[int, int]:
@@ -174,6 +227,7 @@ class Dispatcher:
         poll_interval_seconds: float = POLL_INTERVAL_SECONDS,
         sweep_interval_seconds: float = SWEEP_INTERVAL_SECONDS,
         resume_grace_seconds: float = RESUME_GRACE_SECONDS,
+        max_leases_per_key: int = 20_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.server_id = uuid.uuid4().hex
@@ -181,10 +235,14 @@ class Dispatcher:
         self.resume_grace_seconds = resume_grace_seconds
         self._storage = storage
         self._metrics = metrics
+        self._owns_notifier = notifier is None
         self._notifier = notifier or LocalNotifier()
         self._poll_interval = poll_interval_seconds
         self._sweep_interval = sweep_interval_seconds
         self._clock = clock
+        self.max_leases_per_key = max_leases_per_key
+        self.key_held: dict[str, int] = {}
+        """Leases held per API key, over this process's sessions (`max_leases_per_key`)."""
         self._sessions: list[Session] = []
         self._by_id: dict[str, Session] = {}
         self._wakeup = asyncio.Event()
@@ -196,7 +254,9 @@ class Dispatcher:
     async def start(self) -> None:
         """Vouch for this server, start hearing notices, and start the dispatch loop."""
         await self._heartbeat()
-        await self._notifier.start(self.wake, self.on_revoked)
+        self._notifier.subscribe(on_ready=self.wake, on_revoked=self.on_revoked)
+        if self._owns_notifier:
+            await self._notifier.start()
         self._task = asyncio.create_task(self._run(), name="agentrun-dispatcher")
 
     async def close_streams(self) -> None:
@@ -227,14 +287,15 @@ class Dispatcher:
         return not self._sessions
 
     async def stop(self) -> None:
-        """Stop the loop and the notices, and forget this server (its detached leases wait
+        """Stop the loop (and the notices, if it made its own notifier), and forget this server (its detached leases wait
         for their workers as any others do)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self._notifier.close()
+        if self._owns_notifier:
+            await self._notifier.close()
         with contextlib.suppress(Exception):
             await self._storage.remove_server(self.server_id)
 
@@ -265,6 +326,7 @@ class Dispatcher:
         """
         if self._closing:
             raise Unavailable("the server is shutting down: connect to another", 0.5)
+        session.key_held = self.key_held
         acks: list[Ack] = []
         if resume:
             now = self._clock()
@@ -353,7 +415,7 @@ class Dispatcher:
         return len(dead)
 
     def _claim_request(self, session: Session, limit: int) -> ClaimRequest:
-        limit = min(limit, MAX_CLAIM_TASKS)
+        limit = min(limit, MAX_CLAIM_TASKS, self._key_room(session))
         return ClaimRequest(
             session.id,
             session.workflow.name,
@@ -368,12 +430,20 @@ class Dispatcher:
         self, session: Session, completions: list[Completion], now: float
     ) -> tuple[list[Ack], list[LeasedTask]]:
         """Complete a session's tasks and, in the same transaction, lease it as many new ones as
-        that frees credits (the dispatcher's pass would, one storage round later).
+        that frees credits (the dispatcher's pass would, one storage round later), unless a
+        stream holding fewer leases waits for the same stages: then the pass serves that one
+        first (fairness).
 
         The caller acks first, then pushes the leases with `push`.
         """
-        if session.claiming or session.closed or session.draining:
-            return await self._storage.complete(completions, now), []
+        if (
+            session.claiming
+            or session.closed
+            or session.draining
+            or session.backed_up
+            or self._hungrier_than(session, len(completions))
+        ):
+            return await self._storage.complete(completions, now, session.id), []
         freed = sum(1 for c in completions if c.lease_id in session.in_flight)
         session.claiming = True
         try:
@@ -388,10 +458,38 @@ class Dispatcher:
         if not tasks:
             return
         if session.closed:
-            await self._storage.release([Release(t.task_id, t.lease_id) for t in tasks], now)
+            await self._storage.release(
+                [Release(t.task_id, t.lease_id) for t in tasks], now, session.id
+            )
             self.wake()
             return
         self._deliver(session, tasks, now)
+
+    def sent(self, session: Session) -> None:
+        """A lease batch queued for a session was taken by its stream's writer: it reads again."""
+        session.unsent -= 1
+        if session.unsent == MAX_UNSENT - 1:
+            self.wake()
+
+    def _key_room(self, session: Session) -> int:
+        """Leases the session's API key may still take (`max_leases_per_key`)."""
+        if not session.key:
+            return MAX_CLAIM_TASKS
+        return max(0, self.max_leases_per_key - self.key_held.get(session.key, 0))
+
+    def _hungrier_than(self, session: Session, freed: int) -> bool:
+        """Whether another session that could take the same tasks waits for them (its last
+        claim found too few) while holding fewer leases than `session` will once `freed` settle.
+        With tasks to spare for all, nobody waits, and settles claim their next at once."""
+        held = len(session.in_flight) - freed
+        return any(
+            other is not session
+            and other.starved
+            and other.competes_with(session)
+            and other.hungry
+            and len(other.in_flight) < held
+            for other in self._sessions
+        )
 
     async def _heartbeat(self) -> None:
         await self._storage.heartbeat(
@@ -445,21 +543,33 @@ class Dispatcher:
         if not sessions:
             return
         start = next(self._turn) % len(sessions)
-        for session in sessions[start:] + sessions[:start]:
-            if session.closed or session.draining or session.claiming:
+        # Fairness: the sessions holding the fewest leases claim first (rotated among equals), so
+        # a newcomer gets the next ready tasks before a stream that holds many.
+        order = sorted(sessions[start:] + sessions[:start], key=lambda s: len(s.in_flight))
+        drained: list[Session] = []  # found fewer ready tasks than they could take
+        for session in order:
+            if session.closed or session.draining or session.claiming or session.backed_up:
                 continue
-            free = session.free_credits
+            free = min(session.free_credits, self._key_room(session))
             if free == 0:
                 continue
+            if any(_covers(other, session) for other in drained):
+                # A task made ready during this pass goes to the next one, whose order gives it
+                # to the stream holding fewest, not to this busier one.
+                continue
+            request = self._claim_request(session, free)
             session.claiming = True
             try:
-                tasks = await self._storage.claim(self._claim_request(session, free), now)
+                tasks = await self._storage.claim(request, now)
             finally:
                 session.claiming = False
             if session.closed:
                 # Closed while claiming: hand the tasks straight back, at no attempt cost.
                 await self.push(session, tasks, now)
                 continue
+            session.starved = len(tasks) < request.limit
+            if session.starved and min(session.stage_quota.values()) == UNLIMITED:
+                drained.append(session)
             if tasks:
                 self._deliver(session, tasks, now)
                 if len(tasks) < free:  # cut short by max_batch_bytes, maybe: another pass soon
@@ -491,4 +601,5 @@ class Dispatcher:
         for stage, count in per_stage.items():
             metrics.child(metrics.leased, workflow, stage).inc(count)
         session.empty_sent = False
+        session.unsent += 1
         session.outbox.put_nowait(lease_batch(tasks))

@@ -38,8 +38,8 @@ from agentrun_server._checks import (
     parse_id,
     storable_text,
 )
-from agentrun_server._errors import InvalidArgument, NotFound, Unauthenticated
-from agentrun_server.auth import audit, caller
+from agentrun_server._errors import InvalidArgument, NotFound
+from agentrun_server.auth import Access, audit, caller
 from agentrun_server.orchestrator._convert import (
     TASK_STATES_FROM_PROTO,
     task_to_proto,
@@ -49,9 +49,11 @@ from agentrun_server.orchestrator._convert import (
 from agentrun_server.orchestrator._dispatcher import UNLIMITED, Dispatcher, Session
 from agentrun_server.orchestrator._metrics import OrchestratorMetrics
 from agentrun_server.serving import (
+    IdleTimeout,
     StreamSlots,
     page_after,
     page_size,
+    receive,
     seconds_of,
     to_duration,
     to_timestamp,
@@ -98,9 +100,25 @@ class WorkLimits:
     max_leased_bytes: int = 256 * 1024 * 1024
     """Encoded bytes of leases (runs and inputs) one stream may hold unsettled; above it the
     stream gets no more leases until it settles some."""
+    max_streams: int = 2048
+    """Work streams open at once in all; one more is answered RESOURCE_EXHAUSTED with RetryInfo."""
     max_streams_per_peer: int = 256
     """Work streams open at once from one client host (its IP address); one more is answered
     RESOURCE_EXHAUSTED with RetryInfo."""
+    max_streams_per_key: int = 1024
+    """Work streams open at once under one API key (hosts behind one NAT share an address)."""
+    first_message_seconds: float = 10.0
+    """A stream whose `subscribe` does not arrive within this is ended DEADLINE_EXCEEDED."""
+    idle_seconds: float = 60.0
+    """A subscribed stream whose worker sends nothing for this long is ended DEADLINE_EXCEEDED
+    (its leases kept for a resume); `Subscribed.idle_timeout` tells the worker, which sends a
+    heartbeat when it has nothing else to say."""
+    lease_window: int = 1000
+    """Fairness: a stream holds at most this many leases beyond those it has settled on it (up to
+    its credits), so a stream that takes leases and never settles them holds this many at most,
+    while a working one grows to its credits at once."""
+    max_leases_per_key: int = 20_000
+    """Leases held at once by all the streams of one API key."""
 
 
 def _clip(error: str) -> str:
@@ -172,14 +190,20 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         metrics: OrchestratorMetrics,
         max_message_bytes: int = 64 * 1024 * 1024,
         limits: WorkLimits | None = None,
+        access: Access | None = None,
     ) -> None:
         self._storage = storage
+        self._access = access or Access(storage)
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._max_batch_bytes = max_message_bytes // 2  # room for the leases' other fields
         self.limits = limits or WorkLimits()
+        limits = self.limits
         self._slots = StreamSlots(
-            "Work streams", None, ("max_streams_per_peer", self.limits.max_streams_per_peer)
+            "Work streams",
+            ("max_streams", limits.max_streams),
+            ("max_streams_per_peer", limits.max_streams_per_peer),
+            per_key=("max_streams_per_key", limits.max_streams_per_key),
         )
 
     # --- workflows ------------------------------------------------------------------------------
@@ -218,7 +242,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         for i, run_id in enumerate(run_ids):
             check_reference(f"agent_run_ids[{i}]", run_id, required=True)
         workflow = check_reference("workflow", request.workflow, required=True)
-        caller().check_workflow(workflow)
+        # The runs' collections too: the workflow's workers receive the runs in their leases.
+        await self._access.check("agent_run_ids", workflow=workflow, run_ids=run_ids)
         enqueued, skipped = await self._storage.enqueue(
             workflow,
             check_reference("stage", request.stage),
@@ -243,14 +268,19 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     async def Work(
         self, request_iterator: AsyncIterator[pb.WorkRequest], context: Context
     ) -> AsyncIterator[pb.WorkResponse]:
-        with self._slots.slot(context.peer()):
+        with self._slots.slot(context.peer(), caller().name):
             async for response in self._work(request_iterator):
                 yield response
 
     async def _work(
         self, request_iterator: AsyncIterator[pb.WorkRequest]
     ) -> AsyncIterator[pb.WorkResponse]:
-        first = await anext(aiter(request_iterator), None)
+        requests = aiter(request_iterator)
+        first = await receive(
+            requests,
+            min(self.limits.first_message_seconds, self.limits.idle_seconds),
+            "first_message_seconds: a Work stream subscribes at once",
+        )
         if first is None:
             return
         if first.WhichOneof("kind") != "subscribe":
@@ -265,25 +295,21 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         resumed = await self._dispatcher.add(session, resume)
         handback = False  # the worker closed its side: its leases end now; else they wait
         reader: asyncio.Task[None] | None = None
-        revoked = contextlib.ExitStack()
         try:
-            revoked.enter_context(
-                caller().watch(
-                    lambda: session.outbox.put_nowait(
-                        Unauthenticated("the API key was revoked while the Work stream was open")
-                    )
-                )
-            )
             subscribed = pb.WorkResponse(
                 subscribed=pb.Subscribed(
-                    session_id=session.id, workflow=workflow_to_proto(session.workflow)
+                    session_id=session.id,
+                    workflow=workflow_to_proto(session.workflow),
+                    idle_timeout=to_duration(self.limits.idle_seconds),
                 )
             )
             subscribed.subscribed.resumed.extend(self._ack_batch(resumed).acks.acks)
             yield subscribed
-            reader = asyncio.create_task(self._read(session, request_iterator))
+            reader = asyncio.create_task(self._read(session, requests))
             while True:
                 item = await session.outbox.get()
+                if isinstance(item, pb.WorkResponse) and item.WhichOneof("kind") == "leases":
+                    self._dispatcher.sent(session)
                 if item is None:
                     if session.reconnecting:  # closed as asked: it resumes elsewhere
                         return
@@ -297,7 +323,6 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                     raise item
                 yield item
         finally:
-            revoked.close()
             if reader is not None:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -336,6 +361,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             quota[stage.stage] = stage.max_tasks or UNLIMITED
         return Session(
             id=uuid.uuid4().hex,
+            key=caller().name,
+            window=limits.lease_window,
             worker=worker,
             workflow=workflow,
             stage_quota=quota,
@@ -349,9 +376,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         )
 
     async def _read(self, session: Session, requests: AsyncIterator[pb.WorkRequest]) -> None:
+        why = "idle_timeout: a worker with nothing to settle sends a heartbeat"
         try:
-            async for request in requests:
-                await self._handle(session, request)
+            with IdleTimeout(self.limits.idle_seconds, why) as idle:
+                async for request in requests:
+                    idle.touch()
+                    await self._handle(session, request)
             session.outbox.put_nowait(None)
         except asyncio.CancelledError:
             raise
@@ -382,7 +412,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         elif kind == "fail_tasks":
             failures, refused = self._failures(request.fail_tasks)
             acks = await _with_refusals(
-                failures, refused, lambda kept: self._storage.fail(kept, now)
+                failures, refused, lambda kept: self._storage.fail(kept, now, session.id)
             )
             metrics, workflow = self._metrics, session.workflow.name
             for ack in acks:
@@ -393,12 +423,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         elif kind == "extend_leases":
             extensions, refused = self._extensions(session, request.extend_leases)
             acks = await _with_refusals(
-                extensions, refused, lambda kept: self._storage.extend(kept, now)
+                extensions, refused, lambda kept: self._storage.extend(kept, now, session.id)
             )
         elif kind == "release_tasks":
             releases, refused = self._releases(request.release_tasks)
             acks = await _with_refusals(
-                releases, refused, lambda kept: self._storage.release(kept, now)
+                releases, refused, lambda kept: self._storage.release(kept, now, session.id)
             )
         elif kind == "grant_credits":
             # Cut to the stream's limit: a worker cannot take the backlog by granting.
@@ -409,6 +439,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             return
         elif kind == "drain":
             session.draining = True
+            return
+        elif kind == "heartbeat":
             return
         elif kind == "subscribe":
             raise InvalidArgument("WorkRequest.subscribe: only allowed as the first message")
@@ -525,7 +557,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             # A rejected pathway leaves the task leased: the worker can settle it again.
             still_held |= ack.code == AckCode.INVALID_ARGUMENT
             if not still_held:
-                session.drop(ack.lease_id)
+                session.drop(ack.lease_id, settled=ack.code == AckCode.OK)
 
     @staticmethod
     def _ack_batch(acks: list[Ack]) -> pb.WorkResponse:

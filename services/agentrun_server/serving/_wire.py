@@ -30,6 +30,11 @@ def to_duration(seconds: float) -> Duration:
     return d
 
 
+def epoch_seconds(timestamp: Timestamp) -> float:
+    """A Timestamp as epoch seconds."""
+    return timestamp.seconds + timestamp.nanos / 1e9
+
+
 def seconds_of(duration: Duration) -> float:
     """The length of a Duration in seconds (checked first with `_checks.check_seconds`)."""
     return duration.seconds + duration.nanos / 1e9
