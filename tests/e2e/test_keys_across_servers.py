@@ -5,6 +5,7 @@ refused by another within a second, its open Work stream ended."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -126,3 +127,28 @@ async def test_a_key_revoked_through_one_server_stops_on_another_within_a_second
     today = time.strftime("%Y-%m-%d", time.gmtime())
     assert rows["grader"].count(today) == 3  # created, last used, revoked
     assert rows["root"].count(today) == 2  # created, last used; never revoked
+
+
+def test_keys_made_on_the_database_are_audited_and_may_expire(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'agentrun.db'}"
+    made = agentrun("keys", "create", "ci", "--scope", "ingest", "--expires", "90d", "--db", url)
+    created_token(made)
+    line = next(line for line in made.stderr.splitlines() if '"audit"' in line)
+    audit = json.loads(line[line.index("{") :])
+    assert (audit["audit"], audit["name"], audit["via"], audit["key"]) == (
+        "keys.create",
+        "ci",
+        "database",
+        "-",
+    )
+    assert 89 * 86400 < audit["expires_at"] - time.time() <= 90 * 86400
+    listed = agentrun("keys", "list", "--db", url)
+    assert listed.returncode == 0, listed.stderr
+    header, row = listed.stdout.splitlines()
+    assert "EXPIRES" in header and row.split()[0] == "ci"
+    revoked = agentrun("keys", "revoke", "ci", "--db", url)
+    assert '"audit": "keys.revoke"' in revoked.stderr
+    past = agentrun(
+        "keys", "create", "late", "--scope", "read", "--expires", "2001-01-01", "--db", url
+    )
+    assert past.returncode == 2 and "not in the future" in past.stderr

@@ -224,3 +224,39 @@ def test_an_agent_killed_mid_run_is_resumed_from_its_spool_with_nothing_lost(
             assert backlog.ready_count == 1  # entered the workflow once, at its finish
     finally:
         server.terminate()
+
+
+def test_two_writers_appending_to_one_run_lose_nothing_silently(tmp_path: Path) -> None:
+    """The attack of issue 23: two writers resume one live run and each appends 20 messages; the
+    server held one writer's 20 and acknowledged the other's as duplicates, both summaries
+    `ok`. Now the other's events are refused as conflicts (ABORTED), said on its `LiveRun` and in
+    its summary, never counted as duplicates."""
+    with ServerProcess(tmp_path / "agentrun.db") as server, Client(server.url) as client:
+        collection = client.create_collection("live").collection
+        opener = AgentRunWriter(collection.id, server_url=server.url)
+        opener.live_run("shared", name="shared").append("main", [UserMessage(content="start")])
+        assert opener.finish().ok  # the run stays open
+        first = AgentRunWriter(collection.id, server_url=server.url)
+        second = AgentRunWriter(collection.id, server_url=server.url)
+        # Both resume where the run stands: at the same sequence number.
+        mine, theirs = first.live_run("shared"), second.live_run("shared")
+        for step in range(20):
+            mine.append("main", [AssistantMessage(content=f"first {step}")])
+        assert first.finish().ok
+        for step in range(20):
+            try:
+                theirs.append("main", [AssistantMessage(content=f"second {step}")])
+            except LiveRunError as refused:
+                assert "conflicts with another writer" in str(refused)
+                break
+            second._events.flush(10)  # type: ignore[union-attr]
+        else:
+            pytest.fail("the second writer was never told of the conflict")
+        assert theirs.conflict is not None and theirs.conflict.code == "ABORTED"
+        summary = second.finish()
+        assert not summary.ok
+        assert summary.events_duplicate == 0
+        assert summary.events_refused[0].code == "ABORTED"
+        assert "holds a different event" in summary.events_refused[0].message
+        _, texts, _ = _texts(client, "shared")
+        assert texts == ["start", *(f"first {step}" for step in range(20))]

@@ -95,3 +95,16 @@ def test_half_a_client_certificate_is_refused(tmp_path: object) -> None:
         Connection("127.0.0.1:1", tls=True, tls_cert_file="cert.pem").credentials()
     with pytest.raises(ConnectionConfigError, match=r"tls_ca_file /nonexistent/ca\.pem"):
         Connection("127.0.0.1:1", tls_ca_file="/nonexistent/ca.pem").credentials()
+
+
+def test_the_repr_of_a_connection_redacts_its_key_and_secret_metadata() -> None:
+    connection = Connection(
+        "grpcs://agentrun.internal:50051",
+        api_key="ark_secret-token",
+        metadata=(("x-api-key", "another-secret"), ("x-team", "evals")),
+    )
+    shown = repr(connection)
+    assert "ark_secret-token" not in shown and "another-secret" not in shown
+    assert "api_key='<redacted>'" in shown and "('x-team', 'evals')" in shown
+    assert "agentrun.internal" in shown
+    assert "api_key=None" in repr(Connection("127.0.0.1:50051"))

@@ -130,6 +130,14 @@ def _parser() -> argparse.ArgumentParser:
         default=int(_env_default("AGENTRUN_METRICS_PORT", "9464")),
         help="Prometheus /metrics port, 0 for any, -1 for none [env AGENTRUN_METRICS_PORT; default 9464]",
     )
+    serve.add_argument(
+        "--health-port",
+        type=int,
+        default=int(_env_default("AGENTRUN_HEALTH_PORT", "-1")),
+        help="a second gRPC port serving only health checks, in plaintext: for load balancers "
+        "without a client certificate under mTLS; -1 for none [env AGENTRUN_HEALTH_PORT; "
+        "default -1]",
+    )
     limits = serve.add_argument_group("ingestion limits")
     limits.add_argument(
         "--max-message-bytes",
@@ -350,6 +358,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        health_port=args.health_port,
         metrics_web_config=args.metrics_web_config,
         auth=args.auth,
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca),

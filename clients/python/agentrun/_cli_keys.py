@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -57,6 +58,13 @@ def add_keys_commands(commands: Any, add_server: Callable[[argparse.ArgumentPars
         help="limit to workflow (and the collections bound to it)",
     )
     create.add_argument(
+        "--expires",
+        type=expiry,
+        metavar="WHEN",
+        help="refuse the key from then on: a duration from now (90d, 12h, 30m) or a UTC date "
+        "or time (2027-01-31, 2027-01-31T18:00)",
+    )
+    create.add_argument(
         "--certificate-subject",
         default="",
         metavar="SUBJECT",
@@ -72,6 +80,35 @@ def add_keys_commands(commands: Any, add_server: Callable[[argparse.ArgumentPars
             help="work on this database directly instead of through a server",
         )
         add_server(command)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def expiry(text: str) -> float:
+    """`--expires`: a duration from now ("90d", "12h", "30m", "45s", "2w") or a UTC date or time
+    ("2027-01-31", "2027-01-31T18:00", with an offset if not UTC), as epoch seconds.
+
+    Raises:
+        argparse.ArgumentTypeError: neither, or not in the future.
+    """
+    text = text.strip()
+    unit = _UNITS.get(text[-1:].lower())
+    if unit is not None and text[:-1].replace(".", "", 1).isdigit():
+        when = time.time() + float(text[:-1]) * unit
+    else:
+        try:
+            parsed = datetime.datetime.fromisoformat(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: give a duration (90d, 12h, 30m) or a date (2027-01-31)"
+            ) from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=datetime.UTC)
+        when = parsed.timestamp()
+    if when <= time.time():
+        raise argparse.ArgumentTypeError(f"{text!r}: not in the future")
+    return when
 
 
 def _time(ts: timestamp_pb2.Timestamp | None) -> str:
@@ -90,20 +127,40 @@ def _limits(key: pb.ApiKey) -> str:
 
 
 async def _on_database(args: argparse.Namespace) -> Any:
-    from agentrun_server.auth import key_to_proto, new_key
+    from agentrun_server.auth import audit, audit_log, key_to_proto, new_key
     from agentrun_server.storage import open_storage
 
+    # Changed on the database, not through a server: this process writes the audit line
+    # (to stderr), as a server does for the changes made through it.
+    audit_log.setLevel(logging.INFO)
     storage = await open_storage(args.db)
     try:
         if args.keys_command == "create":
             record, token = new_key(
-                args.name, args.scope, args.collection, args.workflow, args.certificate_subject
+                args.name,
+                args.scope,
+                args.collection,
+                args.workflow,
+                args.certificate_subject,
+                expires_at=args.expires,
             )
             stored = await storage.create_key(record)
+            audit(
+                "keys.create",
+                via="database",
+                name=stored.name,
+                scopes=list(stored.scopes),
+                collections=list(stored.collections),
+                workflows=list(stored.workflows),
+                certificate_subject=stored.subject,
+                expires_at=stored.expires_at,
+            )
             return pb.CreateApiKeyResponse(key=key_to_proto(stored), token=token)
         if args.keys_command == "list":
             return [key_to_proto(k) for k in await storage.list_keys()]
-        return key_to_proto(await storage.revoke_key(args.name, time.time()))
+        revoked = await storage.revoke_key(args.name, time.time())
+        audit("keys.revoke", via="database", name=revoked.name)
+        return key_to_proto(revoked)
     finally:
         await storage.close()
 
@@ -126,6 +183,7 @@ def run_keys_command(args: argparse.Namespace) -> int:
                     collections=args.collection,
                     workflows=args.workflow,
                     certificate_subject=args.certificate_subject,
+                    expires_at=args.expires,
                 )
             elif args.keys_command == "list":
                 result = client.list_api_keys()
@@ -141,7 +199,7 @@ def run_keys_command(args: argparse.Namespace) -> int:
         if result.token:
             print(result.token)
     elif args.keys_command == "list":
-        rows = [("NAME", "SCOPES", "LIMITS", "CREATED", "LAST USED", "REVOKED")]
+        rows = [("NAME", "SCOPES", "LIMITS", "CREATED", "LAST USED", "EXPIRES", "REVOKED")]
         rows += [
             (
                 k.name,
@@ -149,6 +207,7 @@ def run_keys_command(args: argparse.Namespace) -> int:
                 _limits(k),
                 _time(k.create_time),
                 _time(k.last_use_time if k.HasField("last_use_time") else None),
+                _time(k.expire_time if k.HasField("expire_time") else None),
                 _time(k.revoke_time if k.HasField("revoke_time") else None),
             )
             for k in result

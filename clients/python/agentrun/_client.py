@@ -334,9 +334,11 @@ class Client:
         collections: Iterable[str] = (),
         workflows: Iterable[str] = (),
         certificate_subject: str = "",
+        expires_at: float | None = None,
     ) -> key_pb.CreateApiKeyResponse:
         """Create an API key (needs an unlimited `admin` key); the response's `token` is shown
-        this once. With `certificate_subject`, an entry admitting that client certificate."""
+        this once. With `certificate_subject`, an entry admitting that client certificate; with
+        `expires_at` (epoch seconds), a key every server refuses from then on."""
         key = key_pb.ApiKey(
             name=name,
             scopes=list(scopes),
@@ -344,6 +346,8 @@ class Client:
             workflows=list(workflows),
             certificate_subject=certificate_subject,
         )
+        if expires_at is not None:
+            key.expire_time.FromNanoseconds(int(expires_at * 1e9))
         return self._call(self.keys.CreateApiKey, key_pb.CreateApiKeyRequest(key=key))
 
     def list_api_keys(self) -> list[key_pb.ApiKey]:

@@ -97,6 +97,14 @@ def _read(path: str, what: str) -> bytes:
         raise ConnectionConfigError(f"{what} {path}: {exc.strerror or exc}") from None
 
 
+_REDACTED = "<redacted>"
+
+
+def _secret(name: str) -> bool:
+    name = name.lower()
+    return name == "authorization" or any(w in name for w in ("key", "token", "secret", "pass"))
+
+
 @dataclass(frozen=True)
 class Connection:
     """How to reach an agentrun server: address, TLS, credentials. Fields left None come from
@@ -132,6 +140,19 @@ class Connection:
     """Ping an idle connection this often (the server allows no less than 10 s)."""
     allow_plaintext_key: bool = False
     """Send an API key without TLS to another machine."""
+
+    def __repr__(self) -> str:
+        """The fields, with the API key and secret-looking metadata values redacted (a repr ends
+        up in logs and tracebacks)."""
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "api_key" and value:
+                value = _REDACTED
+            elif f.name == "metadata":
+                value = tuple((k, _REDACTED if _secret(k) else v) for k, v in value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Connection({', '.join(shown)})"
 
     def with_overrides(self, **fields: Any) -> Connection:
         """This connection with the fields given not None replaced."""

@@ -23,9 +23,9 @@ import grpc
 
 from agentrun import _metrics
 from agentrun._convert import message_to_proto, value_to_proto
-from agentrun._errors import AgentRunError, RpcError
+from agentrun._errors import AgentRunError
 from agentrun._event_spool import EventJournal
-from agentrun._retry import Backoff
+from agentrun._retry import Backoff, Failure, Verdict
 from agentrun._varint import encode_varint
 from agentrun.chat import ChatMessage, parse_chat_message
 from agentrun.v1 import agent_run_pb2 as run_pb
@@ -40,11 +40,17 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 """The largest event: the server's default max_run_bytes (its messages take 17 MiB)."""
 MAX_MESSAGES_IN_FLIGHT = 8
+IDLE_CLOSE_SECONDS = 10.0
+"""A stream with nothing to send or to hear back for this long is closed, and opened again for the
+next event: the server ends streams idle for its `stream_idle_seconds` (30 s by default), and an
+idle stream would hold one of its per-host slots for nothing."""
+ABORTED = grpc.StatusCode.ABORTED.value[0]
 
 
 class LiveRunError(AgentRunError):
-    """An event of a live run was refused by the server (the run is left as it was before it), or
-    the run cannot be opened (finished already)."""
+    """An event of a live run was refused by the server (the run is left as it was before it), the
+    run cannot be opened (finished already), another writer's events hold its sequence numbers
+    (a conflict), or the server refuses this writer's events for good (its key, say)."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,14 @@ class EventSender:
         self.stored = 0
         self.duplicates = 0
         self.refused: list[RefusedEvent] = []
+        self.conflicts: dict[str, RefusedEvent] = {}
+        """Runs whose events conflicted with another writer's (refused ABORTED), by run id: the
+        first such event. Their `LiveRun` raises on the next append."""
+        self.last_error: str | None = None
+        """Why the stream last broke (code and the server's message), for the summary."""
+        self.fatal: str | None = None
+        """Set when the server refuses the stream for good (an unknown, revoked or expired key;
+        no permission): nothing more is sent, and new events are refused."""
         self._thread = threading.Thread(target=self._run, name="agentrun-live-runs", daemon=True)
         self._thread.start()
 
@@ -162,8 +176,10 @@ class EventSender:
             SpoolError: the spool refused the write; the event was not queued.
         """
         with self._cond:
-            while self._pending >= self._max_pending and not self._stopping:
+            while self._pending >= self._max_pending and not self._stopping and not self.fatal:
                 self._cond.wait()
+            if self.fatal:
+                raise LiveRunError(f"live run events are refused by the server: {self.fatal}")
             if self._journal is not None:
                 self._journal.append(event.data)
             self._queued.append(event)
@@ -175,12 +191,12 @@ class EventSender:
         """Wait until every event made so far is acknowledged; whether it was, in time."""
         deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
         with self._cond:
-            while self._pending:
+            while self._pending and not self.fatal:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
                 self._cond.wait(left)
-        return True
+        return not self._pending
 
     def stop(self, timeout_seconds: float) -> int:
         """Flush within the timeout, then stop; return the events left unacknowledged."""
@@ -193,6 +209,7 @@ class EventSender:
         return left
 
     def _requests(self, generation: int) -> Iterator[bytes]:
+        idle_since = time.monotonic()
         while True:
             with self._cond:
                 while (
@@ -200,6 +217,10 @@ class EventSender:
                     and not self._stopping
                     and generation == self._generation
                 ):
+                    if self._queued or self._in_flight:
+                        idle_since = time.monotonic()
+                    elif time.monotonic() - idle_since >= IDLE_CLOSE_SECONDS:
+                        return  # closes our side: opened again for the next event
                     self._cond.wait(0.5)
                 if self._stopping or generation != self._generation:
                     return
@@ -232,7 +253,11 @@ class EventSender:
                 _metrics.WRITER_LIVE_EVENTS.labels("duplicate").inc()
             else:
                 code = _code_name(ack.code)
-                self.refused.append(RefusedEvent(ack.agent_run_id, ack.sequence, code, ack.message))
+                refused = RefusedEvent(ack.agent_run_id, ack.sequence, code, ack.message)
+                self.refused.append(refused)
+                if ack.code == ABORTED:
+                    with self._cond:
+                        self.conflicts.setdefault(ack.agent_run_id, refused)
                 _metrics.WRITER_LIVE_EVENTS.labels("refused").inc()
                 _log.warning(
                     "live run %s: event %d refused: %s: %s",
@@ -246,6 +271,9 @@ class EventSender:
         attempt = 0
         while True:
             with self._cond:
+                # A stream is opened only when there is something to send.
+                while not self._queued and not self._stopping:
+                    self._cond.wait()
                 if self._stopping:
                     return
                 generation = self._generation
@@ -257,13 +285,23 @@ class EventSender:
                     self._acked(response)
                     attempt = 0
             except grpc.RpcError as exc:
-                error = RpcError.from_grpc(exc)
+                failure = Failure.of(exc)
                 attempt += 1
-                delay = self._backoff.delay(attempt)
-                _log.info("live runs: stream broke (%s); resending in %.2f s", error, delay)
+                delay = self._backoff.delay(attempt, failure.retry_after_seconds)
                 with self._cond:
+                    self.last_error = str(failure)
+                    if failure.verdict is Verdict.GIVE_UP:
+                        # Retrying would be answered the same (an unknown, revoked or expired
+                        # key; no permission): the events stay unacknowledged (spooled, if any).
+                        self.fatal = str(failure)
+                        _log.error(
+                            "live runs: the server refuses this writer's events: %s", failure
+                        )
+                        self._cond.notify_all()
+                        return
                     if self._stopping:
                         return
+                    _log.info("live runs: stream broke (%s); resending in %.2f s", failure, delay)
                     # Unacknowledged events go again, first and in order: the server answers
                     # those it stored already as duplicates.
                     while self._in_flight:
@@ -308,6 +346,12 @@ class LiveRun:
         with self._lock:
             if self.finished:
                 raise LiveRunError(f"live run {self.agent_run_id!r} is finished")
+            conflict = self._sender.conflicts.get(self.agent_run_id)
+            if conflict is not None:
+                raise LiveRunError(
+                    f"live run {self.agent_run_id!r}: event {conflict.sequence} conflicts with "
+                    f"another writer's: {conflict.message}"
+                )
             sequence = self._next
             data = pb.AgentRunEvent(
                 agent_run_id=self.agent_run_id,
@@ -374,6 +418,13 @@ class LiveRun:
         if metadata:
             _metadata(metadata, patch.metadata)
         self._send(patch)
+
+    @property
+    def conflict(self) -> RefusedEvent | None:
+        """The first of this run's events refused because another writer's event holds its
+        sequence number (ABORTED), if any: the run's events after it may interleave with the
+        other writer's, and `append` raises from then on."""
+        return self._sender.conflicts.get(self.agent_run_id)
 
     def __enter__(self) -> LiveRun:
         return self

@@ -11,6 +11,8 @@ reconnects. The `Runner` is built on it; a worker in another language follows wh
   a write is in flight goes out in the next message, one message per kind. Each message gets one
   `AckBatch`, in order.
 - **Extensions**: a lease still held when half of it has passed is extended by its duration.
+- **Heartbeats**: a stream with nothing written for a third of the server's idle timeout
+  (`Subscribed.idle_timeout`) writes a `heartbeat`, so an idle worker keeps its stream.
 - **Revocations**: a lease the server takes back (cancelled, expired) is dropped, and
   `on_revoked(lease, reason)` called: its task must stop, and is never settled.
 - **Drain**: `drain()` is written before any release queued after it, so the server stops pushing
@@ -161,6 +163,8 @@ class WorkStream:
         self._streamed = False  # the current stream got as far as `subscribed`
         self._out_of_reach = False  # a reconnect was reported and has not succeeded yet
         self._reconnect_asked = False  # the server asked this stream's worker to reconnect
+        self._last_write = 0.0  # monotonic time of the last message written
+        self._heartbeat_due = False
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -377,8 +381,15 @@ class WorkStream:
             self._call = call
             self._streamed = True
             self._started.set()
+            self._last_write = time.monotonic()
             writer = asyncio.create_task(self._write_loop(call))
             extender = asyncio.create_task(self._extend_loop())
+            idle = first.subscribed.idle_timeout
+            heartbeat = asyncio.create_task(
+                self._heartbeat_loop((idle.seconds + idle.nanos / 1e9) / 3)
+                if first.subscribed.HasField("idle_timeout")
+                else asyncio.sleep(0)
+            )
             try:
                 while True:
                     response: pb.WorkResponse = await call.read()
@@ -389,7 +400,8 @@ class WorkStream:
                 self._call = None
                 writer.cancel()
                 extender.cancel()
-                await asyncio.gather(writer, extender, return_exceptions=True)
+                heartbeat.cancel()
+                await asyncio.gather(writer, extender, heartbeat, return_exceptions=True)
                 self._changed.set()
 
     def _subscribe(self, resumed: list[pb.Lease]) -> pb.Subscribe:
@@ -521,7 +533,7 @@ class WorkStream:
             # with it are ready again, or it would push them straight back here.
             if self._drain_pending:
                 self._drain_pending = False
-                await call.write(pb.WorkRequest(drain=pb.Drain()))
+                await self._write(call, pb.WorkRequest(drain=pb.Drain()))
             for kind in (*_SETTLES, "extend_leases"):
                 items, self._pending[kind] = self._pending[kind], []
                 if not items:
@@ -536,11 +548,29 @@ class WorkStream:
                     "extend_leases": "extensions",
                 }[kind]
                 getattr(getattr(request, kind), field).extend(items)
-                await call.write(request)
+                await self._write(call, request)
+            if self._heartbeat_due:  # nothing else was written for a while
+                await self._write(call, pb.WorkRequest(heartbeat=pb.Heartbeat()))
             self._changed.set()
             if self._closing:  # all written: the server acks it, hands back the rest, ends
                 await call.done_writing()
                 return
+
+    async def _write(self, call: Any, request: pb.WorkRequest) -> None:
+        await call.write(request)
+        self._last_write = time.monotonic()
+        self._heartbeat_due = False
+
+    async def _heartbeat_loop(self, interval_seconds: float) -> None:
+        """Ask the writer for a heartbeat when nothing was written for `interval_seconds`."""
+        interval_seconds = max(0.05, interval_seconds)
+        while True:
+            quiet = time.monotonic() - self._last_write
+            if quiet >= interval_seconds:
+                self._heartbeat_due = True
+                self._wake_writer.set()
+                quiet = 0.0
+            await asyncio.sleep(interval_seconds - quiet)
 
     async def _extend_loop(self) -> None:
         """Extend the leases still held once half of each is used up."""

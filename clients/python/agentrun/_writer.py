@@ -486,6 +486,10 @@ class AgentRunWriter:
                 s.events_refused = list(events.refused)
                 s.events_undelivered = left
                 s.events_spooled = left if self._spool is not None else 0
+                if left and (events.fatal or events.last_error):
+                    s.errors.append(
+                        f"live run events undelivered: {events.fatal or events.last_error}"
+                    )
             if left:
                 _log.warning(
                     "agentrun writer: %d live run events not acknowledged at finish%s",
