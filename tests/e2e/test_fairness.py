@@ -14,7 +14,6 @@ import pytest
 
 from agentrun.v1 import ingestion_service_pb2 as ingest_pb
 from agentrun.v1 import orchestrator_service_pb2 as pb
-from agentrun.v1 import workflow_pb2
 from agentrun_server import Server, ServerConfig
 from agentrun_server.orchestrator import WorkLimits
 
@@ -116,19 +115,8 @@ async def test_one_key_holds_at_most_its_cap_over_all_its_streams(tmp_path: Any)
     await server.start()
     stubs = Stubs(server.port)
     try:
-        admin = await _admin(server)
-        meta = _auth(admin)
-        await stubs.orch.ApplyWorkflow(
-            pb.ApplyWorkflowRequest(
-                workflow=workflow_pb2.Workflow(name="wf", stages=[workflow_pb2.Stage(name="work")])
-            ),
-            metadata=meta,
-        )
-        collection = (
-            await stubs.ingest.CreateCollection(
-                ingest_pb.CreateCollectionRequest(name="c", workflow="wf"), metadata=meta
-            )
-        ).collection.id
+        meta = _auth(await _admin(server))
+        collection = await stubs.set_up(runs=0, metadata=meta)
         await _upload(stubs, collection, range(100), meta)
         hog = await _admin(server, "hog", scopes=["work"])
         streams = []

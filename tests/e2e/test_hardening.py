@@ -46,16 +46,20 @@ class Stubs:
         self.ingest = ingest_grpc.IngestionServiceStub(self.channel)
         self.orch = pb_grpc.OrchestratorServiceStub(self.channel)
 
-    async def set_up(self, runs: int = 3, stages: list[wf_pb.Stage] | None = None) -> str:
-        """The workflow "wf" (stage "work", or `stages`), a collection bound to it, `runs` runs."""
+    async def set_up(
+        self, runs: int = 3, stages: list[wf_pb.Stage] | None = None, metadata: Any = ()
+    ) -> str:
+        """The workflow "wf" (stage "work", or `stages`), a collection bound to it, `runs` runs;
+        `metadata` goes with each call (an admin key's, on a server with keys)."""
         await self.orch.ApplyWorkflow(
             pb.ApplyWorkflowRequest(
                 workflow=wf_pb.Workflow(name="wf", stages=stages or [wf_pb.Stage(name="work")])
-            )
+            ),
+            metadata=metadata,
         )
         collection = (
             await self.ingest.CreateCollection(
-                ingest_pb.CreateCollectionRequest(name="c", workflow="wf")
+                ingest_pb.CreateCollectionRequest(name="c", workflow="wf"), metadata=metadata
             )
         ).collection.id
         if runs:

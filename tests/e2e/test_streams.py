@@ -22,7 +22,6 @@ from agentrun.v1 import ingestion_service_pb2 as ingest_pb
 from agentrun.v1 import key_service_pb2 as key_pb
 from agentrun.v1 import key_service_pb2_grpc as key_grpc
 from agentrun.v1 import orchestrator_service_pb2 as pb
-from agentrun.v1 import workflow_pb2
 from agentrun_server import IngestionLimits, Server, ServerConfig
 from agentrun_server.auth import new_key
 from agentrun_server.orchestrator import WorkLimits
@@ -348,17 +347,7 @@ async def test_revoking_a_key_ends_every_stream_of_it_within_a_second(database: 
     stubs = Stubs(server.port)
     try:
         meta = _auth(admin)
-        await stubs.orch.ApplyWorkflow(
-            pb.ApplyWorkflowRequest(
-                workflow=workflow_pb2.Workflow(name="wf", stages=[workflow_pb2.Stage(name="work")])
-            ),
-            metadata=meta,
-        )
-        collection = (
-            await stubs.ingest.CreateCollection(
-                ingest_pb.CreateCollectionRequest(name="c", workflow="wf"), metadata=meta
-            )
-        ).collection.id
+        collection = await stubs.set_up(runs=0, metadata=meta)
         await _running_run(stubs, collection, "watched", meta)
         doomed = await _admin(server, "doomed", scopes=["ingest", "read", "work"])
         doomed_meta = _auth(doomed)

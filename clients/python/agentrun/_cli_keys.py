@@ -127,7 +127,7 @@ def _limits(key: pb.ApiKey) -> str:
 
 
 async def _on_database(args: argparse.Namespace) -> Any:
-    from agentrun_server.auth import audit, audit_log, key_to_proto, new_key
+    from agentrun_server.auth import audit, audit_created, audit_log, key_to_proto, new_key
     from agentrun_server.storage import open_storage
 
     # Changed on the database, not through a server: this process writes the audit line
@@ -145,16 +145,7 @@ async def _on_database(args: argparse.Namespace) -> Any:
                 expires_at=args.expires,
             )
             stored = await storage.create_key(record)
-            audit(
-                "keys.create",
-                via="database",
-                name=stored.name,
-                scopes=list(stored.scopes),
-                collections=list(stored.collections),
-                workflows=list(stored.workflows),
-                certificate_subject=stored.subject,
-                expires_at=stored.expires_at,
-            )
+            audit_created(stored, via="database")
             return pb.CreateApiKeyResponse(key=key_to_proto(stored), token=token)
         if args.keys_command == "list":
             return [key_to_proto(k) for k in await storage.list_keys()]

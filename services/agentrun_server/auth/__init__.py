@@ -19,7 +19,7 @@ from agentrun_server.auth._principal import (
     Principal,
     caller,
 )
-from agentrun_server.auth._servicer import KeyServicer, key_to_proto, new_key
+from agentrun_server.auth._servicer import KeyServicer, audit_created, key_to_proto, new_key
 from agentrun_server.auth._tls import ServerTls
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "Principal",
     "ServerTls",
     "audit",
+    "audit_created",
     "audit_log",
     "bearer_token",
     "caller",

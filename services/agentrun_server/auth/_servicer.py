@@ -68,6 +68,20 @@ def new_key(
     return record, token
 
 
+def audit_created(record: ApiKeyRecord, **how: Any) -> None:
+    """The audit line of a key created (through a server, or `how` says otherwise)."""
+    audit(
+        "keys.create",
+        **how,
+        name=record.name,
+        scopes=list(record.scopes),
+        collections=list(record.collections),
+        workflows=list(record.workflows),
+        certificate_subject=record.subject,
+        expires_at=record.expires_at,
+    )
+
+
 def key_to_proto(record: ApiKeyRecord) -> pb.ApiKey:
     key = pb.ApiKey(
         name=record.name,
@@ -113,15 +127,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
         )
         stored = await self._storage.create_key(record)
         await self._changed()
-        audit(
-            "keys.create",
-            name=stored.name,
-            scopes=list(stored.scopes),
-            collections=list(stored.collections),
-            workflows=list(stored.workflows),
-            certificate_subject=stored.subject,
-            expires_at=stored.expires_at,
-        )
+        audit_created(stored)
         return pb.CreateApiKeyResponse(key=key_to_proto(stored), token=token)
 
     async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: Any) -> Any:
