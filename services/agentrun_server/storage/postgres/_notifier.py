@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
+CHANNELS = ("agentrun_ready", "agentrun_revoked", "agentrun_events")
 RECONNECT_SECONDS = 1.0
+CLOSE_SECONDS = 1.0
 
 
 class ListenNotifier(LocalNotifier):
@@ -37,6 +40,8 @@ class ListenNotifier(LocalNotifier):
         self._url = url
         self._storage = storage
         self._task: asyncio.Task[None] | None = None
+        self._conn: psycopg.AsyncConnection[object] | None = None
+        self._closing = False
         self._last_revocation = 0
 
     async def start(self) -> None:
@@ -45,35 +50,63 @@ class ListenNotifier(LocalNotifier):
 
     async def _listen(self) -> None:
         first = True
-        while True:
+        while not self._closing:
             try:
-                async with await psycopg.AsyncConnection.connect(
+                self._conn = conn = await psycopg.AsyncConnection.connect(
                     self._url, autocommit=True
-                ) as conn:
-                    await conn.execute("LISTEN agentrun_ready")
-                    await conn.execute("LISTEN agentrun_revoked")
-                    await conn.execute("LISTEN agentrun_events")
-                    await self._poll()  # what happened while nobody listened
-                    if not first:
-                        self._events(None)
-                    first = False
-                    while True:
-                        async for notice in conn.notifies(timeout=POLL_SECONDS):
-                            if notice.channel == "agentrun_revoked":
-                                await self._read_revocations()
-                            elif notice.channel == "agentrun_events":
-                                payload = notice.payload
-                                self._events(None if payload == "*" else payload.split("\n"))
-                            else:
-                                self._ready()
-                        await self._poll()  # every POLL_SECONDS, whatever was heard
+                )
+            except Exception:
+                _log.warning("LISTEN connection failed; polling until it is back", exc_info=True)
+                with contextlib.suppress(Exception):
+                    await self._poll()
+                await asyncio.sleep(RECONNECT_SECONDS)
+                continue
+            try:
+                for channel in CHANNELS:
+                    await conn.execute(f"LISTEN {channel}")
+                await self._poll()  # what happened while nobody listened
+                if not first:
+                    self._events(None)  # notices may have been lost meanwhile
+                first = False
+                await self._hear(conn)
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self._closing:
+                    return
                 _log.warning("LISTEN connection lost; polling until it is back", exc_info=True)
                 with contextlib.suppress(Exception):
                     await self._poll()
                 await asyncio.sleep(RECONNECT_SECONDS)
+            finally:
+                # Closed, not left to `async with`, whose rollback would wait for the lock that a
+                # cancelled notices generator may still hold.
+                await conn.close()
+
+    async def _hear(self, conn: psycopg.AsyncConnection[object]) -> None:
+        """Deliver notices as they come, and poll every POLL_SECONDS whatever is heard."""
+        next_poll = time.monotonic() + POLL_SECONDS
+        while True:
+            heard: list[psycopg.Notify] = []
+            # One batch at a time, the generator closed before anything is awaited: it holds the
+            # connection's lock while it is open.
+            notices = conn.notifies(timeout=max(0.0, next_poll - time.monotonic()), stop_after=1)
+            async with contextlib.aclosing(notices):
+                async for notice in notices:
+                    heard.append(notice)
+            revoked = False
+            for notice in heard:
+                if notice.channel == "agentrun_revoked":
+                    revoked = True
+                elif notice.channel == "agentrun_events":
+                    self._events(None if notice.payload == "*" else notice.payload.split("\n"))
+                else:
+                    self._ready()
+            if revoked:
+                await self._read_revocations()
+            if time.monotonic() >= next_poll:
+                await self._poll()
+                next_poll = time.monotonic() + POLL_SECONDS
 
     async def _read_revocations(self) -> None:
         self._last_revocation, revoked = await self._storage.revocations_after(
@@ -87,8 +120,21 @@ class ListenNotifier(LocalNotifier):
         self._ready()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._closing = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task}, timeout=CLOSE_SECONDS)
+            if not task.done():
+                # psycopg's wait for notices can swallow a cancellation that meets the timer of
+                # its own timeout (seen after the event loop stood still, in tests): closing
+                # the socket ends the wait, and the loop sees it is closing.
+                conn = self._conn
+                if conn is not None:
+                    conn.pgconn.finish()
+                await asyncio.wait({task}, timeout=CLOSE_SECONDS)
+            if not task.done():
+                _log.warning("the LISTEN task did not stop within %.0f s", 2 * CLOSE_SECONDS)
+            elif not task.cancelled() and task.exception() is not None:
+                _log.debug("the LISTEN task ended with %r", task.exception())
         await super().close()
