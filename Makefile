@@ -36,11 +36,13 @@ $(TS)/node_modules/.package-lock.json: $(TS)/package.json $(TS)/package-lock.jso
 
 gen: install install-ts
 	$(BIN)/python scripts/gen_protos.py
+	$(BIN)/python scripts/gen_limits.py
 	$(BIN)/python scripts/gen_dashboard.py
 	$(BIN)/buf format -w
 
 gen-check: install install-ts
 	$(BIN)/python scripts/gen_protos.py --check
+	$(BIN)/python scripts/gen_limits.py --check
 	$(BIN)/python scripts/gen_dashboard.py --check
 
 lint: install
@@ -48,6 +50,7 @@ lint: install
 	$(BIN)/buf format --diff --exit-code
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff check --fix .

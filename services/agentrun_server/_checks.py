@@ -2,7 +2,7 @@
 
 Each check raises InvalidArgument naming the field and the limit, and echoes the value cut short
 (`shown`), so a 10 MB id never comes back in a status. The limits are the SDK's
-(`agentrun._limits`): what the SDK builds, the server accepts.
+(`agentrun.wire.limits`): what the SDK builds, the server accepts.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from google.protobuf.duration_pb2 import Duration
 
-from agentrun._limits import (
+from agentrun.wire.limits import (
     MAX_DESCRIPTION_BYTES,
     MAX_IDS_PER_REQUEST,
     MAX_NAME_BYTES,
@@ -44,7 +44,7 @@ def check_name(field: str, value: str, *, nfc: bool = True) -> str:
 
 
 def check_identifier(field: str, value: str) -> str:
-    """A workflow, stage or pathway name being defined: `agentrun._limits.IDENTIFIER_PATTERN`."""
+    """A workflow, stage or pathway name being defined: `agentrun.wire.limits.IDENTIFIER_PATTERN`."""
     problem = identifier_problem(value)
     if problem is not None:
         raise InvalidArgument(f"{field}: {shown(value)}: {problem}")

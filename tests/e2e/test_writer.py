@@ -39,8 +39,8 @@ from agentrun.chat import UserMessage
 from agentrun.v1 import agent_run_pb2
 from agentrun.v1 import ingestion_service_pb2 as pb
 from agentrun.v1 import ingestion_service_pb2_grpc as pb_grpc
+from agentrun.wire.framing import RawUpload, decode_upload_request
 from agentrun_server import IngestionLimits, Server, ServerConfig
-from agentrun_server.ingestion._wire import RawUpload, decode_upload_request
 from agentrun_server.serving._status import retry_info_trailer
 
 from ..processes import ServerProcess, free_port

@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 
 from agentrun._convert import struct_to_proto, value_to_proto
-from agentrun._errors import InvalidRunError
-from agentrun._limits import MAX_VALUE_DEPTH
-from agentrun._run_checks import _PROBE_LEVELS, check_agent_run, parse_agent_run
 from agentrun.v1 import agent_run_pb2 as pb
+from agentrun.wire.checks import _PROBE_LEVELS, InvalidRun, check_agent_run, parse_agent_run
+from agentrun.wire.limits import MAX_VALUE_DEPTH
 
 
 def _value(rng: random.Random, depth: int) -> Any:
@@ -44,7 +43,7 @@ def _run(rng: random.Random) -> pb.AgentRun:
 def _verdict(run: pb.AgentRun, shallow: bool) -> str | None:
     try:
         check_agent_run(run, shallow=shallow)
-    except InvalidRunError as exc:
+    except InvalidRun as exc:
         return exc.field
     return None
 
@@ -99,6 +98,6 @@ def test_a_message_timestamp_out_of_range_is_refused_naming_it(
     assert _verdict(run, shallow=True) is None  # the last instant there is
     message.timestamp.seconds, message.timestamp.nanos = seconds, nanos
     for shallow in (True, False):
-        with pytest.raises(InvalidRunError, match=reason) as raised:
+        with pytest.raises(InvalidRun, match=reason) as raised:
             check_agent_run(run, shallow=shallow)
         assert raised.value.field == "transcripts[0].messages[0].timestamp"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import grpc
 
+from agentrun.wire.checks import InvalidRun
+
 
 class AgentRunError(Exception):
     """Root of every error the agentrun SDK raises."""
@@ -63,9 +65,10 @@ class WorkflowError(AgentRunError):
     """A workflow definition is invalid, or a Runner's stages do not match the workflow."""
 
 
-class InvalidRunError(AgentRunError, ValueError):
+class InvalidRunError(AgentRunError, InvalidRun):
     """A run the server would refuse, found before it is sent: the checks the ingestion server
-    applies (`agentrun._run_checks`) also run in `AgentRunWriter.log_agent_runs`.
+    applies (`agentrun.wire.checks`, whose `InvalidRun` this is too) also run in
+    `AgentRunWriter.log_agent_runs`.
 
     Attributes:
         agent_run_id: The run's id (cut short when over the name limit).
@@ -74,11 +77,10 @@ class InvalidRunError(AgentRunError, ValueError):
         reason: Why, e.g. "nested more than 20 levels deep (dicts and lists)".
     """
 
-    def __init__(self, agent_run_id: str, field: str, reason: str) -> None:
-        super().__init__(f"agent run {agent_run_id!r}: {field}: {reason}")
-        self.agent_run_id = agent_run_id
-        self.field = field
-        self.reason = reason
+    @classmethod
+    def of(cls, problem: InvalidRun) -> InvalidRunError:
+        """The SDK's error for a problem the wire checks found."""
+        return cls(problem.agent_run_id, problem.field, problem.reason)
 
 
 class WriterClosedError(AgentRunError):

@@ -26,10 +26,11 @@ from agentrun._convert import message_to_proto, value_to_proto
 from agentrun._errors import AgentRunError
 from agentrun._event_spool import EventJournal
 from agentrun._retry import Backoff, Failure, Verdict
-from agentrun._varint import encode_varint
 from agentrun.chat import ChatMessage, parse_chat_message
 from agentrun.v1 import agent_run_pb2 as run_pb
 from agentrun.v1 import ingestion_service_pb2 as pb
+from agentrun.wire.codes import Code, code_name
+from agentrun.wire.framing import encode_events_request
 
 _log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ IDLE_CLOSE_SECONDS = 10.0
 """A stream with nothing to send or to hear back for this long is closed, and opened again for the
 next event: the server ends streams idle for its `stream_idle_seconds` (30 s by default), and an
 idle stream would hold one of its per-host slots for nothing."""
-ABORTED = grpc.StatusCode.ABORTED.value[0]
 
 
 class LiveRunError(AgentRunError):
@@ -79,13 +79,6 @@ class Event(NamedTuple):
         return cls(data, event.agent_run_id, event.sequence, event.finish)
 
 
-def _code_name(code: int) -> str:
-    for status in grpc.StatusCode:
-        if status.value[0] == code:
-            return str(status.name)
-    return str(code)
-
-
 def _score(value: bool | int | float) -> run_pb.Score:
     if isinstance(value, bool):
         return run_pb.Score(bool_value=value)
@@ -98,14 +91,6 @@ def _metadata(fields: Mapping[str, Any], out: run_pb.Metadata) -> None:
     out.SetInParent()
     for key, value in fields.items():
         value_to_proto(value, out.fields[key].value)
-
-
-def _request(batch: list[Event]) -> bytes:
-    """A `StreamAgentRunEventsRequest` (repeated field 1, length-delimited) from encoded events."""
-    parts: list[bytes] = []
-    for event in batch:
-        parts += (b"\x0a", encode_varint(len(event.data)), event.data)
-    return b"".join(parts)
 
 
 class EventSender:
@@ -232,7 +217,7 @@ class EventSender:
                         break
                     batch.append(self._queued.popleft())
                 self._in_flight.append(batch)
-            yield _request(batch)
+            yield encode_events_request(event.data for event in batch)
 
     def _acked(self, response: pb.StreamAgentRunEventsResponse) -> None:
         with self._cond:
@@ -252,10 +237,10 @@ class EventSender:
                 self.duplicates += 1
                 _metrics.WRITER_LIVE_EVENTS.labels("duplicate").inc()
             else:
-                code = _code_name(ack.code)
+                code = code_name(ack.code)
                 refused = RefusedEvent(ack.agent_run_id, ack.sequence, code, ack.message)
                 self.refused.append(refused)
-                if ack.code == ABORTED:
+                if ack.code == Code.ABORTED:
                     with self._cond:
                         self.conflicts.setdefault(ack.agent_run_id, refused)
                 _metrics.WRITER_LIVE_EVENTS.labels("refused").inc()

@@ -60,7 +60,6 @@ from agentrun._connection import (
 )
 from agentrun._convert import value_to_proto
 from agentrun._errors import WorkflowError
-from agentrun._limits import MAX_OUTPUT_BYTES, value_depth_problem
 from agentrun._progress import StageProgress, print_summary
 from agentrun._stage import (
     Fail,
@@ -74,6 +73,7 @@ from agentrun._stage import (
 from agentrun._work_stream import WorkStream
 from agentrun.v1 import agent_run_pb2, workflow_pb2
 from agentrun.v1 import orchestrator_service_pb2 as pb
+from agentrun.wire.limits import MAX_OUTPUT_BYTES, value_depth_problem
 
 _log = logging.getLogger(__name__)
 

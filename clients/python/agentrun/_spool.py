@@ -28,7 +28,7 @@ from agentrun import _metrics
 from agentrun._errors import SpoolError
 from agentrun._event_spool import EventJournal
 from agentrun._files import fsync_directory, set_aside
-from agentrun._varint import encode_varint, read_varint, split_records
+from agentrun.wire.framing import encode_varint, read_varint, split_records
 
 _log = logging.getLogger(__name__)
 

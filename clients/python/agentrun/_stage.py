@@ -31,8 +31,8 @@ from typing import Annotated, Any, TypeAlias
 from agentrun._agent_run import AgentRun
 from agentrun._convert import agent_run_from_proto, value_from_proto
 from agentrun._errors import WorkflowError
-from agentrun._limits import MAX_DELAY_SECONDS
 from agentrun.v1 import orchestrator_service_pb2 as pb
+from agentrun.wire.limits import MAX_DELAY_SECONDS
 
 _INPUT = "agentrun.TaskInput"
 TaskInput: TypeAlias = Annotated[Any, _INPUT]
@@ -91,7 +91,7 @@ class Retry:
     limit, an external state not yet reached). Retrying forever is the function's to avoid."""
 
     after: float = 0.0
-    """Seconds before the task is ready again: 0 to 7 days (`agentrun._limits.MAX_DELAY_SECONDS`,
+    """Seconds before the task is ready again: 0 to 7 days (`agentrun.wire.limits.MAX_DELAY_SECONDS`,
     the server's limit).
 
     Raises:

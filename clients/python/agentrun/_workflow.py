@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from agentrun._errors import FormatError
-from agentrun._limits import (
+from agentrun.v1 import workflow_pb2 as pb
+from agentrun.wire.limits import (
     IDENTIFIER_PATTERN,
     MAX_ATTEMPTS,
     MAX_DELAY_SECONDS,
@@ -22,14 +23,13 @@ from agentrun._limits import (
     MAX_PATHWAYS,
     MAX_STAGES,
 )
-from agentrun.v1 import workflow_pb2 as pb
 
 Identifier = Annotated[str, StringConstraints(pattern=f"^{IDENTIFIER_PATTERN.pattern}$")]
-"""A workflow, stage or pathway name, as the server takes it (`agentrun._limits`)."""
+"""A workflow, stage or pathway name, as the server takes it (`agentrun.wire.limits`)."""
 
 
 class StageSpec(BaseModel):
-    """One stage of a workflow file, within the server's limits (`agentrun._limits`)."""
+    """One stage of a workflow file, within the server's limits (`agentrun.wire.limits`)."""
 
     model_config = ConfigDict(extra="forbid")
 

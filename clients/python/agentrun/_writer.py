@@ -35,29 +35,17 @@ from agentrun._convert import agent_run_to_proto
 from agentrun._errors import InvalidRunError, RpcError, WriterClosedError
 from agentrun._live_run import Event, EventSender, LiveRun, LiveRunError, RefusedEvent
 from agentrun._retry import Backoff, Failure, Verdict
-from agentrun._run_checks import check_agent_run, encodes_shallow, parse_agent_run
 from agentrun._spool import Segment, Spool
-from agentrun._varint import encode_varint
 from agentrun.v1 import agent_run_pb2
 from agentrun.v1 import ingestion_service_pb2 as pb
+from agentrun.wire.checks import InvalidRun, check_agent_run, encodes_shallow, parse_agent_run
+from agentrun.wire.framing import encode_upload_request
 
 _log = logging.getLogger(__name__)
 
 UPLOAD_METHOD = "/agentrun.v1.IngestionService/UploadAgentRuns"
 UPLOAD_TIMEOUT_SECONDS = 120.0
 _COMPRESSION = {None: grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
-
-
-def encode_upload_request(collection_id: bytes, runs: Iterable[bytes]) -> bytes:
-    """Encode an `UploadAgentRunsRequest` from already-encoded runs, without decoding them.
-
-    Field 1 (collection_id) and repeated field 2 (agent_runs) are length-delimited; a message is
-    the concatenation of its fields.
-    """
-    parts = [b"\x0a", encode_varint(len(collection_id)), collection_id]
-    for run in runs:
-        parts += (b"\x12", encode_varint(len(run)), run)
-    return b"".join(parts)
 
 
 @dataclass(frozen=True)
@@ -358,7 +346,7 @@ class AgentRunWriter:
                     items.append(item)
                 except DecodeError:
                     refused.append((item, "a spooled run that does not decode; not sent"))
-                except InvalidRunError as exc:
+                except InvalidRun as exc:
                     refused.append((item, f"spooled run: {exc.field}: {exc.reason}; not sent"))
             replayed += len(items) + len(refused)
             self._pending += len(items) + len(refused)
@@ -410,7 +398,7 @@ class AgentRunWriter:
                 room (the message says how many of its runs were queued).
             InvalidRunError: a run the server would refuse (its id or a transcript key is not
                 a printable name, a value nests more than 20 levels deep, a metadata field is
-                named `scores`, ...: the ingestion server's own checks, `agentrun._run_checks`);
+                named `scores`, ...: the ingestion server's own checks, `agentrun.wire.checks`);
                 raised here, in the caller, naming the run and field. The runs of earlier chunks
                 are queued, none of its own chunk is, and nothing of it reaches the spool.
             TypeError: a run's metadata is not JSON-like (raised likewise).
@@ -454,7 +442,10 @@ class AgentRunWriter:
     def _encode(self, run: AgentRun | agent_run_pb2.AgentRun) -> _Item:
         message = run if isinstance(run, agent_run_pb2.AgentRun) else agent_run_to_proto(run)
         data = message.SerializeToString()
-        check_agent_run(message, shallow=encodes_shallow(data))
+        try:
+            check_agent_run(message, shallow=encodes_shallow(data))
+        except InvalidRun as problem:
+            raise InvalidRunError.of(problem) from None
         return _Item(message.id, data, self._collection)
 
     # --- shutdown -------------------------------------------------------------------------------

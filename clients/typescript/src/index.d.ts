@@ -9,6 +9,8 @@ export * from "./gen/agentrun/v1/ingestion_service_pb.js";
 export * from "./gen/agentrun/v1/key_service_pb.js";
 export * from "./gen/agentrun/v1/orchestrator_service_pb.js";
 export * from "./gen/agentrun/v1/workflow_pb.js";
+/** The limits a request must keep (generated from the server's own, `make gen`). */
+export * as limits from "./limits.js";
 
 /** `host:port` (plaintext), `grpc://`, `grpcs://`, `http://` or `https://...` as a base URL. */
 export declare function baseUrl(serverUrl?: string): string;

@@ -13,6 +13,8 @@ export * from "./gen/agentrun/v1/ingestion_service_pb.js";
 export * from "./gen/agentrun/v1/key_service_pb.js";
 export * from "./gen/agentrun/v1/orchestrator_service_pb.js";
 export * from "./gen/agentrun/v1/workflow_pb.js";
+/** The limits a request must keep (generated from the server's own, `make gen`). */
+export * as limits from "./limits.js";
 
 const DEFAULT_SERVER = "127.0.0.1:50051";
 

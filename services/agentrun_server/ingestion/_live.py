@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from agentrun._errors import InvalidRunError
-from agentrun._run_checks import check_agent_run
 from agentrun.v1 import agent_run_pb2 as run_pb
 from agentrun.v1 import ingestion_service_pb2 as pb
+from agentrun.wire.checks import InvalidRun, check_agent_run
 from agentrun_server._checks import check_reference
 from agentrun_server._errors import InvalidArgument
 from agentrun_server.storage import NewEvent, event_digest
@@ -88,7 +87,7 @@ def checked_event(event: pb.AgentRunEvent, i: int) -> NewEvent:
     patch.id = run_id
     try:
         check_agent_run(patch, patch=True)
-    except InvalidRunError as problem:
+    except InvalidRun as problem:
         raise InvalidArgument(f"{where}.patch.{problem.field}: {problem.reason}") from None
     patch.id = ""
     # Deterministic: a resend of the event (and its digest) encodes to the same bytes.

@@ -6,17 +6,18 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from agentrun._limits import MAX_DESCRIPTION_BYTES
-from agentrun._run_checks import parse_agent_run
 from agentrun.v1 import agent_run_pb2 as run_pb
 from agentrun.v1 import ingestion_service_pb2 as pb
 from agentrun.v1 import ingestion_service_pb2_grpc as pb_grpc
+from agentrun.wire.checks import parse_agent_run
+from agentrun.wire.framing import RawUpload, decode_upload_request
+from agentrun.wire.limits import MAX_DESCRIPTION_BYTES
 from agentrun_server._checks import (
     check_enum,
     check_name,
@@ -35,7 +36,6 @@ from agentrun_server.ingestion._live import checked_event, fold_finished, fold_r
 from agentrun_server.ingestion._metrics import IngestionMetrics
 from agentrun_server.ingestion._validate import InvalidRun, validate_agent_run
 from agentrun_server.ingestion._watchers import RunWatchers
-from agentrun_server.ingestion._wire import RawUpload, decode_upload_request
 from agentrun_server.serving import (
     IdleTimeout,
     StreamSlots,
@@ -107,7 +107,9 @@ class IngestionLimits:
     max_live_run_bytes: int = 256 * 1024 * 1024
     """Most bytes of events one live run may take (it grows past max_run_bytes up to this); an
     event beyond it is refused RESOURCE_EXHAUSTED."""
-    live_run_timeout_seconds: float = 3600.0
+    live_run_timeout_seconds: float = field(
+        default=3600.0, metadata={"aliases": ("--live-run-timeout",)}
+    )
     """A live run with no event for this long reads as abandoned; its next event reopens it."""
     max_event_streams: int = 2048
     """StreamAgentRunEvents streams open at once in all (one per writer with events to send)."""

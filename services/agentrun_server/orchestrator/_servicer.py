@@ -12,7 +12,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from agentrun._limits import (
+from agentrun.v1 import orchestrator_service_pb2 as pb
+from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
+from agentrun.v1 import workflow_pb2 as workflow_pb
+from agentrun.wire.checks import proto_value_depth_problem
+from agentrun.wire.limits import (
     MAX_DELAY_SECONDS,
     MAX_IDENTIFIER_CHARS,
     MAX_IDS_PER_REQUEST,
@@ -21,10 +25,6 @@ from agentrun._limits import (
     MAX_STAGES,
     shown,
 )
-from agentrun._run_checks import proto_value_depth_problem
-from agentrun.v1 import orchestrator_service_pb2 as pb
-from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
-from agentrun.v1 import workflow_pb2 as workflow_pb
 from agentrun_server._checks import (
     check_count,
     check_enum,

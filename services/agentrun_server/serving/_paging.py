@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agentrun._limits import shown
+from agentrun.wire.limits import shown
 from agentrun_server._checks import parse_id
 from agentrun_server._errors import InvalidArgument
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from agentrun._limits import (
+from agentrun.wire.limits import (
     MAX_ATTEMPTS,
     MAX_DELAY_SECONDS,
     MAX_LEASE_SECONDS,
@@ -42,7 +42,7 @@ SQLITE_SYNCHRONOUS = ("normal", "full")
 class SqliteConfig:
     """How SQLite trades durability for speed (SQLite's `PRAGMA synchronous`, in WAL mode)."""
 
-    synchronous: str = "normal"
+    synchronous: str = field(default="normal", metadata={"choices": SQLITE_SYNCHRONOUS})
     """"normal": a commit survives the server's crash or kill, and the database is never
     corrupted, but the last commits before a power loss or OS crash may be lost (SQLite syncs
     the WAL at checkpoints, not at each commit). "full": every commit is synced to the disk
@@ -208,7 +208,7 @@ class WorkflowDef:
 
         Raises:
             InvalidArgument: naming the stage or pathway at fault, and the limit it breaks
-                (`agentrun._limits`).
+                (`agentrun.wire.limits`).
         """
         check_identifier("workflow.name", self.name)
         if not self.stages:

@@ -1,5 +1,6 @@
-"""The limits a request must keep, shared by the SDK and the server (which imports this module):
-what the SDK accepts, the server stores, and every stored value reads back.
+"""The limits a request must keep, the same for the SDK and the server: what the SDK accepts, the
+server stores, and every stored value reads back. `scripts/gen_limits.py` writes them for the
+clients in other languages (`make gen`).
 
 Names (collections, run ids, transcript keys, workers) are 1 to MAX_NAME_BYTES bytes of UTF-8 of
 printable characters; collection names are compared in Unicode NFC, so "café" is one name however

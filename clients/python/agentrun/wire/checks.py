@@ -1,4 +1,4 @@
-"""The checks a wire-form run must pass, shared by the SDK's writer and the ingestion server.
+"""The checks a wire-form run must pass, applied by the SDK's writer and the ingestion server alike.
 
 The writer runs them on each run it encodes, so a run it accepts is a run the server stores, and a
 run the server would refuse fails in the caller of `log_agent_runs`, naming the field, instead of
@@ -14,10 +14,27 @@ from typing import Any
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
-from agentrun._errors import InvalidRunError
-from agentrun._limits import MAX_VALUE_DEPTH, name_problem, shown
-from agentrun._varint import encode_varint
 from agentrun.v1 import agent_run_pb2 as pb
+from agentrun.wire.framing import encode_varint
+from agentrun.wire.limits import MAX_VALUE_DEPTH, name_problem, shown
+
+
+class InvalidRun(ValueError):
+    """A wire-form run (or a live run's event) breaks a check: the server refuses it, and the
+    SDK refuses to send it (`agentrun.InvalidRunError` is this error, and the SDK's).
+
+    Attributes:
+        agent_run_id: The run's id (cut short when over the name limit).
+        field: The field at fault, e.g. "transcripts[0].messages[3].role" or
+            "metadata.fields['config']".
+        reason: Why, e.g. "nested more than 20 levels deep (dicts and lists)".
+    """
+
+    def __init__(self, agent_run_id: str, field: str, reason: str) -> None:
+        super().__init__(f"agent run {agent_run_id!r}: {field}: {reason}")
+        self.agent_run_id = agent_run_id
+        self.field = field
+        self.reason = reason
 
 
 def check_agent_run(run: pb.AgentRun, *, shallow: bool = False, patch: bool = False) -> None:
@@ -28,12 +45,12 @@ def check_agent_run(run: pb.AgentRun, *, shallow: bool = False, patch: bool = Fa
     A `patch` (a live run's event) may hold no transcript.
 
     Raises:
-        InvalidRunError: naming the first field at fault.
+        InvalidRun: naming the first field at fault.
     """
     found = _first_problem(run, shallow, patch)
     if found is not None:
         field, reason = found
-        raise InvalidRunError(run.id if len(run.id) <= 256 else shown(run.id), field, reason)
+        raise InvalidRun(run.id if len(run.id) <= 256 else shown(run.id), field, reason)
 
 
 def parse_agent_run(data: bytes | memoryview) -> tuple[pb.AgentRun, bool]:
@@ -73,7 +90,7 @@ def encodes_shallow(data: bytes) -> bool:
 
 
 def proto_value_depth_problem(value: pb.Value, depth: int = 0) -> str | None:
-    """Why `value` nests too deep, or None: as `agentrun._limits.value_depth_problem` counts on
+    """Why `value` nests too deep, or None: as `agentrun.wire.limits.value_depth_problem` counts on
     the model (a struct or list is one level), with `depth` levels above it already."""
     kind = value.WhichOneof("kind")
     if kind != "struct_value" and kind != "list_value":
