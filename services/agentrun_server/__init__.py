@@ -1,6 +1,6 @@
 """The agentrun server: the ingestion and orchestrator services over shared storage.
 
-    python -m agentrun_server       # or: agentrun serve
+    python -m agentrun_server serve     # or: agentrun serve
 
 The two services share storage, serving and metrics code and never import each other; one process
 can serve both (the default) or one of them, several processes sharing the database.
@@ -8,6 +8,7 @@ can serve both (the default) or one of them, several processes sharing the datab
 
 from __future__ import annotations
 
+from agentrun_server._config import SERVICES, ConnectionLimits, ServerConfig
 from agentrun_server._errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -20,7 +21,7 @@ from agentrun_server._errors import (
     Unauthenticated,
     Unavailable,
 )
-from agentrun_server._server import SERVICES, ConnectionLimits, Server, ServerConfig
+from agentrun_server._server import Server
 from agentrun_server.auth._tls import TlsConfig
 from agentrun_server.ingestion import IngestionLimits
 from agentrun_server.orchestrator import WorkLimits

@@ -13,10 +13,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import signal
 import socket
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -32,22 +30,19 @@ from agentrun.v1 import (
     orchestrator_service_pb2,
     orchestrator_service_pb2_grpc,
 )
+from agentrun_server._config import AUTH_MODES, SERVICES, ServerConfig
 from agentrun_server._errors import InvalidArgument
 from agentrun_server.auth import Access, AuthInterceptor, KeyRing, KeyServicer, ServerTls
-from agentrun_server.auth._tls import TlsConfig
 from agentrun_server.ingestion import (
     AbandonSweep,
-    IngestionLimits,
     IngestionMetrics,
     IngestionServicer,
     live_runs_collector,
 )
 from agentrun_server.orchestrator import (
-    RESUME_GRACE_SECONDS,
     Dispatcher,
     OrchestratorMetrics,
     OrchestratorServicer,
-    WorkLimits,
     backlog_collector,
 )
 from agentrun_server.serving import (
@@ -57,27 +52,15 @@ from agentrun_server.serving import (
     MetricsInterceptor,
     MetricsWebConfig,
 )
-from agentrun_server.storage import Notifier, PoolConfig, SqliteConfig, Storage, open_storage
+from agentrun_server.storage import Notifier, Storage, open_storage
 
 _log = logging.getLogger(__name__)
 
-SERVICES = ("ingestion", "orchestrator")
-AUTH_MODES = ("none", "keys")
 _KEY_SERVICE = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"]
 _SERVICE_DESCRIPTORS = {
     "ingestion": ingestion_service_pb2.DESCRIPTOR.services_by_name["IngestionService"],
     "orchestrator": orchestrator_service_pb2.DESCRIPTOR.services_by_name["OrchestratorService"],
 }
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidArgument(f"{name}: not an integer: {value!r}") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -107,127 +90,6 @@ def _in_use(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """HTTP/2 connection policy: dead peers found, over-eager pingers cut off, no connection
-    kept forever."""
-
-    keepalive_seconds: float = 30.0
-    """The server pings a connection idle this long..."""
-    keepalive_timeout_seconds: float = 10.0
-    """...and closes it when the ping is not answered within this."""
-    min_client_ping_interval_seconds: float = 10.0
-    """Clients may ping at most this often; after `max_ping_strikes` pings too soon the server
-    closes the connection (GOAWAY ENHANCE_YOUR_CALM), as gRPC's keepalive enforcement does."""
-    max_ping_strikes: int = 2
-    max_connection_age_seconds: float = 3600.0
-    """A connection older than this is asked to go away (GOAWAY, +-10 % jitter): clients open a
-    new one, which also spreads them over replicas. Work streams resume their leases on it."""
-    max_connection_age_grace_seconds: float = 300.0
-    """How long calls on an aged connection may run on before it is closed."""
-    max_concurrent_streams: int = 1024
-    """Calls open at once on one connection."""
-
-    def options(self) -> list[tuple[str, int]]:
-        """The grpc server options of this policy."""
-        return [
-            ("grpc.keepalive_time_ms", int(self.keepalive_seconds * 1000)),
-            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_seconds * 1000)),
-            ("grpc.keepalive_permit_without_calls", 1),
-            (
-                "grpc.http2.min_recv_ping_interval_without_data_ms",
-                int(self.min_client_ping_interval_seconds * 1000),
-            ),
-            ("grpc.http2.max_ping_strikes", self.max_ping_strikes),
-            ("grpc.max_connection_age_ms", int(self.max_connection_age_seconds * 1000)),
-            (
-                "grpc.max_connection_age_grace_ms",
-                int(self.max_connection_age_grace_seconds * 1000),
-            ),
-            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
-            # What a stream not being read may buffer: HTTP/2's 64 KiB. BDP probing would grow
-            # every stream's window to megabytes, so an upload waiting for room under
-            # max_pending_bytes held about 10 MB of its next message anyway.
-            ("grpc.http2.bdp_probe", 0),
-            ("grpc.http2.lookahead_bytes", 64 * 1024),
-        ]
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """How to run the server. `from_env()` reads the AGENTRUN_* variables."""
-
-    db: str = "sqlite:///agentrun.db"
-    """Database URL: sqlite:///PATH (relative), sqlite:////PATH (absolute), or
-    postgresql://USER@HOST:PORT/DBNAME."""
-    host: str = "127.0.0.1"
-    """Interface for gRPC. An address other than loopback needs `auth="keys"` (or `insecure`)."""
-    port: int = 50051
-    """gRPC port; 0 picks a free one."""
-    metrics_host: str = "127.0.0.1"
-    """Interface for /metrics: loopback by default, so exposing gRPC does not expose metrics."""
-    metrics_port: int = 9464
-    """Prometheus /metrics port; 0 picks a free one, -1 disables it."""
-    health_port: int = -1
-    """A second gRPC port, on `host`, serving only the health service (`grpc.health.v1`), in
-    plaintext and to anyone: for load balancers and probes that hold no client certificate when
-    the main port requires one (mTLS), or speak no TLS (Kubernetes' gRPC probes). 0 picks a
-    free one; -1: none (under mTLS, health checks then need a client certificate too)."""
-    metrics_web_config: str = ""
-    """A web configuration file for /metrics in exporter-toolkit's format (TLS, basic auth);
-    empty: plain HTTP, open to whoever reaches `metrics_host`."""
-    auth: str = "none"
-    """"keys": every call needs a live API key (or a client certificate entry) with the scope
-    its RPC needs; "none": no credentials checked (loopback, or with `insecure`)."""
-    tls: TlsConfig = field(default_factory=TlsConfig)
-    """The gRPC port's certificate (TLS) and client CA (mTLS); by default plaintext."""
-    insecure: bool = False
-    """With auth "none", serve gRPC on a non-loopback `host` to every client on the network,
-    unauthenticated: said at start (WARNING) and by the gauge `agentrun_server_insecure`."""
-    services: tuple[str, ...] = SERVICES
-    """Which of the pair this process serves."""
-    grace_seconds: float = 10.0
-    """How long shutdown waits for in-flight calls."""
-    limits: IngestionLimits = field(default_factory=IngestionLimits)
-    """Ingestion limits."""
-    work_limits: WorkLimits = field(default_factory=WorkLimits)
-    """What one Work stream may hold, and Work streams per client host."""
-    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
-    """Keepalive, its enforcement, and connection age."""
-    pool: PoolConfig = field(default_factory=PoolConfig)
-    """The database server's connection pool and statement timeout (PostgreSQL)."""
-    sqlite: SqliteConfig = field(default_factory=SqliteConfig)
-    """SQLite's durability: commits synced at each write ("full") or at checkpoints ("normal")."""
-    resume_grace_seconds: float = RESUME_GRACE_SECONDS
-    """How long a lease whose stream ended (or whose server went silent) waits for its worker
-    to resume it on a new stream before its task is retried, the attempt counted."""
-
-    @classmethod
-    def from_env(cls) -> ServerConfig:
-        """Defaults overridden by AGENTRUN_DB, AGENTRUN_HOST, AGENTRUN_PORT, AGENTRUN_METRICS_HOST,
-        AGENTRUN_METRICS_PORT, AGENTRUN_METRICS_WEB_CONFIG, AGENTRUN_AUTH, AGENTRUN_TLS_CERT, AGENTRUN_TLS_KEY,
-        AGENTRUN_TLS_CLIENT_CA.
-
-        Raises:
-            InvalidArgument: a variable does not parse.
-        """
-        defaults = cls()
-        return cls(
-            db=os.environ.get("AGENTRUN_DB") or defaults.db,
-            host=os.environ.get("AGENTRUN_HOST") or defaults.host,
-            port=_env_int("AGENTRUN_PORT", defaults.port),
-            metrics_host=os.environ.get("AGENTRUN_METRICS_HOST") or defaults.metrics_host,
-            metrics_port=_env_int("AGENTRUN_METRICS_PORT", defaults.metrics_port),
-            metrics_web_config=os.environ.get("AGENTRUN_METRICS_WEB_CONFIG", ""),
-            auth=os.environ.get("AGENTRUN_AUTH") or defaults.auth,
-            tls=TlsConfig(
-                os.environ.get("AGENTRUN_TLS_CERT", ""),
-                os.environ.get("AGENTRUN_TLS_KEY", ""),
-                os.environ.get("AGENTRUN_TLS_CLIENT_CA", ""),
-            ),
-        )
 
 
 class Server:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -38,10 +37,6 @@ TASK_STATES = tuple(
 )
 
 
-def _env_default(name: str, fallback: str) -> str:
-    return os.environ.get(name) or fallback
-
-
 def _add_server(parser: argparse.ArgumentParser) -> None:
     add_connection_arguments(parser, os.environ.get(SERVER_ENV))
 
@@ -56,191 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the ingestion and orchestrator services")
-    serve.add_argument(
-        "--db",
-        default=_env_default("AGENTRUN_DB", "sqlite:///agentrun.db"),
-        help="database URL: sqlite:///PATH or postgresql://USER@HOST:PORT/DBNAME "
-        "[env AGENTRUN_DB; default sqlite:///agentrun.db]",
-    )
-    serve.add_argument(
-        "--host",
-        default=_env_default("AGENTRUN_HOST", "127.0.0.1"),
-        help="interface to bind gRPC to; another than loopback needs --auth keys (or "
-        "--insecure) [env AGENTRUN_HOST; default 127.0.0.1]",
-    )
-    serve.add_argument(
-        "--auth",
-        choices=("keys", "none"),
-        default=_env_default("AGENTRUN_AUTH", "none"),
-        help="keys: every call needs an API key with the scope its RPC needs (make the first "
-        "with `agentrun keys create admin --scope admin --db URL`); none: no credentials "
-        "checked, for loopback [env AGENTRUN_AUTH; default none]",
-    )
-    serve.add_argument(
-        "--insecure",
-        action="store_true",
-        help="with --auth none, serve a non-loopback --host anyway: every client that reaches it "
-        "can read every run and settle or cancel any task (warned at start, and "
-        "agentrun_server_insecure 1)",
-    )
-    tls = serve.add_argument_group("TLS (certificates reload on change or SIGHUP)")
-    tls.add_argument(
-        "--tls-cert",
-        metavar="FILE",
-        default=os.environ.get("AGENTRUN_TLS_CERT", ""),
-        help="serve gRPC over TLS with this PEM certificate chain [env AGENTRUN_TLS_CERT]",
-    )
-    tls.add_argument(
-        "--tls-key",
-        metavar="FILE",
-        default=os.environ.get("AGENTRUN_TLS_KEY", ""),
-        help="the certificate's PEM private key [env AGENTRUN_TLS_KEY]",
-    )
-    tls.add_argument(
-        "--tls-client-ca",
-        metavar="FILE",
-        default=os.environ.get("AGENTRUN_TLS_CLIENT_CA", ""),
-        help="require client certificates signed by this PEM CA (mTLS); a certificate's "
-        "subject is admitted by a key entry (keys create --certificate-subject) "
-        "[env AGENTRUN_TLS_CLIENT_CA]",
-    )
-    serve.add_argument(
-        "--metrics-host",
-        default=_env_default("AGENTRUN_METRICS_HOST", "127.0.0.1"),
-        help="interface to serve /metrics on [env AGENTRUN_METRICS_HOST; default 127.0.0.1]",
-    )
-    serve.add_argument(
-        "--metrics-web-config",
-        metavar="FILE",
-        default=os.environ.get("AGENTRUN_METRICS_WEB_CONFIG", ""),
-        help="TLS and basic auth for /metrics, in the format of Prometheus exporters' "
-        "--web.config.file (tls_server_config, basic_auth_users) "
-        "[env AGENTRUN_METRICS_WEB_CONFIG]",
-    )
-    serve.add_argument(
-        "--port",
-        type=int,
-        default=int(_env_default("AGENTRUN_PORT", "50051")),
-        help="gRPC port, 0 for any free one [env AGENTRUN_PORT; default 50051]",
-    )
-    serve.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(_env_default("AGENTRUN_METRICS_PORT", "9464")),
-        help="Prometheus /metrics port, 0 for any, -1 for none [env AGENTRUN_METRICS_PORT; default 9464]",
-    )
-    serve.add_argument(
-        "--health-port",
-        type=int,
-        default=int(_env_default("AGENTRUN_HEALTH_PORT", "-1")),
-        help="a second gRPC port serving only health checks, in plaintext: for load balancers "
-        "without a client certificate under mTLS; -1 for none [env AGENTRUN_HEALTH_PORT; "
-        "default -1]",
-    )
-    limits = serve.add_argument_group("ingestion limits")
-    limits.add_argument(
-        "--max-message-bytes",
-        type=int,
-        help="largest upload message after decompression; each stream reserves this much of "
-        "--max-pending-bytes while it receives one [default 17 MiB]",
-    )
-    limits.add_argument(
-        "--max-runs-per-message",
-        type=int,
-        help="most runs in one upload message [default 1000]",
-    )
-    limits.add_argument(
-        "--max-run-bytes",
-        type=int,
-        help="largest encoded run; a larger one is rejected alone [default 16 MiB]",
-    )
-    limits.add_argument(
-        "--max-pending-bytes",
-        type=int,
-        help="bytes of uploads in memory (being received or committed) before streams are "
-        "told to retry later [default 128 MiB]",
-    )
-    limits.add_argument(
-        "--max-pending-bytes-per-peer",
-        type=int,
-        help="the part of --max-pending-bytes one client host may hold [default 48 MiB]",
-    )
-    limits.add_argument(
-        "--stream-idle-seconds",
-        type=float,
-        help="an upload stream that sends nothing this long is closed [default 30]",
-    )
-    limits.add_argument(
-        "--live-run-timeout",
-        dest="live_run_timeout_seconds",
-        type=float,
-        metavar="SECONDS",
-        help="a live run with no event this long reads as abandoned until its next event "
-        "[default 3600]",
-    )
-    limits.add_argument(
-        "--max-live-run-bytes",
-        type=int,
-        help="most bytes of events one live run may take [default 268435456]",
-    )
-    limits.add_argument(
-        "--max-upload-streams-per-peer",
-        type=int,
-        help="upload streams open at once from one client host [default 32]",
-    )
-    serve.add_argument(
-        "--grace-seconds",
-        type=float,
-        default=10.0,
-        help="on SIGTERM, how long in-flight calls may finish [default 10]",
-    )
-    serve.add_argument(
-        "--sqlite-synchronous",
-        choices=("normal", "full"),
-        default="normal",
-        help="SQLite: 'normal' keeps every acknowledged write through a crash or kill of the "
-        "server; 'full' also through power loss or an OS crash, at an fsync per write "
-        "[default normal]",
-    )
-    database = serve.add_argument_group("PostgreSQL")
-    database.add_argument(
-        "--db-max-connections",
-        type=int,
-        default=10,
-        help="connections the pool opens at most [default 10]",
-    )
-    database.add_argument(
-        "--db-statement-timeout-seconds",
-        type=float,
-        default=30.0,
-        help="a statement running longer is cancelled and its call answered UNAVAILABLE "
-        "[default 30]",
-    )
-    serve.add_argument(
-        "--resume-grace-seconds",
-        type=float,
-        default=15.0,
-        help="how long a lease whose stream ended (or whose server died) waits for its worker "
-        "to resume it before the task is retried [default 15]",
-    )
-    serve.add_argument(
-        "--only",
-        choices=("ingestion", "orchestrator"),
-        help="serve one of the pair (run the other as its own process on the same --db)",
-    )
-
-    migrate = commands.add_parser(
-        "migrate",
-        help="apply the database's pending schema migrations, and exit",
-        description="Apply pending schema migrations (serve does too, at start). Replicas that "
-        "start together never race: PostgreSQL migrations run under an advisory lock.",
-    )
-    migrate.add_argument(
-        "--db",
-        default=_env_default("AGENTRUN_DB", "sqlite:///agentrun.db"),
-        help="database URL [env AGENTRUN_DB; default sqlite:///agentrun.db]",
-    )
+    for name, about in SERVER_COMMANDS.items():  # run by agentrun_server._cli: see main()
+        commands.add_parser(name, help=about, add_help=False)
 
     upload = commands.add_parser(
         "upload",
@@ -309,98 +121,6 @@ def _parser() -> argparse.ArgumentParser:
     add_tail_command(commands, _add_server)
     add_keys_commands(commands, _add_server)
     return parser
-
-
-LIMIT_FLAGS = (
-    "max_message_bytes",
-    "max_runs_per_message",
-    "max_run_bytes",
-    "max_pending_bytes",
-    "max_pending_bytes_per_peer",
-    "stream_idle_seconds",
-    "max_upload_streams_per_peer",
-    "live_run_timeout_seconds",
-    "max_live_run_bytes",
-)
-
-
-def _migrate(args: argparse.Namespace) -> int:
-    from agentrun_server import ServerError
-    from agentrun_server.storage import open_storage
-
-    async def main() -> None:
-        storage = await open_storage(args.db)
-        await storage.close()
-
-    try:
-        asyncio.run(main())
-    except ServerError as exc:
-        print(f"agentrun migrate: {exc}", file=sys.stderr)
-        return 1
-    print(f"agentrun migrate: {args.db} is at the latest schema")
-    return 0
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from agentrun_server import (
-        SERVICES,
-        IngestionLimits,
-        Server,
-        ServerConfig,
-        ServerError,
-        TlsConfig,
-    )
-    from agentrun_server.storage import PoolConfig, SqliteConfig
-
-    config = ServerConfig(
-        db=args.db,
-        host=args.host,
-        port=args.port,
-        metrics_host=args.metrics_host,
-        metrics_port=args.metrics_port,
-        health_port=args.health_port,
-        metrics_web_config=args.metrics_web_config,
-        auth=args.auth,
-        tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca),
-        insecure=args.insecure,
-        services=(args.only,) if args.only else SERVICES,
-        grace_seconds=args.grace_seconds,
-        resume_grace_seconds=args.resume_grace_seconds,
-        pool=PoolConfig(args.db_max_connections, args.db_statement_timeout_seconds),
-        sqlite=SqliteConfig(args.sqlite_synchronous),
-        limits=IngestionLimits(
-            **{
-                name: getattr(args, name)
-                for name in LIMIT_FLAGS
-                if getattr(args, name) is not None  # unset: the server's default
-            }
-        ),
-    )
-    server = Server(config)
-
-    async def main() -> None:
-        ready = asyncio.Event()
-        serving = asyncio.create_task(server.serve(ready))
-        await asyncio.wait(
-            {serving, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED
-        )
-        if ready.is_set():
-            metrics = (
-                f"metrics on {server.metrics_url}" if config.metrics_port >= 0 else "no metrics"
-            )
-            print(
-                f"agentrun serving {' and '.join(config.services)} on {config.host}:{server.port}"
-                f" ({metrics}; auth {config.auth}{', TLS' if server.tls else ''}; db {config.db})",
-                flush=True,
-            )
-        await serving
-
-    try:
-        asyncio.run(main())
-    except ServerError as exc:  # bad configuration, an unreachable database: one line
-        print(f"agentrun serve: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def _upload(args: argparse.Namespace) -> int:
@@ -542,16 +262,27 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVER_COMMANDS = {
+    "serve": "run the ingestion and orchestrator services (agentrun serve --help)",
+    "migrate": "apply the database's pending schema migrations, and exit",
+}
+"""The server's commands: the server package parses and runs them (`agentrun_server._cli`)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `agentrun` console script."""
+    """Entry point of the `agentrun` console script. `serve` and `migrate` are the server's
+    own commands, handed to it whole (the SDK imports the server for nothing else)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SERVER_COMMANDS:
+        from agentrun_server._cli import main as server_main
+
+        return server_main(argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING if args.command != "serve" else logging.INFO,
+        level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     handlers = {
-        "serve": _serve,
-        "migrate": _migrate,
         "upload": _upload,
         "workflow": _apply,
         "stats": _stats,

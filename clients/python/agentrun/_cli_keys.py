@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -127,33 +126,26 @@ def _limits(key: pb.ApiKey) -> str:
 
 
 async def _on_database(args: argparse.Namespace) -> Any:
-    from agentrun_server.auth import audit, audit_created, audit_log, key_to_proto, new_key
-    from agentrun_server.storage import open_storage
+    """The command run on the database by the server package (it owns storage and audit)."""
+    from agentrun_server.auth import (
+        create_key_on_database,
+        list_keys_on_database,
+        revoke_key_on_database,
+    )
 
-    # Changed on the database, not through a server: this process writes the audit line
-    # (to stderr), as a server does for the changes made through it.
-    audit_log.setLevel(logging.INFO)
-    storage = await open_storage(args.db)
-    try:
-        if args.keys_command == "create":
-            record, token = new_key(
-                args.name,
-                args.scope,
-                args.collection,
-                args.workflow,
-                args.certificate_subject,
-                expires_at=args.expires,
-            )
-            stored = await storage.create_key(record)
-            audit_created(stored, via="database")
-            return pb.CreateApiKeyResponse(key=key_to_proto(stored), token=token)
-        if args.keys_command == "list":
-            return [key_to_proto(k) for k in await storage.list_keys()]
-        revoked = await storage.revoke_key(args.name, time.time())
-        audit("keys.revoke", via="database", name=revoked.name)
-        return key_to_proto(revoked)
-    finally:
-        await storage.close()
+    if args.keys_command == "create":
+        return await create_key_on_database(
+            args.db,
+            args.name,
+            args.scope,
+            args.collection,
+            args.workflow,
+            args.certificate_subject,
+            args.expires,
+        )
+    if args.keys_command == "list":
+        return await list_keys_on_database(args.db)
+    return await revoke_key_on_database(args.db, args.name)
 
 
 def run_keys_command(args: argparse.Namespace) -> int:

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from agentrun_server.auth._access import Access
 from agentrun_server.auth._audit import audit, audit_log
+from agentrun_server.auth._database import (
+    create_key_on_database,
+    list_keys_on_database,
+    revoke_key_on_database,
+)
 from agentrun_server.auth._interceptor import AuthInterceptor, bearer_token
 from agentrun_server.auth._keys import KeyRing, hash_token, new_token
 from agentrun_server.auth._principal import (
@@ -37,8 +42,11 @@ __all__ = [
     "audit_log",
     "bearer_token",
     "caller",
+    "create_key_on_database",
     "hash_token",
     "key_to_proto",
+    "list_keys_on_database",
     "new_key",
     "new_token",
+    "revoke_key_on_database",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from agentrun.v1 import key_service_pb2 as pb
@@ -24,9 +24,9 @@ MAX_LIMITS = 100
 
 def new_key(
     name: str,
-    scopes: list[str] | tuple[str, ...],
-    collections: list[str] | tuple[str, ...] = (),
-    workflows: list[str] | tuple[str, ...] = (),
+    scopes: Sequence[str],
+    collections: Sequence[str] = (),
+    workflows: Sequence[str] = (),
     subject: str = "",
     now: float | None = None,
     expires_at: float | None = None,

@@ -11,7 +11,7 @@ import logging
 import os
 import ssl
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -24,11 +24,11 @@ _log = logging.getLogger(__name__)
 class TlsConfig:
     """The server's certificate and, for mTLS, the CA that client certificates must chain to."""
 
-    cert_file: str = ""
+    cert_file: str = field(default="", metadata={"flag": "cert"})
     """PEM certificate chain, leaf first. Empty: no TLS."""
-    key_file: str = ""
+    key_file: str = field(default="", metadata={"flag": "key"})
     """PEM private key of the certificate."""
-    client_ca_file: str = ""
+    client_ca_file: str = field(default="", metadata={"flag": "client-ca"})
     """PEM CA bundle: when set, every client must present a certificate it signed (mTLS)."""
 
     @property
