@@ -160,8 +160,8 @@ async def test_a_completion_the_server_refuses_fails_its_task_instead_of_leaving
     """Past the Runner's own checks (a WorkStream used directly): the refused completion's lease
     is still held on the server, so the stream fails the attempt with the server's reason."""
     from agentrun._convert import value_to_proto
-    from agentrun._work_stream import WorkStream
     from agentrun.v1 import agent_run_pb2
+    from agentrun.work import WorkStream
 
     stubs = Stubs(server.port)
     await stubs.set_up(runs=1)

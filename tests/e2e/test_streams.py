@@ -16,12 +16,12 @@ import pytest
 from agentrun import AgentRunWriter
 from agentrun import _live_run as live_run_module
 from agentrun._convert import agent_run_to_proto
-from agentrun._work_stream import WorkStream
 from agentrun.chat import UserMessage
 from agentrun.v1 import ingestion_service_pb2 as ingest_pb
 from agentrun.v1 import key_service_pb2 as key_pb
 from agentrun.v1 import key_service_pb2_grpc as key_grpc
 from agentrun.v1 import orchestrator_service_pb2 as pb
+from agentrun.work import WorkStream
 from agentrun_server import IngestionLimits, Server, ServerConfig
 from agentrun_server.auth import new_key
 from agentrun_server.orchestrator import WorkLimits

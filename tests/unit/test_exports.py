@@ -52,6 +52,7 @@ SDK = {
     "load_workflow",
     "value_from_proto",
     "value_to_proto",
+    "work",
 }
 SERVER = {
     "SERVICES",

@@ -17,18 +17,19 @@ from agentrun import (
     value_to_proto,
 )
 from agentrun.v1 import orchestrator_service_pb2 as pb
+from agentrun.work import Lease
 
 from .test_models import docs_example as simple_run
 
 
-def lease(with_input: bool = True) -> pb.Lease:
+def lease(with_input: bool = True) -> Lease:
     message = pb.Lease(task_id="7", lease_id="l", attempt=2, max_attempts=4, stage="s", priority=3)
     message.deadline.FromSeconds(1_800_000_000)
     message.agent_run.CopyFrom(agent_run_to_proto(simple_run()))
     message.collection_id = "c"
     if with_input:
         value_to_proto({"score": 5}, message.input)
-    return message
+    return Lease.of(message)
 
 
 def test_parameters_are_read_off_their_annotations() -> None:

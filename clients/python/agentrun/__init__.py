@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 # more, and `import agentrun.v1` or `agentrun.wire` (what the server imports) loads no pydantic,
 # tiktoken or rich, nor the writer's and Runner's metrics.
 if TYPE_CHECKING:
-    from agentrun import chat, importers
+    from agentrun import chat, importers, work
     from agentrun._agent_run import AgentRun, AgentRunWithoutMetadataValidator, FilterableField
     from agentrun._client import Client
     from agentrun._connection import Connection
@@ -90,6 +90,7 @@ _PUBLIC: dict[str, str] = {
     "load_agent_runs": "agentrun.importers",
     "chat": "",  # submodules
     "importers": "",
+    "work": "",
 }
 """Each public name, and the module that defines it ("" for a submodule of its own)."""
 
@@ -134,6 +135,7 @@ __all__ = [
     "load_workflow",
     "value_from_proto",
     "value_to_proto",
+    "work",
 ]
 
 

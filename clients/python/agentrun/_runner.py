@@ -70,10 +70,9 @@ from agentrun._stage import (
     arguments,
     parameters,
 )
-from agentrun._work_stream import WorkStream
 from agentrun.v1 import agent_run_pb2, workflow_pb2
-from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.wire.limits import MAX_OUTPUT_BYTES, value_depth_problem
+from agentrun.work import Lease, WorkStream
 
 _log = logging.getLogger(__name__)
 
@@ -424,7 +423,7 @@ class _Execution:
             for task in running:
                 task.cancel()
 
-    def _on_revoked(self, lease: pb.Lease, reason: str) -> None:
+    def _on_revoked(self, lease: Lease, reason: str) -> None:
         """Stop working on a task whose lease the server took back; it is not settled."""
         self.summary.revoked[lease.stage] += 1
         _log.warning(
@@ -460,7 +459,7 @@ class _Execution:
                 sum(self.summary.dead.values()),
             )
 
-    async def _work(self, lease: pb.Lease) -> None:
+    async def _work(self, lease: Lease) -> None:
         started = False
         try:
             if not await self._take_slot():
@@ -501,18 +500,18 @@ class _Execution:
             self.slots.release()
         return False
 
-    def _hand_back(self, lease: pb.Lease, why: str) -> None:
+    def _hand_back(self, lease: Lease, why: str) -> None:
         self.summary.handed_back[lease.stage] += 1
         _log.info("task %s (%s) handed back: %s", lease.task_id, lease.stage, why)
         self.stream.release(lease)
 
-    def _give_up(self, lease: pb.Lease, message: str) -> str:
+    def _give_up(self, lease: Lease, message: str) -> str:
         _log.error("task %s: %s", lease.task_id, message)
         self.summary.dead[lease.stage] += 1
         self.stream.fail(lease, message, non_retryable=True)
         return "failed"
 
-    async def _work_on(self, lease: pb.Lease) -> str:
+    async def _work_on(self, lease: Lease) -> str:
         """Run the stage function on one task and settle it; return done, failed or retried."""
         stage = lease.stage
         started = time.monotonic()
@@ -581,7 +580,7 @@ class _Execution:
         self.stream.complete(lease, pathway, encoded)
         return "done"
 
-    def _retry_later(self, lease: pb.Lease, retry: Retry) -> str:
+    def _retry_later(self, lease: Lease, retry: Retry) -> str:
         self.summary.retried[lease.stage] += 1
         _log.info("task %s (%s): to run again in %.1f s", lease.task_id, lease.stage, retry.after)
         self.stream.release(lease, after_seconds=max(0.0, retry.after))

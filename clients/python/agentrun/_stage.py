@@ -31,8 +31,8 @@ from typing import Annotated, Any, TypeAlias
 from agentrun._agent_run import AgentRun
 from agentrun._convert import agent_run_from_proto, value_from_proto
 from agentrun._errors import WorkflowError
-from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.wire.limits import MAX_DELAY_SECONDS
+from agentrun.work import Lease
 
 _INPUT = "agentrun.TaskInput"
 TaskInput: TypeAlias = Annotated[Any, _INPUT]
@@ -168,17 +168,17 @@ def parameters(function: StageFunction, stage: str) -> list[str]:
     return kinds
 
 
-def _deadline(lease: pb.Lease) -> datetime:
-    return datetime.fromtimestamp(lease.deadline.ToNanoseconds() / 1e9, tz=UTC)
+def _deadline(lease: Lease) -> datetime:
+    return datetime.fromtimestamp(lease.deadline, tz=UTC)
 
 
-def arguments(kinds: list[str], lease: pb.Lease, workflow: str) -> list[Any]:
+def arguments(kinds: list[str], lease: Lease, workflow: str) -> list[Any]:
     """The arguments of a stage function for one lease: the run only if it asks for it.
 
     Raises:
         pydantic.ValidationError, ValueError: the run does not convert to the model.
     """
-    task_input = value_from_proto(lease.input) if lease.HasField("input") else None
+    task_input = value_from_proto(lease.input) if lease.input is not None else None
     values: dict[str, Any] = {"input": task_input}
     if "run" in kinds:
         values["run"] = agent_run_from_proto(lease.agent_run)

@@ -15,15 +15,9 @@ import grpc
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from agentrun.v1 import workflow_pb2 as workflow_pb
-from agentrun.wire.checks import proto_value_depth_problem
 from agentrun.wire.limits import (
-    MAX_DELAY_SECONDS,
-    MAX_IDENTIFIER_CHARS,
-    MAX_IDS_PER_REQUEST,
     MAX_LEASE_SECONDS,
-    MAX_OUTPUT_BYTES,
     MAX_STAGES,
-    shown,
 )
 from agentrun_server._checks import (
     check_count,
@@ -33,40 +27,34 @@ from agentrun_server._checks import (
     check_seconds,
     check_task_id,
     check_task_ids,
-    duration_problem,
     lease_id_problem,
-    parse_id,
-    storable_text,
 )
 from agentrun_server._errors import InvalidArgument, NotFound
 from agentrun_server.auth import Access, audit, caller
-from agentrun_server.orchestrator._convert import (
+from agentrun_server.orchestrator import _wire as wire
+from agentrun_server.orchestrator._dispatcher import Dispatcher
+from agentrun_server.orchestrator._metrics import OrchestratorMetrics
+from agentrun_server.orchestrator._session import UNLIMITED, Leased, WorkSession
+from agentrun_server.orchestrator._wire import (
     TASK_STATES_FROM_PROTO,
     task_to_proto,
     workflow_from_proto,
     workflow_to_proto,
 )
-from agentrun_server.orchestrator._dispatcher import UNLIMITED, Dispatcher, Session
-from agentrun_server.orchestrator._metrics import OrchestratorMetrics
 from agentrun_server.serving import (
     IdleTimeout,
     StreamSlots,
     page_after,
     page_size,
     receive,
-    seconds_of,
     to_duration,
     to_timestamp,
 )
 from agentrun_server.storage import (
     Ack,
-    AckCode,
     Completion,
-    Extension,
-    Failure,
     LeasedTask,
     LeaseRef,
-    Release,
     StageBacklog,
     Storage,
 )
@@ -76,8 +64,6 @@ T = TypeVar("T")
 _TASK_STATES = tuple(workflow_pb.TaskState.values())
 
 
-MAX_ERROR_CHARS = 64 * 1024
-"""Longer failure messages are stored clipped to this many characters (the tail is dropped)."""
 CLOSE_CONFIRM_SECONDS = 0.2
 """How long after a worker's requests end the server waits for a cancellation (a connection
 broken, not closed) before taking the close as the worker's own: its leases go back at once."""
@@ -85,8 +71,6 @@ DEFAULT_BATCH_BYTES = 3 * 1024 * 1024
 """Encoded bytes per lease batch when the worker's Subscribe names no `max_batch_bytes`: under
 gRPC's default 4 MiB receive limit, so a client built with defaults can read every batch (a run
 larger than that comes alone, and needs the client's limit raised)."""
-MAX_ITEMS_PER_MESSAGE = MAX_IDS_PER_REQUEST
-"""Most settles (completions, failures, extensions, releases) in one WorkRequest."""
 
 
 @dataclass(frozen=True)
@@ -119,51 +103,6 @@ class WorkLimits:
     while a working one grows to its credits at once."""
     max_leases_per_key: int = 20_000
     """Leases held at once by all the streams of one API key."""
-
-
-def _clip(error: str) -> str:
-    error = storable_text(error)
-    if len(error) <= MAX_ERROR_CHARS:
-        return error
-    return error[:MAX_ERROR_CHARS] + f"... [clipped from {len(error):,} characters]"
-
-
-def _task_id(text: str) -> int:
-    """A settle's task id; 0 (no task has it: answered NOT_FOUND per item) if it is not one."""
-    return parse_id(text) or 0
-
-
-def _completion_problem(i: int, c: pb.TaskCompletion, output: bytes | None) -> str | None:
-    """Why completion `i` is refused before storage, or None."""
-    problem = lease_id_problem(f"completions[{i}].lease_id", c.lease_id)
-    if problem is not None:
-        return problem
-    if len(c.pathway) > MAX_IDENTIFIER_CHARS or "\x00" in c.pathway:
-        return (
-            f"completions[{i}].pathway: {shown(c.pathway)} is not a pathway name (at most "
-            f"{MAX_IDENTIFIER_CHARS} characters)"
-        )
-    if output is None:
-        return None
-    if len(output) > MAX_OUTPUT_BYTES:
-        return (
-            f"completions[{i}].output: {len(output):,} bytes encoded, over the "
-            f"{MAX_OUTPUT_BYTES:,}-byte limit"
-        )
-    depth = proto_value_depth_problem(c.output)
-    return depth and f"completions[{i}].output: {depth}"
-
-
-def _refuse(task_id: int, lease_id: str, message: str) -> Ack:
-    """The answer to a settle item refused before storage: the lease, if current, is kept."""
-    return Ack(task_id, lease_id, AckCode.INVALID_ARGUMENT, message)
-
-
-def _delay_problem(field: str, has: bool, duration: Any) -> str | None:
-    if not has:
-        return None
-    problem = duration_problem(duration, 0.0, MAX_DELAY_SECONDS, open_min=False)
-    return None if problem is None else f"{field}: {problem}"
 
 
 async def _with_refusals(
@@ -199,6 +138,15 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._max_batch_bytes = max_message_bytes // 2  # room for the leases' other fields
         self.limits = limits or WorkLimits()
         limits = self.limits
+        self._handlers: dict[str, Callable[[WorkSession, Any], Awaitable[None]]] = {
+            "complete_tasks": self._on_complete,
+            "fail_tasks": self._on_fail,
+            "extend_leases": self._on_extend,
+            "release_tasks": self._on_release,
+            "grant_credits": self._on_grant,
+            "drain": self._on_drain,
+            "heartbeat": self._on_heartbeat,
+        }
         self._slots = StreamSlots(
             "Work streams",
             ("max_streams", limits.max_streams),
@@ -287,7 +235,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             raise InvalidArgument("the first WorkRequest must be `subscribe`")
         session = await self._open(first.subscribe)
         resume = [
-            LeaseRef(_task_id(ref.task_id), ref.lease_id)
+            LeaseRef(wire.task_id(ref.task_id), ref.lease_id)
             if lease_id_problem("lease_id", ref.lease_id) is None
             else LeaseRef(0, "")  # no such lease: answered NOT_FOUND
             for ref in check_count("subscribe.resume", first.subscribe.resume)
@@ -296,20 +244,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         handback = False  # the worker closed its side: its leases end now; else they wait
         reader: asyncio.Task[None] | None = None
         try:
-            subscribed = pb.WorkResponse(
-                subscribed=pb.Subscribed(
-                    session_id=session.id,
-                    workflow=workflow_to_proto(session.workflow),
-                    idle_timeout=to_duration(self.limits.idle_seconds),
-                )
-            )
-            subscribed.subscribed.resumed.extend(self._ack_batch(resumed).acks.acks)
-            yield subscribed
+            yield wire.subscribed(session.id, session.workflow, resumed, self.limits.idle_seconds)
             reader = asyncio.create_task(self._read(session, requests))
             while True:
                 item = await session.outbox.get()
-                if isinstance(item, pb.WorkResponse) and item.WhichOneof("kind") == "leases":
-                    self._dispatcher.sent(session)
                 if item is None:
                     if session.reconnecting:  # closed as asked: it resumes elsewhere
                         return
@@ -321,7 +259,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                if isinstance(item, Leased):
+                    self._dispatcher.sent(session)
+                yield wire.response(item)
         finally:
             if reader is not None:
                 reader.cancel()
@@ -330,7 +270,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             # Shielded: the stream may be ending because it was cancelled.
             await asyncio.shield(self._dispatcher.remove(session, handback))
 
-    async def _open(self, subscribe: pb.Subscribe) -> Session:
+    async def _open(self, subscribe: pb.Subscribe) -> WorkSession:
         limits = self.limits
         if not 1 <= subscribe.credits <= limits.max_credits:
             raise InvalidArgument(
@@ -351,7 +291,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             raise InvalidArgument("subscribe.stages: at least one stage is required")
         check_count("subscribe.stages", subscribe.stages, MAX_STAGES)
         name = check_reference("subscribe.workflow", subscribe.workflow, required=True)
-        caller().check_workflow(name, "subscribe.workflow")
+        await self._access.check("subscribe.workflow", workflow=name)
         workflow = await self._storage.get_workflow(name)
         quota = {}
         for i, stage in enumerate(subscribe.stages):
@@ -359,7 +299,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             if stage.stage in quota:
                 raise InvalidArgument(f"subscribe.stages[{i}]: stage {stage.stage!r} given twice")
             quota[stage.stage] = stage.max_tasks or UNLIMITED
-        return Session(
+        return WorkSession(
             id=uuid.uuid4().hex,
             key=caller().name,
             window=limits.lease_window,
@@ -375,171 +315,32 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             max_leased_bytes=limits.max_leased_bytes,
         )
 
-    async def _read(self, session: Session, requests: AsyncIterator[pb.WorkRequest]) -> None:
+    async def _read(self, session: WorkSession, requests: AsyncIterator[pb.WorkRequest]) -> None:
         why = "idle_timeout: a worker with nothing to settle sends a heartbeat"
         try:
             with IdleTimeout(self.limits.idle_seconds, why) as idle:
                 async for request in requests:
                     idle.touch()
-                    await self._handle(session, request)
+                    kind = request.WhichOneof("kind")
+                    handle = self._handlers.get(kind or "")
+                    if handle is None:
+                        raise InvalidArgument(
+                            "WorkRequest.subscribe: only allowed as the first message"
+                            if kind == "subscribe"
+                            else "WorkRequest.kind: not set, or not known to this server"
+                        )
+                    await handle(session, getattr(request, kind or ""))
             session.outbox.put_nowait(None)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             session.outbox.put_nowait(exc)
 
-    async def _handle(self, session: Session, request: pb.WorkRequest) -> None:
-        kind = request.WhichOneof("kind")
+    # One handler per kind of WorkRequest: (the session, the request's `kind` message).
+
+    async def _on_complete(self, session: WorkSession, request: pb.CompleteTasks) -> None:
         now = time.time()
-        acks: list[Ack]
-        leased: list[LeasedTask] = []
-        if kind == "complete_tasks":
-            completions, refused = self._completions(request.complete_tasks)
-            acks, leased = await self._complete(session, completions, refused, now)
-            metrics, workflow = self._metrics, session.workflow.name
-            done: dict[tuple[str, str], int] = {}
-            for item, ack in zip(completions, acks, strict=True):
-                if ack.result == "done":
-                    key = (ack.stage, item.pathway)
-                    done[key] = done.get(key, 0) + 1
-                    leased_at = session.in_flight.get(ack.lease_id)
-                    if leased_at is not None:
-                        metrics.child(metrics.run_seconds, workflow, ack.stage).observe(
-                            max(0.0, now - leased_at)
-                        )
-            for (stage, pathway), count in done.items():
-                metrics.child(metrics.completed, workflow, stage, pathway).inc(count)
-        elif kind == "fail_tasks":
-            failures, refused = self._failures(request.fail_tasks)
-            acks = await _with_refusals(
-                failures, refused, lambda kept: self._storage.fail(kept, now, session.id)
-            )
-            metrics, workflow = self._metrics, session.workflow.name
-            for ack in acks:
-                if ack.result in ("retry", "dead"):
-                    metrics.child(metrics.failed, workflow, ack.stage, ack.result).inc()
-                if ack.result == "dead":
-                    metrics.child(metrics.dead, workflow, ack.stage, "failed").inc()
-        elif kind == "extend_leases":
-            extensions, refused = self._extensions(session, request.extend_leases)
-            acks = await _with_refusals(
-                extensions, refused, lambda kept: self._storage.extend(kept, now, session.id)
-            )
-        elif kind == "release_tasks":
-            releases, refused = self._releases(request.release_tasks)
-            acks = await _with_refusals(
-                releases, refused, lambda kept: self._storage.release(kept, now, session.id)
-            )
-        elif kind == "grant_credits":
-            # Cut to the stream's limit: a worker cannot take the backlog by granting.
-            session.credits = min(
-                session.credits + request.grant_credits.credits, self.limits.max_credits
-            )
-            self._dispatcher.wake()
-            return
-        elif kind == "drain":
-            session.draining = True
-            return
-        elif kind == "heartbeat":
-            return
-        elif kind == "subscribe":
-            raise InvalidArgument("WorkRequest.subscribe: only allowed as the first message")
-        else:
-            raise InvalidArgument("WorkRequest.kind: not set, or not known to this server")
-        self._settled(session, acks, kind)
-        session.outbox.put_nowait(self._ack_batch(acks))
-        if leased:
-            await self._dispatcher.push(session, leased, now)
-        self._dispatcher.wake()
-
-    @staticmethod
-    def _items(field: str, items: Sequence[T]) -> Sequence[T]:
-        return check_count(field, items, MAX_ITEMS_PER_MESSAGE)
-
-    def _completions(self, request: pb.CompleteTasks) -> tuple[list[Completion], dict[int, Ack]]:
-        """The completions, and those refused before storage (INVALID_ARGUMENT per item: the
-        lease is kept, so the worker can complete again): a pathway longer than any stage's, or
-        an output over MAX_OUTPUT_BYTES or nested deeper than the SDK's model allows."""
-        completions: list[Completion] = []
-        refused: dict[int, Ack] = {}
-        for i, c in enumerate(self._items("complete_tasks.completions", request.completions)):
-            output = c.output.SerializeToString() if c.HasField("output") else None
-            item = Completion(_task_id(c.task_id), c.lease_id, c.pathway, output)
-            completions.append(item)
-            problem = _completion_problem(i, c, output)
-            if problem:
-                refused[i] = _refuse(item.task_id, item.lease_id, problem)
-        return completions, refused
-
-    def _failures(self, request: pb.FailTasks) -> tuple[list[Failure], dict[int, Ack]]:
-        """The failures, and those refused before storage: a retry_after out of range."""
-        failures: list[Failure] = []
-        refused: dict[int, Ack] = {}
-        for i, f in enumerate(self._items("fail_tasks.failures", request.failures)):
-            has = f.HasField("retry_after")
-            item = Failure(
-                _task_id(f.task_id),
-                f.lease_id,
-                _clip(f.error),
-                f.non_retryable,
-                seconds_of(f.retry_after) if has else None,
-            )
-            problem = lease_id_problem(f"failures[{i}].lease_id", f.lease_id) or _delay_problem(
-                f"failures[{i}].retry_after", has, f.retry_after
-            )
-            if problem:
-                refused[i] = _refuse(item.task_id, item.lease_id, problem)
-            failures.append(item)
-        return failures, refused
-
-    def _extensions(
-        self, session: Session, request: pb.ExtendLeases
-    ) -> tuple[list[Extension], dict[int, Ack]]:
-        """The extensions, and those refused before storage: a duration not positive or over
-        MAX_LEASE_SECONDS."""
-        extensions: list[Extension] = []
-        refused: dict[int, Ack] = {}
-        for i, e in enumerate(self._items("extend_leases.extensions", request.extensions)):
-            has = e.HasField("lease_duration")
-            item = Extension(
-                _task_id(e.task_id),
-                e.lease_id,
-                seconds_of(e.lease_duration) if has else session.lease_seconds,
-            )
-            problem = lease_id_problem(f"extensions[{i}].lease_id", e.lease_id)
-            if has and not problem:
-                problem = duration_problem(e.lease_duration, 0.0, MAX_LEASE_SECONDS, open_min=True)
-                problem = problem and f"extensions[{i}].lease_duration: {problem}"
-            if problem:
-                refused[i] = _refuse(item.task_id, item.lease_id, problem)
-            extensions.append(item)
-        return extensions, refused
-
-    def _releases(self, request: pb.ReleaseTasks) -> tuple[list[Release], dict[int, Ack]]:
-        """The releases, and those refused before storage: a retry_after out of range."""
-        releases: list[Release] = []
-        refused: dict[int, Ack] = {}
-        for i, r in enumerate(self._items("release_tasks.releases", request.releases)):
-            has = r.HasField("retry_after")
-            item = Release(
-                _task_id(r.task_id), r.lease_id, seconds_of(r.retry_after) if has else 0.0
-            )
-            problem = lease_id_problem(f"releases[{i}].lease_id", r.lease_id) or _delay_problem(
-                f"releases[{i}].retry_after", has, r.retry_after
-            )
-            if problem:
-                refused[i] = _refuse(item.task_id, item.lease_id, problem)
-            releases.append(item)
-        return releases, refused
-
-    async def _complete(
-        self,
-        session: Session,
-        completions: list[Completion],
-        refused: dict[int, Ack],
-        now: float,
-    ) -> tuple[list[Ack], list[LeasedTask]]:
-        """Complete through the dispatcher all but the `refused`; the answers of all."""
+        completions, refused = wire.completions(request)
         leased: list[LeasedTask] = []
 
         async def settle(kept: list[Completion]) -> list[Ack]:
@@ -547,35 +348,66 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             leased.extend(next_leases)
             return acks
 
-        return await _with_refusals(completions, refused, settle), leased
+        acks = await _with_refusals(completions, refused, settle)
+        metrics, workflow = self._metrics, session.workflow.name
+        done: dict[tuple[str, str], int] = {}
+        for item, ack in zip(completions, acks, strict=True):
+            if ack.result == "done":
+                key = (ack.stage, item.pathway)
+                done[key] = done.get(key, 0) + 1
+                leased_at = session.in_flight.get(ack.lease_id)
+                if leased_at is not None:
+                    metrics.child(metrics.run_seconds, workflow, ack.stage).observe(
+                        max(0.0, now - leased_at)
+                    )
+        for (stage, pathway), count in done.items():
+            metrics.child(metrics.completed, workflow, stage, pathway).inc(count)
+        session.on_settled("complete_tasks", acks)
+        if leased:
+            await self._dispatcher.push(session, leased, now)
+        self._dispatcher.wake()
 
-    @staticmethod
-    def _settled(session: Session, acks: list[Ack], kind: str) -> None:
-        """Free the credits of leases this stream no longer holds."""
+    async def _on_fail(self, session: WorkSession, request: pb.FailTasks) -> None:
+        now = time.time()
+        failures, refused = wire.failures(request)
+        acks = await _with_refusals(
+            failures, refused, lambda kept: self._storage.fail(kept, now, session.id)
+        )
+        metrics, workflow = self._metrics, session.workflow.name
         for ack in acks:
-            still_held = ack.code == AckCode.OK and kind == "extend_leases"
-            # A rejected pathway leaves the task leased: the worker can settle it again.
-            still_held |= ack.code == AckCode.INVALID_ARGUMENT
-            if not still_held:
-                session.drop(ack.lease_id, settled=ack.code == AckCode.OK)
+            if ack.result in ("retry", "dead"):
+                metrics.child(metrics.failed, workflow, ack.stage, ack.result).inc()
+            if ack.result == "dead":
+                metrics.child(metrics.dead, workflow, ack.stage, "failed").inc()
+        session.on_settled("fail_tasks", acks)
+        self._dispatcher.wake()
 
-    @staticmethod
-    def _ack_batch(acks: list[Ack]) -> pb.WorkResponse:
-        response = pb.WorkResponse()
-        batch = response.acks
-        batch.SetInParent()
-        for ack in acks:
-            out = batch.acks.add(
-                task_id=str(ack.task_id),
-                lease_id=ack.lease_id,
-                code=int(ack.code),
-                message=ack.message,
-            )
-            if ack.deadline is not None:
-                out.deadline.CopyFrom(to_timestamp(ack.deadline))
-            if ack.next_task_id is not None:
-                out.next_task_id = str(ack.next_task_id)
-        return response
+    async def _on_extend(self, session: WorkSession, request: pb.ExtendLeases) -> None:
+        now = time.time()
+        extensions, refused = wire.extensions(request, session.lease_seconds)
+        acks = await _with_refusals(
+            extensions, refused, lambda kept: self._storage.extend(kept, now, session.id)
+        )
+        session.on_settled("extend_leases", acks)
+
+    async def _on_release(self, session: WorkSession, request: pb.ReleaseTasks) -> None:
+        now = time.time()
+        releases, refused = wire.releases(request)
+        acks = await _with_refusals(
+            releases, refused, lambda kept: self._storage.release(kept, now, session.id)
+        )
+        session.on_settled("release_tasks", acks)
+        self._dispatcher.wake()
+
+    async def _on_grant(self, session: WorkSession, request: pb.GrantCredits) -> None:
+        session.grant(request.credits, self.limits.max_credits)
+        self._dispatcher.wake()
+
+    async def _on_drain(self, session: WorkSession, request: pb.Drain) -> None:
+        session.drain()
+
+    async def _on_heartbeat(self, session: WorkSession, request: pb.Heartbeat) -> None:
+        pass
 
     # --- tasks ----------------------------------------------------------------------------------
 
