@@ -68,7 +68,7 @@ async def test_kept_counts_equal_a_recount_after_any_operations(
             runs = [f"r{rng.randrange(60)}" for _ in range(5)]
             await storage.enqueue("w", rng.choice(("", "b")), runs, 0, now)
         else:
-            await storage.release_session("s", now)
+            await storage.end_session_leases("s", now)
     counted = await recount(storage)
     kept = {
         (s.stage, state): getattr(s, state)

@@ -57,11 +57,11 @@ async def test_a_closed_stream_hands_its_leases_back_at_once_with_the_attempt_co
 ) -> None:
     await ingest(storage, 2)
     await storage.claim(session("s1"), 10.0)
-    ended = await storage.release_session("s1", 11.0)
+    ended = await storage.end_session_leases("s1", 11.0)
     assert len(ended) == 2 and not any(e.dead for e in ended)
     again = await storage.claim(session("s2"), 12.0)
     assert {t.attempt for t in again} == {2}
-    assert await storage.release_session("nobody", 13.0) == []
+    assert await storage.end_session_leases("nobody", 13.0) == []
     failures = (await storage.get_task(again[0].task_id)).failures
     assert "closed its stream" in failures[0].error
 

@@ -8,21 +8,16 @@ import itertools
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from agentrun_server.storage import (
     AckCode,
     ClaimRequest,
     Completion,
     NewRun,
-    Release,
     StageDef,
     WorkflowDef,
     open_storage,
 )
-from agentrun_server.storage.sqlite import _settles
 
 WORKFLOW = WorkflowDef(
     "w",
@@ -135,45 +130,5 @@ async def test_a_claim_of_more_tasks_than_sqlite_takes_parameters_leases_them_al
         count, ended = await storage.cancel("", "", [t.task_id for t in leased], 3.0)
         assert count == len(ended) == 20_000  # every one leased: each lease ended is reported
         assert {e.lease_id for e in ended} == {t.lease_id for t in leased}
-    finally:
-        await storage.close()
-
-
-async def test_a_completion_that_loses_a_race_is_answered_from_the_task_as_it_stands(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Between a batch's read and its guarded write another writer may settle one of its tasks:
-    # never within one SQLite transaction, always possible where writers do not take turns. Here
-    # the read is made to see a lease the task no longer holds: the write moves only the other.
-    storage = await open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    try:
-        await storage.put_workflow(WORKFLOW, 1.0)
-        collection, _ = await storage.create_collection("c", "", "w", 1.0)
-        await storage.insert_runs(
-            collection.id, [NewRun(f"r{i}", None, b"x") for i in range(2)], 1.0
-        )
-        one, two = await storage.claim(ClaimRequest("s", "w", {"a": 2}, 2, None), 2.0)
-        await storage.release([Release(two.task_id, two.lease_id)], 3.0)
-        real = _settles.settle_rows
-        reads = []
-
-        def first_read_is_stale(db: Any, ids: Any) -> Any:
-            rows = real(db, ids)
-            if not reads:
-                rows = {k: v._replace(state="leased") for k, v in rows.items()}
-            reads.append(ids)
-            return rows
-
-        monkeypatch.setattr(_settles, "settle_rows", first_read_is_stale)
-        acks = await storage.complete(
-            [Completion(t.task_id, t.lease_id, "next") for t in (one, two)], 4.0
-        )
-        assert [(a.code, a.result) for a in acks] == [
-            (AckCode.OK, "done"),
-            (AckCode.FAILED_PRECONDITION, ""),
-        ]
-        assert "is ready" in acks[1].message and acks[0].next_task_id is not None
-        a, b = await storage.backlog("w", 5.0)
-        assert (a.done, a.ready, b.ready) == (1, 1, 1)
     finally:
         await storage.close()

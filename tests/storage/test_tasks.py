@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from agentrun_server._errors import NotFound
@@ -18,6 +20,8 @@ from agentrun_server.storage import (
     TaskState,
     WorkflowDef,
 )
+from agentrun_server.storage.sqlite import SqliteStorage
+from agentrun_server.storage.sqlite._statements import SqliteStatements
 
 from .conftest import ingest
 
@@ -262,3 +266,40 @@ async def test_a_release_may_ask_to_run_again_later_at_no_attempts_cost(storage:
     (again,) = await storage.claim(request(), 41.0)
     assert again.task_id == task.task_id and again.attempt == 1
     assert (await storage.get_task(task.task_id)).failures == ()
+
+
+async def test_a_completion_that_loses_a_race_is_answered_from_the_task_as_it_stands(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Between a batch's read and its guarded write another writer may settle one of its tasks
+    # (never within one SQLite transaction; always possible where replicas do not take turns).
+    # Here the engine's read is made to see a lease the task no longer holds: the write moves
+    # only the other, and the loser is answered from the task as it stands.
+    statements: Any
+    if isinstance(storage, SqliteStorage):
+        statements = SqliteStatements
+    else:
+        from agentrun_server.storage.postgres._statements import PostgresStatements
+
+        statements = PostgresStatements
+    await ingest(storage, 2)
+    one, two = await storage.claim(request(2), 2.0)
+    await storage.release([Release(two.task_id, two.lease_id)], 3.0)
+    real = statements.settle_rows
+    reads = []
+
+    async def first_read_is_stale(self: Any, ids: Any) -> Any:
+        rows = await real(self, ids)
+        if not reads:
+            rows = {k: v._replace(state="leased") for k, v in rows.items()}
+        reads.append(ids)
+        return rows
+
+    monkeypatch.setattr(statements, "settle_rows", first_read_is_stale)
+    acks = await storage.complete(
+        [Completion(t.task_id, t.lease_id, "next") for t in (one, two)], 4.0
+    )
+    assert [(a.code, a.result) for a in acks] == [(OK, "done"), (STALE, "")]
+    assert "is ready" in acks[1].message and acks[0].next_task_id is not None
+    a, b = await storage.backlog("w", 5.0)
+    assert (a.done, a.ready, b.ready) == (1, 1, 1)

@@ -192,7 +192,7 @@ class Dispatcher:
         try:
             now = self._clock()
             if handback:
-                ended = await self._storage.release_session(session.id, now)
+                ended = await self._storage.end_session_leases(session.id, now)
                 if ended:
                     dead = self._count_ended(ended, "stream_closed")
                     _log.info(

@@ -1,10 +1,14 @@
 """Storage shared by the ingestion and orchestrator services, behind one narrow interface.
 
 `open_storage("sqlite:///path.db")` returns an opened store. Signatures carry only the records of
-`storage._types` and opaque bytes (encoded protobuf messages), never generated types. What a
-claim takes and what a settle means is decided once, in `storage._rules`; a backend only runs
-statements, each state change a guarded one. `tests/storage` holds the contract suite every
-backend passes.
+`storage._types` and opaque bytes (encoded protobuf messages), never generated types.
+
+Written once for every engine: what a claim takes and what a settle means (`storage._rules`,
+pure decisions), and each procedure around them (`storage._procedures`, coroutines over one
+transaction's statements), run by `storage._store.Store`. An engine (`storage.sqlite`,
+`storage.postgres`) brings its statements (`storage._statements.Statements`, each state change a
+guarded one), its transactions and its connections. `tests/storage` holds the contract suite every
+engine passes.
 """
 
 from __future__ import annotations
@@ -19,13 +23,18 @@ from agentrun_server.storage._rules import backoff_seconds, event_digest, run_st
 from agentrun_server.storage._types import (
     Ack,
     AckCode,
+    AckResult,
     ApiKeyRecord,
     AttemptFailureRecord,
+    Cancelled,
     ClaimRequest,
     Collection,
+    CollectionPut,
     Completion,
     EndedLease,
+    Enqueued,
     EventOutcome,
+    EventPage,
     EventStatus,
     Extension,
     Failure,
@@ -34,31 +43,42 @@ from agentrun_server.storage._types import (
     InsertStatus,
     LeasedTask,
     LeaseRef,
+    LiveRunCounts,
     NewEvent,
     NewRun,
+    Page,
     PoolConfig,
     Release,
     Revocation,
+    RevocationPage,
+    SettledAndLeased,
     SqliteConfig,
     StageBacklog,
     StageDef,
     StoredRun,
+    Swept,
     TaskRecord,
     TaskState,
     WorkflowDef,
+    WorkflowPut,
 )
 from agentrun_server.storage.sqlite import SqliteStorage
 
 __all__ = [
     "Ack",
     "AckCode",
+    "AckResult",
     "ApiKeyRecord",
     "AttemptFailureRecord",
+    "Cancelled",
     "ClaimRequest",
     "Collection",
+    "CollectionPut",
     "Completion",
     "EndedLease",
+    "Enqueued",
     "EventOutcome",
+    "EventPage",
     "EventStatus",
     "Extension",
     "Failure",
@@ -67,23 +87,29 @@ __all__ = [
     "InsertStatus",
     "LeaseRef",
     "LeasedTask",
+    "LiveRunCounts",
     "LocalNotifier",
     "NewEvent",
     "NewRun",
     "Notifier",
+    "Page",
     "PollingNotifier",
     "PoolConfig",
     "Release",
     "Revocation",
+    "RevocationPage",
+    "SettledAndLeased",
     "SqliteConfig",
     "SqliteStorage",
     "StageBacklog",
     "StageDef",
     "Storage",
     "StoredRun",
+    "Swept",
     "TaskRecord",
     "TaskState",
     "WorkflowDef",
+    "WorkflowPut",
     "backoff_seconds",
     "event_digest",
     "open_storage",
@@ -122,7 +148,7 @@ class Storage(Protocol):
 
     async def create_collection(
         self, name: str, description: str, workflow: str, now: float, enter_on_abandon: bool = False
-    ) -> tuple[Collection, bool]:
+    ) -> CollectionPut:
         """Create a collection, or return the one with this name (created=False; its description
         and `enter_on_abandon` as they were).
 
@@ -164,9 +190,7 @@ class Storage(Protocol):
         another collection or uploaded whole, ResourceExhausted past `max_run_bytes` of events,
         InvalidArgument when `fold` refuses the finished run."""
 
-    async def events_after(
-        self, run_id: str, after_sequence: int, limit: int
-    ) -> tuple[StoredRun, list[tuple[int, bytes]]]:
+    async def events_after(self, run_id: str, after_sequence: int, limit: int) -> EventPage:
         """A run's record (without its data) and up to `limit` of its events after
         `after_sequence`, as (sequence, patch), in order.
 
@@ -186,7 +210,7 @@ class Storage(Protocol):
     async def run_collections(self, run_ids: Sequence[str]) -> dict[str, str]:
         """The collection of each run named that exists, by run id (absent: no such run)."""
 
-    async def count_live_runs(self, abandoned_before: float) -> tuple[int, int]:
+    async def count_live_runs(self, abandoned_before: float) -> LiveRunCounts:
         """(running, abandoned) live runs in every collection: running runs with an event since
         `abandoned_before`, and those without."""
 
@@ -205,7 +229,7 @@ class Storage(Protocol):
         max_bytes: int | None = None,
         state: str | None = None,
         abandoned_before: float = 0.0,
-    ) -> tuple[list[StoredRun], bool]:
+    ) -> Page[StoredRun]:
         """Up to `limit` runs of a collection with seq > `after_seq`, in ingestion order, and
         whether more follow; only runs in `state` ("running", "finished", "abandoned": running
         with no event since `abandoned_before`) when given. The page stops before the run that
@@ -217,7 +241,7 @@ class Storage(Protocol):
 
     # --- workflows ------------------------------------------------------------------------------
 
-    async def put_workflow(self, workflow: WorkflowDef, now: float) -> tuple[WorkflowDef, bool]:
+    async def put_workflow(self, workflow: WorkflowDef, now: float) -> WorkflowPut:
         """Store a definition (validated by the caller); a new version only if it changed.
 
         Raises:
@@ -239,12 +263,9 @@ class Storage(Protocol):
 
     async def enqueue(
         self, workflow_name: str, stage_name: str, run_ids: Sequence[str], priority: int, now: float
-    ) -> tuple[int, int]:
+    ) -> Enqueued:
         """Create ready tasks for stored runs at a stage ("": the first); a run that has a ready
         or leased task in the workflow already is skipped.
-
-        Returns:
-            (enqueued, skipped).
 
         Raises:
             NotFound: unknown workflow, stage or run (nothing is enqueued).
@@ -270,7 +291,7 @@ class Storage(Protocol):
 
     async def complete_and_claim(
         self, items: Sequence[Completion], request: ClaimRequest, now: float
-    ) -> tuple[list[Ack], list[LeasedTask]]:
+    ) -> SettledAndLeased:
         """`complete`, then `claim` for the same session, in one transaction: a worker that
         settles a batch gets its next without another round through the dispatcher (the
         session, `request.session_id`, is the completions' holder). `request.limit` counts the credits the completions free; each completion refused for its
@@ -290,9 +311,10 @@ class Storage(Protocol):
 
     # --- leases: streams, servers, expiry -------------------------------------------------------
 
-    async def release_session(self, session_id: str, now: float) -> list[EndedLease]:
+    async def end_session_leases(self, session_id: str, now: float) -> list[EndedLease]:
         """End every lease a Work session holds, as its worker closed the stream on purpose: the
-        attempts count (it may have died of a task); ready again, or dead when spent."""
+        attempts count (it may have died of a task); ready again, or dead when spent. (`release`
+        hands a lease back at no cost; this spends the attempt.)"""
 
     async def detach_session(self, session_id: str, now: float) -> int:
         """Detach the leases of a Work session whose stream ended without handing them back
@@ -312,9 +334,7 @@ class Storage(Protocol):
     async def remove_server(self, server_id: str) -> None:
         """Forget a server shutting down (after it detached its sessions)."""
 
-    async def sweep(
-        self, now: float, grace_seconds: float
-    ) -> tuple[list[EndedLease], list[EndedLease]]:
+    async def sweep(self, now: float, grace_seconds: float) -> Swept:
         """End leases nobody will settle, counting the attempt (ready again, or dead when spent).
         Safe to run in every process at once: each lease ends once.
 
@@ -322,12 +342,9 @@ class Storage(Protocol):
           heartbeat.
         - Expired: past their deadline (revoked from their stream, if any).
         - Recovered: detached for `grace_seconds` without a worker resuming them.
-
-        Returns:
-            (expired, recovered).
         """
 
-    async def revocations_after(self, after_id: int) -> tuple[int, list[Revocation]]:
+    async def revocations_after(self, after_id: int) -> RevocationPage:
         """Revocations recorded after `after_id` (cancelled or expired leases of live streams,
         kept a minute), and the id to read after next time. `after_id` -1: none, just the id
         to start from."""
@@ -347,7 +364,7 @@ class Storage(Protocol):
 
     async def cancel(
         self, workflow: str, stage: str, task_ids: Sequence[int], now: float
-    ) -> tuple[int, list[EndedLease]]:
+    ) -> Cancelled:
         """Cancel ready, leased and dead tasks (by id, else all of a workflow and optionally
         stage); return how many, and the leases that ended (revoked from their streams).
 
@@ -380,7 +397,7 @@ class Storage(Protocol):
         after_id: int,
         limit: int,
         max_bytes: int | None = None,
-    ) -> tuple[list[TaskRecord], bool]:
+    ) -> Page[TaskRecord]:
         """Up to `limit` tasks with id > `after_id`, filtered where arguments are set, and
         whether more follow; the page stops before the task whose input and output would take it
         over `max_bytes` (the first regardless)."""

@@ -1,10 +1,10 @@
 """The task rules, once for every backend: what a claim takes and what a settle means.
 
-Storage adapters run statements; these functions decide. Each is pure (records in, decisions
-out), so a synchronous SQLite adapter and an asynchronous PostgreSQL one call the same code:
+The procedures (`storage._procedures`) call these to decide, and an engine's statements to read
+and write. Each is pure (records in, decisions out, no SQL):
 
 - **Fencing**: a settle moves a task only while the lease it presents is the task's current one.
-  The adapters enforce it in the write itself (`... WHERE state = 'leased' AND lease_id = ?`,
+  The statements enforce it in the write itself (`... WHERE state = 'leased' AND lease_id = ?`,
   RETURNING what moved); `settle_error` explains a write that moved nothing.
 - **Repeats**: a settle repeated under the same lease gets the answer it got the first time
   (`is_repeat`), so a worker may resend after a lost ack or a reconnect.
@@ -35,6 +35,7 @@ from agentrun_server._errors import (
 from agentrun_server.storage._types import (
     Ack,
     AckCode,
+    AckResult,
     Completion,
     EventOutcome,
     EventStatus,
@@ -195,7 +196,7 @@ def answer_miss(
     """The answer to a settle that moved nothing: OK for a repeat, else why it is refused."""
     if is_repeat(kind, row, lease_id, pathway):
         assert row is not None
-        return Ack(task_id, lease_id, stage=row.stage, result="repeat")
+        return Ack(task_id, lease_id, stage=row.stage, result=AckResult.REPEAT)
     return settle_error(task_id, lease_id, row, holder)
 
 
@@ -301,47 +302,15 @@ RUN_STATES = ("running", "finished", "abandoned")
 
 def run_state(state: str, updated_at: float | None, abandoned_before: float) -> str:
     """A run's state as read: a running run with no event since `abandoned_before` is
-    abandoned (what `run_state_clause` selects)."""
+    abandoned (a later event reopens it, so the state is decided when read, not stored)."""
     if state == "running" and (updated_at or 0.0) < abandoned_before:
         return "abandoned"
     return state
 
 
-def run_state_clause(
-    state: str | None, abandoned_before: float, mark: str
-) -> tuple[str, tuple[float, ...]]:
-    """The SQL condition (with `mark` as its placeholder) and parameters that keep runs in
-    `state`: a running run with no event since `abandoned_before` counts as abandoned (a later
-    event reopens it, so the state is decided when read, not stored)."""
-    if state is None:
-        return "", ()
-    if state == "finished":
-        return " AND state = 'finished'", ()
-    if state == "running":
-        return f" AND state = 'running' AND updated_at >= {mark}", (abandoned_before,)
-    return f" AND state = 'running' AND updated_at < {mark}", (abandoned_before,)
-
-
-def live_run_counts_statement(mark: str) -> str:
-    """SQL (with `mark` as its placeholder, given `abandoned_before` twice) counting running and
-    abandoned runs, in that order; read off the partial index of running runs."""
-    return (
-        f"SELECT count(*) FILTER (WHERE updated_at >= {mark}), "
-        f"count(*) FILTER (WHERE updated_at < {mark}) FROM agent_runs WHERE state = 'running'"
-    )
-
-
 NOTHING_TO_ENTER = -1.0
 """`agent_runs.entered_at` of a run abandoned with nothing a stage could work on (no transcript):
 it left the sweep, and its finish enters it. NULL: not entered; else when it entered."""
-
-ABANDONED_TO_ENTER = (
-    "SELECT r.id, r.collection_id FROM agent_runs r JOIN collections c ON c.id = r.collection_id "
-    "WHERE r.state = 'running' AND r.entered_at IS NULL AND r.updated_at < {mark} "
-    "AND c.enter_on_abandon AND c.workflow != '' ORDER BY r.updated_at LIMIT {mark}"
-)
-"""Abandoned runs of collections that enter them into their workflow, not entered yet, oldest
-first (given `abandoned_before` and a limit); read off the partial index `agent_runs_to_enter`."""
 
 
 def enters_at_finish(entered_at: float | None) -> bool:

@@ -7,7 +7,7 @@ import enum
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from agentrun.wire.limits import (
     MAX_ATTEMPTS,
@@ -18,6 +18,8 @@ from agentrun.wire.limits import (
 )
 from agentrun_server._checks import check_identifier
 from agentrun_server._errors import InvalidArgument, NotFound, ServerError
+
+T = TypeVar("T")
 
 DEFAULT_MAX_ATTEMPTS = 4
 DEFAULT_INITIAL_BACKOFF_SECONDS = 1.0
@@ -423,8 +425,25 @@ class AckCode(enum.IntEnum):
     FAILED_PRECONDITION = 9
 
 
+class AckResult(enum.StrEnum):
+    """What a settle item did (a metric label): the task's move, or that nothing moved."""
+
+    DONE = "done"
+    RETRY = "retry"
+    """Failed; ready again after a backoff."""
+    DEAD = "dead"
+    """Failed for the last time, or non-retryable: a dead letter."""
+    EXTENDED = "extended"
+    RELEASED = "released"
+    RESUMED = "resumed"
+    REPEAT = "repeat"
+    """A settle repeated under the same lease: answered as the first time, nothing moved."""
+    REFUSED = ""
+    """Nothing moved: the Ack's code says why."""
+
+
 class Ack(NamedTuple):
-    """The outcome of one complete, fail, extend or release item."""
+    """The outcome of one complete, fail, extend, release or resume item."""
 
     task_id: int
     lease_id: str
@@ -432,9 +451,9 @@ class Ack(NamedTuple):
     message: str = ""
     deadline: float | None = None
     next_task_id: int | None = None
-    # For the metrics: the task's stage and what the settle did ("done", "retry", "dead", ...).
     stage: str = ""
-    result: str = ""
+    """The task's stage (for the metrics; "" for a task that does not exist)."""
+    result: AckResult = AckResult.REFUSED
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,3 +523,76 @@ class ApiKeyRecord:
     last_used_at: float | None = None
     expires_at: float | None = None
     """From this time on the key is refused, as if revoked then; None: it never expires."""
+
+
+# --- what the storage calls answer: named, and still unpacked as tuples ----------------------------
+
+
+class CollectionPut(NamedTuple):
+    """A collection created, or the one that had the name (`created` False)."""
+
+    collection: Collection
+    created: bool
+
+
+class WorkflowPut(NamedTuple):
+    """A workflow's current definition, and whether this put stored a new version."""
+
+    workflow: WorkflowDef
+    changed: bool
+
+
+class Page(NamedTuple, Generic[T]):
+    """A page of a listing, and whether more follow it."""
+
+    items: list[T]
+    more: bool
+
+
+class EventPage(NamedTuple):
+    """A run's record (without its data) and a page of its events, as (sequence, patch)."""
+
+    run: StoredRun
+    events: list[tuple[int, bytes]]
+
+
+class LiveRunCounts(NamedTuple):
+    """Live runs in every collection: running (an event lately) and abandoned (none)."""
+
+    running: int
+    abandoned: int
+
+
+class Enqueued(NamedTuple):
+    """Tasks created by an enqueue, and runs skipped (one active in the workflow already)."""
+
+    enqueued: int
+    skipped: int
+
+
+class SettledAndLeased(NamedTuple):
+    """The answers to a batch of completions, and the tasks leased after them."""
+
+    acks: list[Ack]
+    leased: list[LeasedTask]
+
+
+class Swept(NamedTuple):
+    """Leases a sweep ended: past their deadline, and detached and never resumed."""
+
+    expired: list[EndedLease]
+    recovered: list[EndedLease]
+
+
+class RevocationPage(NamedTuple):
+    """Revocations recorded after an id, and the id to read after next time."""
+
+    last_id: int
+    revocations: list[Revocation]
+
+
+class Cancelled(NamedTuple):
+    """How many tasks a cancel moved, and the leases it ended."""
+
+    cancelled: int
+    ended: list[EndedLease]

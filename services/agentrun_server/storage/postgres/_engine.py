@@ -55,10 +55,6 @@ class Engine:
             name="agentrun",
         )
 
-    def now(self, now: float) -> float | None:
-        """The `now` parameter of a statement: the caller's time, or None (the database's)."""
-        return now if self.caller_clock else None
-
     async def open(self) -> None:
         """Open the pool (its first connection must succeed).
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import psycopg
 
 from agentrun_server.storage._notifier import LocalNotifier
+from agentrun_server.storage.postgres._statements import EVENTS, READY, REVOKED
 
 if TYPE_CHECKING:
     from agentrun_server.storage import Storage
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
-CHANNELS = ("agentrun_ready", "agentrun_revoked", "agentrun_events")
+CHANNELS = (READY, REVOKED, EVENTS)
 RECONNECT_SECONDS = 1.0
 CLOSE_SECONDS = 1.0
 
@@ -96,9 +97,9 @@ class ListenNotifier(LocalNotifier):
                     heard.append(notice)
             revoked = False
             for notice in heard:
-                if notice.channel == "agentrun_revoked":
+                if notice.channel == REVOKED:
                     revoked = True
-                elif notice.channel == "agentrun_events":
+                elif notice.channel == EVENTS:
                     self._events(None if notice.payload == "*" else notice.payload.split("\n"))
                 else:
                     self._ready()

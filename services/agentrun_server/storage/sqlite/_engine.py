@@ -1,5 +1,9 @@
 """How a storage call reaches a SQLite connection: three paths, one file.
 
+A call is a procedure (`storage._procedures`, a coroutine) over the statements of one connection;
+SQLite's never suspend, so whichever thread a path runs on takes the procedure to its end in one
+step (`run_to_end`), with no event loop of its own.
+
 - **Writes** run on one storage thread holding one connection, so the process's writes are
   serialized the way SQLite wants them; each batch is one `BEGIN IMMEDIATE` transaction. Several
   processes may share the file (WAL, busy timeout).
@@ -27,18 +31,20 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from agentrun_server._errors import Unavailable
+from agentrun_server.storage.sqlite._statements import MAX_SQL_PARAMETERS
 
 _log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
-Statements = Callable[Concatenate[sqlite3.Connection, P], T]
+OnConnection = Callable[Concatenate[sqlite3.Connection, P], T]
+"""A function of a connection: what each path runs (a procedure, by `run_to_end`)."""
 
 _SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -49,9 +55,6 @@ WAL_LIMIT_BYTES = 64 * 1024 * 1024
 briefly holding writers back, and cut back to this size by the next writer."""
 RESTART_BUSY_TIMEOUT_SECONDS = 0.2
 """How long a restarting checkpoint waits for readers before giving up until the next look."""
-MAX_SQL_PARAMETERS = 32_766
-LOOKUP_IDS = 1000
-"""Ids per `IN (...)` lookup, far under MAX_SQL_PARAMETERS."""
 HOT_PATH_MAX_TASKS = 256
 """The most tasks (settled plus claimed) a call may touch on the hot path: it blocks the event loop
 for its whole transaction, about 10 us per task."""
@@ -111,19 +114,20 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("COMMIT")
 
 
-def select_in(
-    db: sqlite3.Connection, sql: str, ids: Sequence[Any], *args: Any
-) -> list[tuple[Any, ...]]:
-    """The rows of `sql`, whose `{ids}` is an `IN` list, run over LOOKUP_IDS of `ids` at a time
-    (SQLite caps the parameters of a statement); `args` bind before the ids. A list, fetched a
-    slice at a time: a generator's resumption per row cost more than the rows on the hot path."""
-    if len(ids) <= LOOKUP_IDS:
-        return db.execute(sql.format(ids=",".join("?" * len(ids))), [*args, *ids]).fetchall()
-    rows = []
-    for start in range(0, len(ids), LOOKUP_IDS):
-        lookup = list(ids[start : start + LOOKUP_IDS])
-        rows += db.execute(sql.format(ids=",".join("?" * len(lookup))), [*args, *lookup]).fetchall()
-    return rows
+def run_to_end(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a storage procedure to its end on this thread, in one step: nothing a procedure
+    awaits on SQLite ever suspends (its statements are plain calls), so no event loop is needed
+    and none is blocked but the one whose thread this is, by the hot path's choice.
+
+    Raises:
+        RuntimeError: the procedure suspended (it awaited something that waits): our bug.
+    """
+    try:
+        coroutine.send(None)
+    except StopIteration as end:
+        return end.value  # type: ignore[no-any-return]
+    coroutine.close()
+    raise RuntimeError("a storage procedure suspended on SQLite; its statements must not wait")
 
 
 def connect(
@@ -220,7 +224,7 @@ class Engine:
         db.close()
         self._conn = None
 
-    async def write(self, fn: Statements[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    async def write(self, fn: OnConnection[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn(db, ...)` on the storage thread, taking turns with the hot path.
 
         Raises:
@@ -238,7 +242,7 @@ class Engine:
                 raise
             raise answer from exc
 
-    def _locked(self, fn: Statements[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    def _locked(self, fn: OnConnection[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         conn = self._conn
         if conn is None:
             raise RuntimeError("storage is not open")
@@ -250,7 +254,7 @@ class Engine:
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(self._unlocked.set)
 
-    async def hot(self, tasks: int, fn: Statements[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    async def hot(self, tasks: int, fn: OnConnection[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Like `write`, but run on the event loop's own thread when the call touches at most
         HOT_PATH_MAX_TASKS tasks.
 
@@ -282,7 +286,7 @@ class Engine:
                 self._lock.release()
         return await self.write(fn, *args, **kwargs)
 
-    async def read(self, fn: Statements[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    async def read(self, fn: OnConnection[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn(db, ...)` on the reader thread's read-only connection (no lock: WAL readers
         never wait for writers)."""
         conn = self._read_conn
