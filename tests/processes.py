@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,20 +32,31 @@ class ServerProcess:
         self.url = f"127.0.0.1:{self.port}"
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
+        # The server's log, shown when a test fails around it (a server that exited, and why):
+        # beside its SQLite file (in the test's tmp_path), else a temporary file of its own.
+        if isinstance(db, Path):
+            self.log, self._own_log = db.parent / f"server-{self.port}.log", False
+        else:
+            fd, name = tempfile.mkstemp(prefix="agentrun-server-", suffix=".log")
+            os.close(fd)
+            self.log, self._own_log = Path(name), True
 
     def start(self, timeout_seconds: float = 30) -> ServerProcess:
         """Start and wait until health says SERVING."""
         command = [sys.executable, "-m", "agentrun._cli", "serve", "--db", self.db]
         command += ["--port", str(self.port), "--metrics-port", "-1", *self.extra_args]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy()
-        )
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy()
+            )
         deadline = time.monotonic() + timeout_seconds
         with grpc.insecure_channel(self.url) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.process.returncode}")
+                    raise RuntimeError(
+                        f"server exited with {self.process.returncode}:\n{self.log_tail()}"
+                    )
                 try:
                     status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
                     if status == health_pb2.HealthCheckResponse.SERVING:
@@ -52,7 +64,7 @@ class ServerProcess:
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline:
-                    raise TimeoutError("server did not become SERVING")
+                    raise TimeoutError(f"server did not become SERVING:\n{self.log_tail()}")
                 time.sleep(0.05)
 
     def kill(self) -> None:
@@ -70,7 +82,24 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines the server logged."""
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if kind is not None and self.process is not None:
+            # pytest shows what a failed test wrote: the server's side of it.
+            exited = self.process.poll()
+            state = "running" if exited is None else f"exited with {exited}"
+            print(
+                f"server on port {self.port} ({state}); its log:\n{self.log_tail()}",
+                file=sys.stderr,
+            )
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+        if self._own_log:
+            self.log.unlink(missing_ok=True)

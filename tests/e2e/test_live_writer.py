@@ -5,18 +5,22 @@ event stored once, in order."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 import pytest
 
 from agentrun import AgentRunWriter, Client, LiveRunError, agent_run_from_proto
+from agentrun._retry import Backoff
 from agentrun.chat import AssistantMessage, UserMessage
 from agentrun.v1 import ingestion_service_pb2 as pb
 from agentrun.v1 import workflow_pb2
@@ -260,3 +264,78 @@ def test_two_writers_appending_to_one_run_lose_nothing_silently(tmp_path: Path) 
         assert "holds a different event" in summary.events_refused[0].message
         _, texts, _ = _texts(client, "shared")
         assert texts == ["start", *(f"first {step}" for step in range(20))]
+
+
+class BreakingEvents:
+    """A real gRPC server whose first event stream ends INTERNAL at its first message (as a
+    server killed mid-write can end one, grpc/grpc#36066); later streams store every event."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+        self.stored: list[tuple[str, int]] = []
+
+    async def stream(
+        self,
+        requests: AsyncIterator[pb.StreamAgentRunEventsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.StreamAgentRunEventsResponse]:
+        self.streams += 1
+        first = self.streams == 1
+        async for request in requests:
+            if first:
+                await context.abort(grpc.StatusCode.INTERNAL, "Stream removed")
+            acks = []
+            for event in request.events:
+                self.stored.append((event.agent_run_id, event.sequence))
+                acks.append(
+                    pb.AgentRunEventAck(
+                        agent_run_id=event.agent_run_id,
+                        sequence=event.sequence,
+                        status=pb.EVENT_STATUS_STORED,
+                        next_sequence=event.sequence + 1,
+                    )
+                )
+            yield pb.StreamAgentRunEventsResponse(acks=acks)
+
+    async def serve(self) -> grpc.aio.Server:
+        server = grpc.aio.server()
+        handler = grpc.stream_stream_rpc_method_handler(
+            self.stream,
+            request_deserializer=pb.StreamAgentRunEventsRequest.FromString,
+            response_serializer=pb.StreamAgentRunEventsResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "agentrun.v1.IngestionService", {"StreamAgentRunEvents": handler}
+                ),
+            )
+        )
+        self.port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server
+
+
+async def test_an_event_stream_that_ends_internal_reconnects_and_resends() -> None:
+    # The SDK's one retry policy: a stream gives up only when refused; before, the event sender
+    # took INTERNAL as a refusal and stopped sending for good.
+    fake = BreakingEvents()
+    server = await fake.serve()
+    try:
+        writer = AgentRunWriter(
+            "c",
+            server_url=f"127.0.0.1:{fake.port}",
+            backoff=Backoff(initial_seconds=0.01, max_seconds=0.05),
+            shutdown_timeout=10,
+        )
+        run = writer.live_run(name="flaky")
+        run.append("main", [UserMessage(content="hello")])
+        run.append("main", [AssistantMessage(content="hi")])
+        run.finish()
+        summary = await asyncio.to_thread(writer.finish)
+    finally:
+        await server.stop(0)
+    assert fake.streams >= 2
+    # The run's first event (its name), two appends, its finish: each stored once, none lost.
+    assert summary.ok and summary.events_stored == 4 and summary.events_undelivered == 0, summary
+    assert sorted(sequence for _, sequence in fake.stored) == [1, 2, 3, 4]

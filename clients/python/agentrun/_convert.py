@@ -326,7 +326,7 @@ def agent_run_to_proto(run: AgentRun) -> pb.AgentRun:
     return out
 
 
-def _score_from_proto(score: pb.Score) -> bool | int | float | None:
+def score_from_proto(score: pb.Score) -> bool | int | float | None:
     kind = score.WhichOneof("kind")
     return None if kind is None else getattr(score, kind)
 
@@ -355,7 +355,7 @@ def agent_run_from_proto(
         )
         for t in message.transcripts
     }
-    scores = {name: _score_from_proto(s) for name, s in message.scores.items()}
+    scores = {name: score_from_proto(s) for name, s in message.scores.items()}
     return AgentRun(
         id=message.id,
         name=message.name if message.HasField("name") else None,

@@ -275,7 +275,7 @@ class EventSender:
                 delay = self._backoff.delay(attempt, failure.retry_after_seconds)
                 with self._cond:
                     self.last_error = str(failure)
-                    if failure.verdict is Verdict.GIVE_UP:
+                    if failure.verdict(stream=True) is Verdict.GIVE_UP:
                         # Retrying would be answered the same (an unknown, revoked or expired
                         # key; no permission): the events stay unacknowledged (spooled, if any).
                         self.fatal = str(failure)

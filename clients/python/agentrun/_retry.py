@@ -1,5 +1,7 @@
-"""Which failed calls to retry, and how long to wait: jittered exponential backoff that yields to the
-server's google.rpc.RetryInfo (AIP-193), as gRPC clients of Google APIs do.
+"""The one retry policy of the SDK: which failed calls to retry, and how long to wait. Jittered
+exponential backoff that yields to the server's google.rpc.RetryInfo (AIP-193), as gRPC clients of
+Google APIs do. Every retry loop reads a failure once (`Failure.of`) and follows its `verdict`: the
+writer's uploads, live runs' event stream and the Work stream.
 """
 
 from __future__ import annotations
@@ -14,10 +16,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
-# Retried whether or not the server says when: the call may not have reached the server, or it
-# gave up on it for reasons that pass (AIP-194). Resending runs is safe: their ids are idempotency
-# keys.
-_ALWAYS_RETRYABLE = frozenset(
+TRANSIENT = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -25,6 +24,23 @@ _ALWAYS_RETRYABLE = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
+"""Retried whether or not the server says when: the call may not have reached the server, or it
+gave up on it for reasons that pass (AIP-194). Resending is safe: runs' ids and events' sequence
+numbers are idempotency keys, and a settle repeated under its lease is answered as the first."""
+REFUSED = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+"""Codes another attempt is answered the same: the request is wrong, its caller may not make it
+(a key unknown, revoked or expired), or the server has no such method."""
 # gRPC's own wording when a message exceeds a max message length, on either side.
 _TOO_LARGE = re.compile(r"larger than max|message too large|max_runs_per_message", re.IGNORECASE)
 
@@ -50,17 +66,30 @@ class Failure:
 
     @classmethod
     def of(cls, error: grpc.RpcError) -> Failure:
-        """Read a grpc error (a `grpc.Call` carries code, details and trailers)."""
-        if not isinstance(error, grpc.Call):
+        """Read a grpc error: a `grpc.Call` (synchronous calls) or a `grpc.aio.AioRpcError`,
+        each with code, details and trailers."""
+        if not callable(getattr(error, "code", None)):
             return cls(grpc.StatusCode.UNKNOWN, str(error), None)
-        return cls(error.code(), error.details() or "", retry_delay_seconds(error))
+        call: grpc.Call = error  # type: ignore[assignment]  # or an AioRpcError: the same calls
+        return cls(call.code(), call.details() or "", retry_delay_seconds(call))
 
-    @property
-    def verdict(self) -> Verdict:
-        """RETRY for transient statuses and for any status carrying RetryInfo (e.g.
-        RESOURCE_EXHAUSTED as back-pressure); SPLIT for a message over a limit; else GIVE_UP."""
-        if self.retry_after_seconds is not None or self.code in _ALWAYS_RETRYABLE:
+    def verdict(self, *, stream: bool = False) -> Verdict:
+        """What to do about the failure.
+
+        - RETRY when the server says when (RetryInfo, whatever the code: RESOURCE_EXHAUSTED as
+          back-pressure, UNAVAILABLE while storage is full), and for the TRANSIENT codes.
+        - SPLIT a request over a size or count limit (a unary call: a stream's messages are
+          refused one by one).
+        - A `stream` (a long-lived call that reconnects) also retries every code but the REFUSED
+          ones: a server killed mid-write can end a stream INTERNAL or UNKNOWN (grpc/grpc#36066),
+          and RESOURCE_EXHAUSTED ends one over a cap on streams, freed when another closes.
+        - GIVE_UP otherwise: a unary call is not retried on INTERNAL, UNKNOWN or
+          RESOURCE_EXHAUSTED without RetryInfo (a hard limit), nor a refusal anywhere.
+        """
+        if self.retry_after_seconds is not None or self.code in TRANSIENT:
             return Verdict.RETRY
+        if stream:
+            return Verdict.GIVE_UP if self.code in REFUSED else Verdict.RETRY
         if self.code in (
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             grpc.StatusCode.INVALID_ARGUMENT,

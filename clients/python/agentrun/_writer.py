@@ -638,7 +638,7 @@ class AgentRunWriter:
                 return
             except grpc.RpcError as exc:
                 failure = Failure.of(exc)
-                verdict = failure.verdict
+                verdict = failure.verdict()
                 if verdict is Verdict.SPLIT:
                     if len(batch) > 1:
                         middle = len(batch) // 2

@@ -23,7 +23,7 @@ import grpc
 
 from agentrun._connection import Connection
 from agentrun._errors import RpcError
-from agentrun._retry import Backoff, retry_delay_seconds
+from agentrun._retry import Backoff, Failure, Verdict
 from agentrun.v1 import agent_run_pb2
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
@@ -32,22 +32,6 @@ from agentrun.work._protocol import HeldLease, Lease, WorkProtocol
 _log = logging.getLogger(__name__)
 
 RECONNECT_BACKOFF = Backoff(initial_seconds=0.5, max_seconds=5.0)
-FINAL_CODES = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.UNIMPLEMENTED,
-    }
-)
-"""Codes that end the stream for good: the subscription itself is wrong, and another attempt
-would be answered the same. Every other code is a reconnect: UNAVAILABLE, and also INTERNAL,
-UNKNOWN or CANCELLED, with which a server killed mid-write can end a stream (grpc/grpc#36066),
-DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (a cap on streams)."""
 LOUD_EVERY = 10
 """Attempts in a row after which a failing reconnect is logged again at WARNING."""
 CLOSE_SECONDS = 5.0
@@ -252,16 +236,17 @@ class WorkStream:
                     if self._out_of_reach:
                         self._out_of_reach = False
                         _log.info("reconnected to the orchestrator")
-                if error is not None and error.code() in FINAL_CODES:
+                # The SDK's one retry policy: a stream ends for good only when refused.
+                failure = None if error is None else Failure.of(error)
+                if failure is not None and failure.verdict(stream=True) is Verdict.GIVE_UP:
                     self._error = error
                     return
                 attempt += 1
                 delay = self._reconnect.delay(
-                    attempt,
-                    None if error is None else retry_delay_seconds(error),  # type: ignore[arg-type]  # an AioRpcError is a grpc.Call
+                    attempt, None if failure is None else failure.retry_after_seconds
                 )
-                if error is not None:
-                    why = f"broke ({error.code().name}: {error.details()})"
+                if failure is not None:
+                    why = f"broke ({failure})"
                 else:
                     asked = self.protocol.reconnect_asked
                     why = "ended: the server is shutting down" if asked else "ended"
