@@ -89,7 +89,7 @@ class ServerProcess:
         except OSError:
             return "(no log)"
 
-    def __exit__(self, kind: object, *exc: object) -> None:
+    def __exit__(self, kind: object = None, *exc: object) -> None:
         if kind is not None and self.process is not None:
             # pytest shows what a failed test wrote: the server's side of it.
             exited = self.process.poll()

@@ -26,11 +26,13 @@ from agentrun import (
     Client,
     Runner,
     StageResult,
+    Task,
+    TaskState,
     Transcript,
     WorkflowSpec,
 )
 from agentrun.chat import UserMessage
-from agentrun.v1 import agent_run_pb2, workflow_pb2
+from agentrun.v1 import agent_run_pb2
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
 
@@ -59,7 +61,7 @@ def set_up(url: str, stages: list[dict[str, Any]], runs: int, name: str = "wf") 
     return collection
 
 
-def tasks(url: str, stage: str = "", workflow: str = "wf") -> list[workflow_pb2.Task]:
+def tasks(url: str, stage: str = "", workflow: str = "wf") -> list[Task]:
     with Client(url) as client:
         return client.list_tasks(workflow, stage)
 
@@ -166,7 +168,7 @@ def killed_worker_leases_go_elsewhere(server: ServerProcess) -> None:
     assert sum(summary.completed.values()) == 20
     assert sorted(worked) == sorted(f"wf-{i}" for i in range(20))  # each once
     by_id = {t.id: t for t in tasks(server.url)}
-    assert {t.state for t in by_id.values()} == {workflow_pb2.TASK_STATE_DONE}
+    assert {t.state for t in by_id.values()} == {TaskState.DONE}
     for task_id, _ in held:  # the killed worker's attempt counts, and is on record
         assert by_id[task_id].attempt == 2
         assert "lease not resumed within 1 s" in by_id[task_id].failures[0].error
@@ -296,9 +298,9 @@ def test_a_runner_stage_returning_an_oversize_output_fails_its_task_at_once(
     assert (sum(summary.completed.values()), sum(summary.dead.values())) == (1, 1)
     by_run = {t.agent_run_id: t for t in tasks(server.url)}
     dead = by_run["wf-0"]
-    assert (dead.state, dead.attempt) == (workflow_pb2.TASK_STATE_DEAD, 1)  # not retried
+    assert (dead.state, dead.attempt) == (TaskState.DEAD, 1)  # not retried
     assert "over the server's 1,048,576-byte limit" in dead.failures[0].error
-    assert by_run["wf-1"].state == workflow_pb2.TASK_STATE_DONE
+    assert by_run["wf-1"].state == TaskState.DONE
 
 
 def test_a_cancelled_or_expired_lease_is_revoked_on_its_stream_and_frees_its_credit(
@@ -363,9 +365,9 @@ def test_a_runner_stops_a_task_cancelled_while_it_runs(server: ServerProcess) ->
     assert (summary.revoked["work"], sum(summary.completed.values())) == (1, 2)
     states = {t.agent_run_id: t.state for t in tasks(server.url)}
     assert states == {
-        "wf-0": workflow_pb2.TASK_STATE_CANCELLED,
-        "wf-1": workflow_pb2.TASK_STATE_DONE,
-        "wf-2": workflow_pb2.TASK_STATE_DONE,
+        "wf-0": TaskState.CANCELLED,
+        "wf-1": TaskState.DONE,
+        "wf-2": TaskState.DONE,
     }
 
 
@@ -405,8 +407,8 @@ def test_an_expired_lease_goes_back_and_extend_keeps_a_long_task(server: ServerP
     summary = runner()
     assert summary.completed[("slow", "")] == 1
     (task,) = tasks(server.url, workflow="long")
-    assert (task.state, task.attempt) == (workflow_pb2.TASK_STATE_DONE, 1)
-    assert task.output.struct_value.fields[0].value.int_value == 3
+    assert (task.state, task.attempt) == (TaskState.DONE, 1)
+    assert task.output == {"seconds": 3}
 
 
 def test_failures_back_off_then_die_and_redrive_brings_them_back(server: ServerProcess) -> None:
@@ -440,12 +442,12 @@ def test_failures_back_off_then_die_and_redrive_brings_them_back(server: ServerP
     assert summary.failed["flaky"] == 3 and summary.dead["flaky"] == 2
     by_run = {t.agent_run_id: t for t in tasks(server.url, "flaky")}
     retried, wrong = by_run["wf-0"], by_run["wf-1"]
-    assert (retried.state, retried.attempt) == (workflow_pb2.TASK_STATE_DEAD, 3)
-    times = [f.time.ToNanoseconds() / 1e9 for f in retried.failures]
+    assert (retried.state, retried.attempt) == (TaskState.DEAD, 3)
+    times = [f.time.timestamp() for f in retried.failures if f.time is not None]
     assert [f.attempt for f in retried.failures] == [1, 2, 3]
     assert times[1] - times[0] >= 0.3 * 0.8 and times[2] - times[1] >= 0.6 * 0.8  # backoff
     assert "upstream down" in retried.failures[-1].error
-    assert (wrong.state, wrong.attempt) == (workflow_pb2.TASK_STATE_DEAD, 1)
+    assert (wrong.state, wrong.attempt) == (TaskState.DEAD, 1)
     assert "'ok'" in wrong.failures[0].error  # names the valid pathways
 
     listed = subprocess.run(
@@ -553,7 +555,7 @@ def test_credits_are_never_exceeded(server: ServerProcess) -> None:
 
     asyncio.run(many())
     by_stage = {s: [t.state for t in tasks(server.url, s)] for s in "abc"}
-    assert all(states == [workflow_pb2.TASK_STATE_DONE] * 60 for states in by_stage.values())
+    assert all(states == [TaskState.DONE] * 60 for states in by_stage.values())
     assert len(peaks) == 6
     assert all(peak <= credits for peak, credits in peaks), peaks
     assert any(peak == credits > 1 for peak, credits in peaks)  # credits were used, not idle
@@ -605,9 +607,9 @@ def test_sigterm_drains_hands_back_unstarted_leases_and_exits_0(server: ServerPr
     assert out.count("finished") == 1  # the running task finished within the grace
     assert "3 handed back" in err
     states = sorted((t.state, t.attempt) for t in tasks(server.url))
-    assert states.count((workflow_pb2.TASK_STATE_DONE, 1)) == 1
+    assert states.count((TaskState.DONE, 1)) == 1
     # Handed back and never leased: ready, and no attempt spent.
-    assert states.count((workflow_pb2.TASK_STATE_READY, 0)) == 5
+    assert states.count((TaskState.READY, 0)) == 5
 
 
 def test_the_runner_cli_exits_0_once_the_stages_are_empty(
@@ -635,7 +637,5 @@ def test_the_runner_cli_exits_0_once_the_stages_are_empty(
     )
     assert result.returncode == 0, result.stderr
     assert "review: 5 done via (end)" in result.stderr
-    assert {t.state for t in tasks(server.url, workflow="grading")} == {
-        workflow_pb2.TASK_STATE_DONE
-    }
+    assert {t.state for t in tasks(server.url, workflow="grading")} == {TaskState.DONE}
     assert len(tasks(server.url, workflow="grading")) == 10

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentrun import AgentRunWriter, Client, WorkflowSpec
+from agentrun import AgentRunWriter, Client, TaskState, WorkflowSpec
 from agentrun.chat import UserMessage
-from agentrun.v1 import workflow_pb2
 
 from ..postgres import fresh_database
 from ..processes import ServerProcess, free_port
@@ -70,14 +69,14 @@ def test_two_replicas_survive_a_graceful_restart_and_a_kill_losing_nothing(tmp_p
             a.__exit__()
             b.__exit__()
     assert len(tasks) == 3 * RUNS
-    assert {t.state for t in tasks} == {workflow_pb2.TASK_STATE_DONE}
+    assert {t.state for t in tasks} == {TaskState.DONE}
     for task in tasks:
         # Every attempt past the first is explained by a recorded end of the one before: a task
         # leased twice at once would show an attempt with no failure before it.
         assert task.attempt == 1 + len(task.failures), task
         for failure in task.failures:  # only the kill cost attempts, never the graceful restart
             assert "not resumed" in failure.error, failure
-            assert failure.time.ToNanoseconds() / 1e9 >= killed, failure
+            assert failure.time is not None and failure.time.timestamp() >= killed, failure
     assert sum(t.attempt - 1 for t in tasks) <= RUNNERS * 16  # at most what was held at the kill
     assert sum(s["done"] for s in summaries) >= 3 * RUNS
 

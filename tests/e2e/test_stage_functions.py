@@ -16,12 +16,12 @@ from agentrun import (
     Retry,
     Runner,
     StageResult,
+    Task,
     TaskContext,
     TaskInput,
+    TaskState,
     WorkflowSpec,
-    value_from_proto,
 )
-from agentrun.v1 import workflow_pb2
 from agentrun_server import Server
 
 from .test_orchestrator import tiny_run
@@ -87,21 +87,21 @@ async def test_each_stage_reads_the_last_ones_output_and_may_retry_later_or_fail
     assert dict(summary.dead) == {"c": 1}
     assert summary.completed[("c", "")] == 2
 
-    def stored() -> dict[str, workflow_pb2.Task]:
+    def stored() -> dict[str, Task]:
         with Client(url) as client:
             return {t.agent_run_id: client.get_task(t.id) for t in client.list_tasks("chain", "c")}
 
     last = await asyncio.to_thread(stored)
-    zero = value_from_proto(last["chain-0"].output)
+    zero = last["chain-0"].output
     assert zero == {
         "c_saw": {"a_attempt": 2, "input_was": None, "b_waited": 0.0},
         "stage": "c",
     }
-    one = value_from_proto(last["chain-1"].output)
+    one = last["chain-1"].output
     assert 1.8 <= one["c_saw"]["b_waited"] <= 4.0  # Retry(after=2): back after about 2 s
     assert one["c_saw"]["a_attempt"] == 1  # ... and no attempt spent on it
     failed = last["chain-2"]
-    assert failed.state == workflow_pb2.TASK_STATE_DEAD
+    assert failed.state == TaskState.DEAD
     assert [f.error for f in failed.failures] == ["run chain-2 is no good"]
 
     shown = await asyncio.to_thread(

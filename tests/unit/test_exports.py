@@ -12,6 +12,18 @@ import agentrun
 import agentrun_server
 
 SDK = {
+    "ApiKey",
+    "ApiKeyCreated",
+    "AttemptFailure",
+    "Collection",
+    "CollectionCreated",
+    "RunEvent",
+    "RunUpdate",
+    "StageBacklog",
+    "Task",
+    "TaskState",
+    "Workflow",
+    "WorkflowApplied",
     "AgentRun",
     "AgentRunError",
     "AgentRunWithoutMetadataValidator",

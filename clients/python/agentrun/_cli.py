@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -16,29 +15,23 @@ from agentrun._cli_keys import add_keys_commands, run_keys_command
 from agentrun._cli_tail import add_tail_command, run_tail_command
 from agentrun._client import Client
 from agentrun._connection import (
-    SERVER_ENV,
     add_connection_arguments,
     connection_from_arguments,
 )
-from agentrun._convert import value_from_proto
 from agentrun._errors import AgentRunError, FormatError
+from agentrun._records import Task, TaskState
 from agentrun._terminal import safe_text as _safe
 from agentrun._workflow import load_workflow
 from agentrun._writer import AgentRunWriter
 from agentrun.importers import load_agent_runs
-from agentrun.v1 import workflow_pb2
 
 STATE_COLUMNS = ("ready", "scheduled", "leased", "done", "dead", "cancelled")
 # What a task's state can be ("scheduled" above is a ready task waiting out its backoff).
-TASK_STATES = tuple(
-    value.name.removeprefix("TASK_STATE_").lower()
-    for value in workflow_pb2.TaskState.DESCRIPTOR.values
-    if value.number
-)
+TASK_STATES = tuple(state.value for state in TaskState)
 
 
 def _add_server(parser: argparse.ArgumentParser) -> None:
-    add_connection_arguments(parser, os.environ.get(SERVER_ENV))
+    add_connection_arguments(parser)
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -153,7 +146,7 @@ def _upload(args: argparse.Namespace) -> int:
 def _apply(args: argparse.Namespace) -> int:
     spec = load_workflow(args.file)
     with _client(args) as client:
-        response = client.apply_workflow(spec.to_proto())
+        response = client.apply_workflow(spec)
     w = response.workflow
     state = "applied" if response.changed else "unchanged"
     print(
@@ -187,7 +180,7 @@ def _stats(args: argparse.Namespace) -> int:
             s.dead_count,
             s.cancelled_count,
         )
-        age = s.oldest_ready_age.ToNanoseconds() / 1e9
+        age = s.oldest_ready_age_seconds
         print(
             f"  {_safe(s.workflow + '/' + s.stage):<32}"
             + "".join(f"{n:>10}" for n in counts)
@@ -211,21 +204,17 @@ def _enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_task(task: workflow_pb2.Task) -> None:
-    state = workflow_pb2.TaskState.Name(task.state).removeprefix("TASK_STATE_").lower()
-    print(f"task {task.id}: {_safe(task.workflow)}/{_safe(task.stage)}, {state}")
+def _show_task(task: Task) -> None:
+    print(f"task {task.id}: {_safe(task.workflow)}/{_safe(task.stage)}, {task.state}")
     print(f"  run          {_safe(task.agent_run_id)} (collection {_safe(task.collection_id)})")
     print(f"  attempt      {task.attempt} of {task.max_attempts}; priority {task.priority}")
-    if task.state == workflow_pb2.TASK_STATE_DONE:
+    if task.state is TaskState.DONE:
         print(f"  pathway      {_safe(task.pathway) or '(end)'}")
     if task.previous_task_id:
         print(f"  after task   {task.previous_task_id}")
-    for label, present, value in (
-        ("input", task.HasField("input"), task.input),
-        ("output", task.HasField("output"), task.output),
-    ):
-        if present:
-            text = json.dumps(value_from_proto(value), indent=2, default=str)
+    for label, value in (("input", task.input), ("output", task.output)):
+        if value is not None:
+            text = json.dumps(value, indent=2, default=str)
             print(f"  {label:<12} " + text.replace("\n", "\n" + " " * 15))
     for failure in task.failures:
         error = _safe(failure.error, keep_newlines=True).replace("\n", "\n" + " " * 4)
@@ -238,12 +227,10 @@ def _tasks(args: argparse.Namespace) -> int:
             _show_task(client.get_task(args.task_id))
             return 0
         if args.tasks_command == "list":
-            state = args.state and workflow_pb2.TaskState.Value(f"TASK_STATE_{args.state.upper()}")
-            for task in client.list_tasks(args.workflow, args.stage, state or 0):
-                name = workflow_pb2.TaskState.Name(task.state).removeprefix("TASK_STATE_")
+            for task in client.list_tasks(args.workflow, args.stage, args.state):
                 error = _safe(task.failures[-1].error) if task.failures else ""
                 print(
-                    f"{task.id:>8}  {_safe(task.stage):<16} {name.lower():<10} attempt "
+                    f"{task.id:>8}  {_safe(task.stage):<16} {task.state:<10} attempt "
                     f"{task.attempt}/{task.max_attempts}  run {_safe(task.agent_run_id)}"
                     + (f"  last error: {error}" if error else "")
                 )

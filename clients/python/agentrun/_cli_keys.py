@@ -11,12 +11,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from google.protobuf import timestamp_pb2
-
 from agentrun._client import Client
 from agentrun._connection import connection_from_arguments
+from agentrun._records import ApiKey, ApiKeyCreated
 from agentrun._terminal import safe_text
-from agentrun.v1 import key_service_pb2 as pb
 
 SCOPES = ("ingest", "read", "work", "admin")
 
@@ -110,14 +108,11 @@ def expiry(text: str) -> float:
     return when
 
 
-def _time(ts: timestamp_pb2.Timestamp | None) -> str:
-    if ts is None or not (ts.seconds or ts.nanos):
-        return "-"
-    when = datetime.datetime.fromtimestamp(ts.seconds, datetime.UTC)
-    return when.strftime("%Y-%m-%d %H:%M")
+def _time(when: datetime.datetime | None) -> str:
+    return "-" if when is None else when.strftime("%Y-%m-%d %H:%M")
 
 
-def _limits(key: pb.ApiKey) -> str:
+def _limits(key: ApiKey) -> str:
     parts = [f"collection {safe_text(c)}" for c in key.collections]
     parts += [f"workflow {safe_text(w)}" for w in key.workflows]
     if key.certificate_subject:
@@ -133,8 +128,9 @@ async def _on_database(args: argparse.Namespace) -> Any:
         revoke_key_on_database,
     )
 
+    # The server answers in the wire form; shown as the Client's records, one way for both.
     if args.keys_command == "create":
-        return await create_key_on_database(
+        created = await create_key_on_database(
             args.db,
             args.name,
             args.scope,
@@ -143,9 +139,10 @@ async def _on_database(args: argparse.Namespace) -> Any:
             args.certificate_subject,
             args.expires,
         )
+        return ApiKeyCreated(key=ApiKey.from_proto(created.key), token=created.token)
     if args.keys_command == "list":
-        return await list_keys_on_database(args.db)
-    return await revoke_key_on_database(args.db, args.name)
+        return [ApiKey.from_proto(key) for key in await list_keys_on_database(args.db)]
+    return ApiKey.from_proto(await revoke_key_on_database(args.db, args.name))
 
 
 def run_keys_command(args: argparse.Namespace) -> int:
@@ -189,9 +186,9 @@ def run_keys_command(args: argparse.Namespace) -> int:
                 ",".join(k.scopes),
                 _limits(k),
                 _time(k.create_time),
-                _time(k.last_use_time if k.HasField("last_use_time") else None),
-                _time(k.expire_time if k.HasField("expire_time") else None),
-                _time(k.revoke_time if k.HasField("revoke_time") else None),
+                _time(k.last_use_time),
+                _time(k.expire_time),
+                _time(k.revoke_time),
             )
             for k in result
         ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from datetime import UTC
 from typing import Any
 
 from rich.console import Console
@@ -19,10 +18,8 @@ from rich.text import Text
 from agentrun._client import Client
 from agentrun._connection import connection_from_arguments
 from agentrun._terminal import safe_text
-from agentrun.v1 import agent_run_pb2 as run_pb
-from agentrun.v1 import ingestion_service_pb2 as pb
+from agentrun.chat import ChatMessage, ContentText
 
-_STATES = {v: k.removeprefix("AGENT_RUN_STATE_").lower() for k, v in pb.AgentRunState.items()}
 _ROLE_STYLES = {"system": "magenta", "user": "cyan", "assistant": "green", "tool": "yellow"}
 
 
@@ -41,39 +38,35 @@ def add_tail_command(commands: Any, add_server: Callable[[argparse.ArgumentParse
     add_server(tail)
 
 
-def message_text(message: run_pb.ChatMessage) -> str:
-    """A message's visible text; non-text parts shown as `[kind]`."""
-    if message.WhichOneof("content") == "parts":
-        return "".join(
-            part.text.text if part.WhichOneof("kind") == "text" else f"[{part.WhichOneof('kind')}]"
-            for part in message.parts.parts
-        )
-    return message.text
+def message_text(message: ChatMessage) -> str:
+    """A message's visible text; parts that are not text shown as `[kind]`."""
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(
+        part.text if isinstance(part, ContentText) else f"[{part.type}]" for part in message.content
+    )
 
 
 def run_tail_command(args: argparse.Namespace) -> int:
     show = _Rich() if sys.stdout.isatty() else _Plain()
     last = None
     with Client(connection=connection_from_arguments(args)) as client:
-        for response in client.watch_run(args.agent_run_id, args.after):
-            for event in response.events:
-                for transcript in event.patch.transcripts:
-                    for message in transcript.messages:
-                        show.message(event.sequence, transcript.key, message)
-                for key, score in event.patch.scores.items():
-                    value = getattr(score, score.WhichOneof("kind") or "double_value")
-                    show.line(f"[{event.sequence}] score {safe_text(key)} = {value}")
-            state = _STATES.get(response.state, "?")
-            if state != last:
-                show.line(f"-- run {safe_text(args.agent_run_id)} is {state}", style="bold")
-                last = state
+        for update in client.watch_run(args.agent_run_id, args.after):
+            for event in update.events:
+                for key, message in event.messages:
+                    show.message(event.sequence, key, message)
+                for name, score in event.scores.items():
+                    show.line(f"[{event.sequence}] score {safe_text(name)} = {score}")
+            if update.state != last:
+                show.line(f"-- run {safe_text(args.agent_run_id)} is {update.state}", style="bold")
+                last = update.state
     return 0
 
 
 class _Plain:
-    def message(self, sequence: int, key: str, message: run_pb.ChatMessage) -> None:
-        role = message.WhichOneof("role") or "?"
+    def message(self, sequence: int, key: str, message: ChatMessage) -> None:
         text = safe_text(message_text(message), keep_newlines=True)
+        role = message.role
         self.line(f"[{sequence}] {safe_text(key)} {role}: {text}")
 
     def line(self, text: str, style: str = "") -> None:
@@ -84,11 +77,11 @@ class _Rich(_Plain):
     def __init__(self) -> None:
         self._console = Console(highlight=False, soft_wrap=True)
 
-    def message(self, sequence: int, key: str, message: run_pb.ChatMessage) -> None:
-        role = message.WhichOneof("role") or "?"
+    def message(self, sequence: int, key: str, message: ChatMessage) -> None:
+        role = message.role
         line = Text.assemble((f"[{sequence}] ", "dim"))
-        if message.HasField("timestamp"):
-            made = message.timestamp.ToDatetime(tzinfo=UTC).astimezone()
+        if message.timestamp is not None:
+            made = message.timestamp.astimezone()
             line.append(made.strftime("%H:%M:%S "), style="dim")
         line.append(f"{safe_text(key)} ", style="bold")
         line.append(f"{role}: ", style=_ROLE_STYLES.get(role, ""))

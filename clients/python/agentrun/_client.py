@@ -1,4 +1,5 @@
-"""Connecting to an agentrun server, and a small synchronous client for the unary calls."""
+"""Connecting to an agentrun server, and a small synchronous client for the unary calls, which
+answers with SDK records (`agentrun._records`) and models, never generated types."""
 
 from __future__ import annotations
 
@@ -14,6 +15,19 @@ from agentrun._connection import SERVER_ENV, Connection, connection_of
 from agentrun._convert import agent_run_from_proto
 from agentrun._errors import RpcError
 from agentrun._metadata import BaseAgentRunMetadata
+from agentrun._records import (
+    ApiKey,
+    ApiKeyCreated,
+    Collection,
+    CollectionCreated,
+    RunUpdate,
+    StageBacklog,
+    Task,
+    TaskState,
+    Workflow,
+    WorkflowApplied,
+)
+from agentrun._workflow import WorkflowSpec
 from agentrun.v1 import ingestion_service_pb2 as ingestion_pb
 from agentrun.v1 import ingestion_service_pb2_grpc as ingestion_grpc
 from agentrun.v1 import key_service_pb2 as key_pb
@@ -134,14 +148,14 @@ class Client:
         workflow: str = "",
         *,
         enter_workflow_on_abandon: bool = False,
-    ) -> ingestion_pb.CreateCollectionResponse:
-        """Create a collection, or get the one with this name (as it was made).
+    ) -> CollectionCreated:
+        """Create a collection, or get the one with this name (as it was made: `created` False).
 
         With `workflow`, each run stored enters its first stage; a live run when it finishes, or
         with `enter_workflow_on_abandon` also when it is abandoned (no event for the server's
         `--live-run-timeout`), once either way.
         """
-        return self._call(
+        response = self._call(
             self.ingestion.CreateCollection,
             ingestion_pb.CreateCollectionRequest(
                 name=name,
@@ -150,15 +164,18 @@ class Client:
                 enter_workflow_on_abandon=enter_workflow_on_abandon,
             ),
         )
+        return CollectionCreated(
+            collection=Collection.from_proto(response.collection), created=response.created
+        )
 
-    def get_collection(self, collection_id: str = "", *, name: str = "") -> ingestion_pb.Collection:
+    def get_collection(self, collection_id: str = "", *, name: str = "") -> Collection:
         """Return a collection by id, or by name."""
         request = (
             ingestion_pb.GetCollectionRequest(name=name)
             if name
             else ingestion_pb.GetCollectionRequest(id=collection_id)
         )
-        return self._call(self.ingestion.GetCollection, request).collection
+        return Collection.from_proto(self._call(self.ingestion.GetCollection, request).collection)
 
     def get_run(
         self,
@@ -231,51 +248,63 @@ class Client:
             skipped += response.skipped_count
         return enqueued, skipped
 
-    def list_collections(self) -> list[ingestion_pb.Collection]:
-        """Return all collections with their run counts."""
-        return list(
+    def list_collections(self) -> list[Collection]:
+        """Return all collections with their run counts, oldest first."""
+        response = self._call(self.ingestion.ListCollections, ingestion_pb.ListCollectionsRequest())
+        return [Collection.from_proto(c) for c in response.collections]
+
+    def apply_workflow(self, workflow: WorkflowSpec | workflow_pb2.Workflow) -> WorkflowApplied:
+        """Create or replace a workflow (a `WorkflowSpec`, e.g. from `load_workflow`, or its wire
+        form); a new version only if the definition changed.
+
+        Raises:
+            RpcError: INVALID_ARGUMENT naming the stage or pathway at fault; FAILED_PRECONDITION
+                when the new definition drops a stage that holds ready or leased tasks.
+        """
+        message = workflow.to_proto() if isinstance(workflow, WorkflowSpec) else workflow
+        response = self._call(
+            self.orchestrator.ApplyWorkflow, orchestrator_pb.ApplyWorkflowRequest(workflow=message)
+        )
+        return WorkflowApplied(
+            workflow=Workflow.from_proto(response.workflow), changed=response.changed
+        )
+
+    def get_workflow(self, name: str) -> Workflow:
+        """Return a workflow as stored (every stage's policy filled in)."""
+        return Workflow.from_proto(
             self._call(
-                self.ingestion.ListCollections, ingestion_pb.ListCollectionsRequest()
-            ).collections
+                self.orchestrator.GetWorkflow, orchestrator_pb.GetWorkflowRequest(name=name)
+            ).workflow
         )
 
-    def apply_workflow(
-        self, workflow: workflow_pb2.Workflow
-    ) -> orchestrator_pb.ApplyWorkflowResponse:
-        """Create or replace a workflow."""
-        return self._call(
-            self.orchestrator.ApplyWorkflow, orchestrator_pb.ApplyWorkflowRequest(workflow=workflow)
+    def get_task(self, task_id: str | int) -> Task:
+        """Return one task: its state, attempts, pathway, input and output (JSON-like values)
+        and failed attempts."""
+        return Task.from_proto(
+            self._call(
+                self.orchestrator.GetTask, orchestrator_pb.GetTaskRequest(task_id=str(task_id))
+            ).task
         )
 
-    def get_workflow(self, name: str) -> workflow_pb2.Workflow:
-        """Return a workflow."""
-        return self._call(
-            self.orchestrator.GetWorkflow, orchestrator_pb.GetWorkflowRequest(name=name)
-        ).workflow
+    def list_tasks(
+        self, workflow: str, stage: str = "", state: TaskState | str | None = None
+    ) -> list[Task]:
+        """Return every task of a workflow (of one stage, in one state, if given), by id.
 
-    def get_task(self, task_id: str | int) -> workflow_pb2.Task:
-        """Return one task: its state, attempts, pathway, input and output (`agentrun.v1.Value`;
-        `value_from_proto` reads them as JSON-like values) and failed attempts."""
-        return self._call(
-            self.orchestrator.GetTask, orchestrator_pb.GetTaskRequest(task_id=str(task_id))
-        ).task
-
-    def list_tasks(self, workflow: str, stage: str = "", state: int = 0) -> list[workflow_pb2.Task]:
-        """Return every task of a workflow (of one stage, in one `TaskState`, if given)."""
-        tasks: list[workflow_pb2.Task] = []
+        Raises:
+            ValueError: `state` names no `TaskState`.
+        """
+        wire = TaskState(state).to_proto() if state else workflow_pb2.TASK_STATE_UNSPECIFIED
+        tasks: list[Task] = []
         token = ""
         while True:
             page = self._call(
                 self.orchestrator.ListTasks,
                 orchestrator_pb.ListTasksRequest(
-                    workflow=workflow,
-                    stage=stage,
-                    state=workflow_pb2.TaskState.ValueType(state),
-                    page_size=1000,
-                    page_token=token,
+                    workflow=workflow, stage=stage, state=wire, page_size=1000, page_token=token
                 ),
             )
-            tasks += page.tasks
+            tasks += [Task.from_proto(task) for task in page.tasks]
             token = page.next_page_token
             if not token:
                 return tasks
@@ -303,18 +332,16 @@ class Client:
             ),
         ).cancelled_count
 
-    def backlog(self, workflow: str = "") -> list[workflow_pb2.StageBacklog]:
+    def backlog(self, workflow: str = "") -> list[StageBacklog]:
         """Return the backlog of every stage (of one workflow, if named)."""
-        return list(
-            self._call(
-                self.orchestrator.GetBacklog, orchestrator_pb.GetBacklogRequest(workflow=workflow)
-            ).stages
+        response = self._call(
+            self.orchestrator.GetBacklog, orchestrator_pb.GetBacklogRequest(workflow=workflow)
         )
+        return [StageBacklog.from_proto(stage) for stage in response.stages]
 
-    def watch_run(
-        self, agent_run_id: str, after_sequence: int = 0
-    ) -> Iterator[ingestion_pb.WatchAgentRunResponse]:
-        """The events of a live run as they land (after `after_sequence`), until it finishes.
+    def watch_run(self, agent_run_id: str, after_sequence: int = 0) -> Iterator[RunUpdate]:
+        """The events of a live run as they land (after `after_sequence`), until it finishes:
+        an update when events land, and one when its state changes (abandoned, running again).
 
         Raises:
             RpcError: NOT_FOUND for an unknown run, or the stream broke.
@@ -324,7 +351,8 @@ class Client:
             agent_run_id=agent_run_id, after_sequence=after_sequence
         )
         with translate_rpc_errors():
-            yield from self.ingestion.WatchAgentRun(request, metadata=self._metadata)
+            for response in self.ingestion.WatchAgentRun(request, metadata=self._metadata):
+                yield RunUpdate.from_proto(response)
 
     def create_api_key(
         self,
@@ -335,9 +363,8 @@ class Client:
         workflows: Iterable[str] = (),
         certificate_subject: str = "",
         expires_at: float | None = None,
-    ) -> key_pb.CreateApiKeyResponse:
-        """Create an API key (needs an unlimited `admin` key); the response's `token` is shown
-        this once. With `certificate_subject`, an entry admitting that client certificate; with
+    ) -> ApiKeyCreated:
+        """Create an API key (needs an unlimited `admin` key); its `token` is shown this once. With `certificate_subject`, an entry admitting that client certificate; with
         `expires_at` (epoch seconds), a key every server refuses from then on."""
         key = key_pb.ApiKey(
             name=name,
@@ -348,12 +375,16 @@ class Client:
         )
         if expires_at is not None:
             key.expire_time.FromNanoseconds(int(expires_at * 1e9))
-        return self._call(self.keys.CreateApiKey, key_pb.CreateApiKeyRequest(key=key))
+        response = self._call(self.keys.CreateApiKey, key_pb.CreateApiKeyRequest(key=key))
+        return ApiKeyCreated(key=ApiKey.from_proto(response.key), token=response.token)
 
-    def list_api_keys(self) -> list[key_pb.ApiKey]:
+    def list_api_keys(self) -> list[ApiKey]:
         """Every API key, revoked ones included (never their tokens)."""
-        return list(self._call(self.keys.ListApiKeys, key_pb.ListApiKeysRequest()).keys)
+        response = self._call(self.keys.ListApiKeys, key_pb.ListApiKeysRequest())
+        return [ApiKey.from_proto(key) for key in response.keys]
 
-    def revoke_api_key(self, name: str) -> key_pb.ApiKey:
+    def revoke_api_key(self, name: str) -> ApiKey:
         """Revoke a key: every server refuses it within a second."""
-        return self._call(self.keys.RevokeApiKey, key_pb.RevokeApiKeyRequest(name=name)).key
+        return ApiKey.from_proto(
+            self._call(self.keys.RevokeApiKey, key_pb.RevokeApiKeyRequest(name=name)).key
+        )

@@ -61,6 +61,7 @@ from agentrun._connection import (
 from agentrun._convert import value_to_proto
 from agentrun._errors import WorkflowError
 from agentrun._progress import StageProgress, print_summary
+from agentrun._records import Workflow
 from agentrun._stage import (
     Fail,
     Retry,
@@ -70,7 +71,7 @@ from agentrun._stage import (
     arguments,
     parameters,
 )
-from agentrun.v1 import agent_run_pb2, workflow_pb2
+from agentrun.v1 import agent_run_pb2
 from agentrun.wire.limits import MAX_OUTPUT_BYTES, value_depth_problem
 from agentrun.work import Lease, WorkStream
 
@@ -148,7 +149,7 @@ class Runner:
         self.connection = connection_of(server_url, api_key, connection)
         self._stages: dict[str, StageFunction] = {}
         self._parameters: dict[str, list[str]] = {}  # stage -> what each parameter asks for
-        self._definition: workflow_pb2.Workflow | None = None
+        self._definition: Workflow | None = None
         if validate:
             if not workflow:
                 raise WorkflowError("validate=True needs a workflow: pass workflow= to Runner(...)")
@@ -250,9 +251,7 @@ class Runner:
         )
         return asyncio.run(execution.run())
 
-    def _check_stages(
-        self, workflow: workflow_pb2.Workflow, stages: Sequence[str] | None = None
-    ) -> None:
+    def _check_stages(self, workflow: Workflow, stages: Sequence[str] | None = None) -> None:
         names = [s.name for s in workflow.stages]
         unknown = [s for s in (self._stages if stages is None else stages) if s not in names]
         if unknown:
@@ -334,7 +333,7 @@ class _Execution:
         self,
         stages: dict[str, StageFunction],
         parameters: dict[str, list[str]],
-        workflow: workflow_pb2.Workflow,
+        workflow: Workflow,
         connection: Connection,
         num_retries: int,
         credits: int,
@@ -347,7 +346,7 @@ class _Execution:
         self.stages = stages
         self.parameters = parameters
         self.workflow_name = workflow.name
-        self.pathways = {s.name: [p.name for p in s.pathways] for s in workflow.stages}
+        self.pathways = {s.name: list(s.pathways) for s in workflow.stages}
         self.num_retries = num_retries
         self.refresh_every = refresh_every
         self.drain_grace_seconds = drain_grace_seconds
