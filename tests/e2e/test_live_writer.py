@@ -25,6 +25,7 @@ from agentrun.chat import AssistantMessage, UserMessage
 from agentrun.v1 import ingestion_service_pb2 as pb
 from agentrun.v1 import workflow_pb2
 
+from ..fakes import serve_fake
 from ..processes import ServerProcess
 
 
@@ -298,21 +299,14 @@ class BreakingEvents:
             yield pb.StreamAgentRunEventsResponse(acks=acks)
 
     async def serve(self) -> grpc.aio.Server:
-        server = grpc.aio.server()
         handler = grpc.stream_stream_rpc_method_handler(
             self.stream,
             request_deserializer=pb.StreamAgentRunEventsRequest.FromString,
             response_serializer=pb.StreamAgentRunEventsResponse.SerializeToString,
         )
-        server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    "agentrun.v1.IngestionService", {"StreamAgentRunEvents": handler}
-                ),
-            )
+        server, self.port = await serve_fake(
+            "agentrun.v1.IngestionService", {"StreamAgentRunEvents": handler}
         )
-        self.port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
         return server
 
 

@@ -43,6 +43,7 @@ from agentrun.wire.framing import RawUpload, decode_upload_request
 from agentrun_server import IngestionLimits, Server, ServerConfig
 from agentrun_server.serving._status import retry_info_trailer
 
+from ..fakes import serve_fake
 from ..processes import ServerProcess, free_port
 
 FAST_BACKOFF = Backoff(initial_seconds=0.05, max_seconds=0.5)
@@ -207,21 +208,14 @@ class FlakyIngestion:
         return pb.UploadAgentRunsResponse(accepted_count=runs)
 
     async def serve(self) -> grpc.aio.Server:
-        server = grpc.aio.server()
         handler = grpc.stream_unary_rpc_method_handler(
             self.upload,
             request_deserializer=decode_upload_request,
             response_serializer=pb.UploadAgentRunsResponse.SerializeToString,
         )
-        server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    "agentrun.v1.IngestionService", {"UploadAgentRuns": handler}
-                ),
-            )
+        server, self.port = await serve_fake(
+            "agentrun.v1.IngestionService", {"UploadAgentRuns": handler}
         )
-        self.port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
         return server
 
 
