@@ -11,9 +11,28 @@ TS := clients/typescript
 NPM := $(shell command -v npm 2>/dev/null)
 TS_STAMP := $(if $(NPM),$(TS)/node_modules/.package-lock.json)
 
-.PHONY: install install-ts install-bench gen gen-check lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live ci clean
+.PHONY: install install-ts install-go build-go install-bench gen gen-check proto-release lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live ci clean
 
 install: $(STAMP)
+
+# Go from Debian's packages (this machine kind reaches no Go module proxy): the compiler, gRPC and
+# protobuf sources for GOPATH builds, and the code generators. About 20 s, once.
+GO_PACKAGES := golang-go golang-google-grpc-dev golang-google-protobuf-dev \
+	golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc
+install-go:
+	@scripts/apt_install.sh $(GO_PACKAGES)
+
+# The Go client, vetted, unit-tested and its examples built into build/go/bin, in GOPATH mode over
+# Debian's Go sources (/usr/share/gocode): no module proxy is needed. With one, `go build ./...`
+# in clients/go builds the module the ordinary way (its go.mod).
+GO_MODULE := github.com/agentrun/agentrun/clients/go
+GO_GOPATH := $(CURDIR)/build/gopath
+GO_ENV := GO111MODULE=off GOPATH=$(GO_GOPATH):/usr/share/gocode GOCACHE=$(CURDIR)/build/gocache
+build-go: install-go
+	@mkdir -p $(GO_GOPATH)/src/$(dir $(GO_MODULE)) build/go/bin
+	@ln -sfn $(CURDIR)/clients/go $(GO_GOPATH)/src/$(GO_MODULE)
+	cd $(GO_GOPATH)/src/$(GO_MODULE) && $(GO_ENV) go vet ./... && $(GO_ENV) go test ./... \
+		&& $(GO_ENV) go build -o $(CURDIR)/build/go/bin/ ./examples/...
 
 install-ts: $(TS_STAMP)
 
@@ -34,23 +53,30 @@ $(STAMP): pyproject.toml
 $(TS)/node_modules/.package-lock.json: $(TS)/package.json $(TS)/package-lock.json
 	cd $(TS) && npm ci --no-audit --no-fund
 
-gen: install install-ts
+gen: install install-ts install-go
 	$(BIN)/python scripts/gen_protos.py
 	$(BIN)/python scripts/gen_limits.py
 	$(BIN)/python scripts/gen_dashboard.py
 	$(BIN)/buf format -w
 
-gen-check: install install-ts
+gen-check: install install-ts install-go
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/python scripts/gen_limits.py --check
 	$(BIN)/python scripts/gen_dashboard.py --check
 
 lint: install
 	$(BIN)/buf lint
+	$(BIN)/buf breaking --exclude-imports --against protos/released.txtpb
 	$(BIN)/buf format --diff --exit-code
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	@if command -v gofmt >/dev/null; then test -z "$$(gofmt -l clients/go)" || \
+		{ gofmt -l clients/go; echo "gofmt: the files above need gofmt -w"; exit 1; }; fi
+
+# Mark the contract as released: later changes are checked against it (buf breaking, make lint).
+proto-release: install
+	$(BIN)/buf build --exclude-source-info -o protos/released.txtpb
 
 format: install
 	$(BIN)/ruff check --fix .
@@ -60,7 +86,7 @@ format: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install install-ts
+test: install install-ts install-go
 	$(BIN)/python -m pytest
 
 # Benchmarks print figures; they are not tests. Each reads the real runs from ../shared/data.

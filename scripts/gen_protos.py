@@ -1,21 +1,26 @@
-"""Generate the client code from protos/ (`make gen`): Python into clients/python/agentrun/v1, and
-TypeScript (protobuf-es, JavaScript with .d.ts) into clients/typescript/src/gen/agentrun/v1.
+"""Generate the client code from protos/ (`make gen`): Python into clients/python/agentrun/v1,
+TypeScript (protobuf-es, JavaScript with .d.ts) into clients/typescript/src/gen/agentrun/v1, and Go
+into clients/go/agentrunv1 (buf.gen.yaml). C++ is generated at build time by its CMake project.
 
 With --check, generate into a temporary directory and fail when the result differs from the
 committed code (`make gen-check`), so the committed code always matches the protos. The TypeScript
 generator comes from clients/typescript/node_modules (`make install-ts` runs `npm ci` when npm is
-present); without it the TypeScript code is neither generated nor checked, and this says so.
+present), Go's plugins from Debian (`make install-go`); a language whose generator is missing is
+neither generated nor checked, and this says so (CI sets AGENTRUN_REQUIRE_TOOLCHAINS=1 to fail
+instead).
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +28,8 @@ PROTO_ROOT = ROOT / "protos"
 PACKAGE = "agentrun/v1"
 INIT = '"""Generated from protos/agentrun/v1 by `make gen`. Do not edit."""\n'
 PROTOC_GEN_ES = ROOT / "clients" / "typescript" / "node_modules" / ".bin" / "protoc-gen-es"
+BUF = Path(sys.executable).parent / "buf"
+GO_PLUGINS = ("protoc-gen-go", "protoc-gen-go-grpc")
 
 
 def _protoc(*args: str) -> None:
@@ -60,24 +67,68 @@ def generate_typescript(out_root: Path) -> None:
     )
 
 
-TARGETS: dict[str, tuple[Path, Callable[[Path], None]]] = {
-    "python": (ROOT / "clients" / "python", generate_python),
-    "typescript": (ROOT / "clients" / "typescript" / "src" / "gen", generate_typescript),
+def generate_go(out_root: Path) -> None:
+    # buf.gen.yaml writes below clients/go; out_root stands for clients/go here.
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [str(BUF), "generate", "--template", "buf.gen.yaml", "-o", tmp], cwd=ROOT, check=True
+        )
+        generated = Path(tmp) / "clients" / "go" / "agentrunv1"
+        for file in generated.iterdir():
+            shutil.copy(file, out_root / "agentrunv1" / file.name)
+
+
+def _nothing_missing() -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one language's generated package is committed, how to generate it, and what its
+    generator lacks on this machine (None: nothing)."""
+
+    out_root: Path
+    package: str
+    generate: Callable[[Path], None]
+    missing: Callable[[], str | None] = _nothing_missing
+
+
+def _missing_es() -> str | None:
+    if PROTOC_GEN_ES.exists():
+        return None
+    return f"no {PROTOC_GEN_ES.relative_to(ROOT)} (make install-ts)"
+
+
+def _missing_go() -> str | None:
+    absent = [plugin for plugin in GO_PLUGINS if shutil.which(plugin) is None]
+    return f"no {', '.join(absent)} on PATH (make install-go)" if absent else None
+
+
+TARGETS: dict[str, Target] = {
+    "python": Target(ROOT / "clients" / "python", PACKAGE, generate_python),
+    "typescript": Target(
+        ROOT / "clients" / "typescript" / "src" / "gen", PACKAGE, generate_typescript, _missing_es
+    ),
+    "go": Target(ROOT / "clients" / "go", "agentrunv1", generate_go, _missing_go),
 }
 
 
-def stale_files(out_root: Path, generate: Callable[[Path], None]) -> list[str]:
+def stale_files(target: Target) -> list[str]:
     """What differs between the committed code and a fresh generation."""
-    target = out_root / PACKAGE
+    committed_dir = target.out_root / target.package
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / PACKAGE).mkdir(parents=True)
-        generate(Path(tmp))
-        fresh = Path(tmp) / PACKAGE
-        committed = sorted(p.name for p in target.iterdir() if p.name != "__pycache__")
+        fresh = Path(tmp) / target.package
+        fresh.mkdir(parents=True)
+        target.generate(Path(tmp))
+        committed = (
+            sorted(p.name for p in committed_dir.iterdir() if p.name != "__pycache__")
+            if committed_dir.exists()
+            else []
+        )
         generated = sorted(p.name for p in fresh.iterdir())
         stale = [] if committed == generated else [f"file list: {committed} != {generated}"]
-        _, mismatch, errors = filecmp.cmpfiles(fresh, target, generated, shallow=False)
-    return stale + [str(target / name) for name in mismatch + errors]
+        _, mismatch, errors = filecmp.cmpfiles(fresh, committed_dir, generated, shallow=False)
+    return stale + [str(committed_dir / name) for name in mismatch + errors]
 
 
 def main() -> int:
@@ -85,18 +136,23 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail if the committed code is stale")
     args = parser.parse_args()
     stale = []
-    for language, (out_root, generate) in TARGETS.items():
-        if language == "typescript" and not PROTOC_GEN_ES.exists():
-            print(f"typescript: skipped, no {PROTOC_GEN_ES.relative_to(ROOT)} (npm ci)")
+    required = os.environ.get("AGENTRUN_REQUIRE_TOOLCHAINS") == "1"
+    for language, target in TARGETS.items():
+        missing = target.missing()
+        if missing:
+            if required:
+                print(f"{language}: {missing}; AGENTRUN_REQUIRE_TOOLCHAINS=1", file=sys.stderr)
+                return 1
+            print(f"{language}: skipped, {missing}")
             continue
         if args.check:
-            stale += stale_files(out_root, generate)
+            stale += stale_files(target)
             continue
-        target = out_root / PACKAGE
-        if target.exists():
-            shutil.rmtree(target)
-        target.mkdir(parents=True)
-        generate(out_root)
+        committed_dir = target.out_root / target.package
+        if committed_dir.exists():
+            shutil.rmtree(committed_dir)
+        committed_dir.mkdir(parents=True)
+        target.generate(target.out_root)
     if stale:
         print("generated code is stale; run `make gen`:", *stale, sep="\n  ", file=sys.stderr)
         return 1

@@ -19,7 +19,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 from prometheus_client.registry import Collector
 
@@ -51,6 +50,7 @@ from agentrun_server.serving import (
     MetricsEndpoint,
     MetricsInterceptor,
     MetricsWebConfig,
+    enable_reflection,
 )
 from agentrun_server.storage import Notifier, Storage, open_storage
 
@@ -244,13 +244,8 @@ class Server:
                 health_pb2.DESCRIPTOR.services_by_name["Health"],
             ]
         )
-        reflection.enable_server_reflection(
-            [
-                *names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
+        enable_reflection(
+            server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         )
         address = f"{config.host}:{config.port}"
         try:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from agentrun import AgentRun, Transcript
 from agentrun._convert import agent_run_to_proto
@@ -105,21 +105,27 @@ async def test_every_rpc_answers_each_scope_as_the_table_says(secured: tuple[Ser
                     assert code == grpc.StatusCode.PERMISSION_DENIED, (method, scope, code)
 
 
-async def test_health_stays_open_and_reflection_needs_a_key(secured: tuple[Server, str]) -> None:
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_health_stays_open_and_reflection_needs_a_key(
+    secured: tuple[Server, str], version: str
+) -> None:
     server, admin = secured
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         check = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert check.status == health_pb2.HealthCheckResponse.SERVING
-        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        # v1's messages are v1alpha's under another package: one encoding serves both.
+        reflect = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            async for _ in reflect.ServerReflectionInfo(iter([request])):
+            async for _ in reflect(iter([request])):
                 pass
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         reader = await _create_key(channel, admin, "reader", ["read"])
-        answers = [
-            a async for a in reflect.ServerReflectionInfo(iter([request]), metadata=_auth(reader))
-        ]
+        answers = [a async for a in reflect(iter([request]), metadata=_auth(reader))]
         names = {s.name for s in answers[0].list_services_response.service}
         assert "agentrun.v1.KeyService" in names
 

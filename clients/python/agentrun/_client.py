@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import grpc
 
 from agentrun._agent_run import AgentRun
-from agentrun._connection import SERVER_ENV, Connection, connection_of
+from agentrun._connection import Connection, connection_of
 from agentrun._convert import agent_run_from_proto
 from agentrun._errors import RpcError
 from agentrun._metadata import BaseAgentRunMetadata
@@ -35,6 +35,7 @@ from agentrun.v1 import key_service_pb2_grpc as key_grpc
 from agentrun.v1 import orchestrator_service_pb2 as orchestrator_pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as orchestrator_grpc
 from agentrun.v1 import workflow_pb2
+from agentrun.wire.connection import ENV_SERVER
 
 CALL_TIMEOUT_SECONDS = 30.0
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -60,7 +61,7 @@ def unreachable(target: str, channel: grpc.Channel, waited_seconds: float) -> Rp
     return RpcError(
         grpc.StatusCode.UNAVAILABLE,
         f"cannot reach the agentrun server at {target}: {cause}; is `agentrun serve` running "
-        f"there? (set --server or ${SERVER_ENV})",
+        f"there? (set --server or ${ENV_SERVER})",
     )
 
 

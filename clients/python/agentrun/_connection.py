@@ -13,11 +13,19 @@ from typing import Any
 import grpc
 
 from agentrun._errors import ConnectionConfigError
+from agentrun.wire.connection import (
+    DEFAULT_SERVER,
+    ENV_API_KEY,
+    ENV_SERVER,
+    ENV_TLS,
+    ENV_TLS_CA,
+    ENV_TLS_CERT,
+    ENV_TLS_KEY,
+    ENV_TLS_SERVER_NAME,
+    MAX_MESSAGE_BYTES,
+    URL_SCHEMES,
+)
 
-DEFAULT_SERVER = "127.0.0.1:50051"
-SERVER_ENV = "AGENTRUN_SERVER"
-API_KEY_ENV = "AGENTRUN_API_KEY"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -31,14 +39,9 @@ def resolve_server(server_url: str | None) -> tuple[str, bool | None]:
     (`dns:///agentrun.internal:50051`, `ipv4:10.0.0.1:50051,10.0.0.2:50051`): calls are balanced
     over the replicas (round robin). None means $AGENTRUN_SERVER, else 127.0.0.1:50051.
     """
-    url = server_url or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
+    url = server_url or os.environ.get(ENV_SERVER) or DEFAULT_SERVER
     tls = None
-    for scheme, secure in (
-        ("grpcs://", True),
-        ("https://", True),
-        ("grpc://", False),
-        ("http://", False),
-    ):
+    for scheme, secure in URL_SCHEMES.items():
         if url.startswith(scheme):
             url, tls = url.removeprefix(scheme).rstrip("/"), secure
             break
@@ -79,7 +82,7 @@ def is_loopback_target(target: str) -> bool:
 
 
 def _env_tls() -> bool | None:
-    value = os.environ.get("AGENTRUN_TLS", "").strip().lower()
+    value = os.environ.get(ENV_TLS, "").strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
@@ -165,7 +168,7 @@ class Connection:
 
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
         """The metadata every call carries: the API key's `authorization`, then `metadata`."""
-        key = self.api_key or os.environ.get(API_KEY_ENV)
+        key = self.api_key or os.environ.get(ENV_API_KEY)
         auth = (("authorization", f"Bearer {key}"),) if key else ()
         return (*auth, *self.metadata)
 
@@ -179,7 +182,7 @@ class Connection:
             # name, or an ipv4: list); one that goes down is skipped until it is back.
             ("grpc.lb_policy_name", "round_robin"),
         ]
-        name = self.tls_server_name or os.environ.get("AGENTRUN_TLS_SERVER_NAME")
+        name = self.tls_server_name or os.environ.get(ENV_TLS_SERVER_NAME)
         if name:
             options.append(("grpc.ssl_target_name_override", name))
         return options
@@ -192,10 +195,10 @@ class Connection:
                 client certificate is given, or a file cannot be read.
         """
         target, url_tls = resolve_server(self.server_url)
-        ca = self.tls_ca_file or os.environ.get("AGENTRUN_TLS_CA")
-        cert = self.tls_cert_file or os.environ.get("AGENTRUN_TLS_CERT")
-        key_file = self.tls_key_file or os.environ.get("AGENTRUN_TLS_KEY")
-        has_key = bool(self.api_key or os.environ.get(API_KEY_ENV))
+        ca = self.tls_ca_file or os.environ.get(ENV_TLS_CA)
+        cert = self.tls_cert_file or os.environ.get(ENV_TLS_CERT)
+        key_file = self.tls_key_file or os.environ.get(ENV_TLS_KEY)
+        has_key = bool(self.api_key or os.environ.get(ENV_API_KEY))
         local = is_loopback_target(target)
         tls = self.tls if self.tls is not None else _env_tls()
         if tls is None:
@@ -255,12 +258,12 @@ def add_connection_arguments(parser: argparse.ArgumentParser, server: str | None
         "--server",
         default=server,
         help=f"server host:port, grpcs://host:port for TLS, or replicas a:p,b:p "
-        f"[default: ${SERVER_ENV} or {DEFAULT_SERVER}]",
+        f"[default: ${ENV_SERVER} or {DEFAULT_SERVER}]",
     )
     group.add_argument(
         "--api-key-file",
         metavar="FILE",
-        help=f"read the API key from FILE [default: ${API_KEY_ENV}] (a key is never taken on "
+        help=f"read the API key from FILE [default: ${ENV_API_KEY}] (a key is never taken on "
         "the command line, where other users' `ps` would see it)",
     )
     group.add_argument(

@@ -14,3 +14,15 @@ export const MAX_PATHWAYS = 64;
 export const MAX_STAGES = 200;
 export const MAX_VALUE_DEPTH = 20;
 export const IDENTIFIER_PATTERN = "^[A-Za-z0-9._-]{1,128}$";
+// How a client reaches a server: default address, message size, environment.
+export const DEFAULT_PORT = 50051;
+export const DEFAULT_SERVER = "127.0.0.1:50051";
+export const ENV_API_KEY = "AGENTRUN_API_KEY";
+export const ENV_SERVER = "AGENTRUN_SERVER";
+export const ENV_TLS = "AGENTRUN_TLS";
+export const ENV_TLS_CA = "AGENTRUN_TLS_CA";
+export const ENV_TLS_CERT = "AGENTRUN_TLS_CERT";
+export const ENV_TLS_KEY = "AGENTRUN_TLS_KEY";
+export const ENV_TLS_SERVER_NAME = "AGENTRUN_TLS_SERVER_NAME";
+export const MAX_MESSAGE_BYTES = 67108864;
+export const URL_SCHEMES = {"grpcs://": true, "https://": true, "grpc://": false, "http://": false};

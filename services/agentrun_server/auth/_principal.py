@@ -15,6 +15,7 @@ from agentrun.v1 import (
     orchestrator_service_pb2,
 )
 from agentrun_server._errors import PermissionDenied
+from agentrun_server.serving._reflection import METHODS as REFLECTION_METHODS
 
 SCOPES = ("ingest", "read", "work", "admin")
 """What a key may do. `admin` implies the other three."""
@@ -26,7 +27,7 @@ SERVICES = (
 )
 """The services whose methods carry their scopes in the contract (`(agentrun.v1.scopes)`)."""
 
-ANY_SCOPE_METHODS = ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",)
+ANY_SCOPE_METHODS = REFLECTION_METHODS
 """Methods any live key may call: server reflection (the contract is no secret, but a server
 with keys on says it only to its clients)."""
 

@@ -7,6 +7,7 @@ from agentrun_server.serving._grpc_metrics import GrpcServerMetrics, MetricsInte
 from agentrun_server.serving._handlers import add_service
 from agentrun_server.serving._metrics import MetricsEndpoint, MetricsWebConfig
 from agentrun_server.serving._paging import page_after, page_size
+from agentrun_server.serving._reflection import enable_reflection
 from agentrun_server.serving._slots import StreamSlots, peer_host
 from agentrun_server.serving._status import STATUS_CODES, ErrorInterceptor, status_for
 from agentrun_server.serving._wire import epoch_seconds, seconds_of, to_duration, to_timestamp
@@ -21,6 +22,7 @@ __all__ = [
     "MetricsWebConfig",
     "StreamSlots",
     "add_service",
+    "enable_reflection",
     "epoch_seconds",
     "page_after",
     "page_size",

@@ -25,11 +25,12 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gentrun/v1/options.proto\x12\x0b\x61gentrun.v1\x1a google/protobuf/descriptor.proto:0\n\x06scopes\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gentrun/v1/options.proto\x12\x0b\x61gentrun.v1\x1a google/protobuf/descriptor.proto:0\n\x06scopes\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x03(\tB?Z=github.com/agentrun/agentrun/clients/go/agentrunv1;agentrunv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentrun.v1.options_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'Z=github.com/agentrun/agentrun/clients/go/agentrunv1;agentrunv1'
 # @@protoc_insertion_point(module_scope)

@@ -6,13 +6,15 @@ nor the SDK's metrics).
   (`scripts/gen_limits.py` writes them for the clients in other languages).
 - `checks`: the checks a wire-form run (or a live run's event) must pass (`check_agent_run`).
 - `codes`: the status codes answers carry per item (`Code`).
+- `connection`: how a client reaches a server (default address, URL schemes, environment
+  variables, message size).
 - `framing`: messages framed by hand from encoded parts (uploads, live run events) and the
   varint.
 """
 
 from __future__ import annotations
 
-from agentrun.wire import checks, codes, framing, limits
+from agentrun.wire import checks, codes, connection, framing, limits
 from agentrun.wire.checks import InvalidRun, check_agent_run, encodes_shallow, parse_agent_run
 from agentrun.wire.codes import Code, code_name
 from agentrun.wire.framing import (
@@ -30,6 +32,7 @@ __all__ = [
     "checks",
     "code_name",
     "codes",
+    "connection",
     "decode_upload_request",
     "encode_events_request",
     "encode_upload_request",

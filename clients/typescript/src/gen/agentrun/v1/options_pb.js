@@ -9,7 +9,7 @@ import { file_google_protobuf_descriptor } from "@bufbuild/protobuf/wkt";
  * Describes the file agentrun/v1/options.proto.
  */
 export const file_agentrun_v1_options = /*@__PURE__*/
-  fileDesc("ChlhZ2VudHJ1bi92MS9vcHRpb25zLnByb3RvEgthZ2VudHJ1bi52MTo4CgZzY29wZXMSHi5nb29nbGUucHJvdG9idWYuTWV0aG9kT3B0aW9ucxi5jgMgAygJUgZzY29wZXNiBnByb3RvMw", [file_google_protobuf_descriptor]);
+  fileDesc("ChlhZ2VudHJ1bi92MS9vcHRpb25zLnByb3RvEgthZ2VudHJ1bi52MTo4CgZzY29wZXMSHi5nb29nbGUucHJvdG9idWYuTWV0aG9kT3B0aW9ucxi5jgMgAygJUgZzY29wZXNCP1o9Z2l0aHViLmNvbS9hZ2VudHJ1bi9hZ2VudHJ1bi9jbGllbnRzL2dvL2FnZW50cnVudjE7YWdlbnRydW52MWIGcHJvdG8z", [file_google_protobuf_descriptor]);
 
 /**
  * The API key scopes that admit a call of the method, any one of them: "ingest", "read",
