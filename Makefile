@@ -11,7 +11,7 @@ TS := clients/typescript
 NPM := $(shell command -v npm 2>/dev/null)
 TS_STAMP := $(if $(NPM),$(TS)/node_modules/.package-lock.json)
 
-.PHONY: install install-ts install-go build-go install-bench gen gen-check proto-release lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live ci clean
+.PHONY: install install-ts install-go build-go conformance install-bench gen gen-check proto-release lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live ci clean
 
 install: $(STAMP)
 
@@ -32,7 +32,7 @@ build-go: install-go
 	@mkdir -p $(GO_GOPATH)/src/$(dir $(GO_MODULE)) build/go/bin
 	@ln -sfn $(CURDIR)/clients/go $(GO_GOPATH)/src/$(GO_MODULE)
 	cd $(GO_GOPATH)/src/$(GO_MODULE) && $(GO_ENV) go vet ./... && $(GO_ENV) go test ./... \
-		&& $(GO_ENV) go build -o $(CURDIR)/build/go/bin/ ./examples/...
+		&& $(GO_ENV) go build -o $(CURDIR)/build/go/bin/ ./examples/... ./conformance
 
 install-ts: $(TS_STAMP)
 
@@ -120,6 +120,11 @@ bench-auth: install
 # 1,000 live runs appending real messages: events/s, append-to-ack latency, a 50 MB run.
 bench-live: install
 	$(BIN)/python bench/bench_live.py
+
+# The conformance scenario (tests/conformance/scenario.json) run by every language's driver
+# against a live server: a line per language, `go: passed N/N`; non-zero if any step fails.
+conformance: install install-ts build-go
+	$(BIN)/python scripts/conformance.py
 
 # Both services in one process on SQLite: gRPC on 127.0.0.1:50051, metrics on 127.0.0.1:9464.
 run: install

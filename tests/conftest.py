@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -62,3 +64,17 @@ async def server(database: str) -> AsyncIterator[Server]:
     await s.start()
     yield s
     await s.shutdown(grace_seconds=1)
+
+
+@pytest.fixture(scope="session")
+def go_bin() -> Path:
+    """The Go examples, built (and the Go client's unit tests run) by `make build-go`."""
+    if shutil.which("go") is None:
+        if os.environ.get("AGENTRUN_REQUIRE_TOOLCHAINS") == "1":
+            pytest.fail("go is not installed and AGENTRUN_REQUIRE_TOOLCHAINS=1 (make install-go)")
+        pytest.skip("go is not installed: `make install-go` installs Debian's Go packages")
+    built = subprocess.run(
+        ["make", "-s", "build-go"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    return ROOT / "build" / "go" / "bin"

@@ -9,14 +9,12 @@ packages; without Go this module skips, unless AGENTRUN_REQUIRE_TOOLCHAINS=1 (CI
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from google.protobuf import json_format
 
 from agentrun import (
@@ -31,23 +29,6 @@ from agentrun import (
 from agentrun._convert import agent_run_to_proto
 
 from ..processes import ServerProcess
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = ROOT / "build" / "go" / "bin"
-
-
-@pytest.fixture(scope="session")
-def go_bin() -> Path:
-    """The Go examples, built (and the Go client's unit tests run) by `make build-go`."""
-    if shutil.which("go") is None:
-        if os.environ.get("AGENTRUN_REQUIRE_TOOLCHAINS") == "1":
-            pytest.fail("go is not installed and AGENTRUN_REQUIRE_TOOLCHAINS=1 (make install-go)")
-        pytest.skip("go is not installed: `make install-go` installs Debian's Go packages")
-    built = subprocess.run(
-        ["make", "-s", "build-go"], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert built.returncode == 0, built.stdout + built.stderr
-    return BIN
 
 
 def _until(condition: Callable[[], bool], timeout_seconds: float = 60) -> None:

@@ -141,8 +141,12 @@ async def test_settles_are_fenced_by_the_current_lease_and_repeats_answered_the_
         [Completion(tid, lease, "next"), Completion(tid, lease, "next")], 4.0
     )
     assert (first.result, repeat_in_batch.result) == ("done", "repeat")
+    # The same answer: with the task the first made (the conformance scenario found it missing).
+    assert first.next_task_id is not None
+    assert repeat_in_batch.next_task_id == first.next_task_id
     (repeat,) = await storage.complete([Completion(tid, lease, "next")], 5.0)
-    assert repeat.code is OK and repeat.result == "repeat" and repeat.next_task_id is None
+    assert repeat.code is OK and repeat.result == "repeat"
+    assert repeat.next_task_id == first.next_task_id
     (other_pathway,) = await storage.complete([Completion(tid, lease, "stop")], 5.0)
     assert other_pathway.code is STALE and "is done" in other_pathway.message
     for settle in (

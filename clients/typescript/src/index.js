@@ -6,6 +6,8 @@ import { readFileSync } from "node:fs";
 import { IngestionService } from "./gen/agentrun/v1/ingestion_service_pb.js";
 import { KeyService } from "./gen/agentrun/v1/key_service_pb.js";
 import { OrchestratorService } from "./gen/agentrun/v1/orchestrator_service_pb.js";
+import { DEFAULT_SERVER, ENV_API_KEY, ENV_SERVER, ENV_TLS, ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY,
+  ENV_TLS_SERVER_NAME, URL_SCHEMES } from "./limits.js";
 
 export { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 export * from "./gen/agentrun/v1/agent_run_pb.js";
@@ -16,14 +18,14 @@ export * from "./gen/agentrun/v1/workflow_pb.js";
 /** The limits a request must keep (generated from the server's own, `make gen`). */
 export * as limits from "./limits.js";
 
-const DEFAULT_SERVER = "127.0.0.1:50051";
-
-/** The host:port of a server URL, and whether its scheme asks for TLS (undefined: it does not say). */
+/** The host:port of a server URL, and whether its scheme asks for TLS (undefined: it does not
+ * say). The defaults and schemes are the contract's (agentrun.wire.connection, generated). */
 function parseServer(serverUrl) {
-  const url = serverUrl || process.env.AGENTRUN_SERVER || DEFAULT_SERVER;
-  const scheme = /^(grpcs|https|grpc|http):\/\//.exec(url)?.[1];
-  const host = url.replace(/^[a-z]+:\/\//, "").replace(/\/$/, "");
-  return { host, secure: scheme === undefined ? undefined : scheme.endsWith("s") };
+  const url = serverUrl || process.env[ENV_SERVER] || DEFAULT_SERVER;
+  for (const [scheme, secure] of Object.entries(URL_SCHEMES)) {
+    if (url.startsWith(scheme)) return { host: url.slice(scheme.length).replace(/\/$/, ""), secure };
+  }
+  return { host: url.replace(/\/$/, ""), secure: undefined };
 }
 
 /** `host:port` (plaintext), `grpc://`, `grpcs://`, `http://` or `https://...` as a base URL. */
@@ -39,7 +41,7 @@ export function isLoopback(hostPort) {
 }
 
 function envTls() {
-  const value = (process.env.AGENTRUN_TLS ?? "").trim().toLowerCase();
+  const value = (process.env[ENV_TLS] ?? "").trim().toLowerCase();
   if (["1", "true", "yes", "on"].includes(value)) return true;
   if (["0", "false", "no", "off"].includes(value)) return false;
   if (value) throw new Error(`$AGENTRUN_TLS: ${JSON.stringify(value)}; use 1 or 0`);
@@ -70,11 +72,11 @@ function envTls() {
  */
 export function connect(serverUrl, options = {}) {
   const env = process.env;
-  const apiKey = options.apiKey ?? env.AGENTRUN_API_KEY;
-  const ca = pem(options.tlsCa ?? env.AGENTRUN_TLS_CA);
-  const cert = pem(options.tlsCert ?? env.AGENTRUN_TLS_CERT);
-  const key = pem(options.tlsKey ?? env.AGENTRUN_TLS_KEY);
-  const servername = options.tlsServerName ?? env.AGENTRUN_TLS_SERVER_NAME;
+  const apiKey = options.apiKey ?? env[ENV_API_KEY];
+  const ca = pem(options.tlsCa ?? env[ENV_TLS_CA]);
+  const cert = pem(options.tlsCert ?? env[ENV_TLS_CERT]);
+  const key = pem(options.tlsKey ?? env[ENV_TLS_KEY]);
+  const servername = options.tlsServerName ?? env[ENV_TLS_SERVER_NAME];
   const { host, secure } = parseServer(serverUrl);
   const local = isLoopback(host);
   const tls = options.tls ?? envTls() ?? secure ?? (Boolean(ca || cert) || (Boolean(apiKey) && !local));

@@ -300,6 +300,10 @@ class Statements(Protocol):
     async def settle_row(self, task_id: int, lease_id: str) -> SettleRow | None:
         """One task, with the error of a failure on record under `lease_id`."""
 
+    async def successors(self, task_ids: Sequence[int]) -> dict[int, int]:
+        """The task each of `task_ids` made in the next stage when it was completed, by id
+        (absent: it made none)."""
+
     async def complete_tasks(
         self,
         done: Sequence[Completion],

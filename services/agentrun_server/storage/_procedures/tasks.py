@@ -122,6 +122,12 @@ async def complete(
                     result=AckResult.DONE,
                 )
             )
+    # A repeat is answered as the first was: with the task the completion made.
+    repeats = [i for i, ack in enumerate(acks) if ack.result is AckResult.REPEAT]
+    if repeats:
+        made = await db.successors([acks[i].task_id for i in repeats])
+        for i in repeats:
+            acks[i] = acks[i]._replace(next_task_id=made.get(acks[i].task_id))
     return acks
 
 

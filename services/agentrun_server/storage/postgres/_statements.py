@@ -510,6 +510,13 @@ class PostgresStatements:
         )
         return {row[0]: SettleRow._make(row) for row in rows}
 
+    async def successors(self, task_ids: Sequence[int]) -> dict[int, int]:
+        rows = await self._all(
+            "SELECT previous_task_id, id FROM tasks WHERE previous_task_id = ANY(%s)",
+            (list(set(task_ids)),),
+        )
+        return {row[0]: row[1] for row in rows}
+
     async def settle_row(self, task_id: int, lease_id: str) -> SettleRow | None:
         row = await self._one(
             f"SELECT {SETTLE_COLUMNS}, (SELECT error FROM task_failures f "

@@ -501,6 +501,15 @@ class SqliteStatements:
             )
         }
 
+    async def successors(self, task_ids: Sequence[int]) -> dict[int, int]:
+        return dict(
+            select_in(
+                self._db,
+                "SELECT previous_task_id, id FROM tasks WHERE previous_task_id IN ({ids})",
+                list(set(task_ids)),
+            )
+        )
+
     async def settle_row(self, task_id: int, lease_id: str) -> SettleRow | None:
         row = self._db.execute(
             f"SELECT {SETTLE_COLUMNS}, (SELECT error FROM task_failures f "
