@@ -11,7 +11,7 @@ TS := clients/typescript
 NPM := $(shell command -v npm 2>/dev/null)
 TS_STAMP := $(if $(NPM),$(TS)/node_modules/.package-lock.json)
 
-.PHONY: install install-ts install-go build-go conformance install-bench gen gen-check proto-release lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live ci clean
+.PHONY: install install-ts install-go build-go install-cpp build-cpp conformance install-bench gen gen-check proto-release lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live ci clean
 
 install: $(STAMP)
 
@@ -86,7 +86,7 @@ format: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install install-ts install-go
+test: install install-ts install-go install-cpp
 	$(BIN)/python -m pytest
 
 # Benchmarks print figures; they are not tests. Each reads the real runs from ../shared/data.
@@ -121,9 +121,21 @@ bench-auth: install
 bench-live: install
 	$(BIN)/python bench/bench_live.py
 
+# C++ from Debian's packages: gRPC and protobuf with their code generators, and CMake.
+CPP_PACKAGES := libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc cmake g++ \
+	pkg-config
+install-cpp:
+	@scripts/apt_install.sh $(CPP_PACKAGES)
+
+# The C++ client: its code generated from protos/ at build time, the library, the examples and
+# the conformance driver, into build/cpp (about two minutes on two cores, once).
+build-cpp: install-cpp
+	cmake -S clients/cpp -B build/cpp -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build build/cpp -j2
+
 # The conformance scenario (tests/conformance/scenario.json) run by every language's driver
 # against a live server: a line per language, `go: passed N/N`; non-zero if any step fails.
-conformance: install install-ts build-go
+conformance: install install-ts build-go build-cpp
 	$(BIN)/python scripts/conformance.py
 
 # Both services in one process on SQLite: gRPC on 127.0.0.1:50051, metrics on 127.0.0.1:9464.

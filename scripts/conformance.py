@@ -38,6 +38,7 @@ def drivers() -> dict[str, list[str]]:
         "python": [sys.executable, str(ROOT / "tests" / "conformance" / "driver.py")],
         "go": [str(GO_BIN / "conformance")],
         "typescript": ["node", str(ROOT / "clients" / "typescript" / "conformance" / "driver.mjs")],
+        "cpp": [str(ROOT / "build" / "cpp" / "agentrun-conformance")],
     }
 
 
@@ -120,7 +121,9 @@ def main() -> int:
     for language in args.languages.split(","):
         command = drivers()[language]
         if shutil.which(command[0]) is None and not Path(command[0]).exists():
-            print(f"{language}: cannot run, no {command[0]} (make build-go / make install-ts)")
+            print(
+                f"{language}: cannot run, no {command[0]} (make build-go, build-cpp or install-ts)"
+            )
             failed = True
             continue
         passed, steps, _ = run(language, command, args.verbose)

@@ -78,3 +78,20 @@ def go_bin() -> Path:
     )
     assert built.returncode == 0, built.stdout + built.stderr
     return ROOT / "build" / "go" / "bin"
+
+
+@pytest.fixture(scope="session")
+def cpp_bin() -> Path:
+    """The C++ client's programs, built by `make build-cpp` (CMake; the code generated from the
+    protos at build time)."""
+    if shutil.which("cmake") is None or shutil.which("grpc_cpp_plugin") is None:
+        if os.environ.get("AGENTRUN_REQUIRE_TOOLCHAINS") == "1":
+            pytest.fail(
+                "cmake or gRPC C++ missing and AGENTRUN_REQUIRE_TOOLCHAINS=1 (make install-cpp)"
+            )
+        pytest.skip("cmake or gRPC C++ is not installed: `make install-cpp` installs Debian's")
+    built = subprocess.run(
+        ["make", "-s", "build-cpp"], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
+    return ROOT / "build" / "cpp"

@@ -1,5 +1,5 @@
 """One protocol, checked in every language: the conformance scenario (tests/conformance) run by
-the Python, Go and TypeScript drivers against live servers, as `make conformance` runs it."""
+the Python, Go, C++ and TypeScript drivers against live servers, as `make conformance` runs it."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ def test_python() -> None:
 
 def test_go(go_bin: Path) -> None:
     _passes("go")
+
+
+def test_cpp(cpp_bin: Path) -> None:
+    _passes("cpp")
 
 
 def test_typescript() -> None:

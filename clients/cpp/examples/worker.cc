@@ -1,0 +1,89 @@
+// agentrun-worker: serves one stage of a workflow with a C++ stage function; drains on SIGTERM
+// or Ctrl-C (the running tasks finish and are settled, then it exits).
+//
+//   agentrun-worker WORKFLOW STAGE [PATHWAY] [--work-ms N] [--credits N] [--exit-when-empty]
+//
+// The stage function counts the run's messages and takes PATHWAY (none at a terminal stage).
+// The connection comes from $AGENTRUN_SERVER, $AGENTRUN_API_KEY and $AGENTRUN_TLS_*.
+#include <atomic>
+#include <csignal>
+#include <iostream>
+#include <thread>
+
+#include "agentrun/worker.h"
+
+namespace {
+std::atomic<bool> signalled{false};
+void OnSignal(int) { signalled = true; }
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> positional;
+  int work_ms = 0;
+  agentrun::WorkerOptions options;
+  options.name = "cpp-example-worker";
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "--work-ms" && i + 1 < argc) {
+      work_ms = std::stoi(argv[++i]);
+    } else if (arg == "--credits" && i + 1 < argc) {
+      options.credits = static_cast<uint32_t>(std::stoul(argv[++i]));
+    } else if (arg == "--exit-when-empty") {
+      options.exit_when_empty = true;
+    } else {
+      positional.push_back(arg);
+    }
+  }
+  if (positional.size() < 2) {
+    std::cerr << "usage: agentrun-worker WORKFLOW STAGE [PATHWAY] [--work-ms N] [--credits N] "
+                 "[--exit-when-empty]\n";
+    return 2;
+  }
+  options.workflow = positional[0];
+  const std::string stage = positional[1];
+  const std::string pathway = positional.size() > 2 ? positional[2] : "";
+  options.stages[stage] = [pathway, work_ms](const agentrun::v1::Lease& lease,
+                                             const std::atomic<bool>& revoked) {
+    int messages = 0;
+    for (const auto& transcript : lease.agent_run().transcripts()) {
+      messages += transcript.messages_size();
+    }
+    for (int waited = 0; waited < work_ms && !revoked; waited += 10) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    if (revoked) throw std::runtime_error("revoked");  // not settled either way
+    return agentrun::StageResult{
+        pathway, agentrun::ValueFromJson("{\"worker\": \"cpp\", \"messages\": " +
+                                         std::to_string(messages) + ", \"attempt\": " +
+                                         std::to_string(lease.attempt()) + "}")};
+  };
+  std::signal(SIGTERM, OnSignal);
+  std::signal(SIGINT, OnSignal);
+  try {
+    agentrun::Worker worker(agentrun::Connect(), options);
+    std::atomic<bool> done{false};
+    std::thread watcher([&] {
+      while (!done) {
+        if (signalled.exchange(false)) worker.Drain();
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+    });
+    agentrun::WorkerSummary summary;
+    try {
+      summary = worker.Run();
+    } catch (...) {
+      done = true;
+      watcher.join();
+      throw;
+    }
+    done = true;
+    watcher.join();
+    std::cout << "completed=" << summary.completed[stage] << " failed=" << summary.failed[stage]
+              << " dead=" << summary.dead[stage] << " revoked=" << summary.revoked[stage]
+              << std::endl;
+    return 0;
+  } catch (const std::exception& error) {
+    std::cerr << "agentrun-worker: " << error.what() << "\n";
+    return 1;
+  }
+}
