@@ -17,6 +17,7 @@ export * from "./gen/agentrun/v1/orchestrator_service_pb.js";
 export * from "./gen/agentrun/v1/workflow_pb.js";
 /** The limits a request must keep (generated from the server's own, `make gen`). */
 export * as limits from "./limits.js";
+export { fromValue, PermanentError, RetryLater, toValue, Worker, WorkProtocol } from "./worker.js";
 
 /** The host:port of a server URL, and whether its scheme asks for TLS (undefined: it does not
  * say). The defaults and schemes are the contract's (agentrun.wire.connection, generated). */

@@ -10,6 +10,10 @@ import {
   type StreamAgentRunEventsRequest,
   StreamAgentRunEventsRequestSchema,
   type WorkRequest,
+  PermanentError,
+  RetryLater,
+  Worker,
+  type WorkerSummary,
 } from "../src/index.js";
 
 const run: AgentRun = create(AgentRunSchema, {
@@ -75,4 +79,24 @@ export async function liveRun(): Promise<bigint> {
     }
   }
   return next;
+}
+
+// A stage worker: stage functions, not protocol code.
+export async function work(server: string, stop: AbortSignal): Promise<number> {
+  const worker = new Worker({
+    workflow: "grading",
+    serverUrl: server,
+    credits: 8,
+    stages: {
+      triage: async (lease, { signal }) => {
+        if (signal.aborted) throw new PermanentError("revoked");
+        if (lease.attempt > 2) throw new RetryLater(1000);
+        return { pathway: "solved", output: { messages: lease.agentRun?.transcripts.length ?? 0 } };
+      },
+      review: (_lease, { input }) => (input === null ? "" : undefined),
+    },
+  });
+  stop.addEventListener("abort", () => worker.drain()); // say, on SIGTERM
+  const summary: WorkerSummary = await worker.run();
+  return summary.completed["triage"] ?? 0;
 }
