@@ -37,6 +37,8 @@ from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from agentrun.v1 import workflow_pb2
 from processes import database, machine, start_agentrun, stop  # bench/ is on sys.path when run
 
+ROOT = Path(__file__).resolve().parent.parent
+
 NEXT = {"a": "next", "b": "next", "c": ""}
 
 
@@ -224,6 +226,46 @@ def runner_rate(url: str, name: str, runs: int, credits: int) -> float:
     return done / elapsed
 
 
+NATIVE_WORKERS = {
+    # The clients' own workers, each serving a, b and c with a no-op stage function (the example
+    # programs of clients/go and clients/cpp: `make build-go`, `make build-cpp`).
+    "Go work.Worker": (
+        ROOT / "build" / "go" / "bin" / "worker",
+        lambda name, credits: [
+            *("-workflow", name, "-stage", "a,b,c", "-pathway", "next,next,"),
+            *("-credits", str(credits), "-exit-when-empty"),
+        ],
+    ),
+    "C++ agentrun::Worker": (
+        ROOT / "build" / "cpp" / "agentrun-worker",
+        lambda name, credits: [
+            *(name, "a,b,c", "next,next,", "--credits", str(credits), "--exit-when-empty")
+        ],
+    ),
+}
+
+
+def native_rate(url: str, name: str, runs: int, credits: int, worker: str) -> float | None:
+    """Tasks per second through another language's worker, in its own process, from its start
+    to its exit (empty stages); None when it is not built."""
+    program, arguments = NATIVE_WORKERS[worker]
+    if not program.exists():
+        return None
+    started = time.perf_counter()
+    out = subprocess.run(
+        [str(program), *arguments(name, credits)],
+        env={**os.environ, "AGENTRUN_SERVER": url},
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
+    elapsed = time.perf_counter() - started
+    if f"completed={3 * runs} " not in out:
+        raise RuntimeError(f"{worker}: {out.strip()}")
+    return 3 * runs / elapsed
+
+
 def pgqueuer_rate(server: str, folder: Path, runs: int, batch_size: int) -> float | None:
     """PgQueuer's jobs per second (bench/peer_pgqueuer.py, in its own process, on a fresh
     database); None when it is not installed."""
@@ -287,6 +329,17 @@ def main() -> int:
                 f"  the public Runner, {args.credits} credits: {rates['runner']:>8,.0f} tasks/s"
                 f"  ({tasks:,} tasks)"
             )
+            for label in NATIVE_WORKERS:
+                name = "native-" + label.split()[0].lower().replace("+", "p")
+                ingest(url, name, args.runs)
+                rate = native_rate(url, name, args.runs, args.credits, label)
+                if rate is None:
+                    print(f"  {label}: not built (make build-go / make build-cpp)")
+                    continue
+                rates[label] = rate
+                print(
+                    f"  {label}, {args.credits} credits: {rate:>8,.0f} tasks/s  ({tasks:,} tasks)"
+                )
             latencies = asyncio.run(dispatch_latency(url, "latency", args.samples))
         finally:
             stop(server)

@@ -1,9 +1,11 @@
-// agentrun-worker: serves one stage of a workflow with a C++ stage function; drains on SIGTERM
-// or Ctrl-C (the running tasks finish and are settled, then it exits).
+// agentrun-worker: serves stages of a workflow with a C++ stage function; drains on SIGTERM or
+// Ctrl-C (the running tasks finish and are settled, then it exits).
 //
-//   agentrun-worker WORKFLOW STAGE [PATHWAY] [--work-ms N] [--credits N] [--exit-when-empty]
+//   agentrun-worker WORKFLOW STAGE[,STAGE...] [PATHWAY[,PATHWAY...]] [--work-ms N] [--credits N]
+//                   [--exit-when-empty]
 //
-// The stage function counts the run's messages and takes PATHWAY (none at a terminal stage).
+// The stage function counts the run's messages and takes each stage's PATHWAY (none at a
+// terminal stage).
 // The connection comes from $AGENTRUN_SERVER, $AGENTRUN_API_KEY and $AGENTRUN_TLS_*.
 #include <atomic>
 #include <csignal>
@@ -40,10 +42,21 @@ int main(int argc, char** argv) {
     return 2;
   }
   options.workflow = positional[0];
-  const std::string stage = positional[1];
-  const std::string pathway = positional.size() > 2 ? positional[2] : "";
-  options.stages[stage] = [pathway, work_ms](const agentrun::v1::Lease& lease,
-                                             const std::atomic<bool>& revoked) {
+  auto split = [](const std::string& text) {
+    std::vector<std::string> parts;
+    size_t start = 0;
+    for (size_t comma; (comma = text.find(',', start)) != std::string::npos; start = comma + 1) {
+      parts.push_back(text.substr(start, comma - start));
+    }
+    parts.push_back(text.substr(start));
+    return parts;
+  };
+  std::vector<std::string> stages = split(positional[1]);
+  std::vector<std::string> pathways = positional.size() > 2 ? split(positional[2]) : std::vector<std::string>{};
+  for (size_t i = 0; i < stages.size(); ++i) {
+    std::string pathway = i < pathways.size() ? pathways[i] : "";
+    options.stages[stages[i]] = [pathway, work_ms](const agentrun::v1::Lease& lease,
+                                                   const std::atomic<bool>& revoked) {
     int messages = 0;
     for (const auto& transcript : lease.agent_run().transcripts()) {
       messages += transcript.messages_size();
@@ -56,7 +69,8 @@ int main(int argc, char** argv) {
         pathway, agentrun::ValueFromJson("{\"worker\": \"cpp\", \"messages\": " +
                                          std::to_string(messages) + ", \"attempt\": " +
                                          std::to_string(lease.attempt()) + "}")};
-  };
+    };
+  }
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);
   try {
@@ -78,8 +92,13 @@ int main(int argc, char** argv) {
     }
     done = true;
     watcher.join();
-    std::cout << "completed=" << summary.completed[stage] << " failed=" << summary.failed[stage]
-              << " dead=" << summary.dead[stage] << " revoked=" << summary.revoked[stage]
+    auto total = [](const std::map<std::string, int>& counts) {
+      int n = 0;
+      for (const auto& [stage, count] : counts) n += count;
+      return n;
+    };
+    std::cout << "completed=" << total(summary.completed) << " failed=" << total(summary.failed)
+              << " dead=" << total(summary.dead) << " revoked=" << total(summary.revoked)
               << std::endl;
     return 0;
   } catch (const std::exception& error) {

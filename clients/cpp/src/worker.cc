@@ -234,16 +234,20 @@ class Worker::Impl {
         sent_close = true;
         stream->WritesDone();
       }
-      auto event = Next(NextWriteAt(Now()));
-      if (!event) continue;
-      if (auto* response = std::get_if<v1::WorkResponse>(&*event)) {
-        OnResponse(*response);
-      } else if (auto* outcome = std::get_if<Outcome>(&*event)) {
-        Settle(*outcome);
-      } else {
-        ended = std::get<StreamEnd>(*event).status;
-        break;
+      // Every event already waiting is taken before writing: tasks that finish together are
+      // settled in one message per kind, not one message each.
+      bool over = false;
+      for (auto event = Next(NextWriteAt(Now())); event && !over; event = Next(Clock::now())) {
+        if (auto* response = std::get_if<v1::WorkResponse>(&*event)) {
+          OnResponse(*response);
+        } else if (auto* outcome = std::get_if<Outcome>(&*event)) {
+          Settle(*outcome);
+        } else {
+          ended = std::get<StreamEnd>(*event).status;
+          over = true;
+        }
       }
+      if (over) break;
     }
     reader.join();
     return ended;

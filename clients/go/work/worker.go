@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -264,6 +265,7 @@ func (r *run) stream(ctx context.Context, client pb.OrchestratorServiceClient) (
 			r.refusals()
 		case o := <-r.outcomes:
 			r.settle(o)
+			r.settleFinished() // one message for every task that finished meanwhile
 		case <-done:
 			r.drain()
 			done = nil
@@ -297,6 +299,29 @@ func (r *run) start(ctx context.Context) {
 			}()
 			o.pathway, o.output, o.err = function(taskCtx, task)
 		}(lease)
+	}
+}
+
+// settleFinished settles every outcome already waiting, without blocking: tasks that finish
+// together are settled in one message per kind, not one message each.
+func (r *run) settleFinished() {
+	for {
+		select {
+		case o := <-r.outcomes:
+			r.settle(o)
+		default:
+			if len(r.running) == 0 {
+				return
+			}
+			// Tasks still running may be about to finish: let them, once, before writing.
+			runtime.Gosched()
+			select {
+			case o := <-r.outcomes:
+				r.settle(o)
+			default:
+				return
+			}
+		}
 	}
 }
 
