@@ -66,17 +66,25 @@ async def server(database: str) -> AsyncIterator[Server]:
     await s.shutdown(grace_seconds=1)
 
 
+def _built(tools: tuple[str, ...], target: str, install: str) -> None:
+    """Build a client in another language with `make TARGET`; skip when its toolchain is
+    missing, unless AGENTRUN_REQUIRE_TOOLCHAINS=1 (CI), where that fails."""
+    absent = [tool for tool in tools if shutil.which(tool) is None]
+    if absent:
+        why = f"{', '.join(absent)} not installed: `make {install}` installs Debian's packages"
+        if os.environ.get("AGENTRUN_REQUIRE_TOOLCHAINS") == "1":
+            pytest.fail(f"{why} (AGENTRUN_REQUIRE_TOOLCHAINS=1)")
+        pytest.skip(why)
+    built = subprocess.run(
+        ["make", "-s", target], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
+
+
 @pytest.fixture(scope="session")
 def go_bin() -> Path:
     """The Go examples, built (and the Go client's unit tests run) by `make build-go`."""
-    if shutil.which("go") is None:
-        if os.environ.get("AGENTRUN_REQUIRE_TOOLCHAINS") == "1":
-            pytest.fail("go is not installed and AGENTRUN_REQUIRE_TOOLCHAINS=1 (make install-go)")
-        pytest.skip("go is not installed: `make install-go` installs Debian's Go packages")
-    built = subprocess.run(
-        ["make", "-s", "build-go"], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert built.returncode == 0, built.stdout + built.stderr
+    _built(("go",), "build-go", "install-go")
     return ROOT / "build" / "go" / "bin"
 
 
@@ -84,14 +92,5 @@ def go_bin() -> Path:
 def cpp_bin() -> Path:
     """The C++ client's programs, built by `make build-cpp` (CMake; the code generated from the
     protos at build time)."""
-    if shutil.which("cmake") is None or shutil.which("grpc_cpp_plugin") is None:
-        if os.environ.get("AGENTRUN_REQUIRE_TOOLCHAINS") == "1":
-            pytest.fail(
-                "cmake or gRPC C++ missing and AGENTRUN_REQUIRE_TOOLCHAINS=1 (make install-cpp)"
-            )
-        pytest.skip("cmake or gRPC C++ is not installed: `make install-cpp` installs Debian's")
-    built = subprocess.run(
-        ["make", "-s", "build-cpp"], cwd=ROOT, capture_output=True, text=True, timeout=900
-    )
-    assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
+    _built(("cmake", "grpc_cpp_plugin"), "build-cpp", "install-cpp")
     return ROOT / "build" / "cpp"

@@ -294,7 +294,7 @@ Call Unary(Stub* stub, grpc::Status (Stub::*method)(grpc::ClientContext*, const 
 
 class Driver {
  public:
-  Driver(std::shared_ptr<grpc::Channel> channel, Struct keys)
+  Driver(std::shared_ptr<grpc::Channel> channel, Value keys)
       : ingestion_(v1::IngestionService::NewStub(channel)),
         orchestrator_(v1::OrchestratorService::NewStub(channel)),
         keys_(std::move(keys)) {
@@ -325,7 +325,7 @@ class Driver {
 
   void Run(const Value& step) {
     std::string token;
-    if (const Value* as = Field(&step, "as")) token = Field(&keys_value(), as->string_value())->string_value();
+    if (const Value* as = Field(&step, "as")) token = Field(&keys_, as->string_value())->string_value();
     Value expect = Field(&step, "expect") ? Substitute(*Field(&step, "expect"), saved_) : Value();
     const Value* code = Field(&expect, "code");
     Value ok = Str("OK");
@@ -420,14 +420,9 @@ class Driver {
   }
 
  private:
-  const Value& keys_value() {
-    *keys_holder_.mutable_struct_value() = keys_;
-    return keys_holder_;
-  }
   std::unique_ptr<v1::IngestionService::Stub> ingestion_;
   std::unique_ptr<v1::OrchestratorService::Stub> orchestrator_;
-  Struct keys_;
-  Value keys_holder_;
+  Value keys_;
   Struct saved_;
   std::map<std::string, Call> calls_;
   std::map<std::string, std::unique_ptr<WorkStream>> streams_;
@@ -451,7 +446,7 @@ int main(int argc, char** argv) {
                                                              : "tests/conformance/scenario.json"));
     Value keys = Parse(ReadAll(flags.at("--keys")));
     Driver driver(grpc::CreateChannel(flags.at("--server"), grpc::InsecureChannelCredentials()),
-                  keys.struct_value());
+                  keys);
     const ListValue& steps = Field(&scenario, "steps")->list_value();
     int passed = 0;
     for (const auto& step : steps.values()) {

@@ -131,13 +131,7 @@ class Worker::Impl {
       if (closing_ && Unsettled() == 0 && running_.empty()) return summary_;
       if (streamed) attempt = 1;
       grpc::StatusCode code = status.error_code();
-      bool refused = code == grpc::StatusCode::INVALID_ARGUMENT ||
-                     code == grpc::StatusCode::NOT_FOUND ||
-                     code == grpc::StatusCode::PERMISSION_DENIED ||
-                     code == grpc::StatusCode::UNAUTHENTICATED ||
-                     code == grpc::StatusCode::FAILED_PRECONDITION ||
-                     code == grpc::StatusCode::UNIMPLEMENTED;
-      if (refused) {
+      if (IsRefused(code)) {
         for (auto& [key, flag] : running_) *flag = true;
         throw std::runtime_error("the orchestrator refused the Work stream (code " +
                                  std::to_string(static_cast<int>(code)) +

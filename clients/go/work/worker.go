@@ -7,8 +7,6 @@ import (
 	"io"
 	"log"
 	"runtime"
-	"strings"
-	"sync"
 	"time"
 
 	"google.golang.org/grpc"
@@ -141,9 +139,7 @@ func (w *Worker) Run(ctx context.Context) (Summary, error) {
 			delay = backoff.Delay(attempt, nil)
 			logger.Printf("agentrun: work stream ended; reconnecting in %s, %d leases held", delay.Round(time.Millisecond), len(p.Held))
 		}
-		if !r.wait(ctx, delay) {
-			continue
-		}
+		r.wait(ctx, delay)
 	}
 }
 
@@ -154,18 +150,16 @@ type run struct {
 	outcomes chan outcome
 	running  map[string]running
 	summary  Summary
-	mu       sync.Mutex
 }
 
-// wait sleeps for delay while tasks keep finishing (their settles queue for the next stream);
-// true when it waited in full.
-func (r *run) wait(ctx context.Context, delay time.Duration) bool {
+// wait sleeps for delay while tasks keep finishing (their settles queue for the next stream).
+func (r *run) wait(ctx context.Context, delay time.Duration) {
 	timer := time.NewTimer(delay)
 	defer timer.Stop()
 	for {
 		select {
 		case <-timer.C:
-			return true
+			return
 		case o := <-r.outcomes:
 			r.settle(o)
 		case <-ctx.Done():
@@ -374,7 +368,7 @@ func (r *run) revoked(revocations []Revocation) {
 		if task, ok := r.running[revocation.Lease.TaskId+"/"+revocation.Lease.LeaseId]; ok {
 			task.cancel()
 		}
-		r.logger.Printf("agentrun: task %s (%s) revoked: %s", revocation.Lease.TaskId, revocation.Lease.Stage, strings.ToLower(revocation.Reason))
+		r.logger.Printf("agentrun: task %s (%s) revoked: %s", revocation.Lease.TaskId, revocation.Lease.Stage, revocation.Reason)
 	}
 }
 

@@ -408,7 +408,6 @@ export class Worker {
       if (!closed) for (const message of p.outgoing(Date.now() / 1000)) requests.push(message);
       if (!p.closing && p.finished && this.running.size === 0 && p.unsettled === 0) p.close();
       if (!closed && p.doneWriting) {
-        for (const message of p.outgoing(Date.now() / 1000)) requests.push(message);
         closed = true;
         requests.end();
       }

@@ -69,7 +69,10 @@ struct UploadOptions {
 UploadResult Upload(v1::IngestionService::StubInterface& stub, const std::string& collection_id,
                     const std::vector<v1::AgentRun>& runs, const UploadOptions& upload = {});
 
-// The status codes a call is retried on whatever the server says (the SDK's one retry policy).
+// The SDK's one retry policy (agentrun/_retry.py): the codes a call is retried on whatever the
+// server says, and those another attempt is answered the same (a stream that ends with one is
+// not reopened).
 bool IsTransient(grpc::StatusCode code);
+bool IsRefused(grpc::StatusCode code);
 
 }  // namespace agentrun
