@@ -9,6 +9,11 @@ pathway, acking in batches as the Runner does: what is measured is the orchestra
 functions. Throughput is tasks completed per second from the first lease to the last ack, with 1, 4
 and 16 workers of `--credits` credits each.
 
+The "LLM" rows hold many leases at once: a one-stage workflow whose stage function waits
+`--held-seconds` (a model call) with `--held-leases` leases held, through the Runner and the Go and
+C++ workers, each beside the ideal (leases / seconds) and with the CPU each worker's process spent
+per task.
+
 Dispatch latency is measured apart, with one idle subscribed worker: a run is ingested (its task is
 ready when the commit creates it) and the time from the task's create_time to the lease arriving
 at the worker is recorded, one task at a time. Client and server share this machine's clock.
@@ -231,15 +236,15 @@ NATIVE_WORKERS = {
     # programs of clients/go and clients/cpp: `make build-go`, `make build-cpp`).
     "Go work.Worker": (
         ROOT / "build" / "go" / "bin" / "worker",
-        lambda name, credits: [
-            *("-workflow", name, "-stage", "a,b,c", "-pathway", "next,next,"),
+        lambda name, credits, stages="a,b,c", pathways="next,next,": [
+            *("-workflow", name, "-stage", stages, "-pathway", pathways),
             *("-credits", str(credits), "-exit-when-empty"),
         ],
     ),
     "C++ agentrun::Worker": (
         ROOT / "build" / "cpp" / "agentrun-worker",
-        lambda name, credits: [
-            *(name, "a,b,c", "next,next,", "--credits", str(credits), "--exit-when-empty")
+        lambda name, credits, stages="a,b,c", pathways="next,next,": [
+            *(name, stages, pathways, "--credits", str(credits), "--exit-when-empty")
         ],
     ),
 }
@@ -266,6 +271,71 @@ def native_rate(url: str, name: str, runs: int, credits: int, worker: str) -> fl
     return 3 * runs / elapsed
 
 
+def held_workflow(url: str, name: str, runs: int) -> None:
+    """A one-stage workflow `name` ("grade") fed `runs` runs."""
+    with Client(url) as client:
+        client.apply_workflow(
+            workflow_pb2.Workflow(name=name, stages=[workflow_pb2.Stage(name="grade")])
+        )
+        collection = client.create_collection(name, workflow=name).collection.id
+    writer = AgentRunWriter(collection, server_url=url, flush_interval=0.05)
+    writer.log_agent_runs(tiny_run(i, name) for i in range(runs))
+    summary = writer.finish()
+    assert summary.accepted == runs, summary
+
+
+def held_runner(url: str, name: str, runs: int, leases: int, seconds: float) -> tuple[float, float]:
+    """(tasks/s, CPU ms per task) of the public Runner whose async stage awaits `seconds` with
+    `leases` leases held; CPU is this process's (the server runs in another)."""
+    runner = Runner(workflow=name, server_url=url)
+
+    @runner.stage("grade")
+    async def grade(run: AgentRun) -> None:
+        await asyncio.sleep(seconds)
+
+    cpu, started = time.process_time(), time.perf_counter()
+    summary = runner(task_batch_size=leases, concurrency=leases)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    done = sum(summary.completed.values())
+    if done != runs:
+        raise RuntimeError(f"the Runner completed {done} of {runs} tasks")
+    return done / elapsed, cpu * 1000 / done
+
+
+def held_native(
+    url: str, name: str, runs: int, leases: int, seconds: float, worker: str
+) -> tuple[float, float] | None:
+    """(tasks/s, CPU ms per task) of another language's worker whose stage takes `seconds`, with
+    `leases` leases held, in its own process; None when it is not built."""
+    program, arguments = NATIVE_WORKERS[worker]
+    if not program.exists():
+        return None
+    extra = (
+        ["-work", f"{seconds}s"]
+        if worker.startswith("Go")
+        else ["--work-ms", f"{seconds * 1000:.0f}"]
+    )
+    args = [*arguments(name, leases, stages="grade", pathways=""), *extra]
+    before = os.times()
+    started = time.perf_counter()
+    out = subprocess.run(
+        [str(program), *args],
+        env={**os.environ, "AGENTRUN_SERVER": url},
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
+    elapsed = time.perf_counter() - started
+    after = os.times()
+    if f"completed={runs} " not in out:
+        raise RuntimeError(f"{worker}: {out.strip()}")
+    cpu = (after.children_user - before.children_user) + (
+        after.children_system - before.children_system
+    )
+    return runs / elapsed, cpu * 1000 / runs
+
+
 def pgqueuer_rate(server: str, folder: Path, runs: int, batch_size: int) -> float | None:
     """PgQueuer's jobs per second (bench/peer_pgqueuer.py, in its own process, on a fresh
     database); None when it is not installed."""
@@ -289,12 +359,42 @@ def pgqueuer_rate(server: str, folder: Path, runs: int, batch_size: int) -> floa
     return float(out.split()[-1])
 
 
+def held(url: str, runs: int, leases: int, seconds: float) -> None:
+    """The LLM rows: each worker beside the ideal, `leases / seconds` tasks/s."""
+    ideal = leases / seconds
+    print(
+        f"  one stage awaiting {seconds:g} s (an LLM call), {leases:,} leases held,"
+        f" {runs:,} tasks; ideal {ideal:,.0f} tasks/s:"
+    )
+    held_workflow(url, "held-runner", runs)
+    measured = {"the public Runner": held_runner(url, "held-runner", runs, leases, seconds)}
+    for label in NATIVE_WORKERS:
+        name = "held-" + label.split()[0].lower().replace("+", "p")
+        if not NATIVE_WORKERS[label][0].exists():
+            print(f"    {label}: not built (make build-go / make build-cpp)")
+            continue
+        held_workflow(url, name, runs)
+        measured[label] = held_native(url, name, runs, leases, seconds, label)  # type: ignore[assignment]
+    for label, (rate, cpu) in measured.items():
+        print(
+            f"    {label}: {rate:>6,.0f} tasks/s ({rate / ideal:.2f} of ideal),"
+            f" {cpu:.2f} ms CPU per task"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5_000, help="runs per worker count (x3 tasks)")
     parser.add_argument("--credits", type=int, default=64, help="credits per worker")
     parser.add_argument("--samples", type=int, default=500, help="dispatch latency samples")
     parser.add_argument("--workers", default="1,4,16", help="worker counts to measure")
+    parser.add_argument(
+        "--held-runs", type=int, default=8_000, help="runs of the LLM rows (0: skip them)"
+    )
+    parser.add_argument("--held-leases", type=int, default=1_000, help="leases held, LLM rows")
+    parser.add_argument(
+        "--held-seconds", type=float, default=1.0, help="each LLM stage call's wait, seconds"
+    )
     parser.add_argument(
         "--db",
         default=os.environ.get("DB"),
@@ -340,6 +440,8 @@ def main() -> int:
                 print(
                     f"  {label}, {args.credits} credits: {rate:>8,.0f} tasks/s  ({tasks:,} tasks)"
                 )
+            if args.held_runs:
+                held(url, args.held_runs, args.held_leases, args.held_seconds)
             latencies = asyncio.run(dispatch_latency(url, "latency", args.samples))
         finally:
             stop(server)

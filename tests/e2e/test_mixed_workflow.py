@@ -97,3 +97,47 @@ def test_go_cpp_and_python_workers_share_a_workflow(
         tasks = client.list_tasks("mixed")
         assert len(tasks) == 3 * len(runs)  # one per run per stage: each done once
         assert {t.state for t in tasks} == {TaskState.DONE}
+
+
+def test_a_cancelled_task_wakes_the_go_and_cpp_stage_functions_at_once(
+    go_bin: Path, cpp_bin: Path, tmp_path: Path, real_runs: list[AgentRun]
+) -> None:
+    """A stage function waiting a minute (the example's `-work` / `--work-ms`, a model call)
+    learns of its lease's revocation at once: Go through its ctx, C++ through its Revocation's
+    WaitFor. Neither settles the task; both then find their stage empty and exit."""
+    runs = real_runs[:3]
+    commands = {
+        "go": [str(go_bin / "worker"), "-workflow", "slow", "-stage", "grade", "-work", "60s"],
+        "cpp": [str(cpp_bin / "agentrun-worker"), "slow", "grade", "--work-ms", "60000"],
+    }
+    spec = WorkflowSpec.model_validate({"name": "slow", "stages": [{"name": "grade"}]})
+    for language, command in commands.items():
+        with ServerProcess(tmp_path / f"{language}.db") as server, Client(server.url) as client:
+            client.apply_workflow(spec)
+            collection = client.create_collection("slow", workflow="slow").collection
+            writer = AgentRunWriter(collection.id, server_url=server.url)
+            writer.log_agent_runs(runs)
+            assert writer.finish().ok
+            flag = "-exit-when-empty" if language == "go" else "--exit-when-empty"
+            worker = subprocess.Popen(
+                [*command, flag],
+                env={**os.environ, "AGENTRUN_SERVER": f"grpc://{server.url}"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                deadline = time.monotonic() + 30
+                while len(client.list_tasks("slow", "grade", TaskState.LEASED)) < len(runs):
+                    assert time.monotonic() < deadline, f"{language}: the tasks were not leased"
+                    time.sleep(0.05)
+                assert client.cancel_tasks("slow", "grade") == len(runs)
+                cancelled = time.monotonic()
+                out, err = worker.communicate(timeout=20)  # the functions would wait 60 s
+            finally:
+                worker.kill()
+            assert time.monotonic() - cancelled < 10, f"{language}: {err}"
+            assert worker.returncode == 0, err
+            assert out.strip() == f"completed=0 failed=0 dead=0 revoked={len(runs)}", out
+            tasks = client.list_tasks("slow")
+            assert {t.state for t in tasks} == {TaskState.CANCELLED}

@@ -56,15 +56,12 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < stages.size(); ++i) {
     std::string pathway = i < pathways.size() ? pathways[i] : "";
     options.stages[stages[i]] = [pathway, work_ms](const agentrun::v1::Lease& lease,
-                                                   const std::atomic<bool>& revoked) {
+                                                   const agentrun::Revocation& revoked) {
     int messages = 0;
     for (const auto& transcript : lease.agent_run().transcripts()) {
       messages += transcript.messages_size();
     }
-    for (int waited = 0; waited < work_ms && !revoked; waited += 10) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    if (revoked) throw std::runtime_error("revoked");  // not settled either way
+    if (revoked.WaitFor(std::chrono::milliseconds(work_ms))) throw std::runtime_error("revoked");  // not settled either way
     return agentrun::StageResult{
         pathway, agentrun::ValueFromJson("{\"worker\": \"cpp\", \"messages\": " +
                                          std::to_string(messages) + ", \"attempt\": " +

@@ -13,6 +13,7 @@
 #include <set>
 #include <thread>
 #include <variant>
+#include <vector>
 
 namespace agentrun {
 
@@ -106,16 +107,82 @@ v1::Value ValueFromJson(const std::string& json) {
   return Convert(value);
 }
 
+bool Revocation::revoked() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return revoked_;
+}
+
+bool Revocation::WaitFor(std::chrono::milliseconds timeout) const {
+  std::unique_lock<std::mutex> lock(mutex_);
+  return changed_.wait_for(lock, timeout, [this] { return revoked_; });
+}
+
+void Revocation::Revoke() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  revoked_ = true;
+  changed_.notify_all();
+}
+
+// Threads for stage functions, made as needed up to `size` and reused: a thread per running task
+// without a thread's creation and join on the session's thread for each one.
+class Pool {
+ public:
+  explicit Pool(size_t size) : size_(size) {}
+
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    changed_.notify_all();
+    for (auto& thread : threads_) thread.join();  // running functions finish first
+  }
+
+  void Submit(std::function<void()> job) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    jobs_.push_back(std::move(job));
+    if (jobs_.size() > waiting_ && threads_.size() < size_) {
+      threads_.emplace_back([this] { Loop(); });
+    } else {
+      changed_.notify_one();
+    }
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      if (jobs_.empty() && !stopping_) {
+        ++waiting_;
+        changed_.wait(lock, [this] { return stopping_ || !jobs_.empty(); });
+        --waiting_;
+      }
+      if (jobs_.empty()) return;
+      std::function<void()> job = std::move(jobs_.front());
+      jobs_.pop_front();
+      lock.unlock();
+      job();
+      lock.lock();
+    }
+  }
+
+  const size_t size_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::deque<std::function<void()>> jobs_;
+  std::vector<std::thread> threads_;
+  size_t waiting_ = 0;
+  bool stopping_ = false;
+};
+
 // The Work session: the state of agentrun.work.WorkProtocol, owned by Run's thread; the stream's
 // reader and the tasks' threads only post events.
 class Worker::Impl {
  public:
   Impl(std::shared_ptr<grpc::Channel> channel, WorkerOptions options)
-      : stub_(v1::OrchestratorService::NewStub(channel)), options_(std::move(options)) {}
-
-  ~Impl() {
-    for (auto& [key, thread] : threads_) thread.join();
-  }
+      : stub_(v1::OrchestratorService::NewStub(channel)),
+        options_(std::move(options)),
+        pool_(std::make_unique<Pool>(options_.credits)) {}
 
   void Drain() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -132,7 +199,7 @@ class Worker::Impl {
       if (streamed) attempt = 1;
       grpc::StatusCode code = status.error_code();
       if (IsRefused(code)) {
-        for (auto& [key, flag] : running_) *flag = true;
+        for (auto& [key, revocation] : running_) revocation->Revoke();
         throw std::runtime_error("the orchestrator refused the Work stream (code " +
                                  std::to_string(static_cast<int>(code)) +
                                  "): " + status.error_message());
@@ -305,7 +372,7 @@ class Worker::Impl {
     const v1::Lease& lease = held->second.lease;
     summary_.revoked[lease.stage()]++;
     auto running = running_.find(task_id + "/" + lease.lease_id());
-    if (running != running_.end()) *running->second = true;
+    if (running != running_.end()) running->second->Revoke();
     std::cerr << "agentrun: task " << task_id << " (" << lease.stage() << ") revoked: " << reason
               << "\n";
     ready_.erase(std::remove(ready_.begin(), ready_.end(), task_id), ready_.end());
@@ -372,11 +439,6 @@ class Worker::Impl {
   void Settle(const Outcome& outcome) {
     std::string key = outcome.task_id + "/" + outcome.lease_id;
     running_.erase(key);
-    auto thread = threads_.find(key);  // it posted this as its last act
-    if (thread != threads_.end()) {
-      thread->second.join();
-      threads_.erase(thread);
-    }
     auto held = held_.find(outcome.task_id);
     if (!Holds(outcome.task_id, outcome.lease_id)) return;  // revoked meanwhile: never settled
     const v1::Lease& lease = held->second.lease;
@@ -433,10 +495,9 @@ class Worker::Impl {
         Queue(kRelease, std::move(item));
         continue;
       }
-      auto revoked = std::make_shared<std::atomic<bool>>(false);
+      auto revoked = std::make_shared<Revocation>();
       running_[task_id + "/" + lease.lease_id()] = revoked;
-      threads_[task_id + "/" + lease.lease_id()] = std::thread([this, lease, revoked,
-                                                                 fn = function->second] {
+      pool_->Submit([this, lease, revoked, fn = function->second] {
         Outcome outcome{lease.task_id(), lease.lease_id(), Outcome::kDone, {}, "", {}};
         try {
           outcome.result = fn(lease, *revoked);
@@ -552,8 +613,7 @@ class Worker::Impl {
   std::vector<Item> pending_[kKinds];
   std::deque<std::pair<Kind, std::vector<Item>>> written_;
   std::set<std::string> resent_;
-  std::map<std::string, std::shared_ptr<std::atomic<bool>>> running_;
-  std::map<std::string, std::thread> threads_;
+  std::map<std::string, std::shared_ptr<Revocation>> running_;
   bool empty_ = false, draining_ = false, drain_pending_ = false, closing_ = false;
   bool reconnect_asked_ = false;
   double idle_timeout_ = 0, last_write_ = 0;
@@ -561,6 +621,7 @@ class Worker::Impl {
   std::condition_variable changed_;
   std::deque<Event> events_;
   bool drain_asked_ = false;
+  std::unique_ptr<Pool> pool_;  // last: destroyed first, its functions finished while the rest lives
 };
 
 Worker::Worker(std::shared_ptr<grpc::Channel> channel, WorkerOptions options)

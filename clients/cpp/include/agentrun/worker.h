@@ -1,14 +1,15 @@
 // A stage worker for agentrun's Work protocol in C++, as the Python Runner and the Go
 // work.Worker are: the rules of agentrun.work.WorkProtocol (credits, batched settles, lease
 // extension, heartbeats, revocations, reconnect and resume, drain) over gRPC's synchronous API,
-// a thread per task.
+// each running task on its own thread (a pool of at most `credits`, reused).
 #pragma once
 
-#include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -40,16 +41,34 @@ class RetryLater : public std::runtime_error {
   std::chrono::milliseconds after;
 };
 
+// Tells a stage function that the server took its lease back (the task was cancelled, its lease
+// expired, or the stream was refused): stop, the result is not settled. The thread-per-task
+// counterpart of the Go worker's ctx and the TypeScript worker's AbortSignal: test it between
+// steps (`if (revoked) ...`), and wait with WaitFor rather than sleeping, so that a revocation
+// wakes the function at once and a thousand waiting tasks cost no CPU.
+class Revocation {
+ public:
+  bool revoked() const;
+  explicit operator bool() const { return revoked(); }
+  // Blocks up to `timeout`, returning early once the lease is revoked; true if it was.
+  bool WaitFor(std::chrono::milliseconds timeout) const;
+  void Revoke();  // called by the Worker
+
+ private:
+  mutable std::mutex mutex_;
+  mutable std::condition_variable changed_;
+  bool revoked_ = false;
+};
+
 // A stage function: one task's lease (its run in lease.agent_run(), the previous stage's output
-// in lease.input()); `revoked` turns true when the server takes the lease back (the task was
-// cancelled or its lease expired): stop, the result is not settled.
+// in lease.input()) and its Revocation.
 using StageFunction =
-    std::function<StageResult(const v1::Lease& lease, const std::atomic<bool>& revoked)>;
+    std::function<StageResult(const v1::Lease& lease, const Revocation& revoked)>;
 
 struct WorkerOptions {
   std::string workflow;
   std::map<std::string, StageFunction> stages;
-  uint32_t credits = 16;         // tasks at once, a thread each
+  uint32_t credits = 16;         // tasks at once, a pooled thread each
   bool exit_when_empty = false;  // return once the stages hold no task (notify_when_empty)
   std::string name = "cpp-worker";
 };
