@@ -11,9 +11,15 @@ TS := clients/typescript
 NPM := $(shell command -v npm 2>/dev/null)
 TS_STAMP := $(if $(NPM),$(TS)/node_modules/.package-lock.json)
 
-.PHONY: install install-ts install-go build-go install-cpp build-cpp conformance install-bench gen gen-check proto-release lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live ci clean
+.PHONY: dist install install-ts install-go build-go install-cpp build-cpp conformance install-bench gen gen-check proto-release lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live ci clean
 
 install: $(STAMP)
+
+# The distribution `agentrun-grpc` (the import name and command stay `agentrun`): a wheel and an
+# sdist in dist/, for `pip install dist/agentrun_grpc-*.whl` on another machine.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
 
 # Go from Debian's packages (this machine kind reaches no Go module proxy): the compiler, gRPC and
 # protobuf sources for GOPATH builds, and the code generators. About 20 s, once.

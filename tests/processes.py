@@ -26,7 +26,15 @@ class ServerProcess:
     """`agentrun serve` on a database (a URL, or a SQLite file's path) and a fixed port, which can
     be killed and started again."""
 
-    def __init__(self, db: Path | str, port: int | None = None, *extra_args: str) -> None:
+    def __init__(
+        self,
+        db: Path | str,
+        port: int | None = None,
+        *extra_args: str,
+        program: list[str] | None = None,
+    ) -> None:
+        # `program`: the command that is `agentrun` (default: this interpreter's SDK).
+        self.program = program or [sys.executable, "-m", "agentrun._cli"]
         self.db = db if isinstance(db, str) else f"sqlite:///{db}"
         self.port = port or free_port()
         self.url = f"127.0.0.1:{self.port}"
@@ -43,7 +51,7 @@ class ServerProcess:
 
     def start(self, timeout_seconds: float = 30) -> ServerProcess:
         """Start and wait until health says SERVING."""
-        command = [sys.executable, "-m", "agentrun._cli", "serve", "--db", self.db]
+        command = [*self.program, "serve", "--db", self.db]
         command += ["--port", str(self.port), "--metrics-port", "-1", *self.extra_args]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(

@@ -62,7 +62,7 @@ async def test_the_typescript_types_check_against_a_users_code() -> None:
 
 
 WORKER = """
-import { connect, Worker } from "@agentrun/client";
+import { connect, Worker } from "agentrun-grpc";
 const { ingestion, orchestrator } = connect();
 await orchestrator.applyWorkflow({ workflow: { name: "installed", stages: [{ name: "read" }] } });
 const { collection } = await ingestion.createCollection({ name: "installed", workflow: "installed" });

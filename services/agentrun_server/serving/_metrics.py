@@ -114,7 +114,7 @@ def _bcrypt() -> Any:
         import bcrypt
     except ImportError:
         raise InvalidArgument(
-            "--metrics-web-config: basic_auth_users needs bcrypt: pip install 'agentrun[metrics-auth]'"
+            "--metrics-web-config: basic_auth_users needs bcrypt: pip install 'agentrun-grpc[metrics-auth]'"
         ) from None
     return bcrypt
 

@@ -448,7 +448,7 @@ async def open_storage(
             from agentrun_server.storage.postgres import PostgresStorage
         except ImportError as exc:
             raise InvalidArgument(
-                f"--db: PostgreSQL needs its driver: pip install 'agentrun[postgres]' ({exc})"
+                f"--db: PostgreSQL needs its driver: pip install 'agentrun-grpc[postgres]' ({exc})"
             ) from None
         storage: Storage = PostgresStorage(url, pool)
         await storage.open()  # type: ignore[attr-defined]  # open() is each backend's own

@@ -1,5 +1,5 @@
 """PostgreSQL storage, for several server replicas on one database (`pip install
-'agentrun[postgres]'`). `PostgresStorage` is the one `Store` run on PostgreSQL: each procedure in
+'agentrun-grpc[postgres]'`). `PostgresStorage` is the one `Store` run on PostgreSQL: each procedure in
 one transaction on a pooled connection (`_engine`), with the statements of `_statements`;
 migrations (`_migrate`) run at open under an advisory lock; replicas hear each other through
 LISTEN/NOTIFY (`_notifier`)."""
