@@ -71,8 +71,9 @@ def test_docents_positional_writer_call_fails_at_once_showing_the_keyword_form()
     with pytest.raises(TypeError) as refused:
         AgentRunWriter("sk-docent-key", "collection-id", "http://localhost:8889")  # Docent's order
     message = str(refused.value)
-    assert "AgentRunWriter('sk-docent-key', server_url=..., api_key=...)" in message
+    assert "AgentRunWriter(collection_id, server_url=..., api_key=...)" in message
     assert "(api_key, collection_id, server_url)" in message
+    assert "sk-docent-key" not in message  # in Docent's order the first argument is the key
 
 
 async def test_a_validating_runner_fails_at_construction_as_encords_does(server: Server) -> None:

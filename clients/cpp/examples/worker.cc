@@ -97,7 +97,7 @@ int main(int argc, char** argv) {
     std::cout << "completed=" << total(summary.completed) << " failed=" << total(summary.failed)
               << " dead=" << total(summary.dead) << " revoked=" << total(summary.revoked)
               << std::endl;
-    return 0;
+    return total(summary.dead) > 0 ? 3 : 0;  // tasks ended dead, as the Python Runner says it
   } catch (const std::exception& error) {
     std::cerr << "agentrun-worker: " << error.what() << "\n";
     return 1;

@@ -1,4 +1,5 @@
-"""`agentrun tail RUN_ID`: a live run's messages as they land, until it finishes.
+"""`agentrun tail RUN_ID`: a live run's messages as they land, until it finishes; a run uploaded
+whole (no events) is printed whole, its messages numbered in order within each transcript.
 
 Plain lines when piped (`[3] main assistant: ...`, one per message, stable for scripts); on a
 terminal the same lines drawn with rich: role in colour, the message's own timestamp when it has
@@ -29,7 +30,8 @@ def add_tail_command(commands: Any, add_server: Callable[[argparse.ArgumentParse
         help="print a live run's messages as they land, until it finishes",
         description="Follow a live run: each new message is printed as it is stored (after the "
         "ones already there), with its event number, transcript and role (and, on a terminal, "
-        "its timestamp); the command ends when the run finishes (Ctrl-C stops it sooner).",
+        "its timestamp); the command ends when the run finishes (Ctrl-C stops it sooner). A run "
+        "uploaded whole is printed whole, its messages numbered within each transcript.",
     )
     tail.add_argument("agent_run_id", metavar="RUN_ID")
     tail.add_argument(
@@ -50,17 +52,30 @@ def message_text(message: ChatMessage) -> str:
 def run_tail_command(args: argparse.Namespace) -> int:
     show = _Rich() if sys.stdout.isatty() else _Plain()
     last = None
+    printed = False
     with Client(connection=connection_from_arguments(args)) as client:
         for update in client.watch_run(args.agent_run_id, args.after):
             for event in update.events:
+                printed = True
                 for key, message in event.messages:
                     show.message(event.sequence, key, message)
                 for name, score in event.scores.items():
                     show.line(f"[{event.sequence}] score {safe_text(name)} = {score}")
+            if update.state == "finished" and not printed and args.after == 0:
+                _print_whole(client, args.agent_run_id, show)  # uploaded whole: no events
             if update.state != last:
                 show.line(f"-- run {safe_text(args.agent_run_id)} is {update.state}", style="bold")
                 last = update.state
     return 0
+
+
+def _print_whole(client: Client, run_id: str, show: _Plain) -> None:
+    run = client.get_run(run_id)
+    for key, transcript in run.transcripts.items():
+        for number, message in enumerate(transcript.messages, 1):
+            show.message(number, key, message)
+    for name, score in run.metadata.scores.items():
+        show.line(f"score {safe_text(name)} = {score}")
 
 
 class _Plain:

@@ -26,7 +26,8 @@ result is dropped (`RunSummary.revoked`).
 
 SIGTERM or SIGINT drains: tasks not yet started go back to the server at once (costing no attempt),
 tasks running get `drain_grace_seconds` to finish, then are handed back too, and the run ends with
-exit code 0.
+exit code 0. As a program (`runner.run()`), it exits 3 (`EXIT_TASKS_DEAD`) when tasks it worked
+ended dead, 1 on an error, else 0.
 
 The protocol itself (credits, batched settles, extensions, reconnect and resume) is `WorkStream`'s:
 a server that restarts or a connection that breaks does not stop the stage functions; their
@@ -78,6 +79,9 @@ from agentrun.work import Lease, WorkStream
 _log = logging.getLogger(__name__)
 
 DRAIN_GRACE_SECONDS = 30.0
+EXIT_TASKS_DEAD = 3
+"""`Runner.run`'s exit code when tasks it worked ended dead (dead letters), so that CI can tell;
+0: every task it took was done (or handed back); 1: an error stopped it; 2: bad arguments."""
 PROGRESS_REFRESH_SECONDS = 0.25
 
 
@@ -261,7 +265,9 @@ class Runner:
             )
 
     def run(self, argv: Sequence[str] | None = None) -> None:
-        """Run as a command-line program (the options mirror `__call__`); exits with 0 on success."""
+        """Run as a command-line program (the options mirror `__call__`). Exits 0 when every task
+        it took was done or handed back, `EXIT_TASKS_DEAD` (3) when some ended dead (dead letters:
+        CI can tell), 1 when an error stopped it, 2 on bad arguments."""
         parser = argparse.ArgumentParser(
             description="Work the tasks of this script's stages on an agentrun orchestrator."
         )
@@ -323,7 +329,7 @@ class Runner:
         except Exception as exc:
             parser.exit(1, f"error: {exc}\n")
         print_summary(summary)
-        parser.exit(0)
+        parser.exit(EXIT_TASKS_DEAD if any(summary.dead.values()) else 0)
 
 
 class _Execution:

@@ -278,9 +278,10 @@ class AgentRunWriter:
         if positional:
             raise TypeError(
                 "AgentRunWriter takes the collection id alone by position, the rest by keyword: "
-                f"AgentRunWriter({collection_id!r}, server_url=..., api_key=...). (Docent's "
-                "writer took (api_key, collection_id, server_url) by position; so a call in that "
-                "order is refused here rather than send runs to the wrong place.)"
+                "AgentRunWriter(collection_id, server_url=..., api_key=...). (Docent's writer "
+                "took (api_key, collection_id, server_url) by position; so a call in that order "
+                "is refused here rather than send runs to the wrong place. The first argument is "
+                "not shown: in that order it is an API key.)"
             )
         if min(num_workers, batch_size, max_batch_bytes, max_pending_events) < 1:
             raise ValueError(

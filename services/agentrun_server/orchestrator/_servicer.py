@@ -174,6 +174,32 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         workflow = await self._storage.get_workflow(name)
         return pb.GetWorkflowResponse(workflow=workflow_to_proto(workflow))
 
+    async def _check_names(self, workflow: str, stage: str = "") -> None:
+        """That `workflow` (and `stage`, if given) exist, so a misspelling is NOT_FOUND naming
+        what does, not an empty answer.
+
+        Raises:
+            NotFound: no such workflow (listing those the caller may see) or stage (listing the
+                workflow's stages).
+        """
+        if not workflow:
+            return
+        try:
+            found = await self._storage.get_workflow(workflow)
+        except NotFound:
+            principal = caller()
+            names = [
+                w.name
+                for w in await self._storage.list_workflows()
+                if principal.sees_workflow(w.name)
+            ]
+            known = ", ".join(repr(n) for n in names) if names else "none applied yet"
+            raise NotFound(
+                f"workflow: no workflow named {workflow!r}; workflows: {known}"
+            ) from None
+        if stage:
+            found.stage(stage)
+
     async def ListWorkflows(
         self, request: pb.ListWorkflowsRequest, context: Context
     ) -> pb.ListWorkflowsResponse:
@@ -192,9 +218,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         workflow = check_reference("workflow", request.workflow, required=True)
         # The runs' collections too: the workflow's workers receive the runs in their leases.
         await self._access.check("agent_run_ids", workflow=workflow, run_ids=run_ids)
+        stage = check_reference("stage", request.stage)
+        await self._check_names(workflow, stage)
         enqueued, skipped = await self._storage.enqueue(
             workflow,
-            check_reference("stage", request.stage),
+            stage,
             list(run_ids),
             request.priority,
             time.time(),
@@ -426,9 +454,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         state = TASK_STATES_FROM_PROTO.get(request.state)
         workflow = check_reference("workflow", request.workflow)
         caller().check_workflow(workflow)
+        stage = check_reference("stage", request.stage)
+        await self._check_names(workflow, stage)
         page, more = await self._storage.list_tasks(
             workflow,
-            check_reference("stage", request.stage),
+            stage,
             state,
             after,
             size,
@@ -445,9 +475,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         workflow = check_reference("workflow", request.workflow)
         caller().check_workflow(workflow)
         task_ids = check_task_ids("task_ids", request.task_ids)
-        count = await self._storage.redrive(
-            workflow, check_reference("stage", request.stage), task_ids, time.time()
-        )
+        stage = check_reference("stage", request.stage)
+        await self._check_names(workflow, stage)
+        count = await self._storage.redrive(workflow, stage, task_ids, time.time())
         audit(
             "tasks.redrive", workflow=workflow, stage=request.stage, task_ids=task_ids, count=count
         )
@@ -461,9 +491,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         workflow = check_reference("workflow", request.workflow)
         caller().check_workflow(workflow)
         task_ids = check_task_ids("task_ids", request.task_ids)
-        count, leases = await self._storage.cancel(
-            workflow, check_reference("stage", request.stage), task_ids, time.time()
-        )
+        stage = check_reference("stage", request.stage)
+        await self._check_names(workflow, stage)
+        count, leases = await self._storage.cancel(workflow, stage, task_ids, time.time())
         audit(
             "tasks.cancel", workflow=workflow, stage=request.stage, task_ids=task_ids, count=count
         )
@@ -484,6 +514,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         principal = caller()
         if workflow or not principal.limited:
             principal.check_workflow(workflow)
+            await self._check_names(workflow)
             stages = await self._storage.backlog(workflow, now)
         else:  # every workflow the key may see
             stages = [

@@ -85,4 +85,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "worker:", err)
 		os.Exit(1)
 	}
+	if total(summary.Dead) > 0 {
+		os.Exit(3) // tasks ended dead, as the Python Runner says it
+	}
 }
