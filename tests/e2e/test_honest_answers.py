@@ -7,7 +7,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from agentrun import (
     AgentRunWriter,
     BaseAgentRunMetadata,
     Client,
+    LiveRunError,
     Transcript,
     WorkflowSpec,
 )
@@ -163,3 +166,64 @@ def test_tail_of_a_finished_run_prints_it_whole(server: ServerProcess) -> None:
     assert "main user: Where is my order?" in lines[0], done.stdout
     assert "main assistant: It ships tomorrow." in lines[1], done.stdout
     assert lines[-1] == "-- run uploaded-whole is finished"
+
+
+def test_live_run_takes_the_metadata_agent_run_takes(server: ServerProcess) -> None:
+    """A `BaseAgentRunMetadata` model, and Docent-style metadata carrying `scores`: the scores
+    become the run's scores, the rest its metadata fields, as for a run uploaded whole."""
+    with Client(server.url) as client:
+        collection = client.create_collection("evals").collection
+    writer = AgentRunWriter(collection.id, server_url=server.url)
+    model = BaseAgentRunMetadata(scores={"reward": 1.0}, model="gpt-4o", task_id="t-1")
+    with writer.live_run(agent_run_id="from-model", metadata=model) as run:
+        run.append("main", [UserMessage(content="hi")])
+    with writer.live_run(
+        agent_run_id="docent-style", metadata={"scores": {"reward": 0}, "model": "gpt-4o"}
+    ) as run:
+        run.append("main", [UserMessage(content="hi")])
+    summary = writer.finish()
+    assert summary.ok, summary
+    with Client(server.url) as client:
+        stored = client.get_run("from-model")
+        assert stored.metadata.scores == {"reward": 1.0}
+        assert stored.metadata.model_dump()["model"] == "gpt-4o"
+        assert stored.metadata.model_dump()["task_id"] == "t-1"
+        docent = client.get_run("docent-style")
+        assert docent.metadata.scores == {"reward": 0}
+        assert docent.metadata.model_dump()["model"] == "gpt-4o"
+        assert len(docent.transcripts["main"].messages) == 1
+
+
+def test_a_refused_opening_event_fails_the_live_run_at_once(server: ServerProcess) -> None:
+    """The opening event refused (an unknown collection here): the next append raises with
+    the server's reason, rather than every later event being refused one by one."""
+    writer = AgentRunWriter("no-such-collection", server_url=server.url)
+    run = writer.live_run(agent_run_id="orphan")
+    run.append("main", [UserMessage(content="first")])
+    with pytest.raises(LiveRunError, match="no collection with id 'no-such-collection'"):
+        for _ in range(200):  # until the refusal has come back
+            run.append("main", [UserMessage(content="more")])
+            time.sleep(0.02)
+    summary = writer.finish()
+    assert not summary.ok
+    assert summary.events_refused[0].sequence == 1
+
+
+def test_messages_appended_without_a_timestamp_get_the_time_of_append(
+    server: ServerProcess,
+) -> None:
+    with Client(server.url) as client:
+        collection = client.create_collection("evals").collection
+    writer = AgentRunWriter(collection.id, server_url=server.url)
+    given = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    before = datetime.now(UTC)
+    with writer.live_run(agent_run_id="timed") as run:
+        run.append(
+            "main", [UserMessage(content="now"), UserMessage(content="then", timestamp=given)]
+        )
+    after = datetime.now(UTC)
+    assert writer.finish().ok
+    with Client(server.url) as client:
+        now, then = client.get_run("timed").transcripts["main"].messages
+    assert now.timestamp is not None and before <= now.timestamp <= after
+    assert then.timestamp == given

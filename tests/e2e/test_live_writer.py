@@ -72,7 +72,8 @@ def test_a_live_run_from_the_writer_grows_then_finishes_into_the_workflow(tmp_pa
         assert stored.agent_run.scores["reward"].double_value == 1.0
         assert stored.agent_run.metadata.fields["model"].value.string_value == "m"
         first, second = agent_run_from_proto(stored.agent_run).transcripts["main"].messages[:2]
-        assert (first.timestamp, second.timestamp) == (made_at, None)  # kept on the wire, to the µs
+        assert first.timestamp == made_at  # kept on the wire, to the µs
+        assert second.timestamp is not None and second.timestamp > made_at  # stamped at append
         state, _, failed = _texts(client, crashed.agent_run_id)
         assert state == pb.AGENT_RUN_STATE_FINISHED
         error = failed.agent_run.metadata.fields["error"].value.string_value

@@ -314,16 +314,43 @@ def agent_run_to_proto(run: AgentRun) -> pb.AgentRun:
         for message in transcript.messages:
             message_to_proto(message, t.messages.add())
         _metadata_to_proto(transcript.metadata, t.metadata)
-    for name, score in run.metadata.scores.items():
-        s = out.scores[name]
-        if isinstance(score, bool):
-            s.bool_value = score
-        elif isinstance(score, int):
-            s.int_value = score
-        elif isinstance(score, float):
-            s.double_value = score
-    _metadata_to_proto(run.metadata, out.metadata, skip="scores")
+    run_metadata_to_proto(run.metadata, out)
     return out
+
+
+def score_to_proto(score: bool | int | float | None, out: pb.Score) -> None:
+    """A score into its wire form; None leaves it unset."""
+    if isinstance(score, bool):
+        out.bool_value = score
+    elif isinstance(score, int):
+        out.int_value = score
+    elif isinstance(score, float):
+        out.double_value = score
+
+
+def run_metadata_to_proto(metadata: BaseMetadata | Mapping[str, Any], out: pb.AgentRun) -> None:
+    """A run's metadata into `out`: `scores` (a `BaseAgentRunMetadata`'s, or the key `scores` of
+    Docent-style dict metadata) become the run's scores, every other field a metadata field.
+
+    Raises:
+        TypeError: a value is not JSON-like, or `scores` is not a mapping of numbers and bools.
+    """
+    if isinstance(metadata, BaseMetadata):
+        for name, score in getattr(metadata, "scores", {}).items():
+            score_to_proto(score, out.scores[name])
+        _metadata_to_proto(metadata, out.metadata, skip="scores")
+        return
+    fields = dict(metadata)
+    scores = fields.pop("scores", None) or {}
+    if not isinstance(scores, Mapping) or not all(
+        isinstance(v, bool | int | float) for v in scores.values()
+    ):
+        raise TypeError(f"metadata scores: a mapping of names to numbers or bools, not {scores!r}")
+    for name, score in scores.items():
+        score_to_proto(score, out.scores[name])
+    out.metadata.SetInParent()
+    for key, value in fields.items():
+        value_to_proto(value, out.metadata.fields[key].value)
 
 
 def score_from_proto(score: pb.Score) -> bool | int | float | None:

@@ -20,11 +20,18 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentrun import _metrics
-from agentrun._convert import message_to_proto, value_to_proto
+from agentrun._convert import (
+    message_to_proto,
+    run_metadata_to_proto,
+    score_to_proto,
+    value_to_proto,
+)
 from agentrun._errors import AgentRunError
 from agentrun._event_spool import EventJournal
+from agentrun._metadata import BaseMetadata
 from agentrun._retry import Backoff, Failure, Verdict
 from agentrun.chat import ChatMessage, parse_chat_message
 from agentrun.v1 import agent_run_pb2 as run_pb
@@ -79,14 +86,6 @@ class Event(NamedTuple):
         return cls(data, event.agent_run_id, event.sequence, event.finish)
 
 
-def _score(value: bool | int | float) -> run_pb.Score:
-    if isinstance(value, bool):
-        return run_pb.Score(bool_value=value)
-    if isinstance(value, int):
-        return run_pb.Score(int_value=value)
-    return run_pb.Score(double_value=float(value))
-
-
 def _metadata(fields: Mapping[str, Any], out: run_pb.Metadata) -> None:
     out.SetInParent()
     for key, value in fields.items():
@@ -132,6 +131,9 @@ class EventSender:
         self.stored = 0
         self.duplicates = 0
         self.refused: list[RefusedEvent] = []
+        self.unopened: dict[str, RefusedEvent] = {}
+        """Runs whose opening event (sequence 1) the server refused, by run id: the run does not
+        exist, so every later event of it would be refused too."""
         self.conflicts: dict[str, RefusedEvent] = {}
         """Runs whose events conflicted with another writer's (refused ABORTED), by run id: the
         first such event. Their `LiveRun` raises on the next append."""
@@ -240,11 +242,16 @@ class EventSender:
                 code = code_name(ack.code)
                 refused = RefusedEvent(ack.agent_run_id, ack.sequence, code, ack.message)
                 self.refused.append(refused)
-                if ack.code == Code.ABORTED:
-                    with self._cond:
+                with self._cond:
+                    if ack.code == Code.ABORTED:
                         self.conflicts.setdefault(ack.agent_run_id, refused)
+                    elif ack.sequence == 1:
+                        self.unopened.setdefault(ack.agent_run_id, refused)
+                    # The events after a refused opening are refused for the same cause: said once.
+                    quiet = ack.sequence > 1 and ack.agent_run_id in self.unopened
                 _metrics.WRITER_LIVE_EVENTS.labels("refused").inc()
-                _log.warning(
+                _log.log(
+                    logging.DEBUG if quiet else logging.WARNING,
                     "live run %s: event %d refused: %s: %s",
                     ack.agent_run_id,
                     ack.sequence,
@@ -331,6 +338,12 @@ class LiveRun:
         with self._lock:
             if self.finished:
                 raise LiveRunError(f"live run {self.agent_run_id!r} is finished")
+            unopened = self._sender.unopened.get(self.agent_run_id)
+            if unopened is not None:
+                raise LiveRunError(
+                    f"live run {self.agent_run_id!r}: its opening event was refused "
+                    f"({unopened.code}): {unopened.message}"
+                )
             conflict = self._sender.conflicts.get(self.agent_run_id)
             if conflict is not None:
                 raise LiveRunError(
@@ -357,25 +370,33 @@ class LiveRun:
         sequence number. With a spool, the event is on disk when this returns.
 
         Messages are `agentrun.chat` models, or dicts with a `role` (as Docent's
-        `parse_chat_message` takes them: `{"role": "user", "content": "..."}`).
+        `parse_chat_message` takes them: `{"role": "user", "content": "..."}`). A message without
+        a timestamp is stamped with the time of this call.
 
         Raises:
-            LiveRunError: the run is finished, or the event is over 16 MiB encoded.
+            LiveRunError: the run is finished, its opening event was refused (the server's reason
+                given), another writer's events conflict with it, or the event is over 16 MiB
+                encoded.
             SpoolError: the spool refused the write; nothing was appended.
             ValueError: a dict without a known role; pydantic.ValidationError: one whose fields
                 do not fit its role. Nothing was appended.
         """
         patch = run_pb.AgentRun()
         part = patch.transcripts.add(key=transcript)
+        now = Timestamp()
+        now.GetCurrentTime()
         for message in messages:
-            message_to_proto(parse_chat_message(message), part.messages.add())
+            out = part.messages.add()
+            message_to_proto(parse_chat_message(message), out)
+            if not out.HasField("timestamp"):
+                out.timestamp.CopyFrom(now)
         return self._send(patch)
 
     def set_scores(self, **scores: bool | int | float) -> int:
         """Set scores by name (merged with those set before)."""
         patch = run_pb.AgentRun()
         for name, value in scores.items():
-            patch.scores[name].CopyFrom(_score(value))
+            score_to_proto(value, patch.scores[name])
         return self._send(patch)
 
     def update_metadata(self, **fields: Any) -> int:
@@ -393,7 +414,10 @@ class LiveRun:
         return self._send(patch, finish=True)
 
     def open(
-        self, name: str | None, description: str | None, metadata: Mapping[str, Any] | None
+        self,
+        name: str | None,
+        description: str | None,
+        metadata: BaseMetadata | Mapping[str, Any] | None,
     ) -> None:
         patch = run_pb.AgentRun()
         if name is not None:
@@ -401,7 +425,7 @@ class LiveRun:
         if description is not None:
             patch.description = description
         if metadata:
-            _metadata(metadata, patch.metadata)
+            run_metadata_to_proto(metadata, patch)
         self._send(patch)
 
     @property

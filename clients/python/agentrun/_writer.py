@@ -34,6 +34,7 @@ from agentrun._connection import Connection, connection_of
 from agentrun._convert import agent_run_to_proto
 from agentrun._errors import InvalidRunError, RpcError, WriterClosedError
 from agentrun._live_run import Event, EventSender, LiveRun, LiveRunError, RefusedEvent
+from agentrun._metadata import BaseMetadata
 from agentrun._retry import Backoff, Failure, Verdict
 from agentrun._spool import Segment, Spool
 from agentrun.v1 import agent_run_pb2
@@ -522,7 +523,7 @@ class AgentRunWriter:
         *,
         name: str | None = None,
         description: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
+        metadata: BaseMetadata | Mapping[str, Any] | None = None,
     ) -> LiveRun:
         """A run that grows while the agent works, as Docent's `agent_run_context` and
         LangSmith's `RunTree` (post at start, patch at end) offer; here every step is durable once
@@ -532,6 +533,9 @@ class AgentRunWriter:
                 run.append("default", [UserMessage(content=...), AssistantMessage(content=...)])
                 run.set_scores(reward=1.0)
             # leaving the block finishes the run (an exception: finished with `error` in metadata)
+
+        `metadata` is what `AgentRun` takes: a `BaseAgentRunMetadata` (its `scores` become the
+        run's scores), or Docent-style dict metadata, whose `scores` key does the same.
 
         With `agent_run_id` of a run that is not finished, its events continue after the ones
         stored and those still unacknowledged here (a process resuming its own run after a
