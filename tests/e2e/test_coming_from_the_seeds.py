@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,6 +18,7 @@ from agentrun import (
     AgentRun,
     BaseAgentRunMetadata,
     Client,
+    Collection,
     RpcError,
     Runner,
     Transcript,
@@ -23,6 +28,7 @@ from agentrun.agent_run_writer import AgentRunWriter
 from agentrun.chat import AssistantMessage, UserMessage
 from agentrun_server import Server
 
+from ..processes import ServerProcess
 from .test_orchestrator import set_up
 
 
@@ -95,3 +101,107 @@ async def test_a_validating_runner_fails_at_construction_as_encords_does(server:
         @runner.stage("review")
         def review(run: AgentRun) -> None:
             return None
+
+
+def test_docents_import_paths_work_renamed() -> None:
+    """The seed's imports, `docent` renamed: `docent.data_models` and `docent.data_models.chat`."""
+    from agentrun.data_models import AgentRun as DocentAgentRun
+    from agentrun.data_models import BaseAgentRunMetadata as DocentMetadata
+    from agentrun.data_models import Transcript as DocentTranscript
+    from agentrun.data_models.chat import AssistantMessage as DocentAssistant
+    from agentrun.data_models.chat import UserMessage as DocentUser
+
+    assert (DocentAgentRun, DocentTranscript, DocentMetadata) == (
+        AgentRun,
+        Transcript,
+        BaseAgentRunMetadata,
+    )
+    assert (DocentUser, DocentAssistant) == (UserMessage, AssistantMessage)
+
+
+def test_docents_writer_options_request_timeout_and_max_retries() -> None:
+    """`max_retries` bounds the attempts per batch, as Docent's does: against a server out of
+    reach the runs are undelivered after that many, long before `shutdown_timeout`."""
+    writer = AgentRunWriter(
+        "collection-id",
+        server_url="127.0.0.1:1",  # nothing listens
+        request_timeout=5.0,
+        max_retries=2,
+        shutdown_timeout=60,
+    )
+    assert writer.request_timeout == 5.0
+    writer.log_agent_runs(runs())
+    started = time.monotonic()
+    summary = writer.finish()
+    assert summary.undelivered == 3, summary
+    assert time.monotonic() - started < 10
+    with pytest.raises(ValueError, match="max_retries"):
+        AgentRunWriter("collection-id", server_url="127.0.0.1:1", max_retries=0)
+
+
+async def test_encords_project_hash_is_taken_as_the_workflow(
+    server: Server, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("agentrun._runner._told_project_hash", False)  # said once per process
+    url = f"127.0.0.1:{server.port}"
+    await asyncio.to_thread(set_up, url, [{"name": "work"}], 2)
+    runner = Runner(project_hash="wf", server_url=url)  # Encord's constructor
+
+    @runner.stage("work")
+    def work(run: AgentRun) -> None:
+        return None
+
+    assert runner.workflow == "wf"
+    assert "project_hash is Encord's" in caplog.text
+    summary = await asyncio.to_thread(runner, project_hash="wf")  # Encord's call
+    assert sum(summary.completed.values()) == 2
+    with pytest.raises(WorkflowError, match="give the workflow only"):
+        Runner("wf", project_hash="other")
+
+
+def test_encords_project_hash_flag_is_taken_as_the_workflow(tmp_path: Path) -> None:
+    script = tmp_path / "agent.py"
+    script.write_text(
+        "from agentrun import Runner\n"
+        "runner = Runner()\n"
+        "@runner.stage('work')\n"
+        "def work(run):\n"
+        "    return None\n"
+        "runner.run()\n"
+    )
+    with ServerProcess(tmp_path / "agentrun.db") as process:
+        set_up(process.url, [{"name": "work"}], 2)
+        done = subprocess.run(
+            [sys.executable, str(script), "--project-hash", "wf", "--server", process.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 0, done.stderr
+    assert "work" in done.stdout + done.stderr and "project_hash is Encord's" in done.stderr
+
+
+async def test_init_with_an_unknown_collection_id_names_those_that_exist(server: Server) -> None:
+    url = f"127.0.0.1:{server.port}"
+
+    def seed_code() -> None:
+        docent.init(collection_id="no-such-id", server_url=url)
+
+    created = await asyncio.to_thread(lambda: Client(url).create_collection("airline"))
+    with pytest.raises(RpcError) as refused:
+        await asyncio.to_thread(seed_code)
+    assert refused.value.code == grpc.StatusCode.NOT_FOUND
+    assert f"collections: 'airline' ({created.id})" in str(refused.value)
+
+
+async def test_create_collection_returns_the_collection_as_get_collection_does(
+    server: Server,
+) -> None:
+    url = f"127.0.0.1:{server.port}"
+    with Client(url) as client:
+        created = await asyncio.to_thread(client.create_collection, "evals", "for evals")
+        got = await asyncio.to_thread(client.get_collection, created.id)
+        again = await asyncio.to_thread(client.create_collection, "evals")
+    assert (created.id, created.name, created.description) == (got.id, "evals", "for evals")
+    assert created.created and not again.created and again.id == created.id
+    assert isinstance(created, Collection) and created.collection == got

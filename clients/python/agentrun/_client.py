@@ -150,7 +150,8 @@ class Client:
         *,
         enter_workflow_on_abandon: bool = False,
     ) -> CollectionCreated:
-        """Create a collection, or get the one with this name (as it was made: `created` False).
+        """Create a collection, or get the one with this name (as it was made: `created` False);
+        return it as `get_collection` does, with `created` beside its fields.
 
         With `workflow`, each run stored enters its first stage; a live run when it finishes, or
         with `enter_workflow_on_abandon` also when it is abandoned (no event for the server's
@@ -165,9 +166,8 @@ class Client:
                 enter_workflow_on_abandon=enter_workflow_on_abandon,
             ),
         )
-        return CollectionCreated(
-            collection=Collection.from_proto(response.collection), created=response.created
-        )
+        collection = Collection.from_proto(response.collection)
+        return CollectionCreated(**collection.model_dump(), created=response.created)
 
     def get_collection(self, collection_id: str = "", *, name: str = "") -> Collection:
         """Return a collection by id, or by name."""

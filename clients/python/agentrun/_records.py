@@ -69,11 +69,17 @@ class Collection(_Record):
         )
 
 
-class CollectionCreated(_Record):
-    """A collection, and whether this call created it (False: it existed, as it was made)."""
+class CollectionCreated(Collection):
+    """The collection `create_collection` made or found: a `Collection` (`.id`, `.name`, ... as
+    `get_collection` returns), and whether this call created it (False: it existed, as it was
+    made)."""
 
-    collection: Collection
-    created: bool
+    created: bool = True
+
+    @property
+    def collection(self) -> Collection:
+        """The collection alone (this record without `created`)."""
+        return Collection(**self.model_dump(exclude={"created"}))
 
 
 class Workflow(WorkflowSpec):

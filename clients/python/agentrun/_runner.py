@@ -78,6 +78,32 @@ from agentrun.work import Lease, WorkStream
 
 _log = logging.getLogger(__name__)
 
+
+def _from_project_hash(workflow: str | None, project_hash: str | None) -> str | None:
+    """Encord's `project_hash` taken as the workflow (code ported by search-and-replace keeps
+    working), with a notice once per process.
+
+    Raises:
+        WorkflowError: both are given and differ.
+    """
+    if project_hash is None:
+        return workflow
+    if workflow and workflow != project_hash:
+        raise WorkflowError(
+            f"project_hash={project_hash!r} and workflow={workflow!r}: give the workflow only"
+        )
+    global _told_project_hash
+    if not _told_project_hash:
+        _told_project_hash = True
+        _log.warning(
+            "project_hash is Encord's; agentrun takes %r as the workflow name (say workflow=)",
+            project_hash,
+        )
+    return project_hash
+
+
+_told_project_hash = False
+
 DRAIN_GRACE_SECONDS = 30.0
 EXIT_TASKS_DEAD = 3
 """`Runner.run`'s exit code when tasks it worked ended dead (dead letters), so that CI can tell;
@@ -146,7 +172,9 @@ class Runner:
         api_key: str | None = None,
         connection: Connection | None = None,
         validate: bool = False,
+        project_hash: str | None = None,
     ) -> None:
+        workflow = _from_project_hash(workflow, project_hash)
         self.workflow = workflow
         self.server_url = server_url
         self.api_key = api_key
@@ -198,6 +226,7 @@ class Runner:
         concurrency: int | None = None,
         drain_grace_seconds: float = DRAIN_GRACE_SECONDS,
         progress: bool = False,
+        project_hash: str | None = None,
     ) -> RunSummary:
         """Work tasks of the registered stages.
 
@@ -215,13 +244,14 @@ class Runner:
             drain_grace_seconds: On SIGTERM/SIGINT, how long running tasks may finish before
                 their leases are handed back.
             progress: Show live progress per stage (rich) on a terminal.
+            project_hash: Encord's name for the workflow, taken as `workflow` with a notice.
 
         Raises:
             WorkflowError: no stage registered, no workflow named, or a registered stage is not in
                 the workflow (the message lists the workflow's stages).
             RpcError: the server is unreachable.
         """
-        workflow = workflow or self.workflow
+        workflow = _from_project_hash(workflow, project_hash) or self.workflow
         connection = self.connection.with_overrides(server_url=server_url)
         if not workflow:
             raise WorkflowError("no workflow: pass workflow= to Runner(...) or --workflow")
@@ -274,6 +304,9 @@ class Runner:
         add_connection_arguments(parser, self.connection.server_url)
         parser.add_argument("--workflow", default=self.workflow, help="workflow name")
         parser.add_argument(
+            "--project-hash", help="Encord's name for --workflow: taken as the workflow"
+        )
+        parser.add_argument(
             "--refresh-every",
             type=int,
             default=None,
@@ -317,7 +350,9 @@ class Runner:
         try:
             self.connection = connection_from_arguments(args, self.connection)
             summary = self(
-                workflow=args.workflow,
+                workflow=_from_project_hash(
+                    None if args.project_hash else args.workflow, args.project_hash
+                ),
                 refresh_every=args.refresh_every,
                 num_retries=args.num_retries,
                 task_batch_size=args.task_batch_size,

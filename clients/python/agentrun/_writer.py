@@ -248,6 +248,10 @@ class AgentRunWriter:
             while this many are.
         on_rejected: Called (from a writer thread) with each run the server rejects.
         backoff: The retry schedule.
+        request_timeout: Seconds one upload call may take, as Docent's `request_timeout`.
+        max_retries: Attempts at most per batch, as Docent's (its backoff's `max_tries`); a batch
+            that fails them all is undelivered. None: retry until `finish()`'s
+            `shutdown_timeout` (and, with `spool_dir`, keep it for the next writer).
 
     Raises:
         SpoolError: `spool_dir` cannot be created or is held by another writer.
@@ -275,6 +279,8 @@ class AgentRunWriter:
         max_pending_events: int = 10_000,
         on_rejected: Callable[[RejectedRun], None] | None = None,
         backoff: Backoff | None = None,
+        request_timeout: float = UPLOAD_TIMEOUT_SECONDS,
+        max_retries: int | None = None,
     ) -> None:
         if positional:
             raise TypeError(
@@ -284,10 +290,24 @@ class AgentRunWriter:
                 "is refused here rather than send runs to the wrong place. The first argument is "
                 "not shown: in that order it is an API key.)"
             )
-        if min(num_workers, batch_size, max_batch_bytes, max_pending_events) < 1:
-            raise ValueError(
-                "num_workers, batch_size, max_batch_bytes and max_pending_events must be at least 1"
+        if (
+            min(
+                num_workers,
+                batch_size,
+                max_batch_bytes,
+                max_pending_events,
+                1 if max_retries is None else max_retries,
             )
+            < 1
+        ):
+            raise ValueError(
+                "num_workers, batch_size, max_batch_bytes, max_pending_events and max_retries "
+                "must be at least 1"
+            )
+        if request_timeout <= 0:
+            raise ValueError(f"request_timeout: seconds above 0, not {request_timeout}")
+        self.request_timeout = request_timeout
+        self.max_retries = max_retries
         if compression not in _COMPRESSION:
             raise ValueError(f"compression: choose gzip or None, not {compression!r}")
         self.collection_id = collection_id
@@ -632,7 +652,7 @@ class AgentRunWriter:
                 # so the writer says so and retries on its schedule instead of hanging silent.
                 response = self._upload(
                     self._requests(batch),
-                    timeout=UPLOAD_TIMEOUT_SECONDS,
+                    timeout=self.request_timeout,
                     wait_for_ready=False,
                     metadata=self._metadata,
                     compression=self._compression,
@@ -653,7 +673,8 @@ class AgentRunWriter:
                         return
                     self._reject_alone(batch[0], failure)
                     return
-                if verdict is Verdict.RETRY and not self._stop.is_set():
+                tries_left = self.max_retries is None or attempt + 1 < self.max_retries
+                if verdict is Verdict.RETRY and tries_left and not self._stop.is_set():
                     attempt += 1
                     delay = self.backoff.delay(attempt, failure.retry_after_seconds)
                     self._log_retry(failure, len(batch), attempt, delay)
@@ -801,7 +822,17 @@ def init(
                 enter_workflow_on_abandon=enter_workflow_on_abandon,
             ).collection.id
         else:
-            client.get_collection(collection_id)
+            try:
+                client.get_collection(collection_id)
+            except RpcError as exc:
+                if exc.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+                known = ", ".join(f"{c.name!r} ({c.id})" for c in client.list_collections())
+                raise RpcError(
+                    exc.code,
+                    f"init(collection_id={collection_id!r}): no such collection; "
+                    f"collections: {known or 'none yet'} (or pass collection_name to create one)",
+                ) from exc
     return AgentRunWriter(
         collection_id,
         server_url=server_url,
