@@ -3,15 +3,20 @@
     python scripts/gen_dashboard.py           # write it (make gen)
     python scripts/gen_dashboard.py --check   # fail if the committed file differs (make gen-check)
 
-The dashboard imports as it is: a `datasource` variable picks the Prometheus data source, and no
-uid is hard-coded. Every expression is tested against a real Prometheus (tests/e2e/test_prometheus.py
-reads them from the generated file).
+The dashboard imports as Grafana users import dashboards: a stable uid (`agentrun`, so links and
+provisioned copies stay one dashboard), `__inputs` asking for the Prometheus data source on import
+(and a `datasource` variable when provisioned, deploy/grafana/provisioning/), and template
+variables for job, instance and workflow that the servers' series are filtered by (the Clients
+row's come from the clients' own processes). Every
+expression is tested against a real Prometheus, the variables at their "All" value
+(tests/e2e/test_prometheus.py reads them from the generated file).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +24,54 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "deploy" / "grafana" / "agentrun.json"
 
+UID = "agentrun"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# Metrics labelled by workflow (the orchestrator's), filtered by the workflow variable too.
+WORKFLOW_METRICS = re.compile(
+    r"agentrun_(tasks_(leased|completed|failed|expired_leases|dead|enqueued)|task_queue_wait_seconds"
+    r"|task_run_seconds|stage_tasks|stage_oldest_ready_age_seconds|worker_free_credits)"
+)
+CLIENT_METRICS = re.compile(r"agentrun_(writer|runner)_")
+# Metric names only: label names such as grpc_method in `by (...)` are left alone.
+_SERIES = re.compile(r"\b(agentrun_[a-z_]+|grpc_server_[a-z_]+)(?:\{([^}]*)\})?")
+
+
+def filtered(expr: str) -> str:
+    """`expr` with every series selector narrowed to the job and instance variables (and the
+    workflow variable where the metric has that label)."""
+
+    def narrow(match: re.Match[str]) -> str:
+        metric, given = match.group(1), match.group(2)
+        if CLIENT_METRICS.match(metric):  # scraped from the clients' processes, not the servers'
+            return match.group(0)
+        matchers = [m for m in (given or "").split(", ") if m]
+        matchers += ['job=~"$job"', 'instance=~"$instance"']
+        if WORKFLOW_METRICS.match(metric):
+            matchers.append('workflow=~"$workflow"')
+        return f"{metric}{{{', '.join(matchers)}}}"
+
+    return _SERIES.sub(narrow, expr)
+
+
+def variable(name: str, label: str, query: str) -> dict[str, Any]:
+    """A multi-value query variable over a label's values, "All" by default."""
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DATASOURCE,
+        "query": {"query": query, "refId": f"{name}-values"},
+        "definition": query,
+        "refresh": 2,
+        "includeAll": True,
+        "allValue": ".*",
+        "multi": True,
+        "current": {"text": ["All"], "value": ["$__all"]},
+        "sort": 1,
+        "hide": 0,
+    }
+
+
 RATE = "$__rate_interval"
 INGESTION = 'grpc_service="agentrun.v1.IngestionService"'
 AGENTRUN_GRPC = 'grpc_service=~"agentrun\\\\.v1\\\\..*"'
@@ -375,7 +427,7 @@ def dashboard() -> dict[str, Any]:
                     "targets": [
                         {
                             "datasource": DATASOURCE,
-                            "expr": expr,
+                            "expr": filtered(expr),
                             "legendFormat": legend,
                             "refId": chr(ord("A") + j),
                         }
@@ -386,6 +438,22 @@ def dashboard() -> dict[str, Any]:
             next_id += 1
         y += ((len(row_panels) + 2) // 3) * 8
     return {
+        "__inputs": [
+            {
+                "name": "DS_PROMETHEUS",
+                "label": "Prometheus",
+                "description": "The Prometheus that scrapes agentrun's /metrics",
+                "type": "datasource",
+                "pluginId": "prometheus",
+                "pluginName": "Prometheus",
+            }
+        ],
+        "__requires": [
+            {"type": "grafana", "id": "grafana", "name": "Grafana", "version": "10.0.0"},
+            {"type": "datasource", "id": "prometheus", "name": "Prometheus", "version": "1.0.0"},
+            {"type": "panel", "id": "timeseries", "name": "Time series", "version": ""},
+        ],
+        "uid": UID,
         "title": "agentrun",
         "description": "Ingestion and orchestration of LLM agent runs: throughput, latency, backlog.",
         "tags": ["agentrun", "grpc"],
@@ -400,10 +468,17 @@ def dashboard() -> dict[str, Any]:
                     "label": "Data source",
                     "type": "datasource",
                     "query": "prometheus",
-                    "current": {},
+                    "current": {"text": "${DS_PROMETHEUS}", "value": "${DS_PROMETHEUS}"},
                     "hide": 0,
                     "refresh": 1,
-                }
+                },
+                variable("job", "Job", "label_values(up, job)"),
+                variable("instance", "Instance", 'label_values(up{job=~"$job"}, instance)'),
+                variable(
+                    "workflow",
+                    "Workflow",
+                    'label_values(agentrun_stage_tasks{job=~"$job"}, workflow)',
+                ),
             ]
         },
         "annotations": {"list": []},

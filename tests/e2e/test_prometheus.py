@@ -81,17 +81,50 @@ def alert_expressions() -> list[tuple[str, str]]:
     return [(rule["alert"], rule["expr"]) for group in rules["groups"] for rule in group["rules"]]
 
 
-def test_the_dashboard_imports_as_it_is() -> None:
-    text = (DEPLOY / "grafana" / "agentrun.json").read_text()
-    dashboard = json.loads(text)
-    assert "uid" not in dashboard
-    (variable,) = dashboard["templating"]["list"]
-    assert (variable["type"], variable["query"]) == ("datasource", "prometheus")
+def test_the_dashboard_imports_as_grafana_users_import_dashboards() -> None:
+    """A stable uid, the data source asked for on import (`__inputs`), and job, instance and
+    workflow variables that every server series is filtered by."""
+    dashboard = json.loads((DEPLOY / "grafana" / "agentrun.json").read_text())
+    assert dashboard["uid"] == "agentrun"
+    (wanted,) = dashboard["__inputs"]
+    assert (wanted["name"], wanted["type"], wanted["pluginId"]) == (
+        "DS_PROMETHEUS",
+        "datasource",
+        "prometheus",
+    )
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert list(variables) == ["datasource", "job", "instance", "workflow"]
+    assert variables["datasource"]["current"]["value"] == "${DS_PROMETHEUS}"
+    for name in ("job", "instance", "workflow"):
+        assert variables[name]["includeAll"] and variables[name]["allValue"] == ".*"
     for panel in dashboard["panels"]:
-        if panel["type"] != "row":
-            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        for target in panel["targets"]:
+            if "agentrun_writer_" in target["expr"] or "agentrun_runner_" in target["expr"]:
+                continue  # the clients' own processes: not a server job or instance
+            assert 'job=~"$job", instance=~"$instance"' in target["expr"], target["expr"]
+            if "agentrun_stage_tasks" in target["expr"]:
+                assert 'workflow=~"$workflow"' in target["expr"]
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
     assert rows == ["Ingestion", "Live runs", "gRPC", "Orchestrator", "Clients"]
+    for provisioned in (DEPLOY / "grafana" / "provisioning").rglob("*.yaml"):
+        assert yaml.safe_load(provisioned.read_text())["apiVersion"] == 1
+
+
+def variable_values(port: int) -> dict[str, set[str]]:
+    """Each query variable's values, as Grafana's label_values(SELECTOR, LABEL) finds them."""
+    dashboard = json.loads((DEPLOY / "grafana" / "agentrun.json").read_text())
+    values = {}
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        selector, label = variable["definition"].removeprefix("label_values(")[:-1].rsplit(", ", 1)
+        query = urllib.parse.urlencode({"match[]": substituted(selector)})
+        series = http_get(f"http://127.0.0.1:{port}/api/v1/series?{query}")["data"]
+        values[variable["name"]] = {s[label] for s in series if label in s}
+    return values
 
 
 def test_the_deploy_files_pass_promtool(promtool_bin: str) -> None:
@@ -109,8 +142,22 @@ def http_get(url: str) -> Any:
     return json.loads(body) if body.startswith("{") else body
 
 
-def prometheus_query(port: int, expr: str) -> dict[str, Any]:
-    query = urllib.parse.urlencode({"query": expr.replace("$__rate_interval", "1m")})
+ALL = {"job": ".*", "instance": ".*", "workflow": ".*"}
+"""The dashboard's variables at their "All" value, as Grafana sends them."""
+
+
+def substituted(expr: str, variables: dict[str, str] | None = None) -> str:
+    """An expression as Grafana sends it: the rate interval and the variables filled in."""
+    expr = expr.replace("$__rate_interval", "1m")
+    for name, value in (variables or ALL).items():
+        expr = expr.replace(f"${name}", value)
+    return expr
+
+
+def prometheus_query(
+    port: int, expr: str, variables: dict[str, str] | None = None
+) -> dict[str, Any]:
+    query = urllib.parse.urlencode({"query": substituted(expr, variables)})
     try:
         return http_get(f"http://127.0.0.1:{port}/api/v1/query?{query}")  # type: ignore[no-any-return]
     except urllib.error.HTTPError as exc:  # 400: the expression does not parse
@@ -355,6 +402,14 @@ async def test_every_panel_and_alert_expression_against_prometheus(
                         for title, expr in dashboard_expressions() + alert_expressions()
                     }
                 )
+                variables = await asyncio.to_thread(variable_values, port)
+                dead = dict(dashboard_expressions())["Dead tasks"]
+                one_workflow = await asyncio.to_thread(
+                    prometheus_query, port, dead, {**ALL, "job": "agentrun", "workflow": "grading"}
+                )
+                other_workflow = await asyncio.to_thread(
+                    prometheus_query, port, dead, {**ALL, "workflow": "no-such-workflow"}
+                )
                 await requests.put(None)
             rules = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/api/v1/rules")
     finally:
@@ -376,6 +431,17 @@ async def test_every_panel_and_alert_expression_against_prometheus(
     assert value_of(results, "Live run events / s by status", "agentrun_ingest_live_events") > 0
     assert value_of(results, "Dead tasks", "agentrun_stage_tasks") == 22
     assert value_of(results, "Live runs by state", "agentrun_live_runs") == 1
+    # The variables find their values, and narrow the panels to what they name.
+    assert variables["job"] == {"agentrun", "agentrun-clients"}
+    assert variables["instance"] == {t for ts in targets.values() for t in ts}
+    assert "grading" in variables["workflow"]
+    narrowed = one_workflow["data"]["result"]
+    assert narrowed and {s["metric"]["workflow"] for s in narrowed} == {"grading"}
+    dead_all = next(r for (title, _), r in results.items() if title == "Dead tasks")
+    grading = [s for s in dead_all["data"]["result"] if s["metric"]["workflow"] == "grading"]
+    assert sorted(s["value"][1] for s in narrowed) == sorted(s["value"][1] for s in grading)
+    assert len(dead_all["data"]["result"]) > len(narrowed)  # the other workflows filtered out
+    assert other_workflow["status"] == "success" and not other_workflow["data"]["result"]
 
 
 def value_of(results: dict[tuple[str, str], dict[str, Any]], title: str, metric: str) -> float:
