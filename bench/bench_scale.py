@@ -11,7 +11,10 @@ production. The WAL's size is sampled throughout. Then, with N runs and N done t
 - GetBacklog and a /metrics scrape: median and max of repeated calls;
 - dispatch latency (a run uploaded -> its task's lease at an idle worker), idle and while another
   thread scrapes /metrics without pause;
-- paging through the collection's first 100,000 runs with ListAgentRuns (pages of 1,000).
+- paging through the collection's first 100,000 runs with ListAgentRuns (pages of 1,000);
+- one page of 50 runs newest first, as `agentrun runs list` asks: unfiltered, filtered by a score
+  half the runs meet (`scores.reward < 0.5`), by a metadata value one run in 1,000 has
+  (`metadata.model = rare`), and by both.
 """
 
 from __future__ import annotations
@@ -64,8 +67,28 @@ def runs(first: int, count: int) -> list[object]:
         run = type(base)()
         run.CopyFrom(base)
         run.id = f"scale-{i:08d}"
+        run.scores["reward"].double_value = i % 4 / 4
+        run.metadata.fields["model"].value.string_value = "rare" if i % 1000 == 7 else "common"
         made.append(run)
     return made
+
+
+FILTERED = {
+    "no filter": [],
+    "reward < 0.5 (half)": ["scores.reward < 0.5"],
+    "model = rare (0.1 %)": ["metadata.model = rare"],
+    "both": ["scores.reward < 0.5", "metadata.model = rare"],
+}
+
+
+def filtered_pages(url: str) -> dict[str, tuple[float, float]]:
+    """Median and max ms of one page of 50 runs, newest first, under each of FILTERED."""
+    with Client(url) as client:
+        collection = client.get_collection(name="scale").id
+        return {
+            label: timed(lambda w=where: client.list_runs(collection, where=w, page_size=50), 20)
+            for label, where in FILTERED.items()
+        }
 
 
 async def complete_all(url: str, total: int) -> None:
@@ -198,6 +221,7 @@ def measure(count: int, samples: int, server_db: str | None) -> None:
                 scraping.set()
                 scraper.join()
             paged, paging_seconds = page_through(url, PAGED_RUNS)
+            pages = filtered_pages(url)
             if sqlite_file is not None:
                 size = sqlite_file.stat().st_size
                 wal_now = Path(str(sqlite_file) + "-wal").stat().st_size
@@ -214,6 +238,10 @@ def measure(count: int, samples: int, server_db: str | None) -> None:
         f"    ListAgentRuns       {paged:,} runs in {paging_seconds:.1f} s"
         f" ({paging_seconds / max(1, paged // PAGE) * 1000:.1f} ms a page of {PAGE})"
     )
+    for label, (median, worst) in pages.items():
+        print(
+            f"    runs list, 50 newest, {label:<22} median {median:6.1f} ms   max {worst:6.1f} ms"
+        )
     if sqlite_file is not None:
         print(
             f"    database {size / 1e6:,.0f} MB; WAL peak {wal_peak / 1e6:,.0f} MB while filling,"

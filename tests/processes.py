@@ -32,9 +32,12 @@ class ServerProcess:
         port: int | None = None,
         *extra_args: str,
         program: list[str] | None = None,
+        health_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        # `program`: the command that is `agentrun` (default: this interpreter's SDK).
+        # `program`: the command that is `agentrun` (default: this interpreter's SDK);
+        # `health_credentials`: TLS to ask health with, for a server serving TLS.
         self.program = program or [sys.executable, "-m", "agentrun._cli"]
+        self.health_credentials = health_credentials
         self.db = db if isinstance(db, str) else f"sqlite:///{db}"
         self.port = port or free_port()
         self.url = f"127.0.0.1:{self.port}"
@@ -58,7 +61,12 @@ class ServerProcess:
                 command, stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy()
             )
         deadline = time.monotonic() + timeout_seconds
-        with grpc.insecure_channel(self.url) as channel:
+        channel = (
+            grpc.secure_channel(self.url, self.health_credentials)
+            if self.health_credentials is not None
+            else grpc.insecure_channel(self.url)
+        )
+        with channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.process.poll() is not None:

@@ -34,6 +34,7 @@ from agentrun_server._errors import InvalidArgument
 from agentrun_server.auth import Access, AuthInterceptor, KeyRing, KeyServicer, ServerTls
 from agentrun_server.ingestion import (
     AbandonSweep,
+    FacetBackfill,
     IngestionMetrics,
     IngestionServicer,
     live_runs_collector,
@@ -110,6 +111,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._dispatcher: Dispatcher | None = None
         self._sweep: AbandonSweep | None = None
+        self._backfill: FacetBackfill | None = None
         self._scraped: list[Collector] = []  # metrics read from the database at scrape
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped
         self._keys: KeyRing | None = None
@@ -229,6 +231,7 @@ class Server:
             self._sweep = AbandonSweep(
                 storage, config.limits.live_run_timeout_seconds, ingestion_metrics, wake
             )
+            self._backfill = FacetBackfill(storage)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         key_service_pb2_grpc.add_KeyServiceServicer_to_server(
             KeyServicer(storage, self._keys.reload if self._keys else None), server
@@ -276,6 +279,8 @@ class Server:
         await notifier.start()
         if self._sweep is not None:
             self._sweep.start()
+        if self._backfill is not None:
+            self._backfill.start()
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.metrics_port >= 0:
@@ -342,6 +347,9 @@ class Server:
         sweep, self._sweep = self._sweep, None
         if sweep is not None:
             await sweep.stop()
+        backfill, self._backfill = self._backfill, None
+        if backfill is not None:
+            await backfill.stop()
         endpoint, self._metrics_endpoint = self._metrics_endpoint, None
         if endpoint is not None:
             await asyncio.to_thread(endpoint.close)

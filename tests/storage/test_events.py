@@ -8,11 +8,20 @@ from collections.abc import Sequence
 import pytest
 
 from agentrun_server._errors import Aborted
-from agentrun_server.storage import EventStatus, NewEvent, Storage, event_digest
+from agentrun_server.storage import (
+    EventStatus,
+    Facet,
+    Folded,
+    NewEvent,
+    RunFilter,
+    RunQuery,
+    Storage,
+    event_digest,
+)
 
 
-def _fold(run_id: str, parts: Sequence[bytes]) -> tuple[bytes, str | None]:
-    return b"".join(parts), None
+def _fold(run_id: str, parts: Sequence[bytes]) -> Folded:
+    return Folded(b"".join(parts), None, (Facet("scores.parts", float(len(parts)), None),))
 
 
 def _event(sequence: int, patch: bytes, collection: str, finish: bool = False) -> NewEvent:
@@ -85,3 +94,13 @@ async def _forget_digests(storage: Storage) -> None:
 
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         await conn.execute("UPDATE agent_run_events SET digest = NULL")
+
+
+async def test_a_live_run_is_found_by_its_facets_once_it_finishes(storage: Storage) -> None:
+    collection, _ = await storage.create_collection("c", "", "", 1.0)
+    query = RunQuery(collection.id, filters=(RunFilter("scores.parts", "=", 2.0, None),))
+    await _append(storage, _event(1, b"a", collection.id))
+    assert await storage.list_runs(query, 0, 10) == ([], False)  # running: no facets yet
+    await _append(storage, _event(2, b"b", collection.id, finish=True))
+    page, _ = await storage.list_runs(query, 0, 10)
+    assert [r.id for r in page] == ["live"]

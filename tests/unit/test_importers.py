@@ -144,8 +144,13 @@ def test_jsonl_errors_name_the_line_and_field(tmp_path: Path) -> None:
     lines = [json.dumps(good_run(1)), "{oops", json.dumps(bad), "", json.dumps(good_run(3))]
     path = tmp_path / "runs.jsonl"
     path.write_text("\n".join(lines))
-    with pytest.raises(FormatError, match=r"runs.jsonl: line 2: invalid JSON"):
+    with pytest.raises(FormatError) as raised:
         load_agent_runs(path)
+    # The file's line and the column in it, once; not json's "line 1" of the line alone.
+    assert (
+        str(raised.value)
+        == f"{path}: line 2, column 2: invalid JSON: Expecting property name enclosed in double quotes"
+    )
     skipped: list[FormatError] = []
     runs = load_agent_runs(path, on_invalid=skipped.append)
     assert [r.id for r in runs] == ["run-1", "run-3"]
@@ -201,3 +206,11 @@ def test_content_parts_keep_their_text(tmp_path: Path) -> None:
     assistant = run.transcripts["main"].messages[2]
     assert isinstance(assistant.content, list)
     assert ContentText(text="running") in assistant.content
+
+
+def test_a_json_file_error_names_its_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "runs.json"
+    path.write_text('[\n  {"id": "a",\n   "transcripts": [}\n]\n')
+    with pytest.raises(FormatError) as raised:
+        load_agent_runs(path)
+    assert str(raised.value) == f"{path}: line 3, column 20: invalid JSON: Expecting value"

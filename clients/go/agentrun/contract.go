@@ -9,12 +9,14 @@ const (
 	MaxAttempts         = 100
 	MaxDelaySeconds     = 604800
 	MaxDescriptionBytes = 65536
+	MaxFilterTextChars  = 256
 	MaxIdentifierChars  = 128
 	MaxIDsPerRequest    = 10000
 	MaxLeaseSeconds     = 604800
 	MaxNameBytes        = 256
 	MaxOutputBytes      = 1048576
 	MaxPathways         = 64
+	MaxRunFilters       = 8
 	MaxStages           = 200
 	MaxValueDepth       = 20
 	IdentifierPattern   = "[A-Za-z0-9._-]{1,128}"

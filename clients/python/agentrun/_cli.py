@@ -10,21 +10,26 @@ import json
 import logging
 import os
 import sys
+import uuid
 from collections.abc import Sequence
 
+import grpc
+
 from agentrun._cli_keys import add_keys_commands, run_keys_command
+from agentrun._cli_runs import add_runs_commands, run_runs_command
 from agentrun._cli_tail import add_tail_command, run_tail_command
-from agentrun._client import Client
+from agentrun._client import CALL_TIMEOUT_SECONDS, Client
 from agentrun._connection import (
     add_connection_arguments,
     connection_from_arguments,
 )
-from agentrun._errors import AgentRunError, FormatError
-from agentrun._records import Task, TaskState
+from agentrun._errors import AgentRunError, FormatError, RpcError
+from agentrun._records import Collection, Task, TaskState, Workflow
 from agentrun._terminal import safe_text as _safe
 from agentrun._workflow import load_workflow
 from agentrun._writer import AgentRunWriter
 from agentrun.importers import load_agent_runs
+from agentrun.v1 import ingestion_service_pb2 as ingestion_pb
 
 STATE_COLUMNS = ("ready", "scheduled", "leased", "done", "dead", "cancelled")
 # What a task's state can be ("scheduled" above is a ready task waiting out its backoff).
@@ -63,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     upload.add_argument("--collection", required=True, help="collection name (created if missing)")
     upload.add_argument("--workflow", default="", help="bind a new collection to this workflow")
+    upload.add_argument(
+        "--new-ids",
+        action="store_true",
+        help="store copies under new ids, derived from the collection and each run's own id (so "
+        "uploading the same file again still stores nothing twice): for runs stored already "
+        "in another collection",
+    )
     _add_server(upload)
 
     workflow = commands.add_parser("workflow", help="manage workflows")
@@ -73,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
         "apply", help="create or update a workflow from a YAML/JSON file"
     )
     apply.add_argument("file")
+    apply.add_argument(
+        "--force",
+        action="store_true",
+        help="drop stages that still hold ready or leased tasks, cancelling those tasks",
+    )
     _add_server(apply)
 
     stats = commands.add_parser("stats", help="runs per collection; tasks per stage and state")
@@ -113,18 +130,50 @@ def _parser() -> argparse.ArgumentParser:
             )
         _add_server(command)
     add_tail_command(commands, _add_server)
+    add_runs_commands(commands, _add_server)
     add_keys_commands(commands, _add_server)
     return parser
+
+
+_COPIES = uuid.UUID("44dc1182-e33c-43b6-88bf-b9d05300b85c")
+"""The namespace of `upload --new-ids`' ids (uuid5 of the collection id and the run's own id)."""
 
 
 def _upload(args: argparse.Namespace) -> int:
     skipped: list[FormatError] = []
     on_invalid = skipped.append if args.skip_invalid else None
-    runs = [run for path in args.paths for run in load_agent_runs(path, on_invalid=on_invalid)]
+    try:
+        runs = [run for path in args.paths for run in load_agent_runs(path, on_invalid=on_invalid)]
+    except FormatError as exc:
+        print(
+            f"agentrun upload: {exc} (nothing was sent; --skip-invalid uploads the valid runs "
+            "and lists every invalid one)",
+            file=sys.stderr,
+        )
+        return 1
     for error in skipped:
         print(f"agentrun upload: skipped {error}", file=sys.stderr)
     with _client(args) as client:
+        if runs and not args.new_ids:
+            elsewhere = _stored_elsewhere(client, runs[0].id, args.collection)
+            if elsewhere is not None:
+                print(
+                    f"agentrun upload: run {_safe(runs[0].id)!r} is stored already, in collection "
+                    f"{_safe(elsewhere.name)!r} ({elsewhere.id}), and a run id lives in one "
+                    f"collection: nothing was sent. To put those runs through another workflow: "
+                    f"agentrun enqueue {_safe(elsewhere.name)} --workflow WORKFLOW; to store "
+                    f"copies in {_safe(args.collection)!r}: add --new-ids",
+                    file=sys.stderr,
+                )
+                return 1
         collection = client.create_collection(args.collection, workflow=args.workflow).collection
+    if args.new_ids:
+        runs = [
+            run.model_copy(update={"id": str(uuid.uuid5(_COPIES, f"{collection.id}/{run.id}"))})
+            for run in runs
+        ]
+    # Each rejection is printed below: the writer's own log of them would say it twice.
+    logging.getLogger("agentrun._writer").setLevel(logging.ERROR)
     writer = AgentRunWriter(collection.id, connection=connection_from_arguments(args))
     writer.log_agent_runs(runs)
     summary = writer.finish()
@@ -144,17 +193,75 @@ def _upload(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def _stored_elsewhere(client: Client, run_id: str, collection_name: str) -> Collection | None:
+    """The collection other than `collection_name` that holds the run `run_id`, if one does."""
+    try:
+        stored = client.ingestion.GetAgentRun(
+            ingestion_pb.GetAgentRunRequest(
+                agent_run_id=run_id, view=ingestion_pb.AGENT_RUN_VIEW_BASIC
+            ),
+            timeout=CALL_TIMEOUT_SECONDS,
+            metadata=client.connection.call_metadata(),
+        )
+    except grpc.RpcError as exc:
+        if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise RpcError.from_grpc(exc) from exc
+    holder = client.get_collection(stored.agent_run.collection_id)
+    return None if holder.name == collection_name else holder
+
+
 def _apply(args: argparse.Namespace) -> int:
     spec = load_workflow(args.file)
     with _client(args) as client:
-        response = client.apply_workflow(spec)
+        try:
+            before: Workflow | None = client.get_workflow(spec.name)
+        except RpcError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            before = None
+        response = client.apply_workflow(spec, force=args.force)
     w = response.workflow
     state = "applied" if response.changed else "unchanged"
     print(
-        f"workflow {w.name!r} {state} (version {w.version}): "
-        + " -> ".join(s.name for s in w.stages)
+        f"workflow {_safe(w.name)!r} {state} (version {w.version}): "
+        + " -> ".join(_safe(s.name) for s in w.stages)
     )
+    if response.changed and before is not None:
+        for change in _changes(before, w):
+            print(f"  {_safe(change)}")
+    if response.cancelled_count:
+        print(f"  {response.cancelled_count} tasks of the dropped stages cancelled")
     return 0
+
+
+def _number(value: float | None) -> str:
+    return "default" if value is None else f"{value:g}"
+
+
+_POLICIES = ("max_attempts", "lease_seconds", "initial_backoff_seconds", "max_backoff_seconds")
+
+
+def _changes(before: Workflow, after: Workflow) -> list[str]:
+    """What a new version changed, a line each: stages added and dropped, pathways and policies
+    changed (from the stored definitions, every policy filled in)."""
+    old = {s.name: s for s in before.stages}
+    new = {s.name: s for s in after.stages}
+    lines = [f"+ stage {name!r}" for name in new if name not in old]
+    lines += [f"- stage {name!r}" for name in old if name not in new]
+    for name, stage in new.items():
+        was = old.get(name)
+        if was is None:
+            continue
+        if was.pathways != stage.pathways:
+            lines.append(f"stage {name!r}: pathways {was.pathways} -> {stage.pathways}")
+        for policy in _POLICIES:
+            a, b = getattr(was, policy), getattr(stage, policy)
+            if a != b:
+                lines.append(f"stage {name!r}: {policy} {_number(a)} -> {_number(b)}")
+    if [s.name for s in before.stages][:1] != [s.name for s in after.stages][:1]:
+        lines.append(f"runs now enter at {after.stages[0].name!r}")
+    return lines
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -278,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tasks": _tasks,
         "keys": run_keys_command,
         "tail": run_tail_command,
+        "runs": run_runs_command,
     }
     try:
         return handlers[args.command](args)

@@ -4,7 +4,7 @@ answers with SDK records (`agentrun._records`) and models, never generated types
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -20,6 +20,8 @@ from agentrun._records import (
     ApiKeyCreated,
     Collection,
     CollectionCreated,
+    ListedRun,
+    RunPage,
     RunUpdate,
     StageBacklog,
     Task,
@@ -27,6 +29,8 @@ from agentrun._records import (
     Workflow,
     WorkflowApplied,
 )
+from agentrun._run_filters import parse_filters
+from agentrun._tls_probe import tls_mismatch
 from agentrun._workflow import WorkflowSpec
 from agentrun.v1 import ingestion_service_pb2 as ingestion_pb
 from agentrun.v1 import ingestion_service_pb2_grpc as ingestion_grpc
@@ -40,6 +44,8 @@ from agentrun.wire.connection import ENV_SERVER
 CALL_TIMEOUT_SECONDS = 30.0
 CONNECT_TIMEOUT_SECONDS = 5.0
 """How long a client call waits for an unreachable server before failing with its address."""
+TLS_PROBE_AFTER_SECONDS = 0.5
+"""A connection not made by then is probed for a TLS mismatch (`agentrun._tls_probe`)."""
 
 T = TypeVar("T")
 
@@ -124,12 +130,26 @@ class Client:
         """
         if self._connected:
             return
+        ready = grpc.channel_ready_future(self._channel)
+        # A TLS mismatch never heals: after a first short wait, probe for one and say so at once
+        # rather than wait out the timeout and blame the address.
+        first = min(TLS_PROBE_AFTER_SECONDS, self.connect_timeout_seconds)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout_seconds)
+            ready.result(timeout=first)
         except grpc.FutureTimeoutError:
-            raise unreachable(
-                self.connection.target, self._channel, self.connect_timeout_seconds
-            ) from None
+            mismatch = tls_mismatch(self.connection)
+            if mismatch is not None:
+                ready.cancel()
+                raise RpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"cannot talk to the agentrun server at {self.connection.target}: {mismatch}",
+                ) from None
+            try:
+                ready.result(timeout=self.connect_timeout_seconds - first)
+            except grpc.FutureTimeoutError:
+                raise unreachable(
+                    self.connection.target, self._channel, self.connect_timeout_seconds
+                ) from None
         self._connected = True
 
     def _call(self, method: Callable[..., T], request: Any) -> T:
@@ -204,6 +224,49 @@ class Client:
         for stored in self._pages(collection_id, ingestion_pb.AGENT_RUN_VIEW_FULL, page_size):
             yield agent_run_from_proto(stored.agent_run, metadata_type)
 
+    def list_runs(
+        self,
+        collection_id: str,
+        *,
+        where: Sequence[str] = (),
+        state: str | None = None,
+        newest_first: bool = True,
+        page_size: int = 100,
+        page_token: str = "",
+    ) -> RunPage:
+        """One page of a collection's runs, newest first (or in ingestion order), without their
+        transcripts: those that meet every `where` filter (`'scores.reward < 1'`,
+        `'metadata.model = gpt-4o'`: see `agentrun._run_filters.parse_filter`) and are in
+        `state` ("running", "finished" or "abandoned"). Pass the page's `next_page_token` for the
+        next. The server matches filters on an index: a page costs what it holds.
+
+        Raises:
+            ValueError: a filter is malformed, or `state` is none of those.
+            RpcError: NOT_FOUND for an unknown collection; INVALID_ARGUMENT naming a filter.
+        """
+        filters = parse_filters(tuple(where))
+        states = {"running", "finished", "abandoned"}
+        if state is not None and state not in states:
+            raise ValueError(f"state: {state!r}; choose running, finished or abandoned")
+        page = self._call(
+            self.ingestion.ListAgentRuns,
+            ingestion_pb.ListAgentRunsRequest(
+                collection_id=collection_id,
+                page_size=page_size,
+                page_token=page_token,
+                view=ingestion_pb.AGENT_RUN_VIEW_BASIC,
+                state=ingestion_pb.AgentRunState.Value(f"AGENT_RUN_STATE_{state.upper()}")
+                if state
+                else ingestion_pb.AGENT_RUN_STATE_UNSPECIFIED,
+                filters=filters,
+                newest_first=newest_first,
+            ),
+        )
+        return RunPage(
+            runs=[ListedRun.from_proto(r) for r in page.agent_runs],
+            next_page_token=page.next_page_token,
+        )
+
     def iter_run_ids(self, collection_id: str) -> Iterator[str]:
         """Yield the ids of a collection's runs, in ingestion order (transcripts not read)."""
         for stored in self._pages(collection_id, ingestion_pb.AGENT_RUN_VIEW_BASIC, 1000):
@@ -254,20 +317,27 @@ class Client:
         response = self._call(self.ingestion.ListCollections, ingestion_pb.ListCollectionsRequest())
         return [Collection.from_proto(c) for c in response.collections]
 
-    def apply_workflow(self, workflow: WorkflowSpec | workflow_pb2.Workflow) -> WorkflowApplied:
+    def apply_workflow(
+        self, workflow: WorkflowSpec | workflow_pb2.Workflow, *, force: bool = False
+    ) -> WorkflowApplied:
         """Create or replace a workflow (a `WorkflowSpec`, e.g. from `load_workflow`, or its wire
-        form); a new version only if the definition changed.
+        form); a new version only if the definition changed. With `force`, the ready and leased
+        tasks of stages the new definition drops are cancelled (`cancelled_count`).
 
         Raises:
             RpcError: INVALID_ARGUMENT naming the stage or pathway at fault; FAILED_PRECONDITION
-                when the new definition drops a stage that holds ready or leased tasks.
+                when the new definition drops a stage that holds ready or leased tasks (without
+                `force`), naming each and its count.
         """
         message = workflow.to_proto() if isinstance(workflow, WorkflowSpec) else workflow
         response = self._call(
-            self.orchestrator.ApplyWorkflow, orchestrator_pb.ApplyWorkflowRequest(workflow=message)
+            self.orchestrator.ApplyWorkflow,
+            orchestrator_pb.ApplyWorkflowRequest(workflow=message, force=force),
         )
         return WorkflowApplied(
-            workflow=Workflow.from_proto(response.workflow), changed=response.changed
+            workflow=Workflow.from_proto(response.workflow),
+            changed=response.changed,
+            cancelled_count=response.cancelled_count,
         )
 
     def get_workflow(self, name: str) -> Workflow:

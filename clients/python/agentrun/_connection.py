@@ -182,10 +182,34 @@ class Connection:
             # name, or an ipv4: list); one that goes down is skipped until it is back.
             ("grpc.lb_policy_name", "round_robin"),
         ]
-        name = self.tls_server_name or os.environ.get(ENV_TLS_SERVER_NAME)
+        name = self.server_name()
         if name:
             options.append(("grpc.ssl_target_name_override", name))
         return options
+
+    def tls_files(self) -> tuple[str | None, str | None, str | None]:
+        """(CA bundle, client certificate, its key): the fields, else their variables."""
+        return (
+            self.tls_ca_file or os.environ.get(ENV_TLS_CA),
+            self.tls_cert_file or os.environ.get(ENV_TLS_CERT),
+            self.tls_key_file or os.environ.get(ENV_TLS_KEY),
+        )
+
+    def uses_tls(self) -> bool:
+        """Whether the channel speaks TLS (decided as the class says)."""
+        target, url_tls = resolve_server(self.server_url)
+        tls = self.tls if self.tls is not None else _env_tls()
+        if tls is None:
+            tls = url_tls
+        if tls is None:
+            ca, cert, _ = self.tls_files()
+            has_key = bool(self.api_key or os.environ.get(ENV_API_KEY))
+            tls = bool(ca or cert) or (has_key and not is_loopback_target(target))
+        return tls
+
+    def server_name(self) -> str | None:
+        """The name the server's certificate is verified against, when it is not the address's."""
+        return self.tls_server_name or os.environ.get(ENV_TLS_SERVER_NAME)
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         """TLS credentials, or None for plaintext.
@@ -194,18 +218,11 @@ class Connection:
             ConnectionConfigError: an API key would go in plaintext to another machine, half a
                 client certificate is given, or a file cannot be read.
         """
-        target, url_tls = resolve_server(self.server_url)
-        ca = self.tls_ca_file or os.environ.get(ENV_TLS_CA)
-        cert = self.tls_cert_file or os.environ.get(ENV_TLS_CERT)
-        key_file = self.tls_key_file or os.environ.get(ENV_TLS_KEY)
+        target = self.target
+        ca, cert, key_file = self.tls_files()
         has_key = bool(self.api_key or os.environ.get(ENV_API_KEY))
         local = is_loopback_target(target)
-        tls = self.tls if self.tls is not None else _env_tls()
-        if tls is None:
-            tls = url_tls
-        if tls is None:
-            tls = bool(ca or cert) or (has_key and not local)
-        if not tls:
+        if not self.uses_tls():
             if has_key and not local and not self.allow_plaintext_key:
                 raise ConnectionConfigError(
                     f"refusing to send the API key in plaintext to {target}: use TLS "

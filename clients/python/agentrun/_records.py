@@ -113,10 +113,12 @@ class Workflow(WorkflowSpec):
 
 
 class WorkflowApplied(_Record):
-    """A workflow as stored after an apply, and whether the apply changed it."""
+    """A workflow as stored after an apply, whether the apply changed it, and how many tasks of
+    dropped stages a forced apply cancelled."""
 
     workflow: Workflow
     changed: bool
+    cancelled_count: int = 0
 
 
 class TaskState(enum.StrEnum):
@@ -225,6 +227,45 @@ class StageBacklog(_Record):
             cancelled_count=message.cancelled_count,
             oldest_ready_age_seconds=_seconds(message, "oldest_ready_age") or 0.0,
         )
+
+
+class ListedRun(_Record):
+    """A run as a listing shows it (`Client.list_runs`): no transcripts, no metadata."""
+
+    id: str
+    collection_id: str
+    name: str | None = None
+    state: str = "finished"
+    """"running", "finished" or "abandoned"."""
+    scores: dict[str, bool | int | float | None] = {}
+    message_count: int = 0
+    event_count: int = 0
+    """Events of a live run (0 for a run uploaded whole)."""
+    ingest_time: datetime | None = None
+    update_time: datetime | None = None
+
+    @classmethod
+    def from_proto(cls, message: ingestion_pb.StoredAgentRun) -> ListedRun:
+        run = message.agent_run
+        state = ingestion_pb.AgentRunState.Name(message.state).removeprefix("AGENT_RUN_STATE_")
+        return cls(
+            id=run.id,
+            collection_id=message.collection_id,
+            name=run.name if run.HasField("name") else None,
+            state=state.lower(),
+            scores={name: score_from_proto(score) for name, score in run.scores.items()},
+            message_count=message.message_count,
+            event_count=message.event_count,
+            ingest_time=_time(message, "ingest_time"),
+            update_time=_time(message, "update_time"),
+        )
+
+
+class RunPage(_Record):
+    """One page of `Client.list_runs`, and the token of the next ("" on the last)."""
+
+    runs: list[ListedRun]
+    next_page_token: str = ""
 
 
 class RunEvent(_Record):

@@ -37,6 +37,7 @@ from agentrun._live_run import Event, EventSender, LiveRun, LiveRunError, Refuse
 from agentrun._metadata import BaseMetadata
 from agentrun._retry import Backoff, Failure, Verdict
 from agentrun._spool import Segment, Spool
+from agentrun._tls_probe import tls_mismatch
 from agentrun.v1 import agent_run_pb2
 from agentrun.v1 import ingestion_service_pb2 as pb
 from agentrun.wire.checks import InvalidRun, check_agent_run, encodes_shallow, parse_agent_run
@@ -46,6 +47,12 @@ _log = logging.getLogger(__name__)
 
 UPLOAD_METHOD = "/agentrun.v1.IngestionService/UploadAgentRuns"
 UPLOAD_TIMEOUT_SECONDS = 120.0
+_NEVER_DELIVERS = frozenset(
+    {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND}
+)
+"""Refusals of an upload that no later upload of this writer can escape: an unknown, revoked or
+expired key, a key without the `ingest` scope or outside its collection limit, an unknown
+collection."""
 _COMPRESSION = {None: grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
 
 
@@ -308,6 +315,10 @@ class AgentRunWriter:
             raise ValueError(f"request_timeout: seconds above 0, not {request_timeout}")
         self.request_timeout = request_timeout
         self.max_retries = max_retries
+        self.error: RpcError | None = None
+        """The refusal that keeps this writer from ever delivering (an unknown collection, an
+        unknown or revoked key, a key without the `ingest` scope), from the first upload the
+        server answered so; logged then, and `log_agent_runs` raises it from then on."""
         if compression not in _COMPRESSION:
             raise ValueError(f"compression: choose gzip or None, not {compression!r}")
         self.collection_id = collection_id
@@ -425,10 +436,18 @@ class AgentRunWriter:
                 are queued, none of its own chunk is, and nothing of it reaches the spool.
             TypeError: a run's metadata is not JSON-like (raised likewise).
             SpoolError: the spool could not be written; none of that chunk's runs were queued.
+            RpcError: an earlier upload was refused in a way no upload of this writer escapes
+                (`error`: an unknown collection, an unknown or revoked key, a missing scope).
         """
         runs = iter(agent_runs)
         queued = 0
         while chunk := list(itertools.islice(runs, self.batch_size)):
+            if self.error is not None:
+                raise RpcError(
+                    self.error.code,
+                    f"{self.error.details} (an upload of this writer was refused so; no run of "
+                    f"it can be delivered, and this call queued {queued} runs)",
+                )
             taken = self._log_chunk(chunk)
             queued += taken
             if taken < len(chunk):
@@ -683,7 +702,15 @@ class AgentRunWriter:
                         continue
                 with self._lock:
                     self._settle_undelivered(batch, str(failure))
-                _log.error("upload of %d runs failed for good: %s", len(batch), failure)
+                    known = self.error is not None
+                    if not known and failure.code in _NEVER_DELIVERS:
+                        self.error = RpcError(failure.code, failure.details)
+                _log.log(
+                    logging.DEBUG if known else logging.ERROR,
+                    "upload of %d runs failed for good: %s",
+                    len(batch),
+                    failure,
+                )
                 return
             if self._out_of_reach:
                 self._out_of_reach = False
@@ -706,7 +733,7 @@ class AgentRunWriter:
                 "cannot reach the agentrun server at %s (%s); retrying in the background, the runs "
                 "are kept%s",
                 target,
-                failure.details,
+                tls_mismatch(self.connection) or failure.details,
                 " (and spooled)" if self._spool is not None else "",
             )
         else:

@@ -2,12 +2,14 @@
 export declare const MAX_ATTEMPTS: number;
 export declare const MAX_DELAY_SECONDS: number;
 export declare const MAX_DESCRIPTION_BYTES: number;
+export declare const MAX_FILTER_TEXT_CHARS: number;
 export declare const MAX_IDENTIFIER_CHARS: number;
 export declare const MAX_IDS_PER_REQUEST: number;
 export declare const MAX_LEASE_SECONDS: number;
 export declare const MAX_NAME_BYTES: number;
 export declare const MAX_OUTPUT_BYTES: number;
 export declare const MAX_PATHWAYS: number;
+export declare const MAX_RUN_FILTERS: number;
 export declare const MAX_STAGES: number;
 export declare const MAX_VALUE_DEPTH: number;
 export declare const IDENTIFIER_PATTERN: string;

@@ -5,12 +5,14 @@
 export const MAX_ATTEMPTS = 100;
 export const MAX_DELAY_SECONDS = 604800;
 export const MAX_DESCRIPTION_BYTES = 65536;
+export const MAX_FILTER_TEXT_CHARS = 256;
 export const MAX_IDENTIFIER_CHARS = 128;
 export const MAX_IDS_PER_REQUEST = 10000;
 export const MAX_LEASE_SECONDS = 604800;
 export const MAX_NAME_BYTES = 256;
 export const MAX_OUTPUT_BYTES = 1048576;
 export const MAX_PATHWAYS = 64;
+export const MAX_RUN_FILTERS = 8;
 export const MAX_STAGES = 200;
 export const MAX_VALUE_DEPTH = 20;
 export const IDENTIFIER_PATTERN = "^[A-Za-z0-9._-]{1,128}$";

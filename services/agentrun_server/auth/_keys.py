@@ -17,6 +17,7 @@ import time
 
 from agentrun_server._errors import ServerError, Unauthenticated
 from agentrun_server.auth._principal import Principal
+from agentrun_server.serving import cancel_and_wait
 from agentrun_server.storage import ApiKeyRecord, Storage
 
 _log = logging.getLogger(__name__)
@@ -93,10 +94,7 @@ class KeyRing:
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         with contextlib.suppress(ServerError):
             await self._touch()
 

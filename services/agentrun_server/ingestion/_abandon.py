@@ -9,13 +9,13 @@ storage enters each run once however many replicas sweep at the same time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 
 from agentrun_server.ingestion._live import fold_finished
 from agentrun_server.ingestion._metrics import IngestionMetrics
+from agentrun_server.serving import cancel_and_wait
 from agentrun_server.storage import Storage
 
 _log = logging.getLogger(__name__)
@@ -46,10 +46,7 @@ class AbandonSweep:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def sweep(self) -> int:
         """Enter every run abandoned now (of the collections that ask); return how many."""

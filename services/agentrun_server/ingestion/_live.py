@@ -9,7 +9,8 @@ from agentrun.v1 import ingestion_service_pb2 as pb
 from agentrun.wire.checks import InvalidRun, check_agent_run
 from agentrun_server._checks import check_reference
 from agentrun_server._errors import InvalidArgument
-from agentrun_server.storage import NewEvent, event_digest
+from agentrun_server.ingestion._facets import facets_of_run
+from agentrun_server.storage import Folded, NewEvent, event_digest
 
 
 def _merge_metadata(
@@ -58,8 +59,8 @@ def fold_run(run_id: str, parts: Sequence[bytes]) -> run_pb.AgentRun:
     return run
 
 
-def fold_finished(run_id: str, parts: Sequence[bytes]) -> tuple[bytes, str | None]:
-    """The storage `Fold`: a finished run encoded whole, and its name.
+def fold_finished(run_id: str, parts: Sequence[bytes]) -> Folded:
+    """The storage `Fold`: a finished run encoded whole, its name and its facets.
 
     Raises:
         InvalidArgument: the run would be stored without a transcript.
@@ -69,7 +70,8 @@ def fold_finished(run_id: str, parts: Sequence[bytes]) -> tuple[bytes, str | Non
         raise InvalidArgument(
             f"finish: run {run_id!r} has no transcript; append messages before finishing it"
         )
-    return run.SerializeToString(), run.name if run.HasField("name") else None
+    name = run.name if run.HasField("name") else None
+    return Folded(run.SerializeToString(), name, facets_of_run(run))
 
 
 def checked_event(event: pb.AgentRunEvent, i: int) -> NewEvent:

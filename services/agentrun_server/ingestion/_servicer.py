@@ -32,6 +32,7 @@ from agentrun_server._errors import (
     ServerError,
 )
 from agentrun_server.auth import Access, caller
+from agentrun_server.ingestion._facets import checked_filters, facets_of_run
 from agentrun_server.ingestion._live import checked_event, fold_finished, fold_run
 from agentrun_server.ingestion._metrics import IngestionMetrics
 from agentrun_server.ingestion._validate import InvalidRun, validate_agent_run
@@ -55,6 +56,7 @@ from agentrun_server.storage import (
     NewEvent,
     NewRun,
     Notifier,
+    RunQuery,
     Storage,
     StoredRun,
     run_state,
@@ -203,11 +205,13 @@ def _stored_run_to_proto(run: StoredRun, view: int, abandoned_before: float) -> 
     )
     if run.state != "finished":  # a live run as it stands, folded from its events
         out.agent_run.CopyFrom(fold_run(run.id, run.parts))
+        out.message_count = sum(len(t.messages) for t in out.agent_run.transcripts)
         if view == pb.AGENT_RUN_VIEW_BASIC:
             out.agent_run.ClearField("transcripts")
             out.agent_run.ClearField("metadata")
     elif view == pb.AGENT_RUN_VIEW_BASIC:
         full = run_pb.AgentRun.FromString(run.data)
+        out.message_count = sum(len(t.messages) for t in full.transcripts)
         out.agent_run.id = full.id
         if full.HasField("name"):
             out.agent_run.name = full.name
@@ -217,6 +221,7 @@ def _stored_run_to_proto(run: StoredRun, view: int, abandoned_before: float) -> 
             out.agent_run.scores[key].CopyFrom(score)
     else:
         out.agent_run.MergeFromString(run.data)
+        out.message_count = sum(len(t.messages) for t in out.agent_run.transcripts)
     return out
 
 
@@ -517,7 +522,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             return None
         # The client's bytes are stored as sent: no re-encoding on the hot path.
         name = storable_text(run.name) if run.HasField("name") else None
-        return NewRun(run.id, name, data)
+        return NewRun(run.id, name, data, facets_of_run(run))
 
     def _reject(
         self,
@@ -730,14 +735,16 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         after = page_after(request.page_token)
         size = page_size(request.page_size)
         abandoned_before = self._abandoned_before()
-        # Pages stay within half the message limit: fewer runs than asked when they are large.
-        page, more = await self._storage.list_runs(
+        query = RunQuery(
             collection_id,
-            after,
-            size,
-            self.limits.max_message_bytes // 2,
             _STATE_NAMES.get(state),
             abandoned_before,
+            checked_filters(request.filters),
+            request.newest_first,
+        )
+        # Pages stay within half the message limit: fewer runs than asked when they are large.
+        page, more = await self._storage.list_runs(
+            query, after, size, self.limits.max_message_bytes // 2
         )
         return pb.ListAgentRunsResponse(
             agent_runs=[_stored_run_to_proto(r, view, abandoned_before) for r in page],

@@ -162,9 +162,22 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         workflow = workflow_from_proto(request.workflow)
         workflow.validate()
         caller().check_workflow(workflow.name, "workflow.name")
-        stored, changed = await self._storage.put_workflow(workflow, time.time())
-        audit("workflow.apply", workflow=stored.name, version=stored.version, changed=changed)
-        return pb.ApplyWorkflowResponse(workflow=workflow_to_proto(stored), changed=changed)
+        stored, changed, cancelled = await self._storage.put_workflow(
+            workflow, time.time(), request.force
+        )
+        count = cancelled.cancelled if cancelled else 0
+        audit(
+            "workflow.apply",
+            workflow=stored.name,
+            version=stored.version,
+            changed=changed,
+            **({"forced": True, "cancelled": count} if request.force else {}),
+        )
+        if cancelled:
+            self._dispatcher.revoked(cancelled.ended, "cancelled")
+        return pb.ApplyWorkflowResponse(
+            workflow=workflow_to_proto(stored), changed=changed, cancelled_count=count
+        )
 
     async def GetWorkflow(
         self, request: pb.GetWorkflowRequest, context: Context

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agentrun_server.serving._background import cancel_and_wait
 from agentrun_server.serving._deadlines import IdleTimeout, receive
 from agentrun_server.serving._grpc_metrics import GrpcServerMetrics, MetricsInterceptor
 from agentrun_server.serving._handlers import add_service
@@ -22,6 +23,7 @@ __all__ = [
     "MetricsWebConfig",
     "StreamSlots",
     "add_service",
+    "cancel_and_wait",
     "enable_reflection",
     "epoch_seconds",
     "page_after",

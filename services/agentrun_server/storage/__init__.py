@@ -13,7 +13,7 @@ engine passes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -37,8 +37,10 @@ from agentrun_server.storage._types import (
     EventPage,
     EventStatus,
     Extension,
+    Facet,
     Failure,
     Fold,
+    Folded,
     InsertOutcome,
     InsertStatus,
     LeasedTask,
@@ -51,6 +53,8 @@ from agentrun_server.storage._types import (
     Release,
     Revocation,
     RevocationPage,
+    RunFilter,
+    RunQuery,
     SettledAndLeased,
     SqliteConfig,
     StageBacklog,
@@ -81,8 +85,10 @@ __all__ = [
     "EventPage",
     "EventStatus",
     "Extension",
+    "Facet",
     "Failure",
     "Fold",
+    "Folded",
     "InsertOutcome",
     "InsertStatus",
     "LeaseRef",
@@ -98,6 +104,8 @@ __all__ = [
     "Release",
     "Revocation",
     "RevocationPage",
+    "RunFilter",
+    "RunQuery",
     "SettledAndLeased",
     "SqliteConfig",
     "SqliteStorage",
@@ -222,30 +230,35 @@ class Storage(Protocol):
         """
 
     async def list_runs(
-        self,
-        collection_id: str,
-        after_seq: int,
-        limit: int,
-        max_bytes: int | None = None,
-        state: str | None = None,
-        abandoned_before: float = 0.0,
+        self, query: RunQuery, after_seq: int, limit: int, max_bytes: int | None = None
     ) -> Page[StoredRun]:
-        """Up to `limit` runs of a collection with seq > `after_seq`, in ingestion order, and
-        whether more follow; only runs in `state` ("running", "finished", "abandoned": running
-        with no event since `abandoned_before`) when given. The page stops before the run that
-        would take its encoded size over `max_bytes` (the first run goes regardless). A page
-        costs what it holds, whatever the collection's size."""
+        """Up to `limit` runs that `query` lists after the one with seq `after_seq` (0: from the
+        first), in its order, and whether more follow. The page stops before the run that would
+        take its encoded size over `max_bytes` (the first run goes regardless). A page costs
+        what it holds, whatever the collection's size, when the query has an equality filter
+        or its matches are not rare (`storage._run_query`)."""
+
+    async def backfill_facets(
+        self, facets_of: Callable[[bytes], Sequence[Facet]], limit: int
+    ) -> int:
+        """Give up to `limit` runs stored before facets existed their facets (`facets_of` their
+        encoded data); how many were read (0: none left). Every replica may run it at once."""
 
     async def count_runs(self, collection_id: str) -> int:
         """The runs of a collection (0 for an unknown one)."""
 
     # --- workflows ------------------------------------------------------------------------------
 
-    async def put_workflow(self, workflow: WorkflowDef, now: float) -> WorkflowPut:
-        """Store a definition (validated by the caller); a new version only if it changed.
+    async def put_workflow(
+        self, workflow: WorkflowDef, now: float, force: bool = False
+    ) -> WorkflowPut:
+        """Store a definition (validated by the caller); a new version only if it changed. With
+        `force`, the ready and leased tasks of stages it drops are cancelled in the same
+        transaction (`WorkflowPut.cancelled`, its ended leases to revoke).
 
         Raises:
-            FailedPrecondition: the new definition drops a stage that holds ready or leased tasks.
+            FailedPrecondition: the new definition drops a stage that holds ready or leased tasks
+                (not `force`); the message names each stage and its count.
             Unavailable: another definition was applied at the same moment; apply again.
         """
 

@@ -41,6 +41,7 @@ from agentrun_server.storage._types import (
     EventStatus,
     Failure,
     Fold,
+    Folded,
     NewEvent,
     StageDef,
     WorkflowDef,
@@ -318,9 +319,7 @@ def enters_at_finish(entered_at: float | None) -> bool:
     return entered_at is None or entered_at < 0
 
 
-def fold_abandoned(
-    fold: Fold, run_id: str, parts: Sequence[bytes]
-) -> tuple[bytes, str | None] | None:
+def fold_abandoned(fold: Fold, run_id: str, parts: Sequence[bytes]) -> Folded | None:
     """The run an abandoned run's events make, to enter into its workflow; None when `fold`
     refuses it (no transcript yet: nothing for a stage to work on)."""
     try:
@@ -432,7 +431,7 @@ def _size_refusal(
 
 def folded(
     fold: Fold, event: NewEvent, parts: Sequence[bytes], expected: int
-) -> tuple[bytes, str | None] | EventOutcome:
+) -> Folded | EventOutcome:
     """The run that a finishing event makes (its earlier events' `parts`, then its own patch),
     or the refusal of the event when `fold` refuses the run."""
     try:

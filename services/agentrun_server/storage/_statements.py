@@ -34,11 +34,13 @@ from agentrun_server.storage._types import (
     Collection,
     Completion,
     EndedLease,
+    Facet,
     LeasedTask,
     NewEvent,
     NewRun,
     Release,
     Revocation,
+    RunQuery,
     StageDef,
     StoredRun,
     TaskRecord,
@@ -172,8 +174,26 @@ class Statements(Protocol):
     async def add_run_count(self, collection_id: str, runs: int) -> None:
         """Count `runs` more runs in a collection (last in a transaction: it locks the row)."""
 
-    async def insert_runs(self, collection_id: str, runs: Sequence[NewRun], now: float) -> set[str]:
-        """Insert runs (unique ids) whose ids are not stored; the ids inserted."""
+    async def insert_runs(
+        self, collection_id: str, runs: Sequence[NewRun], now: float
+    ) -> dict[str, int]:
+        """Insert runs (unique ids) whose ids are not stored; the seq of each id inserted."""
+
+    async def insert_facets(self, collection_id: str, rows: Sequence[tuple[int, Facet]]) -> None:
+        """Store facets of runs, by run seq (a facet stored already is kept)."""
+
+    async def run_seq(self, run_id: str) -> int | None:
+        """A run's seq, if it is stored."""
+
+    async def facet_backfill(self) -> tuple[int, int]:
+        """(done, through): runs up to `done` of those up to `through` have their facets."""
+
+    async def runs_between(self, after_seq: int, through: int, limit: int) -> list[StoredRun]:
+        """Up to `limit` runs after `after_seq` through `through`, in order, with their data."""
+
+    async def advance_facet_backfill(self, done: int, to: int) -> bool:
+        """Record runs up to `to` indexed, if the record still says `done` (another replica may
+        have moved it); whether it moved."""
 
     async def run_collections(self, run_ids: Sequence[str]) -> dict[str, str]:
         """The collection of each stored run named, by run id."""
@@ -181,15 +201,11 @@ class Statements(Protocol):
     async def run(self, run_id: str) -> StoredRun | None:
         """One run, with its data."""
 
-    async def run_sizes(
-        self, collection_id: str, after_seq: int, limit: int, state: str | None, before: float
-    ) -> list[tuple[int, int]]:
-        """(seq, encoded size) of up to `limit` runs of a collection after `after_seq`, in order;
-        only runs in `state` when given ("abandoned": running, no event since `before`)."""
+    async def run_sizes(self, query: RunQuery, after_seq: int, limit: int) -> list[tuple[int, int]]:
+        """(seq, encoded size) of up to `limit` runs `query` lists after `after_seq`, in its
+        order (`storage._run_query`)."""
 
-    async def runs_through(
-        self, collection_id: str, after_seq: int, last_seq: int, state: str | None, before: float
-    ) -> list[StoredRun]:
+    async def runs_through(self, query: RunQuery, after_seq: int, last_seq: int) -> list[StoredRun]:
         """The runs `run_sizes` listed, from after `after_seq` through `last_seq`, in order."""
 
     async def run_count(self, collection_id: str) -> int:

@@ -27,6 +27,7 @@ from agentrun_server.storage._types import (
     EventOutcome,
     EventPage,
     Extension,
+    Facet,
     Failure,
     Fold,
     InsertOutcome,
@@ -38,6 +39,7 @@ from agentrun_server.storage._types import (
     Page,
     Release,
     RevocationPage,
+    RunQuery,
     SettledAndLeased,
     StageBacklog,
     StoredRun,
@@ -129,25 +131,24 @@ class Store:
         return await self._read(_runs.get_run, run_id)
 
     async def list_runs(
-        self,
-        collection_id: str,
-        after_seq: int,
-        limit: int,
-        max_bytes: int | None = None,
-        state: str | None = None,
-        abandoned_before: float = 0.0,
+        self, query: RunQuery, after_seq: int, limit: int, max_bytes: int | None = None
     ) -> Page[StoredRun]:
-        return await self._read(
-            _runs.list_runs, collection_id, after_seq, limit, max_bytes, state, abandoned_before
-        )
+        return await self._read(_runs.list_runs, query, after_seq, limit, max_bytes)
+
+    async def backfill_facets(
+        self, facets_of: Callable[[bytes], Sequence[Facet]], limit: int
+    ) -> int:
+        return await self._write(_runs.backfill_facets, facets_of, limit)
 
     async def count_runs(self, collection_id: str) -> int:
         return await self._read(_runs.count_runs, collection_id)
 
     # --- workflows ------------------------------------------------------------------------------
 
-    async def put_workflow(self, workflow: WorkflowDef, now: float) -> WorkflowPut:
-        return await self._write(workflows.put_workflow, self._workflows, workflow, now)
+    async def put_workflow(
+        self, workflow: WorkflowDef, now: float, force: bool = False
+    ) -> WorkflowPut:
+        return await self._write(workflows.put_workflow, self._workflows, workflow, now, force)
 
     async def get_workflow(self, name: str) -> WorkflowDef:
         return await self._read(self._workflows.get, name)

@@ -72,13 +72,47 @@ class Collection:
     """Its live runs enter the workflow when abandoned, not only when they finish."""
 
 
+class Facet(NamedTuple):
+    """A run's score (`scores.NAME`) or top-level scalar metadata field (`metadata.FIELD`), as
+    the filters of a listing see it: a number (a bool as 0 or 1) or a string."""
+
+    key: str
+    num: float | None
+    text: str | None
+
+
+class RunFilter(NamedTuple):
+    """One condition of a listing: `key` (as in `Facet`) `op` (=, !=, <, <=, >, >=) a number
+    or a string (= and != only)."""
+
+    key: str
+    op: str
+    num: float | None
+    text: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunQuery:
+    """Which runs of a collection a listing returns, and in which order."""
+
+    collection_id: str
+    state: str | None = None
+    """"running", "finished", "abandoned" or None (all)."""
+    abandoned_before: float = 0.0
+    """A running run with no event since is abandoned."""
+    filters: tuple[RunFilter, ...] = ()
+    newest_first: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class NewRun:
-    """A run to insert: its id, name, and its encoded `agentrun.v1.AgentRun` (as received)."""
+    """A run to insert: its id, name, and its encoded `agentrun.v1.AgentRun` (as received), with
+    its facets (for filtered listings)."""
 
     id: str
     name: str | None
     data: bytes | memoryview
+    facets: tuple[Facet, ...] = ()
 
 
 class InsertStatus(enum.Enum):
@@ -146,9 +180,17 @@ class EventOutcome:
     error: ServerError | None = None
 
 
-Fold = Callable[[str, Sequence[bytes]], tuple[bytes, str | None]]
-"""(run id, the patches of its events in order) -> (the run encoded whole, its name). Raises
-InvalidArgument when the patches do not make a run that can be stored (no transcript)."""
+class Folded(NamedTuple):
+    """A live run made whole: encoded, its name, its facets."""
+
+    data: bytes
+    name: str | None
+    facets: tuple[Facet, ...] = ()
+
+
+Fold = Callable[[str, Sequence[bytes]], Folded]
+"""(run id, the patches of its events in order) -> the run made whole. Raises InvalidArgument
+when the patches do not make a run that can be stored (no transcript)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,10 +578,12 @@ class CollectionPut(NamedTuple):
 
 
 class WorkflowPut(NamedTuple):
-    """A workflow's current definition, and whether this put stored a new version."""
+    """A workflow's current definition, whether this put stored a new version, and what a
+    forced put cancelled in the stages it dropped."""
 
     workflow: WorkflowDef
     changed: bool
+    cancelled: Cancelled | None = None
 
 
 class Page(NamedTuple, Generic[T]):

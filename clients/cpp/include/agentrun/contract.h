@@ -8,12 +8,14 @@ namespace agentrun {
 inline constexpr long long kMaxAttempts = 100;
 inline constexpr long long kMaxDelaySeconds = 604800;
 inline constexpr long long kMaxDescriptionBytes = 65536;
+inline constexpr long long kMaxFilterTextChars = 256;
 inline constexpr long long kMaxIdentifierChars = 128;
 inline constexpr long long kMaxIdsPerRequest = 10000;
 inline constexpr long long kMaxLeaseSeconds = 604800;
 inline constexpr long long kMaxNameBytes = 256;
 inline constexpr long long kMaxOutputBytes = 1048576;
 inline constexpr long long kMaxPathways = 64;
+inline constexpr long long kMaxRunFilters = 8;
 inline constexpr long long kMaxStages = 200;
 inline constexpr long long kMaxValueDepth = 20;
 inline constexpr char kIdentifierPattern[] = "[A-Za-z0-9._-]{1,128}";

@@ -149,7 +149,8 @@ def _read_json(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise FormatError(f"{path}: cannot read: {exc}", path=str(path)) from exc
     except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: invalid JSON: {exc}", path=str(path)) from exc
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise FormatError(f"{path}: {where}: invalid JSON: {exc.msg}", path=str(path)) from exc
 
 
 def _json_records(data: Any) -> Iterator[tuple[str, Any]]:
@@ -171,10 +172,11 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
                 try:
                     yield where, json.loads(line)
                 except json.JSONDecodeError as exc:
+                    at = f"{where}, column {exc.colno}"  # the line is one record: its own line 1
                     yield (
                         where,
                         FormatError(
-                            f"{path}: {where}: invalid JSON: {exc}", path=str(path), record=where
+                            f"{path}: {at}: invalid JSON: {exc.msg}", path=str(path), record=where
                         ),
                     )
     except (OSError, UnicodeDecodeError) as exc:

@@ -27,7 +27,7 @@ from agentrun.v1 import options_pb2 as agentrun_dot_v1_dot_options__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#agentrun/v1/ingestion_service.proto\x12\x0b\x61gentrun.v1\x1a\x1b\x61gentrun/v1/agent_run.proto\x1a\x19\x61gentrun/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x01\n\nCollection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08workflow\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trun_count\x18\x06 \x01(\x03\x12!\n\x19\x65nter_workflow_on_abandon\x18\x07 \x01(\x08\"q\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08workflow\x18\x03 \x01(\t\x12!\n\x19\x65nter_workflow_on_abandon\x18\x04 \x01(\x08\"X\n\x18\x43reateCollectionResponse\x12+\n\ncollection\x18\x01 \x01(\x0b\x32\x17.agentrun.v1.Collection\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"@\n\x14GetCollectionRequest\x12\x0c\n\x02id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x42\n\n\x08selector\"D\n\x15GetCollectionResponse\x12+\n\ncollection\x18\x01 \x01(\x0b\x32\x17.agentrun.v1.Collection\"\x18\n\x16ListCollectionsRequest\"G\n\x17ListCollectionsResponse\x12,\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x17.agentrun.v1.Collection\"Z\n\x16UploadAgentRunsRequest\x12\x15\n\rcollection_id\x18\x01 \x01(\t\x12)\n\nagent_runs\x18\x02 \x03(\x0b\x32\x15.agentrun.v1.AgentRun\"\x85\x01\n\x10RejectedAgentRun\x12\r\n\x05index\x18\x01 \x01(\r\x12\x14\n\x0c\x61gent_run_id\x18\x02 \x01(\t\x12,\n\x06reason\x18\x03 \x01(\x0e\x32\x1c.agentrun.v1.RejectionReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05\x66ield\x18\x05 \x01(\t\"{\n\x17UploadAgentRunsResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x01 \x01(\r\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\r\x12/\n\x08rejected\x18\x03 \x03(\x0b\x32\x1d.agentrun.v1.RejectedAgentRun\"\xf3\x01\n\x0eStoredAgentRun\x12(\n\tagent_run\x18\x01 \x01(\x0b\x32\x15.agentrun.v1.AgentRun\x12\x15\n\rcollection_id\x18\x02 \x01(\t\x12/\n\x0bingest_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.agentrun.v1.AgentRunState\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65vent_count\x18\x06 \x01(\x04\"\x84\x01\n\rAgentRunEvent\x12\x14\n\x0c\x61gent_run_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x15\n\rcollection_id\x18\x03 \x01(\t\x12$\n\x05patch\x18\x04 \x01(\x0b\x32\x15.agentrun.v1.AgentRun\x12\x0e\n\x06\x66inish\x18\x05 \x01(\x08\"I\n\x1bStreamAgentRunEventsRequest\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.agentrun.v1.AgentRunEvent\"\x9a\x01\n\x10\x41gentRunEventAck\x12\x14\n\x0c\x61gent_run_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12(\n\x06status\x18\x03 \x01(\x0e\x32\x18.agentrun.v1.EventStatus\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x15\n\rnext_sequence\x18\x06 \x01(\x04\"K\n\x1cStreamAgentRunEventsResponse\x12+\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x1d.agentrun.v1.AgentRunEventAck\"S\n\x12GetAgentRunRequest\x12\x14\n\x0c\x61gent_run_id\x18\x01 \x01(\t\x12\'\n\x04view\x18\x02 \x01(\x0e\x32\x19.agentrun.v1.AgentRunView\"E\n\x13GetAgentRunResponse\x12.\n\tagent_run\x18\x01 \x01(\x0b\x32\x1b.agentrun.v1.StoredAgentRun\"\xa8\x01\n\x14ListAgentRunsRequest\x12\x15\n\rcollection_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\'\n\x04view\x18\x04 \x01(\x0e\x32\x19.agentrun.v1.AgentRunView\x12)\n\x05state\x18\x05 \x01(\x0e\x32\x1a.agentrun.v1.AgentRunState\"a\n\x15ListAgentRunsResponse\x12/\n\nagent_runs\x18\x01 \x03(\x0b\x32\x1b.agentrun.v1.StoredAgentRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x15\x43ountAgentRunsRequest\x12\x15\n\rcollection_id\x18\x01 \x01(\t\"\'\n\x16\x43ountAgentRunsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\"D\n\x14WatchAgentRunRequest\x12\x14\n\x0c\x61gent_run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\"n\n\x15WatchAgentRunResponse\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.agentrun.v1.AgentRunEvent\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.agentrun.v1.AgentRunState*\x90\x01\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REJECTION_REASON_INVALID\x10\x01\x12\x1e\n\x1aREJECTION_REASON_TOO_LARGE\x10\x02\x12\x1d\n\x19REJECTION_REASON_CONFLICT\x10\x03*a\n\x0c\x41gentRunView\x12\x1e\n\x1a\x41GENT_RUN_VIEW_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_RUN_VIEW_BASIC\x10\x01\x12\x17\n\x13\x41GENT_RUN_VIEW_FULL\x10\x02*\x8a\x01\n\rAgentRunState\x12\x1f\n\x1b\x41GENT_RUN_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41GENT_RUN_STATE_RUNNING\x10\x01\x12\x1c\n\x18\x41GENT_RUN_STATE_FINISHED\x10\x02\x12\x1d\n\x19\x41GENT_RUN_STATE_ABANDONED\x10\x03*z\n\x0b\x45ventStatus\x12\x1c\n\x18\x45VENT_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_STATUS_STORED\x10\x01\x12\x1a\n\x16\x45VENT_STATUS_DUPLICATE\x10\x02\x12\x18\n\x14\x45VENT_STATUS_REFUSED\x10\x03\x32\xc3\x07\n\x10IngestionService\x12k\n\x10\x43reateCollection\x12$.agentrun.v1.CreateCollectionRequest\x1a%.agentrun.v1.CreateCollectionResponse\"\n\xca\xf3\x18\x06ingest\x12j\n\rGetCollection\x12!.agentrun.v1.GetCollectionRequest\x1a\".agentrun.v1.GetCollectionResponse\"\x12\xca\xf3\x18\x04read\xca\xf3\x18\x06ingest\x12\x66\n\x0fListCollections\x12#.agentrun.v1.ListCollectionsRequest\x1a$.agentrun.v1.ListCollectionsResponse\"\x08\xca\xf3\x18\x04read\x12j\n\x0fUploadAgentRuns\x12#.agentrun.v1.UploadAgentRunsRequest\x1a$.agentrun.v1.UploadAgentRunsResponse\"\n\xca\xf3\x18\x06ingest(\x01\x12Z\n\x0bGetAgentRun\x12\x1f.agentrun.v1.GetAgentRunRequest\x1a .agentrun.v1.GetAgentRunResponse\"\x08\xca\xf3\x18\x04read\x12`\n\rListAgentRuns\x12!.agentrun.v1.ListAgentRunsRequest\x1a\".agentrun.v1.ListAgentRunsResponse\"\x08\xca\xf3\x18\x04read\x12{\n\x14StreamAgentRunEvents\x12(.agentrun.v1.StreamAgentRunEventsRequest\x1a).agentrun.v1.StreamAgentRunEventsResponse\"\n\xca\xf3\x18\x06ingest(\x01\x30\x01\x12\x62\n\rWatchAgentRun\x12!.agentrun.v1.WatchAgentRunRequest\x1a\".agentrun.v1.WatchAgentRunResponse\"\x08\xca\xf3\x18\x04read0\x01\x12\x63\n\x0e\x43ountAgentRuns\x12\".agentrun.v1.CountAgentRunsRequest\x1a#.agentrun.v1.CountAgentRunsResponse\"\x08\xca\xf3\x18\x04readB?Z=github.com/agentrun/agentrun/clients/go/agentrunv1;agentrunv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#agentrun/v1/ingestion_service.proto\x12\x0b\x61gentrun.v1\x1a\x1b\x61gentrun/v1/agent_run.proto\x1a\x19\x61gentrun/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x01\n\nCollection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08workflow\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trun_count\x18\x06 \x01(\x03\x12!\n\x19\x65nter_workflow_on_abandon\x18\x07 \x01(\x08\"q\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08workflow\x18\x03 \x01(\t\x12!\n\x19\x65nter_workflow_on_abandon\x18\x04 \x01(\x08\"X\n\x18\x43reateCollectionResponse\x12+\n\ncollection\x18\x01 \x01(\x0b\x32\x17.agentrun.v1.Collection\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"@\n\x14GetCollectionRequest\x12\x0c\n\x02id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x42\n\n\x08selector\"D\n\x15GetCollectionResponse\x12+\n\ncollection\x18\x01 \x01(\x0b\x32\x17.agentrun.v1.Collection\"\x18\n\x16ListCollectionsRequest\"G\n\x17ListCollectionsResponse\x12,\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x17.agentrun.v1.Collection\"Z\n\x16UploadAgentRunsRequest\x12\x15\n\rcollection_id\x18\x01 \x01(\t\x12)\n\nagent_runs\x18\x02 \x03(\x0b\x32\x15.agentrun.v1.AgentRun\"\x85\x01\n\x10RejectedAgentRun\x12\r\n\x05index\x18\x01 \x01(\r\x12\x14\n\x0c\x61gent_run_id\x18\x02 \x01(\t\x12,\n\x06reason\x18\x03 \x01(\x0e\x32\x1c.agentrun.v1.RejectionReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05\x66ield\x18\x05 \x01(\t\"{\n\x17UploadAgentRunsResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x01 \x01(\r\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\r\x12/\n\x08rejected\x18\x03 \x03(\x0b\x32\x1d.agentrun.v1.RejectedAgentRun\"\x8a\x02\n\x0eStoredAgentRun\x12(\n\tagent_run\x18\x01 \x01(\x0b\x32\x15.agentrun.v1.AgentRun\x12\x15\n\rcollection_id\x18\x02 \x01(\t\x12/\n\x0bingest_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.agentrun.v1.AgentRunState\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65vent_count\x18\x06 \x01(\x04\x12\x15\n\rmessage_count\x18\x07 \x01(\x04\"\x84\x01\n\rAgentRunEvent\x12\x14\n\x0c\x61gent_run_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x15\n\rcollection_id\x18\x03 \x01(\t\x12$\n\x05patch\x18\x04 \x01(\x0b\x32\x15.agentrun.v1.AgentRun\x12\x0e\n\x06\x66inish\x18\x05 \x01(\x08\"I\n\x1bStreamAgentRunEventsRequest\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.agentrun.v1.AgentRunEvent\"\x9a\x01\n\x10\x41gentRunEventAck\x12\x14\n\x0c\x61gent_run_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12(\n\x06status\x18\x03 \x01(\x0e\x32\x18.agentrun.v1.EventStatus\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x15\n\rnext_sequence\x18\x06 \x01(\x04\"K\n\x1cStreamAgentRunEventsResponse\x12+\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x1d.agentrun.v1.AgentRunEventAck\"S\n\x12GetAgentRunRequest\x12\x14\n\x0c\x61gent_run_id\x18\x01 \x01(\t\x12\'\n\x04view\x18\x02 \x01(\x0e\x32\x19.agentrun.v1.AgentRunView\"E\n\x13GetAgentRunResponse\x12.\n\tagent_run\x18\x01 \x01(\x0b\x32\x1b.agentrun.v1.StoredAgentRun\"\xe7\x01\n\x14ListAgentRunsRequest\x12\x15\n\rcollection_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\'\n\x04view\x18\x04 \x01(\x0e\x32\x19.agentrun.v1.AgentRunView\x12)\n\x05state\x18\x05 \x01(\x0e\x32\x1a.agentrun.v1.AgentRunState\x12\'\n\x07\x66ilters\x18\x06 \x03(\x0b\x32\x16.agentrun.v1.RunFilter\x12\x14\n\x0cnewest_first\x18\x07 \x01(\x08\"x\n\tRunFilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12!\n\x02op\x18\x02 \x01(\x0e\x32\x15.agentrun.v1.FilterOp\x12\x10\n\x06number\x18\x03 \x01(\x01H\x00\x12\x0e\n\x04text\x18\x04 \x01(\tH\x00\x12\x0e\n\x04\x66lag\x18\x05 \x01(\x08H\x00\x42\x07\n\x05value\"a\n\x15ListAgentRunsResponse\x12/\n\nagent_runs\x18\x01 \x03(\x0b\x32\x1b.agentrun.v1.StoredAgentRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x15\x43ountAgentRunsRequest\x12\x15\n\rcollection_id\x18\x01 \x01(\t\"\'\n\x16\x43ountAgentRunsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\"D\n\x14WatchAgentRunRequest\x12\x14\n\x0c\x61gent_run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\"n\n\x15WatchAgentRunResponse\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.agentrun.v1.AgentRunEvent\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.agentrun.v1.AgentRunState*\x90\x01\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REJECTION_REASON_INVALID\x10\x01\x12\x1e\n\x1aREJECTION_REASON_TOO_LARGE\x10\x02\x12\x1d\n\x19REJECTION_REASON_CONFLICT\x10\x03*a\n\x0c\x41gentRunView\x12\x1e\n\x1a\x41GENT_RUN_VIEW_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_RUN_VIEW_BASIC\x10\x01\x12\x17\n\x13\x41GENT_RUN_VIEW_FULL\x10\x02*\x8a\x01\n\rAgentRunState\x12\x1f\n\x1b\x41GENT_RUN_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41GENT_RUN_STATE_RUNNING\x10\x01\x12\x1c\n\x18\x41GENT_RUN_STATE_FINISHED\x10\x02\x12\x1d\n\x19\x41GENT_RUN_STATE_ABANDONED\x10\x03*z\n\x0b\x45ventStatus\x12\x1c\n\x18\x45VENT_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_STATUS_STORED\x10\x01\x12\x1a\n\x16\x45VENT_STATUS_DUPLICATE\x10\x02\x12\x18\n\x14\x45VENT_STATUS_REFUSED\x10\x03*\x91\x01\n\x08\x46ilterOp\x12\x19\n\x15\x46ILTER_OP_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x46ILTER_OP_EQ\x10\x01\x12\x10\n\x0c\x46ILTER_OP_NE\x10\x02\x12\x10\n\x0c\x46ILTER_OP_LT\x10\x03\x12\x10\n\x0c\x46ILTER_OP_LE\x10\x04\x12\x10\n\x0c\x46ILTER_OP_GT\x10\x05\x12\x10\n\x0c\x46ILTER_OP_GE\x10\x06\x32\xc3\x07\n\x10IngestionService\x12k\n\x10\x43reateCollection\x12$.agentrun.v1.CreateCollectionRequest\x1a%.agentrun.v1.CreateCollectionResponse\"\n\xca\xf3\x18\x06ingest\x12j\n\rGetCollection\x12!.agentrun.v1.GetCollectionRequest\x1a\".agentrun.v1.GetCollectionResponse\"\x12\xca\xf3\x18\x04read\xca\xf3\x18\x06ingest\x12\x66\n\x0fListCollections\x12#.agentrun.v1.ListCollectionsRequest\x1a$.agentrun.v1.ListCollectionsResponse\"\x08\xca\xf3\x18\x04read\x12j\n\x0fUploadAgentRuns\x12#.agentrun.v1.UploadAgentRunsRequest\x1a$.agentrun.v1.UploadAgentRunsResponse\"\n\xca\xf3\x18\x06ingest(\x01\x12Z\n\x0bGetAgentRun\x12\x1f.agentrun.v1.GetAgentRunRequest\x1a .agentrun.v1.GetAgentRunResponse\"\x08\xca\xf3\x18\x04read\x12`\n\rListAgentRuns\x12!.agentrun.v1.ListAgentRunsRequest\x1a\".agentrun.v1.ListAgentRunsResponse\"\x08\xca\xf3\x18\x04read\x12{\n\x14StreamAgentRunEvents\x12(.agentrun.v1.StreamAgentRunEventsRequest\x1a).agentrun.v1.StreamAgentRunEventsResponse\"\n\xca\xf3\x18\x06ingest(\x01\x30\x01\x12\x62\n\rWatchAgentRun\x12!.agentrun.v1.WatchAgentRunRequest\x1a\".agentrun.v1.WatchAgentRunResponse\"\x08\xca\xf3\x18\x04read0\x01\x12\x63\n\x0e\x43ountAgentRuns\x12\".agentrun.v1.CountAgentRunsRequest\x1a#.agentrun.v1.CountAgentRunsResponse\"\x08\xca\xf3\x18\x04readB?Z=github.com/agentrun/agentrun/clients/go/agentrunv1;agentrunv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,14 +53,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTIONSERVICE'].methods_by_name['WatchAgentRun']._serialized_options = b'\312\363\030\004read'
   _globals['_INGESTIONSERVICE'].methods_by_name['CountAgentRuns']._loaded_options = None
   _globals['_INGESTIONSERVICE'].methods_by_name['CountAgentRuns']._serialized_options = b'\312\363\030\004read'
-  _globals['_REJECTIONREASON']._serialized_start=2505
-  _globals['_REJECTIONREASON']._serialized_end=2649
-  _globals['_AGENTRUNVIEW']._serialized_start=2651
-  _globals['_AGENTRUNVIEW']._serialized_end=2748
-  _globals['_AGENTRUNSTATE']._serialized_start=2751
-  _globals['_AGENTRUNSTATE']._serialized_end=2889
-  _globals['_EVENTSTATUS']._serialized_start=2891
-  _globals['_EVENTSTATUS']._serialized_end=3013
+  _globals['_REJECTIONREASON']._serialized_start=2713
+  _globals['_REJECTIONREASON']._serialized_end=2857
+  _globals['_AGENTRUNVIEW']._serialized_start=2859
+  _globals['_AGENTRUNVIEW']._serialized_end=2956
+  _globals['_AGENTRUNSTATE']._serialized_start=2959
+  _globals['_AGENTRUNSTATE']._serialized_end=3097
+  _globals['_EVENTSTATUS']._serialized_start=3099
+  _globals['_EVENTSTATUS']._serialized_end=3221
+  _globals['_FILTEROP']._serialized_start=3224
+  _globals['_FILTEROP']._serialized_end=3369
   _globals['_COLLECTION']._serialized_start=142
   _globals['_COLLECTION']._serialized_end=322
   _globals['_CREATECOLLECTIONREQUEST']._serialized_start=324
@@ -82,31 +84,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADAGENTRUNSRESPONSE']._serialized_start=992
   _globals['_UPLOADAGENTRUNSRESPONSE']._serialized_end=1115
   _globals['_STOREDAGENTRUN']._serialized_start=1118
-  _globals['_STOREDAGENTRUN']._serialized_end=1361
-  _globals['_AGENTRUNEVENT']._serialized_start=1364
-  _globals['_AGENTRUNEVENT']._serialized_end=1496
-  _globals['_STREAMAGENTRUNEVENTSREQUEST']._serialized_start=1498
-  _globals['_STREAMAGENTRUNEVENTSREQUEST']._serialized_end=1571
-  _globals['_AGENTRUNEVENTACK']._serialized_start=1574
-  _globals['_AGENTRUNEVENTACK']._serialized_end=1728
-  _globals['_STREAMAGENTRUNEVENTSRESPONSE']._serialized_start=1730
-  _globals['_STREAMAGENTRUNEVENTSRESPONSE']._serialized_end=1805
-  _globals['_GETAGENTRUNREQUEST']._serialized_start=1807
-  _globals['_GETAGENTRUNREQUEST']._serialized_end=1890
-  _globals['_GETAGENTRUNRESPONSE']._serialized_start=1892
-  _globals['_GETAGENTRUNRESPONSE']._serialized_end=1961
-  _globals['_LISTAGENTRUNSREQUEST']._serialized_start=1964
-  _globals['_LISTAGENTRUNSREQUEST']._serialized_end=2132
-  _globals['_LISTAGENTRUNSRESPONSE']._serialized_start=2134
-  _globals['_LISTAGENTRUNSRESPONSE']._serialized_end=2231
-  _globals['_COUNTAGENTRUNSREQUEST']._serialized_start=2233
-  _globals['_COUNTAGENTRUNSREQUEST']._serialized_end=2279
-  _globals['_COUNTAGENTRUNSRESPONSE']._serialized_start=2281
-  _globals['_COUNTAGENTRUNSRESPONSE']._serialized_end=2320
-  _globals['_WATCHAGENTRUNREQUEST']._serialized_start=2322
-  _globals['_WATCHAGENTRUNREQUEST']._serialized_end=2390
-  _globals['_WATCHAGENTRUNRESPONSE']._serialized_start=2392
-  _globals['_WATCHAGENTRUNRESPONSE']._serialized_end=2502
-  _globals['_INGESTIONSERVICE']._serialized_start=3016
-  _globals['_INGESTIONSERVICE']._serialized_end=3979
+  _globals['_STOREDAGENTRUN']._serialized_end=1384
+  _globals['_AGENTRUNEVENT']._serialized_start=1387
+  _globals['_AGENTRUNEVENT']._serialized_end=1519
+  _globals['_STREAMAGENTRUNEVENTSREQUEST']._serialized_start=1521
+  _globals['_STREAMAGENTRUNEVENTSREQUEST']._serialized_end=1594
+  _globals['_AGENTRUNEVENTACK']._serialized_start=1597
+  _globals['_AGENTRUNEVENTACK']._serialized_end=1751
+  _globals['_STREAMAGENTRUNEVENTSRESPONSE']._serialized_start=1753
+  _globals['_STREAMAGENTRUNEVENTSRESPONSE']._serialized_end=1828
+  _globals['_GETAGENTRUNREQUEST']._serialized_start=1830
+  _globals['_GETAGENTRUNREQUEST']._serialized_end=1913
+  _globals['_GETAGENTRUNRESPONSE']._serialized_start=1915
+  _globals['_GETAGENTRUNRESPONSE']._serialized_end=1984
+  _globals['_LISTAGENTRUNSREQUEST']._serialized_start=1987
+  _globals['_LISTAGENTRUNSREQUEST']._serialized_end=2218
+  _globals['_RUNFILTER']._serialized_start=2220
+  _globals['_RUNFILTER']._serialized_end=2340
+  _globals['_LISTAGENTRUNSRESPONSE']._serialized_start=2342
+  _globals['_LISTAGENTRUNSRESPONSE']._serialized_end=2439
+  _globals['_COUNTAGENTRUNSREQUEST']._serialized_start=2441
+  _globals['_COUNTAGENTRUNSREQUEST']._serialized_end=2487
+  _globals['_COUNTAGENTRUNSRESPONSE']._serialized_start=2489
+  _globals['_COUNTAGENTRUNSRESPONSE']._serialized_end=2528
+  _globals['_WATCHAGENTRUNREQUEST']._serialized_start=2530
+  _globals['_WATCHAGENTRUNREQUEST']._serialized_end=2598
+  _globals['_WATCHAGENTRUNRESPONSE']._serialized_start=2600
+  _globals['_WATCHAGENTRUNRESPONSE']._serialized_end=2710
+  _globals['_INGESTIONSERVICE']._serialized_start=3372
+  _globals['_INGESTIONSERVICE']._serialized_end=4335
 # @@protoc_insertion_point(module_scope)

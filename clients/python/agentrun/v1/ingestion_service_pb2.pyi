@@ -133,6 +133,46 @@ EVENT_STATUS_REFUSED: EventStatus.ValueType  # 3
 """Not stored: `code` and `message` say why."""
 Global___EventStatus: _TypeAlias = EventStatus  # noqa: Y015
 
+class _FilterOp:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FilterOpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FilterOp.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FILTER_OP_UNSPECIFIED: _FilterOp.ValueType  # 0
+    """Not set: refused with INVALID_ARGUMENT."""
+    FILTER_OP_EQ: _FilterOp.ValueType  # 1
+    """Equal."""
+    FILTER_OP_NE: _FilterOp.ValueType  # 2
+    """Not equal (a run without the field does not match)."""
+    FILTER_OP_LT: _FilterOp.ValueType  # 3
+    """Less than."""
+    FILTER_OP_LE: _FilterOp.ValueType  # 4
+    """Less than or equal."""
+    FILTER_OP_GT: _FilterOp.ValueType  # 5
+    """Greater than."""
+    FILTER_OP_GE: _FilterOp.ValueType  # 6
+    """Greater than or equal."""
+
+class FilterOp(_FilterOp, metaclass=_FilterOpEnumTypeWrapper):
+    """A comparison of a RunFilter."""
+
+FILTER_OP_UNSPECIFIED: FilterOp.ValueType  # 0
+"""Not set: refused with INVALID_ARGUMENT."""
+FILTER_OP_EQ: FilterOp.ValueType  # 1
+"""Equal."""
+FILTER_OP_NE: FilterOp.ValueType  # 2
+"""Not equal (a run without the field does not match)."""
+FILTER_OP_LT: FilterOp.ValueType  # 3
+"""Less than."""
+FILTER_OP_LE: FilterOp.ValueType  # 4
+"""Less than or equal."""
+FILTER_OP_GT: FilterOp.ValueType  # 5
+"""Greater than."""
+FILTER_OP_GE: FilterOp.ValueType  # 6
+"""Greater than or equal."""
+Global___FilterOp: _TypeAlias = FilterOp  # noqa: Y015
+
 @_typing.final
 class Collection(_message.Message):
     """A named set of runs, optionally bound to a workflow."""
@@ -456,12 +496,15 @@ class StoredAgentRun(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    MESSAGE_COUNT_FIELD_NUMBER: _builtins.int
     collection_id: _builtins.str
     """The collection it belongs to."""
     state: Global___AgentRunState.ValueType
     """Where the run stands."""
     event_count: _builtins.int
     """Events stored for it (0 for a whole-run upload)."""
+    message_count: _builtins.int
+    """Messages across its transcripts, in every view (BASIC leaves the transcripts out)."""
     @_builtins.property
     def agent_run(self) -> _agent_run_pb2.AgentRun:
         """The run (a live one as it stands)."""
@@ -483,10 +526,11 @@ class StoredAgentRun(_message.Message):
         state: Global___AgentRunState.ValueType = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         event_count: _builtins.int = ...,
+        message_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent_run", b"agent_run", "ingest_time", b"ingest_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run", b"agent_run", "collection_id", b"collection_id", "event_count", b"event_count", "ingest_time", b"ingest_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run", b"agent_run", "collection_id", b"collection_id", "event_count", b"event_count", "ingest_time", b"ingest_time", "message_count", b"message_count", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -693,6 +737,8 @@ class ListAgentRunsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    FILTERS_FIELD_NUMBER: _builtins.int
+    NEWEST_FIRST_FIELD_NUMBER: _builtins.int
     collection_id: _builtins.str
     """The collection to list."""
     page_size: _builtins.int
@@ -706,6 +752,15 @@ class ListAgentRunsRequest(_message.Message):
     """How much of each run to return."""
     state: Global___AgentRunState.ValueType
     """Only runs in this state (unspecified: all)."""
+    newest_first: _builtins.bool
+    """Newest first (the page token then pages toward older runs); default: ingestion order."""
+    @_builtins.property
+    def filters(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunFilter]:
+        """Only runs that meet every filter (at most 8). A live run's scores and metadata are matched
+        from its finish; runs stored before the server's facet index existed, once it has indexed
+        them (in the background, at start).
+        """
+
     def __init__(
         self,
         *,
@@ -714,14 +769,59 @@ class ListAgentRunsRequest(_message.Message):
         page_token: _builtins.str = ...,
         view: Global___AgentRunView.ValueType = ...,
         state: Global___AgentRunState.ValueType = ...,
+        filters: _abc.Iterable[Global___RunFilter] | None = ...,
+        newest_first: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection_id", b"collection_id", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection_id", b"collection_id", "filters", b"filters", "newest_first", b"newest_first", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAgentRunsRequest: _TypeAlias = ListAgentRunsRequest  # noqa: Y015
+
+@_typing.final
+class RunFilter(_message.Message):
+    """A condition on a run's score or top-level metadata field, e.g. `scores.reward < 1` or
+    `metadata.model = "gpt-4o"`. A number compares with a number (a bool is 0 or 1), a string
+    with a string (EQ and NE only); a run without the field never matches, NE included.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    FLAG_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """"scores.NAME" or "metadata.FIELD"."""
+    op: Global___FilterOp.ValueType
+    """The comparison."""
+    number: _builtins.float
+    """A number (a score, or a numeric metadata field)."""
+    text: _builtins.str
+    """A string (EQ and NE only; at most 256 characters)."""
+    flag: _builtins.bool
+    """A bool, compared as 1 (true) or 0 (false)."""
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        op: Global___FilterOp.ValueType = ...,
+        number: _builtins.float = ...,
+        text: _builtins.str = ...,
+        flag: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["flag", b"flag", "number", b"number", "text", b"text", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "flag", b"flag", "number", b"number", "op", b"op", "text", b"text", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["number", "text", "flag"]  # noqa: Y015
+    _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_value) -> _WhichOneofReturnType_value | None: ...
+
+Global___RunFilter: _TypeAlias = RunFilter  # noqa: Y015
 
 @_typing.final
 class ListAgentRunsResponse(_message.Message):

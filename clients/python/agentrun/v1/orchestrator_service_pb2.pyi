@@ -58,6 +58,12 @@ class ApplyWorkflowRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKFLOW_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    force: _builtins.bool
+    """A definition that drops stages still holding ready or leased tasks is refused
+    (FAILED_PRECONDITION, naming the stages and their counts) unless `force`: then those tasks
+    are cancelled, their leases revoked as by CancelTasks, in the same transaction.
+    """
     @_builtins.property
     def workflow(self) -> _workflow_pb2.Workflow:
         """The definition. `version` and `update_time` are ignored."""
@@ -66,10 +72,11 @@ class ApplyWorkflowRequest(_message.Message):
         self,
         *,
         workflow: _workflow_pb2.Workflow | None = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -83,8 +90,11 @@ class ApplyWorkflowResponse(_message.Message):
 
     WORKFLOW_FIELD_NUMBER: _builtins.int
     CHANGED_FIELD_NUMBER: _builtins.int
+    CANCELLED_COUNT_FIELD_NUMBER: _builtins.int
     changed: _builtins.bool
     """True when the definition was new or changed; false when it was identical to the stored one."""
+    cancelled_count: _builtins.int
+    """Tasks of dropped stages cancelled by a forced apply."""
     @_builtins.property
     def workflow(self) -> _workflow_pb2.Workflow:
         """The workflow as stored."""
@@ -94,10 +104,11 @@ class ApplyWorkflowResponse(_message.Message):
         *,
         workflow: _workflow_pb2.Workflow | None = ...,
         changed: _builtins.bool = ...,
+        cancelled_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_count", b"cancelled_count", "changed", b"changed", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

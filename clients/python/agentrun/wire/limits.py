@@ -19,6 +19,10 @@ MAX_IDENTIFIER_CHARS = 128
 """Longest workflow, stage or pathway name."""
 IDENTIFIER_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 """What a workflow, stage or pathway name is made of (they become metric labels and CLI words)."""
+MAX_RUN_FILTERS = 8
+"""Most filters of one run listing (`ListAgentRunsRequest.filters`)."""
+MAX_FILTER_TEXT_CHARS = 256
+"""Longest string a run filter compares with (longer metadata strings are not filtered on)."""
 MAX_DESCRIPTION_BYTES = 64 * 1024
 """Longest collection description, in UTF-8 bytes."""
 MAX_STAGES = 200

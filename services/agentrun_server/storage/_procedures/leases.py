@@ -147,7 +147,13 @@ async def cancel(
     now: float,
 ) -> Cancelled:
     """See `Storage.cancel`."""
-    selection = await _selection(db, workflows, workflow, stage, task_ids)
+    return await cancel_selected(
+        db, await _selection(db, workflows, workflow, stage, task_ids), now
+    )
+
+
+async def cancel_selected(db: Statements, selection: TaskSelection, now: float) -> Cancelled:
+    """Cancel the tasks `selection` names; revoke the leases among them."""
     moved = await db.cancel_tasks(selection, now)
     ended = [
         EndedLease(t.task_id, t.lease_id or "", t.session_id, t.workflow, t.stage, False)

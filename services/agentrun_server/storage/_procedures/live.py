@@ -21,6 +21,7 @@ from agentrun_server.storage._types import (
     EventPage,
     EventStatus,
     Fold,
+    Folded,
     LiveRunCounts,
     NewEvent,
 )
@@ -71,7 +72,7 @@ async def _append(
     )
     if refusal is not None:
         return refusal
-    finished: tuple[bytes, str | None] | None = None
+    finished: Folded | None = None
     if event.finish:
         made = folded(fold, event, await db.event_patches(event.run_id), expected)
         if isinstance(made, EventOutcome):
@@ -100,7 +101,7 @@ async def _open(
         return EventOutcome(
             EventStatus.REFUSED, 0, NotFound(f"no collection with id {event.collection_id!r}")
         )
-    finished: tuple[bytes, str | None] | None = None
+    finished: Folded | None = None
     if event.finish:
         made = folded(fold, event, [], 0)
         if isinstance(made, EventOutcome):
@@ -120,13 +121,15 @@ async def _finish(
     workflows: WorkflowCache,
     run_id: str,
     collection_id: str,
-    finished: tuple[bytes, str | None],
+    finished: Folded,
     entered_at: float | None,
     now: float,
 ) -> None:
-    data, name = finished
     enters = enters_at_finish(entered_at)
-    await db.finish_run(run_id, data, name, enters, now)
+    await db.finish_run(run_id, finished.data, finished.name, enters, now)
+    seq = await db.run_seq(run_id)
+    if seq is not None and finished.facets:
+        await db.insert_facets(collection_id, [(seq, facet) for facet in finished.facets])
     if enters:
         await _enter(db, workflows, run_id, collection_id, now)
 

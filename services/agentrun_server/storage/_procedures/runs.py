@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from agentrun_server._errors import FailedPrecondition, NotFound
 from agentrun_server.storage._procedures.workflows import WorkflowCache
@@ -13,10 +13,12 @@ from agentrun_server.storage._statements import Statements
 from agentrun_server.storage._types import (
     Collection,
     CollectionPut,
+    Facet,
     InsertOutcome,
     InsertStatus,
     NewRun,
     Page,
+    RunQuery,
     StoredRun,
 )
 
@@ -94,6 +96,9 @@ async def insert_runs(
         else:
             outcomes.append(InsertOutcome(InsertStatus.CONFLICT, owners.get(run.id)))
         seen.add(run.id)
+    facets = [(accepted[run.id], f) for run in unique if run.id in accepted for f in run.facets]
+    if facets:
+        await db.insert_facets(collection_id, facets)
     if workflow is not None and accepted:
         entering = [(run.id, collection_id) for run in unique if run.id in accepted]
         await db.enter_tasks(workflow.name, workflow.first_stage, entering, 0, now)
@@ -119,22 +124,36 @@ async def get_run(db: Statements, run_id: str) -> StoredRun:
 
 
 async def list_runs(
-    db: Statements,
-    collection_id: str,
-    after_seq: int,
-    limit: int,
-    max_bytes: int | None,
-    state: str | None,
-    abandoned_before: float,
+    db: Statements, query: RunQuery, after_seq: int, limit: int, max_bytes: int | None
 ) -> Page[StoredRun]:
     """See `Storage.list_runs`. Sizes are read first, so only the runs returned are read whole."""
-    sizes = await db.run_sizes(collection_id, after_seq, limit + 1, state, abandoned_before)
+    sizes = await db.run_sizes(query, after_seq, limit + 1)
     kept, more = take_within([size for _, size in sizes], limit, max_bytes)
     if not kept:
         return Page([], False)
-    last = sizes[kept - 1][0]
-    page = await db.runs_through(collection_id, after_seq, last, state, abandoned_before)
+    page = await db.runs_through(query, after_seq, sizes[kept - 1][0])
     return Page([await with_parts(db, run) for run in page], more)
+
+
+async def backfill_facets(
+    db: Statements, facets_of: Callable[[bytes], Sequence[Facet]], limit: int
+) -> int:
+    """See `Storage.backfill_facets`."""
+    done, through = await db.facet_backfill()
+    if done >= through:
+        return 0
+    runs = await db.runs_between(done, through, limit)
+    by_collection: dict[str, list[tuple[int, Facet]]] = {}
+    for run in runs:
+        if run.state == "finished":  # a live run gets its facets when it finishes
+            rows = by_collection.setdefault(run.collection_id, [])
+            rows += [(run.seq, facet) for facet in facets_of(run.data)]
+    for collection_id, rows in by_collection.items():
+        await db.insert_facets(collection_id, rows)
+    last = runs[-1].seq if runs else through
+    if not await db.advance_facet_backfill(done, last if len(runs) == limit else through):
+        return 0  # another replica did these meanwhile (its facets and ours are the same)
+    return len(runs)
 
 
 async def run_collections(db: Statements, run_ids: Sequence[str]) -> dict[str, str]:

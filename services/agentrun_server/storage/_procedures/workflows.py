@@ -6,7 +6,8 @@ import contextlib
 import threading
 
 from agentrun_server._errors import FailedPrecondition, NotFound, Unavailable
-from agentrun_server.storage._statements import Statements
+from agentrun_server.storage._procedures import leases  # (imports this module: used at call time)
+from agentrun_server.storage._statements import Statements, TaskSelection
 from agentrun_server.storage._types import WorkflowDef, WorkflowPut
 
 
@@ -46,7 +47,7 @@ class WorkflowCache:
 
 
 async def put_workflow(
-    db: Statements, workflows: WorkflowCache, workflow: WorkflowDef, now: float
+    db: Statements, workflows: WorkflowCache, workflow: WorkflowDef, now: float, force: bool
 ) -> WorkflowPut:
     """See `Storage.put_workflow`. The stored row is locked while the new definition is checked,
     and the write is guarded by the version read: one applied meanwhile is never overwritten."""
@@ -55,16 +56,21 @@ async def put_workflow(
     if stored is not None and stored[1] == definition:
         return WorkflowPut(await workflows.get(db, workflow.name), False)
     active = await db.stages_holding_tasks(workflow.name, [s.name for s in workflow.stages])
-    if active:
+    cancelled = None
+    if active and not force:
         held = ", ".join(f"{stage!r} ({n})" for stage, n in active)
         raise FailedPrecondition(
             f"workflow {workflow.name!r}: the new definition drops stages that still hold "
-            f"ready or leased tasks: {held}"
+            f"ready or leased tasks: {held}; apply with force (agentrun workflow apply --force) "
+            "to cancel them, or let them finish first"
         )
+    if active:
+        selection = TaskSelection((), workflow.name, [stage for stage, _ in active])
+        cancelled = await leases.cancel_selected(db, selection, now)
     version = 1 if stored is None else stored[0] + 1
     if not await db.store_workflow(workflow.name, version, definition, now):
         raise Unavailable(f"workflow {workflow.name!r} was changed meanwhile; apply it again")
-    return WorkflowPut(await workflows.get(db, workflow.name), True)
+    return WorkflowPut(await workflows.get(db, workflow.name), True, cancelled)
 
 
 async def list_workflows(db: Statements, workflows: WorkflowCache) -> list[WorkflowDef]:

@@ -11,12 +11,13 @@ Notices are NOTIFYs, delivered at commit.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from psycopg.rows import tuple_row
 
 from agentrun_server.storage._rules import NOTHING_TO_ENTER, Candidate, SettleRow
+from agentrun_server.storage._run_query import LISTED_RUN_COLUMNS, runs_sql
 from agentrun_server.storage._statements import (
     COLLECTION_COLUMNS,
     KEY_COLUMNS,
@@ -40,11 +41,13 @@ from agentrun_server.storage._types import (
     Collection,
     Completion,
     EndedLease,
+    Facet,
     LeasedTask,
     NewEvent,
     NewRun,
     Release,
     Revocation,
+    RunQuery,
     StageDef,
     StoredRun,
     TaskRecord,
@@ -60,16 +63,14 @@ READY, REVOKED, EVENTS = "agentrun_ready", "agentrun_revoked", "agentrun_events"
 """The channels (`postgres._notifier` listens)."""
 
 
-def _state_clause(state: str | None) -> str:
-    """The condition that keeps runs in `state` (`%(before)s`: when a running run without an
-    event since is abandoned; decided when read, not stored)."""
-    if state is None:
-        return ""
-    if state == "finished":
-        return " AND state = 'finished'"
-    if state == "running":
-        return " AND state = 'running' AND updated_at >= %(before)s"
-    return " AND state = 'running' AND updated_at < %(before)s"
+def _taking(args: list[Any]) -> Callable[[Any], str]:
+    """A `runs_sql` parameter taker: appends each value to `args`, placeholder `%s`."""
+
+    def take(value: Any) -> str:
+        args.append(value)
+        return "%s"
+
+    return take
 
 
 def _task_where(where: TaskFilter, after_id: int) -> tuple[str, dict[str, Any]]:
@@ -192,14 +193,16 @@ class PostgresStatements:
             (runs, collection_id),
         )
 
-    async def insert_runs(self, collection_id: str, runs: Sequence[NewRun], now: float) -> set[str]:
+    async def insert_runs(
+        self, collection_id: str, runs: Sequence[NewRun], now: float
+    ) -> dict[str, int]:
         # The runs go as one binary bytea array.
         rows = await self._all(
             "INSERT INTO agent_runs (id, collection_id, name, size_bytes, ingested_at, data) "
             f"SELECT r.id, %(collection)s, r.name, r.size, {NOW}, r.data "
             "FROM unnest(%(ids)s::text[], %(names)s::text[], %(sizes)s::int[], "
             "%(data)b::bytea[]) WITH ORDINALITY AS r(id, name, size, data, n) ORDER BY r.n "
-            "ON CONFLICT (id) DO NOTHING RETURNING id",
+            "ON CONFLICT (id) DO NOTHING RETURNING id, seq",
             {
                 "collection": collection_id,
                 "ids": [run.id for run in runs],
@@ -209,7 +212,46 @@ class PostgresStatements:
                 "now": self._now(now),
             },
         )
-        return {row[0] for row in rows}
+        return {row[0]: int(row[1]) for row in rows}
+
+    async def insert_facets(self, collection_id: str, rows: Sequence[tuple[int, Facet]]) -> None:
+        if not rows:
+            return
+        await self._conn.execute(
+            "INSERT INTO run_facets (run_seq, collection_id, key, num, text) "
+            "SELECT f.seq, %(collection)s, f.key, f.num, f.text FROM unnest(%(seqs)s::bigint[], "
+            "%(keys)s::text[], %(nums)s::float8[], %(texts)s::text[]) AS f(seq, key, num, text) "
+            "ON CONFLICT DO NOTHING",
+            {
+                "collection": collection_id,
+                "seqs": [seq for seq, _ in rows],
+                "keys": [facet.key for _, facet in rows],
+                "nums": [facet.num for _, facet in rows],
+                "texts": [facet.text for _, facet in rows],
+            },
+        )
+
+    async def run_seq(self, run_id: str) -> int | None:
+        row = await self._one("SELECT seq FROM agent_runs WHERE id = %s", (run_id,))
+        return None if row is None else int(row[0])
+
+    async def facet_backfill(self) -> tuple[int, int]:
+        row = await self._one("SELECT done, through FROM run_facets_backfill")
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    async def runs_between(self, after_seq: int, through: int, limit: int) -> list[StoredRun]:
+        rows = await self._binary(
+            f"SELECT {RUN_COLUMNS} FROM agent_runs WHERE seq > %s AND seq <= %s ORDER BY seq "
+            "LIMIT %s",
+            (after_seq, through, limit),
+        )
+        return [StoredRun(*row) for row in rows]
+
+    async def advance_facet_backfill(self, done: int, to: int) -> bool:
+        cursor = await self._conn.execute(
+            "UPDATE run_facets_backfill SET done = %s WHERE done = %s", (to, done)
+        )
+        return bool(cursor.rowcount)
 
     async def run_collections(self, run_ids: Sequence[str]) -> dict[str, str]:
         rows = await self._all(
@@ -221,24 +263,15 @@ class PostgresStatements:
         rows = await self._binary(f"SELECT {RUN_COLUMNS} FROM agent_runs WHERE id = %s", (run_id,))
         return StoredRun(*rows[0]) if rows else None
 
-    async def run_sizes(
-        self, collection_id: str, after_seq: int, limit: int, state: str | None, before: float
-    ) -> list[tuple[int, int]]:
-        return await self._all(
-            "SELECT seq, size_bytes FROM agent_runs WHERE collection_id = %(collection)s "
-            f"AND seq > %(after)s{_state_clause(state)} ORDER BY seq LIMIT %(limit)s",
-            {"collection": collection_id, "after": after_seq, "before": before, "limit": limit},
-        )
+    async def run_sizes(self, query: RunQuery, after_seq: int, limit: int) -> list[tuple[int, int]]:
+        args: list[Any] = []
+        sql = runs_sql(query, "r.seq, r.size_bytes", after_seq, None, limit, _taking(args))
+        return await self._all(sql, args)
 
-    async def runs_through(
-        self, collection_id: str, after_seq: int, last_seq: int, state: str | None, before: float
-    ) -> list[StoredRun]:
-        rows = await self._binary(
-            f"SELECT {RUN_COLUMNS} FROM agent_runs WHERE collection_id = %(collection)s "
-            f"AND seq > %(after)s AND seq <= %(last)s{_state_clause(state)} ORDER BY seq",
-            {"collection": collection_id, "after": after_seq, "last": last_seq, "before": before},
-        )
-        return [StoredRun(*row) for row in rows]
+    async def runs_through(self, query: RunQuery, after_seq: int, last_seq: int) -> list[StoredRun]:
+        args: list[Any] = []
+        sql = runs_sql(query, LISTED_RUN_COLUMNS, after_seq, last_seq, None, _taking(args))
+        return [StoredRun(*row) for row in await self._binary(sql, args)]
 
     async def run_count(self, collection_id: str) -> int:
         row = await self._one("SELECT run_count FROM collections WHERE id = %s", (collection_id,))

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from agentrun_server.storage._rules import NOTHING_TO_ENTER, Candidate, SettleRow
+from agentrun_server.storage._run_query import LISTED_RUN_COLUMNS, runs_sql
 from agentrun_server.storage._statements import (
     COLLECTION_COLUMNS,
     KEY_COLUMNS,
@@ -42,11 +43,13 @@ from agentrun_server.storage._types import (
     Collection,
     Completion,
     EndedLease,
+    Facet,
     LeasedTask,
     NewEvent,
     NewRun,
     Release,
     Revocation,
+    RunQuery,
     StageDef,
     StoredRun,
     TaskRecord,
@@ -105,16 +108,14 @@ def _run_batches(runs: Sequence[NewRun]) -> Iterator[Sequence[NewRun]]:
         yield batch
 
 
-def _state_clause(state: str | None, before: float) -> tuple[str, tuple[float, ...]]:
-    """The condition that keeps runs in `state`: a running run with no event since `before` is
-    abandoned (a later event reopens it, so the state is decided when read, not stored)."""
-    if state is None:
-        return "", ()
-    if state == "finished":
-        return " AND state = 'finished'", ()
-    if state == "running":
-        return " AND state = 'running' AND updated_at >= ?", (before,)
-    return " AND state = 'running' AND updated_at < ?", (before,)
+def _taking(args: list[Any]) -> Callable[[Any], str]:
+    """A `runs_sql` parameter taker: appends each value to `args`, placeholder `?`."""
+
+    def take(value: Any) -> str:
+        args.append(value)
+        return "?"
+
+    return take
 
 
 def _task_where(where: TaskFilter, after_id: int) -> tuple[str, list[Any]]:
@@ -181,21 +182,51 @@ class SqliteStatements:
             "UPDATE collections SET run_count = run_count + ? WHERE id = ?", (runs, collection_id)
         )
 
-    async def insert_runs(self, collection_id: str, runs: Sequence[NewRun], now: float) -> set[str]:
-        accepted: set[str] = set()
+    async def insert_runs(
+        self, collection_id: str, runs: Sequence[NewRun], now: float
+    ) -> dict[str, int]:
+        accepted: dict[str, int] = {}
         for batch in _run_batches(runs):
             values: list[Any] = []
             for run in batch:
                 values += (run.id, collection_id, run.name, len(run.data), now, run.data)
             accepted.update(
-                row[0]
-                for row in self._db.execute(
+                self._db.execute(
                     "INSERT INTO agent_runs (id, collection_id, name, size_bytes, ingested_at, "
-                    f"data) VALUES {_values(6, len(batch))} ON CONFLICT (id) DO NOTHING RETURNING id",
+                    f"data) VALUES {_values(6, len(batch))} ON CONFLICT (id) DO NOTHING "
+                    "RETURNING id, seq",
                     values,
-                )
+                ).fetchall()
             )
         return accepted
+
+    async def insert_facets(self, collection_id: str, rows: Sequence[tuple[int, Facet]]) -> None:
+        self._db.executemany(
+            "INSERT INTO run_facets (run_seq, collection_id, key, num, text) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            [(seq, collection_id, *facet) for seq, facet in rows],
+        )
+
+    async def run_seq(self, run_id: str) -> int | None:
+        row = self._db.execute("SELECT seq FROM agent_runs WHERE id = ?", (run_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    async def facet_backfill(self) -> tuple[int, int]:
+        row = self._db.execute("SELECT done, through FROM run_facets_backfill").fetchone()
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    async def runs_between(self, after_seq: int, through: int, limit: int) -> list[StoredRun]:
+        rows = self._db.execute(
+            f"SELECT {RUN_COLUMNS} FROM agent_runs WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            (after_seq, through, limit),
+        ).fetchall()
+        return [StoredRun(*row) for row in rows]
+
+    async def advance_facet_backfill(self, done: int, to: int) -> bool:
+        moved = self._db.execute(
+            "UPDATE run_facets_backfill SET done = ? WHERE done = ?", (to, done)
+        ).rowcount
+        return bool(moved)
 
     async def run_collections(self, run_ids: Sequence[str]) -> dict[str, str]:
         return dict(
@@ -210,26 +241,15 @@ class SqliteStatements:
         ).fetchone()
         return None if row is None else StoredRun(*row)
 
-    async def run_sizes(
-        self, collection_id: str, after_seq: int, limit: int, state: str | None, before: float
-    ) -> list[tuple[int, int]]:
-        where, args = _state_clause(state, before)
-        return self._db.execute(
-            f"SELECT seq, size_bytes FROM agent_runs WHERE collection_id = ? AND seq > ?{where} "
-            "ORDER BY seq LIMIT ?",
-            (collection_id, after_seq, *args, limit),
-        ).fetchall()
+    async def run_sizes(self, query: RunQuery, after_seq: int, limit: int) -> list[tuple[int, int]]:
+        args: list[Any] = []
+        sql = runs_sql(query, "r.seq, r.size_bytes", after_seq, None, limit, _taking(args))
+        return self._db.execute(sql, args).fetchall()
 
-    async def runs_through(
-        self, collection_id: str, after_seq: int, last_seq: int, state: str | None, before: float
-    ) -> list[StoredRun]:
-        where, args = _state_clause(state, before)
-        rows = self._db.execute(
-            f"SELECT {RUN_COLUMNS} FROM agent_runs "
-            f"WHERE collection_id = ? AND seq > ? AND seq <= ?{where} ORDER BY seq",
-            (collection_id, after_seq, last_seq, *args),
-        ).fetchall()
-        return [StoredRun(*row) for row in rows]
+    async def runs_through(self, query: RunQuery, after_seq: int, last_seq: int) -> list[StoredRun]:
+        args: list[Any] = []
+        sql = runs_sql(query, LISTED_RUN_COLUMNS, after_seq, last_seq, None, _taking(args))
+        return [StoredRun(*row) for row in self._db.execute(sql, args).fetchall()]
 
     async def run_count(self, collection_id: str) -> int:
         row = self._db.execute(

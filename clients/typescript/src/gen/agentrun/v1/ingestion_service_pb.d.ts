@@ -394,6 +394,13 @@ export declare type StoredAgentRun = Message<"agentrun.v1.StoredAgentRun"> & {
    * @generated from field: uint64 event_count = 6;
    */
   eventCount: bigint;
+
+  /**
+   * Messages across its transcripts, in every view (BASIC leaves the transcripts out).
+   *
+   * @generated from field: uint64 message_count = 7;
+   */
+  messageCount: bigint;
 };
 
 /**
@@ -640,6 +647,22 @@ export declare type ListAgentRunsRequest = Message<"agentrun.v1.ListAgentRunsReq
    * @generated from field: agentrun.v1.AgentRunState state = 5;
    */
   state: AgentRunState;
+
+  /**
+   * Only runs that meet every filter (at most 8). A live run's scores and metadata are matched
+   * from its finish; runs stored before the server's facet index existed, once it has indexed
+   * them (in the background, at start).
+   *
+   * @generated from field: repeated agentrun.v1.RunFilter filters = 6;
+   */
+  filters: RunFilter[];
+
+  /**
+   * Newest first (the page token then pages toward older runs); default: ingestion order.
+   *
+   * @generated from field: bool newest_first = 7;
+   */
+  newestFirst: boolean;
 };
 
 /**
@@ -647,6 +670,66 @@ export declare type ListAgentRunsRequest = Message<"agentrun.v1.ListAgentRunsReq
  * Use `create(ListAgentRunsRequestSchema)` to create a new message.
  */
 export declare const ListAgentRunsRequestSchema: GenMessage<ListAgentRunsRequest>;
+
+/**
+ * A condition on a run's score or top-level metadata field, e.g. `scores.reward < 1` or
+ * `metadata.model = "gpt-4o"`. A number compares with a number (a bool is 0 or 1), a string
+ * with a string (EQ and NE only); a run without the field never matches, NE included.
+ *
+ * @generated from message agentrun.v1.RunFilter
+ */
+export declare type RunFilter = Message<"agentrun.v1.RunFilter"> & {
+  /**
+   * "scores.NAME" or "metadata.FIELD".
+   *
+   * @generated from field: string field = 1;
+   */
+  field: string;
+
+  /**
+   * The comparison.
+   *
+   * @generated from field: agentrun.v1.FilterOp op = 2;
+   */
+  op: FilterOp;
+
+  /**
+   * The value compared with.
+   *
+   * @generated from oneof agentrun.v1.RunFilter.value
+   */
+  value: {
+    /**
+     * A number (a score, or a numeric metadata field).
+     *
+     * @generated from field: double number = 3;
+     */
+    value: number;
+    case: "number";
+  } | {
+    /**
+     * A string (EQ and NE only; at most 256 characters).
+     *
+     * @generated from field: string text = 4;
+     */
+    value: string;
+    case: "text";
+  } | {
+    /**
+     * A bool, compared as 1 (true) or 0 (false).
+     *
+     * @generated from field: bool flag = 5;
+     */
+    value: boolean;
+    case: "flag";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message agentrun.v1.RunFilter.
+ * Use `create(RunFilterSchema)` to create a new message.
+ */
+export declare const RunFilterSchema: GenMessage<RunFilter>;
 
 /**
  * Response of ListAgentRuns.
@@ -922,6 +1005,67 @@ export enum EventStatus {
  * Describes the enum agentrun.v1.EventStatus.
  */
 export declare const EventStatusSchema: GenEnum<EventStatus>;
+
+/**
+ * A comparison of a RunFilter.
+ *
+ * @generated from enum agentrun.v1.FilterOp
+ */
+export enum FilterOp {
+  /**
+   * Not set: refused with INVALID_ARGUMENT.
+   *
+   * @generated from enum value: FILTER_OP_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Equal.
+   *
+   * @generated from enum value: FILTER_OP_EQ = 1;
+   */
+  EQ = 1,
+
+  /**
+   * Not equal (a run without the field does not match).
+   *
+   * @generated from enum value: FILTER_OP_NE = 2;
+   */
+  NE = 2,
+
+  /**
+   * Less than.
+   *
+   * @generated from enum value: FILTER_OP_LT = 3;
+   */
+  LT = 3,
+
+  /**
+   * Less than or equal.
+   *
+   * @generated from enum value: FILTER_OP_LE = 4;
+   */
+  LE = 4,
+
+  /**
+   * Greater than.
+   *
+   * @generated from enum value: FILTER_OP_GT = 5;
+   */
+  GT = 5,
+
+  /**
+   * Greater than or equal.
+   *
+   * @generated from enum value: FILTER_OP_GE = 6;
+   */
+  GE = 6,
+}
+
+/**
+ * Describes the enum agentrun.v1.FilterOp.
+ */
+export declare const FilterOpSchema: GenEnum<FilterOp>;
 
 /**
  * The ingestion service: agents and eval harnesses stream AgentRuns to it in batches; each run is

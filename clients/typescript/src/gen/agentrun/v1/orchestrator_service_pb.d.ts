@@ -25,6 +25,15 @@ export declare type ApplyWorkflowRequest = Message<"agentrun.v1.ApplyWorkflowReq
    * @generated from field: agentrun.v1.Workflow workflow = 1;
    */
   workflow?: Workflow | undefined;
+
+  /**
+   * A definition that drops stages still holding ready or leased tasks is refused
+   * (FAILED_PRECONDITION, naming the stages and their counts) unless `force`: then those tasks
+   * are cancelled, their leases revoked as by CancelTasks, in the same transaction.
+   *
+   * @generated from field: bool force = 2;
+   */
+  force: boolean;
 };
 
 /**
@@ -52,6 +61,13 @@ export declare type ApplyWorkflowResponse = Message<"agentrun.v1.ApplyWorkflowRe
    * @generated from field: bool changed = 2;
    */
   changed: boolean;
+
+  /**
+   * Tasks of dropped stages cancelled by a forced apply.
+   *
+   * @generated from field: int32 cancelled_count = 3;
+   */
+  cancelledCount: number;
 };
 
 /**
