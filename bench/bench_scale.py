@@ -13,8 +13,8 @@ production. The WAL's size is sampled throughout. Then, with N runs and N done t
   thread scrapes /metrics without pause;
 - paging through the collection's first 100,000 runs with ListAgentRuns (pages of 1,000);
 - one page of 50 runs newest first, as `agentrun runs list` asks: unfiltered, filtered by a score
-  half the runs meet (`scores.reward < 0.5`), by a metadata value one run in 1,000 has
-  (`metadata.model = rare`), and by both.
+  half the runs meet (`scores.reward < 0.5`), by a metadata value two runs in 1,000 have
+  (`metadata.model = rare`), by both (one in 1,000), and by a pair no run meets.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def runs(first: int, count: int) -> list[object]:
         run.CopyFrom(base)
         run.id = f"scale-{i:08d}"
         run.scores["reward"].double_value = i % 4 / 4
-        run.metadata.fields["model"].value.string_value = "rare" if i % 1000 == 7 else "common"
+        rare = i % 1000 in (4, 7)  # two in 1,000: one with reward 0, one with 0.75
+        run.metadata.fields["model"].value.string_value = "rare" if rare else "common"
         made.append(run)
     return made
 
@@ -76,8 +77,9 @@ def runs(first: int, count: int) -> list[object]:
 FILTERED = {
     "no filter": [],
     "reward < 0.5 (half)": ["scores.reward < 0.5"],
-    "model = rare (0.1 %)": ["metadata.model = rare"],
-    "both": ["scores.reward < 0.5", "metadata.model = rare"],
+    "model = rare (0.2 %)": ["metadata.model = rare"],
+    "both (0.1 %)": ["scores.reward < 0.5", "metadata.model = rare"],
+    "both, matching none": ["scores.reward > 0.9", "metadata.model = rare"],
 }
 
 

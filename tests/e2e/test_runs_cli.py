@@ -5,10 +5,12 @@ a subprocess, on both engines; the CLI runs as users run it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from agentrun import AgentRun, AgentRunWriter, BaseAgentRunMetadata, Client, Transcript
 from agentrun.chat import AssistantMessage, ToolCall, ToolMessage, UserMessage
 
+from ..postgres import fresh_database
 from ..processes import ServerProcess
 
 
@@ -39,8 +42,21 @@ def _run(i: int) -> AgentRun:
     )
 
 
-@pytest.fixture
-def server(database: str) -> ServerProcess:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """One server per engine for the module, its collection `airline` filled once (the tests
+    read it; the live run test writes to a collection of its own)."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            database = f"sqlite:///{tmp_path_factory.mktemp('runs') / 'agentrun.db'}"
+        else:
+            database = stack.enter_context(fresh_database())
+        yield from _filled(database)
+
+
+def _filled(database: str) -> Iterator[ServerProcess]:
     with ServerProcess(database) as process:
         with Client(process.url) as client:
             collection = client.create_collection("airline")
@@ -108,7 +124,7 @@ def test_a_misspelled_filter_or_collection_is_named(server: ServerProcess) -> No
 
 def test_runs_list_live_finds_a_running_run_and_show_reads_it(server: ServerProcess) -> None:
     with Client(server.url) as client:
-        collection = client.get_collection(name="airline")
+        collection = client.create_collection("live")
     writer = AgentRunWriter(collection.id, server_url=server.url)
     run = writer.live_run(agent_run_id="live-one", name="still going")
     run.append(
@@ -123,7 +139,7 @@ def test_runs_list_live_finds_a_running_run_and_show_reads_it(server: ServerProc
         ],
     )
     writer._events.flush(10)  # type: ignore[union-attr]
-    live = _ids(cli(server, "runs", "list", "airline", "--live", "--json"))
+    live = _ids(cli(server, "runs", "list", "live", "--live", "--json"))
     assert live == ["live-one"]
     shown = cli(server, "runs", "show", "live-one")
     assert shown.returncode == 0, shown.stderr
@@ -135,8 +151,8 @@ def test_runs_list_live_finds_a_running_run_and_show_reads_it(server: ServerProc
     run.set_scores(reward=1.0)
     run.finish()
     assert writer.finish().ok
-    assert _ids(cli(server, "runs", "list", "airline", "--live", "--json")) == []
-    found = cli(server, "runs", "list", "airline", "--json", "--where", "scores.reward = 1")
+    assert _ids(cli(server, "runs", "list", "live", "--live", "--json")) == []
+    found = cli(server, "runs", "list", "live", "--json", "--where", "scores.reward = 1")
     assert _ids(found) == ["live-one"]  # its facets written when it finished
     whole = json.loads(cli(server, "runs", "show", "live-one", "--json").stdout)
     assert whole["id"] == "live-one" and whole["metadata"]["scores"] == {"reward": 1.0}

@@ -184,6 +184,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     ) -> pb.GetWorkflowResponse:
         name = check_reference("name", request.name, required=True)
         caller().check_workflow(name, "name")
+        await self._check_names(name)
         workflow = await self._storage.get_workflow(name)
         return pb.GetWorkflowResponse(workflow=workflow_to_proto(workflow))
 

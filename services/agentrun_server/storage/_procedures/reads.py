@@ -57,10 +57,17 @@ async def list_tasks(
     limit: int,
     max_bytes: int | None,
 ) -> Page[TaskRecord]:
-    """See `Storage.list_tasks`. Sizes are read first, so only the tasks returned are read whole."""
+    """See `Storage.list_tasks`. Sizes are read first, so only the tasks returned are read whole.
+    Each read sees the database as it is then (PostgreSQL's READ COMMITTED): tasks listed by size
+    may have left the state asked for before they are read. A page is empty only at the end, so
+    when all of them left, the listing reads on past them."""
     where = TaskFilter(workflow, stage, state)
-    sizes = await db.task_sizes(where, after_id, limit + 1)
-    kept, more = take_within([size for _, size in sizes], limit, max_bytes)
-    if not kept:
-        return Page([], False)
-    return Page(await db.tasks_through(where, after_id, sizes[kept - 1][0]), more)
+    while True:
+        sizes = await db.task_sizes(where, after_id, limit + 1)
+        kept, more = take_within([size for _, size in sizes], limit, max_bytes)
+        if not kept:
+            return Page([], False)
+        page = await db.tasks_through(where, after_id, sizes[kept - 1][0])
+        if page or not more:
+            return Page(page, more)
+        after_id = sizes[kept - 1][0]
