@@ -80,6 +80,8 @@ class ServerProcess:
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline:
+                    self.process.kill()  # not left serving behind a failed test
+                    self.process.wait(timeout=10)
                     raise TimeoutError(f"server did not become SERVING:\n{self.log_tail()}")
                 time.sleep(0.05)
 
@@ -119,3 +121,15 @@ class ServerProcess:
             self.process.wait(timeout=10)
         if self._own_log:
             self.log.unlink(missing_ok=True)
+
+
+def agentrun_cli(
+    server: ServerProcess, *args: str, timeout_seconds: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`agentrun ARGS --server URL` as users run it, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "agentrun._cli", *args, "--server", server.url],
+        capture_output=True,
+        text=True,
+        timeout=timeout_seconds,
+    )

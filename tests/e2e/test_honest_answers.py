@@ -30,6 +30,7 @@ from agentrun.chat import AssistantMessage, UserMessage
 
 from ..certificates import Authority
 from ..processes import ServerProcess
+from ..processes import agentrun_cli as cli
 
 
 @pytest.fixture
@@ -58,15 +59,6 @@ def _with_grading(db: Path) -> Iterator[ServerProcess]:
                 )
             )
         yield process
-
-
-def cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agentrun._cli", *args, "--server", server.url],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 @pytest.mark.parametrize(

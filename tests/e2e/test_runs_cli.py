@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,15 +19,7 @@ from agentrun.chat import AssistantMessage, ToolCall, ToolMessage, UserMessage
 
 from ..postgres import fresh_database
 from ..processes import ServerProcess
-
-
-def cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agentrun._cli", *args, "--server", server.url],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from ..processes import agentrun_cli as cli
 
 
 def _run(i: int) -> AgentRun:

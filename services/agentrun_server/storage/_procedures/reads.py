@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from agentrun_server._errors import NotFound
 from agentrun_server.storage._procedures.workflows import WorkflowCache
 from agentrun_server.storage._rules import take_within
 from agentrun_server.storage._statements import Statements, TaskFilter
 from agentrun_server.storage._types import Page, StageBacklog, TaskRecord, TaskState
+
+T = TypeVar("T")
 
 
 async def backlog(
@@ -62,12 +64,34 @@ async def list_tasks(
     may have left the state asked for before they are read. A page is empty only at the end, so
     when all of them left, the listing reads on past them."""
     where = TaskFilter(workflow, stage, state)
+    return await sized_page(
+        lambda after: db.task_sizes(where, after, limit + 1),
+        lambda after, last: db.tasks_through(where, after, last),
+        after_id,
+        limit,
+        max_bytes,
+    )
+
+
+async def sized_page(
+    sizes: Callable[[int], Awaitable[list[tuple[int, int]]]],
+    through: Callable[[int, int], Awaitable[list[T]]],
+    after: int,
+    limit: int,
+    max_bytes: int | None,
+) -> Page[T]:
+    """A page of a listing read in two steps: `sizes(after)` gives (position, encoded size) of
+    up to `limit + 1` items after `after`; the page keeps those within `limit` and `max_bytes`
+    (the first always), and `through(after, last)` reads them whole. The items listed may have
+    left the listing before they are read: a page is empty only at the end, so when all of them
+    left, the listing reads on past them."""
     while True:
-        sizes = await db.task_sizes(where, after_id, limit + 1)
-        kept, more = take_within([size for _, size in sizes], limit, max_bytes)
+        listed = await sizes(after)
+        kept, more = take_within([size for _, size in listed], limit, max_bytes)
         if not kept:
             return Page([], False)
-        page = await db.tasks_through(where, after_id, sizes[kept - 1][0])
+        last = listed[kept - 1][0]
+        page = await through(after, last)
         if page or not more:
             return Page(page, more)
-        after_id = sizes[kept - 1][0]
+        after = last

@@ -7,8 +7,8 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from agentrun_server._errors import FailedPrecondition, NotFound
+from agentrun_server.storage._procedures.reads import sized_page
 from agentrun_server.storage._procedures.workflows import WorkflowCache
-from agentrun_server.storage._rules import take_within
 from agentrun_server.storage._statements import Statements
 from agentrun_server.storage._types import (
     Collection,
@@ -126,18 +126,16 @@ async def get_run(db: Statements, run_id: str) -> StoredRun:
 async def list_runs(
     db: Statements, query: RunQuery, after_seq: int, limit: int, max_bytes: int | None
 ) -> Page[StoredRun]:
-    """See `Storage.list_runs`. Sizes are read first, so only the runs returned are read whole;
-    as for tasks (`reads.list_tasks`), a page is empty only at the end, even when every run listed
-    by size left the state asked for before it was read."""
-    while True:
-        sizes = await db.run_sizes(query, after_seq, limit + 1)
-        kept, more = take_within([size for _, size in sizes], limit, max_bytes)
-        if not kept:
-            return Page([], False)
-        page = await db.runs_through(query, after_seq, sizes[kept - 1][0])
-        if page or not more:
-            return Page([await with_parts(db, run) for run in page], more)
-        after_seq = sizes[kept - 1][0]
+    """See `Storage.list_runs`. Sizes are read first, so only the runs returned are read whole
+    (`reads.sized_page`)."""
+    runs, more = await sized_page(
+        lambda after: db.run_sizes(query, after, limit + 1),
+        lambda after, last: db.runs_through(query, after, last),
+        after_seq,
+        limit,
+        max_bytes,
+    )
+    return Page([await with_parts(db, run) for run in runs], more)
 
 
 async def backfill_facets(
