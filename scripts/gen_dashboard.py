@@ -151,6 +151,23 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
                 "UploadAgentRuns streams open now.",
                 [("sum(agentrun_ingest_open_streams)", "streams")],
             ),
+            (
+                "Runs deleted / s, space given back",
+                "short",
+                "Runs deleted by request (DeleteAgentRuns, DeleteCollection) and by their "
+                "collection's retention, and bytes of the SQLite file given back to the file "
+                "system after them.",
+                [
+                    (
+                        f"sum by (reason) (rate(agentrun_ingest_deleted_runs_total[{RATE}]))",
+                        "deleted / s ({{reason}})",
+                    ),
+                    (
+                        f"sum(rate(agentrun_storage_reclaimed_bytes_total[{RATE}]))",
+                        "bytes given back / s",
+                    ),
+                ],
+            ),
         ],
     ),
     (

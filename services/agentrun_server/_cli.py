@@ -40,6 +40,13 @@ def parser(prog: str = "agentrun") -> argparse.ArgumentParser:
         "--db",
         help="database URL, as for serve [env AGENTRUN_DB; default sqlite:///agentrun.db]",
     )
+    migrate.add_argument(
+        "--vacuum",
+        action="store_true",
+        help="SQLite: also rewrite the file compactly, and switch it to incremental vacuum so "
+        "that deleted runs give their space back (stop the servers first; needs as much free "
+        "disk as the file takes). PostgreSQL's autovacuum needs nothing",
+    )
     return top
 
 
@@ -73,13 +80,27 @@ def serve(config: ServerConfig) -> int:
     return 0
 
 
-def migrate(db: str) -> int:
-    """Apply pending migrations to the database (as `serve` does at start), then exit."""
-    from agentrun_server.storage import open_storage
+def migrate(db: str, vacuum: bool = False) -> int:
+    """Apply pending migrations to the database (as `serve` does at start), then exit; with
+    `vacuum`, rewrite a SQLite file compactly in incremental vacuum mode."""
+    from agentrun_server.storage import SqliteStorage, open_storage
 
     async def main() -> None:
         storage = await open_storage(db)
-        await storage.close()
+        try:
+            if vacuum and isinstance(storage, SqliteStorage):
+                shrunk = await storage.vacuum()
+                print(
+                    f"agentrun migrate: {db} vacuumed ({shrunk / 2**20:.1f} MB given back); "
+                    "deleted runs give their space back from now on"
+                )
+            elif vacuum:
+                print(
+                    "agentrun migrate: PostgreSQL's autovacuum makes deleted rows' space "
+                    "reusable on its own; nothing to do"
+                )
+        finally:
+            await storage.close()
 
     try:
         asyncio.run(main())
@@ -103,5 +124,5 @@ def main(argv: Sequence[str] | None = None, prog: str = "agentrun") -> int:
         print(f"agentrun {args.command}: {exc}", file=sys.stderr)
         return 2
     if args.command == "migrate":
-        return migrate(args.db or config.db)
+        return migrate(args.db or config.db, args.vacuum)
     return serve(config)

@@ -37,6 +37,7 @@ from agentrun_server.ingestion import (
     FacetBackfill,
     IngestionMetrics,
     IngestionServicer,
+    RetentionSweep,
     live_runs_collector,
 )
 from agentrun_server.orchestrator import (
@@ -112,6 +113,7 @@ class Server:
         self._dispatcher: Dispatcher | None = None
         self._sweep: AbandonSweep | None = None
         self._backfill: FacetBackfill | None = None
+        self._retention: RetentionSweep | None = None
         self._scraped: list[Collector] = []  # metrics read from the database at scrape
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped
         self._keys: KeyRing | None = None
@@ -232,6 +234,9 @@ class Server:
                 storage, config.limits.live_run_timeout_seconds, ingestion_metrics, wake
             )
             self._backfill = FacetBackfill(storage)
+            self._retention = RetentionSweep(
+                storage, ingestion_metrics, config.limits.retention_sweep_seconds
+            )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         key_service_pb2_grpc.add_KeyServiceServicer_to_server(
             KeyServicer(storage, self._keys.reload if self._keys else None), server
@@ -281,6 +286,8 @@ class Server:
             self._sweep.start()
         if self._backfill is not None:
             self._backfill.start()
+        if self._retention is not None:
+            self._retention.start()
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.metrics_port >= 0:
@@ -350,6 +357,9 @@ class Server:
         backfill, self._backfill = self._backfill, None
         if backfill is not None:
             await backfill.stop()
+        retention, self._retention = self._retention, None
+        if retention is not None:
+            await retention.stop()
         endpoint, self._metrics_endpoint = self._metrics_endpoint, None
         if endpoint is not None:
             await asyncio.to_thread(endpoint.close)

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import os
+import re
+import sqlite3
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from agentrun_server.storage import (
     AckCode,
     ClaimRequest,
     Completion,
     NewRun,
+    SqliteStorage,
     StageDef,
     WorkflowDef,
     open_storage,
@@ -130,5 +137,58 @@ async def test_a_claim_of_more_tasks_than_sqlite_takes_parameters_leases_them_al
         count, ended = await storage.cancel("", "", [t.task_id for t in leased], 3.0)
         assert count == len(ended) == 20_000  # every one leased: each lease ended is reported
         assert {e.lease_id for e in ended} == {t.lease_id for t in leased}
+    finally:
+        await storage.close()
+
+
+def _pages(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("PRAGMA page_count").fetchone()[0])
+
+
+async def _fill_and_delete(storage: SqliteStorage, name: str, runs: int) -> None:
+    collection, _ = await storage.create_collection(name, "", "", 1.0)
+    await storage.insert_runs(
+        collection.id,
+        [NewRun(f"{name}{i}", None, os.urandom(20_000)) for i in range(runs)],
+        1.0,
+    )
+    while (await storage.delete_collection(collection.id, False, 100, 2.0)).more:
+        pass
+
+
+async def test_a_new_file_gives_deleted_runs_space_back(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    storage = await open_storage(f"sqlite:///{path}")
+    assert isinstance(storage, SqliteStorage)
+    try:
+        await _fill_and_delete(storage, "big", 300)  # about 6 MB
+        full = _pages(path)
+        given = await storage.reclaim_space(1 << 30)
+        assert given > 5_000_000
+        assert _pages(path) < full - 5_000_000 // 4096
+        assert await storage.reclaim_space(1 << 30) == 0
+    finally:
+        await storage.close()
+
+
+async def test_an_older_file_keeps_the_space_until_vacuumed_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # a file made before incremental vacuum was the default
+        db.execute("PRAGMA journal_mode = WAL")
+    storage = await open_storage(f"sqlite:///{path}")
+    assert isinstance(storage, SqliteStorage)
+    try:
+        await _fill_and_delete(storage, "a", 300)
+        with caplog.at_level(logging.WARNING):
+            assert await storage.reclaim_space(1 << 30) == 0
+            assert await storage.reclaim_space(1 << 30) == 0
+        told = [r.getMessage() for r in caplog.records if "migrate --vacuum" in r.getMessage()]
+        assert len(told) == 1 and re.search(r"keeps [56] MB", told[0])
+        assert await storage.vacuum() > 5_000_000
+        await _fill_and_delete(storage, "b", 300)
+        assert await storage.reclaim_space(1 << 30) > 5_000_000
     finally:
         await storage.close()

@@ -17,6 +17,7 @@ SDK = {
     "AttemptFailure",
     "Collection",
     "CollectionCreated",
+    "Deletion",
     "RunEvent",
     "RunUpdate",
     "StageBacklog",

@@ -65,6 +65,27 @@ type IngestionServiceClient interface {
 	WatchAgentRun(ctx context.Context, in *WatchAgentRunRequest, opts ...grpc.CallOption) (IngestionService_WatchAgentRunClient, error)
 	// Counts the runs of a collection.
 	CountAgentRuns(ctx context.Context, in *CountAgentRunsRequest, opts ...grpc.CallOption) (*CountAgentRunsResponse, error)
+	// Changes a collection's description or retention (the fields set; the rest kept). A shorter
+	// retention takes effect at the server's next retention sweep (within a few minutes).
+	// Errors: NOT_FOUND; INVALID_ARGUMENT for a retention over 36,500 days or a description over
+	// its limit.
+	UpdateCollection(ctx context.Context, in *UpdateCollectionRequest, opts ...grpc.CallOption) (*UpdateCollectionResponse, error)
+	// Deletes a collection: its runs (with their events and index rows) and their tasks in every
+	// workflow, some hundreds of runs per transaction, then the collection itself, whose name is
+	// then free. Refused while a task of one of its runs is leased (FAILED_PRECONDITION saying how
+	// many and in which stages) unless `force`, which cancels those tasks first and revokes their
+	// leases (a worker's settle of one is then answered NOT_FOUND). A call cut short (its
+	// deadline, a server stopping) leaves the runs it reached deleted and the rest in place: call
+	// it again to finish. Audited. Errors: NOT_FOUND; FAILED_PRECONDITION as said.
+	DeleteCollection(ctx context.Context, in *DeleteCollectionRequest, opts ...grpc.CallOption) (*DeleteCollectionResponse, error)
+	// Deletes runs (with their events, index rows and tasks in every workflow): by id, or a
+	// collection's runs stored before a time. Refused, deleting nothing, while a task of a
+	// selected run is leased (FAILED_PRECONDITION saying how many and in which stages) unless
+	// `force`, which cancels those tasks first and revokes their leases. Deleting by age goes some
+	// hundreds of runs per transaction; a call cut short leaves the rest: call it again. Audited.
+	// Errors: INVALID_ARGUMENT for neither or both selections, or over 1,000 ids; NOT_FOUND for
+	// an unknown collection; FAILED_PRECONDITION as said.
+	DeleteAgentRuns(ctx context.Context, in *DeleteAgentRunsRequest, opts ...grpc.CallOption) (*DeleteAgentRunsResponse, error)
 }
 
 type ingestionServiceClient struct {
@@ -226,6 +247,33 @@ func (c *ingestionServiceClient) CountAgentRuns(ctx context.Context, in *CountAg
 	return out, nil
 }
 
+func (c *ingestionServiceClient) UpdateCollection(ctx context.Context, in *UpdateCollectionRequest, opts ...grpc.CallOption) (*UpdateCollectionResponse, error) {
+	out := new(UpdateCollectionResponse)
+	err := c.cc.Invoke(ctx, "/agentrun.v1.IngestionService/UpdateCollection", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ingestionServiceClient) DeleteCollection(ctx context.Context, in *DeleteCollectionRequest, opts ...grpc.CallOption) (*DeleteCollectionResponse, error) {
+	out := new(DeleteCollectionResponse)
+	err := c.cc.Invoke(ctx, "/agentrun.v1.IngestionService/DeleteCollection", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ingestionServiceClient) DeleteAgentRuns(ctx context.Context, in *DeleteAgentRunsRequest, opts ...grpc.CallOption) (*DeleteAgentRunsResponse, error) {
+	out := new(DeleteAgentRunsResponse)
+	err := c.cc.Invoke(ctx, "/agentrun.v1.IngestionService/DeleteAgentRuns", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // IngestionServiceServer is the server API for IngestionService service.
 // All implementations must embed UnimplementedIngestionServiceServer
 // for forward compatibility
@@ -278,6 +326,27 @@ type IngestionServiceServer interface {
 	WatchAgentRun(*WatchAgentRunRequest, IngestionService_WatchAgentRunServer) error
 	// Counts the runs of a collection.
 	CountAgentRuns(context.Context, *CountAgentRunsRequest) (*CountAgentRunsResponse, error)
+	// Changes a collection's description or retention (the fields set; the rest kept). A shorter
+	// retention takes effect at the server's next retention sweep (within a few minutes).
+	// Errors: NOT_FOUND; INVALID_ARGUMENT for a retention over 36,500 days or a description over
+	// its limit.
+	UpdateCollection(context.Context, *UpdateCollectionRequest) (*UpdateCollectionResponse, error)
+	// Deletes a collection: its runs (with their events and index rows) and their tasks in every
+	// workflow, some hundreds of runs per transaction, then the collection itself, whose name is
+	// then free. Refused while a task of one of its runs is leased (FAILED_PRECONDITION saying how
+	// many and in which stages) unless `force`, which cancels those tasks first and revokes their
+	// leases (a worker's settle of one is then answered NOT_FOUND). A call cut short (its
+	// deadline, a server stopping) leaves the runs it reached deleted and the rest in place: call
+	// it again to finish. Audited. Errors: NOT_FOUND; FAILED_PRECONDITION as said.
+	DeleteCollection(context.Context, *DeleteCollectionRequest) (*DeleteCollectionResponse, error)
+	// Deletes runs (with their events, index rows and tasks in every workflow): by id, or a
+	// collection's runs stored before a time. Refused, deleting nothing, while a task of a
+	// selected run is leased (FAILED_PRECONDITION saying how many and in which stages) unless
+	// `force`, which cancels those tasks first and revokes their leases. Deleting by age goes some
+	// hundreds of runs per transaction; a call cut short leaves the rest: call it again. Audited.
+	// Errors: INVALID_ARGUMENT for neither or both selections, or over 1,000 ids; NOT_FOUND for
+	// an unknown collection; FAILED_PRECONDITION as said.
+	DeleteAgentRuns(context.Context, *DeleteAgentRunsRequest) (*DeleteAgentRunsResponse, error)
 	mustEmbedUnimplementedIngestionServiceServer()
 }
 
@@ -311,6 +380,15 @@ func (UnimplementedIngestionServiceServer) WatchAgentRun(*WatchAgentRunRequest, 
 }
 func (UnimplementedIngestionServiceServer) CountAgentRuns(context.Context, *CountAgentRunsRequest) (*CountAgentRunsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method CountAgentRuns not implemented")
+}
+func (UnimplementedIngestionServiceServer) UpdateCollection(context.Context, *UpdateCollectionRequest) (*UpdateCollectionResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UpdateCollection not implemented")
+}
+func (UnimplementedIngestionServiceServer) DeleteCollection(context.Context, *DeleteCollectionRequest) (*DeleteCollectionResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeleteCollection not implemented")
+}
+func (UnimplementedIngestionServiceServer) DeleteAgentRuns(context.Context, *DeleteAgentRunsRequest) (*DeleteAgentRunsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeleteAgentRuns not implemented")
 }
 func (UnimplementedIngestionServiceServer) mustEmbedUnimplementedIngestionServiceServer() {}
 
@@ -506,6 +584,60 @@ func _IngestionService_CountAgentRuns_Handler(srv interface{}, ctx context.Conte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _IngestionService_UpdateCollection_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateCollectionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(IngestionServiceServer).UpdateCollection(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/agentrun.v1.IngestionService/UpdateCollection",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(IngestionServiceServer).UpdateCollection(ctx, req.(*UpdateCollectionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _IngestionService_DeleteCollection_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteCollectionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(IngestionServiceServer).DeleteCollection(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/agentrun.v1.IngestionService/DeleteCollection",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(IngestionServiceServer).DeleteCollection(ctx, req.(*DeleteCollectionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _IngestionService_DeleteAgentRuns_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteAgentRunsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(IngestionServiceServer).DeleteAgentRuns(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/agentrun.v1.IngestionService/DeleteAgentRuns",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(IngestionServiceServer).DeleteAgentRuns(ctx, req.(*DeleteAgentRunsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _IngestionService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "agentrun.v1.IngestionService",
 	HandlerType: (*IngestionServiceServer)(nil),
@@ -533,6 +665,18 @@ var _IngestionService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CountAgentRuns",
 			Handler:    _IngestionService_CountAgentRuns_Handler,
+		},
+		{
+			MethodName: "UpdateCollection",
+			Handler:    _IngestionService_UpdateCollection_Handler,
+		},
+		{
+			MethodName: "DeleteCollection",
+			Handler:    _IngestionService_DeleteCollection_Handler,
+		},
+		{
+			MethodName: "DeleteAgentRuns",
+			Handler:    _IngestionService_DeleteAgentRuns_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

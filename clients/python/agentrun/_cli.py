@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from agentrun._cli_collections import add_collections_commands, run_collections_command
 from agentrun._cli_keys import add_keys_commands, run_keys_command
 from agentrun._cli_runs import add_runs_commands, run_runs_command
 from agentrun._cli_tail import add_tail_command, run_tail_command
@@ -131,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_server(command)
     add_tail_command(commands, _add_server)
     add_runs_commands(commands, _add_server)
+    add_collections_commands(commands, _add_server)
     add_keys_commands(commands, _add_server)
     return parser
 
@@ -386,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "keys": run_keys_command,
         "tail": run_tail_command,
         "runs": run_runs_command,
+        "collections": run_collections_command,
     }
     try:
         return handlers[args.command](args)

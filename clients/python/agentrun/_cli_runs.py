@@ -1,9 +1,10 @@
-"""`agentrun runs list COLLECTION` and `agentrun runs show RUN_ID`: finding and reading runs
-without code.
+"""`agentrun runs list COLLECTION`, `agentrun runs show RUN_ID` and `agentrun runs delete`:
+finding, reading and deleting runs without code.
 
     agentrun runs list airline --where 'scores.reward < 1' --where 'metadata.model = gpt-4o'
     agentrun runs list airline --live            # running now: a live run's id for `tail`
     agentrun runs show RUN_ID                    # its transcripts rendered for reading
+    agentrun runs delete --collection airline --older-than 30d
 
 Newest first, a page at a time (`--limit`, then the `--page-token` the page ends with); `--json`
 for scripts. Filters run on the server's index (`Client.list_runs`).
@@ -15,16 +16,15 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import grpc
-
+from agentrun._cli_collections import add_deletion_flags, confirmed, find_collection, said
 from agentrun._client import Client
 from agentrun._connection import connection_from_arguments
-from agentrun._errors import RpcError
-from agentrun._records import Collection, ListedRun
+from agentrun._records import ListedRun
 from agentrun._terminal import safe_text
+from agentrun._workflow import parse_duration
 from agentrun.chat import AssistantMessage, ChatMessage, ContentText, ToolMessage
 
 STATES = ("running", "finished", "abandoned")
@@ -54,6 +54,20 @@ def add_runs_commands(commands: Any, add_server: Callable[[argparse.ArgumentPars
     listing.add_argument("--page-token", default="", help="the page after the one that ended so")
     listing.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     add_server(listing)
+    delete = runs_commands.add_parser(
+        "delete",
+        help="delete runs by id, or a collection's runs older than an age",
+        description="Delete runs with their tasks in every workflow: by id, or a collection's "
+        "runs stored longer ago than --older-than. Needs an admin key; audited. Refused while a "
+        "task of a run is leased, unless --force.",
+    )
+    delete.add_argument("agent_run_ids", nargs="*", metavar="RUN_ID")
+    delete.add_argument("--collection", help="with --older-than: the collection (name or id)")
+    delete.add_argument(
+        "--older-than", metavar="AGE", help="with --collection: stored longer ago than this (30d)"
+    )
+    add_deletion_flags(delete)
+    add_server(delete)
     show = runs_commands.add_parser(
         "show", help="one run: its metadata, scores and transcripts rendered for reading"
     )
@@ -66,30 +80,52 @@ def run_runs_command(args: argparse.Namespace) -> int:
     with Client(connection=connection_from_arguments(args)) as client:
         if args.runs_command == "show":
             return _show(client, args)
+        if args.runs_command == "delete":
+            return _delete(client, args)
         return _list(client, args)
 
 
-def _collection(client: Client, key: str) -> Collection:
-    """A collection by name, else by id."""
+def _delete(client: Client, args: argparse.Namespace) -> int:
+    by_age = args.collection is not None or args.older_than is not None
+    if bool(args.agent_run_ids) == by_age or (
+        by_age and (args.collection is None or args.older_than is None)
+    ):
+        print(
+            "agentrun runs delete: name runs (RUN_ID ...), or --collection C --older-than AGE",
+            file=sys.stderr,
+        )
+        return 2
+    if not by_age:
+        deletion = client.delete_runs(args.agent_run_ids, force=args.force)
+        print(said(deletion))
+        for run_id in deletion.not_found_agent_run_ids:
+            print(f"  no run {safe_text(run_id)!r} (deleted before, or never stored)")
+        return 0
     try:
-        return client.get_collection(name=key)
-    except RpcError as exc:
-        if exc.code != grpc.StatusCode.NOT_FOUND:
-            raise
-    try:
-        return client.get_collection(key)
-    except RpcError as exc:
-        if exc.code != grpc.StatusCode.NOT_FOUND:
-            raise
-        known = ", ".join(repr(c.name) for c in client.list_collections()) or "none yet"
-        raise RpcError(exc.code, f"no collection named {key!r}; collections: {known}") from exc
+        age = float(parse_duration(args.older_than))
+    except ValueError as exc:
+        print(f"agentrun runs delete: --older-than: {exc}", file=sys.stderr)
+        return 2
+    collection = find_collection(client, args.collection)
+    before = datetime.now(UTC) - timedelta(seconds=age)
+    question = (
+        f"delete the runs of {safe_text(collection.name)!r} stored before "
+        f"{before.astimezone():%Y-%m-%d %H:%M:%S} (of its {collection.run_count:,})"
+    )
+    if not confirmed(question, collection.name, args, "runs delete"):
+        return 1
+    deletion = client.delete_runs(
+        collection_id=collection.id, ingested_before=before, force=args.force
+    )
+    print(said(deletion))
+    return 0
 
 
 def _list(client: Client, args: argparse.Namespace) -> int:
     if args.limit < 1:
         print("agentrun runs list: --limit must be at least 1", file=sys.stderr)
         return 2
-    collection = _collection(client, args.collection)
+    collection = find_collection(client, args.collection)
     try:
         page = client.list_runs(
             collection.id,

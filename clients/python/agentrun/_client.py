@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -20,6 +21,7 @@ from agentrun._records import (
     ApiKeyCreated,
     Collection,
     CollectionCreated,
+    Deletion,
     ListedRun,
     RunPage,
     RunUpdate,
@@ -169,13 +171,15 @@ class Client:
         workflow: str = "",
         *,
         enter_workflow_on_abandon: bool = False,
+        retention_days: int = 0,
     ) -> CollectionCreated:
         """Create a collection, or get the one with this name (as it was made: `created` False);
         return it as `get_collection` does, with `created` beside its fields.
 
         With `workflow`, each run stored enters its first stage; a live run when it finishes, or
         with `enter_workflow_on_abandon` also when it is abandoned (no event for the server's
-        `--live-run-timeout`), once either way.
+        `--live-run-timeout`), once either way. With `retention_days`, runs are deleted that
+        many days after they are stored (`update_collection` changes it later).
         """
         response = self._call(
             self.ingestion.CreateCollection,
@@ -184,6 +188,7 @@ class Client:
                 description=description,
                 workflow=workflow,
                 enter_workflow_on_abandon=enter_workflow_on_abandon,
+                retention_days=retention_days,
             ),
         )
         collection = Collection.from_proto(response.collection)
@@ -197,6 +202,75 @@ class Client:
             else ingestion_pb.GetCollectionRequest(id=collection_id)
         )
         return Collection.from_proto(self._call(self.ingestion.GetCollection, request).collection)
+
+    def update_collection(
+        self,
+        collection_id: str = "",
+        *,
+        name: str = "",
+        description: str | None = None,
+        retention_days: int | None = None,
+    ) -> Collection:
+        """Change a collection's description or retention (None: kept; `retention_days` 0 keeps
+        runs until deleted); return the collection as it is now. Needs an `admin` key.
+
+        Raises:
+            RpcError: NOT_FOUND for no such collection; INVALID_ARGUMENT for a retention over
+                36,500 days.
+        """
+        request = ingestion_pb.UpdateCollectionRequest(
+            description=description, retention_days=retention_days
+        )
+        if name:
+            request.name = name
+        else:
+            request.id = collection_id
+        return Collection.from_proto(
+            self._call(self.ingestion.UpdateCollection, request).collection
+        )
+
+    def delete_collection(
+        self, collection_id: str = "", *, name: str = "", force: bool = False
+    ) -> Deletion:
+        """Delete a collection with its runs and their tasks in every workflow; its name is
+        free again. Needs an `admin` key; audited on the server.
+
+        Raises:
+            RpcError: NOT_FOUND for no such collection; FAILED_PRECONDITION while a task of one
+                of its runs is leased, unless `force` (which cancels those tasks and revokes
+                their leases).
+        """
+        request = ingestion_pb.DeleteCollectionRequest(force=force)
+        if name:
+            request.name = name
+        else:
+            request.id = collection_id
+        return Deletion.from_proto(self._call(self.ingestion.DeleteCollection, request))
+
+    def delete_runs(
+        self,
+        agent_run_ids: Sequence[str] = (),
+        *,
+        collection_id: str = "",
+        ingested_before: datetime | None = None,
+        force: bool = False,
+    ) -> Deletion:
+        """Delete runs, with their tasks in every workflow: by id (at most 1,000), or a
+        collection's runs stored before `ingested_before` (an aware datetime). Needs an `admin`
+        key; audited on the server.
+
+        Raises:
+            RpcError: NOT_FOUND for no such collection; FAILED_PRECONDITION while a task of a
+                selected run is leased, unless `force` (nothing is deleted then).
+        """
+        request = ingestion_pb.DeleteAgentRunsRequest(
+            agent_run_ids=list(agent_run_ids), collection_id=collection_id, force=force
+        )
+        if ingested_before is not None:
+            if ingested_before.tzinfo is None:
+                raise ValueError("ingested_before: give an aware datetime (with a tzinfo)")
+            request.ingested_before.FromDatetime(ingested_before)
+        return Deletion.from_proto(self._call(self.ingestion.DeleteAgentRuns, request))
 
     def get_run(
         self,

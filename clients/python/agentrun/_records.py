@@ -55,6 +55,8 @@ class Collection(_Record):
     run_count: int = 0
     enter_workflow_on_abandon: bool = False
     """Live runs enter the workflow when abandoned too, not only when they finish."""
+    retention_days: int = 0
+    """Days a run is kept after it is stored (0: until deleted)."""
 
     @classmethod
     def from_proto(cls, message: ingestion_pb.Collection) -> Collection:
@@ -66,6 +68,30 @@ class Collection(_Record):
             create_time=_time(message, "create_time"),
             run_count=message.run_count,
             enter_workflow_on_abandon=message.enter_workflow_on_abandon,
+            retention_days=message.retention_days,
+        )
+
+
+class Deletion(_Record):
+    """What `Client.delete_runs` or `Client.delete_collection` removed."""
+
+    deleted_run_count: int = 0
+    deleted_task_count: int = 0
+    """Tasks of the runs, in every workflow."""
+    revoked_lease_count: int = 0
+    """Leases a forced deletion revoked (their tasks cancelled first)."""
+    not_found_agent_run_ids: list[str] = []
+    """Run ids named that named no run."""
+
+    @classmethod
+    def from_proto(
+        cls, message: ingestion_pb.DeleteAgentRunsResponse | ingestion_pb.DeleteCollectionResponse
+    ) -> Deletion:
+        return cls(
+            deleted_run_count=message.deleted_run_count,
+            deleted_task_count=message.deleted_task_count,
+            revoked_lease_count=message.revoked_lease_count,
+            not_found_agent_run_ids=list(getattr(message, "not_found_agent_run_ids", [])),
         )
 
 

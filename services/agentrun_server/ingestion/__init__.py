@@ -5,6 +5,7 @@ from __future__ import annotations
 from agentrun_server.ingestion._abandon import AbandonSweep
 from agentrun_server.ingestion._facets import FacetBackfill
 from agentrun_server.ingestion._metrics import IngestionMetrics, live_runs_collector
+from agentrun_server.ingestion._retention import RetentionSweep
 from agentrun_server.ingestion._servicer import IngestionLimits, IngestionServicer
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "IngestionLimits",
     "IngestionMetrics",
     "IngestionServicer",
+    "RetentionSweep",
     "live_runs_collector",
 ]

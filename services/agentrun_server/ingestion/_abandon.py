@@ -8,14 +8,13 @@ storage enters each run once however many replicas sweep at the same time.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
 
 from agentrun_server.ingestion._live import fold_finished
 from agentrun_server.ingestion._metrics import IngestionMetrics
-from agentrun_server.serving import cancel_and_wait
+from agentrun_server.serving import Periodic
 from agentrun_server.storage import Storage
 
 _log = logging.getLogger(__name__)
@@ -24,8 +23,11 @@ BATCH = 100
 """Runs entered per transaction."""
 
 
-class AbandonSweep:
+class AbandonSweep(Periodic):
     """A task on the server's event loop: `start()`, then `stop()` at shutdown."""
+
+    name = "agentrun-abandon-sweep"
+    what = "sweep of abandoned live runs"
 
     def __init__(
         self,
@@ -34,19 +36,14 @@ class AbandonSweep:
         metrics: IngestionMetrics,
         on_entered: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__(min(30.0, max(0.05, live_run_timeout_seconds / 4)))
         self._storage = storage
         self._timeout = live_run_timeout_seconds
         self._metrics = metrics
         self._on_entered = on_entered
-        self.interval_seconds = min(30.0, max(0.05, live_run_timeout_seconds / 4))
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="agentrun-abandon-sweep")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
+    async def step(self) -> int:
+        return await self.sweep()
 
     async def sweep(self) -> int:
         """Enter every run abandoned now (of the collections that ask); return how many."""
@@ -65,11 +62,3 @@ class AbandonSweep:
             if self._on_entered is not None:
                 self._on_entered()
         return total
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_seconds)
-            try:
-                await self.sweep()
-            except Exception:  # the database out of reach: the next sweep tries again
-                _log.warning("sweep of abandoned live runs failed", exc_info=True)

@@ -15,7 +15,8 @@ from agentrun_server.storage import Storage
 
 class IngestionMetrics:
     """Runs and bytes received and stored, duplicates, rejections, batch sizes, commit latency;
-    live run events by status, their commit latency, live runs finished."""
+    live run events by status, their commit latency, live runs finished; runs deleted and the
+    space given back."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.received_runs = Counter(
@@ -83,6 +84,21 @@ class IngestionMetrics:
             "agentrun_ingest_live_runs_entered_on_abandon",
             "Abandoned live runs entered into their workflow (collections with "
             "enter_workflow_on_abandon).",
+            registry=registry,
+        )
+        self.deleted_runs = Counter(
+            "agentrun_ingest_deleted_runs",
+            "Runs deleted, by reason: request (DeleteAgentRuns, DeleteCollection) or retention "
+            "(a collection's retention_days, by this server's sweep).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("request", "retention"):
+            self.deleted_runs.labels(reason)
+        self.reclaimed_bytes = Counter(
+            "agentrun_storage_reclaimed_bytes",
+            "Bytes of the database file given back to the file system after deletions (SQLite "
+            "in incremental vacuum mode; PostgreSQL reuses them through autovacuum instead).",
             registry=registry,
         )
         self.open_event_streams = Gauge(

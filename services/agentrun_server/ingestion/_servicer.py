@@ -19,6 +19,7 @@ from agentrun.wire.checks import parse_agent_run
 from agentrun.wire.framing import RawUpload, decode_upload_request
 from agentrun.wire.limits import MAX_DESCRIPTION_BYTES
 from agentrun_server._checks import (
+    check_count,
     check_enum,
     check_name,
     check_reference,
@@ -32,6 +33,7 @@ from agentrun_server._errors import (
     ServerError,
 )
 from agentrun_server.auth import Access, caller
+from agentrun_server.ingestion._cleanup import MAX_DELETE_IDS, Cleanup, check_retention
 from agentrun_server.ingestion._facets import checked_filters, facets_of_run
 from agentrun_server.ingestion._live import checked_event, fold_finished, fold_run
 from agentrun_server.ingestion._metrics import IngestionMetrics
@@ -41,6 +43,7 @@ from agentrun_server.serving import (
     IdleTimeout,
     StreamSlots,
     add_service,
+    epoch_seconds,
     page_after,
     page_size,
     peer_host,
@@ -113,6 +116,9 @@ class IngestionLimits:
         default=3600.0, metadata={"aliases": ("--live-run-timeout",)}
     )
     """A live run with no event for this long reads as abandoned; its next event reopens it."""
+    retention_sweep_seconds: float = 300.0
+    """How often this server deletes the runs past their collection's `retention_days` (every
+    replica may; each run is deleted once)."""
     max_event_streams: int = 2048
     """StreamAgentRunEvents streams open at once in all (one per writer with events to send)."""
     max_event_streams_per_peer: int = 256
@@ -182,6 +188,7 @@ def collection_to_proto(collection: Collection) -> pb.Collection:
         create_time=to_timestamp(collection.created_at),
         run_count=collection.run_count,
         enter_workflow_on_abandon=collection.enter_on_abandon,
+        retention_days=collection.retention_days,
     )
 
 
@@ -305,6 +312,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             self.limits.max_pending_bytes, self.limits.max_pending_bytes_per_peer
         )
         self._access = access or Access(storage)
+        self._cleanup = Cleanup(storage, metrics)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Serve this servicer on `server`; uploads are decoded by `decode_upload_request`."""
@@ -326,6 +334,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             check_reference("workflow", request.workflow),
             time.time(),
             enter_on_abandon=request.enter_workflow_on_abandon,
+            retention_days=check_retention("retention_days", request.retention_days),
         )
         return pb.CreateCollectionResponse(
             collection=collection_to_proto(collection), created=created
@@ -750,6 +759,75 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             agent_runs=[_stored_run_to_proto(r, view, abandoned_before) for r in page],
             next_page_token=str(page[-1].seq) if more else "",
         )
+
+    async def _selected_collection(
+        self, request: pb.UpdateCollectionRequest | pb.DeleteCollectionRequest
+    ) -> Collection:
+        """The collection a request's `selector` names, within the caller's limits."""
+        selector = request.WhichOneof("selector")
+        if selector is None:
+            raise InvalidArgument("selector: set id or name")
+        collection = await self._storage.get_collection(
+            id=check_reference("id", request.id), name=check_reference("name", request.name)
+        )
+        await self._access.check(selector, collection=collection)
+        return collection
+
+    async def UpdateCollection(
+        self, request: pb.UpdateCollectionRequest, context: Context
+    ) -> pb.UpdateCollectionResponse:
+        collection = await self._selected_collection(request)
+        description = (
+            check_text("description", request.description)
+            if request.HasField("description")
+            else None
+        )
+        retention = (
+            check_retention("retention_days", request.retention_days)
+            if request.HasField("retention_days")
+            else None
+        )
+        updated = await self._cleanup.update_collection(collection, description, retention)
+        return pb.UpdateCollectionResponse(collection=collection_to_proto(updated))
+
+    async def DeleteCollection(
+        self, request: pb.DeleteCollectionRequest, context: Context
+    ) -> pb.DeleteCollectionResponse:
+        collection = await self._selected_collection(request)
+        tally = await self._cleanup.delete_collection(collection, request.force)
+        return pb.DeleteCollectionResponse(**tally.counts())
+
+    async def DeleteAgentRuns(
+        self, request: pb.DeleteAgentRunsRequest, context: Context
+    ) -> pb.DeleteAgentRunsResponse:
+        by_age = bool(request.collection_id) or request.HasField("ingested_before")
+        if bool(request.agent_run_ids) == by_age:
+            raise InvalidArgument(
+                "agent_run_ids: give run ids, or collection_id with ingested_before, not both "
+                "nor neither (a whole collection: DeleteCollection)"
+            )
+        if request.agent_run_ids:
+            run_ids = [
+                check_reference(f"agent_run_ids[{i}]", run_id, required=True)
+                for i, run_id in enumerate(
+                    check_count("agent_run_ids", request.agent_run_ids, MAX_DELETE_IDS)
+                )
+            ]
+            await self._access.check("agent_run_ids", run_ids=run_ids)
+            tally, not_found = await self._cleanup.delete_runs(run_ids, request.force)
+            return pb.DeleteAgentRunsResponse(**tally.counts(), not_found_agent_run_ids=not_found)
+        collection_id = check_reference("collection_id", request.collection_id, required=True)
+        if not request.HasField("ingested_before"):
+            raise InvalidArgument(
+                "ingested_before: required with collection_id (a whole collection: "
+                "DeleteCollection)"
+            )
+        collection = await self._storage.get_collection(id=collection_id)
+        await self._access.check("collection_id", collection=collection)
+        tally = await self._cleanup.delete_runs_before(
+            collection, epoch_seconds(request.ingested_before), request.force
+        )
+        return pb.DeleteAgentRunsResponse(**tally.counts())
 
     async def CountAgentRuns(
         self, request: pb.CountAgentRunsRequest, context: Context

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agentrun_server.serving._background import cancel_and_wait
+from agentrun_server.serving._background import Periodic, cancel_and_wait
 from agentrun_server.serving._deadlines import IdleTimeout, receive
 from agentrun_server.serving._grpc_metrics import GrpcServerMetrics, MetricsInterceptor
 from agentrun_server.serving._handlers import add_service
@@ -21,6 +21,7 @@ __all__ = [
     "MetricsEndpoint",
     "MetricsInterceptor",
     "MetricsWebConfig",
+    "Periodic",
     "StreamSlots",
     "add_service",
     "cancel_and_wait",

@@ -19,7 +19,12 @@ from typing import Protocol
 
 from agentrun_server._errors import InvalidArgument
 from agentrun_server.storage._notifier import LocalNotifier, Notifier, PollingNotifier
-from agentrun_server.storage._rules import backoff_seconds, event_digest, run_state
+from agentrun_server.storage._rules import (
+    backoff_seconds,
+    event_digest,
+    leased_message,
+    run_state,
+)
 from agentrun_server.storage._types import (
     Ack,
     AckCode,
@@ -31,6 +36,8 @@ from agentrun_server.storage._types import (
     Collection,
     CollectionPut,
     Completion,
+    Deleted,
+    DoomedRun,
     EndedLease,
     Enqueued,
     EventOutcome,
@@ -44,6 +51,7 @@ from agentrun_server.storage._types import (
     InsertOutcome,
     InsertStatus,
     LeasedTask,
+    LeasedTaskOfRun,
     LeaseRef,
     LiveRunCounts,
     NewEvent,
@@ -55,6 +63,7 @@ from agentrun_server.storage._types import (
     RevocationPage,
     RunFilter,
     RunQuery,
+    RunSelection,
     SettledAndLeased,
     SqliteConfig,
     StageBacklog,
@@ -79,6 +88,8 @@ __all__ = [
     "Collection",
     "CollectionPut",
     "Completion",
+    "Deleted",
+    "DoomedRun",
     "EndedLease",
     "Enqueued",
     "EventOutcome",
@@ -93,6 +104,7 @@ __all__ = [
     "InsertStatus",
     "LeaseRef",
     "LeasedTask",
+    "LeasedTaskOfRun",
     "LiveRunCounts",
     "LocalNotifier",
     "NewEvent",
@@ -106,6 +118,7 @@ __all__ = [
     "RevocationPage",
     "RunFilter",
     "RunQuery",
+    "RunSelection",
     "SettledAndLeased",
     "SqliteConfig",
     "SqliteStorage",
@@ -120,6 +133,7 @@ __all__ = [
     "WorkflowPut",
     "backoff_seconds",
     "event_digest",
+    "leased_message",
     "open_storage",
     "run_state",
 ]
@@ -155,10 +169,16 @@ class Storage(Protocol):
     # --- collections and runs -------------------------------------------------------------------
 
     async def create_collection(
-        self, name: str, description: str, workflow: str, now: float, enter_on_abandon: bool = False
+        self,
+        name: str,
+        description: str,
+        workflow: str,
+        now: float,
+        enter_on_abandon: bool = False,
+        retention_days: int = 0,
     ) -> CollectionPut:
-        """Create a collection, or return the one with this name (created=False; its description
-        and `enter_on_abandon` as they were).
+        """Create a collection, or return the one with this name (created=False; its description,
+        `enter_on_abandon` and `retention_days` as they were).
 
         Raises:
             NotFound: `workflow` is not empty and names no workflow.
@@ -246,6 +266,56 @@ class Storage(Protocol):
 
     async def count_runs(self, collection_id: str) -> int:
         """The runs of a collection (0 for an unknown one)."""
+
+    # --- deletion -------------------------------------------------------------------------------
+
+    async def update_collection(
+        self, collection_id: str, description: str | None = None, retention_days: int | None = None
+    ) -> Collection:
+        """Set a collection's description and retention (None: kept); the collection after.
+
+        Raises:
+            NotFound: no such collection.
+        """
+
+    async def leased_tasks(self, selection: RunSelection) -> list[LeasedTaskOfRun]:
+        """The leased tasks of the runs `selection` names: what stands in the way of deleting
+        them unforced."""
+
+    async def delete_runs(
+        self, selection: RunSelection, force: bool, limit: int, now: float
+    ) -> Deleted:
+        """Delete up to `limit` of the runs `selection` names, oldest first, in one transaction:
+        each with its events, facets, and tasks in every workflow (their failed attempts too,
+        the ended tasks' kept counts lowered), off its collection's run count. `more`: the
+        selection may hold more (call again). Forced, the leased tasks among them are cancelled
+        first and their leases revoked (`revoked`), as `cancel` does.
+
+        Raises:
+            FailedPrecondition: unforced, a task of a chosen run is leased; nothing is deleted.
+        """
+
+    async def delete_collection(
+        self, collection_id: str, force: bool, limit: int, now: float
+    ) -> Deleted:
+        """Delete up to `limit` of the collection's runs as `delete_runs` does, and the
+        collection itself in the same transaction once none is left; `more` until it is gone.
+
+        Raises:
+            NotFound: no such collection.
+            FailedPrecondition: as for `delete_runs`.
+        """
+
+    async def delete_expired(self, now: float, limit: int) -> list[DoomedRun]:
+        """Delete up to `limit` runs stored longer ago than their collection's retention,
+        oldest first per collection, passing over runs with a leased task (a task leased since
+        is cancelled, its lease revoked); the runs deleted. Replicas sweeping at once delete
+        each run once."""
+
+    async def reclaim_space(self, max_bytes: int) -> int:
+        """Give up to `max_bytes` of the space deleted rows left back to the file system; the
+        bytes given back (SQLite, in incremental vacuum mode; PostgreSQL's autovacuum makes the
+        space reusable on its own and this does nothing)."""
 
     # --- workflows ------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ and write. Each is pure (records in, decisions out, no SQL):
 - **Retry or dead** after a failed attempt or a lease that ended unsettled, and the backoff before
   the retry (`failure_outcome`, `lease_end_is_dead`, `backoff_seconds`).
 - **Routing**: the stage a pathway leads to (`route`).
+- **Deletion**: what stands in the way of deleting runs (`leased_message`).
 - **Byte budgets**: pages and lease batches stop before the item that would cross them
   (`take_within`, `choose_claims`).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -42,6 +44,7 @@ from agentrun_server.storage._types import (
     Failure,
     Fold,
     Folded,
+    LeasedTaskOfRun,
     NewEvent,
     StageDef,
     WorkflowDef,
@@ -438,3 +441,17 @@ def folded(
         return fold(event.run_id, [*parts, event.patch])
     except InvalidArgument as exc:
         return _refused(exc, expected)
+
+
+def leased_message(leased: Sequence[LeasedTaskOfRun], runs: int) -> str:
+    """Why a deletion is refused: how many leased tasks, where, and what to do."""
+    where = Counter(f"{t.workflow}/{t.stage}" for t in leased)
+    stages = ", ".join(f"{n} in {place}" for place, n in where.most_common(5))
+    more = f" and {len(where) - 5} more stages" if len(where) > 5 else ""
+    example = leased[0]
+    return (
+        f"{len(leased)} task(s) of {runs} run(s) to delete are leased ({stages}{more}; e.g. "
+        f"task {example.task_id} of run {example.run_id[:256]!r}): nothing was deleted; wait "
+        "for their workers to settle them, cancel them (agentrun tasks cancel), or delete with "
+        "force, which cancels them and revokes their leases"
+    )

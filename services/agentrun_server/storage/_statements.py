@@ -33,14 +33,17 @@ from agentrun_server.storage._types import (
     AttemptFailureRecord,
     Collection,
     Completion,
+    DoomedRun,
     EndedLease,
     Facet,
     LeasedTask,
+    LeasedTaskOfRun,
     NewEvent,
     NewRun,
     Release,
     Revocation,
     RunQuery,
+    RunSelection,
     StageDef,
     StoredRun,
     TaskRecord,
@@ -48,13 +51,17 @@ from agentrun_server.storage._types import (
     WorkflowDef,
 )
 
-COLLECTION_COLUMNS = "id, name, description, workflow, created_at, run_count, enter_on_abandon"
+COLLECTION_COLUMNS = (
+    "id, name, description, workflow, created_at, run_count, enter_on_abandon, retention_days"
+)
 RUN_COLUMNS = "id, collection_id, ingested_at, data, seq, state, updated_at, next_sequence"
 SETTLE_COLUMNS = "id, state, lease_id, workflow, stage, attempt, max_attempts, pathway"
 TASK_COLUMNS = (
     "id, workflow, stage, agent_run_id, collection_id, state, attempt, max_attempts, priority, "
     "created_at, ready_at, lease_deadline, pathway, output, input, previous_task_id"
 )
+ENDED_STATES = ("done", "dead", "cancelled")
+"""The task states whose counts `task_counts` keeps."""
 KEY_COLUMNS = (
     "name, scopes, collections, workflows, token_hash, subject, created_at, revoked_at, "
     "last_used_at, expires_at"
@@ -63,9 +70,9 @@ KEY_COLUMNS = (
 
 def collection_record(row: Sequence[Any]) -> Collection:
     """A `Collection` from a row of COLLECTION_COLUMNS."""
-    id, name, description, workflow, created_at, run_count, enter_on_abandon = row
+    id, name, description, workflow, created_at, run_count, enter_on_abandon, retention = row
     return Collection(
-        id, name, description, workflow, created_at, run_count, bool(enter_on_abandon)
+        id, name, description, workflow, created_at, run_count, bool(enter_on_abandon), retention
     )
 
 
@@ -210,6 +217,32 @@ class Statements(Protocol):
 
     async def run_count(self, collection_id: str) -> int:
         """A collection's kept run count (0: no such collection)."""
+
+    # --- deletion -------------------------------------------------------------------------------
+
+    async def update_collection(
+        self, collection_id: str, description: str | None, retention_days: int | None
+    ) -> bool:
+        """Set the fields given (None: kept); whether the collection exists."""
+
+    async def retained_collections(self) -> list[tuple[str, int]]:
+        """(id, retention_days) of the collections that keep runs for a number of days."""
+
+    async def runs_to_delete(
+        self, selection: RunSelection, limit: int, skip_leased: bool
+    ) -> list[DoomedRun]:
+        """Up to `limit` runs `selection` names, oldest first (locked, skipping); without those
+        a task of which is leased when `skip_leased`."""
+
+    async def leased_tasks(self, selection: RunSelection) -> list[LeasedTaskOfRun]:
+        """The leased tasks of the runs `selection` names (locked)."""
+
+    async def delete_runs(self, runs: Sequence[DoomedRun]) -> int:
+        """Delete the runs with their events, facets, tasks (counts kept) and tasks' failures,
+        and take them off their collections' run counts; how many tasks went."""
+
+    async def delete_collection(self, collection_id: str) -> bool:
+        """Delete the collection if it holds no run (any more); whether it went."""
 
     # --- live runs ------------------------------------------------------------------------------
 

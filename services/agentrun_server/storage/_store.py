@@ -11,7 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from agentrun_server.storage._procedures import keys, leases, live, reads, tasks, workflows
+from agentrun_server.storage._procedures import (
+    deletion,
+    keys,
+    leases,
+    live,
+    reads,
+    tasks,
+    workflows,
+)
 from agentrun_server.storage._procedures import runs as _runs
 from agentrun_server.storage._statements import Statements
 from agentrun_server.storage._types import (
@@ -22,6 +30,8 @@ from agentrun_server.storage._types import (
     Collection,
     CollectionPut,
     Completion,
+    Deleted,
+    DoomedRun,
     EndedLease,
     Enqueued,
     EventOutcome,
@@ -32,6 +42,7 @@ from agentrun_server.storage._types import (
     Fold,
     InsertOutcome,
     LeasedTask,
+    LeasedTaskOfRun,
     LeaseRef,
     LiveRunCounts,
     NewEvent,
@@ -40,6 +51,7 @@ from agentrun_server.storage._types import (
     Release,
     RevocationPage,
     RunQuery,
+    RunSelection,
     SettledAndLeased,
     StageBacklog,
     StoredRun,
@@ -81,7 +93,13 @@ class Store:
     # --- collections and runs -------------------------------------------------------------------
 
     async def create_collection(
-        self, name: str, description: str, workflow: str, now: float, enter_on_abandon: bool = False
+        self,
+        name: str,
+        description: str,
+        workflow: str,
+        now: float,
+        enter_on_abandon: bool = False,
+        retention_days: int = 0,
     ) -> CollectionPut:
         return await self._write(
             _runs.create_collection,
@@ -91,6 +109,7 @@ class Store:
             workflow,
             now,
             enter_on_abandon,
+            retention_days,
         )
 
     async def get_collection(self, id: str = "", name: str = "") -> Collection:
@@ -142,6 +161,35 @@ class Store:
 
     async def count_runs(self, collection_id: str) -> int:
         return await self._read(_runs.count_runs, collection_id)
+
+    # --- deletion -------------------------------------------------------------------------------
+
+    async def update_collection(
+        self, collection_id: str, description: str | None = None, retention_days: int | None = None
+    ) -> Collection:
+        return await self._write(
+            deletion.update_collection, collection_id, description, retention_days
+        )
+
+    async def leased_tasks(self, selection: RunSelection) -> list[LeasedTaskOfRun]:
+        return await self._read(deletion.leased_tasks, selection)
+
+    async def delete_runs(
+        self, selection: RunSelection, force: bool, limit: int, now: float
+    ) -> Deleted:
+        return await self._write(deletion.delete_runs, selection, force, limit, now)
+
+    async def delete_collection(
+        self, collection_id: str, force: bool, limit: int, now: float
+    ) -> Deleted:
+        return await self._write(deletion.delete_collection, collection_id, force, limit, now)
+
+    async def delete_expired(self, now: float, limit: int) -> list[DoomedRun]:
+        return await self._write(deletion.delete_expired, now, limit)
+
+    async def reclaim_space(self, max_bytes: int) -> int:
+        """See `Storage.reclaim_space`: nothing here; SQLite's engine gives pages back."""
+        return 0
 
     # --- workflows ------------------------------------------------------------------------------
 

@@ -70,6 +70,8 @@ class Collection:
     run_count: int = 0
     enter_on_abandon: bool = False
     """Its live runs enter the workflow when abandoned, not only when they finish."""
+    retention_days: int = 0
+    """Days a run is kept after it is stored; 0: until deleted."""
 
 
 class Facet(NamedTuple):
@@ -640,3 +642,41 @@ class Cancelled(NamedTuple):
 
     cancelled: int
     ended: list[EndedLease]
+
+
+@dataclass(frozen=True)
+class RunSelection:
+    """The runs a deletion names: by id, else a collection's runs stored before
+    `ingested_before` (epoch seconds; None: all of them)."""
+
+    run_ids: Sequence[str] = ()
+    collection_id: str = ""
+    ingested_before: float | None = None
+
+
+class DoomedRun(NamedTuple):
+    """A run chosen for deletion."""
+
+    seq: int
+    id: str
+    collection_id: str
+
+
+class LeasedTaskOfRun(NamedTuple):
+    """A leased task of a run chosen for deletion."""
+
+    task_id: int
+    run_id: str
+    workflow: str
+    stage: str
+
+
+class Deleted(NamedTuple):
+    """What one deletion transaction removed, and whether its selection holds more."""
+
+    run_ids: list[str]
+    tasks: int
+    """Tasks deleted with the runs, in every workflow."""
+    revoked: list[EndedLease]
+    """Leases a forced deletion ended (their tasks cancelled, then deleted)."""
+    more: bool

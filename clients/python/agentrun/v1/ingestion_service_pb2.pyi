@@ -186,6 +186,7 @@ class Collection(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     RUN_COUNT_FIELD_NUMBER: _builtins.int
     ENTER_WORKFLOW_ON_ABANDON_FIELD_NUMBER: _builtins.int
+    RETENTION_DAYS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (a uuid4 string)."""
     name: _builtins.str
@@ -204,6 +205,11 @@ class Collection(_message.Message):
     enters its workflow once: one that entered when abandoned and then finishes does not enter
     again (its stages read it as it stands when they lease it).
     """
+    retention_days: _builtins.int
+    """Days a run is kept after it is stored (its ingest time); 0: kept until deleted. Every
+    server sweeps expired runs away every few minutes, as DeleteAgentRuns would, skipping a run
+    while a task of it is leased (deleted at a later sweep).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the collection was created."""
@@ -218,10 +224,11 @@ class Collection(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         run_count: _builtins.int = ...,
         enter_workflow_on_abandon: _builtins.bool = ...,
+        retention_days: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "enter_workflow_on_abandon", b"enter_workflow_on_abandon", "id", b"id", "name", b"name", "run_count", b"run_count", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "enter_workflow_on_abandon", b"enter_workflow_on_abandon", "id", b"id", "name", b"name", "retention_days", b"retention_days", "run_count", b"run_count", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -237,6 +244,7 @@ class CreateCollectionRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     WORKFLOW_FIELD_NUMBER: _builtins.int
     ENTER_WORKFLOW_ON_ABANDON_FIELD_NUMBER: _builtins.int
+    RETENTION_DAYS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the collection; 1 to 256 bytes. A collection with this name is returned if it exists."""
     description: _builtins.str
@@ -245,6 +253,10 @@ class CreateCollectionRequest(_message.Message):
     """Optional workflow to bind the collection to. MUST name an applied workflow."""
     enter_workflow_on_abandon: _builtins.bool
     """See Collection.enter_workflow_on_abandon; used only when the collection is created."""
+    retention_days: _builtins.int
+    """See Collection.retention_days (at most 36,500); used only when the collection is created
+    (UpdateCollection changes it).
+    """
     def __init__(
         self,
         *,
@@ -252,10 +264,11 @@ class CreateCollectionRequest(_message.Message):
         description: _builtins.str = ...,
         workflow: _builtins.str = ...,
         enter_workflow_on_abandon: _builtins.bool = ...,
+        retention_days: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "enter_workflow_on_abandon", b"enter_workflow_on_abandon", "name", b"name", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "enter_workflow_on_abandon", b"enter_workflow_on_abandon", "name", b"name", "retention_days", b"retention_days", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -894,6 +907,213 @@ class CountAgentRunsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CountAgentRunsResponse: _TypeAlias = CountAgentRunsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateCollectionRequest(_message.Message):
+    """Request of UpdateCollection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    RETENTION_DAYS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Collection id."""
+    name: _builtins.str
+    """Collection name."""
+    description: _builtins.str
+    """The new description, when set."""
+    retention_days: _builtins.int
+    """The new retention in days (0: kept until deleted; at most 36,500), when set."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        description: _builtins.str | None = ...,
+        retention_days: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_retention_days", b"_retention_days", "description", b"description", "id", b"id", "name", b"name", "retention_days", b"retention_days", "selector", b"selector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_retention_days", b"_retention_days", "description", b"description", "id", b"id", "name", b"name", "retention_days", b"retention_days", "selector", b"selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
+    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    _WhichOneofReturnType__retention_days: _TypeAlias = _typing.Literal["retention_days"]  # noqa: Y015
+    _WhichOneofArgType__retention_days: _TypeAlias = _typing.Literal["_retention_days", b"_retention_days"]  # noqa: Y015
+    _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["id", "name"]  # noqa: Y015
+    _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retention_days) -> _WhichOneofReturnType__retention_days | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_selector) -> _WhichOneofReturnType_selector | None: ...
+
+Global___UpdateCollectionRequest: _TypeAlias = UpdateCollectionRequest  # noqa: Y015
+
+@_typing.final
+class UpdateCollectionResponse(_message.Message):
+    """Response of UpdateCollection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def collection(self) -> Global___Collection:
+        """The collection as it is now."""
+
+    def __init__(
+        self,
+        *,
+        collection: Global___Collection | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCollectionResponse: _TypeAlias = UpdateCollectionResponse  # noqa: Y015
+
+@_typing.final
+class DeleteCollectionRequest(_message.Message):
+    """Request of DeleteCollection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Collection id."""
+    name: _builtins.str
+    """Collection name."""
+    force: _builtins.bool
+    """Cancel the leased tasks of its runs (revoking the leases) rather than refuse."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "name", b"name", "selector", b"selector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "id", b"id", "name", b"name", "selector", b"selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["id", "name"]  # noqa: Y015
+    _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_selector) -> _WhichOneofReturnType_selector | None: ...
+
+Global___DeleteCollectionRequest: _TypeAlias = DeleteCollectionRequest  # noqa: Y015
+
+@_typing.final
+class DeleteCollectionResponse(_message.Message):
+    """Response of DeleteCollection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_RUN_COUNT_FIELD_NUMBER: _builtins.int
+    DELETED_TASK_COUNT_FIELD_NUMBER: _builtins.int
+    REVOKED_LEASE_COUNT_FIELD_NUMBER: _builtins.int
+    deleted_run_count: _builtins.int
+    """Runs deleted."""
+    deleted_task_count: _builtins.int
+    """Tasks deleted, in every workflow."""
+    revoked_lease_count: _builtins.int
+    """Leases revoked (with `force`)."""
+    def __init__(
+        self,
+        *,
+        deleted_run_count: _builtins.int = ...,
+        deleted_task_count: _builtins.int = ...,
+        revoked_lease_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_run_count", b"deleted_run_count", "deleted_task_count", b"deleted_task_count", "revoked_lease_count", b"revoked_lease_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCollectionResponse: _TypeAlias = DeleteCollectionResponse  # noqa: Y015
+
+@_typing.final
+class DeleteAgentRunsRequest(_message.Message):
+    """Request of DeleteAgentRuns. Exactly one selection MUST be given: `agent_run_ids`, or
+    `collection_id` with `ingested_before`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_RUN_IDS_FIELD_NUMBER: _builtins.int
+    COLLECTION_ID_FIELD_NUMBER: _builtins.int
+    INGESTED_BEFORE_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    collection_id: _builtins.str
+    """The collection whose runs stored before `ingested_before` are deleted."""
+    force: _builtins.bool
+    """Cancel the leased tasks of the selected runs (revoking the leases) rather than refuse."""
+    @_builtins.property
+    def agent_run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Runs by id, 1 to 1,000 of them."""
+
+    @_builtins.property
+    def ingested_before(self) -> _timestamp_pb2.Timestamp:
+        """With `collection_id`: delete its runs stored (ingest_time) before this time."""
+
+    def __init__(
+        self,
+        *,
+        agent_run_ids: _abc.Iterable[_builtins.str] | None = ...,
+        collection_id: _builtins.str = ...,
+        ingested_before: _timestamp_pb2.Timestamp | None = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ingested_before", b"ingested_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_ids", b"agent_run_ids", "collection_id", b"collection_id", "force", b"force", "ingested_before", b"ingested_before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAgentRunsRequest: _TypeAlias = DeleteAgentRunsRequest  # noqa: Y015
+
+@_typing.final
+class DeleteAgentRunsResponse(_message.Message):
+    """Response of DeleteAgentRuns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_RUN_COUNT_FIELD_NUMBER: _builtins.int
+    DELETED_TASK_COUNT_FIELD_NUMBER: _builtins.int
+    REVOKED_LEASE_COUNT_FIELD_NUMBER: _builtins.int
+    NOT_FOUND_AGENT_RUN_IDS_FIELD_NUMBER: _builtins.int
+    deleted_run_count: _builtins.int
+    """Runs deleted."""
+    deleted_task_count: _builtins.int
+    """Tasks deleted, in every workflow."""
+    revoked_lease_count: _builtins.int
+    """Leases revoked (with `force`)."""
+    @_builtins.property
+    def not_found_agent_run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of `agent_run_ids` that named no run (already deleted, or never stored)."""
+
+    def __init__(
+        self,
+        *,
+        deleted_run_count: _builtins.int = ...,
+        deleted_task_count: _builtins.int = ...,
+        revoked_lease_count: _builtins.int = ...,
+        not_found_agent_run_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_run_count", b"deleted_run_count", "deleted_task_count", b"deleted_task_count", "not_found_agent_run_ids", b"not_found_agent_run_ids", "revoked_lease_count", b"revoked_lease_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAgentRunsResponse: _TypeAlias = DeleteAgentRunsResponse  # noqa: Y015
 
 @_typing.final
 class WatchAgentRunRequest(_message.Message):

@@ -81,6 +81,21 @@ class IngestionServiceStub:
                 request_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.CountAgentRunsRequest.SerializeToString,
                 response_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.CountAgentRunsResponse.FromString,
                 _registered_method=True)
+        self.UpdateCollection = channel.unary_unary(
+                '/agentrun.v1.IngestionService/UpdateCollection',
+                request_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.UpdateCollectionRequest.SerializeToString,
+                response_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.UpdateCollectionResponse.FromString,
+                _registered_method=True)
+        self.DeleteCollection = channel.unary_unary(
+                '/agentrun.v1.IngestionService/DeleteCollection',
+                request_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.DeleteCollectionRequest.SerializeToString,
+                response_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.DeleteCollectionResponse.FromString,
+                _registered_method=True)
+        self.DeleteAgentRuns = channel.unary_unary(
+                '/agentrun.v1.IngestionService/DeleteAgentRuns',
+                request_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.DeleteAgentRunsRequest.SerializeToString,
+                response_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.DeleteAgentRunsResponse.FromString,
+                _registered_method=True)
 
 
 class IngestionServiceServicer:
@@ -181,6 +196,42 @@ class IngestionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateCollection(self, request, context):
+        """Changes a collection's description or retention (the fields set; the rest kept). A shorter
+        retention takes effect at the server's next retention sweep (within a few minutes).
+        Errors: NOT_FOUND; INVALID_ARGUMENT for a retention over 36,500 days or a description over
+        its limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCollection(self, request, context):
+        """Deletes a collection: its runs (with their events and index rows) and their tasks in every
+        workflow, some hundreds of runs per transaction, then the collection itself, whose name is
+        then free. Refused while a task of one of its runs is leased (FAILED_PRECONDITION saying how
+        many and in which stages) unless `force`, which cancels those tasks first and revokes their
+        leases (a worker's settle of one is then answered NOT_FOUND). A call cut short (its
+        deadline, a server stopping) leaves the runs it reached deleted and the rest in place: call
+        it again to finish. Audited. Errors: NOT_FOUND; FAILED_PRECONDITION as said.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAgentRuns(self, request, context):
+        """Deletes runs (with their events, index rows and tasks in every workflow): by id, or a
+        collection's runs stored before a time. Refused, deleting nothing, while a task of a
+        selected run is leased (FAILED_PRECONDITION saying how many and in which stages) unless
+        `force`, which cancels those tasks first and revokes their leases. Deleting by age goes some
+        hundreds of runs per transaction; a call cut short leaves the rest: call it again. Audited.
+        Errors: INVALID_ARGUMENT for neither or both selections, or over 1,000 ids; NOT_FOUND for
+        an unknown collection; FAILED_PRECONDITION as said.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +279,21 @@ def add_IngestionServiceServicer_to_server(servicer, server):
                     servicer.CountAgentRuns,
                     request_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.CountAgentRunsRequest.FromString,
                     response_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.CountAgentRunsResponse.SerializeToString,
+            ),
+            'UpdateCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateCollection,
+                    request_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.UpdateCollectionRequest.FromString,
+                    response_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.UpdateCollectionResponse.SerializeToString,
+            ),
+            'DeleteCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCollection,
+                    request_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.DeleteCollectionRequest.FromString,
+                    response_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.DeleteCollectionResponse.SerializeToString,
+            ),
+            'DeleteAgentRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAgentRuns,
+                    request_deserializer=agentrun_dot_v1_dot_ingestion__service__pb2.DeleteAgentRunsRequest.FromString,
+                    response_serializer=agentrun_dot_v1_dot_ingestion__service__pb2.DeleteAgentRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -475,6 +541,87 @@ class IngestionService:
             '/agentrun.v1.IngestionService/CountAgentRuns',
             agentrun_dot_v1_dot_ingestion__service__pb2.CountAgentRunsRequest.SerializeToString,
             agentrun_dot_v1_dot_ingestion__service__pb2.CountAgentRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentrun.v1.IngestionService/UpdateCollection',
+            agentrun_dot_v1_dot_ingestion__service__pb2.UpdateCollectionRequest.SerializeToString,
+            agentrun_dot_v1_dot_ingestion__service__pb2.UpdateCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentrun.v1.IngestionService/DeleteCollection',
+            agentrun_dot_v1_dot_ingestion__service__pb2.DeleteCollectionRequest.SerializeToString,
+            agentrun_dot_v1_dot_ingestion__service__pb2.DeleteCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAgentRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentrun.v1.IngestionService/DeleteAgentRuns',
+            agentrun_dot_v1_dot_ingestion__service__pb2.DeleteAgentRunsRequest.SerializeToString,
+            agentrun_dot_v1_dot_ingestion__service__pb2.DeleteAgentRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -87,6 +87,30 @@ class IngestionServiceStub:
     """
     CountAgentRuns: _grpc.UnaryUnaryMultiCallable[_ingestion_service_pb2.CountAgentRunsRequest, _ingestion_service_pb2.CountAgentRunsResponse]
     """Counts the runs of a collection."""
+    UpdateCollection: _grpc.UnaryUnaryMultiCallable[_ingestion_service_pb2.UpdateCollectionRequest, _ingestion_service_pb2.UpdateCollectionResponse]
+    """Changes a collection's description or retention (the fields set; the rest kept). A shorter
+    retention takes effect at the server's next retention sweep (within a few minutes).
+    Errors: NOT_FOUND; INVALID_ARGUMENT for a retention over 36,500 days or a description over
+    its limit.
+    """
+    DeleteCollection: _grpc.UnaryUnaryMultiCallable[_ingestion_service_pb2.DeleteCollectionRequest, _ingestion_service_pb2.DeleteCollectionResponse]
+    """Deletes a collection: its runs (with their events and index rows) and their tasks in every
+    workflow, some hundreds of runs per transaction, then the collection itself, whose name is
+    then free. Refused while a task of one of its runs is leased (FAILED_PRECONDITION saying how
+    many and in which stages) unless `force`, which cancels those tasks first and revokes their
+    leases (a worker's settle of one is then answered NOT_FOUND). A call cut short (its
+    deadline, a server stopping) leaves the runs it reached deleted and the rest in place: call
+    it again to finish. Audited. Errors: NOT_FOUND; FAILED_PRECONDITION as said.
+    """
+    DeleteAgentRuns: _grpc.UnaryUnaryMultiCallable[_ingestion_service_pb2.DeleteAgentRunsRequest, _ingestion_service_pb2.DeleteAgentRunsResponse]
+    """Deletes runs (with their events, index rows and tasks in every workflow): by id, or a
+    collection's runs stored before a time. Refused, deleting nothing, while a task of a
+    selected run is leased (FAILED_PRECONDITION saying how many and in which stages) unless
+    `force`, which cancels those tasks first and revokes their leases. Deleting by age goes some
+    hundreds of runs per transaction; a call cut short leaves the rest: call it again. Audited.
+    Errors: INVALID_ARGUMENT for neither or both selections, or over 1,000 ids; NOT_FOUND for
+    an unknown collection; FAILED_PRECONDITION as said.
+    """
 
 @_typing.type_check_only
 class IngestionServiceAsyncStub(IngestionServiceStub):
@@ -147,6 +171,30 @@ class IngestionServiceAsyncStub(IngestionServiceStub):
     """
     CountAgentRuns: _aio.UnaryUnaryMultiCallable[_ingestion_service_pb2.CountAgentRunsRequest, _ingestion_service_pb2.CountAgentRunsResponse]  # type: ignore[assignment]
     """Counts the runs of a collection."""
+    UpdateCollection: _aio.UnaryUnaryMultiCallable[_ingestion_service_pb2.UpdateCollectionRequest, _ingestion_service_pb2.UpdateCollectionResponse]  # type: ignore[assignment]
+    """Changes a collection's description or retention (the fields set; the rest kept). A shorter
+    retention takes effect at the server's next retention sweep (within a few minutes).
+    Errors: NOT_FOUND; INVALID_ARGUMENT for a retention over 36,500 days or a description over
+    its limit.
+    """
+    DeleteCollection: _aio.UnaryUnaryMultiCallable[_ingestion_service_pb2.DeleteCollectionRequest, _ingestion_service_pb2.DeleteCollectionResponse]  # type: ignore[assignment]
+    """Deletes a collection: its runs (with their events and index rows) and their tasks in every
+    workflow, some hundreds of runs per transaction, then the collection itself, whose name is
+    then free. Refused while a task of one of its runs is leased (FAILED_PRECONDITION saying how
+    many and in which stages) unless `force`, which cancels those tasks first and revokes their
+    leases (a worker's settle of one is then answered NOT_FOUND). A call cut short (its
+    deadline, a server stopping) leaves the runs it reached deleted and the rest in place: call
+    it again to finish. Audited. Errors: NOT_FOUND; FAILED_PRECONDITION as said.
+    """
+    DeleteAgentRuns: _aio.UnaryUnaryMultiCallable[_ingestion_service_pb2.DeleteAgentRunsRequest, _ingestion_service_pb2.DeleteAgentRunsResponse]  # type: ignore[assignment]
+    """Deletes runs (with their events, index rows and tasks in every workflow): by id, or a
+    collection's runs stored before a time. Refused, deleting nothing, while a task of a
+    selected run is leased (FAILED_PRECONDITION saying how many and in which stages) unless
+    `force`, which cancels those tasks first and revokes their leases. Deleting by age goes some
+    hundreds of runs per transaction; a call cut short leaves the rest: call it again. Audited.
+    Errors: INVALID_ARGUMENT for neither or both selections, or over 1,000 ids; NOT_FOUND for
+    an unknown collection; FAILED_PRECONDITION as said.
+    """
 
 class IngestionServiceServicer(metaclass=_abc_1.ABCMeta):
     """The ingestion service: agents and eval harnesses stream AgentRuns to it in batches; each run is
@@ -258,5 +306,47 @@ class IngestionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ingestion_service_pb2.CountAgentRunsResponse, _abc.Awaitable[_ingestion_service_pb2.CountAgentRunsResponse]]:
         """Counts the runs of a collection."""
+
+    @_abc_1.abstractmethod
+    def UpdateCollection(
+        self,
+        request: _ingestion_service_pb2.UpdateCollectionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingestion_service_pb2.UpdateCollectionResponse, _abc.Awaitable[_ingestion_service_pb2.UpdateCollectionResponse]]:
+        """Changes a collection's description or retention (the fields set; the rest kept). A shorter
+        retention takes effect at the server's next retention sweep (within a few minutes).
+        Errors: NOT_FOUND; INVALID_ARGUMENT for a retention over 36,500 days or a description over
+        its limit.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteCollection(
+        self,
+        request: _ingestion_service_pb2.DeleteCollectionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingestion_service_pb2.DeleteCollectionResponse, _abc.Awaitable[_ingestion_service_pb2.DeleteCollectionResponse]]:
+        """Deletes a collection: its runs (with their events and index rows) and their tasks in every
+        workflow, some hundreds of runs per transaction, then the collection itself, whose name is
+        then free. Refused while a task of one of its runs is leased (FAILED_PRECONDITION saying how
+        many and in which stages) unless `force`, which cancels those tasks first and revokes their
+        leases (a worker's settle of one is then answered NOT_FOUND). A call cut short (its
+        deadline, a server stopping) leaves the runs it reached deleted and the rest in place: call
+        it again to finish. Audited. Errors: NOT_FOUND; FAILED_PRECONDITION as said.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteAgentRuns(
+        self,
+        request: _ingestion_service_pb2.DeleteAgentRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingestion_service_pb2.DeleteAgentRunsResponse, _abc.Awaitable[_ingestion_service_pb2.DeleteAgentRunsResponse]]:
+        """Deletes runs (with their events, index rows and tasks in every workflow): by id, or a
+        collection's runs stored before a time. Refused, deleting nothing, while a task of a
+        selected run is leased (FAILED_PRECONDITION saying how many and in which stages) unless
+        `force`, which cancels those tasks first and revokes their leases. Deleting by age goes some
+        hundreds of runs per transaction; a call cut short leaves the rest: call it again. Audited.
+        Errors: INVALID_ARGUMENT for neither or both selections, or over 1,000 ids; NOT_FOUND for
+        an unknown collection; FAILED_PRECONDITION as said.
+        """
 
 def add_IngestionServiceServicer_to_server(servicer: IngestionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -13,5 +13,6 @@ thread holds the connection (`storage.sqlite._engine.run_to_end`).
 - `tasks`: enqueue, claim, complete, fail, extend, release.
 - `leases`: streams that end, workers that resume, heartbeats, the sweep, cancel and redrive.
 - `reads`: the backlog and pages of tasks.
+- `deletion`: deleting runs and collections, by request and by retention.
 - `keys`: API keys.
 """

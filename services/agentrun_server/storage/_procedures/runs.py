@@ -6,7 +6,7 @@ import dataclasses
 import uuid
 from collections.abc import Callable, Sequence
 
-from agentrun_server._errors import FailedPrecondition, NotFound
+from agentrun_server._errors import FailedPrecondition, NotFound, Unavailable
 from agentrun_server.storage._procedures.reads import sized_page
 from agentrun_server.storage._procedures.workflows import WorkflowCache
 from agentrun_server.storage._statements import Statements
@@ -31,6 +31,7 @@ async def create_collection(
     workflow: str,
     now: float,
     enter_on_abandon: bool = False,
+    retention_days: int = 0,
 ) -> CollectionPut:
     """See `Storage.create_collection`."""
     if workflow:
@@ -40,12 +41,22 @@ async def create_collection(
         collection_id, name, description, workflow, enter_on_abandon, now
     )
     if created_at is not None:
+        if retention_days:
+            await db.update_collection(collection_id, None, retention_days)
         made = Collection(
-            collection_id, name, description, workflow, created_at, 0, enter_on_abandon
+            collection_id,
+            name,
+            description,
+            workflow,
+            created_at,
+            0,
+            enter_on_abandon,
+            retention_days,
         )
         return CollectionPut(made, True)
     existing = await db.collection("name", name)
-    assert existing is not None  # a collection is never deleted
+    if existing is None:  # deleted since the insert found the name taken (PostgreSQL)
+        raise Unavailable(f"collection {name!r} was being deleted; create it again")
     if workflow and existing.workflow != workflow:
         bound = repr(existing.workflow) if existing.workflow else "no workflow"
         raise FailedPrecondition(f"collection {name!r} exists bound to {bound}, not {workflow!r}")

@@ -28,8 +28,15 @@ NOW = "coalesce(%(now)s::float8, extract(epoch from now()))"
 """The current time in epoch seconds: the caller's (`now` parameter) or the database's."""
 RETRIES = 3
 """Transactions aborted by a deadlock or a serialization failure run again this many times."""
-# A unique violation only races a redrive with a run enqueued meanwhile: running it again skips it.
-_RETRIED = (errors.DeadlockDetected, errors.SerializationFailure, errors.UniqueViolation)
+# A unique violation only races a redrive with a run enqueued meanwhile, a foreign key violation a
+# write with a deletion of what it refers to (a run stored into a collection being deleted): run
+# again, each sees what the other did.
+_RETRIED = (
+    errors.DeadlockDetected,
+    errors.SerializationFailure,
+    errors.UniqueViolation,
+    errors.ForeignKeyViolation,
+)
 
 
 class Engine:

@@ -20,6 +20,7 @@ from agentrun_server.storage._rules import NOTHING_TO_ENTER, Candidate, SettleRo
 from agentrun_server.storage._run_query import LISTED_RUN_COLUMNS, runs_sql
 from agentrun_server.storage._statements import (
     COLLECTION_COLUMNS,
+    ENDED_STATES,
     KEY_COLUMNS,
     RUN_COLUMNS,
     SETTLE_COLUMNS,
@@ -40,14 +41,17 @@ from agentrun_server.storage._types import (
     AttemptFailureRecord,
     Collection,
     Completion,
+    DoomedRun,
     EndedLease,
     Facet,
     LeasedTask,
+    LeasedTaskOfRun,
     NewEvent,
     NewRun,
     Release,
     Revocation,
     RunQuery,
+    RunSelection,
     StageDef,
     StoredRun,
     TaskRecord,
@@ -94,6 +98,19 @@ def _selection(selection: TaskSelection) -> tuple[str, dict[str, Any]]:
         "workflow": selection.workflow,
         "stages": list(selection.stages),
     }
+
+
+def _runs_selected(selection: RunSelection, alias: str) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause of the runs a deletion names (agent_runs as `alias`), and its
+    parameters."""
+    if selection.run_ids:
+        return f"{alias}.id = ANY(%(ids)s)", {"ids": list(selection.run_ids)}
+    where = f"{alias}.collection_id = %(collection)s"
+    params: dict[str, Any] = {"collection": selection.collection_id}
+    if selection.ingested_before is not None:
+        where += f" AND {alias}.ingested_at < %(before)s"
+        params["before"] = selection.ingested_before
+    return where, params
 
 
 class PostgresStatements:
@@ -276,6 +293,92 @@ class PostgresStatements:
     async def run_count(self, collection_id: str) -> int:
         row = await self._one("SELECT run_count FROM collections WHERE id = %s", (collection_id,))
         return int(row[0]) if row else 0
+
+    # --- deletion -------------------------------------------------------------------------------
+
+    async def update_collection(
+        self, collection_id: str, description: str | None, retention_days: int | None
+    ) -> bool:
+        cursor = await self._conn.execute(
+            "UPDATE collections SET description = coalesce(%s, description), "
+            "retention_days = coalesce(%s, retention_days) WHERE id = %s",
+            (description, retention_days, collection_id),
+        )
+        return bool(cursor.rowcount)
+
+    async def retained_collections(self) -> list[tuple[str, int]]:
+        return await self._all(
+            "SELECT id, retention_days FROM collections WHERE retention_days > 0"
+        )
+
+    async def runs_to_delete(
+        self, selection: RunSelection, limit: int, skip_leased: bool
+    ) -> list[DoomedRun]:
+        where, params = _runs_selected(selection, "r")
+        free = (
+            " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.agent_run_id = r.id "
+            "AND t.state = 'leased')"
+            if skip_leased
+            else ""
+        )
+        # Replicas sweeping at once take different runs (SKIP LOCKED).
+        rows = await self._all(
+            f"SELECT r.seq, r.id, r.collection_id FROM agent_runs r WHERE {where}{free} "
+            "ORDER BY r.seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED",
+            {**params, "limit": limit},
+        )
+        return [DoomedRun._make(row) for row in rows]
+
+    async def leased_tasks(self, selection: RunSelection) -> list[LeasedTaskOfRun]:
+        where, params = _runs_selected(selection, "r")
+        rows = await self._all(
+            "SELECT t.id, t.agent_run_id, t.workflow, t.stage FROM tasks t "
+            f"JOIN agent_runs r ON r.id = t.agent_run_id WHERE t.state = 'leased' AND {where} "
+            "ORDER BY t.id FOR UPDATE OF t",
+            params,
+        )
+        return [LeasedTaskOfRun._make(row) for row in rows]
+
+    async def delete_runs(self, runs: Sequence[DoomedRun]) -> int:
+        ids = [run.id for run in runs]
+        tasks = await self._all(
+            "DELETE FROM tasks WHERE agent_run_id = ANY(%s) RETURNING id, workflow, stage, state",
+            (ids,),
+        )
+        ended: dict[tuple[str, str, str], int] = {}
+        for _, workflow, stage, state in tasks:
+            if state in ENDED_STATES:
+                ended[(workflow, stage, state)] = ended.get((workflow, stage, state), 0) - 1
+        await self._count(ended)
+        if tasks:
+            await self._conn.execute(
+                "DELETE FROM task_failures WHERE task_id = ANY(%s)", ([t[0] for t in tasks],)
+            )
+        await self._conn.execute(
+            "DELETE FROM agent_run_events WHERE agent_run_id = ANY(%s)", (ids,)
+        )
+        await self._conn.execute(
+            "DELETE FROM agent_runs WHERE seq = ANY(%s)", ([run.seq for run in runs],)
+        )
+        by_collection: dict[str, int] = {}
+        for run in runs:
+            by_collection[run.collection_id] = by_collection.get(run.collection_id, 0) + 1
+        await self._conn.execute(
+            "UPDATE collections c SET run_count = run_count - d.n "
+            "FROM unnest(%s::text[], %s::bigint[]) AS d(id, n) WHERE c.id = d.id",
+            (list(by_collection), list(by_collection.values())),
+        )
+        return len(tasks)
+
+    async def delete_collection(self, collection_id: str) -> bool:
+        # A run stored meanwhile by a transaction this one cannot see fails the foreign key
+        # check: the engine runs the transaction again, which then sees the run.
+        cursor = await self._conn.execute(
+            "DELETE FROM collections WHERE id = %s AND NOT EXISTS "
+            "(SELECT 1 FROM agent_runs WHERE collection_id = %s)",
+            (collection_id, collection_id),
+        )
+        return bool(cursor.rowcount)
 
     # --- live runs ------------------------------------------------------------------------------
 

@@ -137,6 +137,11 @@ def connect(
     pragma, "normal" or "full"; see `SqliteConfig`)."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")
+    if not read_only and conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+        # A new file gives deleted runs' pages back (`SqliteStorage.reclaim_space`); the mode is
+        # fixed by the first table and by WAL's header, so it comes first (an older file:
+        # `agentrun migrate --vacuum`).
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[synchronous]}")
     conn.execute("PRAGMA foreign_keys = ON")

@@ -22,6 +22,7 @@ from agentrun_server.storage._rules import NOTHING_TO_ENTER, Candidate, SettleRo
 from agentrun_server.storage._run_query import LISTED_RUN_COLUMNS, runs_sql
 from agentrun_server.storage._statements import (
     COLLECTION_COLUMNS,
+    ENDED_STATES,
     KEY_COLUMNS,
     RUN_COLUMNS,
     SETTLE_COLUMNS,
@@ -42,14 +43,17 @@ from agentrun_server.storage._types import (
     AttemptFailureRecord,
     Collection,
     Completion,
+    DoomedRun,
     EndedLease,
     Facet,
     LeasedTask,
+    LeasedTaskOfRun,
     NewEvent,
     NewRun,
     Release,
     Revocation,
     RunQuery,
+    RunSelection,
     StageDef,
     StoredRun,
     TaskRecord,
@@ -256,6 +260,103 @@ class SqliteStatements:
             "SELECT run_count FROM collections WHERE id = ?", (collection_id,)
         ).fetchone()
         return int(row[0]) if row else 0
+
+    # --- deletion -------------------------------------------------------------------------------
+
+    async def update_collection(
+        self, collection_id: str, description: str | None, retention_days: int | None
+    ) -> bool:
+        changes = {"description": description, "retention_days": retention_days}
+        given = {column: value for column, value in changes.items() if value is not None}
+        sets = ", ".join(f"{column} = ?" for column in given) or "id = id"
+        moved = self._db.execute(
+            f"UPDATE collections SET {sets} WHERE id = ?", (*given.values(), collection_id)
+        ).rowcount
+        return bool(moved)
+
+    async def retained_collections(self) -> list[tuple[str, int]]:
+        return self._db.execute(
+            "SELECT id, retention_days FROM collections WHERE retention_days > 0"
+        ).fetchall()
+
+    async def runs_to_delete(
+        self, selection: RunSelection, limit: int, skip_leased: bool
+    ) -> list[DoomedRun]:
+        free = (
+            " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.agent_run_id = r.id "
+            "AND t.state = 'leased')"
+            if skip_leased
+            else ""
+        )
+        if selection.run_ids:
+            rows = select_in(
+                self._db,
+                f"SELECT seq, id, collection_id FROM agent_runs r WHERE id IN ({{ids}}){free}",
+                selection.run_ids,
+            )
+            return [DoomedRun._make(row) for row in sorted(rows)[:limit]]
+        before = "" if selection.ingested_before is None else " AND ingested_at < ?"
+        args: list[Any] = [selection.collection_id]
+        if selection.ingested_before is not None:
+            args.append(selection.ingested_before)
+        rows = self._db.execute(
+            "SELECT seq, id, collection_id FROM agent_runs r "
+            f"WHERE collection_id = ?{before}{free} ORDER BY seq LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+        return [DoomedRun._make(row) for row in rows]
+
+    async def leased_tasks(self, selection: RunSelection) -> list[LeasedTaskOfRun]:
+        columns = "t.id, t.agent_run_id, t.workflow, t.stage"
+        if selection.run_ids:
+            rows = select_in(
+                self._db,
+                f"SELECT {columns} FROM tasks t WHERE t.state = 'leased' "
+                "AND t.agent_run_id IN ({ids})",
+                selection.run_ids,
+            )
+        else:
+            before = "" if selection.ingested_before is None else " AND r.ingested_at < ?"
+            args: list[Any] = [selection.collection_id]
+            if selection.ingested_before is not None:
+                args.append(selection.ingested_before)
+            rows = self._db.execute(
+                f"SELECT {columns} FROM tasks t JOIN agent_runs r ON r.id = t.agent_run_id "
+                f"WHERE t.state = 'leased' AND t.collection_id = ?{before}",
+                args,
+            ).fetchall()
+        return [LeasedTaskOfRun._make(row) for row in rows]
+
+    async def delete_runs(self, runs: Sequence[DoomedRun]) -> int:
+        ids = [run.id for run in runs]
+        tasks = select_in(
+            self._db,
+            "DELETE FROM tasks WHERE agent_run_id IN ({ids}) RETURNING id, workflow, stage, state",
+            ids,
+        )
+        ended: Counter[CountKey] = Counter()
+        for _, workflow, stage, state in tasks:
+            if state in ENDED_STATES:
+                ended[(workflow, stage, state)] -= 1
+        self._counts(ended)
+        select_in(
+            self._db, "DELETE FROM task_failures WHERE task_id IN ({ids})", [t[0] for t in tasks]
+        )
+        select_in(self._db, "DELETE FROM agent_run_events WHERE agent_run_id IN ({ids})", ids)
+        select_in(self._db, "DELETE FROM agent_runs WHERE seq IN ({ids})", [r.seq for r in runs])
+        self._db.executemany(
+            "UPDATE collections SET run_count = run_count - ? WHERE id = ?",
+            [(n, c) for c, n in Counter(run.collection_id for run in runs).items()],
+        )
+        return len(tasks)
+
+    async def delete_collection(self, collection_id: str) -> bool:
+        moved = self._db.execute(
+            "DELETE FROM collections WHERE id = ? AND NOT EXISTS "
+            "(SELECT 1 FROM agent_runs WHERE collection_id = ?)",
+            (collection_id, collection_id),
+        ).rowcount
+        return bool(moved)
 
     # --- live runs ------------------------------------------------------------------------------
 

@@ -70,6 +70,15 @@ export declare type Collection = Message<"agentrun.v1.Collection"> & {
    * @generated from field: bool enter_workflow_on_abandon = 7;
    */
   enterWorkflowOnAbandon: boolean;
+
+  /**
+   * Days a run is kept after it is stored (its ingest time); 0: kept until deleted. Every
+   * server sweeps expired runs away every few minutes, as DeleteAgentRuns would, skipping a run
+   * while a task of it is leased (deleted at a later sweep).
+   *
+   * @generated from field: uint32 retention_days = 8;
+   */
+  retentionDays: number;
 };
 
 /**
@@ -111,6 +120,14 @@ export declare type CreateCollectionRequest = Message<"agentrun.v1.CreateCollect
    * @generated from field: bool enter_workflow_on_abandon = 4;
    */
   enterWorkflowOnAbandon: boolean;
+
+  /**
+   * See Collection.retention_days (at most 36,500); used only when the collection is created
+   * (UpdateCollection changes it).
+   *
+   * @generated from field: uint32 retention_days = 5;
+   */
+  retentionDays: number;
 };
 
 /**
@@ -799,6 +816,236 @@ export declare type CountAgentRunsResponse = Message<"agentrun.v1.CountAgentRuns
 export declare const CountAgentRunsResponseSchema: GenMessage<CountAgentRunsResponse>;
 
 /**
+ * Request of UpdateCollection.
+ *
+ * @generated from message agentrun.v1.UpdateCollectionRequest
+ */
+export declare type UpdateCollectionRequest = Message<"agentrun.v1.UpdateCollectionRequest"> & {
+  /**
+   * Which collection. Exactly one MUST be set.
+   *
+   * @generated from oneof agentrun.v1.UpdateCollectionRequest.selector
+   */
+  selector: {
+    /**
+     * Collection id.
+     *
+     * @generated from field: string id = 1;
+     */
+    value: string;
+    case: "id";
+  } | {
+    /**
+     * Collection name.
+     *
+     * @generated from field: string name = 2;
+     */
+    value: string;
+    case: "name";
+  } | { case: undefined; value?: undefined };
+
+  /**
+   * The new description, when set.
+   *
+   * @generated from field: optional string description = 3;
+   */
+  description?: string | undefined;
+
+  /**
+   * The new retention in days (0: kept until deleted; at most 36,500), when set.
+   *
+   * @generated from field: optional uint32 retention_days = 4;
+   */
+  retentionDays?: number | undefined;
+};
+
+/**
+ * Describes the message agentrun.v1.UpdateCollectionRequest.
+ * Use `create(UpdateCollectionRequestSchema)` to create a new message.
+ */
+export declare const UpdateCollectionRequestSchema: GenMessage<UpdateCollectionRequest>;
+
+/**
+ * Response of UpdateCollection.
+ *
+ * @generated from message agentrun.v1.UpdateCollectionResponse
+ */
+export declare type UpdateCollectionResponse = Message<"agentrun.v1.UpdateCollectionResponse"> & {
+  /**
+   * The collection as it is now.
+   *
+   * @generated from field: agentrun.v1.Collection collection = 1;
+   */
+  collection?: Collection | undefined;
+};
+
+/**
+ * Describes the message agentrun.v1.UpdateCollectionResponse.
+ * Use `create(UpdateCollectionResponseSchema)` to create a new message.
+ */
+export declare const UpdateCollectionResponseSchema: GenMessage<UpdateCollectionResponse>;
+
+/**
+ * Request of DeleteCollection.
+ *
+ * @generated from message agentrun.v1.DeleteCollectionRequest
+ */
+export declare type DeleteCollectionRequest = Message<"agentrun.v1.DeleteCollectionRequest"> & {
+  /**
+   * Which collection. Exactly one MUST be set.
+   *
+   * @generated from oneof agentrun.v1.DeleteCollectionRequest.selector
+   */
+  selector: {
+    /**
+     * Collection id.
+     *
+     * @generated from field: string id = 1;
+     */
+    value: string;
+    case: "id";
+  } | {
+    /**
+     * Collection name.
+     *
+     * @generated from field: string name = 2;
+     */
+    value: string;
+    case: "name";
+  } | { case: undefined; value?: undefined };
+
+  /**
+   * Cancel the leased tasks of its runs (revoking the leases) rather than refuse.
+   *
+   * @generated from field: bool force = 3;
+   */
+  force: boolean;
+};
+
+/**
+ * Describes the message agentrun.v1.DeleteCollectionRequest.
+ * Use `create(DeleteCollectionRequestSchema)` to create a new message.
+ */
+export declare const DeleteCollectionRequestSchema: GenMessage<DeleteCollectionRequest>;
+
+/**
+ * Response of DeleteCollection.
+ *
+ * @generated from message agentrun.v1.DeleteCollectionResponse
+ */
+export declare type DeleteCollectionResponse = Message<"agentrun.v1.DeleteCollectionResponse"> & {
+  /**
+   * Runs deleted.
+   *
+   * @generated from field: int64 deleted_run_count = 1;
+   */
+  deletedRunCount: bigint;
+
+  /**
+   * Tasks deleted, in every workflow.
+   *
+   * @generated from field: int64 deleted_task_count = 2;
+   */
+  deletedTaskCount: bigint;
+
+  /**
+   * Leases revoked (with `force`).
+   *
+   * @generated from field: int64 revoked_lease_count = 3;
+   */
+  revokedLeaseCount: bigint;
+};
+
+/**
+ * Describes the message agentrun.v1.DeleteCollectionResponse.
+ * Use `create(DeleteCollectionResponseSchema)` to create a new message.
+ */
+export declare const DeleteCollectionResponseSchema: GenMessage<DeleteCollectionResponse>;
+
+/**
+ * Request of DeleteAgentRuns. Exactly one selection MUST be given: `agent_run_ids`, or
+ * `collection_id` with `ingested_before`.
+ *
+ * @generated from message agentrun.v1.DeleteAgentRunsRequest
+ */
+export declare type DeleteAgentRunsRequest = Message<"agentrun.v1.DeleteAgentRunsRequest"> & {
+  /**
+   * Runs by id, 1 to 1,000 of them.
+   *
+   * @generated from field: repeated string agent_run_ids = 1;
+   */
+  agentRunIds: string[];
+
+  /**
+   * The collection whose runs stored before `ingested_before` are deleted.
+   *
+   * @generated from field: string collection_id = 2;
+   */
+  collectionId: string;
+
+  /**
+   * With `collection_id`: delete its runs stored (ingest_time) before this time.
+   *
+   * @generated from field: google.protobuf.Timestamp ingested_before = 3;
+   */
+  ingestedBefore?: Timestamp | undefined;
+
+  /**
+   * Cancel the leased tasks of the selected runs (revoking the leases) rather than refuse.
+   *
+   * @generated from field: bool force = 4;
+   */
+  force: boolean;
+};
+
+/**
+ * Describes the message agentrun.v1.DeleteAgentRunsRequest.
+ * Use `create(DeleteAgentRunsRequestSchema)` to create a new message.
+ */
+export declare const DeleteAgentRunsRequestSchema: GenMessage<DeleteAgentRunsRequest>;
+
+/**
+ * Response of DeleteAgentRuns.
+ *
+ * @generated from message agentrun.v1.DeleteAgentRunsResponse
+ */
+export declare type DeleteAgentRunsResponse = Message<"agentrun.v1.DeleteAgentRunsResponse"> & {
+  /**
+   * Runs deleted.
+   *
+   * @generated from field: int64 deleted_run_count = 1;
+   */
+  deletedRunCount: bigint;
+
+  /**
+   * Tasks deleted, in every workflow.
+   *
+   * @generated from field: int64 deleted_task_count = 2;
+   */
+  deletedTaskCount: bigint;
+
+  /**
+   * Leases revoked (with `force`).
+   *
+   * @generated from field: int64 revoked_lease_count = 3;
+   */
+  revokedLeaseCount: bigint;
+
+  /**
+   * The ids of `agent_run_ids` that named no run (already deleted, or never stored).
+   *
+   * @generated from field: repeated string not_found_agent_run_ids = 4;
+   */
+  notFoundAgentRunIds: string[];
+};
+
+/**
+ * Describes the message agentrun.v1.DeleteAgentRunsResponse.
+ * Use `create(DeleteAgentRunsResponseSchema)` to create a new message.
+ */
+export declare const DeleteAgentRunsResponseSchema: GenMessage<DeleteAgentRunsResponse>;
+
+/**
  * Request of WatchAgentRun.
  *
  * @generated from message agentrun.v1.WatchAgentRunRequest
@@ -1193,6 +1440,51 @@ export declare const IngestionService: GenService<{
     methodKind: "unary";
     input: typeof CountAgentRunsRequestSchema;
     output: typeof CountAgentRunsResponseSchema;
+  },
+  /**
+   * Changes a collection's description or retention (the fields set; the rest kept). A shorter
+   * retention takes effect at the server's next retention sweep (within a few minutes).
+   * Errors: NOT_FOUND; INVALID_ARGUMENT for a retention over 36,500 days or a description over
+   * its limit.
+   *
+   * @generated from rpc agentrun.v1.IngestionService.UpdateCollection
+   */
+  updateCollection: {
+    methodKind: "unary";
+    input: typeof UpdateCollectionRequestSchema;
+    output: typeof UpdateCollectionResponseSchema;
+  },
+  /**
+   * Deletes a collection: its runs (with their events and index rows) and their tasks in every
+   * workflow, some hundreds of runs per transaction, then the collection itself, whose name is
+   * then free. Refused while a task of one of its runs is leased (FAILED_PRECONDITION saying how
+   * many and in which stages) unless `force`, which cancels those tasks first and revokes their
+   * leases (a worker's settle of one is then answered NOT_FOUND). A call cut short (its
+   * deadline, a server stopping) leaves the runs it reached deleted and the rest in place: call
+   * it again to finish. Audited. Errors: NOT_FOUND; FAILED_PRECONDITION as said.
+   *
+   * @generated from rpc agentrun.v1.IngestionService.DeleteCollection
+   */
+  deleteCollection: {
+    methodKind: "unary";
+    input: typeof DeleteCollectionRequestSchema;
+    output: typeof DeleteCollectionResponseSchema;
+  },
+  /**
+   * Deletes runs (with their events, index rows and tasks in every workflow): by id, or a
+   * collection's runs stored before a time. Refused, deleting nothing, while a task of a
+   * selected run is leased (FAILED_PRECONDITION saying how many and in which stages) unless
+   * `force`, which cancels those tasks first and revokes their leases. Deleting by age goes some
+   * hundreds of runs per transaction; a call cut short leaves the rest: call it again. Audited.
+   * Errors: INVALID_ARGUMENT for neither or both selections, or over 1,000 ids; NOT_FOUND for
+   * an unknown collection; FAILED_PRECONDITION as said.
+   *
+   * @generated from rpc agentrun.v1.IngestionService.DeleteAgentRuns
+   */
+  deleteAgentRuns: {
+    methodKind: "unary";
+    input: typeof DeleteAgentRunsRequestSchema;
+    output: typeof DeleteAgentRunsResponseSchema;
   },
 }>;
 
