@@ -171,6 +171,45 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
         ],
     ),
     (
+        "OpenTelemetry in",
+        [
+            (
+                "OTLP spans / s by result",
+                "ops",
+                "Spans received through the OTLP receiver: stored, duplicate (an exporter's "
+                "retry), refused (answered in partial_success).",
+                [
+                    (
+                        f"sum by (result) (rate(agentrun_otlp_spans_total[{RATE}]))",
+                        "{{result}}",
+                    )
+                ],
+            ),
+            (
+                "OTLP spans refused / s by reason",
+                "ops",
+                "malformed (ids), too_large (over max_run_bytes), invalid (breaks a run's rules), "
+                "run_refused (the trace's run finished, or grew past max_live_run_bytes).",
+                [
+                    (
+                        f"sum by (reason) (rate(agentrun_otlp_refused_spans_total[{RATE}]))",
+                        "{{reason}}",
+                    )
+                ],
+            ),
+            (
+                "Traces' runs opened and finished / s",
+                "ops",
+                "Live runs opened by a trace's first spans, and finished once quiet after their "
+                "root span.",
+                [
+                    (f"sum(rate(agentrun_otlp_runs_opened_total[{RATE}]))", "opened"),
+                    (f"sum(rate(agentrun_otlp_runs_finished_total[{RATE}]))", "finished"),
+                ],
+            ),
+        ],
+    ),
+    (
         "Live runs",
         [
             (

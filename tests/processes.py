@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,12 +15,24 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+_PORTS = range(20_000, 32_000)
+"""Where `free_port` looks: below the kernel's ephemeral range (32768-60999 on Linux), which it
+hands to every outgoing connection, so a port found free there could be taken by some client's
+connection before the server binds it (a CI run saw a metrics port taken so)."""
+
 
 def free_port() -> int:
-    """A port free now on 127.0.0.1 (for a server that must come back on the same one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now on 127.0.0.1 and outside the ephemeral range (for a server that must
+    come back on the same one, or whose port a test names before starting it)."""
+    for _ in range(1000):
+        port = random.choice(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORTS}")
 
 
 class ServerProcess:

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 from prometheus_client.registry import Collector
 
@@ -46,6 +47,7 @@ from agentrun_server.orchestrator import (
     OrchestratorServicer,
     backlog_collector,
 )
+from agentrun_server.otlp import OtlpMetrics, OtlpTraceServicer, TraceFinishSweep
 from agentrun_server.serving import (
     ErrorInterceptor,
     GrpcServerMetrics,
@@ -59,6 +61,7 @@ from agentrun_server.storage import Notifier, Storage, open_storage
 _log = logging.getLogger(__name__)
 
 _KEY_SERVICE = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"]
+_OTLP_TRACE_SERVICE = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"]
 _SERVICE_DESCRIPTORS = {
     "ingestion": ingestion_service_pb2.DESCRIPTOR.services_by_name["IngestionService"],
     "orchestrator": orchestrator_service_pb2.DESCRIPTOR.services_by_name["OrchestratorService"],
@@ -114,6 +117,7 @@ class Server:
         self._sweep: AbandonSweep | None = None
         self._backfill: FacetBackfill | None = None
         self._retention: RetentionSweep | None = None
+        self._trace_finish: TraceFinishSweep | None = None
         self._scraped: list[Collector] = []  # metrics read from the database at scrape
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # untyped
         self._keys: KeyRing | None = None
@@ -237,21 +241,25 @@ class Server:
             self._retention = RetentionSweep(
                 storage, ingestion_metrics, config.limits.retention_sweep_seconds
             )
+            otlp_metrics = OtlpMetrics(self.registry)
+            OtlpTraceServicer(storage, otlp_metrics, config.limits, access).add_to_server(server)
+            self._trace_finish = TraceFinishSweep(
+                storage,
+                otlp_metrics,
+                config.limits.otlp_quiet_seconds,
+                config.limits.max_live_run_bytes,
+            )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         key_service_pb2_grpc.add_KeyServiceServicer_to_server(
             KeyServicer(storage, self._keys.reload if self._keys else None), server
         )
-        names = [
-            *(_SERVICE_DESCRIPTORS[s].full_name for s in config.services),
-            _KEY_SERVICE.full_name,
+        served = [
+            *(_SERVICE_DESCRIPTORS[s] for s in config.services),
+            *([_OTLP_TRACE_SERVICE] if "ingestion" in config.services else []),
+            _KEY_SERVICE,
         ]
-        grpc_metrics.preregister(
-            [
-                *(_SERVICE_DESCRIPTORS[s] for s in config.services),
-                _KEY_SERVICE,
-                health_pb2.DESCRIPTOR.services_by_name["Health"],
-            ]
-        )
+        names = [service.full_name for service in served]
+        grpc_metrics.preregister([*served, health_pb2.DESCRIPTOR.services_by_name["Health"]])
         enable_reflection(
             server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         )
@@ -288,6 +296,8 @@ class Server:
             self._backfill.start()
         if self._retention is not None:
             self._retention.start()
+        if self._trace_finish is not None:
+            self._trace_finish.start()
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.metrics_port >= 0:
@@ -360,6 +370,9 @@ class Server:
         retention, self._retention = self._retention, None
         if retention is not None:
             await retention.stop()
+        trace_finish, self._trace_finish = self._trace_finish, None
+        if trace_finish is not None:
+            await trace_finish.stop()
         endpoint, self._metrics_endpoint = self._metrics_endpoint, None
         if endpoint is not None:
             await asyncio.to_thread(endpoint.close)

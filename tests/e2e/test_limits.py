@@ -13,6 +13,7 @@ import grpc
 import pytest
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentrun import AgentRun, Transcript
 from agentrun._convert import agent_run_to_proto
@@ -140,6 +141,36 @@ CASES: dict[str, tuple[list[Request], list[Request]]] = {
     "CountAgentRuns": (
         [lambda w: ingest_pb.CountAgentRunsRequest(collection_id=w.collections["mine"])],
         [lambda w: ingest_pb.CountAgentRunsRequest(collection_id=w.collections["xs"])],
+    ),
+    # Deleting: the inside cases touch nothing the later cases need (a collection not made, a run
+    # never stored, runs stored before 1970).
+    "UpdateCollection": (
+        [lambda w: ingest_pb.UpdateCollectionRequest(name="mine", description="kept")],
+        [
+            lambda w: ingest_pb.UpdateCollectionRequest(name="other", retention_days=1),
+            lambda w: ingest_pb.UpdateCollectionRequest(id=w.collections["xs"], description=""),
+        ],
+    ),
+    "DeleteCollection": (
+        [lambda w: ingest_pb.DeleteCollectionRequest(name="fresh")],
+        [
+            lambda w: ingest_pb.DeleteCollectionRequest(name="other"),
+            lambda w: ingest_pb.DeleteCollectionRequest(id=w.collections["xs"]),
+        ],
+    ),
+    "DeleteAgentRuns": (
+        [
+            lambda w: ingest_pb.DeleteAgentRunsRequest(agent_run_ids=["never-stored"]),
+            lambda w: ingest_pb.DeleteAgentRunsRequest(
+                collection_id=w.collections["mine"], ingested_before=Timestamp(seconds=1)
+            ),
+        ],
+        [
+            lambda w: ingest_pb.DeleteAgentRunsRequest(agent_run_ids=["run-other"]),
+            lambda w: ingest_pb.DeleteAgentRunsRequest(
+                collection_id=w.collections["xs"], ingested_before=Timestamp(seconds=1)
+            ),
+        ],
     ),
     "ApplyWorkflow": (
         [lambda w: orch_pb.ApplyWorkflowRequest(workflow=_workflow("w"))],

@@ -27,6 +27,12 @@ SERVICES = (
 )
 """The services whose methods carry their scopes in the contract (`(agentrun.v1.scopes)`)."""
 
+FOREIGN_METHOD_SCOPES = {
+    "/opentelemetry.proto.collector.trace.v1.TraceService/Export": ("ingest",),
+}
+"""Methods of services that are not our contract, and the scopes that admit them: the OTLP
+receiver (an exporter sends the key as its `authorization` header)."""
+
 ANY_SCOPE_METHODS = REFLECTION_METHODS
 """Methods any live key may call: server reflection (the contract is no secret, but a server
 with keys on says it only to its clients)."""
@@ -47,6 +53,7 @@ def method_scopes(services: Iterable[ServiceDescriptor] = SERVICES) -> dict[str,
             table[f"/{service.full_name}/{method.name}"] = scopes
     for name in ANY_SCOPE_METHODS:
         table[name] = SCOPES
+    table.update(FOREIGN_METHOD_SCOPES)
     return table
 
 

@@ -116,6 +116,9 @@ class IngestionLimits:
         default=3600.0, metadata={"aliases": ("--live-run-timeout",)}
     )
     """A live run with no event for this long reads as abandoned; its next event reopens it."""
+    otlp_quiet_seconds: float = 30.0
+    """An OpenTelemetry trace's run finishes once its root span has ended and no span of it has
+    come for this long (the spans of one trace may come from several processes)."""
     retention_sweep_seconds: float = 300.0
     """How often this server deletes the runs past their collection's `retention_days` (every
     replica may; each run is deleted once)."""

@@ -56,8 +56,11 @@ from agentrun_server.storage._types import (
     LiveRunCounts,
     NewEvent,
     NewRun,
+    NewSpan,
     Page,
     PoolConfig,
+    Project,
+    Rebuild,
     Release,
     Revocation,
     RevocationPage,
@@ -65,6 +68,7 @@ from agentrun_server.storage._types import (
     RunQuery,
     RunSelection,
     SettledAndLeased,
+    SpansOutcome,
     SqliteConfig,
     StageBacklog,
     StageDef,
@@ -109,10 +113,13 @@ __all__ = [
     "LocalNotifier",
     "NewEvent",
     "NewRun",
+    "NewSpan",
     "Notifier",
     "Page",
     "PollingNotifier",
     "PoolConfig",
+    "Project",
+    "Rebuild",
     "Release",
     "Revocation",
     "RevocationPage",
@@ -120,6 +127,7 @@ __all__ = [
     "RunQuery",
     "RunSelection",
     "SettledAndLeased",
+    "SpansOutcome",
     "SqliteConfig",
     "SqliteStorage",
     "StageBacklog",
@@ -266,6 +274,34 @@ class Storage(Protocol):
 
     async def count_runs(self, collection_id: str) -> int:
         """The runs of a collection (0 for an unknown one)."""
+
+    # --- OpenTelemetry traces -------------------------------------------------------------------
+
+    async def append_spans(
+        self,
+        run_id: str,
+        collection_id: str,
+        spans: Sequence[NewSpan],
+        project: Project,
+        fold: Fold,
+        max_run_bytes: int,
+        now: float,
+    ) -> SpansOutcome:
+        """Append a batch of a trace's spans to its live run (created by the first batch, in
+        `collection_id`; later batches join it there) as one event the server numbers: the spans not kept yet, in start order, made into a patch by
+        `project` from the state the earlier batches left. Spans already kept are duplicates
+        (an exporter's retry stores nothing twice). A batch the run refuses stores nothing
+        (`refused`: the run finished, or was uploaded whole, or would pass `max_run_bytes`); `fold` is the run's fold, as for `append_events`. Batches
+        of one trace through several replicas take turns."""
+
+    async def finish_quiet_traces(
+        self, quiet_before: float, rebuild: Rebuild, max_run_bytes: int, limit: int, now: float
+    ) -> list[str]:
+        """Finish up to `limit` traces' runs whose root span has ended and whose last span came
+        before `quiet_before`: each run written whole as `rebuild` makes it from every span in
+        start order, entering its collection's workflow; the runs finished. A run `rebuild`
+        refuses stays running (the live-run timeout abandons it). Replicas sweeping at once
+        finish each run once."""
 
     # --- deletion -------------------------------------------------------------------------------
 

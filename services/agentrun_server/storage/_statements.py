@@ -40,6 +40,7 @@ from agentrun_server.storage._types import (
     LeasedTaskOfRun,
     NewEvent,
     NewRun,
+    NewSpan,
     Release,
     Revocation,
     RunQuery,
@@ -48,6 +49,7 @@ from agentrun_server.storage._types import (
     StoredRun,
     TaskRecord,
     TaskState,
+    TraceState,
     WorkflowDef,
 )
 
@@ -217,6 +219,33 @@ class Statements(Protocol):
 
     async def run_count(self, collection_id: str) -> int:
         """A collection's kept run count (0: no such collection)."""
+
+    # --- OpenTelemetry traces -------------------------------------------------------------------
+
+    async def open_trace(self, run_id: str, now: float) -> None:
+        """Make the trace's row unless it exists."""
+
+    async def trace(self, run_id: str) -> TraceState | None:
+        """The trace's row (locked)."""
+
+    async def stored_spans(self, run_id: str, span_ids: Sequence[str]) -> set[str]:
+        """Those of `span_ids` kept for the run already."""
+
+    async def insert_spans(self, run_id: str, spans: Sequence[NewSpan]) -> None:
+        """Keep the spans (none is kept yet)."""
+
+    async def update_trace(self, run_id: str, state: bytes, root_ended: bool, now: float) -> None:
+        """Record the trace's new state; its last span came `now`."""
+
+    async def traces_to_finish(self, quiet_before: float, limit: int) -> list[str]:
+        """Up to `limit` unfinished traces whose root ended and whose last span came before
+        `quiet_before`, oldest first (locked, skipping)."""
+
+    async def trace_spans(self, run_id: str) -> list[bytes]:
+        """Every span kept for the run, in start order."""
+
+    async def finish_trace(self, run_id: str) -> None:
+        """Mark the trace finished."""
 
     # --- deletion -------------------------------------------------------------------------------
 

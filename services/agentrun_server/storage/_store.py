@@ -18,6 +18,7 @@ from agentrun_server.storage._procedures import (
     live,
     reads,
     tasks,
+    traces,
     workflows,
 )
 from agentrun_server.storage._procedures import runs as _runs
@@ -47,12 +48,16 @@ from agentrun_server.storage._types import (
     LiveRunCounts,
     NewEvent,
     NewRun,
+    NewSpan,
     Page,
+    Project,
+    Rebuild,
     Release,
     RevocationPage,
     RunQuery,
     RunSelection,
     SettledAndLeased,
+    SpansOutcome,
     StageBacklog,
     StoredRun,
     Swept,
@@ -161,6 +166,43 @@ class Store:
 
     async def count_runs(self, collection_id: str) -> int:
         return await self._read(_runs.count_runs, collection_id)
+
+    # --- OpenTelemetry traces -------------------------------------------------------------------
+
+    async def append_spans(
+        self,
+        run_id: str,
+        collection_id: str,
+        spans: Sequence[NewSpan],
+        project: Project,
+        fold: Fold,
+        max_run_bytes: int,
+        now: float,
+    ) -> SpansOutcome:
+        return await self._write(
+            traces.append_spans,
+            self._workflows,
+            run_id,
+            collection_id,
+            spans,
+            project,
+            fold,
+            max_run_bytes,
+            now,
+        )
+
+    async def finish_quiet_traces(
+        self, quiet_before: float, rebuild: Rebuild, max_run_bytes: int, limit: int, now: float
+    ) -> list[str]:
+        return await self._write(
+            traces.finish_quiet_traces,
+            self._workflows,
+            quiet_before,
+            rebuild,
+            max_run_bytes,
+            limit,
+            now,
+        )
 
     # --- deletion -------------------------------------------------------------------------------
 

@@ -680,3 +680,42 @@ class Deleted(NamedTuple):
     revoked: list[EndedLease]
     """Leases a forced deletion ended (their tasks cancelled, then deleted)."""
     more: bool
+
+
+class NewSpan(NamedTuple):
+    """An OpenTelemetry span of a trace's run, encoded, kept once by its id."""
+
+    span_id: str
+    start_ns: int
+    data: bytes
+    root: bool
+    """It has no parent: the trace's run may finish once quiet after it."""
+
+
+class TraceState(NamedTuple):
+    """What a trace's run keeps between batches of its spans."""
+
+    state: bytes | None
+    """The assembler's state (opaque here)."""
+    root_ended: bool
+    finished: bool
+
+
+Project = Callable[[bytes | None, Sequence[bytes]], tuple[bytes, bytes]]
+"""(a trace's state, its new spans in start order) -> (the patch they make of its run, encoded;
+the new state)."""
+
+Rebuild = Callable[[str, Sequence[bytes]], "Folded"]
+"""(run id, every span of its trace in start order) -> the run finished. Raises InvalidArgument
+when the spans make no run that can be stored."""
+
+
+class SpansOutcome(NamedTuple):
+    """What became of a batch of one trace's spans."""
+
+    stored: int
+    duplicates: int
+    refused: ServerError | None = None
+    """Why none was stored (the run's rules: finished, too large, another collection's)."""
+    opened: bool = False
+    """The batch opened the trace's run."""

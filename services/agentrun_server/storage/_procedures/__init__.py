@@ -9,6 +9,7 @@ thread holds the connection (`storage.sqlite._engine.run_to_end`).
 
 - `runs`: collections and runs.
 - `live`: live runs' events, finishes and abandoned runs.
+- `traces`: OpenTelemetry traces as live runs.
 - `workflows`: definitions and the cache that keeps them parsed.
 - `tasks`: enqueue, claim, complete, fail, extend, release.
 - `leases`: streams that end, workers that resume, heartbeats, the sweep, cancel and redrive.

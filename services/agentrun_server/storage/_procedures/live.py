@@ -36,7 +36,7 @@ async def append_events(
     now: float,
 ) -> list[EventOutcome]:
     """See `Storage.append_events`; tells the other processes which runs got events."""
-    outcomes = [await _append(db, workflows, e, fold, max_run_bytes, now) for e in events]
+    outcomes = [await append_event(db, workflows, e, fold, max_run_bytes, now) for e in events]
     landed = [
         e.run_id for e, o in zip(events, outcomes, strict=True) if o.status is EventStatus.STORED
     ]
@@ -45,7 +45,7 @@ async def append_events(
     return outcomes
 
 
-async def _append(
+async def append_event(
     db: Statements,
     workflows: WorkflowCache,
     event: NewEvent,
@@ -53,6 +53,8 @@ async def _append(
     max_run_bytes: int,
     now: float,
 ) -> EventOutcome:
+    """Append one event to its run (the run's row locked), as `Storage.append_events` answers
+    each; a refused event writes nothing."""
     run = await db.live_run(event.run_id)
     if run is None:
         opened = await _open(db, workflows, event, fold, max_run_bytes, now)

@@ -48,6 +48,7 @@ from agentrun_server.storage._types import (
     LeasedTaskOfRun,
     NewEvent,
     NewRun,
+    NewSpan,
     Release,
     Revocation,
     RunQuery,
@@ -55,6 +56,7 @@ from agentrun_server.storage._types import (
     StageDef,
     StoredRun,
     TaskRecord,
+    TraceState,
     WorkflowDef,
 )
 from agentrun_server.storage.postgres._engine import NOW, Connection
@@ -294,6 +296,68 @@ class PostgresStatements:
         row = await self._one("SELECT run_count FROM collections WHERE id = %s", (collection_id,))
         return int(row[0]) if row else 0
 
+    # --- OpenTelemetry traces -------------------------------------------------------------------
+
+    async def open_trace(self, run_id: str, now: float) -> None:
+        await self._conn.execute(
+            f"INSERT INTO otlp_traces (run_id, last_span_at) VALUES (%(run)s, {NOW}) "
+            "ON CONFLICT (run_id) DO NOTHING",
+            {"run": run_id, "now": self._now(now)},
+        )
+
+    async def trace(self, run_id: str) -> TraceState | None:
+        # Locked: batches of one trace through several replicas take turns.
+        row = await self._one(
+            "SELECT state, root_ended, finished FROM otlp_traces WHERE run_id = %s FOR UPDATE",
+            (run_id,),
+        )
+        return None if row is None else TraceState(row[0], bool(row[1]), bool(row[2]))
+
+    async def stored_spans(self, run_id: str, span_ids: Sequence[str]) -> set[str]:
+        rows = await self._all(
+            "SELECT span_id FROM otlp_spans WHERE run_id = %s AND span_id = ANY(%s)",
+            (run_id, list(span_ids)),
+        )
+        return {row[0] for row in rows}
+
+    async def insert_spans(self, run_id: str, spans: Sequence[NewSpan]) -> None:
+        await self._conn.execute(
+            "INSERT INTO otlp_spans (run_id, span_id, start_ns, data) "
+            "SELECT %s, s, t, d FROM unnest(%s::text[], %s::bigint[], %s::bytea[]) AS x(s, t, d)",
+            (
+                run_id,
+                [span.span_id for span in spans],
+                [span.start_ns for span in spans],
+                [span.data for span in spans],
+            ),
+        )
+
+    async def update_trace(self, run_id: str, state: bytes, root_ended: bool, now: float) -> None:
+        await self._conn.execute(
+            "UPDATE otlp_traces SET state = %(state)s, root_ended = root_ended OR %(root)s, "
+            f"last_span_at = {NOW} WHERE run_id = %(run)s",
+            {"state": state, "root": root_ended, "run": run_id, "now": self._now(now)},
+        )
+
+    async def traces_to_finish(self, quiet_before: float, limit: int) -> list[str]:
+        rows = await self._all(
+            "SELECT run_id FROM otlp_traces WHERE root_ended AND NOT finished "
+            "AND last_span_at < %s ORDER BY last_span_at LIMIT %s FOR UPDATE SKIP LOCKED",
+            (quiet_before, limit),
+        )
+        return [row[0] for row in rows]
+
+    async def trace_spans(self, run_id: str) -> list[bytes]:
+        rows = await self._binary(
+            "SELECT data FROM otlp_spans WHERE run_id = %s ORDER BY start_ns, span_id", (run_id,)
+        )
+        return [row[0] for row in rows]
+
+    async def finish_trace(self, run_id: str) -> None:
+        await self._conn.execute(
+            "UPDATE otlp_traces SET finished = true WHERE run_id = %s", (run_id,)
+        )
+
     # --- deletion -------------------------------------------------------------------------------
 
     async def update_collection(
@@ -357,6 +421,8 @@ class PostgresStatements:
         await self._conn.execute(
             "DELETE FROM agent_run_events WHERE agent_run_id = ANY(%s)", (ids,)
         )
+        await self._conn.execute("DELETE FROM otlp_spans WHERE run_id = ANY(%s)", (ids,))
+        await self._conn.execute("DELETE FROM otlp_traces WHERE run_id = ANY(%s)", (ids,))
         await self._conn.execute(
             "DELETE FROM agent_runs WHERE seq = ANY(%s)", ([run.seq for run in runs],)
         )

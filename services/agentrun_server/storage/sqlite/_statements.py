@@ -50,6 +50,7 @@ from agentrun_server.storage._types import (
     LeasedTaskOfRun,
     NewEvent,
     NewRun,
+    NewSpan,
     Release,
     Revocation,
     RunQuery,
@@ -57,6 +58,7 @@ from agentrun_server.storage._types import (
     StageDef,
     StoredRun,
     TaskRecord,
+    TraceState,
     WorkflowDef,
 )
 
@@ -261,6 +263,60 @@ class SqliteStatements:
         ).fetchone()
         return int(row[0]) if row else 0
 
+    # --- OpenTelemetry traces -------------------------------------------------------------------
+
+    async def open_trace(self, run_id: str, now: float) -> None:
+        self._db.execute(
+            "INSERT INTO otlp_traces (run_id, last_span_at) VALUES (?, ?) "
+            "ON CONFLICT (run_id) DO NOTHING",
+            (run_id, now),
+        )
+
+    async def trace(self, run_id: str) -> TraceState | None:
+        row = self._db.execute(
+            "SELECT state, root_ended, finished FROM otlp_traces WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        return None if row is None else TraceState(row[0], bool(row[1]), bool(row[2]))
+
+    async def stored_spans(self, run_id: str, span_ids: Sequence[str]) -> set[str]:
+        rows = select_in(
+            self._db,
+            "SELECT span_id FROM otlp_spans WHERE run_id = ? AND span_id IN ({ids})",
+            span_ids,
+            run_id,
+        )
+        return {row[0] for row in rows}
+
+    async def insert_spans(self, run_id: str, spans: Sequence[NewSpan]) -> None:
+        self._db.executemany(
+            "INSERT INTO otlp_spans (run_id, span_id, start_ns, data) VALUES (?, ?, ?, ?)",
+            [(run_id, span.span_id, span.start_ns, span.data) for span in spans],
+        )
+
+    async def update_trace(self, run_id: str, state: bytes, root_ended: bool, now: float) -> None:
+        self._db.execute(
+            "UPDATE otlp_traces SET state = ?, root_ended = root_ended OR ?, last_span_at = ? "
+            "WHERE run_id = ?",
+            (state, root_ended, now, run_id),
+        )
+
+    async def traces_to_finish(self, quiet_before: float, limit: int) -> list[str]:
+        rows = self._db.execute(
+            "SELECT run_id FROM otlp_traces WHERE root_ended = 1 AND finished = 0 "
+            "AND last_span_at < ? ORDER BY last_span_at LIMIT ?",
+            (quiet_before, limit),
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    async def trace_spans(self, run_id: str) -> list[bytes]:
+        rows = self._db.execute(
+            "SELECT data FROM otlp_spans WHERE run_id = ? ORDER BY start_ns, span_id", (run_id,)
+        )
+        return [row[0] for row in rows]
+
+    async def finish_trace(self, run_id: str) -> None:
+        self._db.execute("UPDATE otlp_traces SET finished = 1 WHERE run_id = ?", (run_id,))
+
     # --- deletion -------------------------------------------------------------------------------
 
     async def update_collection(
@@ -343,6 +399,8 @@ class SqliteStatements:
             self._db, "DELETE FROM task_failures WHERE task_id IN ({ids})", [t[0] for t in tasks]
         )
         select_in(self._db, "DELETE FROM agent_run_events WHERE agent_run_id IN ({ids})", ids)
+        select_in(self._db, "DELETE FROM otlp_spans WHERE run_id IN ({ids})", ids)
+        select_in(self._db, "DELETE FROM otlp_traces WHERE run_id IN ({ids})", ids)
         select_in(self._db, "DELETE FROM agent_runs WHERE seq IN ({ids})", [r.seq for r in runs])
         self._db.executemany(
             "UPDATE collections SET run_count = run_count - ? WHERE id = ?",
