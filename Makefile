@@ -11,7 +11,7 @@ TS := clients/typescript
 NPM := $(shell command -v npm 2>/dev/null)
 TS_STAMP := $(if $(NPM),$(TS)/node_modules/.package-lock.json)
 
-.PHONY: dist install install-ts install-go build-go install-cpp build-cpp conformance install-bench gen gen-check proto-release lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live ci clean
+.PHONY: dist install install-ts install-go build-go install-cpp build-cpp conformance install-bench gen gen-check proto-release lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live bench-otlp ci clean
 
 install: $(STAMP)
 
@@ -96,7 +96,7 @@ test: install install-ts install-go install-cpp
 	$(BIN)/python -m pytest
 
 # Benchmarks print figures; they are not tests. Each reads the real runs from ../shared/data.
-bench: bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live
+bench: bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live bench-otlp
 
 bench-model: install
 	$(BIN)/python bench/bench_model.py
@@ -126,6 +126,10 @@ bench-auth: install
 # 1,000 live runs appending real messages: events/s, append-to-ack latency, a 50 MB run.
 bench-live: install
 	$(BIN)/python bench/bench_live.py
+
+# OTLP spans carrying real messages beside the live-run events path; export-to-readable latency.
+bench-otlp: install
+	$(BIN)/python bench/bench_otlp.py
 
 # C++ from Debian's packages: gRPC and protobuf with their code generators, and CMake.
 CPP_PACKAGES := libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc cmake g++ \

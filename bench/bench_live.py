@@ -24,7 +24,7 @@ from pathlib import Path
 from agentrun import AgentRunWriter, Client, LiveRun
 from agentrun.chat import ChatMessage, UserMessage
 from agentrun.importers import load_agent_runs
-from processes import machine, start_agentrun, stop  # bench/ is on sys.path when run
+from processes import machine, percentile, start_agentrun, stop  # bench/ is on sys.path when run
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("AGENTRUN_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -69,11 +69,6 @@ def saturate(
         runs[i % len(runs)].append("main", [next(source)])
     writer._events.flush()
     return time.perf_counter() - started
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
 
 
 def main() -> int:

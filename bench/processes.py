@@ -88,3 +88,9 @@ def stop(process: subprocess.Popen[str]) -> None:
     """SIGTERM, and wait for the graceful exit."""
     process.terminate()
     process.wait(timeout=30)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The `p` quantile (0 to 1) of `values`, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]

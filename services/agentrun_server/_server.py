@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 from prometheus_client.registry import Collector
@@ -47,7 +48,12 @@ from agentrun_server.orchestrator import (
     OrchestratorServicer,
     backlog_collector,
 )
-from agentrun_server.otlp import OtlpMetrics, OtlpTraceServicer, TraceFinishSweep
+from agentrun_server.otlp import (
+    OtlpLogsServicer,
+    OtlpMetrics,
+    OtlpTraceServicer,
+    TraceFinishSweep,
+)
 from agentrun_server.serving import (
     ErrorInterceptor,
     GrpcServerMetrics,
@@ -61,7 +67,10 @@ from agentrun_server.storage import Notifier, Storage, open_storage
 _log = logging.getLogger(__name__)
 
 _KEY_SERVICE = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"]
-_OTLP_TRACE_SERVICE = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"]
+_OTLP_SERVICES = (
+    trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"],
+    logs_service_pb2.DESCRIPTOR.services_by_name["LogsService"],
+)
 _SERVICE_DESCRIPTORS = {
     "ingestion": ingestion_service_pb2.DESCRIPTOR.services_by_name["IngestionService"],
     "orchestrator": orchestrator_service_pb2.DESCRIPTOR.services_by_name["OrchestratorService"],
@@ -242,7 +251,8 @@ class Server:
                 storage, ingestion_metrics, config.limits.retention_sweep_seconds
             )
             otlp_metrics = OtlpMetrics(self.registry)
-            OtlpTraceServicer(storage, otlp_metrics, config.limits, access).add_to_server(server)
+            for receiver in (OtlpTraceServicer, OtlpLogsServicer):
+                receiver(storage, otlp_metrics, config.limits, access).add_to_server(server)
             self._trace_finish = TraceFinishSweep(
                 storage,
                 otlp_metrics,
@@ -255,7 +265,7 @@ class Server:
         )
         served = [
             *(_SERVICE_DESCRIPTORS[s] for s in config.services),
-            *([_OTLP_TRACE_SERVICE] if "ingestion" in config.services else []),
+            *(_OTLP_SERVICES if "ingestion" in config.services else []),
             _KEY_SERVICE,
         ]
         names = [service.full_name for service in served]

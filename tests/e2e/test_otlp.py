@@ -278,3 +278,19 @@ async def test_an_exporter_needs_an_ingest_key_under_auth_keys(database: str) ->
             assert not answer.HasField("partial_success")
     finally:
         await server.shutdown(grace_seconds=1)
+
+
+async def test_a_trace_that_never_ends_is_abandoned_like_any_live_run(database: str) -> None:
+    limits = IngestionLimits(otlp_quiet_seconds=QUIET_SECONDS, live_run_timeout_seconds=1.0)
+    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, limits=limits))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            await otlp_grpc.TraceServiceStub(channel).Export(_request(genai_trace()[1:]))
+            assert (await _stored(channel, RUN_ID)).state == ingest_pb.AGENT_RUN_STATE_RUNNING
+            await asyncio.sleep(1.5)  # no root span, nothing more: the live-run timeout
+            stored = await _stored(channel, RUN_ID)
+            assert stored.state == ingest_pb.AGENT_RUN_STATE_ABANDONED
+            assert len(stored.agent_run.transcripts[0].messages) == 5
+    finally:
+        await server.shutdown(grace_seconds=1)

@@ -108,7 +108,7 @@ def test_the_dashboard_imports_as_grafana_users_import_dashboards() -> None:
             if "agentrun_stage_tasks" in target["expr"]:
                 assert 'workflow=~"$workflow"' in target["expr"]
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
-    assert rows == ["Ingestion", "Live runs", "gRPC", "Orchestrator", "Clients"]
+    assert rows == ["Ingestion", "OpenTelemetry in", "Live runs", "gRPC", "Orchestrator", "Clients"]
     for provisioned in (DEPLOY / "grafana" / "provisioning").rglob("*.yaml"):
         assert yaml.safe_load(provisioned.read_text())["apiVersion"] == 1
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from agentrun.v1 import agent_run_pb2 as run_pb
 from agentrun_server.ingestion._live import fold_finished
 from agentrun_server.otlp._servicer import project, rebuild
-from agentrun_server.storage import NewSpan, RunSelection, Storage
+from agentrun_server.storage import NewSpan, RunSelection, Storage, TraceBatch
 
 from ..unit.test_otlp_mapping import EXPECTED, _roles, genai_trace
 
@@ -32,9 +32,9 @@ async def test_spans_are_kept_once_and_the_run_finishes_in_start_order(storage: 
     other, _ = await storage.create_collection("elsewhere", "", "", 1.0)
 
     async def send(indexes: list[int], collection_id: str, now: float):  # type: ignore[no-untyped-def]
-        return await storage.append_spans(
-            "otel-t", collection_id, _spans(indexes), project, fold_finished, MAX_BYTES, now
-        )
+        batch = TraceBatch("otel-t", collection_id, _spans(indexes))
+        (outcome,) = await storage.append_spans([batch], project, fold_finished, MAX_BYTES, now)
+        return outcome
 
     first = await send([3], collection.id, 2.0)
     assert (first.stored, first.duplicates, first.opened) == (1, 0, True)
@@ -59,12 +59,9 @@ async def test_spans_are_kept_once_and_the_run_finishes_in_start_order(storage: 
 
 async def test_a_deleted_trace_run_starts_over_with_its_next_spans(storage: Storage) -> None:
     collection, _ = await storage.create_collection("traced", "", "", 1.0)
-    await storage.append_spans(
-        "otel-t", collection.id, _spans([1, 2]), project, fold_finished, MAX_BYTES, 2.0
-    )
+    batch = TraceBatch("otel-t", collection.id, _spans([1, 2]))
+    await storage.append_spans([batch], project, fold_finished, MAX_BYTES, 2.0)
     deleted = await storage.delete_runs(RunSelection(run_ids=["otel-t"]), False, 10, 3.0)
     assert deleted.run_ids == ["otel-t"]
-    again = await storage.append_spans(
-        "otel-t", collection.id, _spans([1, 2]), project, fold_finished, MAX_BYTES, 4.0
-    )
+    (again,) = await storage.append_spans([batch], project, fold_finished, MAX_BYTES, 4.0)
     assert (again.stored, again.duplicates, again.opened) == (2, 0, True)

@@ -257,6 +257,7 @@ def test_every_convention_makes_one_transcript_each_message_once(
     assert _roles(run.transcripts[0]) == EXPECTED
     call = run.transcripts[0].messages[2].assistant.tool_calls[0]
     assert {f.key: f.value.string_value for f in call.arguments.fields} == {"city": "Paris"}
+    assert run.transcripts[0].messages[3].tool.function == "get_weather"  # named after its call
     assert run.name == spans[0].name
 
 
@@ -337,3 +338,38 @@ def test_a_state_survives_its_encoding() -> None:
     assemble(assembly, [span_view(s) for s in genai_trace()[:2]])
     again = Assembly.loads(assembly.dumps())
     assert again == assembly
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"gen_ai.input.messages": 42},
+        {"gen_ai.input.messages": "not json ["},
+        {"gen_ai.input.messages": json.dumps([{"role": "user", "parts": "text"}])},
+        {"gen_ai.input.messages": json.dumps([{"parts": [{"type": "hologram", "x": 1}]}, 7, None])},
+        {
+            "gen_ai.output.messages": json.dumps(
+                [{"role": "assistant", "parts": [{"type": "tool_call"}]}]
+            )
+        },
+        {
+            "llm.input_messages.x.message.role": "user",
+            "llm.input_messages.0.message.content": [1, 2],
+        },
+        {"gen_ai.prompt.0.content": {"nested": {"deep": [1, {"a": None}]}}},
+    ],
+)
+def test_an_unknown_attribute_shape_is_kept_not_refused(attrs: dict[str, Any]) -> None:
+    made = span(2, "odd", {"gen_ai.operation.name": "chat", **attrs}, parent=1)
+    patch = assemble(Assembly(), [span_view(made)], whole=True)
+    from agentrun.wire.checks import check_agent_run
+
+    patch.id = "x"
+    check_agent_run(patch, patch=True)  # a run's rules hold: it can be stored
+    assert (
+        patch.metadata.fields["spans"]
+        .value.list_value.values[0]
+        .struct_value.fields[0]
+        .value.string_value
+        == "odd"
+    )

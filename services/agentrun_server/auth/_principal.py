@@ -29,6 +29,7 @@ SERVICES = (
 
 FOREIGN_METHOD_SCOPES = {
     "/opentelemetry.proto.collector.trace.v1.TraceService/Export": ("ingest",),
+    "/opentelemetry.proto.collector.logs.v1.LogsService/Export": ("ingest",),
 }
 """Methods of services that are not our contract, and the scopes that admit them: the OTLP
 receiver (an exporter sends the key as its `authorization` header)."""

@@ -76,6 +76,7 @@ from agentrun_server.storage._types import (
     Swept,
     TaskRecord,
     TaskState,
+    TraceBatch,
     WorkflowDef,
     WorkflowPut,
 )
@@ -137,6 +138,7 @@ __all__ = [
     "Swept",
     "TaskRecord",
     "TaskState",
+    "TraceBatch",
     "WorkflowDef",
     "WorkflowPut",
     "backoff_seconds",
@@ -279,20 +281,21 @@ class Storage(Protocol):
 
     async def append_spans(
         self,
-        run_id: str,
-        collection_id: str,
-        spans: Sequence[NewSpan],
+        batches: Sequence[TraceBatch],
         project: Project,
         fold: Fold,
         max_run_bytes: int,
         now: float,
-    ) -> SpansOutcome:
-        """Append a batch of a trace's spans to its live run (created by the first batch, in
-        `collection_id`; later batches join it there) as one event the server numbers: the spans not kept yet, in start order, made into a patch by
-        `project` from the state the earlier batches left. Spans already kept are duplicates
-        (an exporter's retry stores nothing twice). A batch the run refuses stores nothing
-        (`refused`: the run finished, or was uploaded whole, or would pass `max_run_bytes`); `fold` is the run's fold, as for `append_events`. Batches
-        of one trace through several replicas take turns."""
+    ) -> list[SpansOutcome]:
+        """Append each batch of a trace's spans to the trace's live run (created by its first
+        batch, in the batch's collection; later batches join it there) as one event the server
+        numbers, in one transaction for all the batches; an outcome per batch, in order. The
+        spans not kept yet go, in start order, made into a patch by `project` from the state the
+        trace's earlier batches left; spans already kept are duplicates (an exporter's retry
+        stores nothing twice). A batch its run refuses stores nothing (`refused`: the run
+        finished, or was uploaded whole, or would pass `max_run_bytes`); `fold` is the run's
+        fold, as for `append_events`. Batches of one trace through several replicas take
+        turns."""
 
     async def finish_quiet_traces(
         self, quiet_before: float, rebuild: Rebuild, max_run_bytes: int, limit: int, now: float

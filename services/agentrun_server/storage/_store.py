@@ -48,7 +48,6 @@ from agentrun_server.storage._types import (
     LiveRunCounts,
     NewEvent,
     NewRun,
-    NewSpan,
     Page,
     Project,
     Rebuild,
@@ -63,6 +62,7 @@ from agentrun_server.storage._types import (
     Swept,
     TaskRecord,
     TaskState,
+    TraceBatch,
     WorkflowDef,
     WorkflowPut,
 )
@@ -171,24 +171,14 @@ class Store:
 
     async def append_spans(
         self,
-        run_id: str,
-        collection_id: str,
-        spans: Sequence[NewSpan],
+        batches: Sequence[TraceBatch],
         project: Project,
         fold: Fold,
         max_run_bytes: int,
         now: float,
-    ) -> SpansOutcome:
+    ) -> list[SpansOutcome]:
         return await self._write(
-            traces.append_spans,
-            self._workflows,
-            run_id,
-            collection_id,
-            spans,
-            project,
-            fold,
-            max_run_bytes,
-            now,
+            traces.append_spans, self._workflows, batches, project, fold, max_run_bytes, now
         )
 
     async def finish_quiet_traces(

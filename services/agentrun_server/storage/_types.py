@@ -692,6 +692,14 @@ class NewSpan(NamedTuple):
     """It has no parent: the trace's run may finish once quiet after it."""
 
 
+class TraceBatch(NamedTuple):
+    """A batch of one trace's spans, for its run in a collection."""
+
+    run_id: str
+    collection_id: str
+    spans: Sequence[NewSpan]
+
+
 class TraceState(NamedTuple):
     """What a trace's run keeps between batches of its spans."""
 

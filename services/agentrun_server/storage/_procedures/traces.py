@@ -23,25 +23,45 @@ from agentrun_server.storage._types import (
     Fold,
     Folded,
     NewEvent,
-    NewSpan,
     Project,
     Rebuild,
     SpansOutcome,
+    TraceBatch,
 )
 
 
 async def append_spans(
     db: Statements,
     workflows: WorkflowCache,
-    run_id: str,
-    collection_id: str,
-    spans: Sequence[NewSpan],
+    batches: Sequence[TraceBatch],
+    project: Project,
+    fold: Fold,
+    max_run_bytes: int,
+    now: float,
+) -> list[SpansOutcome]:
+    """See `Storage.append_spans`. Traces are taken in run id order, so that replicas applying
+    exports of the same traces lock them in one order."""
+    outcomes: dict[str, SpansOutcome] = {}
+    for batch in sorted(batches, key=lambda b: b.run_id):
+        outcomes[batch.run_id] = await _append_trace(
+            db, workflows, batch, project, fold, max_run_bytes, now
+        )
+    stored = [run_id for run_id, outcome in outcomes.items() if outcome.stored]
+    if stored:
+        await db.notify_events(stored)
+    return [outcomes[batch.run_id] for batch in batches]
+
+
+async def _append_trace(
+    db: Statements,
+    workflows: WorkflowCache,
+    batch: TraceBatch,
     project: Project,
     fold: Fold,
     max_run_bytes: int,
     now: float,
 ) -> SpansOutcome:
-    """See `Storage.append_spans`."""
+    run_id, collection_id, spans = batch
     trace = await db.trace(run_id)
     if trace is None:
         await db.open_trace(run_id, now)
@@ -68,7 +88,6 @@ async def append_spans(
         return SpansOutcome(0, duplicates, outcome.error)
     await db.insert_spans(run_id, new)
     await db.update_trace(run_id, state, any(span.root for span in new), now)
-    await db.notify_events([run_id])
     return SpansOutcome(len(new), duplicates, None, run is None)
 
 
