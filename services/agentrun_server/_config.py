@@ -102,6 +102,10 @@ class ServerConfig:
     plaintext and to anyone: for load balancers and probes that hold no client certificate when
     the main port requires one (mTLS), or speak no TLS (Kubernetes' gRPC probes). 0 picks a
     free one; -1: none (under mTLS, health checks then need a client certificate too)."""
+    otlp_port: int = -1
+    """A second port for the same gRPC server, on `host`, where OpenTelemetry exporters expect
+    OTLP (4317 by convention); every service answers there too, under the same keys and TLS.
+    0 picks a free one; -1: none (exporters use `port`)."""
     metrics_web_config: str = ""
     """A web configuration file for /metrics in exporter-toolkit's format (TLS, basic auth);
     empty: plain HTTP, open to whoever reaches `metrics_host`."""

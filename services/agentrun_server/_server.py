@@ -116,6 +116,7 @@ class Server:
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.port = 0
+        self.otlp_port = 0
         self.metrics_port = 0
         self.health_port = 0
         self._health_server: grpc.aio.Server | None = None
@@ -273,22 +274,9 @@ class Server:
         enable_reflection(
             server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         )
-        address = f"{config.host}:{config.port}"
-        try:
-            if _in_use(config.host, config.port):
-                self.port = 0
-            elif self.tls is not None:
-                self.port = server.add_secure_port(address, self.tls.credentials())
-            else:
-                self.port = server.add_insecure_port(address)
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
-            await self.shutdown(0)
-            raise InvalidArgument(
-                f"--port: cannot listen on {address}: in use (another agentrun serve?) or not "
-                "this machine's; pick another with --port, or 0 for any free one"
-            )
+        self.port = await self._listen(server, "--port", config.port)
+        if config.otlp_port >= 0 and "ingestion" in config.services:
+            self.otlp_port = await self._listen(server, "--otlp-port", config.otlp_port)
         await server.start()
         if config.health_port >= 0:
             await self._serve_health(config.host, config.health_port)
@@ -395,6 +383,31 @@ class Server:
         storage, self._storage = self._storage, None
         if storage is not None:
             await storage.close()
+
+    async def _listen(self, server: grpc.aio.Server, flag: str, port: int) -> int:
+        """Bind `server` to `port` on the configured host (with TLS when configured); the port.
+
+        Raises:
+            InvalidArgument: the port is in use or not this machine's (the server shut down).
+        """
+        host = self.config.host
+        address = f"{host}:{port}"
+        bound = 0
+        try:
+            if not _in_use(host, port):
+                if self.tls is not None:
+                    bound = server.add_secure_port(address, self.tls.credentials())
+                else:
+                    bound = server.add_insecure_port(address)
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            await self.shutdown(0)
+            raise InvalidArgument(
+                f"{flag}: cannot listen on {address}: in use (another agentrun serve?) or not "
+                f"this machine's; pick another with {flag}, or 0 for any free one"
+            )
+        return bound
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         """Start, run until SIGTERM or SIGINT, then shut down gracefully. SIGHUP re-reads the

@@ -294,3 +294,17 @@ async def test_a_trace_that_never_ends_is_abandoned_like_any_live_run(database: 
             assert len(stored.agent_run.transcripts[0].messages) == 5
     finally:
         await server.shutdown(grace_seconds=1)
+
+
+async def test_exporters_find_the_receiver_on_the_otlp_port_too(database: str) -> None:
+    config = ServerConfig(db=database, port=0, metrics_port=-1, otlp_port=0)
+    server = Server(config)
+    await server.start()
+    try:
+        assert server.otlp_port not in (0, server.port)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.otlp_port}") as channel:
+            answer = await otlp_grpc.TraceServiceStub(channel).Export(_request(genai_trace()))
+            assert not answer.HasField("partial_success")
+            assert (await _stored(channel, RUN_ID)).agent_run.name == "invoke_agent weather"
+    finally:
+        await server.shutdown(grace_seconds=1)

@@ -62,6 +62,8 @@ class Assembly:
     """Tool-call id -> the function called, so a result that does not name it (GenAI's
     `tool_call_response`) is named after its call."""
     name: str = ""
+    run_fields: dict[str, Any] = field(default_factory=dict)
+    """What `agentrun.run.*` attributes said: name, description, metadata, scores (merged)."""
     trace_id: str = ""
     service: str = ""
     input_tokens: int = 0
@@ -136,6 +138,9 @@ def assemble(
         if view.kind == "agent" and view.agent:
             assembly.agents[view.span_id] = view.agent
         agent = _agent_of(view, assembly)
+        if view.transcript_fields and view.kind == "agent":
+            _transcript_fields(added, patch, agent, view.transcript_fields)
+        _run_fields(assembly, view.run_fields)
         if view.kind in ("chat", "tool") and agent != MAIN:
             # Its children (the log records of a call in event mode) belong to its agent too.
             assembly.agents[view.span_id] = agent
@@ -167,6 +172,42 @@ def _name_calls(assembly: Assembly, view: SpanView) -> None:
             function = assembly.calls.get(message.tool.tool_call_id)
             if function:
                 message.tool.function = function
+
+
+def _transcript_fields(
+    added: dict[str, run_pb.Transcript],
+    patch: run_pb.AgentRun,
+    key: str,
+    fields: dict[str, Any],
+) -> None:
+    if key not in added:
+        added[key] = patch.transcripts.add(key=key, name=key)
+    transcript = added[key]
+    if "name" in fields:
+        transcript.name = fields["name"]
+    if "description" in fields:
+        transcript.description = fields["description"]
+    for name, value in fields.get("metadata", {}).items():
+        to_value(value, transcript.metadata.fields[str(name)].value)
+    _describe(transcript.metadata, fields.get("metadata_descriptions", {}))
+
+
+def _describe(metadata: run_pb.Metadata, descriptions: dict[str, Any]) -> None:
+    """Mark the fields named as declared, with their descriptions (None: declared without)."""
+    for name, description in descriptions.items():
+        if name in metadata.fields:
+            metadata.fields[name].declared = True
+            if description is not None:
+                metadata.fields[name].description = str(description)
+
+
+def _run_fields(assembly: Assembly, fields: dict[str, Any]) -> None:
+    into = assembly.run_fields
+    for key, value in fields.items():
+        if key in ("metadata", "metadata_descriptions", "scores"):
+            into.setdefault(key, {}).update(value)
+        else:
+            into[key] = value
 
 
 def _account(assembly: Assembly, view: SpanView) -> None:
@@ -211,7 +252,22 @@ def _metadata(assembly: Assembly, patch: run_pb.AgentRun, whole: bool) -> None:
         fields["provider"] = assembly.providers[-1]
     if assembly.errors:
         fields["errors"] = assembly.errors
+    given = assembly.run_fields
+    # What the run says of itself wins over what the receiver makes of its spans.
+    fields.update((k, v) for k, v in given.get("metadata", {}).items() if k != "scores")
     for key, value in fields.items():
-        to_value(value, patch.metadata.fields[key].value)
-    if assembly.name:
-        patch.name = assembly.name[:256]
+        to_value(value, patch.metadata.fields[str(key)].value)
+    _describe(patch.metadata, given.get("metadata_descriptions", {}))
+    for key, value in given.get("scores", {}).items():
+        score = patch.scores[str(key)]
+        if isinstance(value, bool):
+            score.bool_value = value
+        elif isinstance(value, int) and -(2**63) <= value < 2**63:
+            score.int_value = value
+        elif isinstance(value, float):
+            score.double_value = value
+    name = given.get("name") or assembly.name
+    if name:
+        patch.name = name[:256]
+    if "description" in given:
+        patch.description = given["description"]

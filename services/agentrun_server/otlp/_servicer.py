@@ -26,7 +26,7 @@ from agentrun_server.otlp._assemble import MAIN, Assembly, assemble
 from agentrun_server.otlp._logs import log_spans
 from agentrun_server.otlp._metrics import OtlpMetrics
 from agentrun_server.otlp._spans import SpanView, span_view
-from agentrun_server.otlp._values import Attributes, attributes
+from agentrun_server.otlp._values import Attributes, attributes, to_value
 from agentrun_server.serving import add_service
 from agentrun_server.storage import Folded, NewSpan, Storage, TraceBatch
 
@@ -183,10 +183,14 @@ class _Receiver:
         # The rules every run follows, on what the span adds to one (its metadata is the
         # receiver's own, bounded and shallow).
         probe = run_pb.AgentRun(id="probe")
-        messages = probe.transcripts.add(key="probe").messages
-        messages.extend(view.messages)
+        transcript = probe.transcripts.add(key="probe")
+        transcript.messages.extend(view.messages)
         if view.tool_result is not None:
-            messages.append(view.tool_result)
+            transcript.messages.append(view.tool_result)
+        for owner, fields in ((probe, view.run_fields), (transcript, view.transcript_fields)):
+            for key, value in fields.get("metadata", {}).items():
+                if key != "scores":  # a run's scores are its own channel (agentrun.run.scores)
+                    to_value(value, owner.metadata.fields[str(key)].value)
         try:
             check_agent_run(probe, patch=True)
         except InvalidRun as problem:

@@ -16,6 +16,12 @@ Read, first found (the README's table):
   `output.value`; `llm.token_count.*`, `llm.model_name`, `llm.provider`; `agent.name`.
 
 A span with none of these (a plain span) says only its name, duration and status.
+
+An agent, or a converter of runs to spans, may also say what the run and its transcripts carry
+besides messages: `agentrun.run.name`, `.description`, `.metadata`, `.metadata_descriptions`
+and `.scores` (JSON objects) on any span, `agentrun.transcript.name`, `.description`,
+`.metadata` and `.metadata_descriptions` on an agent span, and a tool call's `view` (`{title,
+format, content}`, as Inspect shows calls) in its `tool_call` part.
 """
 
 from __future__ import annotations
@@ -62,6 +68,11 @@ class SpanView:
     error: str = ""
     service: str = ""
     """The `service.name` of the resource that sent it."""
+    run_fields: dict[str, Any] = field(default_factory=dict)
+    """What `agentrun.run.*` attributes say of the run: name, description, metadata, scores."""
+    transcript_fields: dict[str, Any] = field(default_factory=dict)
+    """What an agent span's `agentrun.transcript.*` attributes say of its transcript: name,
+    description, metadata."""
 
     @property
     def root(self) -> bool:
@@ -96,6 +107,12 @@ def _message(
             made = message.assistant.tool_calls.add(
                 id=str(call.get("id") or ""), function=str(call.get("name") or "")
             )
+            view = call.get("view")  # agentrun's own: how the call is shown (Inspect's views)
+            if isinstance(view, Mapping) and "content" in view:
+                if view.get("title") is not None:
+                    made.view.title = str(view["title"])
+                made.view.format = str(view.get("format") or "text")
+                made.view.content = str(view["content"])
             arguments = json_or_value(call.get("arguments"))
             if isinstance(arguments, Mapping):
                 to_struct(arguments, made.arguments)
@@ -383,6 +400,18 @@ def span_view(span: trace_pb2.Span) -> SpanView:
         ),
     )
     view.service = str(attrs.get("agentrun.service.name") or "")
+    for prefix, into in (
+        ("agentrun.run.", view.run_fields),
+        ("agentrun.transcript.", view.transcript_fields),
+    ):
+        for key in ("name", "description", "metadata", "metadata_descriptions", "scores"):
+            value = attrs.get(prefix + key)
+            if value is None:
+                continue
+            if key in ("name", "description"):
+                into[key] = str(value)
+            elif isinstance(value := json_or_value(value), Mapping):
+                into[key] = dict(value)
     if span.status.code == STATUS_ERROR:
         view.error = span.status.message or str(attrs.get("error.type") or "error")
     start, end = span.start_time_unix_nano, span.end_time_unix_nano
