@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import AsyncIterator
 
@@ -18,6 +21,9 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from agentrun.v1 import ingestion_service_pb2 as ingest_pb
 from agentrun.v1 import ingestion_service_pb2_grpc as ingest_grpc
+from agentrun.v1 import orchestrator_service_pb2 as orch_pb
+from agentrun.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from agentrun.v1 import workflow_pb2
 from agentrun_server import Server, ServerConfig
 from agentrun_server.auth import new_key
 from agentrun_server.ingestion import IngestionLimits
@@ -308,3 +314,98 @@ async def test_exporters_find_the_receiver_on_the_otlp_port_too(database: str) -
             assert (await _stored(channel, RUN_ID)).agent_run.name == "invoke_agent weather"
     finally:
         await server.shutdown(grace_seconds=1)
+
+
+async def test_a_finished_trace_enters_its_collection_s_workflow_once(served: Server) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+        orchestrator = orch_grpc.OrchestratorServiceStub(channel)
+        await orchestrator.ApplyWorkflow(
+            orch_pb.ApplyWorkflowRequest(
+                workflow=workflow_pb2.Workflow(
+                    name="grading", stages=[workflow_pb2.Stage(name="grade")]
+                )
+            )
+        )
+        await ingest_grpc.IngestionServiceStub(channel).CreateCollection(
+            ingest_pb.CreateCollectionRequest(name="weather-agent", workflow="grading")
+        )
+        otlp = otlp_grpc.TraceServiceStub(channel)
+        await otlp.Export(_request(genai_trace()[1:]))
+        backlog = await orchestrator.GetBacklog(orch_pb.GetBacklogRequest(workflow="grading"))
+        assert backlog.stages[0].ready_count == 0  # running: not yet
+        await otlp.Export(_request(genai_trace()[:1]))
+        await _finished(channel, RUN_ID)
+        tasks = await orchestrator.ListTasks(orch_pb.ListTasksRequest(workflow="grading"))
+        assert [t.agent_run_id for t in tasks.tasks] == [RUN_ID]
+
+
+TRACE_PART = textwrap.dedent(
+    """
+    import sys, time
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.propagate import extract, inject
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    role, endpoint = sys.argv[1:3]
+    provider = TracerProvider(resource=Resource.create({"service.name": f"{role}-process"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))
+    tracer = provider.get_tracer(role)
+    if role == "planner":  # starts the trace, hands its context on, ends it after the coder
+        with tracer.start_as_current_span("invoke_agent planner") as root:
+            root.set_attribute("gen_ai.operation.name", "invoke_agent")
+            root.set_attribute("gen_ai.agent.name", "planner")
+            carrier = {}
+            inject(carrier)
+            print(carrier["traceparent"], flush=True)
+            sys.stdin.readline()  # the coder has exported its spans
+    else:
+        context = extract({"traceparent": sys.argv[3]})
+        with tracer.start_as_current_span("invoke_agent coder", context=context) as agent:
+            agent.set_attribute("gen_ai.operation.name", "invoke_agent")
+            agent.set_attribute("gen_ai.agent.name", "coder")
+            with tracer.start_as_current_span("chat") as chat:
+                chat.set_attribute("gen_ai.operation.name", "chat")
+                chat.set_attribute("gen_ai.input.messages", '[{"role": "user", "parts": [{"type": "text", "content": "write it"}]}]')
+                chat.set_attribute("gen_ai.output.messages", '[{"role": "assistant", "parts": [{"type": "text", "content": "done"}]}]')
+    provider.shutdown()
+    """
+)
+
+
+def _two_processes(endpoint: str) -> str:
+    with subprocess.Popen(
+        [sys.executable, "-c", TRACE_PART, "planner", endpoint],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as planner:
+        assert planner.stdout is not None and planner.stdin is not None
+        traceparent = planner.stdout.readline().strip()
+        coder = subprocess.run(
+            [sys.executable, "-c", TRACE_PART, "coder", endpoint, traceparent],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert coder.returncode == 0, coder.stderr
+        planner.stdin.write("go\n")
+        planner.stdin.close()
+        assert planner.wait(timeout=60) == 0
+    return "otel-" + traceparent.split("-")[1]
+
+
+async def test_two_processes_exporting_one_trace_make_one_run(served: Server) -> None:
+    endpoint = f"127.0.0.1:{served.port}"
+    run_id = await asyncio.to_thread(_two_processes, endpoint)
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        stored = await _finished(channel, run_id)
+        assert [t.key for t in stored.agent_run.transcripts] == ["coder"]
+        assert [m.text for m in stored.agent_run.transcripts[0].messages] == ["write it", "done"]
+        assert stored.agent_run.name == "invoke_agent planner"
+        collections = await ingest_grpc.IngestionServiceStub(channel).ListCollections(
+            ingest_pb.ListCollectionsRequest()
+        )
+        # The coder's spans came first: the run is in its collection; the planner's joined it.
+        by_id = {c.id: c.name for c in collections.collections}
+        assert by_id[stored.collection_id] == "coder-process"

@@ -19,7 +19,7 @@ from agentrun._cli_collections import add_collections_commands, run_collections_
 from agentrun._cli_keys import add_keys_commands, run_keys_command
 from agentrun._cli_runs import add_runs_commands, run_runs_command
 from agentrun._cli_tail import add_tail_command, run_tail_command
-from agentrun._client import CALL_TIMEOUT_SECONDS, Client
+from agentrun._client import Client
 from agentrun._connection import (
     add_connection_arguments,
     connection_from_arguments,
@@ -30,7 +30,6 @@ from agentrun._terminal import safe_text as _safe
 from agentrun._workflow import load_workflow
 from agentrun._writer import AgentRunWriter
 from agentrun.importers import load_agent_runs
-from agentrun.v1 import ingestion_service_pb2 as ingestion_pb
 
 STATE_COLUMNS = ("ready", "scheduled", "leased", "done", "dead", "cancelled")
 # What a task's state can be ("scheduled" above is a ready task waiting out its backoff).
@@ -198,18 +197,12 @@ def _upload(args: argparse.Namespace) -> int:
 def _stored_elsewhere(client: Client, run_id: str, collection_name: str) -> Collection | None:
     """The collection other than `collection_name` that holds the run `run_id`, if one does."""
     try:
-        stored = client.ingestion.GetAgentRun(
-            ingestion_pb.GetAgentRunRequest(
-                agent_run_id=run_id, view=ingestion_pb.AGENT_RUN_VIEW_BASIC
-            ),
-            timeout=CALL_TIMEOUT_SECONDS,
-            metadata=client.connection.call_metadata(),
-        )
-    except grpc.RpcError as exc:
-        if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
+        stored = client.get_run_summary(run_id)
+    except RpcError as exc:
+        if exc.code == grpc.StatusCode.NOT_FOUND:
             return None
-        raise RpcError.from_grpc(exc) from exc
-    holder = client.get_collection(stored.agent_run.collection_id)
+        raise
+    holder = client.get_collection(stored.collection_id)
     return None if holder.name == collection_name else holder
 
 

@@ -298,6 +298,21 @@ class Client:
         for stored in self._pages(collection_id, ingestion_pb.AGENT_RUN_VIEW_FULL, page_size):
             yield agent_run_from_proto(stored.agent_run, metadata_type)
 
+    def get_run_summary(self, agent_run_id: str) -> ListedRun:
+        """Where a run is and how it stands (its collection, state, scores, message count), as a
+        listing shows it: without its transcripts or metadata.
+
+        Raises:
+            RpcError: NOT_FOUND when no run has this id.
+        """
+        stored = self._call(
+            self.ingestion.GetAgentRun,
+            ingestion_pb.GetAgentRunRequest(
+                agent_run_id=agent_run_id, view=ingestion_pb.AGENT_RUN_VIEW_BASIC
+            ),
+        )
+        return ListedRun.from_proto(stored.agent_run)
+
     def list_runs(
         self,
         collection_id: str,

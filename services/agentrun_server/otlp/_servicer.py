@@ -86,11 +86,10 @@ class _Receiver:
         self._metrics = metrics
         self._limits = limits
         self._access = access
-        self._collections: dict[str, str] = {}
 
-    async def _collection_id(self, header: str, resource: Attributes) -> str:
-        """The id of the collection an export names (first found: the header, the resource's
-        `agentrun.collection`, its `service.name`), made on first use (bound to no workflow)."""
+    async def _collection(self, header: str, resource: Attributes) -> str:
+        """The collection an export names (first found: the header, the resource's
+        `agentrun.collection`, its `service.name`); the storage makes it on first use."""
         if header:
             name, field = header, COLLECTION_HEADER
         elif resource.get(COLLECTION_ATTRIBUTE):
@@ -99,13 +98,7 @@ class _Receiver:
             name, field = str(resource.get("service.name") or DEFAULT_COLLECTION), "service.name"
         name = check_name(field, name)
         await self._access.check(field, create=(name, ""))
-        found = self._collections.get(name)
-        if found is None:
-            made, _ = await self._storage.create_collection(name, "", "", time.time())
-            if len(self._collections) >= 10_000:
-                self._collections.clear()
-            self._collections[name] = found = made.id
-        return found
+        return name
 
     async def _receive(
         self, header: str, resources: Sequence[tuple[Attributes, Sequence[trace_pb2.Span]]]
@@ -124,7 +117,7 @@ class _Receiver:
         batches: dict[tuple[str, str], list[NewSpan]] = defaultdict(list)
         seen: dict[bytes, SpanView] = {}
         for resource, spans in resources:
-            collection_id = await self._collection_id(header, resource)
+            collection = await self._collection(header, resource)
             service = str(resource.get("service.name") or "")
             for span in spans:
                 view = self._problem(span)
@@ -136,15 +129,14 @@ class _Receiver:
                     view.service = service
                 data = span.SerializeToString()
                 seen[data] = view
-                batches[(collection_id, run_id_of(span.trace_id))].append(
+                batches[(collection, run_id_of(span.trace_id))].append(
                     NewSpan(span.span_id.hex(), span.start_time_unix_nano, data, view.root)
                 )
         # A trace's run may be in another collection than this export names (its first spans
         # came from another process): the key must see that one too.
         await self._access.check("resource_spans", run_ids=[run_id for _, run_id in batches])
         traces = [
-            TraceBatch(run_id, collection_id, kept)
-            for (collection_id, run_id), kept in batches.items()
+            TraceBatch(run_id, collection, kept) for (collection, run_id), kept in batches.items()
         ]
         outcomes = await self._storage.append_spans(
             traces,

@@ -288,8 +288,8 @@ class Storage(Protocol):
         now: float,
     ) -> list[SpansOutcome]:
         """Append each batch of a trace's spans to the trace's live run (created by its first
-        batch, in the batch's collection; later batches join it there) as one event the server
-        numbers, in one transaction for all the batches; an outcome per batch, in order. The
+        batch, in the batch's collection, which is made if it does not exist; later batches join
+        the run there) as one event the server numbers, in one transaction for all the batches; an outcome per batch, in order. The
         spans not kept yet go, in start order, made into a patch by `project` from the state the
         trace's earlier batches left; spans already kept are duplicates (an exporter's retry
         stores nothing twice). A batch its run refuses stores nothing (`refused`: the run

@@ -693,10 +693,11 @@ class NewSpan(NamedTuple):
 
 
 class TraceBatch(NamedTuple):
-    """A batch of one trace's spans, for its run in a collection."""
+    """A batch of one trace's spans, for its run in a collection (by name: made if missing, in
+    the batch's transaction, so a collection deleted meanwhile is made again, not refused)."""
 
     run_id: str
-    collection_id: str
+    collection: str
     spans: Sequence[NewSpan]
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from agentrun_server._errors import AlreadyExists
 from agentrun_server.storage._procedures.live import append_event
+from agentrun_server.storage._procedures.runs import create_collection
 from agentrun_server.storage._procedures.workflows import WorkflowCache
 from agentrun_server.storage._rules import event_digest
 from agentrun_server.storage._statements import Statements
@@ -42,9 +43,13 @@ async def append_spans(
     """See `Storage.append_spans`. Traces are taken in run id order, so that replicas applying
     exports of the same traces lock them in one order."""
     outcomes: dict[str, SpansOutcome] = {}
+    collections: dict[str, str] = {}
     for batch in sorted(batches, key=lambda b: b.run_id):
+        if batch.collection not in collections:
+            made = await create_collection(db, workflows, batch.collection, "", "", now)
+            collections[batch.collection] = made.collection.id
         outcomes[batch.run_id] = await _append_trace(
-            db, workflows, batch, project, fold, max_run_bytes, now
+            db, workflows, batch, collections[batch.collection], project, fold, max_run_bytes, now
         )
     stored = [run_id for run_id, outcome in outcomes.items() if outcome.stored]
     if stored:
@@ -56,12 +61,13 @@ async def _append_trace(
     db: Statements,
     workflows: WorkflowCache,
     batch: TraceBatch,
+    collection_id: str,
     project: Project,
     fold: Fold,
     max_run_bytes: int,
     now: float,
 ) -> SpansOutcome:
-    run_id, collection_id, spans = batch
+    run_id, _, spans = batch
     trace = await db.trace(run_id)
     if trace is None:
         await db.open_trace(run_id, now)
