@@ -409,3 +409,18 @@ async def test_two_processes_exporting_one_trace_make_one_run(served: Server) ->
         # The coder's spans came first: the run is in its collection; the planner's joined it.
         by_id = {c.id: c.name for c in collections.collections}
         assert by_id[stored.collection_id] == "coder-process"
+
+
+async def test_one_export_of_one_trace_from_two_resources_lands_in_one_run(served: Server) -> None:
+    spans = genai_trace()
+    request = _request(spans[:2], service="first")
+    second = request.resource_spans.add()
+    second.resource.attributes.add(key="service.name").value.string_value = "second"
+    second.scope_spans.add().spans.extend(spans[2:])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+        answer = await otlp_grpc.TraceServiceStub(channel).Export(request)
+        assert not answer.HasField("partial_success")
+        finished = await _finished(channel, RUN_ID)
+        assert _roles(finished.agent_run.transcripts[0]) == EXPECTED
+        assert finished.event_count == 2  # the batch, then the finish
+    assert served.registry.get_sample_value("agentrun_otlp_spans_total", {"result": "stored"}) == 4

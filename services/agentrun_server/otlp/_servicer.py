@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -114,7 +113,9 @@ class _Receiver:
             if len(why) < 5:
                 why.append(message)
 
-        batches: dict[tuple[str, str], list[NewSpan]] = defaultdict(list)
+        # By trace: its spans, and the collection of the first resource that sent one of them
+        # (two resources of one export may name two; the run goes to one).
+        batches: dict[str, tuple[str, list[NewSpan]]] = {}
         seen: dict[bytes, SpanView] = {}
         for resource, spans in resources:
             collection = await self._collection(header, resource)
@@ -129,14 +130,15 @@ class _Receiver:
                     view.service = service
                 data = span.SerializeToString()
                 seen[data] = view
-                batches[(collection, run_id_of(span.trace_id))].append(
-                    NewSpan(span.span_id.hex(), span.start_time_unix_nano, data, view.root)
-                )
+                kept = batches.setdefault(run_id_of(span.trace_id), (collection, []))[1]
+                kept.append(NewSpan(span.span_id.hex(), span.start_time_unix_nano, data, view.root))
+        if not batches:
+            return self._refused(rejected, why)
         # A trace's run may be in another collection than this export names (its first spans
         # came from another process): the key must see that one too.
-        await self._access.check("resource_spans", run_ids=[run_id for _, run_id in batches])
+        await self._access.check("resource_spans", run_ids=list(batches))
         traces = [
-            TraceBatch(run_id, collection, kept) for (collection, run_id), kept in batches.items()
+            TraceBatch(run_id, collection, kept) for run_id, (collection, kept) in batches.items()
         ]
         outcomes = await self._storage.append_spans(
             traces,
@@ -156,6 +158,9 @@ class _Receiver:
                     "run_refused",
                     f"trace {trace.run_id[len(RUN_PREFIX) :]}: {outcome.refused}",
                 )
+        return self._refused(rejected, why)
+
+    def _refused(self, rejected: int, why: list[str]) -> tuple[int, str]:
         if rejected:
             self._metrics.spans.labels("refused").inc(rejected)
         return rejected, "; ".join(why)[:4000]
