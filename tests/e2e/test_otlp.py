@@ -15,9 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp_pb
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
-from opentelemetry.proto.trace.v1 import trace_pb2
 
 from agentrun.v1 import ingestion_service_pb2 as ingest_pb
 from agentrun.v1 import ingestion_service_pb2_grpc as ingest_grpc
@@ -28,6 +26,7 @@ from agentrun_server import Server, ServerConfig
 from agentrun_server.auth import new_key
 from agentrun_server.ingestion import IngestionLimits
 
+from ..otlp import export_request
 from ..unit.test_otlp_mapping import EXPECTED, TRACE, _roles, genai_trace, span
 
 QUIET_SECONDS = 0.5
@@ -40,16 +39,6 @@ async def served(database: str) -> AsyncIterator[Server]:
     await server.start()
     yield server
     await server.shutdown(grace_seconds=1)
-
-
-def _request(
-    spans: list[trace_pb2.Span], service: str = "weather-agent"
-) -> otlp_pb.ExportTraceServiceRequest:
-    request = otlp_pb.ExportTraceServiceRequest()
-    resource = request.resource_spans.add()
-    resource.resource.attributes.add(key="service.name").value.string_value = service
-    resource.scope_spans.add().spans.extend(spans)
-    return request
 
 
 async def _stored(channel: grpc.aio.Channel, run_id: str) -> ingest_pb.StoredAgentRun:
@@ -155,21 +144,21 @@ async def test_retries_and_out_of_order_batches_store_each_span_once_in_start_or
     async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
         otlp = otlp_grpc.TraceServiceStub(channel)
         # The last model call first, then the rest twice (an exporter retrying), the root last.
-        await otlp.Export(_request([spans[3]]))
+        await otlp.Export(export_request([spans[3]]))
         for _ in range(2):
-            answer = await otlp.Export(_request([spans[1], spans[2]]))
+            answer = await otlp.Export(export_request([spans[1], spans[2]]))
             assert not answer.HasField("partial_success")
         live = await _stored(channel, RUN_ID)
         assert live.state == ingest_pb.AGENT_RUN_STATE_RUNNING
         assert live.event_count == 2
-        await otlp.Export(_request([spans[0]], service="another-process"))
+        await otlp.Export(export_request([spans[0]], service="another-process"))
         finished = await _finished(channel, RUN_ID)
         assert _roles(finished.agent_run.transcripts[0]) == EXPECTED
         assert finished.agent_run.name == "invoke_agent weather"
         # After it finished: a retry of its spans is still a duplicate, new spans are refused.
-        again = await otlp.Export(_request([spans[2]]))
+        again = await otlp.Export(export_request([spans[2]]))
         assert not again.HasField("partial_success")
-        late = await otlp.Export(_request([span(9, "late", {}, parent=1)]))
+        late = await otlp.Export(export_request([span(9, "late", {}, parent=1)]))
         assert late.partial_success.rejected_spans == 1
         assert "finished" in late.partial_success.error_message
     assert (
@@ -180,9 +169,9 @@ async def test_retries_and_out_of_order_batches_store_each_span_once_in_start_or
 async def test_the_collection_comes_from_the_header_then_the_resource(served: Server) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
         otlp = otlp_grpc.TraceServiceStub(channel)
-        request = _request(genai_trace())
+        request = export_request(genai_trace())
         await otlp.Export(request, metadata=(("x-agentrun-collection", "from-header"),))
-        named = _request([span(1, "root", {})])
+        named = export_request([span(1, "root", {})])
         named.resource_spans[0].resource.attributes.add(
             key="agentrun.collection"
         ).value.string_value = "from-resource"
@@ -207,7 +196,9 @@ async def test_a_span_over_the_limit_is_refused_alone_in_the_partial_success(dat
         broken = span(5, "broken", {})
         broken.span_id = b"\x01"
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            answer = await otlp_grpc.TraceServiceStub(channel).Export(_request([*spans, broken]))
+            answer = await otlp_grpc.TraceServiceStub(channel).Export(
+                export_request([*spans, broken])
+            )
             assert answer.partial_success.rejected_spans == 2
             message = answer.partial_success.error_message
             assert "100,269 bytes, over max_run_bytes=65536" in message
@@ -250,7 +241,7 @@ async def test_an_exporter_needs_an_ingest_key_under_auth_keys(database: str) ->
             ):
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-                    await otlp.Export(_request(genai_trace()), metadata=metadata)
+                    await otlp.Export(export_request(genai_trace()), metadata=metadata)
                 assert refused.value.code() == code
 
         def export(token: str | None) -> tuple[SpanExportResult, str]:
@@ -279,7 +270,8 @@ async def test_an_exporter_needs_an_ingest_key_under_auth_keys(database: str) ->
             assert stored.agent_run.agent_run.name == "keyed"
         async with grpc.aio.insecure_channel(url) as channel:
             answer = await otlp_grpc.TraceServiceStub(channel).Export(
-                _request(genai_trace()), metadata=(("authorization", f"Bearer {tokens['agent']}"),)
+                export_request(genai_trace()),
+                metadata=(("authorization", f"Bearer {tokens['agent']}"),),
             )
             assert not answer.HasField("partial_success")
     finally:
@@ -292,7 +284,7 @@ async def test_a_trace_that_never_ends_is_abandoned_like_any_live_run(database: 
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            await otlp_grpc.TraceServiceStub(channel).Export(_request(genai_trace()[1:]))
+            await otlp_grpc.TraceServiceStub(channel).Export(export_request(genai_trace()[1:]))
             assert (await _stored(channel, RUN_ID)).state == ingest_pb.AGENT_RUN_STATE_RUNNING
             await asyncio.sleep(1.5)  # no root span, nothing more: the live-run timeout
             stored = await _stored(channel, RUN_ID)
@@ -309,7 +301,7 @@ async def test_exporters_find_the_receiver_on_the_otlp_port_too(database: str) -
     try:
         assert server.otlp_port not in (0, server.port)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.otlp_port}") as channel:
-            answer = await otlp_grpc.TraceServiceStub(channel).Export(_request(genai_trace()))
+            answer = await otlp_grpc.TraceServiceStub(channel).Export(export_request(genai_trace()))
             assert not answer.HasField("partial_success")
             assert (await _stored(channel, RUN_ID)).agent_run.name == "invoke_agent weather"
     finally:
@@ -327,13 +319,13 @@ async def test_a_finished_trace_enters_its_collection_s_workflow_once(served: Se
             )
         )
         await ingest_grpc.IngestionServiceStub(channel).CreateCollection(
-            ingest_pb.CreateCollectionRequest(name="weather-agent", workflow="grading")
+            ingest_pb.CreateCollectionRequest(name="agent", workflow="grading")
         )
         otlp = otlp_grpc.TraceServiceStub(channel)
-        await otlp.Export(_request(genai_trace()[1:]))
+        await otlp.Export(export_request(genai_trace()[1:]))
         backlog = await orchestrator.GetBacklog(orch_pb.GetBacklogRequest(workflow="grading"))
         assert backlog.stages[0].ready_count == 0  # running: not yet
-        await otlp.Export(_request(genai_trace()[:1]))
+        await otlp.Export(export_request(genai_trace()[:1]))
         await _finished(channel, RUN_ID)
         tasks = await orchestrator.ListTasks(orch_pb.ListTasksRequest(workflow="grading"))
         assert [t.agent_run_id for t in tasks.tasks] == [RUN_ID]
@@ -413,7 +405,7 @@ async def test_two_processes_exporting_one_trace_make_one_run(served: Server) ->
 
 async def test_one_export_of_one_trace_from_two_resources_lands_in_one_run(served: Server) -> None:
     spans = genai_trace()
-    request = _request(spans[:2], service="first")
+    request = export_request(spans[:2], service="first")
     second = request.resource_spans.add()
     second.resource.attributes.add(key="service.name").value.string_value = "second"
     second.scope_spans.add().spans.extend(spans[2:])

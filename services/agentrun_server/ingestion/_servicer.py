@@ -346,13 +346,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
     async def GetCollection(
         self, request: pb.GetCollectionRequest, context: Context
     ) -> pb.GetCollectionResponse:
-        selector = request.WhichOneof("selector")
-        if selector is None:
-            raise InvalidArgument("selector: set id or name")
-        collection = await self._storage.get_collection(
-            id=check_reference("id", request.id), name=check_reference("name", request.name)
-        )
-        await self._access.check(selector, collection=collection)
+        collection = await self._selected_collection(request)
         return pb.GetCollectionResponse(collection=collection_to_proto(collection))
 
     async def ListCollections(
@@ -764,7 +758,8 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         )
 
     async def _selected_collection(
-        self, request: pb.UpdateCollectionRequest | pb.DeleteCollectionRequest
+        self,
+        request: pb.GetCollectionRequest | pb.UpdateCollectionRequest | pb.DeleteCollectionRequest,
     ) -> Collection:
         """The collection a request's `selector` names, within the caller's limits."""
         selector = request.WhichOneof("selector")
