@@ -42,9 +42,6 @@ class AbandonSweep(Periodic):
         self._metrics = metrics
         self._on_entered = on_entered
 
-    async def step(self) -> int:
-        return await self.sweep()
-
     async def sweep(self) -> int:
         """Enter every run abandoned now (of the collections that ask); return how many."""
         total = 0

@@ -54,9 +54,6 @@ class RetentionSweep(Periodic):
         self._storage = storage
         self._metrics = metrics
 
-    async def step(self) -> int:
-        return await self.sweep()
-
     async def sweep(self) -> int:
         """Delete every run past its collection's retention now; return how many."""
         total = 0

@@ -37,7 +37,8 @@ class TraceFinishSweep(Periodic):
         self._quiet = quiet_seconds
         self._max_bytes = max_live_run_bytes
 
-    async def step(self) -> int:
+    async def sweep(self) -> int:
+        """Finish every trace's run that is quiet after its root now; how many."""
         total = 0
         while True:
             now = time.time()

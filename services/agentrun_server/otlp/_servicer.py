@@ -121,7 +121,7 @@ class _Receiver:
             collection = await self._collection(header, resource)
             service = str(resource.get("service.name") or "")
             for span in spans:
-                view = self._problem(span)
+                view = self._checked(span)
                 if isinstance(view, tuple):
                     refuse(1, *view)
                     continue
@@ -165,7 +165,7 @@ class _Receiver:
             self._metrics.spans.labels("refused").inc(rejected)
         return rejected, "; ".join(why)[:4000]
 
-    def _problem(self, span: trace_pb2.Span) -> tuple[str, str] | SpanView:
+    def _checked(self, span: trace_pb2.Span) -> tuple[str, str] | SpanView:
         """What a span says, or why it cannot be kept (a reason label and a message)."""
         where = f"span {span.span_id.hex() or '(no id)'} of trace {span.trace_id.hex() or '-'}"
         if len(span.trace_id) != 16 or len(span.span_id) != 8:

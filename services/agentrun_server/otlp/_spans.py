@@ -225,10 +225,6 @@ def _flattened(attrs: Attributes, prefix: str) -> list[dict[str, Any]]:
     return [items[i] for i in sorted(items)]
 
 
-def _nested_list(flat: Mapping[str, Any], prefix: str) -> list[dict[str, Any]]:
-    return _flattened(dict(flat), prefix)
-
-
 def _openinference_messages(
     attrs: Attributes, which: str, *, model: str, at_ns: int
 ) -> list[run_pb.ChatMessage]:
@@ -236,7 +232,7 @@ def _openinference_messages(
     for item in _flattened(attrs, f"llm.{which}_messages."):
         role = str(item.get("message.role") or "user")
         texts = [text_of(item["message.content"])] if "message.content" in item else []
-        for part in _nested_list(item, "message.contents."):
+        for part in _flattened(item, "message.contents."):
             if part.get("message_content.type", "text") == "text":
                 texts.append(text_of(part.get("message_content.text", "")))
         calls = [
@@ -245,7 +241,7 @@ def _openinference_messages(
                 "name": call.get("tool_call.function.name", ""),
                 "arguments": call.get("tool_call.function.arguments"),
             }
-            for call in _nested_list(item, "message.tool_calls.")
+            for call in _flattened(item, "message.tool_calls.")
         ]
         out.append(
             _message(
@@ -270,7 +266,7 @@ def _openllmetry_messages(
         role = str(item.get("role") or ("assistant" if which == "completion" else "user"))
         calls = [
             {"id": c.get("id", ""), "name": c.get("name", ""), "arguments": c.get("arguments")}
-            for c in _nested_list(item, "tool_calls.")
+            for c in _flattened(item, "tool_calls.")
         ]
         texts = [text_of(item["content"])] if "content" in item else []
         out.append(

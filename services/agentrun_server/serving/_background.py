@@ -20,9 +20,9 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
 
 
 class Periodic:
-    """A step run every `interval_seconds` on the server's event loop, from `start()` until
-    `stop()` (at shutdown). A step that fails (the database out of reach) is logged, and the next
-    one tries again. Subclasses give `step`, `name` and `what` (for the log)."""
+    """A sweep run every `interval_seconds` on the server's event loop, from `start()` until
+    `stop()` (at shutdown). A sweep that fails (the database out of reach) is logged, and the next
+    one tries again. Subclasses give `sweep`, `name` and `what` (for the log)."""
 
     name = "agentrun-periodic"
     what = "a periodic step"
@@ -32,7 +32,8 @@ class Periodic:
         self._at_start = at_start
         self._task: asyncio.Task[None] | None = None
 
-    async def step(self) -> object:
+    async def sweep(self) -> int:
+        """One pass; how many things it did."""
         raise NotImplementedError
 
     def start(self) -> None:
@@ -47,7 +48,7 @@ class Periodic:
             await asyncio.sleep(self.interval_seconds)
         while True:
             try:
-                await self.step()
+                await self.sweep()
             except Exception:
                 _log.warning(
                     "%s failed; trying again in %g s",

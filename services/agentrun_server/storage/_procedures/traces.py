@@ -11,7 +11,7 @@ finished, it grew past its limit, its id is a run uploaded whole) stores nothing
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from agentrun_server._errors import AlreadyExists
 from agentrun_server.storage._procedures.live import append_event
@@ -43,13 +43,17 @@ async def append_spans(
     """See `Storage.append_spans`. Traces are taken in run id order, so that replicas applying
     exports of the same traces lock them in one order."""
     outcomes: dict[str, SpansOutcome] = {}
-    collections: dict[str, str] = {}
+    made: dict[str, str] = {}
+
+    async def collection_id(name: str) -> str:
+        """The collection named, made on first use: only a trace's first batch asks."""
+        if name not in made:
+            made[name] = (await create_collection(db, workflows, name, "", "", now)).collection.id
+        return made[name]
+
     for batch in sorted(batches, key=lambda b: b.run_id):
-        if batch.collection not in collections:
-            made = await create_collection(db, workflows, batch.collection, "", "", now)
-            collections[batch.collection] = made.collection.id
         outcomes[batch.run_id] = await _append_trace(
-            db, workflows, batch, collections[batch.collection], project, fold, max_run_bytes, now
+            db, workflows, batch, collection_id, project, fold, max_run_bytes, now
         )
     stored = [run_id for run_id, outcome in outcomes.items() if outcome.stored]
     if stored:
@@ -61,13 +65,13 @@ async def _append_trace(
     db: Statements,
     workflows: WorkflowCache,
     batch: TraceBatch,
-    collection_id: str,
+    collection_id: Callable[[str], Awaitable[str]],
     project: Project,
     fold: Fold,
     max_run_bytes: int,
     now: float,
 ) -> SpansOutcome:
-    run_id, _, spans = batch
+    run_id, collection, spans = batch
     trace = await db.trace(run_id)
     if trace is None:
         await db.open_trace(run_id, now)
@@ -85,10 +89,11 @@ async def _append_trace(
             0, duplicates, AlreadyExists(f"run {run_id!r} was uploaded whole, not traced")
         )
     patch, state = project(trace.state, [span.data for span in new])
-    sequence = run.next_sequence if run is not None else 1
-    if run is not None:  # a trace's later spans join its run, whatever process sent them
-        collection_id = run.collection_id
-    event = NewEvent(run_id, sequence, collection_id, patch, False, event_digest(patch, False))
+    if run is None:
+        sequence, into = 1, await collection_id(collection)
+    else:  # a trace's later spans join its run, whatever process sent them
+        sequence, into = run.next_sequence, run.collection_id
+    event = NewEvent(run_id, sequence, into, patch, False, event_digest(patch, False))
     outcome = await append_event(db, workflows, event, fold, max_run_bytes, now)
     if outcome.status is not EventStatus.STORED:
         return SpansOutcome(0, duplicates, outcome.error)

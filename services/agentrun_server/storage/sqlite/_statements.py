@@ -137,6 +137,17 @@ def _task_where(where: TaskFilter, after_id: int) -> tuple[str, list[Any]]:
     return " AND ".join(conditions), args
 
 
+def _collection_runs(selection: RunSelection) -> tuple[str, list[Any]]:
+    """The WHERE clause (agent_runs as `r`) of a collection's runs a deletion names, and its
+    parameters."""
+    if selection.ingested_before is None:
+        return "r.collection_id = ?", [selection.collection_id]
+    return "r.collection_id = ? AND r.ingested_at < ?", [
+        selection.collection_id,
+        selection.ingested_before,
+    ]
+
+
 class SqliteStatements:
     """The statements of one transaction on one SQLite connection."""
 
@@ -351,13 +362,10 @@ class SqliteStatements:
                 selection.run_ids,
             )
             return [DoomedRun._make(row) for row in sorted(rows)[:limit]]
-        before = "" if selection.ingested_before is None else " AND ingested_at < ?"
-        args: list[Any] = [selection.collection_id]
-        if selection.ingested_before is not None:
-            args.append(selection.ingested_before)
+        where, args = _collection_runs(selection)
         rows = self._db.execute(
-            "SELECT seq, id, collection_id FROM agent_runs r "
-            f"WHERE collection_id = ?{before}{free} ORDER BY seq LIMIT ?",
+            f"SELECT seq, id, collection_id FROM agent_runs r WHERE {where}{free} "
+            "ORDER BY seq LIMIT ?",
             (*args, limit),
         ).fetchall()
         return [DoomedRun._make(row) for row in rows]
@@ -372,13 +380,10 @@ class SqliteStatements:
                 selection.run_ids,
             )
         else:
-            before = "" if selection.ingested_before is None else " AND r.ingested_at < ?"
-            args: list[Any] = [selection.collection_id]
-            if selection.ingested_before is not None:
-                args.append(selection.ingested_before)
+            where, args = _collection_runs(selection)
             rows = self._db.execute(
                 f"SELECT {columns} FROM tasks t JOIN agent_runs r ON r.id = t.agent_run_id "
-                f"WHERE t.state = 'leased' AND t.collection_id = ?{before}",
+                f"WHERE t.state = 'leased' AND {where}",
                 args,
             ).fetchall()
         return [LeasedTaskOfRun._make(row) for row in rows]
