@@ -10,8 +10,10 @@ AGENTRUN_DB ?= sqlite:///agentrun.db
 TS := clients/typescript
 NPM := $(shell command -v npm 2>/dev/null)
 TS_STAMP := $(if $(NPM),$(TS)/node_modules/.package-lock.json)
+# The web console's scripts (htmx), pinned in scripts/web and copied into the server by `make gen`.
+WEB_STAMP := $(if $(NPM),scripts/web/node_modules/.package-lock.json)
 
-.PHONY: dist install install-ts install-go build-go install-cpp build-cpp conformance install-bench gen gen-check proto-release lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live bench-otlp ci clean
+.PHONY: dist install install-ts install-web install-browser screenshots install-go build-go install-cpp build-cpp conformance install-bench gen gen-check proto-release lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live bench-otlp ci clean
 
 install: $(STAMP)
 
@@ -42,6 +44,15 @@ build-go: install-go
 
 install-ts: $(TS_STAMP)
 
+install-web: $(WEB_STAMP)
+
+scripts/web/node_modules/.package-lock.json: scripts/web/package.json scripts/web/package-lock.json
+	cd scripts/web && npm ci --no-audit --no-fund
+
+# Chromium from Debian for the console's browser tests (Playwright drives it: no browser download).
+install-browser:
+	@scripts/apt_install.sh chromium
+
 # The benchmarks' peers (PgQueuer), beside the development install.
 install-bench: $(VENV)/.bench-stamp
 
@@ -59,16 +70,18 @@ $(STAMP): pyproject.toml
 $(TS)/node_modules/.package-lock.json: $(TS)/package.json $(TS)/package-lock.json
 	cd $(TS) && npm ci --no-audit --no-fund
 
-gen: install install-ts install-go
+gen: install install-ts install-go install-web
 	$(BIN)/python scripts/gen_protos.py
 	$(BIN)/python scripts/gen_limits.py
 	$(BIN)/python scripts/gen_dashboard.py
+	$(BIN)/python scripts/gen_web.py
 	$(BIN)/buf format -w
 
-gen-check: install install-ts install-go
+gen-check: install install-ts install-go install-web
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/python scripts/gen_limits.py --check
 	$(BIN)/python scripts/gen_dashboard.py --check
+	$(BIN)/python scripts/gen_web.py --check
 
 lint: install
 	$(BIN)/buf lint
@@ -92,7 +105,7 @@ format: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install install-ts install-go install-cpp
+test: install install-ts install-go install-cpp install-browser
 	$(BIN)/python -m pytest
 
 # Benchmarks print figures; they are not tests. Each reads the real runs from ../shared/data.

@@ -64,7 +64,7 @@ def start_agentrun(db: Path | str, *args: str) -> tuple[subprocess.Popen[str], s
     """`agentrun serve` on a database (a URL, or a SQLite file's path) and a free port, without
     metrics; return it and its URL."""
     url = db if isinstance(db, str) else f"sqlite:///{db}"
-    serve = ["serve", "--db", url, "--port", "0", "--metrics-port", "-1", *args]
+    serve = ["serve", "--db", url, "--port", "0", "--metrics-port", "-1", "--web-port", "-1", *args]
     process, port = start([sys.executable, "-m", "agentrun._cli", *serve], r"on [\d.]+:(\d+)")
     return process, f"127.0.0.1:{port}"
 
@@ -72,7 +72,7 @@ def start_agentrun(db: Path | str, *args: str) -> tuple[subprocess.Popen[str], s
 def start_agentrun_with_metrics(db: str) -> tuple[subprocess.Popen[str], str, str]:
     """`agentrun serve` on a database URL with metrics on a free port; return it, its URL and
     its metrics URL."""
-    serve = ["serve", "--db", db, "--port", "0", "--metrics-port", "0"]
+    serve = ["serve", "--db", db, "--port", "0", "--metrics-port", "0", "--web-port", "-1"]
     process = subprocess.Popen(
         [sys.executable, "-m", "agentrun._cli", *serve], stdout=subprocess.PIPE, text=True
     )

@@ -64,7 +64,7 @@ async def _make_keys(db: str, scopes: dict[str, list[str]]) -> dict[str, str]:
 def _serve(db: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     command = [sys.executable, "-m", "agentrun_server", "serve", "--db", db, "--auth", "keys"]
-    command += ["--port", str(port), "--metrics-port", "-1"]
+    command += ["--port", str(port), "--metrics-port", "-1", "--web-port", "-1"]
     with log.open("ab") as out:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=out)
     url = f"127.0.0.1:{port}"

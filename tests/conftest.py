@@ -60,7 +60,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 async def server(database: str) -> AsyncIterator[Server]:
     """Both services in this process, on a fresh database of each backend and a real port (0)."""
-    s = Server(ServerConfig(db=database, port=0, metrics_port=-1))
+    s = Server(ServerConfig(db=database, port=0, metrics_port=-1, web_port=-1))
     await s.start()
     yield s
     await s.shutdown(grace_seconds=1)

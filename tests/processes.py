@@ -68,7 +68,8 @@ class ServerProcess:
     def start(self, timeout_seconds: float = 30) -> ServerProcess:
         """Start and wait until health says SERVING."""
         command = [*self.program, "serve", "--db", self.db]
-        command += ["--port", str(self.port), "--metrics-port", "-1", *self.extra_args]
+        command += ["--port", str(self.port), "--metrics-port", "-1", "--web-port", "-1"]
+        command += self.extra_args
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 command, stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy()

@@ -70,6 +70,8 @@ def serve(config: ServerConfig) -> int:
                 f" ({metrics}; auth {config.auth}{', TLS' if server.tls else ''}; db {config.db})",
                 flush=True,
             )
+            if server.web_url:
+                print(f"agentrun console on {server.web_url}", flush=True)
         await serving
 
     try:

@@ -106,6 +106,12 @@ class ServerConfig:
     """A second port for the same gRPC server, on `host`, where OpenTelemetry exporters expect
     OTLP (4317 by convention); every service answers there too, under the same keys and TLS.
     0 picks a free one; -1: none (exporters use `port`)."""
+    web_host: str = "127.0.0.1"
+    """Interface for the web console: loopback by default, as /metrics. Under auth "none" a
+    non-loopback one needs `insecure`, as gRPC does."""
+    web_port: int = 8080
+    """The web console's HTTP port (read runs as they happen, operate the task queue); 0 picks
+    a free one, -1 turns it off."""
     metrics_web_config: str = ""
     """A web configuration file for /metrics in exporter-toolkit's format (TLS, basic auth);
     empty: plain HTTP, open to whoever reaches `metrics_host`."""
@@ -280,7 +286,9 @@ def _metavar(s: Setting) -> str | None:
         return "SECONDS" if name.endswith("seconds") else "X"
     if name.endswith(("_file", "_config")):
         return "FILE"
-    return {"db": "URL", "host": "HOST", "metrics_host": "HOST"}.get(name, "TEXT")
+    return {"db": "URL", "host": "HOST", "metrics_host": "HOST", "web_host": "HOST"}.get(
+        name, "TEXT"
+    )
 
 
 def config_from(

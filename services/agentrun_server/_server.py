@@ -15,6 +15,8 @@ import ipaddress
 import logging
 import signal
 import socket
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -63,6 +65,7 @@ from agentrun_server.serving import (
     enable_reflection,
 )
 from agentrun_server.storage import Notifier, Storage, open_storage
+from agentrun_server.web import WebConsole
 
 _log = logging.getLogger(__name__)
 
@@ -119,6 +122,9 @@ class Server:
         self.otlp_port = 0
         self.metrics_port = 0
         self.health_port = 0
+        self.web_port = 0
+        self._console: WebConsole | None = None
+        self._console_dir: tempfile.TemporaryDirectory[str] | None = None
         self._health_server: grpc.aio.Server | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._storage: Storage | None = None
@@ -155,6 +161,18 @@ class Server:
                 f"create admin --scope admin --db {config.db}`), bind 127.0.0.1 behind an "
                 "authenticating proxy, or pass --insecure to serve the network "
                 "unauthenticated anyway"
+            )
+        if (
+            config.web_port >= 0
+            and config.auth == "none"
+            and not is_loopback(config.web_host)
+            and not config.insecure
+        ):
+            raise InvalidArgument(
+                f"--web-host {config.web_host}: not a loopback address, and --auth none checks "
+                "no credentials: every browser that reaches it could read every run and redrive "
+                "or cancel any task. Pass --auth keys (the console then asks for a key), keep "
+                "the console on 127.0.0.1 behind an authenticating proxy, or pass --insecure"
             )
         if config.tls.enabled or config.tls.key_file or config.tls.client_ca_file:
             self.tls = ServerTls(config.tls)
@@ -275,6 +293,12 @@ class Server:
             server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         )
         self.port = await self._listen(server, "--port", config.port)
+        if config.web_port >= 0:
+            # The console's own way in: a Unix socket only this process's user can reach, with
+            # no TLS to terminate; its calls carry the signed-in key like any client's.
+            self._console_dir = tempfile.TemporaryDirectory(prefix="agentrun-console-")
+            console_socket = Path(self._console_dir.name) / "grpc.sock"
+            server.add_insecure_port(f"unix:{console_socket}")
         if config.otlp_port >= 0 and "ingestion" in config.services:
             self.otlp_port = await self._listen(server, "--otlp-port", config.otlp_port)
         await server.start()
@@ -314,6 +338,19 @@ class Server:
                     f"{exc.strerror or exc}; pick another, 0 for any free one, or -1 for none"
                 ) from None
             self.metrics_port = self._metrics_endpoint.port
+        if self._console_dir is not None:
+            self._console = WebConsole(
+                f"unix:{Path(self._console_dir.name) / 'grpc.sock'}",
+                self._keys,
+                config.services,
+                config.grace_seconds,
+            )
+            try:
+                await self._console.start(config.web_host, config.web_port)
+            except InvalidArgument:
+                await self.shutdown(0)
+                raise
+            self.web_port = self._console.port
 
     async def _serve_health(self, host: str, port: int) -> None:
         health_server = grpc.aio.server()
@@ -334,6 +371,11 @@ class Server:
         self._health_server = health_server
 
     @property
+    def web_url(self) -> str:
+        """Where the web console is served; "" when it is not."""
+        return self._console.url if self._console is not None else ""
+
+    @property
     def metrics_url(self) -> str:
         """Where /metrics is served (https with a web configuration's TLS); "" when it is not."""
         return self._metrics_endpoint.url if self._metrics_endpoint is not None else ""
@@ -345,6 +387,9 @@ class Server:
         """
         grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
         await self._health.enter_graceful_shutdown()
+        console, self._console = self._console, None
+        if console is not None:
+            await console.shutdown()
         dispatcher, self._dispatcher = self._dispatcher, None
         if dispatcher is not None:
             await dispatcher.close_streams()
@@ -383,6 +428,9 @@ class Server:
         storage, self._storage = self._storage, None
         if storage is not None:
             await storage.close()
+        console_dir, self._console_dir = self._console_dir, None
+        if console_dir is not None:
+            console_dir.cleanup()
 
     async def _listen(self, server: grpc.aio.Server, flag: str, port: int) -> int:
         """Bind `server` to `port` on the configured host (with TLS when configured); the port.

@@ -35,7 +35,7 @@ STREAMING_REQUESTS = {"UploadAgentRuns", "Work"}
 async def secured(database: str) -> AsyncIterator[tuple[Server, str]]:
     """A server with --auth keys and its first admin key, made on the database as `agentrun keys
     create --db` does."""
-    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, auth="keys"))
+    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, web_port=-1, auth="keys"))
     await server.start()
     record, token = new_key("root", ["admin"])
     assert server._storage is not None and server._keys is not None

@@ -21,7 +21,7 @@ SERVE_AND_REPORT = textwrap.dedent(
     from agentrun_server import Server, ServerConfig
 
     async def main():
-        server = Server(ServerConfig(db=sys.argv[1], port=0, metrics_port=0))
+        server = Server(ServerConfig(db=sys.argv[1], port=0, metrics_port=0, web_port=0))
         await server.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             i, o = ingest.IngestionServiceStub(channel), orch.OrchestratorServiceStub(channel)

@@ -57,7 +57,7 @@ def _store(url: str, collection_id: str, runs: list[AgentRun]) -> None:
 
 @pytest.fixture
 async def served(database: str) -> AsyncIterator[tuple[Server, str]]:
-    server = Server(ServerConfig(db=database, port=0, metrics_port=-1))
+    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, web_port=-1))
     await server.start()
     yield server, f"127.0.0.1:{server.port}"
     await server.shutdown(grace_seconds=1)
@@ -170,7 +170,7 @@ async def test_runs_past_their_collection_retention_are_swept_away(database: str
             await storage.insert_runs(collection.id, [run], now - age * DAY)
     await storage.close()
     limits = IngestionLimits(retention_sweep_seconds=0.2)
-    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, limits=limits))
+    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, web_port=-1, limits=limits))
     await server.start()
     try:
         client = Client(f"127.0.0.1:{server.port}")
@@ -205,7 +205,7 @@ async def test_runs_past_their_collection_retention_are_swept_away(database: str
 async def test_deleting_takes_the_admin_scope_and_stays_within_a_key_s_limits(
     database: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, auth="keys"))
+    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, web_port=-1, auth="keys"))
     await server.start()
     caplog.set_level("INFO", logger="agentrun.audit")
     try:

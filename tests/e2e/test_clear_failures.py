@@ -89,17 +89,24 @@ def test_a_writer_says_once_that_its_server_is_out_of_reach(
 
 def test_a_second_server_on_a_taken_port_exits_at_once_saying_so(tmp_path: Path) -> None:
     with ServerProcess(tmp_path / "first.db") as first:
-        metrics_port = free_port()
-        for args, flag in (
-            (["--port", str(first.port), "--metrics-port", "-1"], "--port"),
-            (["--port", "0", "--metrics-port", str(metrics_port)], "--metrics-port"),
+        metrics_port, web_port = free_port(), free_port()
+        for args, flag, other_port in (
+            (["--port", str(first.port), "--metrics-port", "-1"], "--port", 0),
+            (["--port", "0", "--metrics-port", str(metrics_port)], "--metrics-port", metrics_port),
+            (
+                ["--port", "0", "--metrics-port", "-1", "--web-port", str(web_port)],
+                "--web-port",
+                web_port,
+            ),
         ):
-            if flag == "--metrics-port":  # take the metrics port first
+            if other_port:  # another process holds that port
                 import socket
 
                 taken = socket.socket()
-                taken.bind(("127.0.0.1", metrics_port))
+                taken.bind(("127.0.0.1", other_port))
                 taken.listen()
+            if flag != "--web-port":
+                args += ["--web-port", "-1"]
             second = subprocess.run(
                 [
                     sys.executable,
@@ -114,7 +121,7 @@ def test_a_second_server_on_a_taken_port_exits_at_once_saying_so(tmp_path: Path)
                 text=True,
                 timeout=30,
             )
-            if flag == "--metrics-port":
+            if other_port:
                 taken.close()
             assert second.returncode == 1, second.stderr
             assert f"agentrun serve: {flag}: cannot" in second.stderr

@@ -23,7 +23,10 @@ def _serve(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     db = f"sqlite:///{tmp_path / 'agentrun.db'}"
     command = [sys.executable, "-m", "agentrun._cli", "serve", "--db", db, "--port", "0"]
     return subprocess.run(
-        [*command, "--metrics-port", "-1", *args], capture_output=True, text=True, timeout=60
+        [*command, "--metrics-port", "-1", "--web-port", "-1", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

@@ -29,6 +29,7 @@ async def fair(database: str) -> AsyncIterator[tuple[Server, Stubs]]:
             db=database,
             port=0,
             metrics_port=-1,
+            web_port=-1,
             work_limits=WorkLimits(lease_window=50, max_leases_per_key=30),
         )
     )
@@ -108,6 +109,7 @@ async def test_one_key_holds_at_most_its_cap_over_all_its_streams(tmp_path: Any)
             db=f"sqlite:///{tmp_path / 'a.db'}",
             port=0,
             metrics_port=-1,
+            web_port=-1,
             auth="keys",
             work_limits=WorkLimits(max_leases_per_key=30),
         )

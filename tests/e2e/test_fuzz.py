@@ -205,7 +205,7 @@ def _settle(leases: list[orch_pb.Lease], rng: random.Random) -> bytes:
 
 @pytest.fixture
 async def fuzzed_server(database: str) -> AsyncIterator[Server]:
-    server = Server(ServerConfig(db=database, port=0, metrics_port=-1))
+    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, web_port=-1))
     await server.start()
     yield server
     await server.shutdown(grace_seconds=1)

@@ -128,7 +128,9 @@ class Worker:
 async def _start(tmp_path: Any, **config: Any) -> Server:
     """Both services on a SQLite file in `tmp_path` and a free port, with `config`'s settings."""
     server = Server(
-        ServerConfig(db=f"sqlite:///{tmp_path / 'a.db'}", port=0, metrics_port=-1, **config)
+        ServerConfig(
+            db=f"sqlite:///{tmp_path / 'a.db'}", port=0, metrics_port=-1, web_port=-1, **config
+        )
     )
     await server.start()
     return server

@@ -281,7 +281,7 @@ async def _call(channel: grpc.aio.Channel, method: Any, path: str, request: Mess
 
 @pytest.fixture
 async def world(database: str) -> AsyncIterator[tuple[Server, str, World]]:
-    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, auth="keys"))
+    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, web_port=-1, auth="keys"))
     await server.start()
     record, admin = new_key("root", ["admin"])
     assert server._storage is not None and server._keys is not None

@@ -77,6 +77,7 @@ async def _server_timing_out(database: str, seconds: float) -> AsyncIterator[Ser
             db=database,
             port=0,
             metrics_port=-1,
+            web_port=-1,
             limits=IngestionLimits(live_run_timeout_seconds=seconds),
         )
     )

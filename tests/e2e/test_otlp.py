@@ -35,7 +35,7 @@ QUIET_SECONDS = 0.5
 @pytest.fixture
 async def served(database: str) -> AsyncIterator[Server]:
     limits = IngestionLimits(otlp_quiet_seconds=QUIET_SECONDS)
-    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, limits=limits))
+    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, web_port=-1, limits=limits))
     await server.start()
     yield server
     await server.shutdown(grace_seconds=1)
@@ -188,7 +188,7 @@ async def test_the_collection_comes_from_the_header_then_the_resource(served: Se
 
 async def test_a_span_over_the_limit_is_refused_alone_in_the_partial_success(database: str) -> None:
     limits = IngestionLimits(otlp_quiet_seconds=QUIET_SECONDS, max_run_bytes=64 * 1024)
-    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, limits=limits))
+    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, web_port=-1, limits=limits))
     await server.start()
     try:
         spans = genai_trace()
@@ -223,7 +223,7 @@ async def test_an_exporter_needs_an_ingest_key_under_auth_keys(database: str) ->
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, auth="keys"))
+    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, web_port=-1, auth="keys"))
     await server.start()
     try:
         assert server._storage is not None and server._keys is not None
@@ -280,7 +280,7 @@ async def test_an_exporter_needs_an_ingest_key_under_auth_keys(database: str) ->
 
 async def test_a_trace_that_never_ends_is_abandoned_like_any_live_run(database: str) -> None:
     limits = IngestionLimits(otlp_quiet_seconds=QUIET_SECONDS, live_run_timeout_seconds=1.0)
-    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, limits=limits))
+    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, web_port=-1, limits=limits))
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -295,7 +295,7 @@ async def test_a_trace_that_never_ends_is_abandoned_like_any_live_run(database: 
 
 
 async def test_exporters_find_the_receiver_on_the_otlp_port_too(database: str) -> None:
-    config = ServerConfig(db=database, port=0, metrics_port=-1, otlp_port=0)
+    config = ServerConfig(db=database, port=0, metrics_port=-1, web_port=-1, otlp_port=0)
     server = Server(config)
     await server.start()
     try:

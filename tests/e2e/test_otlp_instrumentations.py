@@ -172,7 +172,7 @@ async def test_an_instrumented_openai_agent_reads_back_as_its_conversation(
 ) -> None:
     limits = IngestionLimits(otlp_quiet_seconds=0.5)
     database = f"sqlite:///{tmp_path / 'agentrun.db'}"
-    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, limits=limits))
+    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, web_port=-1, limits=limits))
     await server.start()
     try:
         endpoint = f"127.0.0.1:{server.port}"

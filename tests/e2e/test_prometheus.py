@@ -217,7 +217,8 @@ async def split_services(database: str) -> AsyncIterator[tuple[Server, Server]]:
     db = database
     servers = [
         Server(
-            ServerConfig(db=db, port=0, metrics_port=0, services=(service,)), CollectorRegistry()
+            ServerConfig(db=db, port=0, metrics_port=0, web_port=-1, services=(service,)),
+            CollectorRegistry(),
         )
         for service in ("ingestion", "orchestrator")
     ]

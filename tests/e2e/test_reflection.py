@@ -16,7 +16,9 @@ from agentrun_server import Server, ServerConfig
 
 @pytest.fixture
 async def server(tmp_path) -> AsyncIterator[Server]:
-    server = Server(ServerConfig(db=f"sqlite:///{tmp_path / 'a.db'}", port=0, metrics_port=-1))
+    server = Server(
+        ServerConfig(db=f"sqlite:///{tmp_path / 'a.db'}", port=0, metrics_port=-1, web_port=-1)
+    )
     await server.start()
     yield server
     await server.shutdown(grace_seconds=1)

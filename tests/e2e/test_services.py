@@ -155,7 +155,11 @@ async def test_run_pages_stay_under_the_message_limit_and_page_through_every_run
     # large a page_size is asked for. Before, one page of all ten went over the limit and failed.
     limits = IngestionLimits(max_message_bytes=64 * 1024)
     config = ServerConfig(
-        db=f"sqlite:///{tmp_path / 'agentrun.db'}", port=0, metrics_port=-1, limits=limits
+        db=f"sqlite:///{tmp_path / 'agentrun.db'}",
+        port=0,
+        metrics_port=-1,
+        web_port=-1,
+        limits=limits,
     )
     server = Server(config)
     await server.start()

@@ -33,7 +33,7 @@ from .test_live_runs import _event, _message
 
 
 async def _serving(database: str, **config: Any) -> Server:
-    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, **config))
+    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, web_port=-1, **config))
     await server.start()
     return server
 

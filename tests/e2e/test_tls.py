@@ -48,6 +48,7 @@ async def _serving(tmp_path: Path, certificate: Issued, client_ca: Path | None =
             db=f"sqlite:///{tmp_path / 'agentrun.db'}",
             port=0,
             metrics_port=-1,
+            web_port=-1,
             auth="keys",
             tls=tls,
         )
@@ -322,6 +323,7 @@ async def test_under_mtls_health_is_served_on_its_own_port_to_probes_without_a_c
             db=f"sqlite:///{tmp_path / 'agentrun.db'}",
             port=0,
             metrics_port=-1,
+            web_port=-1,
             health_port=0,
             auth="keys",
             tls=tls,

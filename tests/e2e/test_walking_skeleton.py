@@ -31,6 +31,8 @@ def server_address(tmp_path: Path) -> Iterator[str]:
             "0",
             "--metrics-port",
             "0",
+            "--web-port",
+            "0",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

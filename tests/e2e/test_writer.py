@@ -259,7 +259,11 @@ async def small_server(tmp_path: Path) -> AsyncIterator[Server]:
     limits = IngestionLimits(max_run_bytes=4096, max_message_bytes=64 * 1024, max_upload_streams=1)
     s = Server(
         ServerConfig(
-            db=f"sqlite:///{tmp_path / 'agentrun.db'}", port=0, metrics_port=-1, limits=limits
+            db=f"sqlite:///{tmp_path / 'agentrun.db'}",
+            port=0,
+            metrics_port=-1,
+            web_port=-1,
+            limits=limits,
         )
     )
     await s.start()

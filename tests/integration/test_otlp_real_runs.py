@@ -43,7 +43,13 @@ async def test_every_real_run_sent_as_genai_spans_reads_back_as_uploaded(
 ) -> None:
     limits = IngestionLimits(otlp_quiet_seconds=0.5)
     server = Server(
-        ServerConfig(db=f"sqlite:///{tmp_path}/agentrun.db", port=0, metrics_port=-1, limits=limits)
+        ServerConfig(
+            db=f"sqlite:///{tmp_path}/agentrun.db",
+            port=0,
+            metrics_port=-1,
+            web_port=-1,
+            limits=limits,
+        )
     )
     await server.start()
     url = f"127.0.0.1:{server.port}"

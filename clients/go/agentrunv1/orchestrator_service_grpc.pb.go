@@ -56,7 +56,8 @@ type OrchestratorServiceClient interface {
 	Work(ctx context.Context, opts ...grpc.CallOption) (OrchestratorService_WorkClient, error)
 	// Returns one task with its output and failed attempts. Errors: NOT_FOUND.
 	GetTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (*GetTaskResponse, error)
-	// Lists tasks by workflow, stage and state (e.g. the dead letters of a stage), one page at a time.
+	// Lists tasks by workflow, stage, state and run (e.g. the dead letters of a stage, or a run's way
+	// through its workflow), one page at a time.
 	ListTasks(ctx context.Context, in *ListTasksRequest, opts ...grpc.CallOption) (*ListTasksResponse, error)
 	// Moves dead tasks back to ready with a fresh attempt budget.
 	RedriveTasks(ctx context.Context, in *RedriveTasksRequest, opts ...grpc.CallOption) (*RedriveTasksResponse, error)
@@ -230,7 +231,8 @@ type OrchestratorServiceServer interface {
 	Work(OrchestratorService_WorkServer) error
 	// Returns one task with its output and failed attempts. Errors: NOT_FOUND.
 	GetTask(context.Context, *GetTaskRequest) (*GetTaskResponse, error)
-	// Lists tasks by workflow, stage and state (e.g. the dead letters of a stage), one page at a time.
+	// Lists tasks by workflow, stage, state and run (e.g. the dead letters of a stage, or a run's way
+	// through its workflow), one page at a time.
 	ListTasks(context.Context, *ListTasksRequest) (*ListTasksResponse, error)
 	// Moves dead tasks back to ready with a fresh attempt budget.
 	RedriveTasks(context.Context, *RedriveTasksRequest) (*RedriveTasksResponse, error)

@@ -31,7 +31,6 @@ from agentrun._records import (
     Workflow,
     WorkflowApplied,
 )
-from agentrun._run_filters import parse_filters
 from agentrun._tls_probe import tls_mismatch
 from agentrun._workflow import WorkflowSpec
 from agentrun.v1 import ingestion_service_pb2 as ingestion_pb
@@ -42,6 +41,7 @@ from agentrun.v1 import orchestrator_service_pb2 as orchestrator_pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as orchestrator_grpc
 from agentrun.v1 import workflow_pb2
 from agentrun.wire.connection import ENV_SERVER
+from agentrun.wire.filters import parse_filters
 
 CALL_TIMEOUT_SECONDS = 30.0
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -325,7 +325,7 @@ class Client:
     ) -> RunPage:
         """One page of a collection's runs, newest first (or in ingestion order), without their
         transcripts: those that meet every `where` filter (`'scores.reward < 1'`,
-        `'metadata.model = gpt-4o'`: see `agentrun._run_filters.parse_filter`) and are in
+        `'metadata.model = gpt-4o'`: see `agentrun.wire.filters.parse_filter`) and are in
         `state` ("running", "finished" or "abandoned"). Pass the page's `next_page_token` for the
         next. The server matches filters on an index: a page costs what it holds.
 

@@ -467,7 +467,15 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         check_enum("state", request.state, _TASK_STATES)
         state = TASK_STATES_FROM_PROTO.get(request.state)
         workflow = check_reference("workflow", request.workflow)
-        caller().check_workflow(workflow)
+        run_id = check_reference("agent_run_id", request.agent_run_id)
+        principal = caller()
+        if run_id:
+            # A run's tasks: the run's collection decides, then each task's workflow.
+            await self._access.check("agent_run_id", run_ids=[run_id])
+            if workflow:
+                principal.check_workflow(workflow)
+        else:
+            principal.check_workflow(workflow)
         stage = check_reference("stage", request.stage)
         await self._check_names(workflow, stage)
         page, more = await self._storage.list_tasks(
@@ -477,9 +485,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             after,
             size,
             self._max_batch_bytes,
+            agent_run_id=run_id,
         )
         return pb.ListTasksResponse(
-            tasks=[task_to_proto(t) for t in page],
+            tasks=[task_to_proto(t) for t in page if principal.sees_workflow(t.workflow)],
             next_page_token=str(page[-1].id) if more else "",
         )
 

@@ -519,8 +519,10 @@ class Storage(Protocol):
         after_id: int,
         limit: int,
         max_bytes: int | None = None,
+        agent_run_id: str = "",
     ) -> Page[TaskRecord]:
-        """Up to `limit` tasks with id > `after_id`, filtered where arguments are set, and
+        """Up to `limit` tasks with id > `after_id`, filtered where arguments are set (a run's
+        tasks through every workflow, by `agent_run_id`, cost what they hold), and
         whether more follow; the page stops before the task whose input and output would take it
         over `max_bytes` (the first regardless)."""
 

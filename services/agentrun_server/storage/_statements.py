@@ -159,6 +159,7 @@ class TaskFilter(NamedTuple):
     workflow: str
     stage: str
     state: TaskState | None
+    agent_run_id: str = ""
 
 
 class Statements(Protocol):

@@ -326,9 +326,10 @@ class Store:
         after_id: int,
         limit: int,
         max_bytes: int | None = None,
+        agent_run_id: str = "",
     ) -> Page[TaskRecord]:
         return await self._read(
-            reads.list_tasks, workflow, stage, state, after_id, limit, max_bytes
+            reads.list_tasks, workflow, stage, state, after_id, limit, max_bytes, agent_run_id
         )
 
     # --- API keys -------------------------------------------------------------------------------

@@ -1172,6 +1172,7 @@ class ListTasksRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    AGENT_RUN_ID_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     """The workflow; empty means all."""
     stage: _builtins.str
@@ -1182,6 +1183,11 @@ class ListTasksRequest(_message.Message):
     """Maximum tasks per page; 0 means 100; values above 1000 are treated as 1000."""
     page_token: _builtins.str
     """Token from a previous response's `next_page_token`; empty for the first page."""
+    agent_run_id: _builtins.str
+    """Only the tasks of this run, through every workflow (or `workflow`), done ones too; empty
+    means any run. A key limited to workflows or collections sees the run's tasks of the
+    workflows it may see, once it may see the run's collection.
+    """
     def __init__(
         self,
         *,
@@ -1190,10 +1196,11 @@ class ListTasksRequest(_message.Message):
         state: _workflow_pb2.TaskState.ValueType = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        agent_run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "stage", b"stage", "state", b"state", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_id", b"agent_run_id", "page_size", b"page_size", "page_token", b"page_token", "stage", b"stage", "state", b"state", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -163,7 +163,8 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTasks(self, request, context):
-        """Lists tasks by workflow, stage and state (e.g. the dead letters of a stage), one page at a time.
+        """Lists tasks by workflow, stage, state and run (e.g. the dead letters of a stage, or a run's way
+        through its workflow), one page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

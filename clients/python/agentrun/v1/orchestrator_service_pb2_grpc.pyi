@@ -78,7 +78,9 @@ class OrchestratorServiceStub:
     GetTask: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetTaskRequest, _orchestrator_service_pb2.GetTaskResponse]
     """Returns one task with its output and failed attempts. Errors: NOT_FOUND."""
     ListTasks: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListTasksRequest, _orchestrator_service_pb2.ListTasksResponse]
-    """Lists tasks by workflow, stage and state (e.g. the dead letters of a stage), one page at a time."""
+    """Lists tasks by workflow, stage, state and run (e.g. the dead letters of a stage, or a run's way
+    through its workflow), one page at a time.
+    """
     RedriveTasks: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.RedriveTasksRequest, _orchestrator_service_pb2.RedriveTasksResponse]
     """Moves dead tasks back to ready with a fresh attempt budget."""
     CancelTasks: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CancelTasksRequest, _orchestrator_service_pb2.CancelTasksResponse]
@@ -138,7 +140,9 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     GetTask: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetTaskRequest, _orchestrator_service_pb2.GetTaskResponse]  # type: ignore[assignment]
     """Returns one task with its output and failed attempts. Errors: NOT_FOUND."""
     ListTasks: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListTasksRequest, _orchestrator_service_pb2.ListTasksResponse]  # type: ignore[assignment]
-    """Lists tasks by workflow, stage and state (e.g. the dead letters of a stage), one page at a time."""
+    """Lists tasks by workflow, stage, state and run (e.g. the dead letters of a stage, or a run's way
+    through its workflow), one page at a time.
+    """
     RedriveTasks: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.RedriveTasksRequest, _orchestrator_service_pb2.RedriveTasksResponse]  # type: ignore[assignment]
     """Moves dead tasks back to ready with a fresh attempt budget."""
     CancelTasks: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CancelTasksRequest, _orchestrator_service_pb2.CancelTasksResponse]  # type: ignore[assignment]
@@ -237,7 +241,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.ListTasksRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.ListTasksResponse, _abc.Awaitable[_orchestrator_service_pb2.ListTasksResponse]]:
-        """Lists tasks by workflow, stage and state (e.g. the dead letters of a stage), one page at a time."""
+        """Lists tasks by workflow, stage, state and run (e.g. the dead letters of a stage, or a run's way
+        through its workflow), one page at a time.
+        """
 
     @_abc_1.abstractmethod
     def RedriveTasks(

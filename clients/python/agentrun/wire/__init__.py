@@ -8,13 +8,14 @@ nor the SDK's metrics).
 - `codes`: the status codes answers carry per item (`Code`).
 - `connection`: how a client reaches a server (default address, URL schemes, environment
   variables, message size).
+- `filters`: run filters as people write them (`scores.reward < 1`), into `RunFilter`s.
 - `framing`: messages framed by hand from encoded parts (uploads, live run events) and the
   varint.
 """
 
 from __future__ import annotations
 
-from agentrun.wire import checks, codes, connection, framing, limits
+from agentrun.wire import checks, codes, connection, filters, framing, limits
 from agentrun.wire.checks import InvalidRun, check_agent_run, encodes_shallow, parse_agent_run
 from agentrun.wire.codes import Code, code_name
 from agentrun.wire.framing import (
@@ -37,6 +38,7 @@ __all__ = [
     "encode_events_request",
     "encode_upload_request",
     "encodes_shallow",
+    "filters",
     "framing",
     "limits",
     "parse_agent_run",

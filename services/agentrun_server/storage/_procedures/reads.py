@@ -58,12 +58,13 @@ async def list_tasks(
     after_id: int,
     limit: int,
     max_bytes: int | None,
+    agent_run_id: str = "",
 ) -> Page[TaskRecord]:
     """See `Storage.list_tasks`. Sizes are read first, so only the tasks returned are read whole.
     Each read sees the database as it is then (PostgreSQL's READ COMMITTED): tasks listed by size
     may have left the state asked for before they are read. A page is empty only at the end, so
     when all of them left, the listing reads on past them."""
-    where = TaskFilter(workflow, stage, state)
+    where = TaskFilter(workflow, stage, state, agent_run_id)
     return await sized_page(
         lambda after: db.task_sizes(where, after, limit + 1),
         lambda after, last: db.tasks_through(where, after, last),

@@ -82,7 +82,11 @@ def _taking(args: list[Any]) -> Callable[[Any], str]:
 def _task_where(where: TaskFilter, after_id: int) -> tuple[str, dict[str, Any]]:
     conditions = ["id > %(after)s"]
     params: dict[str, Any] = {"after": after_id}
-    for column, value in (("workflow", where.workflow), ("stage", where.stage)):
+    for column, value in (
+        ("workflow", where.workflow),
+        ("stage", where.stage),
+        ("agent_run_id", where.agent_run_id),
+    ):
         if value:
             conditions.append(f"{column} = %({column})s")
             params[column] = value

@@ -127,7 +127,11 @@ def _taking(args: list[Any]) -> Callable[[Any], str]:
 def _task_where(where: TaskFilter, after_id: int) -> tuple[str, list[Any]]:
     conditions = ["id > ?"]
     args: list[Any] = [after_id]
-    for column, value in (("workflow", where.workflow), ("stage", where.stage)):
+    for column, value in (
+        ("workflow", where.workflow),
+        ("stage", where.stage),
+        ("agent_run_id", where.agent_run_id),
+    ):
         if value:
             conditions.append(f"{column} = ?")
             args.append(value)

@@ -1191,6 +1191,15 @@ export declare type ListTasksRequest = Message<"agentrun.v1.ListTasksRequest"> &
    * @generated from field: string page_token = 5;
    */
   pageToken: string;
+
+  /**
+   * Only the tasks of this run, through every workflow (or `workflow`), done ones too; empty
+   * means any run. A key limited to workflows or collections sees the run's tasks of the
+   * workflows it may see, once it may see the run's collection.
+   *
+   * @generated from field: string agent_run_id = 6;
+   */
+  agentRunId: string;
 };
 
 /**
@@ -1512,7 +1521,8 @@ export declare const OrchestratorService: GenService<{
     output: typeof GetTaskResponseSchema;
   },
   /**
-   * Lists tasks by workflow, stage and state (e.g. the dead letters of a stage), one page at a time.
+   * Lists tasks by workflow, stage, state and run (e.g. the dead letters of a stage, or a run's way
+   * through its workflow), one page at a time.
    *
    * @generated from rpc agentrun.v1.OrchestratorService.ListTasks
    */

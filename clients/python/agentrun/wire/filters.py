@@ -1,6 +1,7 @@
 """Run filters as people write them: `scores.reward < 1`, `metadata.model = gpt-4o`,
 `scores.correct = true` (the `--where` of `agentrun runs list`, the `where` of
-`Client.list_runs`), into `agentrun.v1.RunFilter`s that the server matches on its index."""
+`Client.list_runs`, the web console's filter box), into `agentrun.v1.RunFilter`s that the server
+matches on its index."""
 
 from __future__ import annotations
 
