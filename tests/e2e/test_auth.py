@@ -274,6 +274,9 @@ async def test_a_worker_key_limited_to_a_workflow_cannot_lease_or_read_another(
             ),
             orchestrator.ListTasks(orch_pb.ListTasksRequest(workflow="w2"), metadata=_auth(worker)),
             orchestrator.ListTasks(orch_pb.ListTasksRequest(), metadata=_auth(worker)),
+            orchestrator.ListTasks(
+                orch_pb.ListTasksRequest(agent_run_id="run-w2"), metadata=_auth(worker)
+            ),
             ingestion.GetAgentRun(
                 ingest_pb.GetAgentRunRequest(agent_run_id="run-w2"), metadata=_auth(worker)
             ),
@@ -283,6 +286,11 @@ async def test_a_worker_key_limited_to_a_workflow_cannot_lease_or_read_another(
             assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
         backlog = await orchestrator.GetBacklog(orch_pb.GetBacklogRequest(), metadata=_auth(worker))
         assert {s.workflow for s in backlog.stages} == {"w"}
+        # A run's tasks: its own run's, without naming the workflow (the web console's run page).
+        own = await orchestrator.ListTasks(
+            orch_pb.ListTasksRequest(agent_run_id="run-w"), metadata=_auth(worker)
+        )
+        assert [(t.workflow, t.agent_run_id) for t in own.tasks] == [("w", "run-w")]
 
 
 async def test_only_an_unlimited_admin_manages_keys(secured: tuple[Server, str]) -> None:

@@ -71,6 +71,17 @@ def test_serving_the_network_without_authentication_is_refused_with_what_to_do(
     assert not (tmp_path / "agentrun.db").exists()  # refused before anything was opened
 
 
+def test_the_console_on_the_network_without_authentication_is_refused_too(
+    tmp_path: Path,
+) -> None:
+    done = _serve("--web-host", "0.0.0.0", "--web-port", "0", tmp_path=tmp_path)
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("agentrun serve: --web-host 0.0.0.0: not a loopback address")
+    assert "--auth keys" in line and "--insecure" in line
+    assert not (tmp_path / "agentrun.db").exists()
+
+
 def test_insecure_serves_the_network_says_so_and_keeps_metrics_on_loopback(
     tmp_path: Path,
 ) -> None:

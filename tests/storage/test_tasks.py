@@ -259,6 +259,20 @@ async def test_task_pages_stop_at_their_byte_budget(storage: Storage) -> None:
     assert [t.input for t in b_tasks] == outputs
 
 
+async def test_a_runs_tasks_are_listed_through_every_stage_by_its_id(storage: Storage) -> None:
+    await ingest(storage, 3)
+    tasks = await storage.claim(request(), 2.0)
+    await storage.complete([Completion(t.task_id, t.lease_id, "next", b"") for t in tasks], 3.0)
+    r1 = [t for t in (await storage.list_tasks("", "", None, 0, 10, agent_run_id="r1"))[0]]
+    assert [(t.stage, t.state, t.agent_run_id) for t in r1] == [
+        ("a", TaskState.DONE, "r1"),
+        ("b", TaskState.READY, "r1"),
+    ]
+    only_b, more = await storage.list_tasks("w", "b", None, 0, 10, agent_run_id="r1")
+    assert [t.id for t in only_b] == [r1[1].id] and not more
+    assert (await storage.list_tasks("", "", None, 0, 10, agent_run_id="ghost"))[0] == []
+
+
 async def test_a_release_may_ask_to_run_again_later_at_no_attempts_cost(storage: Storage) -> None:
     await ingest(storage, 1)
     (task,) = await storage.claim(request(), 10.0)

@@ -453,11 +453,18 @@ class ConsoleApp:
             nonlocal after
             stream = self._calls.watch_run(visitor.token, run_id, after)
             next_item = None
+            stopping = asyncio.ensure_future(self.stopping.wait())
             try:
-                while not self.stopping.is_set():
+                while True:
                     if next_item is None:
                         next_item = asyncio.ensure_future(anext(stream))
-                    done, _ = await asyncio.wait({next_item}, timeout=KEEPALIVE_SECONDS)
+                    done, _ = await asyncio.wait(
+                        {next_item, stopping},
+                        timeout=KEEPALIVE_SECONDS,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if stopping in done:  # the server shuts down: the browser reconnects later
+                        return
                     if not done:
                         yield ": keepalive\n\n"
                         continue
@@ -492,6 +499,7 @@ class ConsoleApp:
                     yield _sse("message", html, after)
                 yield _sse("close", "")
             finally:
+                stopping.cancel()
                 if next_item is not None:
                     next_item.cancel()
                 with contextlib.suppress(Exception):

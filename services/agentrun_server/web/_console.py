@@ -16,8 +16,6 @@ from agentrun_server.auth import KeyRing
 from agentrun_server.web._app import ConsoleApp
 from agentrun_server.web._calls import Calls
 
-_log = logging.getLogger(__name__)
-
 
 class _Uvicorn(uvicorn.Server):
     # The server process owns SIGTERM and SIGINT (its graceful shutdown stops the console).
@@ -62,6 +60,8 @@ class WebConsole:
         self.port = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{self.port}/"
+        # uvicorn's lines of its own start and stop say nothing the server does not.
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         config = uvicorn.Config(
             self.app.asgi,
             lifespan="off",
