@@ -144,6 +144,10 @@ bench-live: install
 bench-otlp: install
 	$(BIN)/python bench/bench_otlp.py
 
+# The README's pictures of the web console (docs/console-*.png), from the example runs.
+screenshots: install install-browser
+	$(BIN)/python scripts/screenshots.py
+
 # C++ from Debian's packages: gRPC and protobuf with their code generators, and CMake.
 CPP_PACKAGES := libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc cmake g++ \
 	pkg-config

@@ -225,7 +225,7 @@ class Graph:
     edges: list[Edge]
 
 
-NODE_W, NODE_H, GAP_X, GAP_Y = 180, 64, 90, 28
+NODE_W, NODE_H, GAP_X, GAP_Y = 180, 64, 140, 28
 
 
 def graph(workflow: wf.Workflow, counts: dict[str, dict[str, int]]) -> Graph:
@@ -257,12 +257,15 @@ def graph(workflow: wf.Workflow, counts: dict[str, dict[str, int]]) -> Graph:
         rows[column] = row + 1
         place[name] = (20 + column * (NODE_W + GAP_X), 20 + row * (NODE_H + GAP_Y))
     nodes = [Node(n, *place[n], counts.get(n, {})) for n in stages]
-    edges = []
+    labels: dict[tuple[str, str], list[str]] = {}  # pathways to one stage share an edge
     for s in workflow.stages:
         for p in s.pathways:
             if p.next_stage in place:
-                (x1, y1), (x2, y2) = place[s.name], place[p.next_stage]
-                edges.append(Edge(p.name, x1 + NODE_W, y1 + NODE_H // 2, x2, y2 + NODE_H // 2))
+                labels.setdefault((s.name, p.next_stage), []).append(p.name)
+    edges = []
+    for (source, target), names in labels.items():
+        (x1, y1), (x2, y2) = place[source], place[target]
+        edges.append(Edge(", ".join(names), x1 + NODE_W, y1 + NODE_H // 2, x2, y2 + NODE_H // 2))
     columns = max(depth.values(), default=0) + 1
     height = max(rows.values(), default=1)
     return Graph(
