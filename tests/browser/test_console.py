@@ -113,6 +113,10 @@ def test_a_live_run_grows_on_its_page_without_a_reload(console: Console, page: P
     with writer.live_run(name="growing") as run:
         run.append("main", [UserMessage(content="first question")])
         writer._events.flush(10)  # type: ignore[union-attr]
+        page.goto(console.url + "/")  # the home page counts it running, linking to it
+        expect(page.locator("#collections a[href='/collections/live?state=running']")).to_have_text(
+            "1"
+        )
         page.goto(f"{console.url}/runs/{run.agent_run_id}")
         expect(page.locator("#run-state")).to_have_text("running")
         expect(page.locator(".msg")).to_have_count(1)
@@ -128,6 +132,26 @@ def test_a_live_run_grows_on_its_page_without_a_reload(console: Console, page: P
     assert page.locator(".msg").count() == 3
     page.reload()
     assert page.locator(".msg").count() == 3
+
+
+def test_a_long_transcript_shows_its_first_messages_and_loads_the_rest_as_it_is_read(
+    console: Console, page: Page
+) -> None:
+    with Client(console.server.url) as client:
+        collection = client.create_collection("long").collection
+    writer = AgentRunWriter(collection.id, server_url=console.server.url)
+    with writer.live_run("long-run") as run:
+        run.append("main", [UserMessage(content=f"message {i}") for i in range(450)])
+    writer.finish()
+    page.goto(f"{console.url}/runs/long-run")
+    expect(page.locator(".msg")).to_have_count(200)
+    expect(page.locator(".more")).to_have_text("250 more messages")
+    for shown in (400, 450):
+        page.locator(".more").scroll_into_view_if_needed()
+        expect(page.locator(".msg")).to_have_count(shown)
+    assert page.locator(".more").count() == 0
+    texts = page.locator(".msg pre").all_inner_texts()
+    assert texts == [f"message {i}" for i in range(450)]  # each once, in order
 
 
 def test_dead_tasks_are_listed_with_their_error_and_redriven_with_a_confirmation(

@@ -104,3 +104,19 @@ async def test_a_live_run_is_found_by_its_facets_once_it_finishes(storage: Stora
     await _append(storage, _event(2, b"b", collection.id, finish=True))
     page, _ = await storage.list_runs(query, 0, 10)
     assert [r.id for r in page] == ["live"]
+
+
+async def test_live_runs_are_counted_per_collection_running_or_abandoned(storage: Storage) -> None:
+    a, _ = await storage.create_collection("a", "", "", 1.0)
+    b, _ = await storage.create_collection("b", "", "", 1.0)
+    quiet, busy, done = (
+        NewEvent(run, 1, b.id, b"x", False, event_digest(b"x", False))
+        for run in ("quiet", "busy", "done")
+    )
+    await storage.append_events([quiet], _fold, 1 << 20, 10.0)
+    await storage.append_events([busy, _event(1, b"x", a.id)], _fold, 1 << 20, 50.0)
+    await storage.append_events([done], _fold, 1 << 20, 50.0)
+    finish = NewEvent("done", 2, b.id, b"y", True, event_digest(b"y", True))
+    await storage.append_events([finish], _fold, 1 << 20, 50.0)
+    counts = await storage.count_live_runs(abandoned_before=30.0)
+    assert counts == {a.id: (1, 0), b.id: (1, 1)}  # b: busy running, quiet abandoned; done not

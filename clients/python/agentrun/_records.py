@@ -57,6 +57,10 @@ class Collection(_Record):
     """Live runs enter the workflow when abandoned too, not only when they finish."""
     retention_days: int = 0
     """Days a run is kept after it is stored (0: until deleted)."""
+    running_count: int = 0
+    """Its live runs running now (an event within the server's live run timeout)."""
+    abandoned_count: int = 0
+    """Its live runs abandoned (no event for the live run timeout)."""
 
     @classmethod
     def from_proto(cls, message: ingestion_pb.Collection) -> Collection:
@@ -69,6 +73,8 @@ class Collection(_Record):
             run_count=message.run_count,
             enter_workflow_on_abandon=message.enter_workflow_on_abandon,
             retention_days=message.retention_days,
+            running_count=message.running_count,
+            abandoned_count=message.abandoned_count,
         )
 
 

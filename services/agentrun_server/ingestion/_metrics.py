@@ -115,7 +115,8 @@ def live_runs_collector(
     at each scrape (a run is abandoned after `live_run_timeout_seconds` without an event)."""
 
     async def read() -> tuple[int, int]:
-        return await storage.count_live_runs(time.time() - live_run_timeout_seconds)
+        counts = await storage.count_live_runs(time.time() - live_run_timeout_seconds)
+        return sum(c.running for c in counts.values()), sum(c.abandoned for c in counts.values())
 
     return ScrapedCollector(loop, read, _live_run_families, "live run")
 

@@ -55,6 +55,7 @@ from agentrun_server.storage import (
     Collection,
     EventStatus,
     InsertStatus,
+    LiveRunCounts,
     LocalNotifier,
     NewEvent,
     NewRun,
@@ -66,6 +67,7 @@ from agentrun_server.storage import (
 )
 
 _VIEWS = pb.AgentRunView.values()
+_NO_LIVE_RUNS = LiveRunCounts(0, 0)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -181,9 +183,14 @@ class _PendingBytes:
         return self._by_peer.get(peer, 0)
 
 
-def collection_to_proto(collection: Collection) -> pb.Collection:
-    """The wire form of a collection (a description stored before its limit, clipped to it)."""
+def collection_to_proto(
+    collection: Collection, live: LiveRunCounts = _NO_LIVE_RUNS
+) -> pb.Collection:
+    """The wire form of a collection (a description stored before its limit, clipped to it),
+    with its `live` runs' counts."""
     return pb.Collection(
+        running_count=live.running,
+        abandoned_count=live.abandoned,
         id=collection.id,
         name=collection.name,
         description=collection.description[:MAX_DESCRIPTION_BYTES],
@@ -347,7 +354,10 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         self, request: pb.GetCollectionRequest, context: Context
     ) -> pb.GetCollectionResponse:
         collection = await self._selected_collection(request)
-        return pb.GetCollectionResponse(collection=collection_to_proto(collection))
+        live = await self._storage.count_live_runs(self._abandoned_before())
+        return pb.GetCollectionResponse(
+            collection=collection_to_proto(collection, live.get(collection.id, _NO_LIVE_RUNS))
+        )
 
     async def ListCollections(
         self, request: pb.ListCollectionsRequest, context: Context
@@ -358,7 +368,10 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             for c in await self._storage.list_collections()
             if principal.sees_collection(c.name, c.workflow)
         ]
-        return pb.ListCollectionsResponse(collections=[collection_to_proto(c) for c in collections])
+        live = await self._storage.count_live_runs(self._abandoned_before())
+        return pb.ListCollectionsResponse(
+            collections=[collection_to_proto(c, live.get(c.id, _NO_LIVE_RUNS)) for c in collections]
+        )
 
     async def UploadAgentRuns(  # type: ignore[override]  # requests arrive as RawUpload (_wire)
         self, request_iterator: AsyncIterator[RawUpload], context: Context

@@ -248,9 +248,10 @@ class Storage(Protocol):
     async def run_collections(self, run_ids: Sequence[str]) -> dict[str, str]:
         """The collection of each run named that exists, by run id (absent: no such run)."""
 
-    async def count_live_runs(self, abandoned_before: float) -> LiveRunCounts:
-        """(running, abandoned) live runs in every collection: running runs with an event since
-        `abandoned_before`, and those without."""
+    async def count_live_runs(self, abandoned_before: float) -> dict[str, LiveRunCounts]:
+        """(running, abandoned) live runs of each collection that has any, by collection id:
+        running runs with an event since `abandoned_before`, and those without. Costs what the
+        live runs cost, never what the finished ones do."""
 
     async def get_run(self, run_id: str) -> StoredRun:
         """One run.

@@ -318,8 +318,9 @@ class Statements(Protocol):
     async def events_after(self, run_id: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         """(sequence, patch) of up to `limit` of a run's events after `after`, in order."""
 
-    async def live_run_counts(self, before: float) -> tuple[int, int]:
-        """(running, abandoned) runs: running with an event since `before`, and without."""
+    async def live_run_counts(self, before: float) -> list[tuple[str, int, int]]:
+        """(collection id, running, abandoned) of each collection with live runs not finished:
+        running with an event since `before`, and without."""
 
     async def notify_events(self, run_ids: Sequence[str]) -> None:
         """Tell the other processes these runs got events."""

@@ -148,7 +148,7 @@ class Store:
     async def run_collections(self, run_ids: Sequence[str]) -> dict[str, str]:
         return await self._read(_runs.run_collections, run_ids)
 
-    async def count_live_runs(self, abandoned_before: float) -> LiveRunCounts:
+    async def count_live_runs(self, abandoned_before: float) -> dict[str, LiveRunCounts]:
         return await self._read(live.count_live_runs, abandoned_before)
 
     async def get_run(self, run_id: str) -> StoredRun:

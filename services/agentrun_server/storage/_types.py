@@ -603,7 +603,7 @@ class EventPage(NamedTuple):
 
 
 class LiveRunCounts(NamedTuple):
-    """Live runs in every collection: running (an event lately) and abandoned (none)."""
+    """A collection's live runs not finished: running (an event lately) and abandoned (none)."""
 
     running: int
     abandoned: int

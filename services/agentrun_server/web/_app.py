@@ -125,6 +125,9 @@ def _templates() -> jinja2.Environment:
 
 FOLD_CHARS = 2_000
 """Text longer than this shows its start; the rest opens on a click (<details>)."""
+MESSAGES_PER_PAGE = 200
+"""Messages of a transcript a run page shows at first; the next as many load as the reader
+scrolls to them (a 50 MB run's page paints its first messages at once)."""
 
 
 class ConsoleApp:
@@ -148,6 +151,7 @@ class ConsoleApp:
             Route("/collections/{name:path}", self.collection),
             Route("/runs/{run_id:path}", self.run),
             Route("/live/{run_id:path}", self.live),
+            Route("/messages/{run_id:path}", self.messages),
             Route("/workflows/{name}/tasks", self.tasks),
             Route("/workflows/{name}/redrive", self.redrive, methods=["POST"]),
             Route("/workflows/{name}/cancel", self.cancel, methods=["POST"]),
@@ -405,7 +409,7 @@ class ConsoleApp:
                     visitor.token, orch.ListTasksRequest(agent_run_id=run_id, page_size=100)
                 )
                 tasks = list(listed.tasks)
-            transcripts = views.transcripts(stored.agent_run)
+            transcripts = views.transcripts(stored.agent_run, MESSAGES_PER_PAGE)
             live = stored.state != ingest.AGENT_RUN_STATE_FINISHED
             live_url = ""
             if live:
@@ -425,6 +429,40 @@ class ConsoleApp:
                 scores=views.scores(stored.agent_run),
                 tasks=tasks,
                 live_url=live_url,
+            )
+
+        return await self._answer(request, page)
+
+    async def messages(self, request: Request) -> Response:
+        """The next page of a transcript's messages (`t`: its element id; `start`: the first
+        one's index), with the loader of the page after it: what a run page loads as the reader
+        scrolls down."""
+        run_id = request.path_params["run_id"]
+        params = request.query_params
+
+        async def page(visitor: Visitor) -> Response:
+            try:
+                start = max(0, int(params.get("start", "0")))
+                until = int(params["until"]) if "until" in params else None
+            except ValueError:
+                raise Refused(400, "start, until: not message indexes") from None
+            stored = await self._calls.get_run(visitor.token, run_id)
+            found = next(
+                (
+                    t
+                    for t in stored.agent_run.transcripts
+                    if views.element_id(t.key) == params.get("t")
+                ),
+                None,
+            )
+            if found is None:
+                raise Refused(404, f"run {run_id!r} has no such transcript")
+            return self._render(
+                request,
+                visitor,
+                "_more.html",
+                t=views.transcript(found, start, MESSAGES_PER_PAGE, until),
+                run_id=run_id,
             )
 
         return await self._answer(request, page)
@@ -493,6 +531,7 @@ class ConsoleApp:
                         groups=groups,
                         state=views.RUN_STATES.get(response.state, ""),
                         FOLD_CHARS=FOLD_CHARS,
+                        run_id=run_id,
                     )
                     last = response.events[-1].sequence if response.events else after
                     after = max(after, last)

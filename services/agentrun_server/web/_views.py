@@ -184,20 +184,40 @@ class TranscriptView:
     element: str
     messages: list[Message]
     metadata: list[tuple[str, str, str]]
+    total: int
+    """Messages in the transcript: `messages` are those from `start` on, at most a page."""
+    start: int = 0
+
+    @property
+    def more(self) -> int:
+        """Messages after those shown."""
+        return self.total - self.start - len(self.messages)
 
 
-def transcripts(run: run_pb.AgentRun) -> list[TranscriptView]:
-    return [
-        TranscriptView(
-            t.key,
-            t.id,
-            t.name,
-            element_id(t.key),
-            [message(m) for m in t.messages],
-            metadata(t.metadata),
-        )
-        for t in run.transcripts
-    ]
+def transcripts(run: run_pb.AgentRun, limit: int | None = None) -> list[TranscriptView]:
+    """The run's transcripts, each with its first `limit` messages (None: all)."""
+    return [transcript(t, 0, limit) for t in run.transcripts]
+
+
+def transcript(
+    t: run_pb.Transcript, start: int, limit: int | None, until: int | None = None
+) -> TranscriptView:
+    """A transcript with its messages from `start`, at most `limit` of them (None: the rest),
+    counting only the first `until` (None: all; a live run's page counts those it was drawn
+    with, as later ones reach it by its event stream); only the messages shown are made into
+    views (a 50 MB run's page reads the first ones only)."""
+    total = len(t.messages) if until is None else min(until, len(t.messages))
+    end = total if limit is None else min(total, start + limit)
+    return TranscriptView(
+        t.key,
+        t.id,
+        t.name,
+        element_id(t.key),
+        [message(m) for m in t.messages[start:end]],
+        metadata(t.metadata),
+        total,
+        start,
+    )
 
 
 @dataclass

@@ -187,6 +187,8 @@ class Collection(_message.Message):
     RUN_COUNT_FIELD_NUMBER: _builtins.int
     ENTER_WORKFLOW_ON_ABANDON_FIELD_NUMBER: _builtins.int
     RETENTION_DAYS_FIELD_NUMBER: _builtins.int
+    RUNNING_COUNT_FIELD_NUMBER: _builtins.int
+    ABANDONED_COUNT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (a uuid4 string)."""
     name: _builtins.str
@@ -210,6 +212,12 @@ class Collection(_message.Message):
     server sweeps expired runs away every few minutes, as DeleteAgentRuns would, skipping a run
     while a task of it is leased (deleted at a later sweep).
     """
+    running_count: _builtins.int
+    """Its live runs running now (an event within the server's --live-run-timeout), as
+    GetCollection and ListCollections read them.
+    """
+    abandoned_count: _builtins.int
+    """Its live runs abandoned (no event for the live run timeout; the next event reopens one)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the collection was created."""
@@ -225,10 +233,12 @@ class Collection(_message.Message):
         run_count: _builtins.int = ...,
         enter_workflow_on_abandon: _builtins.bool = ...,
         retention_days: _builtins.int = ...,
+        running_count: _builtins.int = ...,
+        abandoned_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "enter_workflow_on_abandon", b"enter_workflow_on_abandon", "id", b"id", "name", b"name", "retention_days", b"retention_days", "run_count", b"run_count", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abandoned_count", b"abandoned_count", "create_time", b"create_time", "description", b"description", "enter_workflow_on_abandon", b"enter_workflow_on_abandon", "id", b"id", "name", b"name", "retention_days", b"retention_days", "run_count", b"run_count", "running_count", b"running_count", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

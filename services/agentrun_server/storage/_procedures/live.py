@@ -176,6 +176,9 @@ async def events_after(db: Statements, run_id: str, after_sequence: int, limit: 
     return EventPage(run, await db.events_after(run_id, after_sequence, limit))
 
 
-async def count_live_runs(db: Statements, abandoned_before: float) -> LiveRunCounts:
+async def count_live_runs(db: Statements, abandoned_before: float) -> dict[str, LiveRunCounts]:
     """See `Storage.count_live_runs`."""
-    return LiveRunCounts(*await db.live_run_counts(abandoned_before))
+    rows = await db.live_run_counts(abandoned_before)
+    return {
+        collection: LiveRunCounts(running, abandoned) for collection, running, abandoned in rows
+    }

@@ -565,16 +565,15 @@ class PostgresStatements:
         )
         return [(int(sequence), bytes(data)) for sequence, data in rows]
 
-    async def live_run_counts(self, before: float) -> tuple[int, int]:
+    async def live_run_counts(self, before: float) -> list[tuple[str, int, int]]:
         # Read off the partial index of running runs.
-        row = await self._one(
-            "SELECT count(*) FILTER (WHERE updated_at >= %(before)s), "
+        rows = await self._all(
+            "SELECT collection_id, count(*) FILTER (WHERE updated_at >= %(before)s), "
             "count(*) FILTER (WHERE updated_at < %(before)s) "
-            "FROM agent_runs WHERE state = 'running'",
+            "FROM agent_runs WHERE state = 'running' GROUP BY collection_id",
             {"before": before},
         )
-        assert row is not None  # an aggregate has a row
-        return int(row[0]), int(row[1])
+        return [(str(c), int(running), int(abandoned)) for c, running, abandoned in rows]
 
     async def notify_events(self, run_ids: Sequence[str]) -> None:
         payload = "\n".join(run_ids)

@@ -518,14 +518,15 @@ class SqliteStatements:
         ).fetchall()
         return [(int(sequence), bytes(data)) for sequence, data in rows]
 
-    async def live_run_counts(self, before: float) -> tuple[int, int]:
+    async def live_run_counts(self, before: float) -> list[tuple[str, int, int]]:
         # Read off the partial index of running runs.
-        row = self._db.execute(
-            "SELECT count(*) FILTER (WHERE updated_at >= ?), count(*) FILTER (WHERE updated_at < ?) "
-            "FROM agent_runs WHERE state = 'running'",
+        rows = self._db.execute(
+            "SELECT collection_id, count(*) FILTER (WHERE updated_at >= ?), "
+            "count(*) FILTER (WHERE updated_at < ?) "
+            "FROM agent_runs WHERE state = 'running' GROUP BY collection_id",
             (before, before),
-        ).fetchone()
-        return int(row[0]), int(row[1])
+        ).fetchall()
+        return [(str(c), int(running), int(abandoned)) for c, running, abandoned in rows]
 
     async def notify_events(self, run_ids: Sequence[str]) -> None:
         pass

@@ -79,6 +79,21 @@ export declare type Collection = Message<"agentrun.v1.Collection"> & {
    * @generated from field: uint32 retention_days = 8;
    */
   retentionDays: number;
+
+  /**
+   * Its live runs running now (an event within the server's --live-run-timeout), as
+   * GetCollection and ListCollections read them.
+   *
+   * @generated from field: int64 running_count = 9;
+   */
+  runningCount: bigint;
+
+  /**
+   * Its live runs abandoned (no event for the live run timeout; the next event reopens one).
+   *
+   * @generated from field: int64 abandoned_count = 10;
+   */
+  abandonedCount: bigint;
 };
 
 /**
