@@ -13,7 +13,7 @@ TS_STAMP := $(if $(NPM),$(TS)/node_modules/.package-lock.json)
 # The web console's scripts (htmx), pinned in scripts/web and copied into the server by `make gen`.
 WEB_STAMP := $(if $(NPM),scripts/web/node_modules/.package-lock.json)
 
-.PHONY: dist install install-ts install-web install-browser screenshots install-go build-go install-cpp build-cpp conformance install-bench gen gen-check proto-release lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live bench-otlp ci clean
+.PHONY: dist install install-ts install-web install-browser screenshots install-go build-go install-cpp build-cpp conformance install-bench gen gen-check proto-release lint format typecheck test run bench bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live bench-otlp bench-console ci clean
 
 install: $(STAMP)
 
@@ -109,7 +109,7 @@ test: install install-ts install-go install-cpp install-browser
 	$(BIN)/python -m pytest
 
 # Benchmarks print figures; they are not tests. Each reads the real runs from ../shared/data.
-bench: bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live bench-otlp
+bench: bench-model bench-ingest bench-orchestrate bench-scale bench-pressure bench-auth bench-live bench-otlp bench-console
 
 bench-model: install
 	$(BIN)/python bench/bench_model.py
@@ -147,6 +147,10 @@ bench-otlp: install
 # The README's pictures of the web console (docs/console-*.png), from the example runs.
 screenshots: install install-browser
 	$(BIN)/python scripts/screenshots.py
+
+# The web console at a million runs (collection pages by cursor) and a 50 MB run's page.
+bench-console: install install-browser
+	$(BIN)/python bench/bench_console.py
 
 # C++ from Debian's packages: gRPC and protobuf with their code generators, and CMake.
 CPP_PACKAGES := libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc cmake g++ \

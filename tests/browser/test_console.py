@@ -154,6 +154,51 @@ def test_a_long_transcript_shows_its_first_messages_and_loads_the_rest_as_it_is_
     assert texts == [f"message {i}" for i in range(450)]  # each once, in order
 
 
+def test_a_run_over_the_message_limit_reads_by_its_events_then_goes_on_live(
+    tmp_path: Path, page: Page
+) -> None:
+    web_port = free_port()
+    with ServerProcess(
+        tmp_path / "agentrun.db",
+        None,
+        "--web-port",
+        str(web_port),
+        "--max-message-bytes",
+        "1048576",
+    ) as server:
+        with Client(server.url) as client:
+            collection = client.create_collection("big").collection
+        writer = AgentRunWriter(collection.id, server_url=server.url)
+        with writer.live_run("big-run", name="over a megabyte") as run:
+            for event in range(12):
+                key = "main" if event != 6 else "side"
+                text = "x" * 5000
+                run.append(key, [UserMessage(content=f"{event}.{i} {text}") for i in range(50)])
+                writer._events.flush(10)  # type: ignore[union-attr]
+            with Client(server.url) as client, pytest.raises(Exception, match="larger than max"):
+                client.get_run("big-run")  # GetAgentRun cannot answer it whole
+            page.goto(f"http://127.0.0.1:{web_port}/runs/big-run")
+            expect(page.locator("h1")).to_have_text("over a megabyte")
+            expect(page.locator(".msg")).to_have_count(200)
+            for _ in range(10):
+                if page.locator("#history").count() == 0:
+                    break
+                page.locator("#history").scroll_into_view_if_needed()
+                page.wait_for_timeout(200)
+            expect(page.locator(".msg")).to_have_count(600)
+            main = page.locator("#transcripts > section").nth(0).locator(".msg > pre")
+            side = page.locator("#transcripts > section").nth(1).locator(".msg > pre")
+            expected = [f"{e}.{i}" for e in range(12) if e != 6 for i in range(50)]
+            assert [t.split(" ")[0] for t in main.all_inner_texts()] == expected
+            assert [t.split(" ")[0] for t in side.all_inner_texts()] == [
+                f"6.{i}" for i in range(50)
+            ]
+            run.append("main", [UserMessage(content="after the history, live")])
+            expect(page.get_by_text("after the history, live")).to_be_visible(timeout=3_000)
+        writer.finish()
+        expect(page.locator("#run-state")).to_have_text("finished", timeout=3_000)
+
+
 def test_dead_tasks_are_listed_with_their_error_and_redriven_with_a_confirmation(
     console: Console, page: Page
 ) -> None:
@@ -225,7 +270,7 @@ def test_hostile_run_content_renders_as_text_and_runs_nothing(console: Console, 
     page.get_by_role("link", name="<b>hostile</b>").click()
     page.get_by_role("link", name="<script>window.__pwned='name'</script>").click()
     expect(page.locator(".msg")).to_have_count(5)
-    messages = page.locator(".msg pre")
+    messages = page.locator(".msg > pre")
     assert messages.nth(0).inner_text() == hostile[0]
     assert messages.nth(1).inner_text() == hostile[1]
     assert messages.nth(2).inner_text() == hostile[2]

@@ -351,6 +351,47 @@ async def test_a_watcher_sees_each_event_in_order_within_a_second(server: Server
         stream.call.cancel()
 
 
+async def test_a_watcher_gets_a_run_of_many_big_events_in_answers_within_the_message_limit(
+    tmp_path: Path,
+) -> None:
+    limit = 1024 * 1024
+    server = Server(
+        ServerConfig(
+            db=f"sqlite:///{tmp_path / 'a.db'}",
+            port=0,
+            metrics_port=-1,
+            web_port=-1,
+            limits=IngestionLimits(max_message_bytes=limit),
+        )
+    )
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            ingestion = pb_grpc.IngestionServiceStub(channel)
+            collection = (
+                await ingestion.CreateCollection(pb.CreateCollectionRequest(name="c"))
+            ).collection
+            stream = Stream(channel)
+            big = "x" * 300_000  # 12 events of 300 KB: 3.6 MB, over the 1 MB limit together
+            for sequence in range(1, 13):
+                messages = [_message("user", f"{sequence} {big}")]
+                (ack,) = await stream.send(
+                    _event("big", sequence, collection.id, messages, finish=sequence == 12)
+                )
+                assert ack.status == pb.EVENT_STATUS_STORED, ack.message
+            stream.call.cancel()
+            sizes, sequences = [], []
+            async for response in ingestion.WatchAgentRun(
+                pb.WatchAgentRunRequest(agent_run_id="big")
+            ):
+                sizes.append(response.ByteSize())
+                sequences += [e.sequence for e in response.events]
+            assert sequences == list(range(1, 13))  # all of them, in order, each once
+            assert len(sizes) > 1 and max(sizes) <= limit
+    finally:
+        await server.shutdown(grace_seconds=1)
+
+
 async def test_agentrun_tail_prints_messages_as_they_land_and_ends_with_the_run(
     server: Server,
 ) -> None:

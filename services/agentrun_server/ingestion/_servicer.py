@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,6 +181,20 @@ class _PendingBytes:
 
     def held_by(self, peer: str) -> int:
         return self._by_peer.get(peer, 0)
+
+
+def _within(events: list[tuple[int, bytes]], max_bytes: int) -> Iterator[list[tuple[int, bytes]]]:
+    """`events` in consecutive parts of at most `max_bytes` of patches each (a bigger event
+    alone); one empty part when there is none."""
+    part: list[tuple[int, bytes]] = []
+    size = 0
+    for event in events:
+        if part and size + len(event[1]) > max_bytes:
+            yield part
+            part, size = [], 0
+        part.append(event)
+        size += len(event[1])
+    yield part
 
 
 def collection_to_proto(
@@ -703,15 +717,18 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
                 state = run_state(run.state, run.updated_at, self._abandoned_before())
                 last = run.next_sequence - 1
                 if events or state != sent_state:
-                    response = pb.WatchAgentRunResponse(state=_STATES[state])
-                    for sequence, data in events:
-                        event = response.events.add(
-                            agent_run_id=run_id,
-                            sequence=sequence,
-                            finish=state == "finished" and sequence == last,
-                        )
-                        event.patch.MergeFromString(data)
-                    yield response
+                    # Responses of at most half the message limit (the first event of each
+                    # regardless), as pages of runs: a batch of big events would not send.
+                    for part in _within(events, self.limits.max_message_bytes // 2):
+                        response = pb.WatchAgentRunResponse(state=_STATES[state])
+                        for sequence, data in part:
+                            event = response.events.add(
+                                agent_run_id=run_id,
+                                sequence=sequence,
+                                finish=state == "finished" and sequence == last,
+                            )
+                            event.patch.MergeFromString(data)
+                        yield response
                     sent_state = state
                 if events:
                     after = events[-1][0]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
+import grpc
 import jinja2
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -24,6 +25,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from agentrun.v1 import agent_run_pb2 as run_pb
 from agentrun.v1 import ingestion_service_pb2 as ingest
 from agentrun.v1 import orchestrator_service_pb2 as orch
 from agentrun.v1 import workflow_pb2 as wf
@@ -152,6 +154,7 @@ class ConsoleApp:
             Route("/runs/{run_id:path}", self.run),
             Route("/live/{run_id:path}", self.live),
             Route("/messages/{run_id:path}", self.messages),
+            Route("/history/{run_id:path}", self.history),
             Route("/workflows/{name}/tasks", self.tasks),
             Route("/workflows/{name}/redrive", self.redrive, methods=["POST"]),
             Route("/workflows/{name}/cancel", self.cancel, methods=["POST"]),
@@ -171,19 +174,18 @@ class ConsoleApp:
             _SignIn: `--auth keys` and no key signed in, or it was revoked or expired.
         """
         session = self._sessions.get(request.cookies.get(COOKIE))
-        new = session is None
-        if session is None:
-            session = self._sessions.new()
         if self._keys is None:
-            return Visitor(session, ANYONE, new)
-        if session.token is None:
+            if session is None:
+                return Visitor(self._sessions.new(), ANYONE, True)
+            return Visitor(session, ANYONE, False)
+        if session is None or session.token is None:
             raise _SignIn()
         try:
             principal = self._keys.authenticate(session.token)
         except ServerError as exc:
             session.token = None
             raise _SignIn(str(exc)) from None
-        return Visitor(session, principal, new)
+        return Visitor(session, principal, False)
 
     def _check_csrf(self, request: Request, visitor: Visitor, form: dict[str, str]) -> None:
         origin = request.headers.get("origin")
@@ -401,7 +403,24 @@ class ConsoleApp:
         run_id = request.path_params["run_id"]
 
         async def page(visitor: Visitor) -> Response:
-            stored = await self._calls.get_run(visitor.token, run_id)
+            history_url = ""
+            try:
+                stored = await self._calls.get_run(visitor.token, run_id)
+            except CallFailed as exc:
+                if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                # Over the server's message limit (a live run grown past it): its first events
+                # now, the next as the reader scrolls to them.
+                stored = await self._calls.get_run(
+                    visitor.token, run_id, ingest.AGENT_RUN_VIEW_BASIC
+                )
+                last = await self._read_events(
+                    visitor.token, run_id, 0, stored.event_count, stored.agent_run
+                )
+                if last < stored.event_count:
+                    history_url = self._history_url(
+                        run_id, last, stored.event_count, views.transcripts(stored.agent_run)
+                    )
             collection = await self._calls.get_collection(visitor.token, id=stored.collection_id)
             tasks: list[Any] | None = None
             if "orchestrator" in self._services:
@@ -412,11 +431,8 @@ class ConsoleApp:
             transcripts = views.transcripts(stored.agent_run, MESSAGES_PER_PAGE)
             live = stored.state != ingest.AGENT_RUN_STATE_FINISHED
             live_url = ""
-            if live:
-                known = ",".join(t.element for t in transcripts)
-                live_url = f"/live/{quote(run_id, safe='')}?" + urlencode(
-                    {"after": stored.event_count, "known": known}
-                )
+            if live and not history_url:
+                live_url = _live_url(run_id, stored.event_count, transcripts)
             return self._render(
                 request,
                 visitor,
@@ -428,6 +444,76 @@ class ConsoleApp:
                 metadata=views.metadata(stored.agent_run.metadata),
                 scores=views.scores(stored.agent_run),
                 tasks=tasks,
+                live_url=live_url,
+                history_url=history_url,
+            )
+
+        return await self._answer(request, page)
+
+    async def _read_events(
+        self, token: str | None, run_id: str, after: int, until: int, into: Any
+    ) -> int:
+        """Fold the run's events after `after` into `into` (an AgentRun) until about
+        MESSAGES_PER_PAGE messages have come or event `until` has; the last event read."""
+        last, added = after, 0
+        if after >= until:
+            return last
+        stream = self._calls.watch_run(token, run_id, after)
+        try:
+            async for response in stream:
+                for event in response.events:
+                    if event.sequence > until:
+                        return last
+                    added += views.merge(into, event.patch)
+                    last = event.sequence
+                if last >= until or added >= MESSAGES_PER_PAGE:
+                    return last
+        finally:
+            await stream.aclose()
+        return last
+
+    def _history_url(
+        self, run_id: str, after: int, until: int, shown: list[views.TranscriptView]
+    ) -> str:
+        return f"/history/{quote(run_id, safe='')}?" + urlencode(
+            {"after": after, "until": until, "known": ",".join(t.element for t in shown)}
+        )
+
+    async def history(self, request: Request) -> Response:
+        """The next of a big run's events after `after` (up to `until`, the last the page was
+        drawn with), as fragments htmx appends to the page's transcripts, then the loader of the
+        next ones; the last of them opens the live run's event stream."""
+        run_id = request.path_params["run_id"]
+        params = request.query_params
+
+        async def page(visitor: Visitor) -> Response:
+            try:
+                after, until = int(params.get("after", "0")), int(params.get("until", "0"))
+            except ValueError:
+                raise Refused(400, "after, until: not sequence numbers") from None
+            known = set(filter(None, params.get("known", "").split(",")))
+            read = run_pb.AgentRun()
+            last = await self._read_events(visitor.token, run_id, after, until, read)
+            groups = []
+            for t in views.transcripts(read):
+                groups.append((t, t.element in known))
+                known.add(t.element)
+            shown = [views.TranscriptView("", "", "", e, [], [], 0) for e in sorted(known)]
+            next_url = self._history_url(run_id, last, until, shown) if last < until else ""
+            live_url = ""
+            if not next_url:
+                stored = await self._calls.get_run(
+                    visitor.token, run_id, ingest.AGENT_RUN_VIEW_BASIC
+                )
+                if stored.state != ingest.AGENT_RUN_STATE_FINISHED:
+                    live_url = _live_url(run_id, until, shown)
+            return self._render(
+                request,
+                visitor,
+                "_history.html",
+                groups=groups,
+                run_id=run_id,
+                next_url=next_url,
                 live_url=live_url,
             )
 
@@ -682,6 +768,13 @@ class Refused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def _live_url(run_id: str, after: int, shown: list[views.TranscriptView]) -> str:
+    """Where a run page hears the run's events after `after` (its transcripts on the page)."""
+    return f"/live/{quote(run_id, safe='')}?" + urlencode(
+        {"after": after, "known": ",".join(t.element for t in shown)}
+    )
 
 
 def _sse(event: str, data: str, id: int | None = None) -> str:

@@ -96,8 +96,10 @@ class Calls:
     ) -> ingest.ListAgentRunsResponse:
         return await self._unary(self._ingest.ListAgentRuns, request, token)  # type: ignore[no-any-return]
 
-    async def get_run(self, token: str | None, run_id: str) -> ingest.StoredAgentRun:
-        request = ingest.GetAgentRunRequest(agent_run_id=run_id)
+    async def get_run(
+        self, token: str | None, run_id: str, view: int = ingest.AGENT_RUN_VIEW_FULL
+    ) -> ingest.StoredAgentRun:
+        request = ingest.GetAgentRunRequest(agent_run_id=run_id, view=view)  # type: ignore[arg-type]
         response = await self._unary(self._ingest.GetAgentRun, request, token)
         return response.agent_run  # type: ignore[no-any-return]
 

@@ -51,10 +51,12 @@ class Sessions:
         return session
 
     def new(self) -> Session:
-        """A fresh session (the oldest idle ones go when there are too many)."""
+        """A fresh session. When there are too many, the least recently used tenth goes,
+        sessions with no key signed in first: a client opening sessions without end (a sign-in
+        form costs none) cannot sign others out."""
         if len(self._by_id) >= MAX_SESSIONS:
-            by_age = sorted(self._by_id.values(), key=lambda s: s.last_seen)
-            for stale in by_age[: MAX_SESSIONS // 10]:
+            by_use = sorted(self._by_id.values(), key=lambda s: (s.token is not None, s.last_seen))
+            for stale in by_use[: MAX_SESSIONS // 10]:
                 del self._by_id[stale.id]
         session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32))
         self._by_id[session.id] = session

@@ -107,6 +107,35 @@ def metadata(m: run_pb.Metadata) -> list[tuple[str, str, str]]:
     return sorted((key, as_json(value(f.value)), f.description) for key, f in m.fields.items())
 
 
+def merge(run: run_pb.AgentRun, patch: run_pb.AgentRun) -> int:
+    """Apply a live run's event `patch` to `run` as the server folds it (messages appended to
+    the transcript of their key, metadata and scores merged by key, name and description
+    replaced when set); the messages it added."""
+    by_key = {t.key: t for t in run.transcripts}
+    added = 0
+    for t in patch.transcripts:
+        target = by_key.get(t.key)
+        if target is None:
+            target = by_key[t.key] = run.transcripts.add(key=t.key, id=t.id)
+        if t.HasField("name"):
+            target.name = t.name
+        if t.HasField("description"):
+            target.description = t.description
+        for key, f in t.metadata.fields.items():
+            target.metadata.fields[key].CopyFrom(f)
+        target.messages.extend(t.messages)
+        added += len(t.messages)
+    for key, f in patch.metadata.fields.items():
+        run.metadata.fields[key].CopyFrom(f)
+    for name, s in patch.scores.items():
+        run.scores[name].CopyFrom(s)
+    if patch.HasField("name"):
+        run.name = patch.name
+    if patch.HasField("description"):
+        run.description = patch.description
+    return added
+
+
 def element_id(key: str) -> str:
     """A stable HTML id for a transcript key (keys are run-supplied: never used as ids)."""
     return "t-" + hashlib.sha256(key.encode()).hexdigest()[:16]
