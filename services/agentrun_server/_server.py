@@ -80,6 +80,17 @@ _SERVICE_DESCRIPTORS = {
 }
 
 
+class _QuietGoneClients(logging.Filter):
+    """Drops grpc's ERROR record of a streamed answer that could not be sent because its client
+    went away in the middle of it (`ExecuteBatchError`: a reader that had what it wanted and
+    cancelled, a connection closed): normal for a server of streams, and counted by the call's
+    status in the gRPC metrics; our own errors are logged by the error table."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = record.exc_info[0] if record.exc_info else None
+        return kind is None or kind.__name__ != "ExecuteBatchError"
+
+
 def is_loopback(host: str) -> bool:
     """Whether every address `host` names is a loopback one (127.0.0.0/8, ::1); "0.0.0.0", "::"
     and names that resolve elsewhere (or not at all) are not."""
@@ -116,6 +127,9 @@ class Server:
         # The `_created` series double what go-grpc-prometheus dashboards expect to see, and no
         # panel uses them (process-wide: prometheus-client has no per-registry switch).
         disable_created_metrics()  # type: ignore[no-untyped-call]
+        grpc_log = logging.getLogger("grpc._cython.cygrpc")
+        if not any(isinstance(f, _QuietGoneClients) for f in grpc_log.filters):
+            grpc_log.addFilter(_QuietGoneClients())
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.port = 0

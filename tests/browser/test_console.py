@@ -175,7 +175,10 @@ def test_a_run_over_the_message_limit_reads_by_its_events_then_goes_on_live(
                 text = "x" * 5000
                 run.append(key, [UserMessage(content=f"{event}.{i} {text}") for i in range(50)])
                 writer._events.flush(10)  # type: ignore[union-attr]
-            with Client(server.url) as client, pytest.raises(Exception, match="larger than max"):
+            with (
+                Client(server.url) as client,
+                pytest.raises(Exception, match="over the 1,048,576-byte message limit"),
+            ):
                 client.get_run("big-run")  # GetAgentRun cannot answer it whole
             page.goto(f"http://127.0.0.1:{web_port}/runs/big-run")
             expect(page.locator("h1")).to_have_text("over a megabyte")

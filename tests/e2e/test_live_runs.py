@@ -388,6 +388,15 @@ async def test_a_watcher_gets_a_run_of_many_big_events_in_answers_within_the_mes
                 sequences += [e.sequence for e in response.events]
             assert sequences == list(range(1, 13))  # all of them, in order, each once
             assert len(sizes) > 1 and max(sizes) <= limit
+            with pytest.raises(grpc.aio.AioRpcError) as whole:
+                await ingestion.GetAgentRun(pb.GetAgentRunRequest(agent_run_id="big"))
+            assert whole.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "over the 1,048,576-byte message limit" in whole.value.details(), whole.value
+            assert "WatchAgentRun" in whole.value.details()
+            basic = await ingestion.GetAgentRun(
+                pb.GetAgentRunRequest(agent_run_id="big", view=pb.AGENT_RUN_VIEW_BASIC)
+            )
+            assert basic.agent_run.message_count == 12
     finally:
         await server.shutdown(grace_seconds=1)
 

@@ -756,6 +756,15 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         view = check_enum("view", request.view, _VIEWS)
         run = await self._storage.get_run(run_id)
         await self._access.check("agent_run_id", collection_id=run.collection_id)
+        # A live run may grow past what one answer may carry (gRPC would fail the send): told
+        # before it is folded or decoded, from its stored size.
+        size = len(run.data) + sum(len(part) for part in run.parts)
+        if view != pb.AGENT_RUN_VIEW_BASIC and size > self.limits.max_message_bytes - 4096:
+            raise ResourceExhausted(
+                f"agent_run_id: run {run_id!r} is {size:,} bytes, over the "
+                f"{self.limits.max_message_bytes:,}-byte message limit: read it by its events "
+                "(WatchAgentRun from after_sequence 0), or view BASIC for its summary"
+            )
         return pb.GetAgentRunResponse(
             agent_run=_stored_run_to_proto(run, view, self._abandoned_before())
         )

@@ -406,20 +406,27 @@ class ConsoleApp:
             history_url = ""
             try:
                 stored = await self._calls.get_run(visitor.token, run_id)
+                drawn_with = stored.event_count
             except CallFailed as exc:
                 if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
                 # Over the server's message limit (a live run grown past it): its first events
-                # now, the next as the reader scrolls to them.
-                stored = await self._calls.get_run(
-                    visitor.token, run_id, ingest.AGENT_RUN_VIEW_BASIC
+                # now, the next as the reader scrolls to them. Its summary meanwhile.
+                first = run_pb.AgentRun()
+                summary = asyncio.ensure_future(
+                    self._calls.get_run(visitor.token, run_id, ingest.AGENT_RUN_VIEW_BASIC)
                 )
-                last = await self._read_events(
-                    visitor.token, run_id, 0, stored.event_count, stored.agent_run
-                )
-                if last < stored.event_count:
+                try:
+                    last = await self._read_events(visitor.token, run_id, 0, 1 << 62, first)
+                    stored = await summary
+                finally:
+                    summary.cancel()
+                first.MergeFrom(stored.agent_run)  # the summary's name and scores are the latest
+                stored.agent_run.CopyFrom(first)
+                drawn_with = max(last, stored.event_count)  # events may land meanwhile
+                if last < drawn_with:
                     history_url = self._history_url(
-                        run_id, last, stored.event_count, views.transcripts(stored.agent_run)
+                        run_id, last, drawn_with, views.transcripts(stored.agent_run)
                     )
             collection = await self._calls.get_collection(visitor.token, id=stored.collection_id)
             tasks: list[Any] | None = None
@@ -432,7 +439,7 @@ class ConsoleApp:
             live = stored.state != ingest.AGENT_RUN_STATE_FINISHED
             live_url = ""
             if live and not history_url:
-                live_url = _live_url(run_id, stored.event_count, transcripts)
+                live_url = _live_url(run_id, drawn_with, transcripts)
             return self._render(
                 request,
                 visitor,
@@ -462,11 +469,11 @@ class ConsoleApp:
         try:
             async for response in stream:
                 for event in response.events:
-                    if event.sequence > until:
+                    if event.sequence > until or added >= MESSAGES_PER_PAGE:
                         return last
                     added += views.merge(into, event.patch)
                     last = event.sequence
-                if last >= until or added >= MESSAGES_PER_PAGE:
+                if last >= until:
                     return last
         finally:
             await stream.aclose()

@@ -523,7 +523,9 @@ class SqliteStatements:
         rows = self._db.execute(
             "SELECT collection_id, count(*) FILTER (WHERE updated_at >= ?), "
             "count(*) FILTER (WHERE updated_at < ?) "
-            "FROM agent_runs WHERE state = 'running' GROUP BY collection_id",
+            # GROUP BY alone leads SQLite to walk every run in collection order.
+            "FROM agent_runs INDEXED BY agent_runs_live WHERE state = 'running' "
+            "GROUP BY collection_id",
             (before, before),
         ).fetchall()
         return [(str(c), int(running), int(abandoned)) for c, running, abandoned in rows]
