@@ -70,17 +70,9 @@ def _event(
 
 
 @contextlib.asynccontextmanager
-async def _server_timing_out(database: str, seconds: float) -> AsyncIterator[Server]:
-    """A server whose live runs are abandoned after `seconds` without an event."""
-    server = Server(
-        ServerConfig(
-            db=database,
-            port=0,
-            metrics_port=-1,
-            web_port=-1,
-            limits=IngestionLimits(live_run_timeout_seconds=seconds),
-        )
-    )
+async def _server_with(database: str, limits: IngestionLimits) -> AsyncIterator[Server]:
+    """A server with these limits (say, live runs abandoned after seconds without an event)."""
+    server = Server(ServerConfig(db=database, port=0, metrics_port=-1, web_port=-1, limits=limits))
     await server.start()
     try:
         yield server
@@ -264,7 +256,7 @@ async def test_a_silent_run_reads_as_abandoned_until_its_next_event_reopens_it(
     database: str,
 ) -> None:
     async with (
-        _server_timing_out(database, 0.5) as server,
+        _server_with(database, IngestionLimits(live_run_timeout_seconds=0.5)) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
         ingestion = pb_grpc.IngestionServiceStub(channel)
@@ -355,50 +347,39 @@ async def test_a_watcher_gets_a_run_of_many_big_events_in_answers_within_the_mes
     tmp_path: Path,
 ) -> None:
     limit = 1024 * 1024
-    server = Server(
-        ServerConfig(
-            db=f"sqlite:///{tmp_path / 'a.db'}",
-            port=0,
-            metrics_port=-1,
-            web_port=-1,
-            limits=IngestionLimits(max_message_bytes=limit),
-        )
-    )
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            ingestion = pb_grpc.IngestionServiceStub(channel)
-            collection = (
-                await ingestion.CreateCollection(pb.CreateCollectionRequest(name="c"))
-            ).collection
-            stream = Stream(channel)
-            big = "x" * 300_000  # 12 events of 300 KB: 3.6 MB, over the 1 MB limit together
-            for sequence in range(1, 13):
-                messages = [_message("user", f"{sequence} {big}")]
-                (ack,) = await stream.send(
-                    _event("big", sequence, collection.id, messages, finish=sequence == 12)
-                )
-                assert ack.status == pb.EVENT_STATUS_STORED, ack.message
-            stream.call.cancel()
-            sizes, sequences = [], []
-            async for response in ingestion.WatchAgentRun(
-                pb.WatchAgentRunRequest(agent_run_id="big")
-            ):
-                sizes.append(response.ByteSize())
-                sequences += [e.sequence for e in response.events]
-            assert sequences == list(range(1, 13))  # all of them, in order, each once
-            assert len(sizes) > 1 and max(sizes) <= limit
-            with pytest.raises(grpc.aio.AioRpcError) as whole:
-                await ingestion.GetAgentRun(pb.GetAgentRunRequest(agent_run_id="big"))
-            assert whole.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "over the 1,048,576-byte message limit" in whole.value.details(), whole.value
-            assert "WatchAgentRun" in whole.value.details()
-            basic = await ingestion.GetAgentRun(
-                pb.GetAgentRunRequest(agent_run_id="big", view=pb.AGENT_RUN_VIEW_BASIC)
+    database = f"sqlite:///{tmp_path / 'a.db'}"
+    async with (
+        _server_with(database, IngestionLimits(max_message_bytes=limit)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        ingestion = pb_grpc.IngestionServiceStub(channel)
+        collection = (
+            await ingestion.CreateCollection(pb.CreateCollectionRequest(name="c"))
+        ).collection
+        stream = Stream(channel)
+        big = "x" * 300_000  # 12 events of 300 KB: 3.6 MB, over the 1 MB limit together
+        for sequence in range(1, 13):
+            messages = [_message("user", f"{sequence} {big}")]
+            (ack,) = await stream.send(
+                _event("big", sequence, collection.id, messages, finish=sequence == 12)
             )
-            assert basic.agent_run.message_count == 12
-    finally:
-        await server.shutdown(grace_seconds=1)
+            assert ack.status == pb.EVENT_STATUS_STORED, ack.message
+        stream.call.cancel()
+        sizes, sequences = [], []
+        async for response in ingestion.WatchAgentRun(pb.WatchAgentRunRequest(agent_run_id="big")):
+            sizes.append(response.ByteSize())
+            sequences += [e.sequence for e in response.events]
+        assert sequences == list(range(1, 13))  # all of them, in order, each once
+        assert len(sizes) > 1 and max(sizes) <= limit
+        with pytest.raises(grpc.aio.AioRpcError) as whole:
+            await ingestion.GetAgentRun(pb.GetAgentRunRequest(agent_run_id="big"))
+        assert whole.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "over the 1,048,576-byte message limit" in whole.value.details(), whole.value
+        assert "WatchAgentRun" in whole.value.details()
+        basic = await ingestion.GetAgentRun(
+            pb.GetAgentRunRequest(agent_run_id="big", view=pb.AGENT_RUN_VIEW_BASIC)
+        )
+        assert basic.agent_run.message_count == 12
 
 
 async def test_agentrun_tail_prints_messages_as_they_land_and_ends_with_the_run(
@@ -449,7 +430,7 @@ async def test_agentrun_tail_prints_messages_as_they_land_and_ends_with_the_run(
 async def test_a_collection_may_enter_its_abandoned_runs_into_the_workflow_once(
     database: str,
 ) -> None:
-    async with _server_timing_out(database, 0.4) as server:
+    async with _server_with(database, IngestionLimits(live_run_timeout_seconds=0.4)) as server:
         url = f"127.0.0.1:{server.port}"
         worker = RawWorker(url)
         try:

@@ -501,10 +501,7 @@ class ConsoleApp:
             known = set(filter(None, params.get("known", "").split(",")))
             read = run_pb.AgentRun()
             last = await self._read_events(visitor.token, run_id, after, until, read)
-            groups = []
-            for t in views.transcripts(read):
-                groups.append((t, t.element in known))
-                known.add(t.element)
+            groups = views.appended(read, known)
             shown = [views.TranscriptView("", "", "", e, [], [], 0) for e in sorted(known)]
             next_url = self._history_url(run_id, last, until, shown) if last < until else ""
             live_url = ""
@@ -610,18 +607,11 @@ class ConsoleApp:
                         )
                         break
                     next_item = None
-                    groups: list[tuple[views.TranscriptView, bool]] = []
-                    by_key: dict[str, views.TranscriptView] = {}
+                    landed = run_pb.AgentRun()
                     for event in response.events:
-                        for t in views.transcripts(event.patch):
-                            if t.key in by_key:
-                                by_key[t.key].messages.extend(t.messages)
-                                continue
-                            by_key[t.key] = t
-                            groups.append((t, t.element in known))
-                            known.add(t.element)
+                        views.merge(landed, event.patch)
                     html = template.render(
-                        groups=groups,
+                        groups=views.appended(landed, known),
                         state=views.RUN_STATES.get(response.state, ""),
                         FOLD_CHARS=FOLD_CHARS,
                         run_id=run_id,

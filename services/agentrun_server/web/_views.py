@@ -249,6 +249,17 @@ def transcript(
     )
 
 
+def appended(run: run_pb.AgentRun, known: set[str]) -> list[tuple[TranscriptView, bool]]:
+    """The transcripts of events folded into `run`, each with whether the page shows it
+    already (its element id in `known`, which then takes the new ones): what a page appends to
+    a transcript, or adds as a new one."""
+    groups = []
+    for t in transcripts(run):
+        groups.append((t, t.element in known))
+        known.add(t.element)
+    return groups
+
+
 @dataclass
 class Node:
     name: str
