@@ -134,6 +134,16 @@ def test_a_live_run_grows_on_its_page_without_a_reload(console: Console, page: P
     assert page.locator(".msg").count() == 3
 
 
+def _read_to_the_end(page: Page, messages: int) -> None:
+    """Scroll down as a reader would until the page shows `messages` messages."""
+    for _ in range(40):
+        if page.locator(".msg").count() >= messages:
+            break
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        page.wait_for_timeout(150)
+    expect(page.locator(".msg")).to_have_count(messages)
+
+
 def test_a_long_transcript_shows_its_first_messages_and_loads_the_rest_as_it_is_read(
     console: Console, page: Page
 ) -> None:
@@ -144,13 +154,11 @@ def test_a_long_transcript_shows_its_first_messages_and_loads_the_rest_as_it_is_
         run.append("main", [UserMessage(content=f"message {i}") for i in range(450)])
     writer.finish()
     page.goto(f"{console.url}/runs/long-run")
-    expect(page.locator(".msg")).to_have_count(200)
-    expect(page.locator(".more")).to_have_text("250 more messages")
-    for shown in (400, 450):
-        page.locator(".more").scroll_into_view_if_needed()
-        expect(page.locator(".msg")).to_have_count(shown)
+    expect(page.locator(".msg")).to_have_count(100)
+    expect(page.locator(".more")).to_have_text("350 more messages")
+    _read_to_the_end(page, 450)
     assert page.locator(".more").count() == 0
-    texts = page.locator(".msg pre").all_inner_texts()
+    texts = page.locator(".msg pre").all_text_contents()
     assert texts == [f"message {i}" for i in range(450)]  # each once, in order
 
 
@@ -182,18 +190,17 @@ def test_a_run_over_the_message_limit_reads_by_its_events_then_goes_on_live(
                 client.get_run("big-run")  # GetAgentRun cannot answer it whole
             page.goto(f"http://127.0.0.1:{web_port}/runs/big-run")
             expect(page.locator("h1")).to_have_text("over a megabyte")
-            expect(page.locator(".msg")).to_have_count(200)
-            for _ in range(10):
-                if page.locator("#history").count() == 0:
-                    break
-                page.locator("#history").scroll_into_view_if_needed()
-                page.wait_for_timeout(200)
-            expect(page.locator(".msg")).to_have_count(600)
+            expect(page.locator(".msg")).to_have_count(100)  # its first two events
+            # Its summary follows: state and counts, the collection in the breadcrumbs.
+            expect(page.locator("#run-head")).to_contain_text("running")
+            expect(page.locator("#run-head")).to_contain_text("600 messages")
+            expect(page.locator("#crumbs")).to_contain_text("big")
+            _read_to_the_end(page, 600)
             main = page.locator("#transcripts > section").nth(0).locator(".msg > pre")
             side = page.locator("#transcripts > section").nth(1).locator(".msg > pre")
             expected = [f"{e}.{i}" for e in range(12) if e != 6 for i in range(50)]
-            assert [t.split(" ")[0] for t in main.all_inner_texts()] == expected
-            assert [t.split(" ")[0] for t in side.all_inner_texts()] == [
+            assert [t.split(" ")[0] for t in main.all_text_contents()] == expected
+            assert [t.split(" ")[0] for t in side.all_text_contents()] == [
                 f"6.{i}" for i in range(50)
             ]
             run.append("main", [UserMessage(content="after the history, live")])
@@ -274,10 +281,11 @@ def test_hostile_run_content_renders_as_text_and_runs_nothing(console: Console, 
     page.get_by_role("link", name="<script>window.__pwned='name'</script>").click()
     expect(page.locator(".msg")).to_have_count(5)
     messages = page.locator(".msg > pre")
-    assert messages.nth(0).inner_text() == hostile[0]
-    assert messages.nth(1).inner_text() == hostile[1]
-    assert messages.nth(2).inner_text() == hostile[2]
-    assert messages.nth(3).inner_text() == "␛[31mred alert␛[0m and a bell␇"
+    expect(messages.nth(0)).to_be_visible()  # shown to the reader, as text
+    assert messages.nth(0).text_content() == hostile[0]
+    assert messages.nth(1).text_content() == hostile[1]
+    assert messages.nth(2).text_content() == hostile[2]
+    assert messages.nth(3).text_content() == "␛[31mred alert␛[0m and a bell␇"
     assert page.evaluate("window.__pwned") is None
     assert (
         page.locator("main img, main script, main svg[onload], main a[href^=javascript]").count()

@@ -120,3 +120,21 @@ async def test_live_runs_are_counted_per_collection_running_or_abandoned(storage
     await storage.append_events([finish], _fold, 1 << 20, 50.0)
     counts = await storage.count_live_runs(abandoned_before=30.0)
     assert counts == {a.id: (1, 0), b.id: (1, 1)}  # b: busy running, quiet abandoned; done not
+
+
+async def test_a_page_of_events_stops_at_its_byte_budget(storage: Storage) -> None:
+    collection, _ = await storage.create_collection("c", "", "", 1.0)
+    sizes = [400, 400, 1000, 10, 10]
+    await _append(
+        storage, *(_event(n + 1, b"x" * size, collection.id) for n, size in enumerate(sizes))
+    )
+    pages, after = [], 0
+    while True:
+        _, events = await storage.events_after("live", after, 10, max_bytes=900)
+        if not events:
+            break
+        pages.append([len(data) for _, data in events])
+        after = events[-1][0]
+    assert pages == [[400, 400], [1000], [10, 10]]  # a bigger event alone, never skipped
+    _, all_of_them = await storage.events_after("live", 0, 10)
+    assert len(all_of_them) == 5

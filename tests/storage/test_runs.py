@@ -52,6 +52,9 @@ async def test_a_run_is_stored_once_and_a_batch_answers_each_run(storage: Storag
     assert await storage.count_runs(mine.id) == 2
     with pytest.raises(NotFound, match="no agent run"):
         await storage.get_run("nope")
+    assert await storage.run_size("r1") == (mine.id, 1)  # read without the run's data
+    with pytest.raises(NotFound, match="no agent run"):
+        await storage.run_size("nope")
     with pytest.raises(NotFound, match="no collection"):
         await storage.insert_runs("no-such-collection", batch, 5.0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,20 +181,6 @@ class _PendingBytes:
 
     def held_by(self, peer: str) -> int:
         return self._by_peer.get(peer, 0)
-
-
-def _within(events: list[tuple[int, bytes]], max_bytes: int) -> Iterator[list[tuple[int, bytes]]]:
-    """`events` in consecutive parts of at most `max_bytes` of patches each (a bigger event
-    alone); one empty part when there is none."""
-    part: list[tuple[int, bytes]] = []
-    size = 0
-    for event in events:
-        if part and size + len(event[1]) > max_bytes:
-            yield part
-            part, size = [], 0
-        part.append(event)
-        size += len(event[1])
-    yield part
 
 
 def collection_to_proto(
@@ -710,31 +696,32 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         ):
             while True:
                 woken.clear()  # before the read: an event landing during it wakes the next wait
-                run, events = await self._storage.events_after(run_id, after, WATCH_BATCH)
+                run, events = await self._storage.events_after(
+                    run_id, after, WATCH_BATCH, self.limits.max_message_bytes // 2
+                )
                 if not checked:
                     await self._access.check("agent_run_id", collection_id=run.collection_id)
                     checked = True
                 state = run_state(run.state, run.updated_at, self._abandoned_before())
                 last = run.next_sequence - 1
                 if events or state != sent_state:
-                    # Responses of at most half the message limit (the first event of each
-                    # regardless), as pages of runs: a batch of big events would not send.
-                    for part in _within(events, self.limits.max_message_bytes // 2):
-                        response = pb.WatchAgentRunResponse(state=_STATES[state])
-                        for sequence, data in part:
-                            event = response.events.add(
-                                agent_run_id=run_id,
-                                sequence=sequence,
-                                finish=state == "finished" and sequence == last,
-                            )
-                            event.patch.MergeFromString(data)
-                        yield response
+                    # At most half the message limit of patches (the first event regardless),
+                    # as pages of runs: a batch of big events would not send.
+                    response = pb.WatchAgentRunResponse(state=_STATES[state])
+                    for sequence, data in events:
+                        event = response.events.add(
+                            agent_run_id=run_id,
+                            sequence=sequence,
+                            finish=state == "finished" and sequence == last,
+                        )
+                        event.patch.MergeFromString(data)
+                    yield response
                     sent_state = state
                 if events:
                     after = events[-1][0]
                 if state == "finished" and after >= last:
                     return
-                if len(events) == WATCH_BATCH:
+                if after < last:  # more stored than the page held
                     continue
                 # Asleep until the run gets events, or until it would turn abandoned (a state
                 # change no event announces): no reads while it is quiet.
@@ -754,17 +741,19 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
     ) -> pb.GetAgentRunResponse:
         run_id = check_reference("agent_run_id", request.agent_run_id, required=True)
         view = check_enum("view", request.view, _VIEWS)
+        if view != pb.AGENT_RUN_VIEW_BASIC:
+            # A live run may grow past what one answer may carry (gRPC would fail the send):
+            # told from its stored size, before it is read.
+            size = await self._storage.run_size(run_id)
+            await self._access.check("agent_run_id", collection_id=size.collection_id)
+            if size.size_bytes > self.limits.max_message_bytes - 4096:
+                raise ResourceExhausted(
+                    f"agent_run_id: run {run_id!r} is {size.size_bytes:,} bytes, over the "
+                    f"{self.limits.max_message_bytes:,}-byte message limit: read it by its "
+                    "events (WatchAgentRun from after_sequence 0), or view BASIC for its summary"
+                )
         run = await self._storage.get_run(run_id)
         await self._access.check("agent_run_id", collection_id=run.collection_id)
-        # A live run may grow past what one answer may carry (gRPC would fail the send): told
-        # before it is folded or decoded, from its stored size.
-        size = len(run.data) + sum(len(part) for part in run.parts)
-        if view != pb.AGENT_RUN_VIEW_BASIC and size > self.limits.max_message_bytes - 4096:
-            raise ResourceExhausted(
-                f"agent_run_id: run {run_id!r} is {size:,} bytes, over the "
-                f"{self.limits.max_message_bytes:,}-byte message limit: read it by its events "
-                "(WatchAgentRun from after_sequence 0), or view BASIC for its summary"
-            )
         return pb.GetAgentRunResponse(
             agent_run=_stored_run_to_proto(run, view, self._abandoned_before())
         )

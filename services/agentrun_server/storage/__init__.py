@@ -67,6 +67,7 @@ from agentrun_server.storage._types import (
     RunFilter,
     RunQuery,
     RunSelection,
+    RunSize,
     SettledAndLeased,
     SpansOutcome,
     SqliteConfig,
@@ -127,6 +128,7 @@ __all__ = [
     "RunFilter",
     "RunQuery",
     "RunSelection",
+    "RunSize",
     "SettledAndLeased",
     "SpansOutcome",
     "SqliteConfig",
@@ -228,9 +230,12 @@ class Storage(Protocol):
         another collection or uploaded whole, ResourceExhausted past `max_run_bytes` of events,
         InvalidArgument when `fold` refuses the finished run."""
 
-    async def events_after(self, run_id: str, after_sequence: int, limit: int) -> EventPage:
+    async def events_after(
+        self, run_id: str, after_sequence: int, limit: int, max_bytes: int | None = None
+    ) -> EventPage:
         """A run's record (without its data) and up to `limit` of its events after
-        `after_sequence`, as (sequence, patch), in order.
+        `after_sequence`, as (sequence, patch), in order, stopping before the event that would
+        take the patches over `max_bytes` (the first regardless): a page costs what it holds.
 
         Raises:
             NotFound: no such run.
@@ -255,6 +260,14 @@ class Storage(Protocol):
 
     async def get_run(self, run_id: str) -> StoredRun:
         """One run.
+
+        Raises:
+            NotFound: no such run.
+        """
+
+    async def run_size(self, run_id: str) -> RunSize:
+        """A run's collection and stored size (a live run: its events' patches), read without
+        its data: whether it fits an answer.
 
         Raises:
             NotFound: no such run.

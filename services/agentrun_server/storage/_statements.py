@@ -211,6 +211,9 @@ class Statements(Protocol):
     async def run(self, run_id: str) -> StoredRun | None:
         """One run, with its data."""
 
+    async def run_size(self, run_id: str) -> tuple[str, int] | None:
+        """A run's collection id and stored size, without its data."""
+
     async def run_sizes(self, query: RunQuery, after_seq: int, limit: int) -> list[tuple[int, int]]:
         """(seq, encoded size) of up to `limit` runs `query` lists after `after_seq`, in its
         order (`storage._run_query`)."""
@@ -317,6 +320,10 @@ class Statements(Protocol):
 
     async def events_after(self, run_id: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         """(sequence, patch) of up to `limit` of a run's events after `after`, in order."""
+
+    async def event_sizes(self, run_id: str, after: int, limit: int) -> list[int]:
+        """The patch sizes of up to `limit` of a run's events after `after`, in order, read
+        without the patches."""
 
     async def live_run_counts(self, before: float) -> list[tuple[str, int, int]]:
         """(collection id, running, abandoned) of each collection with live runs not finished:

@@ -55,6 +55,7 @@ from agentrun_server.storage._types import (
     RevocationPage,
     RunQuery,
     RunSelection,
+    RunSize,
     SettledAndLeased,
     SpansOutcome,
     StageBacklog,
@@ -135,8 +136,10 @@ class Store:
             live.append_events, self._workflows, events, fold, max_run_bytes, now
         )
 
-    async def events_after(self, run_id: str, after_sequence: int, limit: int) -> EventPage:
-        return await self._read(live.events_after, run_id, after_sequence, limit)
+    async def events_after(
+        self, run_id: str, after_sequence: int, limit: int, max_bytes: int | None = None
+    ) -> EventPage:
+        return await self._read(live.events_after, run_id, after_sequence, limit, max_bytes)
 
     async def enter_abandoned(
         self, abandoned_before: float, fold: Fold, limit: int, now: float
@@ -153,6 +156,9 @@ class Store:
 
     async def get_run(self, run_id: str) -> StoredRun:
         return await self._read(_runs.get_run, run_id)
+
+    async def run_size(self, run_id: str) -> RunSize:
+        return await self._read(_runs.run_size, run_id)
 
     async def list_runs(
         self, query: RunQuery, after_seq: int, limit: int, max_bytes: int | None = None

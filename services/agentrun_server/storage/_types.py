@@ -74,6 +74,13 @@ class Collection:
     """Days a run is kept after it is stored; 0: until deleted."""
 
 
+class RunSize(NamedTuple):
+    """A run's collection and the bytes it takes (a live run: its events' patches)."""
+
+    collection_id: str
+    size_bytes: int
+
+
 class Facet(NamedTuple):
     """A run's score (`scores.NAME`) or top-level scalar metadata field (`metadata.FIELD`), as
     the filters of a listing see it: a number (a bool as 0 or 1) or a string."""

@@ -122,14 +122,17 @@ def _templates() -> jinja2.Environment:
     env.globals["age"] = views.age
     env.globals["as_json"] = views.as_json
     env.globals["value"] = views.value
+    env.globals["oob"] = False  # a fragment swapped out of band (`{% set oob = True %}`)
     return env
 
 
 FOLD_CHARS = 2_000
 """Text longer than this shows its start; the rest opens on a click (<details>)."""
-MESSAGES_PER_PAGE = 200
+MESSAGES_PER_PAGE = 100
 """Messages of a transcript a run page shows at first; the next as many load as the reader
 scrolls to them (a 50 MB run's page paints its first messages at once)."""
+CAUGHT_UP_SECONDS = 0.5
+"""A watch that sends nothing for this long after its first answer has sent its stored events."""
 
 
 class ConsoleApp:
@@ -155,6 +158,7 @@ class ConsoleApp:
             Route("/live/{run_id:path}", self.live),
             Route("/messages/{run_id:path}", self.messages),
             Route("/history/{run_id:path}", self.history),
+            Route("/summary/{run_id:path}", self.summary),
             Route("/workflows/{name}/tasks", self.tasks),
             Route("/workflows/{name}/redrive", self.redrive, methods=["POST"]),
             Route("/workflows/{name}/cancel", self.cancel, methods=["POST"]),
@@ -403,87 +407,141 @@ class ConsoleApp:
         run_id = request.path_params["run_id"]
 
         async def page(visitor: Visitor) -> Response:
-            history_url = ""
             try:
                 stored = await self._calls.get_run(visitor.token, run_id)
-                drawn_with = stored.event_count
             except CallFailed as exc:
                 if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
                 # Over the server's message limit (a live run grown past it): its first events
-                # now, the next as the reader scrolls to them. Its summary meanwhile.
-                first = run_pb.AgentRun()
-                summary = asyncio.ensure_future(
-                    self._calls.get_run(visitor.token, run_id, ingest.AGENT_RUN_VIEW_BASIC)
+                # at once, its summary as soon as they are on the page (it decodes the whole
+                # run), the next events as the reader scrolls to them.
+                first = run_pb.AgentRun(id=run_id)
+                last = await self._read_events(visitor.token, run_id, 0, None, first)
+                transcripts = views.transcripts(first)
+                return self._render(
+                    request,
+                    visitor,
+                    "run.html",
+                    run=first,
+                    collection=None,
+                    transcripts=transcripts,
+                    summary_url=f"/summary/{quote(run_id, safe='')}?"
+                    + urlencode({"after": last, "known": _known(transcripts)}),
                 )
-                try:
-                    last = await self._read_events(visitor.token, run_id, 0, 1 << 62, first)
-                    stored = await summary
-                finally:
-                    summary.cancel()
-                first.MergeFrom(stored.agent_run)  # the summary's name and scores are the latest
-                stored.agent_run.CopyFrom(first)
-                drawn_with = max(last, stored.event_count)  # events may land meanwhile
-                if last < drawn_with:
-                    history_url = self._history_url(
-                        run_id, last, drawn_with, views.transcripts(stored.agent_run)
-                    )
-            collection = await self._calls.get_collection(visitor.token, id=stored.collection_id)
-            tasks: list[Any] | None = None
-            if "orchestrator" in self._services:
-                listed = await self._calls.list_tasks(
-                    visitor.token, orch.ListTasksRequest(agent_run_id=run_id, page_size=100)
-                )
-                tasks = list(listed.tasks)
             transcripts = views.transcripts(stored.agent_run, MESSAGES_PER_PAGE)
-            live = stored.state != ingest.AGENT_RUN_STATE_FINISHED
-            live_url = ""
-            if live and not history_url:
-                live_url = _live_url(run_id, drawn_with, transcripts)
             return self._render(
                 request,
                 visitor,
                 "run.html",
-                stored=stored,
-                run=stored.agent_run,
-                collection=collection,
                 transcripts=transcripts,
-                metadata=views.metadata(stored.agent_run.metadata),
-                scores=views.scores(stored.agent_run),
-                tasks=tasks,
-                live_url=live_url,
-                history_url=history_url,
+                summary_url="",
+                **await self._summary(visitor, run_id, stored, stored.event_count, transcripts),
             )
 
         return await self._answer(request, page)
 
+    async def summary(self, request: Request) -> Response:
+        """A big run's summary (its state, counts, scores, tasks, collection), swapped into its
+        page once the first messages are there, with what the page loads next: the events after
+        `after` (the last it shows), or the live stream."""
+        run_id = request.path_params["run_id"]
+        params = request.query_params
+
+        async def page(visitor: Visitor) -> Response:
+            try:
+                after = int(params.get("after", "0"))
+            except ValueError:
+                raise Refused(400, "after: not a sequence number") from None
+            stored = await self._calls.get_run(visitor.token, run_id, ingest.AGENT_RUN_VIEW_BASIC)
+            known = [
+                views.TranscriptView("", "", "", e, [], [], 0)
+                for e in params.get("known", "").split(",")
+                if e
+            ]
+            return self._render(
+                request,
+                visitor,
+                "_run_summary.html",
+                **await self._summary(visitor, run_id, stored, after, known),
+            )
+
+        return await self._answer(request, page)
+
+    async def _summary(
+        self,
+        visitor: Visitor,
+        run_id: str,
+        stored: Any,
+        shown_through: int,
+        shown: list[views.TranscriptView],
+    ) -> dict[str, Any]:
+        """What a run page says beside its messages: the run's collection, scores, metadata and
+        tasks, and where it reads on: the events after `shown_through` that it was drawn
+        without (a big run), else its live stream while it runs."""
+        tasks_call = None
+        if "orchestrator" in self._services:
+            tasks_call = asyncio.ensure_future(
+                self._calls.list_tasks(
+                    visitor.token, orch.ListTasksRequest(agent_run_id=run_id, page_size=100)
+                )
+            )
+        try:
+            collection = await self._calls.get_collection(visitor.token, id=stored.collection_id)
+            tasks = list((await tasks_call).tasks) if tasks_call is not None else None
+        finally:
+            if tasks_call is not None:
+                tasks_call.cancel()
+        history_url = live_url = ""
+        if shown_through < stored.event_count:
+            history_url = self._history_url(run_id, shown_through, stored.event_count, shown)
+        elif stored.state != ingest.AGENT_RUN_STATE_FINISHED:
+            live_url = _live_url(run_id, shown_through, shown)
+        return {
+            "stored": stored,
+            "run": stored.agent_run,
+            "collection": collection,
+            "metadata": views.metadata(stored.agent_run.metadata),
+            "scores": views.scores(stored.agent_run),
+            "tasks": tasks,
+            "history_url": history_url,
+            "live_url": live_url,
+        }
+
     async def _read_events(
-        self, token: str | None, run_id: str, after: int, until: int, into: Any
+        self, token: str | None, run_id: str, after: int, until: int | None, into: Any
     ) -> int:
         """Fold the run's events after `after` into `into` (an AgentRun) until about
-        MESSAGES_PER_PAGE messages have come or event `until` has; the last event read."""
+        MESSAGES_PER_PAGE messages have come, or event `until` has (None: until the stream
+        pauses, its stored events sent); the last event read."""
         last, added = after, 0
-        if after >= until:
+        if until is not None and after >= until:
             return last
         stream = self._calls.watch_run(token, run_id, after)
         try:
-            async for response in stream:
+            while True:
+                try:
+                    # A watch sends stored events back to back, then waits for new ones.
+                    wait = None if until is not None or last == after else CAUGHT_UP_SECONDS
+                    response = await asyncio.wait_for(anext(stream), wait)
+                except (StopAsyncIteration, TimeoutError):
+                    return last
                 for event in response.events:
-                    if event.sequence > until or added >= MESSAGES_PER_PAGE:
+                    if (until is not None and event.sequence > until) or (
+                        added >= MESSAGES_PER_PAGE
+                    ):
                         return last
                     added += views.merge(into, event.patch)
                     last = event.sequence
-                if last >= until:
+                if until is not None and last >= until:
                     return last
         finally:
             await stream.aclose()
-        return last
 
     def _history_url(
         self, run_id: str, after: int, until: int, shown: list[views.TranscriptView]
     ) -> str:
         return f"/history/{quote(run_id, safe='')}?" + urlencode(
-            {"after": after, "until": until, "known": ",".join(t.element for t in shown)}
+            {"after": after, "until": until, "known": _known(shown)}
         )
 
     async def history(self, request: Request) -> Response:
@@ -517,7 +575,7 @@ class ConsoleApp:
                 "_history.html",
                 groups=groups,
                 run_id=run_id,
-                next_url=next_url,
+                history_url=next_url,
                 live_url=live_url,
             )
 
@@ -767,11 +825,14 @@ class Refused(Exception):
         self.message = message
 
 
+def _known(shown: list[views.TranscriptView]) -> str:
+    """The element ids of the transcripts a page shows, for the URLs that add to them."""
+    return ",".join(t.element for t in shown)
+
+
 def _live_url(run_id: str, after: int, shown: list[views.TranscriptView]) -> str:
     """Where a run page hears the run's events after `after` (its transcripts on the page)."""
-    return f"/live/{quote(run_id, safe='')}?" + urlencode(
-        {"after": after, "known": ",".join(t.element for t in shown)}
-    )
+    return f"/live/{quote(run_id, safe='')}?" + urlencode({"after": after, "known": _known(shown)})
 
 
 def _sse(event: str, data: str, id: int | None = None) -> str:

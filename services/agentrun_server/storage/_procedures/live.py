@@ -14,6 +14,7 @@ from agentrun_server.storage._rules import (
     folded,
     next_event_refusal,
     stored_digest,
+    take_within,
 )
 from agentrun_server.storage._statements import Statements
 from agentrun_server.storage._types import (
@@ -168,11 +169,17 @@ async def enter_abandoned(
     return entered
 
 
-async def events_after(db: Statements, run_id: str, after_sequence: int, limit: int) -> EventPage:
-    """See `Storage.events_after`."""
+async def events_after(
+    db: Statements, run_id: str, after_sequence: int, limit: int, max_bytes: int | None
+) -> EventPage:
+    """See `Storage.events_after`. With `max_bytes`, the events' sizes are read first, so only
+    the events returned are read whole."""
     run = await db.run_header(run_id)
     if run is None:
         raise NotFound(f"no agent run with id {run_id!r}")
+    if max_bytes is not None:
+        sizes = await db.event_sizes(run_id, after_sequence, limit)
+        limit, _ = take_within(sizes, limit, max_bytes)
     return EventPage(run, await db.events_after(run_id, after_sequence, limit))
 
 

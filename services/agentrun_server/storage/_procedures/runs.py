@@ -19,6 +19,7 @@ from agentrun_server.storage._types import (
     NewRun,
     Page,
     RunQuery,
+    RunSize,
     StoredRun,
 )
 
@@ -132,6 +133,14 @@ async def get_run(db: Statements, run_id: str) -> StoredRun:
     if run is None:
         raise NotFound(f"no agent run with id {run_id!r}")
     return await with_parts(db, run)
+
+
+async def run_size(db: Statements, run_id: str) -> RunSize:
+    """See `Storage.run_size`."""
+    found = await db.run_size(run_id)
+    if found is None:
+        raise NotFound(f"no agent run with id {run_id!r}")
+    return RunSize(*found)
 
 
 async def list_runs(

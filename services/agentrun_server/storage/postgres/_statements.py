@@ -286,6 +286,12 @@ class PostgresStatements:
         rows = await self._binary(f"SELECT {RUN_COLUMNS} FROM agent_runs WHERE id = %s", (run_id,))
         return StoredRun(*rows[0]) if rows else None
 
+    async def run_size(self, run_id: str) -> tuple[str, int] | None:
+        row = await self._one(
+            "SELECT collection_id, size_bytes FROM agent_runs WHERE id = %s", (run_id,)
+        )
+        return None if row is None else (str(row[0]), int(row[1]))
+
     async def run_sizes(self, query: RunQuery, after_seq: int, limit: int) -> list[tuple[int, int]]:
         args: list[Any] = []
         sql = runs_sql(query, "r.seq, r.size_bytes", after_seq, None, limit, _taking(args))
@@ -564,6 +570,15 @@ class PostgresStatements:
             (run_id, after, limit),
         )
         return [(int(sequence), bytes(data)) for sequence, data in rows]
+
+    async def event_sizes(self, run_id: str, after: int, limit: int) -> list[int]:
+        # octet_length() of a TOASTed value reads its pointer, not the value.
+        rows = await self._all(
+            "SELECT octet_length(data) FROM agent_run_events WHERE agent_run_id = %s "
+            "AND sequence > %s ORDER BY sequence LIMIT %s",
+            (run_id, after, limit),
+        )
+        return [int(size) for (size,) in rows]
 
     async def live_run_counts(self, before: float) -> list[tuple[str, int, int]]:
         # Read off the partial index of running runs.

@@ -262,6 +262,12 @@ class SqliteStatements:
         ).fetchone()
         return None if row is None else StoredRun(*row)
 
+    async def run_size(self, run_id: str) -> tuple[str, int] | None:
+        row = self._db.execute(
+            "SELECT collection_id, size_bytes FROM agent_runs WHERE id = ?", (run_id,)
+        ).fetchone()
+        return None if row is None else (str(row[0]), int(row[1]))
+
     async def run_sizes(self, query: RunQuery, after_seq: int, limit: int) -> list[tuple[int, int]]:
         args: list[Any] = []
         sql = runs_sql(query, "r.seq, r.size_bytes", after_seq, None, limit, _taking(args))
@@ -517,6 +523,15 @@ class SqliteStatements:
             (run_id, after, limit),
         ).fetchall()
         return [(int(sequence), bytes(data)) for sequence, data in rows]
+
+    async def event_sizes(self, run_id: str, after: int, limit: int) -> list[int]:
+        # length() of a blob reads its record header, not its pages.
+        rows = self._db.execute(
+            "SELECT length(data) FROM agent_run_events WHERE agent_run_id = ? AND sequence > ? "
+            "ORDER BY sequence LIMIT ?",
+            (run_id, after, limit),
+        ).fetchall()
+        return [int(size) for (size,) in rows]
 
     async def live_run_counts(self, before: float) -> list[tuple[str, int, int]]:
         # Read off the partial index of running runs.
