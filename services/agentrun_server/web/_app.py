@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,14 +218,24 @@ class ConsoleApp:
         visitor: Visitor | None,
         template: str,
         status: int = 200,
+        streamed: bool = False,
         **context: Any,
     ) -> Response:
         context.setdefault("visitor", visitor)
         context.setdefault("signed_in", self._keys is not None and visitor is not None)
         context.setdefault("csrf", visitor.session.csrf if visitor else "")
         context.setdefault("path", request.url.path)
-        body = self._env.get_template(template).render(**context)
-        response = HTMLResponse(body, status_code=status)
+        response: Response
+        if streamed:
+            # Sent as it renders, so a browser paints the first messages of a long page
+            # before the last are written.
+            pieces = self._env.get_template(template).generate(**context)
+            response = StreamingResponse(
+                _chunked(pieces), status_code=status, media_type="text/html; charset=utf-8"
+            )
+        else:
+            body = self._env.get_template(template).render(**context)
+            response = HTMLResponse(body, status_code=status)
         if visitor is not None and visitor.new_cookie:
             self._cookie(response, visitor.session, request)
         return response
@@ -422,6 +432,7 @@ class ConsoleApp:
                     request,
                     visitor,
                     "run.html",
+                    streamed=True,
                     run=first,
                     collection=None,
                     transcripts=transcripts,
@@ -433,6 +444,7 @@ class ConsoleApp:
                 request,
                 visitor,
                 "run.html",
+                streamed=True,
                 transcripts=transcripts,
                 summary_url="",
                 **await self._summary(visitor, run_id, stored, stored.event_count, transcripts),
@@ -833,6 +845,20 @@ def _known(shown: list[views.TranscriptView]) -> str:
 def _live_url(run_id: str, after: int, shown: list[views.TranscriptView]) -> str:
     """Where a run page hears the run's events after `after` (its transcripts on the page)."""
     return f"/live/{quote(run_id, safe='')}?" + urlencode({"after": after, "known": _known(shown)})
+
+
+def _chunked(pieces: Iterator[str], size: int = 32_768) -> Iterator[bytes]:
+    """A template's output pieces joined into chunks of about `size` bytes."""
+    buffer: list[str] = []
+    held = 0
+    for piece in pieces:
+        buffer.append(piece)
+        held += len(piece)
+        if held >= size:
+            yield "".join(buffer).encode()
+            buffer, held = [], 0
+    if buffer:
+        yield "".join(buffer).encode()
 
 
 def _sse(event: str, data: str, id: int | None = None) -> str:
