@@ -27,9 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import grpc
 from bench_scale import runs  # bench/ is on sys.path when run
 
 from agentrun import AgentRunWriter, Client, load_agent_runs
@@ -77,7 +79,7 @@ def ms(values: list[float]) -> str:
 def collection_pages(web: str, grpc_url: str, count: int) -> None:
     with Client(grpc_url) as client:
         collection = client.get_collection(name="scale")
-    stub_channel = __import__("grpc").insecure_channel(grpc_url)
+    stub_channel = grpc.insecure_channel(grpc_url)
     stub = pb_grpc.IngestionServiceStub(stub_channel)
 
     def page(token: str = "", **query: str) -> tuple[float, str]:
@@ -148,9 +150,7 @@ def big_run(grpc_url: str, web: str) -> None:
     writer.finish()
     with Client(grpc_url) as client:
         summary = client.get_run_summary("big-run")
-    channel = __import__("grpc").insecure_channel(
-        grpc_url, options=[("grpc.max_receive_message_length", -1)]
-    )
+    channel = grpc.insecure_channel(grpc_url, options=[("grpc.max_receive_message_length", -1)])
     stub = pb_grpc.IngestionServiceStub(channel)
     to_first, whole_grpc, size = [], [], 0
     for _ in range(5):  # the run is over the message limit: GetAgentRun cannot answer it whole

@@ -311,8 +311,8 @@ class Server:
             # The console's own way in: a Unix socket only this process's user can reach, with
             # no TLS to terminate; its calls carry the signed-in key like any client's.
             self._console_dir = tempfile.TemporaryDirectory(prefix="agentrun-console-")
-            console_socket = Path(self._console_dir.name) / "grpc.sock"
-            server.add_insecure_port(f"unix:{console_socket}")
+            console_target = f"unix:{Path(self._console_dir.name) / 'grpc.sock'}"
+            server.add_insecure_port(console_target)
         if config.otlp_port >= 0 and "ingestion" in config.services:
             self.otlp_port = await self._listen(server, "--otlp-port", config.otlp_port)
         await server.start()
@@ -354,7 +354,7 @@ class Server:
             self.metrics_port = self._metrics_endpoint.port
         if self._console_dir is not None:
             self._console = WebConsole(
-                f"unix:{Path(self._console_dir.name) / 'grpc.sock'}",
+                console_target,
                 self._keys,
                 config.services,
                 config.grace_seconds,

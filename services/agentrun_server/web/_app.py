@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -437,7 +437,7 @@ class ConsoleApp:
                     collection=None,
                     transcripts=transcripts,
                     summary_url=f"/summary/{quote(run_id, safe='')}?"
-                    + urlencode({"after": last, "known": _known(transcripts)}),
+                    + urlencode({"after": last, "known": ",".join(t.element for t in transcripts)}),
                 )
             transcripts = views.transcripts(stored.agent_run, MESSAGES_PER_PAGE)
             return self._render(
@@ -447,7 +447,9 @@ class ConsoleApp:
                 streamed=True,
                 transcripts=transcripts,
                 summary_url="",
-                **await self._summary(visitor, run_id, stored, stored.event_count, transcripts),
+                **await self._summary(
+                    visitor, run_id, stored, stored.event_count, {t.element for t in transcripts}
+                ),
             )
 
         return await self._answer(request, page)
@@ -465,16 +467,11 @@ class ConsoleApp:
             except ValueError:
                 raise Refused(400, "after: not a sequence number") from None
             stored = await self._calls.get_run(visitor.token, run_id, ingest.AGENT_RUN_VIEW_BASIC)
-            known = [
-                views.TranscriptView("", "", "", e, [], [], 0)
-                for e in params.get("known", "").split(",")
-                if e
-            ]
             return self._render(
                 request,
                 visitor,
                 "_run_summary.html",
-                **await self._summary(visitor, run_id, stored, after, known),
+                **await self._summary(visitor, run_id, stored, after, _shown(params)),
             )
 
         return await self._answer(request, page)
@@ -485,7 +482,7 @@ class ConsoleApp:
         run_id: str,
         stored: Any,
         shown_through: int,
-        shown: list[views.TranscriptView],
+        shown: set[str],
     ) -> dict[str, Any]:
         """What a run page says beside its messages: the run's collection, scores, metadata and
         tasks, and where it reads on: the events after `shown_through` that it was drawn
@@ -549,11 +546,9 @@ class ConsoleApp:
         finally:
             await stream.aclose()
 
-    def _history_url(
-        self, run_id: str, after: int, until: int, shown: list[views.TranscriptView]
-    ) -> str:
+    def _history_url(self, run_id: str, after: int, until: int, shown: Iterable[str]) -> str:
         return f"/history/{quote(run_id, safe='')}?" + urlencode(
-            {"after": after, "until": until, "known": _known(shown)}
+            {"after": after, "until": until, "known": ",".join(sorted(shown))}
         )
 
     async def history(self, request: Request) -> Response:
@@ -568,11 +563,10 @@ class ConsoleApp:
                 after, until = int(params.get("after", "0")), int(params.get("until", "0"))
             except ValueError:
                 raise Refused(400, "after, until: not sequence numbers") from None
-            known = set(filter(None, params.get("known", "").split(",")))
+            shown = _shown(params)
             read = run_pb.AgentRun()
             last = await self._read_events(visitor.token, run_id, after, until, read)
-            groups = views.appended(read, known)
-            shown = [views.TranscriptView("", "", "", e, [], [], 0) for e in sorted(known)]
+            groups = views.appended(read, shown)  # adds the new transcripts to `shown`
             next_url = self._history_url(run_id, last, until, shown) if last < until else ""
             live_url = ""
             if not next_url:
@@ -644,7 +638,7 @@ class ConsoleApp:
             )
         except ValueError:
             return Response("after: not a sequence number", status_code=400)
-        known = set(filter(None, params.get("known", "").split(",")))
+        known = _shown(params)
         template = self._env.get_template("_live.html")
 
         async def events() -> AsyncIterator[str]:
@@ -683,7 +677,6 @@ class ConsoleApp:
                     html = template.render(
                         groups=views.appended(landed, known),
                         state=views.RUN_STATES.get(response.state, ""),
-                        FOLD_CHARS=FOLD_CHARS,
                         run_id=run_id,
                     )
                     last = response.events[-1].sequence if response.events else after
@@ -837,14 +830,17 @@ class Refused(Exception):
         self.message = message
 
 
-def _known(shown: list[views.TranscriptView]) -> str:
-    """The element ids of the transcripts a page shows, for the URLs that add to them."""
-    return ",".join(t.element for t in shown)
+def _shown(params: Any) -> set[str]:
+    """The element ids of the transcripts a page shows, as its URL's `known` names them."""
+    return set(filter(None, params.get("known", "").split(",")))
 
 
-def _live_url(run_id: str, after: int, shown: list[views.TranscriptView]) -> str:
-    """Where a run page hears the run's events after `after` (its transcripts on the page)."""
-    return f"/live/{quote(run_id, safe='')}?" + urlencode({"after": after, "known": _known(shown)})
+def _live_url(run_id: str, after: int, shown: Iterable[str]) -> str:
+    """Where a run page hears the run's events after `after` (`shown`: the element ids of the
+    transcripts on the page)."""
+    return f"/live/{quote(run_id, safe='')}?" + urlencode(
+        {"after": after, "known": ",".join(sorted(shown))}
+    )
 
 
 def _chunked(pieces: Iterator[str], size: int = 32_768) -> Iterator[bytes]:
