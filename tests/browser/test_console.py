@@ -64,7 +64,7 @@ def _fail_some(url: str, failing: set[str], api_key: str | None = None) -> None:
 
 
 def _grade(url: str, failing: set[str], api_key: str | None) -> None:
-    runner = Runner(workflow="grading", server_url=url, api_key=api_key)
+    runner = Runner(workflow="grading", server_url=url, api_key=api_key, worker="grader@test-host")
 
     @runner.stage("grade")
     def grade(task: TaskContext) -> object:
@@ -257,6 +257,12 @@ def test_dead_tasks_are_listed_with_their_error_and_redriven_with_a_confirmation
     page.goto(f"{console.url}/runs/run-2")
     expect(page.locator("#run-tasks")).to_contain_text("dead")
     expect(page.locator("#run-tasks")).to_contain_text("grader crashed on run-2")
+    # The task's page names who held each attempt's lease.
+    (task,) = dead_now
+    page.goto(f"{console.url}/tasks/{task.id}")
+    failed = page.locator("#attempts tbody tr").nth(0)
+    expect(failed.locator(".holder")).to_have_text("grader@test-host")
+    expect(failed).to_contain_text("grader crashed on run-2")
 
 
 def test_hostile_run_content_renders_as_text_and_runs_nothing(console: Console, page: Page) -> None:

@@ -4,6 +4,8 @@ context, attempts, `Retry` and `Fail`, and the stored outputs read back."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -92,7 +94,8 @@ async def test_each_stage_reads_the_last_ones_output_and_may_retry_later_or_fail
             return {t.agent_run_id: client.get_task(t.id) for t in client.list_tasks("chain", "c")}
 
     last = await asyncio.to_thread(stored)
-    zero = last["chain-0"].output
+    zero_done = last["chain-0"]
+    zero = zero_done.output
     assert zero == {
         "c_saw": {"a_attempt": 2, "input_was": None, "b_waited": 0.0},
         "stage": "c",
@@ -103,6 +106,10 @@ async def test_each_stage_reads_the_last_ones_output_and_may_retry_later_or_fail
     failed = last["chain-2"]
     assert failed.state == TaskState.DEAD
     assert [f.error for f in failed.failures] == ["run chain-2 is no good"]
+    # Each attempt names who held its lease: this process's Runner, by default host/pid-N.
+    me = f"{socket.gethostname()}/pid-{os.getpid()}"
+    assert [(f.holder.worker, f.holder.key) for f in failed.failures if f.holder] == [(me, "")]
+    assert zero_done.holder is not None and zero_done.holder.worker == me
 
     shown = await asyncio.to_thread(
         subprocess.run,
@@ -122,3 +129,4 @@ async def test_each_stage_reads_the_last_ones_output_and_may_retry_later_or_fail
     )
     assert "chain/c, done" in shown.stdout and '"a_attempt": 2' in shown.stdout
     assert "pathway      (end)" in shown.stdout
+    assert f"done by      {me}" in shown.stdout

@@ -11,6 +11,7 @@ from agentrun_server.storage import (
     ClaimRequest,
     Completion,
     Failure,
+    LeaseHolder,
     LeaseRef,
     Storage,
     TaskState,
@@ -22,7 +23,9 @@ GRACE = 15.0
 
 
 def session(name: str, server: str = "", limit: int = 10) -> ClaimRequest:
-    return ClaimRequest(name, "w", {"a": limit}, limit, None, server_id=server)
+    return ClaimRequest(
+        name, "w", {"a": limit}, limit, None, server_id=server, worker=f"{name}@host", key="k"
+    )
 
 
 async def test_a_lease_past_its_deadline_ends_and_its_stream_hears_of_it(storage: Storage) -> None:
@@ -78,7 +81,7 @@ async def test_a_detached_lease_waits_the_grace_for_its_worker_to_resume_it(
     assert done.code is AckCode.OK
     # The worker reconnects and resumes one (and presents the settled one, and nonsense).
     acks = await storage.resume(
-        "s3",
+        LeaseHolder("s3@host", "k", "s3"),
         "server-2",
         [
             LeaseRef(held[1].task_id, held[1].lease_id),
@@ -100,6 +103,34 @@ async def test_a_detached_lease_waits_the_grace_for_its_worker_to_resume_it(
     (again,) = await storage.claim(session("s4"), 30.0)
     assert again.task_id == held[2].task_id and again.attempt == 2
     assert "not resumed within 15 s" in (await storage.get_task(again.task_id)).failures[0].error
+
+
+async def test_a_tasks_history_names_who_held_each_lease(storage: Storage) -> None:
+    await ingest(storage, 2)  # stage a: 30 s leases, 2 attempts
+    one, two = await storage.claim(session("s1"), 10.0)
+    assert (await storage.get_task(one.task_id)).holder == LeaseHolder("s1@host", "k", "s1")
+    (failed,) = await storage.fail([Failure(one.task_id, one.lease_id, "flaky", False)], 11.0)
+    assert failed.result == "retry"
+    (done,) = await storage.complete([Completion(two.task_id, two.lease_id, "stop")], 11.0)
+    assert done.code is AckCode.OK
+    # A worker that resumes a lease on a new stream holds it from then on.
+    (again,) = await storage.claim(session("s2"), 24.0)  # after the 10 s (+-20 %) backoff
+    await storage.detach_session("s2", 25.0)
+    (resumed,) = await storage.resume(
+        LeaseHolder("", "k2", "s3"), "", [LeaseRef(again.task_id, again.lease_id)], 26.0
+    )
+    assert resumed.code is AckCode.OK
+    leased = await storage.get_task(one.task_id)
+    assert leased.holder == LeaseHolder("", "k2", "s3")
+    expired, _ = await storage.sweep(24.0 + 31, GRACE)  # the last attempt expires: dead
+    assert [e.dead for e in expired] == [True]
+    dead = await storage.get_task(one.task_id)
+    assert [(f.error, f.holder) for f in dead.failures] == [
+        ("flaky", LeaseHolder("s1@host", "k", "s1")),
+        ("lease expired", LeaseHolder("", "k2", "s3")),
+    ]
+    # A done task keeps the holder of the attempt that completed it.
+    assert (await storage.get_task(two.task_id)).holder == LeaseHolder("s1@host", "k", "s1")
 
 
 async def test_the_leases_of_a_server_gone_silent_are_recovered_after_the_grace(

@@ -38,6 +38,7 @@ SDK = {
     "FilterableField",
     "FormatError",
     "InvalidRunError",
+    "LeaseHolder",
     "LiveRun",
     "LiveRunError",
     "RefusedEvent",

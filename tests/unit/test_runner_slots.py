@@ -26,6 +26,7 @@ async def test_a_task_cancelled_as_it_gets_its_slot_gives_the_slot_back() -> Non
         concurrency=1,
         drain_grace_seconds=1.0,
         progress=False,
+        worker=None,
     )
     try:
         await session.slots.acquire()  # the only slot is taken

@@ -753,7 +753,8 @@ type Subscribe struct {
 	Credits uint32 `protobuf:"varint,3,opt,name=credits,proto3" json:"credits,omitempty"`
 	// Lease duration the worker wants; unset uses each stage's `lease_duration`.
 	LeaseDuration *durationpb.Duration `protobuf:"bytes,4,opt,name=lease_duration,json=leaseDuration,proto3" json:"lease_duration,omitempty"`
-	// A human-readable worker identity for logs and stats, e.g. "grader@host-1/pid-42".
+	// A human-readable worker identity for logs, stats and each task's history (the `LeaseHolder` of
+	// the leases this stream takes), e.g. "grader@host-1/pid-42".
 	Worker string `protobuf:"bytes,5,opt,name=worker,proto3" json:"worker,omitempty"`
 	// When true, the server sends `stages_empty` whenever this stream holds no task and its stages
 	// have no ready, scheduled or leased task. A worker that should exit once its stages are empty

@@ -315,13 +315,17 @@ def _show_task(task: Task) -> None:
         print(f"  pathway      {_safe(task.pathway) or '(end)'}")
     if task.previous_task_id:
         print(f"  after task   {task.previous_task_id}")
+    if task.holder is not None:
+        held = "held by" if task.state is TaskState.LEASED else "done by"
+        print(f"  {held:<12} {_safe(str(task.holder))}")
     for label, value in (("input", task.input), ("output", task.output)):
         if value is not None:
             text = json.dumps(value, indent=2, default=str)
             print(f"  {label:<12} " + text.replace("\n", "\n" + " " * 15))
     for failure in task.failures:
         error = _safe(failure.error, keep_newlines=True).replace("\n", "\n" + " " * 4)
-        print(f"  attempt {failure.attempt} failed: {error}")
+        by = f" (held by {_safe(str(failure.holder))})" if failure.holder else ""
+        print(f"  attempt {failure.attempt} failed{by}: {error}")
 
 
 def _tasks(args: argparse.Namespace) -> int:

@@ -171,12 +171,37 @@ class TaskState(enum.StrEnum):
         return cls[workflow_pb2.TaskState.Name(value).removeprefix("TASK_STATE_")]  # type: ignore[arg-type]
 
 
+class LeaseHolder(_Record):
+    """Who held a lease: the Work stream that leased the task, or took it over on resume."""
+
+    worker: str = ""
+    """The worker's identity (the Runner's `worker` name, e.g. "grader@host-1/pid-42")."""
+    key: str = ""
+    """The name of the stream's API key ("" when the server checks none)."""
+    session_id: str = ""
+    """The Work session, as the server logs it."""
+
+    @classmethod
+    def from_proto(cls, message: workflow_pb2.LeaseHolder) -> LeaseHolder:
+        return cls(worker=message.worker, key=message.key, session_id=message.session_id)
+
+    def __str__(self) -> str:
+        held = self.worker or f"session {self.session_id}"
+        return f"{held} (key {self.key})" if self.key else held
+
+
+def _holder(message: workflow_pb2.Task | workflow_pb2.AttemptFailure) -> LeaseHolder | None:
+    return LeaseHolder.from_proto(message.holder) if message.HasField("holder") else None
+
+
 class AttemptFailure(_Record):
     """A failed attempt of a task: the worker's error, or why its lease ended."""
 
     attempt: int
     error: str
     time: datetime | None = None
+    holder: LeaseHolder | None = None
+    """Who held the attempt's lease (None for attempts stored before holders were kept)."""
 
 
 class Task(_Record):
@@ -204,6 +229,8 @@ class Task(_Record):
     """The output it was completed with (JSON-like)."""
     failures: tuple[AttemptFailure, ...] = ()
     previous_task_id: str = ""
+    holder: LeaseHolder | None = None
+    """Who holds the lease (leased), or held the attempt that completed the task (done)."""
 
     @classmethod
     def from_proto(cls, message: workflow_pb2.Task) -> Task:
@@ -224,10 +251,13 @@ class Task(_Record):
             input=value_from_proto(message.input) if message.HasField("input") else None,
             output=value_from_proto(message.output) if message.HasField("output") else None,
             failures=tuple(
-                AttemptFailure(attempt=f.attempt, error=f.error, time=_time(f, "time"))
+                AttemptFailure(
+                    attempt=f.attempt, error=f.error, time=_time(f, "time"), holder=_holder(f)
+                )
                 for f in message.failures
             ),
             previous_task_id=message.previous_task_id,
+            holder=_holder(message),
         )
 
 

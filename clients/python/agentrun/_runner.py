@@ -158,6 +158,9 @@ class Runner:
             fails here, and each `@runner.stage(...)` naming a stage the workflow lacks fails as
             it is registered (Encord's Runner checks its project at construction). Otherwise the
             stages are checked when the Runner starts.
+        worker: This worker's name in the server's logs and in each task's history (the lease
+            holder the console and `agentrun tasks show` name), e.g. "grader@gpu-3"; None:
+            "<host>/pid-<pid>".
 
     Raises:
         RpcError: with `validate`, the server is unreachable or has no such workflow.
@@ -173,9 +176,11 @@ class Runner:
         connection: Connection | None = None,
         validate: bool = False,
         project_hash: str | None = None,
+        worker: str | None = None,
     ) -> None:
         workflow = _from_project_hash(workflow, project_hash)
         self.workflow = workflow
+        self.worker = worker
         self.server_url = server_url
         self.api_key = api_key
         self.connection = connection_of(server_url, api_key, connection)
@@ -282,6 +287,7 @@ class Runner:
             concurrency or task_batch_size,
             drain_grace_seconds,
             progress,
+            self.worker,
         )
         return asyncio.run(execution.run())
 
@@ -340,6 +346,11 @@ class Runner:
             help="on SIGTERM/SIGINT, how long running tasks may finish [default: 30]",
         )
         parser.add_argument(
+            "--worker",
+            default=self.worker,
+            help="this worker's name in task histories and server logs [default: HOST/pid-PID]",
+        )
+        parser.add_argument(
             "--no-progress",
             action="store_true",
             help="no live progress display (it shows only on a terminal anyway)",
@@ -349,6 +360,7 @@ class Runner:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         try:
             self.connection = connection_from_arguments(args, self.connection)
+            self.worker = args.worker
             summary = self(
                 workflow=_from_project_hash(
                     None if args.project_hash else args.workflow, args.project_hash
@@ -383,6 +395,7 @@ class _Execution:
         concurrency: int,
         drain_grace_seconds: float,
         progress: bool,
+        worker: str | None,
     ) -> None:
         self.stages = stages
         self.parameters = parameters
@@ -400,6 +413,7 @@ class _Execution:
             max_tasks_per_stage=max_tasks_per_stage,
             notify_when_empty=refresh_every is None,
             on_revoked=self._on_revoked,
+            worker=worker,
         )
         self.progress = (
             StageProgress(list(stages), self.summary, self.stream.held) if progress else None

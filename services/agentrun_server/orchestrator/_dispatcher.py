@@ -171,7 +171,7 @@ class Dispatcher:
         acks: list[Ack] = []
         if resume:
             now = self._clock()
-            acks = await self._storage.resume(session.id, self.server_id, resume, now)
+            acks = await self._storage.resume(session.holder, self.server_id, resume, now)
             for ack in acks:
                 if ack.code == 0:
                     session.hold(ack.lease_id, now)

@@ -18,6 +18,7 @@ from agentrun_server.storage import (
     AckCode,
     ClaimRequest,
     LeasedTask,
+    LeaseHolder,
     Revocation,
     WorkflowDef,
 )
@@ -151,6 +152,11 @@ class WorkSession:
             other.stage_quota.keys() <= self.stage_quota.keys()
         )
 
+    @property
+    def holder(self) -> LeaseHolder:
+        """Who the session's leases are held by, as a task's history names them."""
+        return LeaseHolder(self.worker, self.key, self.id)
+
     def claim_request(self, limit: int, server_id: str) -> ClaimRequest:
         """What a claim of up to `limit` tasks for this session asks of storage."""
         return ClaimRequest(
@@ -161,6 +167,8 @@ class WorkSession:
             self.lease_seconds,
             max(1, min(self.max_batch_bytes, self.free_bytes)),
             server_id,
+            self.worker,
+            self.key,
         )
 
     # --- the worker's messages ----------------------------------------------------------------

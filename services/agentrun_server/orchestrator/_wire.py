@@ -43,6 +43,7 @@ from agentrun_server.storage import (
     Extension,
     Failure,
     LeasedTask,
+    LeaseHolder,
     Release,
     Revocation,
     StageDef,
@@ -132,10 +133,18 @@ def task_to_proto(task: TaskRecord) -> pb.Task:
         pathway=task.pathway or "",
         previous_task_id=str(task.previous_task_id or ""),
         failures=[
-            pb.AttemptFailure(attempt=f.attempt, error=f.error, time=to_timestamp(f.failed_at))
+            pb.AttemptFailure(
+                attempt=f.attempt,
+                error=f.error,
+                time=to_timestamp(f.failed_at),
+                holder=_holder(f.holder),
+            )
             for f in task.failures
         ],
     )
+    held = _holder(task.holder)
+    if held is not None and task.state in (TaskState.LEASED, TaskState.DONE):
+        out.holder.CopyFrom(held)
     if task.lease_deadline is not None and task.state is TaskState.LEASED:
         out.lease_deadline.CopyFrom(to_timestamp(task.lease_deadline))
     if task.output:
@@ -155,6 +164,12 @@ MAX_ITEMS_PER_MESSAGE = MAX_IDS_PER_REQUEST
 Refused = dict[int, Ack]
 """Items refused before storage, by their index in the request: INVALID_ARGUMENT each, the
 lease (if current) kept."""
+
+
+def _holder(holder: LeaseHolder | None) -> pb.LeaseHolder | None:
+    if holder is None:
+        return None
+    return pb.LeaseHolder(worker=holder.worker, key=holder.key, session_id=holder.session_id)
 
 
 def _clip(error: str) -> str:

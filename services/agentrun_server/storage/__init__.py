@@ -52,6 +52,7 @@ from agentrun_server.storage._types import (
     InsertStatus,
     LeasedTask,
     LeasedTaskOfRun,
+    LeaseHolder,
     LeaseRef,
     LiveRunCounts,
     NewEvent,
@@ -108,6 +109,7 @@ __all__ = [
     "Folded",
     "InsertOutcome",
     "InsertStatus",
+    "LeaseHolder",
     "LeaseRef",
     "LeasedTask",
     "LeasedTaskOfRun",
@@ -458,9 +460,10 @@ class Storage(Protocol):
         worker on another stream until `sweep` ends them after the grace. Returns how many."""
 
     async def resume(
-        self, session_id: str, server_id: str, items: Sequence[LeaseRef], now: float
+        self, holder: LeaseHolder, server_id: str, items: Sequence[LeaseRef], now: float
     ) -> list[Ack]:
-        """Attach leases a worker still holds to its new session: OK with the lease's deadline
+        """Attach leases a worker still holds to its new session (`holder`, who holds them from
+        now on): OK with the lease's deadline
         while the lease is current (`result` "resumed"); else NOT_FOUND or FAILED_PRECONDITION,
         and the worker must stop that task."""
 

@@ -38,6 +38,7 @@ from agentrun_server.storage._types import (
     Facet,
     LeasedTask,
     LeasedTaskOfRun,
+    LeaseHolder,
     NewEvent,
     NewRun,
     NewSpan,
@@ -60,7 +61,7 @@ RUN_COLUMNS = "id, collection_id, ingested_at, data, seq, state, updated_at, nex
 SETTLE_COLUMNS = "id, state, lease_id, workflow, stage, attempt, max_attempts, pathway"
 TASK_COLUMNS = (
     "id, workflow, stage, agent_run_id, collection_id, state, attempt, max_attempts, priority, "
-    "created_at, ready_at, lease_deadline, pathway, output, input, previous_task_id"
+    "created_at, ready_at, lease_deadline, pathway, output, input, previous_task_id, holder"
 )
 ENDED_STATES = ("done", "dead", "cancelled")
 """The task states whose counts `task_counts` keeps."""
@@ -80,8 +81,14 @@ def collection_record(row: Sequence[Any]) -> Collection:
 
 def task_record(row: Sequence[Any], failures: Sequence[AttemptFailureRecord]) -> TaskRecord:
     """A `TaskRecord` from a row of TASK_COLUMNS and its failed attempts."""
-    fields = [*row[:5], TaskState(row[5]), *row[6:], tuple(failures)]
+    fields = [*row[:5], TaskState(row[5]), *row[6:-1], LeaseHolder.decode(row[-1]), tuple(failures)]
     return TaskRecord(*fields)
+
+
+def failure_record(row: Sequence[Any]) -> AttemptFailureRecord:
+    """An `AttemptFailureRecord` from a row of (attempt, error, failed_at, holder)."""
+    attempt, error, failed_at, holder = row
+    return AttemptFailureRecord(attempt, error, failed_at, LeaseHolder.decode(holder))
 
 
 def key_record(row: Sequence[Any]) -> ApiKeyRecord:
@@ -377,9 +384,10 @@ class Statements(Protocol):
         """Each stage's first ready tasks (up to its limit) in dispatch order, locked, skipping."""
 
     async def lease_tasks(
-        self, leases: Sequence[NewLease], session_id: str, server_id: str, now: float
+        self, leases: Sequence[NewLease], holder: LeaseHolder, server_id: str, now: float
     ) -> list[LeasedTask]:
-        """Lease the tasks still ready to a Work session; the leases granted, with their runs."""
+        """Lease the tasks still ready to a Work session (`holder.session_id`); the leases
+        granted, with their runs."""
 
     async def settle_rows(self, task_ids: Sequence[int]) -> dict[int, SettleRow]:
         """The tasks named, by id (absent: no such task)."""
@@ -410,7 +418,8 @@ class Statements(Protocol):
     async def record_failure(
         self, task_id: int, attempt: int, lease_id: str | None, error: str, now: float
     ) -> None:
-        """Put a failed attempt on record (a redriven task's replaces its old one)."""
+        """Put a failed attempt on record (a redriven task's replaces its old one), with the
+        task's lease holder."""
 
     async def extend_lease(
         self, task_id: int, lease_id: str, seconds: float, now: float
@@ -444,9 +453,10 @@ class Statements(Protocol):
         """Detach a Work session's leases as of now; how many."""
 
     async def attach_lease(
-        self, task_id: int, lease_id: str, session_id: str, server_id: str
+        self, task_id: int, lease_id: str, holder: LeaseHolder, server_id: str
     ) -> tuple[float, str] | None:
-        """Attach a current lease to a Work session; (deadline, stage), or None."""
+        """Attach a current lease to a Work session (`holder.session_id`), the new holder;
+        (deadline, stage), or None."""
 
     async def record_heartbeat(self, server_id: str, host: str, pid: int, now: float) -> None:
         """Note that a server process is alive now."""

@@ -44,6 +44,7 @@ from agentrun_server.storage._types import (
     InsertOutcome,
     LeasedTask,
     LeasedTaskOfRun,
+    LeaseHolder,
     LeaseRef,
     LiveRunCounts,
     NewEvent,
@@ -289,9 +290,9 @@ class Store:
         return await self._write(leases.detach_session, session_id, now)
 
     async def resume(
-        self, session_id: str, server_id: str, items: Sequence[LeaseRef], now: float
+        self, holder: LeaseHolder, server_id: str, items: Sequence[LeaseRef], now: float
     ) -> list[Ack]:
-        return await self._write(leases.resume, session_id, server_id, items, now)
+        return await self._write(leases.resume, holder, server_id, items, now)
 
     async def heartbeat(self, server_id: str, host: str, pid: int, now: float) -> None:
         await self._write(leases.heartbeat, server_id, host, pid, now)

@@ -391,6 +391,24 @@ class Completion(NamedTuple):
     output: bytes | None = None
 
 
+class LeaseHolder(NamedTuple):
+    """Who holds (or held) a lease: the Work stream's worker identity (`Subscribe.worker`), the
+    name of its API key ("" when the server checks none), and its session id."""
+
+    worker: str
+    key: str
+    session_id: str
+
+    def encode(self) -> str:
+        """The stored form: a JSON array."""
+        return json.dumps(list(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str | None) -> LeaseHolder | None:
+        """The stored form read back; None for a lease stored before holders were kept."""
+        return None if not text else cls(*json.loads(text))
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimRequest:
     """What one Work session may lease now."""
@@ -408,6 +426,15 @@ class ClaimRequest:
     run larger than this still goes alone. None: no bound."""
     server_id: str = ""
     """The server process serving the session (its heartbeat vouches for the leases)."""
+    worker: str = ""
+    """The session's worker identity (`Subscribe.worker`)."""
+    key: str = ""
+    """The name of the session's API key."""
+
+    @property
+    def holder(self) -> LeaseHolder:
+        """Who the leases granted are held by."""
+        return LeaseHolder(self.worker, self.key, self.session_id)
 
 
 class Failure(NamedTuple):
@@ -514,6 +541,7 @@ class AttemptFailureRecord:
     attempt: int
     error: str
     failed_at: float
+    holder: LeaseHolder | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,6 +564,8 @@ class TaskRecord:
     output: bytes | None
     input: bytes | None
     previous_task_id: int | None
+    holder: LeaseHolder | None = None
+    """The lease's holder while leased; the completing attempt's once done."""
     failures: tuple[AttemptFailureRecord, ...] = ()
 
 

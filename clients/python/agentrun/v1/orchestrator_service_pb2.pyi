@@ -369,7 +369,9 @@ class Subscribe(_message.Message):
     At least 1.
     """
     worker: _builtins.str
-    """A human-readable worker identity for logs and stats, e.g. "grader@host-1/pid-42"."""
+    """A human-readable worker identity for logs, stats and each task's history (the `LeaseHolder` of
+    the leases this stream takes), e.g. "grader@host-1/pid-42".
+    """
     notify_when_empty: _builtins.bool
     """When true, the server sends `stages_empty` whenever this stream holds no task and its stages
     have no ready, scheduled or leased task. A worker that should exit once its stages are empty

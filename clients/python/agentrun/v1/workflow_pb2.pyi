@@ -215,6 +215,7 @@ class AttemptFailure(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
     """The attempt number, from 1."""
     error: _builtins.str
@@ -223,20 +224,57 @@ class AttemptFailure(_message.Message):
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the attempt ended."""
 
+    @_builtins.property
+    def holder(self) -> Global___LeaseHolder:
+        """Who held the attempt's lease; unset for a task stored before holders were kept."""
+
     def __init__(
         self,
         *,
         attempt: _builtins.int = ...,
         error: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        holder: Global___LeaseHolder | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "holder", b"holder", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AttemptFailure: _TypeAlias = AttemptFailure  # noqa: Y015
+
+@_typing.final
+class LeaseHolder(_message.Message):
+    """Who held a lease: the Work stream that leased the task (or took it over on resume)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    worker: _builtins.str
+    """The worker's identity from `Subscribe.worker`, e.g. "grader@host-1/pid-42"; empty if it gave
+    none.
+    """
+    key: _builtins.str
+    """The name of the API key the stream authenticated with; empty when the server checks no keys."""
+    session_id: _builtins.str
+    """The Work session's id (`Subscribed.session_id`), as the server logs it."""
+    def __init__(
+        self,
+        *,
+        worker: _builtins.str = ...,
+        key: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "session_id", b"session_id", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseHolder: _TypeAlias = LeaseHolder  # noqa: Y015
 
 @_typing.final
 class Task(_message.Message):
@@ -261,6 +299,7 @@ class Task(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     FAILURES_FIELD_NUMBER: _builtins.int
     PREVIOUS_TASK_ID_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier."""
     workflow: _builtins.str
@@ -309,6 +348,12 @@ class Task(_message.Message):
     def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptFailure]:
         """Failed attempts, oldest first."""
 
+    @_builtins.property
+    def holder(self) -> Global___LeaseHolder:
+        """Who holds the lease (state LEASED) or held the attempt that completed the task (state DONE);
+        unset otherwise. Failed attempts' holders are in `failures`.
+        """
+
     def __init__(
         self,
         *,
@@ -329,10 +374,11 @@ class Task(_message.Message):
         input: _agent_run_pb2.Value | None = ...,
         failures: _abc.Iterable[Global___AttemptFailure] | None = ...,
         previous_task_id: _builtins.str = ...,
+        holder: Global___LeaseHolder | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "input", b"input", "lease_deadline", b"lease_deadline", "output", b"output", "ready_time", b"ready_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "holder", b"holder", "input", b"input", "lease_deadline", b"lease_deadline", "output", b"output", "ready_time", b"ready_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_id", b"agent_run_id", "attempt", b"attempt", "collection_id", b"collection_id", "create_time", b"create_time", "failures", b"failures", "id", b"id", "input", b"input", "lease_deadline", b"lease_deadline", "max_attempts", b"max_attempts", "output", b"output", "pathway", b"pathway", "previous_task_id", b"previous_task_id", "priority", b"priority", "ready_time", b"ready_time", "stage", b"stage", "state", b"state", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_id", b"agent_run_id", "attempt", b"attempt", "collection_id", b"collection_id", "create_time", b"create_time", "failures", b"failures", "holder", b"holder", "id", b"id", "input", b"input", "lease_deadline", b"lease_deadline", "max_attempts", b"max_attempts", "output", b"output", "pathway", b"pathway", "previous_task_id", b"previous_task_id", "priority", b"priority", "ready_time", b"ready_time", "stage", b"stage", "state", b"state", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -21,6 +21,7 @@ from agentrun_server.storage._types import (
     AckResult,
     Cancelled,
     EndedLease,
+    LeaseHolder,
     LeaseRef,
     RevocationPage,
     Swept,
@@ -67,12 +68,12 @@ async def detach_session(db: Statements, session_id: str, now: float) -> int:
 
 
 async def resume(
-    db: Statements, session_id: str, server_id: str, items: Sequence[LeaseRef], now: float
+    db: Statements, holder: LeaseHolder, server_id: str, items: Sequence[LeaseRef], now: float
 ) -> list[Ack]:
     """See `Storage.resume`."""
     acks = []
     for item in items:
-        moved = await db.attach_lease(item.task_id, item.lease_id, session_id, server_id)
+        moved = await db.attach_lease(item.task_id, item.lease_id, holder, server_id)
         if moved is None:
             row = await db.settle_row(item.task_id, item.lease_id)
             acks.append(rules.settle_error(item.task_id, item.lease_id, row))

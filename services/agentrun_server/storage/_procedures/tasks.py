@@ -81,7 +81,7 @@ async def claim(
         NewLease(c.task_id, ids[i * width : (i + 1) * width], seconds[c.stage])
         for i, c in enumerate(chosen)
     ]
-    leased = await db.lease_tasks(leases, request.session_id, request.server_id, now)
+    leased = await db.lease_tasks(leases, request.holder, request.server_id, now)
     leased.sort(key=lambda t: (-t.priority, t.created_at, t.task_id))
     return leased
 

@@ -33,6 +33,7 @@ from agentrun_server.storage._statements import (
     TaskFilter,
     TaskSelection,
     collection_record,
+    failure_record,
     key_record,
     task_record,
 )
@@ -46,6 +47,7 @@ from agentrun_server.storage._types import (
     Facet,
     LeasedTask,
     LeasedTaskOfRun,
+    LeaseHolder,
     NewEvent,
     NewRun,
     NewSpan,
@@ -700,13 +702,14 @@ class PostgresStatements:
         return [Candidate._make(row) for row in rows]
 
     async def lease_tasks(
-        self, leases: Sequence[NewLease], session_id: str, server_id: str, now: float
+        self, leases: Sequence[NewLease], holder: LeaseHolder, server_id: str, now: float
     ) -> list[LeasedTask]:
         rows = await self._binary(
             "WITH c AS (SELECT * FROM unnest(%(ids)s::bigint[], %(leases)s::text[], "
             "%(seconds)s::float8[]) AS c(id, lease_id, seconds)), "
             "u AS (UPDATE tasks t SET state = 'leased', attempt = t.attempt + 1, "
-            "lease_id = c.lease_id, session_id = %(session)s, server_id = %(server)s, "
+            "lease_id = c.lease_id, session_id = %(session)s, holder = %(holder)s, "
+            "server_id = %(server)s, "
             f"detached_at = NULL, lease_deadline = {NOW} + c.seconds FROM c "
             "WHERE t.id = c.id AND t.state = 'ready' "
             "RETURNING t.id, t.lease_id, t.attempt, t.max_attempts, t.lease_deadline, t.stage, "
@@ -716,7 +719,8 @@ class PostgresStatements:
                 "ids": [lease.task_id for lease in leases],
                 "leases": [lease.lease_id for lease in leases],
                 "seconds": [lease.seconds for lease in leases],
-                "session": session_id,
+                "session": holder.session_id,
+                "holder": holder.encode(),
                 "server": server_id or None,
                 "now": self._now(now),
             },
@@ -817,10 +821,11 @@ class PostgresStatements:
         self, task_id: int, attempt: int, lease_id: str | None, error: str, now: float
     ) -> None:
         await self._conn.execute(
-            "INSERT INTO task_failures (task_id, attempt, lease_id, error, failed_at) "
-            f"VALUES (%(task)s, %(attempt)s, %(lease)s, %(error)s, {NOW}) "
+            "INSERT INTO task_failures (task_id, attempt, lease_id, error, failed_at, holder) "
+            f"VALUES (%(task)s, %(attempt)s, %(lease)s, %(error)s, {NOW}, "
+            "(SELECT holder FROM tasks WHERE id = %(task)s)) "
             "ON CONFLICT (task_id, attempt) DO UPDATE SET lease_id = excluded.lease_id, "
-            "error = excluded.error, failed_at = excluded.failed_at",
+            "error = excluded.error, failed_at = excluded.failed_at, holder = excluded.holder",
             {
                 "task": task_id,
                 "attempt": attempt,
@@ -892,11 +897,12 @@ class PostgresStatements:
             "lease_id = CASE WHEN e.dead THEN t.lease_id END, lease_deadline = NULL, "
             "session_id = NULL, server_id = NULL, detached_at = NULL FROM e "
             "WHERE t.id = e.id AND t.state = 'leased' AND t.lease_id = e.lease_id "
-            "RETURNING t.id, t.attempt, e.lease_id, t.workflow, t.stage, e.dead), "
-            "failures AS (INSERT INTO task_failures (task_id, attempt, lease_id, error, failed_at) "
-            f"SELECT id, attempt, lease_id, %(why)s, {NOW} FROM moved "
+            "RETURNING t.id, t.attempt, e.lease_id, t.workflow, t.stage, e.dead, t.holder), "
+            "failures AS (INSERT INTO task_failures "
+            "(task_id, attempt, lease_id, error, failed_at, holder) "
+            f"SELECT id, attempt, lease_id, %(why)s, {NOW}, holder FROM moved "
             "ON CONFLICT (task_id, attempt) DO UPDATE SET lease_id = excluded.lease_id, "
-            "error = excluded.error, failed_at = excluded.failed_at), "
+            "error = excluded.error, failed_at = excluded.failed_at, holder = excluded.holder), "
             "counted AS (INSERT INTO task_counts (workflow, stage, state, shard, count) "
             f"SELECT workflow, stage, 'dead', {SHARD}, count(*) FROM moved WHERE dead "
             "GROUP BY workflow, stage ON CONFLICT (workflow, stage, state, shard) "
@@ -921,12 +927,12 @@ class PostgresStatements:
         return cursor.rowcount
 
     async def attach_lease(
-        self, task_id: int, lease_id: str, session_id: str, server_id: str
+        self, task_id: int, lease_id: str, holder: LeaseHolder, server_id: str
     ) -> tuple[float, str] | None:
         return await self._one(
-            "UPDATE tasks SET session_id = %s, server_id = %s, detached_at = NULL "
+            "UPDATE tasks SET session_id = %s, holder = %s, server_id = %s, detached_at = NULL "
             "WHERE id = %s AND state = 'leased' AND lease_id = %s RETURNING lease_deadline, stage",
-            (session_id, server_id or None, task_id, lease_id),
+            (holder.session_id, holder.encode(), server_id or None, task_id, lease_id),
         )
 
     async def record_heartbeat(self, server_id: str, host: str, pid: int, now: float) -> None:
@@ -1072,11 +1078,11 @@ class PostgresStatements:
         failures: dict[int, list[AttemptFailureRecord]] = {row[0]: [] for row in rows}
         if rows:
             for task_id, *failure in await self._all(
-                "SELECT task_id, attempt, error, failed_at FROM task_failures "
+                "SELECT task_id, attempt, error, failed_at, holder FROM task_failures "
                 "WHERE task_id = ANY(%s) ORDER BY task_id, attempt",
                 (list(failures),),
             ):
-                failures[task_id].append(AttemptFailureRecord(*failure))
+                failures[task_id].append(failure_record(failure))
         return [task_record(row, failures[row[0]]) for row in rows]
 
     async def task(self, task_id: int) -> TaskRecord | None:

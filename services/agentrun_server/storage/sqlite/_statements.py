@@ -35,12 +35,12 @@ from agentrun_server.storage._statements import (
     TaskFilter,
     TaskSelection,
     collection_record,
+    failure_record,
     key_record,
     task_record,
 )
 from agentrun_server.storage._types import (
     ApiKeyRecord,
-    AttemptFailureRecord,
     Collection,
     Completion,
     DoomedRun,
@@ -48,6 +48,7 @@ from agentrun_server.storage._types import (
     Facet,
     LeasedTask,
     LeasedTaskOfRun,
+    LeaseHolder,
     NewEvent,
     NewRun,
     NewSpan,
@@ -673,20 +674,28 @@ class SqliteStatements:
         return [Candidate._make(row) for row in rows]
 
     async def lease_tasks(
-        self, leases: Sequence[NewLease], session_id: str, server_id: str, now: float
+        self, leases: Sequence[NewLease], holder: LeaseHolder, server_id: str, now: float
     ) -> list[LeasedTask]:
+        held_by = holder.encode()
         leased: list[tuple[Any, ...]] = []
         for start in range(0, len(leases), INSERT_ROWS):
             batch = leases[start : start + INSERT_ROWS]
             leased += self._db.execute(
                 f"WITH c (id, lease_id, seconds) AS (VALUES {_values(3, len(batch))}) "
                 "UPDATE tasks SET state = 'leased', attempt = attempt + 1, lease_id = c.lease_id, "
-                "session_id = ?, server_id = ?, detached_at = NULL, "
+                "session_id = ?, holder = ?, server_id = ?, detached_at = NULL, "
                 "lease_deadline = ? + c.seconds FROM c "
                 "WHERE tasks.id = c.id AND tasks.state = 'ready' AND tasks.ready_at <= ? "
                 "RETURNING tasks.id, tasks.lease_id, attempt, max_attempts, lease_deadline, stage, "
                 "agent_run_id, collection_id, priority, input, created_at",
-                [*(v for lease in batch for v in lease), session_id, server_id or None, now, now],
+                [
+                    *(v for lease in batch for v in lease),
+                    holder.session_id,
+                    held_by,
+                    server_id or None,
+                    now,
+                    now,
+                ],
             ).fetchall()
         data: dict[str, bytes] = dict(
             select_in(
@@ -805,10 +814,11 @@ class SqliteStatements:
         self, task_id: int, attempt: int, lease_id: str | None, error: str, now: float
     ) -> None:
         self._db.execute(
-            "INSERT INTO task_failures (task_id, attempt, lease_id, error, failed_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_id, attempt) DO UPDATE SET "
-            "lease_id = excluded.lease_id, error = excluded.error, failed_at = excluded.failed_at",
-            (task_id, attempt, lease_id, error, now),
+            "INSERT INTO task_failures (task_id, attempt, lease_id, error, failed_at, holder) "
+            "VALUES (?, ?, ?, ?, ?, (SELECT holder FROM tasks WHERE id = ?)) "
+            "ON CONFLICT (task_id, attempt) DO UPDATE SET lease_id = excluded.lease_id, "
+            "error = excluded.error, failed_at = excluded.failed_at, holder = excluded.holder",
+            (task_id, attempt, lease_id, error, now, task_id),
         )
 
     async def extend_lease(
@@ -878,12 +888,12 @@ class SqliteStatements:
         ).rowcount
 
     async def attach_lease(
-        self, task_id: int, lease_id: str, session_id: str, server_id: str
+        self, task_id: int, lease_id: str, holder: LeaseHolder, server_id: str
     ) -> tuple[float, str] | None:
         return self._db.execute(  # type: ignore[no-any-return]
-            "UPDATE tasks SET session_id = ?, server_id = ?, detached_at = NULL "
+            "UPDATE tasks SET session_id = ?, holder = ?, server_id = ?, detached_at = NULL "
             "WHERE id = ? AND state = 'leased' AND lease_id = ? RETURNING lease_deadline, stage",
-            (session_id, server_id or None, task_id, lease_id),
+            (holder.session_id, holder.encode(), server_id or None, task_id, lease_id),
         ).fetchone()
 
     async def record_heartbeat(self, server_id: str, host: str, pid: int, now: float) -> None:
@@ -1029,9 +1039,9 @@ class SqliteStatements:
 
     def _with_failures(self, row: Sequence[Any]) -> TaskRecord:
         failures = [
-            AttemptFailureRecord(*failure)
+            failure_record(failure)
             for failure in self._db.execute(
-                "SELECT attempt, error, failed_at FROM task_failures WHERE task_id = ? "
+                "SELECT attempt, error, failed_at, holder FROM task_failures WHERE task_id = ? "
                 "ORDER BY attempt",
                 (row[0],),
             )

@@ -352,7 +352,8 @@ export declare type Subscribe = Message<"agentrun.v1.Subscribe"> & {
   leaseDuration?: Duration | undefined;
 
   /**
-   * A human-readable worker identity for logs and stats, e.g. "grader@host-1/pid-42".
+   * A human-readable worker identity for logs, stats and each task's history (the `LeaseHolder` of
+   * the leases this stream takes), e.g. "grader@host-1/pid-42".
    *
    * @generated from field: string worker = 5;
    */

@@ -185,6 +185,13 @@ export declare type AttemptFailure = Message<"agentrun.v1.AttemptFailure"> & {
    * @generated from field: google.protobuf.Timestamp time = 3;
    */
   time?: Timestamp | undefined;
+
+  /**
+   * Who held the attempt's lease; unset for a task stored before holders were kept.
+   *
+   * @generated from field: agentrun.v1.LeaseHolder holder = 4;
+   */
+  holder?: LeaseHolder | undefined;
 };
 
 /**
@@ -192,6 +199,41 @@ export declare type AttemptFailure = Message<"agentrun.v1.AttemptFailure"> & {
  * Use `create(AttemptFailureSchema)` to create a new message.
  */
 export declare const AttemptFailureSchema: GenMessage<AttemptFailure>;
+
+/**
+ * Who held a lease: the Work stream that leased the task (or took it over on resume).
+ *
+ * @generated from message agentrun.v1.LeaseHolder
+ */
+export declare type LeaseHolder = Message<"agentrun.v1.LeaseHolder"> & {
+  /**
+   * The worker's identity from `Subscribe.worker`, e.g. "grader@host-1/pid-42"; empty if it gave
+   * none.
+   *
+   * @generated from field: string worker = 1;
+   */
+  worker: string;
+
+  /**
+   * The name of the API key the stream authenticated with; empty when the server checks no keys.
+   *
+   * @generated from field: string key = 2;
+   */
+  key: string;
+
+  /**
+   * The Work session's id (`Subscribed.session_id`), as the server logs it.
+   *
+   * @generated from field: string session_id = 3;
+   */
+  sessionId: string;
+};
+
+/**
+ * Describes the message agentrun.v1.LeaseHolder.
+ * Use `create(LeaseHolderSchema)` to create a new message.
+ */
+export declare const LeaseHolderSchema: GenMessage<LeaseHolder>;
 
 /**
  * One run's visit to one stage of a workflow.
@@ -318,6 +360,14 @@ export declare type Task = Message<"agentrun.v1.Task"> & {
    * @generated from field: string previous_task_id = 17;
    */
   previousTaskId: string;
+
+  /**
+   * Who holds the lease (state LEASED) or held the attempt that completed the task (state DONE);
+   * unset otherwise. Failed attempts' holders are in `failures`.
+   *
+   * @generated from field: agentrun.v1.LeaseHolder holder = 18;
+   */
+  holder?: LeaseHolder | undefined;
 };
 
 /**
