@@ -15,7 +15,7 @@ from datetime import UTC
 from typing import Any, TypeVar
 
 from agentrun._agent_run import AgentRun
-from agentrun._metadata import BaseAgentRunMetadata, BaseMetadata
+from agentrun._metadata import DESCRIPTIONS_KEY, FROM_WIRE, BaseAgentRunMetadata, BaseMetadata
 from agentrun._transcript import Transcript
 from agentrun.chat import (
     AssistantMessage,
@@ -147,9 +147,9 @@ def _metadata_from_proto(message: pb.Metadata, metadata_type: type[M], **fields:
         if field.declared:
             descriptions[name] = field.description if field.HasField("description") else None
     fields["allow_fields_without_descriptions"] = not message.require_field_descriptions
-    metadata = metadata_type(**fields)
-    metadata._set_field_descriptions(descriptions)
-    return metadata
+    if descriptions:  # taken in by model_post_init, as from a JSON dump
+        fields[DESCRIPTIONS_KEY] = descriptions
+    return metadata_type.model_validate(fields, context=FROM_WIRE)
 
 
 # --- messages -----------------------------------------------------------------------------------
@@ -372,21 +372,29 @@ def agent_run_from_proto(
         pydantic.ValidationError: the run does not validate (e.g. it has no transcript).
         ValueError: a chat message has no role.
     """
+    # Validated with the FROM_WIRE context: a model validator runs again on each nested model
+    # its parent validates, and metadata's proves its values JSON-like by dumping them.
     transcripts = {
-        t.key: Transcript(
-            id=t.id,
-            name=t.name if t.HasField("name") else None,
-            description=t.description if t.HasField("description") else None,
-            messages=[message_from_proto(m) for m in t.messages],
-            metadata=_metadata_from_proto(t.metadata, BaseMetadata),
+        t.key: Transcript.model_validate(
+            {
+                "id": t.id,
+                "name": t.name if t.HasField("name") else None,
+                "description": t.description if t.HasField("description") else None,
+                "messages": [message_from_proto(m) for m in t.messages],
+                "metadata": _metadata_from_proto(t.metadata, BaseMetadata),
+            },
+            context=FROM_WIRE,
         )
         for t in message.transcripts
     }
     scores = {name: score_from_proto(s) for name, s in message.scores.items()}
-    return AgentRun(
-        id=message.id,
-        name=message.name if message.HasField("name") else None,
-        description=message.description if message.HasField("description") else None,
-        transcripts=transcripts,
-        metadata=_metadata_from_proto(message.metadata, metadata_type, scores=scores),
+    return AgentRun.model_validate(
+        {
+            "id": message.id,
+            "name": message.name if message.HasField("name") else None,
+            "description": message.description if message.HasField("description") else None,
+            "transcripts": transcripts,
+            "metadata": _metadata_from_proto(message.metadata, metadata_type, scores=scores),
+        },
+        context=FROM_WIRE,
     )

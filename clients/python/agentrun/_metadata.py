@@ -6,6 +6,7 @@ to the field in `.text`, for the LLM that reads the run.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 from pydantic import (
@@ -14,13 +15,16 @@ from pydantic import (
     Field,
     PrivateAttr,
     SerializerFunctionWrapHandler,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
 )
 
-_DESCRIPTIONS_KEY = "_field_descriptions"
-_INTERNAL_FIELDS = frozenset({"allow_fields_without_descriptions", _DESCRIPTIONS_KEY})
+DESCRIPTIONS_KEY = "_field_descriptions"
+_INTERNAL_FIELDS = frozenset({"allow_fields_without_descriptions", DESCRIPTIONS_KEY})
+FROM_WIRE: dict[str, Any] = {}
+"""Validation context of metadata decoded from the wire form (`agentrun._convert`)."""
 
 
 class BaseMetadata(BaseModel):
@@ -37,18 +41,24 @@ class BaseMetadata(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     allow_fields_without_descriptions: bool = True
-    _field_descriptions: dict[str, str | None] = PrivateAttr(default_factory=dict)
+    _own_descriptions: dict[str, str | None] | None = PrivateAttr(default=None)
+    """The declared descriptions with those that came with the data (a dump's
+    `_field_descriptions`) over them; None when that changes nothing (the usual case: nothing
+    built per object)."""
 
     def model_post_init(self, context: Any, /) -> None:
         extra = self.__pydantic_extra__
-        received = extra.pop(_DESCRIPTIONS_KEY, None) if extra is not None else None
-        descriptions = self._declared_field_descriptions()
-        if isinstance(received, dict):
-            descriptions.update(received)
-        self._field_descriptions = descriptions
+        if extra and DESCRIPTIONS_KEY in extra:
+            received = extra.pop(DESCRIPTIONS_KEY)
+            declared = _declared_descriptions(type(self))
+            if isinstance(received, dict) and (merged := {**declared, **received}) != declared:
+                self._own_descriptions = merged
+
+    def _descriptions(self) -> dict[str, str | None]:
+        return self._own_descriptions or _declared_descriptions(type(self))
 
     @model_validator(mode="after")
-    def _check_descriptions_and_json(self) -> BaseMetadata:
+    def _check_descriptions_and_json(self, info: ValidationInfo) -> BaseMetadata:
         if not self.allow_fields_without_descriptions:
             for name, description in self._declared_field_descriptions().items():
                 if description is None:
@@ -56,6 +66,8 @@ class BaseMetadata(BaseModel):
                         f"Field `{name}` of {type(self).__name__} needs a description: add "
                         "Field(description=...), or set `allow_fields_without_descriptions = True`"
                     )
+        if info.context is FROM_WIRE:
+            return self  # decoded values are JSON-like by construction: no dump to prove it
         try:
             self.model_dump_json()
         except Exception as exc:
@@ -64,17 +76,13 @@ class BaseMetadata(BaseModel):
 
     @classmethod
     def _declared_field_descriptions(cls) -> dict[str, str | None]:
-        return {
-            name: field.description
-            for name, field in cls.model_fields.items()
-            if name not in _INTERNAL_FIELDS
-        }
+        return dict(_declared_descriptions(cls))
 
     @model_serializer(mode="wrap")
     def _serialize_with_descriptions(self, handler: SerializerFunctionWrapHandler) -> Any:
         data = handler(self)
         if isinstance(data, dict):
-            data[_DESCRIPTIONS_KEY] = dict(self._field_descriptions)
+            data[DESCRIPTIONS_KEY] = dict(self._descriptions())
         return data
 
     def model_dump(
@@ -96,14 +104,21 @@ class BaseMetadata(BaseModel):
 
     def get_field_description(self, name: str) -> str | None:
         """Return a declared field's description, or None (extras have none)."""
-        return self._field_descriptions.get(name)
+        return self._descriptions().get(name)
 
     def get_all_field_descriptions(self) -> dict[str, str | None]:
         """Return declared field name -> description (None where the field has none)."""
-        return dict(self._field_descriptions)
+        return dict(self._descriptions())
 
-    def _set_field_descriptions(self, descriptions: dict[str, str | None]) -> None:
-        self._field_descriptions = {**self._declared_field_descriptions(), **descriptions}
+
+@functools.cache
+def _declared_descriptions(model: type[BaseMetadata]) -> dict[str, str | None]:
+    # Once per class: a run's decode builds a metadata object per transcript.
+    return {
+        name: field.description
+        for name, field in model.model_fields.items()
+        if name not in _INTERNAL_FIELDS
+    }
 
 
 SCORES_DESCRIPTION = (

@@ -109,6 +109,8 @@ EXIT_TASKS_DEAD = 3
 """`Runner.run`'s exit code when tasks it worked ended dead (dead letters), so that CI can tell;
 0: every task it took was done (or handed back); 1: an error stopped it; 2: bad arguments."""
 PROGRESS_REFRESH_SECONDS = 0.25
+START_CHUNK = 32
+"""Leases of one batch started per event-loop turn (see `_Execution.run`)."""
 
 
 @dataclass
@@ -398,6 +400,7 @@ class _Execution:
         worker: str | None,
     ) -> None:
         self.stages = stages
+        self.is_async = {s: inspect.iscoroutinefunction(f) for s, f in stages.items()}
         self.parameters = parameters
         self.workflow_name = workflow.name
         self.pathways = {s.name: list(s.pathways) for s in workflow.stages}
@@ -423,6 +426,13 @@ class _Execution:
         )
         self.stopping = asyncio.Event()  # a signal came: drain
         self.slots = asyncio.Semaphore(concurrency)
+        # Metric children looked up once: `labels()` takes a lock and builds a key per call.
+        self.seconds_of = {s: _metrics.RUNNER_TASK_SECONDS.labels(s) for s in stages}
+        self.outcomes = {
+            (s, o): _metrics.RUNNER_TASKS.labels(s, o)
+            for s in stages
+            for o in ("done", "failed", "retried")
+        }
         self.work: dict[str, asyncio.Task[None]] = {}  # task id -> its work, to cancel it
 
     async def run(self) -> RunSummary:
@@ -442,11 +452,19 @@ class _Execution:
         if self.refresh_every:
             helpers.append(asyncio.create_task(self._log_progress()))
         try:
+            started = 0
             async with self.stream:
                 async for lease in self.stream:
                     task = asyncio.create_task(self._work(lease))
                     self.work[lease.task_id] = task
                     task.add_done_callback(functools.partial(_forget, self.work, lease.task_id))
+                    started += 1
+                    if started % START_CHUNK == 0:
+                        # A loop turn between chunks of a big lease batch: the first chunk's
+                        # settles go out while the rest work, and the server leases the next
+                        # tasks meanwhile (without it, a batch of quick tasks settles as one and
+                        # each side waits on the other).
+                        await asyncio.sleep(0)
                 # Nothing is held: what still runs is settling up; let it finish.
                 await asyncio.gather(*self.work.values(), return_exceptions=True)
         finally:
@@ -522,7 +540,7 @@ class _Execution:
             started = True
             _metrics.RUNNER_TASKS_IN_FLIGHT.inc()
             outcome = await self._work_on(lease)
-            _metrics.RUNNER_TASKS.labels(lease.stage, outcome).inc()
+            self.outcomes[lease.stage, outcome].inc()
         except asyncio.CancelledError:
             if self.stream.holds(lease):  # not revoked: the drain's grace ended
                 self._hand_back(lease, "drain grace over")
@@ -536,6 +554,9 @@ class _Execution:
         """Wait for a free concurrency slot; False if draining begins first (hand the task back)."""
         if self.stopping.is_set():
             return False
+        if not self.slots.locked():  # a slot is free: taken without yielding, nothing to race
+            await self.slots.acquire()
+            return True
         acquire = asyncio.ensure_future(self.slots.acquire())
         stop = asyncio.ensure_future(self.stopping.wait())
         try:
@@ -572,9 +593,9 @@ class _Execution:
         try:
             args = arguments(self.parameters[stage], lease, self.workflow_name)
             try:
-                result = await self._call(self.stages[stage], args)
+                result = await self._call(stage, args)
             finally:
-                _metrics.RUNNER_TASK_SECONDS.labels(stage).observe(time.monotonic() - started)
+                self.seconds_of[stage].observe(time.monotonic() - started)
             if isinstance(result, Retry):
                 return self._retry_later(lease, result)
             if isinstance(result, Fail):
@@ -640,9 +661,10 @@ class _Execution:
         self.stream.release(lease, after_seconds=max(0.0, retry.after))
         return "retried"
 
-    async def _call(self, function: StageFunction, args: list[Any]) -> StageReturn:
-        if inspect.iscoroutinefunction(function):
-            return await function(*args)  # type: ignore[no-any-return]
+    async def _call(self, stage: str, args: list[Any]) -> StageReturn:
+        function = self.stages[stage]
+        if self.is_async[stage]:
+            return await function(*args)  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.executor, functools.partial(function, *args))
         if inspect.isawaitable(result):
