@@ -664,7 +664,7 @@ class _Execution:
     async def _call(self, stage: str, args: list[Any]) -> StageReturn:
         function = self.stages[stage]
         if self.is_async[stage]:
-            return await function(*args)  # type: ignore[misc]
+            return await function(*args)  # type: ignore[misc,no-any-return]
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.executor, functools.partial(function, *args))
         if inspect.isawaitable(result):
