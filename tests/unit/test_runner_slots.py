@@ -38,4 +38,4 @@ async def test_a_task_cancelled_as_it_gets_its_slot_gives_the_slot_back() -> Non
             await waiter
         assert not session.slots.locked()
     finally:
-        session.executor.shutdown()
+        session.threads.shutdown()

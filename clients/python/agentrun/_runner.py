@@ -47,7 +47,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +71,7 @@ from agentrun._stage import (
     arguments,
     parameters,
 )
+from agentrun._thread_calls import ThreadCalls
 from agentrun.v1 import agent_run_pb2
 from agentrun.wire.limits import MAX_OUTPUT_BYTES, value_depth_problem
 from agentrun.work import Lease, WorkStream
@@ -421,9 +421,7 @@ class _Execution:
         self.progress = (
             StageProgress(list(stages), self.summary, self.stream.held) if progress else None
         )
-        self.executor = ThreadPoolExecutor(
-            max_workers=concurrency, thread_name_prefix="agentrun-stage"
-        )
+        self.threads = ThreadCalls(concurrency, "agentrun-stage")
         self.stopping = asyncio.Event()  # a signal came: drain
         self.slots = asyncio.Semaphore(concurrency)
         # Metric children looked up once: `labels()` takes a lock and builds a key per call.
@@ -473,7 +471,7 @@ class _Execution:
             for task in list(self.work.values()):
                 task.cancel()
             await asyncio.gather(*helpers, *self.work.values(), return_exceptions=True)
-            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.threads.shutdown()
         return self.summary
 
     def _on_signal(self) -> None:
@@ -665,8 +663,7 @@ class _Execution:
         function = self.stages[stage]
         if self.is_async[stage]:
             return await function(*args)  # type: ignore[misc,no-any-return]
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.executor, functools.partial(function, *args))
+        result: StageReturn = await self.threads.call(function, *args)
         if inspect.isawaitable(result):
             result = await result
         return result

@@ -47,6 +47,11 @@ _FIELDS = {
     "extend_leases": "extensions",
 }
 _VERBS = {"complete_tasks": "completion", "release_tasks": "release"}
+MESSAGE_ITEMS = 64
+"""Most settles (or extensions) in one message. Many tasks that end at once (a lease batch of
+quick stage functions, or of calls that all waited the same second) go in messages of this
+many: the server completes the first and leases their successors while this side still reads
+the rest, rather than one side waiting on the other for the whole batch."""
 
 
 class Lease(NamedTuple):
@@ -366,8 +371,8 @@ class WorkProtocol:
     # --- what to write ------------------------------------------------------------------------
 
     def outgoing(self, now: float) -> list[pb.WorkRequest]:
-        """The messages to write now, in order: a drain first, then one message per kind of
-        settle queued, then the extensions due, or a heartbeat if nothing was written for a
+        """The messages to write now, in order: a drain first, then the settles queued (by
+        kind, `MESSAGE_ITEMS` at most per message), then the extensions due, or a heartbeat if nothing was written for a
         third of the idle timeout. They count as written (their acks awaited) from here."""
         if self.reconnect_asked:
             return []  # what is queued goes on the next stream
@@ -379,13 +384,13 @@ class WorkProtocol:
             out.append(pb.WorkRequest(drain=pb.Drain()))
         self._extensions_due(now)
         for kind in (*SETTLES, "extend_leases"):
-            items, self._pending[kind] = self._pending[kind], []
-            if not items:
-                continue
-            self._written.append((kind, items))
-            request = pb.WorkRequest()
-            getattr(getattr(request, kind), _FIELDS[kind]).extend(items)
-            out.append(request)
+            queued, self._pending[kind] = self._pending[kind], []
+            for start in range(0, len(queued), MESSAGE_ITEMS):
+                items = queued[start : start + MESSAGE_ITEMS]
+                self._written.append((kind, items))
+                request = pb.WorkRequest()
+                getattr(getattr(request, kind), _FIELDS[kind]).extend(items)
+                out.append(request)
         if not out and self._heartbeat_due(now):
             out.append(pb.WorkRequest(heartbeat=pb.Heartbeat()))
         if out:

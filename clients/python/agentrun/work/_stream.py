@@ -90,6 +90,7 @@ class WorkStream:
         self._error: grpc.aio.AioRpcError | None = None
         self._started = asyncio.Event()
         self._streamed = False  # the current stream got as far as `subscribed`
+        self._half_closed = False  # the current stream's writer closed this side
         self._out_of_reach = False  # a reconnect was reported and has not succeeded yet
 
     @property
@@ -125,9 +126,13 @@ class WorkStream:
         task = self._task
         if task is None:
             return
+        # Done once every settle is acknowledged: the stream's end the server sends after that
+        # is only confirmed a moment later (it tells a closed side from a broken connection).
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             async with asyncio.timeout(CLOSE_SECONDS):
-                await asyncio.shield(task)
+                while not task.done() and not self._all_acknowledged():
+                    self._changed.clear()
+                    await self._changed.wait()
         if self.protocol.unsettled:
             _log.warning(
                 "closed with %d settles the server has not acknowledged", self.protocol.unsettled
@@ -206,6 +211,11 @@ class WorkStream:
             return
         self._wake_writer.set()
         self._changed.set()
+
+    def _all_acknowledged(self) -> bool:
+        """Whether this side is closed and the server acknowledged every settle."""
+        protocol = self.protocol
+        return self._half_closed and not protocol.held and not protocol.unsettled
 
     def _failed(self) -> bool:
         return self._error is not None or (self._task is not None and self._task.done())
@@ -289,6 +299,7 @@ class WorkStream:
                     len(resumed),
                 )
             self._streamed = True
+            self._half_closed = False
             self._started.set()
             writer = asyncio.create_task(self._write_loop(call))
             self._wake_writer.set()
@@ -346,4 +357,6 @@ class WorkStream:
             self._changed.set()
             if protocol.done_writing:  # all written: the server acks it and ends the stream
                 await call.done_writing()
+                self._half_closed = True
+                self._changed.set()
                 return
