@@ -109,6 +109,10 @@ EXIT_TASKS_DEAD = 3
 """`Runner.run`'s exit code when tasks it worked ended dead (dead letters), so that CI can tell;
 0: every task it took was done (or handed back); 1: an error stopped it; 2: bad arguments."""
 PROGRESS_REFRESH_SECONDS = 0.25
+DEFAULT_CONCURRENCY = 16
+"""Stage functions run at once when neither `concurrency` nor `task_batch_size` is given."""
+PREFETCH_MULTIPLIER = 2
+"""Default credits per concurrency slot."""
 START_CHUNK = 32
 """Leases of one batch started per event-loop turn (see `_Execution.run`)."""
 
@@ -228,7 +232,7 @@ class Runner:
         server_url: str | None = None,
         refresh_every: int | None = None,
         num_retries: int = 3,
-        task_batch_size: int = 8,
+        task_batch_size: int | None = None,
         max_tasks_per_stage: int | None = None,
         concurrency: int | None = None,
         drain_grace_seconds: float = DRAIN_GRACE_SECONDS,
@@ -244,10 +248,13 @@ class Runner:
                 interrupted (tasks are pushed as they become ready), logging progress every
                 `refresh_every` seconds.
             num_retries: Retries of a failing task (capped by the stage's max_attempts).
-            task_batch_size: Tasks held at once (the stream's credits).
+            task_batch_size: Tasks held at once (the stream's credits: running, or leased and
+                waiting for a free slot). None: twice `concurrency`, so that a slot that frees
+                finds its next task here (prefetch, as Celery's multiplier; kept small: a task
+                held here waits while another worker might be idle).
             max_tasks_per_stage: Stop taking tasks of a stage after this many.
-            concurrency: Stage functions running at once (sync ones in a thread pool of this
-                size); None: `task_batch_size`. Leases beyond it wait, prefetched.
+            concurrency: Stage functions running at once (sync ones each on a thread of its
+                own). None: `task_batch_size` if given, else `DEFAULT_CONCURRENCY` (16).
             drain_grace_seconds: On SIGTERM/SIGINT, how long running tasks may finish before
                 their leases are handed back.
             progress: Show live progress per stage (rich) on a terminal.
@@ -264,11 +271,13 @@ class Runner:
             raise WorkflowError("no workflow: pass workflow= to Runner(...) or --workflow")
         if not self._stages:
             raise WorkflowError("no stage registered: decorate a function with @runner.stage(...)")
+        concurrency = concurrency or task_batch_size or DEFAULT_CONCURRENCY
+        task_batch_size = task_batch_size or PREFETCH_MULTIPLIER * concurrency
         if (
             task_batch_size < 1
             or num_retries < 0
             or (max_tasks_per_stage or 1) < 1
-            or (concurrency or 1) < 1
+            or concurrency < 1
         ):
             raise WorkflowError(
                 "task_batch_size, max_tasks_per_stage and concurrency must be >= 1, "
@@ -286,7 +295,7 @@ class Runner:
             task_batch_size,
             max_tasks_per_stage,
             refresh_every,
-            concurrency or task_batch_size,
+            concurrency,
             drain_grace_seconds,
             progress,
             self.worker,
@@ -326,8 +335,8 @@ class Runner:
         parser.add_argument(
             "--task-batch-size",
             type=int,
-            default=8,
-            help="tasks held and worked at once [default: 8]",
+            default=None,
+            help="tasks held at once [default: twice --concurrency]",
         )
         parser.add_argument(
             "--max-tasks-per-stage",
@@ -339,7 +348,7 @@ class Runner:
             "--concurrency",
             type=int,
             default=None,
-            help="stage functions running at once [default: --task-batch-size]",
+            help="stage functions running at once [default: --task-batch-size if given, else 16]",
         )
         parser.add_argument(
             "--drain-grace-seconds",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -107,6 +108,11 @@ class HeldLease:
     """Seconds: the lease's length when granted, used for each extension."""
     extending: bool = False
 
+    @property
+    def extend_at(self) -> float:
+        """When to extend it: half its duration before the deadline (epoch seconds)."""
+        return self.deadline - self.duration / 2
+
 
 class Refusal(NamedTuple):
     """A settle the server refused (an ack with a code other than OK)."""
@@ -174,6 +180,8 @@ class WorkProtocol:
         self._resent: set[tuple[str, str]] = set()
         self._drain_pending = False
         self._idle_timeout: float | None = None
+        self._extend_floor = math.inf
+        """No held lease is due for an extension before this (epoch seconds; a lower bound)."""
         self._last_write = 0.0
 
     # --- a stream's start and end -------------------------------------------------------------
@@ -235,6 +243,7 @@ class WorkProtocol:
         self._written.clear()
         for held in self.held.values():
             held.extending = False  # an extension written on a broken stream is lost
+        self._extend_floor = min((h.extend_at for h in self.held.values()), default=math.inf)
         self._drain_pending = self.draining  # a new session knows nothing of the old drain
         return revoked
 
@@ -248,9 +257,9 @@ class WorkProtocol:
             for wire in response.leases.leases:
                 lease = Lease.of(wire)
                 self.leased[lease.stage] += 1
-                self.held[lease.task_id] = HeldLease(
-                    lease, lease.deadline, max(0.0, lease.deadline - now)
-                )
+                new = HeldLease(lease, lease.deadline, max(0.0, lease.deadline - now))
+                self.held[lease.task_id] = new
+                self._extend_floor = min(self._extend_floor, new.extend_at)
                 if self.max_tasks is not None and self.leased[lease.stage] > self.max_tasks:
                     self.release(lease)  # over this worker's quota (see subscribe)
                 else:
@@ -290,6 +299,7 @@ class WorkProtocol:
                 held.extending = False
                 if ack.code == Code.OK:
                     held.deadline = _seconds(ack.deadline)
+                self._extend_floor = min(self._extend_floor, held.extend_at)
             resent = (ack.task_id, ack.lease_id) in self._resent
             self._resent.discard((ack.task_id, ack.lease_id))
             if ack.code == Code.INVALID_ARGUMENT and kind in ("complete_tasks", "release_tasks"):
@@ -406,21 +416,28 @@ class WorkProtocol:
     def next_write_at(self, now: float) -> float:
         """When `outgoing` may next have something to write unprompted (an extension or a
         heartbeat coming due), epoch seconds; at most a second from `now`."""
-        soon = now + 1.0
-        for held in self.held.values():
-            if not held.extending:
-                soon = min(soon, held.deadline - held.duration / 2)
+        soon = min(now + 1.0, self._extend_floor)
         if self._idle_timeout is not None:
             soon = min(soon, self._last_write + self._idle_timeout / 3)
         return max(now, soon)
 
     def _extensions_due(self, now: float) -> None:
+        # Every held lease is looked at only once the earliest may be due: a Runner holding a
+        # thousand leases writes many times a second, and each look was a walk of them all.
+        if now < self._extend_floor:
+            return
+        floor = math.inf
         for held in self.held.values():
-            if not held.extending and held.deadline - now < held.duration / 2:
+            if held.extending:
+                continue
+            if held.extend_at <= now:
                 held.extending = True
                 item = pb.LeaseExtension(task_id=held.lease.task_id, lease_id=held.lease.lease_id)
                 item.lease_duration.FromNanoseconds(int(held.duration * 1e9))
                 self._pending["extend_leases"].append(item)
+            else:
+                floor = min(floor, held.extend_at)
+        self._extend_floor = floor
 
     def _heartbeat_due(self, now: float) -> bool:
         return self._idle_timeout is not None and now - self._last_write >= self._idle_timeout / 3
