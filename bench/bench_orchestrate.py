@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.request import urlopen
 
 import grpc
 
@@ -40,7 +41,13 @@ from agentrun.v1 import ingestion_service_pb2_grpc as ingestion_grpc
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from agentrun.v1 import workflow_pb2
-from processes import database, machine, start_agentrun, stop  # bench/ is on sys.path when run
+from processes import (
+    database,
+    machine,
+    start_agentrun,
+    start_agentrun_with_metrics,
+    stop,
+)  # bench/ is on sys.path when run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -205,30 +212,52 @@ async def dispatch_latency(
     return latencies
 
 
-def runner_rate(url: str, name: str, runs: int, credits: int) -> float:
-    """Tasks per second through the public Runner: no-op async stage functions, as a user writes
-    them, `credits` leases held and worked at once; from its start to its exit (empty stages)."""
-    runner = Runner(workflow=name, server_url=url)
+def raw_process_rate(url: str, name: str, credits: int, tasks: int) -> float:
+    """Tasks per second of one raw protocol worker (`worker` above) in a process of its own, as
+    the Runner and the other clients' workers run: the limit the workers are measured against."""
+    code = (
+        f"import asyncio, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "import bench_orchestrate as b; "
+        f"print(asyncio.run(b.throughput([{url!r}], {name!r}, 1, {credits}, {tasks})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=600
+    ).stdout
+    return float(out.split()[-1])
 
-    @runner.stage("a")
-    async def a(run: AgentRun) -> str:
-        return "next"
 
-    @runner.stage("b")
-    async def b(run: AgentRun) -> str:
-        return "next"
+def runner_rate(url: str, name: str, runs: int, credits: int | None, sync: bool = False) -> float:
+    """Tasks per second through the public Runner in a process of its own: no-op stage
+    functions, as a user writes them (async, or sync with `sync`), `credits` leases held and
+    worked at once (None: the Runner's defaults); from its start to its exit (empty stages)."""
+    code = f"""
+import sys, time
+from agentrun import AgentRun, Runner
+runner = Runner(workflow={name!r}, server_url={url!r})
 
-    @runner.stage("c")
-    async def c(run: AgentRun) -> None:
-        return None
+@runner.stage("a")
+{"def" if sync else "async def"} a(run: AgentRun) -> str:
+    return "next"
 
-    started = time.perf_counter()
-    summary = runner(task_batch_size=credits, concurrency=credits)
-    elapsed = time.perf_counter() - started
-    done = sum(summary.completed.values())
-    if done != 3 * runs:
+@runner.stage("b")
+{"def" if sync else "async def"} b(run: AgentRun) -> str:
+    return "next"
+
+@runner.stage("c")
+{"def" if sync else "async def"} c(run: AgentRun) -> None:
+    return None
+
+started = time.perf_counter()
+summary = runner({"" if credits is None else f"task_batch_size={credits}, concurrency={credits}"})
+print(sum(summary.completed.values()), time.perf_counter() - started)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=600
+    ).stdout
+    done, elapsed = out.split()[-2:]
+    if int(done) != 3 * runs:
         raise RuntimeError(f"the Runner completed {done} of {3 * runs} tasks")
-    return done / elapsed
+    return int(done) / float(elapsed)
 
 
 NATIVE_WORKERS = {
@@ -382,10 +411,89 @@ def held(url: str, runs: int, leases: int, seconds: float) -> None:
         )
 
 
+def held_across(
+    db: str | None, folder: Path, processes: int, runs: int, leases: int, seconds: float
+) -> None:
+    """The LLM row across `processes` Runner processes of `leases` leases each, on a server of
+    its own: steady state, from the enqueue of `runs` x `processes` stored runs (the Runners
+    subscribed and waiting) to the last task done, beside the ideal `processes x leases /
+    seconds`."""
+    with database(db, folder, "held-across") as url:
+        server, address, metrics = start_agentrun_with_metrics(url)
+        try:
+            _held_across(address, metrics, processes, runs, leases, seconds)
+        finally:
+            stop(server)
+
+
+def _held_across(
+    url: str, metrics: str, processes: int, runs: int, leases: int, seconds: float
+) -> None:
+    name, total = "held-across", runs * processes
+    with Client(url) as client:
+        client.apply_workflow(
+            workflow_pb2.Workflow(name=name, stages=[workflow_pb2.Stage(name="grade")])
+        )
+        collection = client.create_collection(name).collection.id
+    writer = AgentRunWriter(collection, server_url=url, flush_interval=0.05)
+    writer.log_agent_runs(tiny_run(i, name) for i in range(total))
+    assert writer.finish().accepted == total
+    code = f"""
+import asyncio
+from agentrun import AgentRun, Runner
+runner = Runner(workflow={name!r}, server_url={url!r})
+
+@runner.stage("grade")
+async def grade(run: AgentRun) -> None:
+    await asyncio.sleep({seconds})
+
+runner(task_batch_size={leases}, concurrency={leases}, refresh_every=3600, drain_grace_seconds=1)
+"""
+    runners = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(processes)]
+    try:
+        with Client(url) as client:
+            deadline = time.monotonic() + 60
+            while _workers(metrics) < processes:  # every Runner subscribed
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Runners did not all subscribe within 60 s")
+                time.sleep(0.1)
+            started = time.perf_counter()
+            client.enqueue_runs(name, [f"{name}-{i}" for i in range(total)])
+            while sum(s.done_count for s in client.backlog(name)) < total:
+                time.sleep(0.05)
+            elapsed = time.perf_counter() - started
+    finally:
+        for runner in runners:
+            runner.terminate()
+        for runner in runners:
+            runner.wait(timeout=60)
+    ideal = processes * leases / seconds
+    rate = total / elapsed
+    print(
+        f"    {processes} Runner processes x {leases:,} leases ({total:,} tasks, from the"
+        f" enqueue): {rate:>6,.0f} tasks/s ({rate / ideal:.2f} of the ideal {ideal:,.0f})"
+    )
+
+
+def _workers(metrics: str) -> int:
+    """Work streams open on the server (its agentrun_workers_connected gauge)."""
+    with urlopen(metrics) as page:
+        for line in page.read().decode().splitlines():
+            if line.startswith("agentrun_workers_connected "):
+                return int(float(line.split()[1]))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5_000, help="runs per worker count (x3 tasks)")
     parser.add_argument("--credits", type=int, default=64, help="credits per worker")
+    parser.add_argument(
+        "--runner-credits", type=int, default=256, help="the async Runner's task_batch_size"
+    )
+    parser.add_argument(
+        "--held-runners", type=int, default=5, help="Runner processes of the LLM row across them"
+    )
     parser.add_argument("--samples", type=int, default=500, help="dispatch latency samples")
     parser.add_argument("--workers", default="1,4,16", help="worker counts to measure")
     parser.add_argument(
@@ -423,11 +531,18 @@ def main() -> int:
                     f"  {count:>2} workers x {args.credits} credits: {rate:>8,.0f} tasks/s"
                     f"  ({tasks:,} tasks)"
                 )
+            # Each worker below in a process of its own, beside the raw protocol worker so run.
+            ingest(url, "raw-process", args.runs)
+            raw = raw_process_rate(url, "raw-process", args.credits, tasks)
+            workers = {f"raw protocol worker, own process, {args.credits} credits": raw}
             ingest(url, "runner", args.runs)
-            rates["runner"] = runner_rate(url, "runner", args.runs, args.credits)
-            print(
-                f"  the public Runner, {args.credits} credits: {rates['runner']:>8,.0f} tasks/s"
-                f"  ({tasks:,} tasks)"
+            rates["runner"] = runner_rate(url, "runner", args.runs, args.runner_credits)
+            workers[f"the public Runner, async stages, {args.runner_credits} credits"] = rates[
+                "runner"
+            ]
+            ingest(url, "runner-sync", args.runs)
+            workers["the public Runner, sync stages, its defaults"] = runner_rate(
+                url, "runner-sync", args.runs, None, sync=True
             )
             for label in NATIVE_WORKERS:
                 name = "native-" + label.split()[0].lower().replace("+", "p")
@@ -436,12 +551,22 @@ def main() -> int:
                 if rate is None:
                     print(f"  {label}: not built (make build-go / make build-cpp)")
                     continue
-                rates[label] = rate
+                workers[f"{label}, {args.credits} credits"] = rate
+            for label, rate in workers.items():
                 print(
-                    f"  {label}, {args.credits} credits: {rate:>8,.0f} tasks/s  ({tasks:,} tasks)"
+                    f"  {label}: {rate:>8,.0f} tasks/s ({rate / raw:.2f} of the raw worker)"
+                    f"  ({tasks:,} tasks)"
                 )
             if args.held_runs:
                 held(url, args.held_runs, args.held_leases, args.held_seconds)
+                held_across(
+                    args.db,
+                    Path(tmp),
+                    args.held_runners,
+                    args.held_runs,
+                    args.held_leases,
+                    args.held_seconds,
+                )
             latencies = asyncio.run(dispatch_latency(url, "latency", args.samples))
         finally:
             stop(server)
