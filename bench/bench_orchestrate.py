@@ -365,14 +365,16 @@ def held_native(
     return runs / elapsed, cpu * 1000 / runs
 
 
-def pgqueuer_rate(server: str, folder: Path, runs: int, batch_size: int) -> float | None:
+def pgqueuer_rate(
+    server: str, folder: Path, runs: int, batch_size: int, driver: str = "psycopg"
+) -> float | None:
     """PgQueuer's jobs per second (bench/peer_pgqueuer.py, in its own process, on a fresh
-    database); None when it is not installed."""
+    database, with its `driver`); None when it is not installed."""
     try:
         import pgqueuer  # noqa: F401
     except ImportError:
         return None
-    with database(server, folder, f"pgqueuer-{batch_size}") as url:
+    with database(server, folder, f"pgqueuer-{batch_size}-{driver}") as url:
         out = subprocess.run(
             [
                 sys.executable,
@@ -380,6 +382,7 @@ def pgqueuer_rate(server: str, folder: Path, runs: int, batch_size: int) -> floa
                 url,
                 str(runs),
                 str(batch_size),
+                driver,
             ],
             check=True,
             capture_output=True,
@@ -510,7 +513,7 @@ def main() -> int:
         " it), to measure there beside PgQueuer and with two replicas [env DB; default: SQLite]",
     )
     parser.add_argument(
-        "--pgqueuer-batch-sizes", default="10,100,500", help="PgQueuer batch sizes tried"
+        "--pgqueuer-batch-sizes", default="10,64,500", help="PgQueuer batch sizes tried"
     )
     args = parser.parse_args()
     engine = "PostgreSQL" if args.db else "SQLite"
@@ -605,15 +608,20 @@ def main() -> int:
             f" worker ({len(ms)} tasks): p50 {statistics.median(ms):.2f} ms, p99 {p99:.2f} ms,"
             f" max {ms[-1]:.2f} ms"
         )
+        # PgQueuer's faster driver is asyncpg: each batch size with each driver.
         peer = {
-            size: pgqueuer_rate(args.db, Path(tmp), args.runs, size)
+            (size, driver): pgqueuer_rate(args.db, Path(tmp), args.runs, size, driver)
             for size in (int(n) for n in args.pgqueuer_batch_sizes.split(","))
+            for driver in ("psycopg", "asyncpg")
         }
         if None in peer.values():
-            print("  PgQueuer: skipped (pip install pgqueuer)")
+            print("  PgQueuer: skipped (make install-bench)")
             return 0
-        for size, value in peer.items():
-            print(f"  PgQueuer, batch size {size:>4}: {value:>8,.0f} jobs/s  ({tasks:,} jobs)")
+        for (size, driver), value in peer.items():
+            print(
+                f"  PgQueuer, {driver}, batch size {size:>4}: {value:>8,.0f} jobs/s"
+                f"  ({tasks:,} jobs)"
+            )
         best = max(v for v in peer.values() if v is not None)
         print(
             f"  agentrun / PgQueuer's best: raw workers {best_one / best:.1f}x,"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from agentrun.v1 import orchestrator_service_pb2 as pb
 from agentrun.work import Lease, WorkProtocol
+from agentrun.work._protocol import MESSAGE_ITEMS
 
 
 def _wire_lease(n: int, stage: str = "a", deadline: float = 130.0) -> pb.Lease:
@@ -158,3 +159,49 @@ def test_a_stage_quota_hands_back_what_comes_over_it() -> None:
     assert [r.task_id for r in release.release_tasks.releases] == ["2"]
     protocol.complete(protocol.ready.popleft(), "")
     assert protocol.quota_reached() and protocol.finished
+
+
+def test_many_settles_at_once_go_in_messages_of_at_most_MESSAGE_ITEMS_each_acked_in_turn() -> None:
+    protocol = WorkProtocol("w", ["a"], credits=200, worker="test")
+    protocol.subscribe(100.0)
+    protocol.on_subscribed(_subscribed(), [])
+    numbers = range(1, 151)
+    protocol.on_response(_leases(*numbers), now=100.0)
+    while protocol.ready:
+        protocol.complete(protocol.ready.popleft(), "next")
+    written = protocol.outgoing(now=100.1)
+    sizes = [len(r.complete_tasks.completions) for r in written]
+    assert sizes == [MESSAGE_ITEMS, MESSAGE_ITEMS, 150 - 2 * MESSAGE_ITEMS]
+    assert [c.task_id for r in written for c in r.complete_tasks.completions] == [
+        str(n) for n in numbers
+    ]
+    # Each message is answered by its own ack batch, in order: a refusal in the second is
+    # matched to the completion it refused.
+    protocol.on_response(_acks(*((str(n), 0) for n in numbers[:MESSAGE_ITEMS])), now=100.2)
+    second = [(str(n), 0) for n in numbers[MESSAGE_ITEMS : 2 * MESSAGE_ITEMS]]
+    second[0] = (second[0][0], 9)  # FAILED_PRECONDITION: the lease was no longer current
+    protocol.on_response(_acks(*second), now=100.2)
+    protocol.on_response(_acks(*((str(n), 0) for n in numbers[2 * MESSAGE_ITEMS :])), now=100.2)
+    assert protocol.unsettled == 0
+    assert [(r.task_id, r.kind) for r in protocol.refusals] == [
+        (str(MESSAGE_ITEMS + 1), "complete_tasks")
+    ]
+
+
+def test_an_extension_comes_due_for_a_lease_added_later_with_an_earlier_deadline() -> None:
+    protocol = _started(now=100.0)
+    protocol.on_response(_leases(1, deadline=700.0), now=100.0)  # due at 400
+    assert protocol.outgoing(now=101.0) == []
+    protocol.on_response(_leases(2, deadline=140.0), now=100.0)  # due at 120: before lease 1
+    assert protocol.next_write_at(110.0) == 111.0  # within the second: nothing earlier
+    assert protocol.next_write_at(119.5) == 120.0
+    (extension,) = (r for r in protocol.outgoing(now=121.0) if r.HasField("extend_leases"))
+    assert [e.task_id for e in extension.extend_leases.extensions] == ["2"]
+    # After a reconnect, the leases resumed with new deadlines come due by those.
+    protocol.subscribe(130.0)
+    resumed = [pb.Ack(task_id=t, lease_id=f"L{t}", code=0) for t in ("1", "2")]
+    resumed[0].deadline.FromNanoseconds(int(150.0 * 1e9))  # lease 1 now ends at 150 (due 125)
+    resumed[1].deadline.FromNanoseconds(int(900.0 * 1e9))
+    protocol.on_subscribed(_subscribed(resumed=resumed), protocol.resumable())
+    (again,) = (r for r in protocol.outgoing(now=131.0) if r.HasField("extend_leases"))
+    assert [e.task_id for e in again.extend_leases.extensions] == ["1"]
