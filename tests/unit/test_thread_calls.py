@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
@@ -34,12 +33,14 @@ async def test_up_to_workers_calls_run_at_once_and_no_more() -> None:
     calls = ThreadCalls(3, "test")
     running, most = [0], [0]
     lock = threading.Lock()
-    release = threading.Event()
+    release, three_running = threading.Event(), threading.Event()
 
     def hold() -> str:
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
+            if running[0] == 3:
+                three_running.set()
         release.wait(5)
         with lock:
             running[0] -= 1
@@ -47,9 +48,7 @@ async def test_up_to_workers_calls_run_at_once_and_no_more() -> None:
 
     try:
         futures = [calls.call(hold) for _ in range(8)]
-        deadline = time.monotonic() + 5
-        while most[0] < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(three_running.wait, 5)
         await asyncio.sleep(0.05)  # a fourth would have started by now
         assert most[0] == 3
         release.set()
