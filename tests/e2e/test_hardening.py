@@ -624,7 +624,8 @@ async def test_the_cli_escapes_what_it_prints(sqlite_server: Server, tmp_path: A
         assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out
     assert "red\\x1b[31m\\u202e" in stats
     assert "last error: boom\\x1b[2J\\x1b]0;owned\\x07 \\u202etxt.exe\\nsecond line" in listing
-    assert "failed: boom\\x1b[2J" in shown and "\n    second line" in shown
+    assert "attempt 1 failed (held by session " in shown  # no worker name: its session
+    assert "): boom\\x1b[2J" in shown and "\n    second line" in shown
     await stubs.channel.close()
 
 

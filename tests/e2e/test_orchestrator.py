@@ -639,3 +639,56 @@ def test_the_runner_cli_exits_0_once_the_stages_are_empty(
     assert "review: 5 done via (end)" in result.stderr
     assert {t.state for t in tasks(server.url, workflow="grading")} == {TaskState.DONE}
     assert len(tasks(server.url, workflow="grading")) == 10
+
+
+def test_settles_sent_back_to_back_are_each_answered_in_order_as_if_sent_apart(
+    server: ServerProcess,
+) -> None:
+    # A worker that settles each task as it finishes sends many one-item messages at once; the
+    # server stores those that arrived together in one transaction, and each message must still
+    # get its own answer, in order, as if it had been handled alone.
+    set_up(server.url, [{"name": "work", "max_attempts": 2}], runs=40)
+
+    def complete(lease: pb.Lease, pathway: str = "") -> pb.WorkRequest:
+        item = pb.TaskCompletion(task_id=lease.task_id, lease_id=lease.lease_id, pathway=pathway)
+        return pb.WorkRequest(complete_tasks=pb.CompleteTasks(completions=[item]))
+
+    async def go() -> tuple[list[pb.WorkRequest], list[pb.AckBatch]]:
+        raw = RawWorker(server.url)
+        try:
+            await raw.subscribe(["work"], credits=40)
+            leases: list[pb.Lease] = []
+            while len(leases) < 40:
+                leases.extend((await raw.next("leases")).leases)
+            messages = [complete(lease) for lease in leases[:30]]
+            messages.insert(6, complete(leases[5]))  # again, right after (a resend)
+            fail = pb.TaskFailure(task_id=leases[30].task_id, lease_id=leases[30].lease_id)
+            fail.error = "flaky"
+            messages.insert(12, pb.WorkRequest(fail_tasks=pb.FailTasks(failures=[fail])))
+            messages.insert(20, complete(leases[31], pathway="nope"))  # no such pathway
+            for message in messages:  # back to back, no answer awaited
+                await raw.call.write(message)
+            return messages, [await raw.next("acks") for _ in messages]
+        finally:
+            await raw.close()
+
+    messages, answers = asyncio.run(go())
+
+    def settled(message: pb.WorkRequest) -> str:
+        kind = message.WhichOneof("kind")
+        items = message.complete_tasks.completions if kind == "complete_tasks" else None
+        return (items or message.fail_tasks.failures)[0].task_id
+
+    assert [[a.task_id for a in batch.acks] for batch in answers] == [
+        [settled(m)] for m in messages
+    ]
+    codes = [batch.acks[0].code for batch in answers]
+    # A repeated completion is answered as the first was (the protocol's resend), even when
+    # both are stored in the same transaction.
+    assert codes[6] == codes[5] == 0
+    assert codes[12] == 0
+    assert codes[20] == 3 and "nope" in answers[20].acks[0].message  # INVALID_ARGUMENT
+    assert [c for i, c in enumerate(codes) if i != 20] == [0] * (len(codes) - 1)
+    by_id = {t.id: t for t in tasks(server.url, "work")}
+    assert sum(1 for t in by_id.values() if t.state is TaskState.DONE) == 30
+    assert [f.error for f in by_id[settled(messages[12])].failures] == ["flaky"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 import uuid
@@ -36,6 +37,7 @@ from agentrun_server.orchestrator._dispatcher import Dispatcher
 from agentrun_server.orchestrator._metrics import OrchestratorMetrics
 from agentrun_server.orchestrator._session import UNLIMITED, Leased, WorkSession
 from agentrun_server.orchestrator._wire import (
+    MAX_ITEMS_PER_MESSAGE,
     TASK_STATES_FROM_PROTO,
     task_to_proto,
     workflow_from_proto,
@@ -65,6 +67,11 @@ _TASK_STATES = tuple(workflow_pb.TaskState.values())
 
 
 CLOSE_CONFIRM_SECONDS = 0.2
+READ_AHEAD = 64
+"""Requests of a Work stream read ahead of the one being handled, at most."""
+READ_AHEAD_BYTES = 256 * 1024
+"""Their encoded bytes beyond the first, at most."""
+_ITEMS = {"complete_tasks": "completions", "fail_tasks": "failures", "release_tasks": "releases"}
 """How long after a worker's requests end the server waits for a cancellation (a connection
 broken, not closed) before taking the close as the worker's own: its leases go back at once."""
 DEFAULT_BATCH_BYTES = 3 * 1024 * 1024
@@ -106,14 +113,72 @@ class WorkLimits:
 
 
 async def _with_refusals(
-    items: Sequence[T], refused: dict[int, Ack], settle: Callable[[list[T]], Awaitable[list[Ack]]]
-) -> list[Ack]:
-    """Settle the items not refused; the answers of all, in the items' order."""
-    if not refused:
-        return await settle(list(items))
-    kept = [item for i, item in enumerate(items) if i not in refused]
+    messages: Sequence[tuple[Sequence[T], dict[int, Ack]]],
+    settle: Callable[[list[T]], Awaitable[list[Ack]]],
+) -> list[list[Ack]]:
+    """Settle the items not refused of several messages (each its items and refusals) in one
+    call; each message's answers, in its items' order."""
+    kept = [item for items, refused in messages for i, item in enumerate(items) if i not in refused]
     stored = iter(await settle(kept) if kept else [])
-    return [refused.get(i) or next(stored) for i in range(len(items))]
+    return [
+        [refused.get(i) or next(stored) for i in range(len(items))] for items, refused in messages
+    ]
+
+
+_EMPTY = object()
+
+
+class _Inbox:
+    """A Work stream's requests read ahead of the one being handled: at most READ_AHEAD of
+    them, and READ_AHEAD_BYTES beyond the first (flow control holds the rest, as it holds a
+    stream nobody reads): a worker cannot make the server buffer more by sending faster. Then
+    None, or the error that ended the stream."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple[pb.WorkRequest | BaseException | None, int]] = (
+            collections.deque()
+        )
+        self._bytes = 0
+        self._changed = asyncio.Event()
+
+    async def read(self, requests: AsyncIterator[pb.WorkRequest], idle: IdleTimeout) -> None:
+        """Read the stream to its end."""
+        try:
+            async for request in requests:
+                idle.touch()
+                await self._put(request, request.ByteSize())
+            await self._put(None, 0)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            await self._put(exc, 0)
+
+    async def _put(self, item: pb.WorkRequest | BaseException | None, size: int) -> None:
+        while self._items and (
+            len(self._items) >= READ_AHEAD or self._bytes + size > READ_AHEAD_BYTES
+        ):
+            self._changed.clear()
+            await self._changed.wait()
+        self._items.append((item, size))
+        self._bytes += size
+        self._changed.set()
+
+    async def get(self) -> pb.WorkRequest | BaseException | None:
+        while not self._items:
+            self._changed.clear()
+            await self._changed.wait()
+        return self.take()
+
+    def take(self) -> pb.WorkRequest | BaseException | None:
+        """The next item, read already (see `peek`)."""
+        item, size = self._items.popleft()
+        self._bytes -= size
+        self._changed.set()
+        return item
+
+    def peek(self) -> object:
+        """The next item if it was read already, else _EMPTY."""
+        return self._items[0][0] if self._items else _EMPTY
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
@@ -138,11 +203,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._max_batch_bytes = max_message_bytes // 2  # room for the leases' other fields
         self.limits = limits or WorkLimits()
         limits = self.limits
-        self._handlers: dict[str, Callable[[WorkSession, Any], Awaitable[None]]] = {
+        # Settles take every message of their kind already read after the first (see _read).
+        self._settles: dict[str, Callable[[WorkSession, list[Any]], Awaitable[None]]] = {
             "complete_tasks": self._on_complete,
             "fail_tasks": self._on_fail,
-            "extend_leases": self._on_extend,
             "release_tasks": self._on_release,
+        }
+        self._handlers: dict[str, Callable[[WorkSession, Any], Awaitable[None]]] = {
+            "extend_leases": self._on_extend,
             "grant_credits": self._on_grant,
             "drain": self._on_drain,
             "heartbeat": self._on_heartbeat,
@@ -358,31 +426,66 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         )
 
     async def _read(self, session: WorkSession, requests: AsyncIterator[pb.WorkRequest]) -> None:
+        """Handle a stream's requests in order. Settle messages of one kind that arrived while
+        the one before was being stored are stored together, in one transaction, each still
+        answered by its own ack batch: a worker that settles each task as it finishes (the Go
+        and C++ workers, sync stage functions) would otherwise cost a transaction per task."""
         why = "idle_timeout: a worker with nothing to settle sends a heartbeat"
+        inbox = _Inbox()
         try:
             with IdleTimeout(self.limits.idle_seconds, why) as idle:
-                async for request in requests:
-                    idle.touch()
-                    kind = request.WhichOneof("kind")
-                    handle = self._handlers.get(kind or "")
-                    if handle is None:
-                        raise InvalidArgument(
-                            "WorkRequest.subscribe: only allowed as the first message"
-                            if kind == "subscribe"
-                            else "WorkRequest.kind: not set, or not known to this server"
-                        )
-                    await handle(session, getattr(request, kind or ""))
+                reader = asyncio.create_task(inbox.read(requests, idle))
+                try:
+                    await self._handle_all(session, inbox)
+                finally:
+                    reader.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reader
             session.outbox.put_nowait(None)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             session.outbox.put_nowait(exc)
 
-    # One handler per kind of WorkRequest: (the session, the request's `kind` message).
+    async def _handle_all(self, session: WorkSession, inbox: _Inbox) -> None:
+        while True:
+            request = await inbox.get()
+            if request is None:
+                return
+            if isinstance(request, BaseException):
+                raise request
+            kind = request.WhichOneof("kind") or ""
+            settle = self._settles.get(kind)
+            if settle is not None:
+                batch = [getattr(request, kind)]
+                items = _ITEMS[kind]
+                count = len(getattr(batch[0], items))
+                while isinstance(following := inbox.peek(), pb.WorkRequest):
+                    more = (
+                        getattr(following, kind) if following.WhichOneof("kind") == kind else None
+                    )
+                    if more is None or count + len(getattr(more, items)) > MAX_ITEMS_PER_MESSAGE:
+                        break
+                    inbox.take()
+                    batch.append(more)
+                    count += len(getattr(more, items))
+                await settle(session, batch)
+                continue
+            handle = self._handlers.get(kind)
+            if handle is None:
+                raise InvalidArgument(
+                    "WorkRequest.subscribe: only allowed as the first message"
+                    if kind == "subscribe"
+                    else "WorkRequest.kind: not set, or not known to this server"
+                )
+            await handle(session, getattr(request, kind))
 
-    async def _on_complete(self, session: WorkSession, request: pb.CompleteTasks) -> None:
+    # One handler per kind of WorkRequest: (the session, the request's `kind` message; a list of
+    # them for settles).
+
+    async def _on_complete(self, session: WorkSession, requests: list[pb.CompleteTasks]) -> None:
         now = time.time()
-        completions, refused = wire.completions(request)
+        messages = [wire.completions(request) for request in requests]
         leased: list[LeasedTask] = []
 
         async def settle(kept: list[Completion]) -> list[Ack]:
@@ -390,55 +493,58 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             leased.extend(next_leases)
             return acks
 
-        acks = await _with_refusals(completions, refused, settle)
+        answers = await _with_refusals(messages, settle)
         metrics, workflow = self._metrics, session.workflow.name
         done: dict[tuple[str, str], int] = {}
-        for item, ack in zip(completions, acks, strict=True):
-            if ack.result == "done":
-                key = (ack.stage, item.pathway)
-                done[key] = done.get(key, 0) + 1
-                leased_at = session.in_flight.get(ack.lease_id)
-                if leased_at is not None:
-                    metrics.child(metrics.run_seconds, workflow, ack.stage).observe(
-                        max(0.0, now - leased_at)
-                    )
+        for (completions, _), acks in zip(messages, answers, strict=True):
+            for item, ack in zip(completions, acks, strict=True):
+                if ack.result == "done":
+                    key = (ack.stage, item.pathway)
+                    done[key] = done.get(key, 0) + 1
+                    leased_at = session.in_flight.get(ack.lease_id)
+                    if leased_at is not None:
+                        metrics.child(metrics.run_seconds, workflow, ack.stage).observe(
+                            max(0.0, now - leased_at)
+                        )
+            session.on_settled("complete_tasks", acks)
         for (stage, pathway), count in done.items():
             metrics.child(metrics.completed, workflow, stage, pathway).inc(count)
-        session.on_settled("complete_tasks", acks)
         if leased:
             await self._dispatcher.push(session, leased, now)
         self._dispatcher.wake()
 
-    async def _on_fail(self, session: WorkSession, request: pb.FailTasks) -> None:
+    async def _on_fail(self, session: WorkSession, requests: list[pb.FailTasks]) -> None:
         now = time.time()
-        failures, refused = wire.failures(request)
-        acks = await _with_refusals(
-            failures, refused, lambda kept: self._storage.fail(kept, now, session.id)
+        answers = await _with_refusals(
+            [wire.failures(request) for request in requests],
+            lambda kept: self._storage.fail(kept, now, session.id),
         )
         metrics, workflow = self._metrics, session.workflow.name
-        for ack in acks:
-            if ack.result in ("retry", "dead"):
-                metrics.child(metrics.failed, workflow, ack.stage, ack.result).inc()
-            if ack.result == "dead":
-                metrics.child(metrics.dead, workflow, ack.stage, "failed").inc()
-        session.on_settled("fail_tasks", acks)
+        for acks in answers:
+            for ack in acks:
+                if ack.result in ("retry", "dead"):
+                    metrics.child(metrics.failed, workflow, ack.stage, ack.result).inc()
+                if ack.result == "dead":
+                    metrics.child(metrics.dead, workflow, ack.stage, "failed").inc()
+            session.on_settled("fail_tasks", acks)
         self._dispatcher.wake()
 
     async def _on_extend(self, session: WorkSession, request: pb.ExtendLeases) -> None:
         now = time.time()
-        extensions, refused = wire.extensions(request, session.lease_seconds)
-        acks = await _with_refusals(
-            extensions, refused, lambda kept: self._storage.extend(kept, now, session.id)
+        (acks,) = await _with_refusals(
+            [wire.extensions(request, session.lease_seconds)],
+            lambda kept: self._storage.extend(kept, now, session.id),
         )
         session.on_settled("extend_leases", acks)
 
-    async def _on_release(self, session: WorkSession, request: pb.ReleaseTasks) -> None:
+    async def _on_release(self, session: WorkSession, requests: list[pb.ReleaseTasks]) -> None:
         now = time.time()
-        releases, refused = wire.releases(request)
-        acks = await _with_refusals(
-            releases, refused, lambda kept: self._storage.release(kept, now, session.id)
+        answers = await _with_refusals(
+            [wire.releases(request) for request in requests],
+            lambda kept: self._storage.release(kept, now, session.id),
         )
-        session.on_settled("release_tasks", acks)
+        for acks in answers:
+            session.on_settled("release_tasks", acks)
         self._dispatcher.wake()
 
     async def _on_grant(self, session: WorkSession, request: pb.GrantCredits) -> None:
