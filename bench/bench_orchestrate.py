@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -44,6 +45,7 @@ from agentrun.v1 import workflow_pb2
 from processes import (
     database,
     machine,
+    percentile,
     start_agentrun,
     start_agentrun_with_metrics,
     stop,
@@ -414,6 +416,91 @@ def held(url: str, runs: int, leases: int, seconds: float) -> None:
         )
 
 
+RUNNER_WAITS = """
+import json, sys, time
+from agentrun import Runner, TaskContext
+runner = Runner(workflow=sys.argv[2], server_url=sys.argv[1])
+waits = []
+
+@runner.stage("only")
+def only(task: TaskContext) -> None:
+    waits.append(time.time() - task.create_time.timestamp())
+    if len(waits) == 1:
+        print("first", flush=True)
+
+runner(refresh_every=3600, drain_grace_seconds=1)
+print(json.dumps(waits[1:]), flush=True)
+"""
+
+
+def stage_latency(url: str, samples: int) -> list[float]:
+    """Seconds from each task's creation to its stage function's call in a Runner process (a
+    sync function, the Runner's defaults), one task at a time: ready -> stage function, as a
+    user's code sees it."""
+    name = "latency-runner"
+    with Client(url) as client:
+        client.apply_workflow(
+            workflow_pb2.Workflow(name=name, stages=[workflow_pb2.Stage(name="only")])
+        )
+        collection = client.create_collection(name, workflow=name).collection.id
+    runner = subprocess.Popen(
+        [sys.executable, "-c", RUNNER_WAITS, url, name], stdout=subprocess.PIPE, text=True
+    )
+    assert runner.stdout is not None
+    from agentrun import agent_run_to_proto
+
+    try:
+        with grpc.insecure_channel(url) as channel:
+            upload = ingestion_grpc.IngestionServiceStub(channel).UploadAgentRuns
+            for i in range(samples + 1):  # the first shows the Runner is up; not counted
+                run = agent_run_to_proto(tiny_run(i, name))
+                upload(
+                    iter(
+                        [
+                            ingestion_pb.UploadAgentRunsRequest(
+                                collection_id=collection, agent_runs=[run]
+                            )
+                        ]
+                    )
+                )
+                if i == 0:
+                    assert runner.stdout.readline().strip() == "first"
+                time.sleep(0.005)  # the Runner is idle again before the next task exists
+        time.sleep(0.5)
+    finally:
+        runner.terminate()
+    out, _ = runner.communicate(timeout=60)
+    waits: list[float] = json.loads(out.strip().splitlines()[-1])
+    if len(waits) != samples:
+        raise RuntimeError(f"the Runner saw {len(waits)} of {samples} tasks")
+    return waits
+
+
+def celery_latency(samples: int) -> list[float] | None:
+    """Celery+Redis's waits, the same way (bench/peer_celery.py, its worker in a process of its
+    own); None when Celery or a Redis server on 127.0.0.1:6379 is missing."""
+    try:
+        import celery  # noqa: F401
+        import redis
+
+        redis.Redis().ping()
+    except Exception:
+        return None
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "peer_celery.py"),
+            "redis://127.0.0.1:6379/15",
+            str(samples),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    return [float(line) for line in out.split()]
+
+
 def held_across(
     db: str | None, folder: Path, processes: int, runs: int, leases: int, seconds: float
 ) -> None:
@@ -571,6 +658,7 @@ def main() -> int:
                     args.held_seconds,
                 )
             latencies = asyncio.run(dispatch_latency(url, "latency", args.samples))
+            waits = stage_latency(url, args.samples)
         finally:
             stop(server)
         ms = sorted(latency * 1000 for latency in latencies)
@@ -579,6 +667,20 @@ def main() -> int:
             f"  dispatch latency, ready -> lease at an idle worker ({len(ms)} tasks):"
             f" p50 {statistics.median(ms):.2f} ms, p99 {p99:.2f} ms, max {ms[-1]:.2f} ms"
         )
+        peer = celery_latency(args.samples)
+        for label, seconds in (
+            ("the public Runner (sync function, its defaults)", waits),
+            ("Celery 5.7 + Redis (solo worker, prefetch 1)", peer),
+        ):
+            if seconds is None:
+                print(f"  {label}: skipped (make install-bench; a Redis server on :6379)")
+                continue
+            ms = sorted(wait * 1000 for wait in seconds)
+            print(
+                f"  ready -> stage function, {label} ({len(ms)} tasks): p50"
+                f" {statistics.median(ms):.2f} ms, p99 {percentile(ms, 0.99):.2f} ms,"
+                f" max {ms[-1]:.2f} ms"
+            )
         if not args.db:
             return 0
         with database(args.db, Path(tmp), "replicas") as shared:

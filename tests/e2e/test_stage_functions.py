@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from typing import Any
 
 from agentrun import (
@@ -62,9 +63,11 @@ async def test_each_stage_reads_the_last_ones_output_and_may_retry_later_or_fail
     await asyncio.to_thread(set_up, url)
     runner = Runner(workflow="chain", server_url=url)
     retried_at: dict[str, float] = {}
+    created: dict[str, datetime] = {}
 
     @runner.stage("a")
     def a(task: TaskContext) -> StageResult:  # no run asked for: none is built
+        created[task.task_id] = task.create_time
         if task.agent_run_id == "chain-0" and task.attempt == 1:
             raise RuntimeError("flaky")
         return StageResult("next", {"a_attempt": task.attempt, "input_was": task.input})
@@ -94,6 +97,15 @@ async def test_each_stage_reads_the_last_ones_output_and_may_retry_later_or_fail
             return {t.agent_run_id: client.get_task(t.id) for t in client.list_tasks("chain", "c")}
 
     last = await asyncio.to_thread(stored)
+
+    def first_stage() -> dict[str, Task]:
+        with Client(url) as client:
+            return {t.id: t for t in client.list_tasks("chain", "a")}
+
+    # Each call knew when its task was created (its wait in the queue starts there).
+    for task_id, task in (await asyncio.to_thread(first_stage)).items():
+        assert task.create_time is not None
+        assert abs((created[task_id] - task.create_time).total_seconds()) < 0.001
     zero_done = last["chain-0"]
     zero = zero_done.output
     assert zero == {

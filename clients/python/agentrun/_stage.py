@@ -56,6 +56,8 @@ class TaskContext:
         agent_run_id: The run's id.
         collection_id: The run's collection.
         priority: The task's priority (higher first).
+        create_time: When the task was created (UTC): ready from then, unless a retry's backoff
+            held it; the time from it to the call is the task's wait in the queue.
     """
 
     task_id: str
@@ -68,6 +70,7 @@ class TaskContext:
     agent_run_id: str
     collection_id: str
     priority: int
+    create_time: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -194,5 +197,6 @@ def arguments(kinds: list[str], lease: Lease, workflow: str) -> list[Any]:
             agent_run_id=lease.agent_run.id,
             collection_id=lease.collection_id,
             priority=lease.priority,
+            create_time=datetime.fromtimestamp(lease.created_at, tz=UTC),
         )
     return [values[kind] for kind in kinds]
