@@ -9,6 +9,7 @@ import pytest
 from agentrun import (
     AgentRun,
     Retry,
+    Runner,
     TaskContext,
     TaskInput,
     WorkflowError,
@@ -88,3 +89,18 @@ def test_a_retry_outside_what_the_server_takes_is_refused_where_it_is_made(after
     with pytest.raises(ValueError, match="seconds from 0 to 604,800"):
         Retry(after=after)
     assert Retry(after=7 * 24 * 3600).after == 604_800
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"task_batch_size": 0}, {"concurrency": 0}, {"task_batch_size": 4, "concurrency": -1}],
+)
+def test_a_runner_refuses_sizes_below_one_before_it_connects(options: dict[str, int]) -> None:
+    runner = Runner(workflow="w", server_url="127.0.0.1:1")  # nothing listens: never reached
+
+    @runner.stage("s")
+    def s(task: TaskContext) -> None:
+        return None
+
+    with pytest.raises(WorkflowError, match="must be >= 1"):
+        runner(**options)

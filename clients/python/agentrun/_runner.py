@@ -271,8 +271,10 @@ class Runner:
             raise WorkflowError("no workflow: pass workflow= to Runner(...) or --workflow")
         if not self._stages:
             raise WorkflowError("no stage registered: decorate a function with @runner.stage(...)")
-        concurrency = concurrency or task_batch_size or DEFAULT_CONCURRENCY
-        task_batch_size = task_batch_size or PREFETCH_MULTIPLIER * concurrency
+        if concurrency is None:
+            concurrency = DEFAULT_CONCURRENCY if task_batch_size is None else task_batch_size
+        if task_batch_size is None:
+            task_batch_size = PREFETCH_MULTIPLIER * concurrency
         if (
             task_batch_size < 1
             or num_retries < 0
