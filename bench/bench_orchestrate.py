@@ -423,7 +423,7 @@ runner = Runner(workflow=sys.argv[2], server_url=sys.argv[1])
 waits = []
 
 @runner.stage("only")
-def only(task: TaskContext) -> None:
+DEF only(task: TaskContext) -> None:
     waits.append(time.time() - task.create_time.timestamp())
     if len(waits) == 1:
         print("first", flush=True)
@@ -433,18 +433,26 @@ print(json.dumps(waits[1:]), flush=True)
 """
 
 
-def stage_latency(url: str, samples: int) -> list[float]:
+def stage_latency(url: str, samples: int, sync: bool = True) -> list[float]:
     """Seconds from each task's creation to its stage function's call in a Runner process (a
-    sync function, the Runner's defaults), one task at a time: ready -> stage function, as a
-    user's code sees it."""
-    name = "latency-runner"
+    sync function, or an async one, at the Runner's defaults), one task at a time: ready ->
+    stage function, as a user's code sees it."""
+    name = "latency-runner-" + ("sync" if sync else "async")
     with Client(url) as client:
         client.apply_workflow(
             workflow_pb2.Workflow(name=name, stages=[workflow_pb2.Stage(name="only")])
         )
         collection = client.create_collection(name, workflow=name).collection.id
     runner = subprocess.Popen(
-        [sys.executable, "-c", RUNNER_WAITS, url, name], stdout=subprocess.PIPE, text=True
+        [
+            sys.executable,
+            "-c",
+            RUNNER_WAITS.replace("DEF", "def" if sync else "async def"),
+            url,
+            name,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert runner.stdout is not None
     from agentrun import agent_run_to_proto
@@ -659,6 +667,7 @@ def main() -> int:
                 )
             latencies = asyncio.run(dispatch_latency(url, "latency", args.samples))
             waits = stage_latency(url, args.samples)
+            async_waits = stage_latency(url, args.samples, sync=False)
         finally:
             stop(server)
         ms = sorted(latency * 1000 for latency in latencies)
@@ -670,6 +679,7 @@ def main() -> int:
         peer = celery_latency(args.samples)
         for label, seconds in (
             ("the public Runner (sync function, its defaults)", waits),
+            ("the public Runner (async function, its defaults)", async_waits),
             ("Celery 5.7 + Redis (solo worker, prefetch 1)", peer),
         ):
             if seconds is None:
