@@ -60,7 +60,7 @@ class BaseMetadata(BaseModel):
     @model_validator(mode="after")
     def _check_descriptions_and_json(self, info: ValidationInfo) -> BaseMetadata:
         if not self.allow_fields_without_descriptions:
-            for name, description in self._declared_field_descriptions().items():
+            for name, description in _declared_descriptions(type(self)).items():
                 if description is None:
                     raise ValueError(
                         f"Field `{name}` of {type(self).__name__} needs a description: add "
@@ -73,10 +73,6 @@ class BaseMetadata(BaseModel):
         except Exception as exc:
             raise ValueError(f"Metadata is not JSON serializable: {exc}") from exc
         return self
-
-    @classmethod
-    def _declared_field_descriptions(cls) -> dict[str, str | None]:
-        return dict(_declared_descriptions(cls))
 
     @model_serializer(mode="wrap")
     def _serialize_with_descriptions(self, handler: SerializerFunctionWrapHandler) -> Any:

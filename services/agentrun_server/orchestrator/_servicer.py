@@ -67,13 +67,13 @@ _TASK_STATES = tuple(workflow_pb.TaskState.values())
 
 
 CLOSE_CONFIRM_SECONDS = 0.2
+"""How long after a worker's requests end the server waits for a cancellation (a connection
+broken, not closed) before taking the close as the worker's own: its leases go back at once."""
 READ_AHEAD = 64
 """Requests of a Work stream read ahead of the one being handled, at most."""
 READ_AHEAD_BYTES = 256 * 1024
 """Their encoded bytes beyond the first, at most."""
 _ITEMS = {"complete_tasks": "completions", "fail_tasks": "failures", "release_tasks": "releases"}
-"""How long after a worker's requests end the server waits for a cancellation (a connection
-broken, not closed) before taking the close as the worker's own: its leases go back at once."""
 DEFAULT_BATCH_BYTES = 3 * 1024 * 1024
 """Encoded bytes per lease batch when the worker's Subscribe names no `max_batch_bytes`: under
 gRPC's default 4 MiB receive limit, so a client built with defaults can read every batch (a run
@@ -125,9 +125,6 @@ async def _with_refusals(
     ]
 
 
-_EMPTY = object()
-
-
 class _Inbox:
     """A Work stream's requests read ahead of the one being handled: at most READ_AHEAD of
     them, and READ_AHEAD_BYTES beyond the first (flow control holds the rest, as it holds a
@@ -176,9 +173,9 @@ class _Inbox:
         self._changed.set()
         return item
 
-    def peek(self) -> object:
-        """The next item if it was read already, else _EMPTY."""
-        return self._items[0][0] if self._items else _EMPTY
+    def peek(self) -> pb.WorkRequest | BaseException | None:
+        """The next item if it was read already (else None, as at the stream's end)."""
+        return self._items[0][0] if self._items else None
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
