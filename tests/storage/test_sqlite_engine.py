@@ -192,3 +192,45 @@ async def test_an_older_file_keeps_the_space_until_vacuumed_once(
         assert await storage.reclaim_space(1 << 30) > 5_000_000
     finally:
         await storage.close()
+
+
+def _wal_bytes(db: Path) -> int:
+    return os.path.getsize(f"{db}-wal")
+
+
+async def test_the_wal_starts_over_under_uploads_that_never_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The checkpointer restarts a WAL past its limit. Its RESTART waits for the write lock,
+    # which a storage thread committing batch after batch used to take back every time: the
+    # WAL grew with the upload (522 MB beside a 64 MB limit). Here the limit is 1 MB and the
+    # uploads never pause; the WAL must start over, and stay near its limit.
+    from agentrun_server.storage.sqlite import _engine
+
+    monkeypatch.setattr(_engine, "WAL_LIMIT_BYTES", 1024 * 1024)
+    monkeypatch.setattr(_engine, "WAL_CHECK_SECONDS", 0.02)
+    db = tmp_path / "db.sqlite"
+    storage = await open_storage(f"sqlite:///{db}")
+    try:
+        collection, _ = await storage.create_collection("c", "", "", 1.0)
+        sizes: list[int] = []
+        batches = itertools.count()
+        stop = time.monotonic() + 3.0
+
+        async def upload() -> None:  # three at once: the storage thread always has a next
+            while time.monotonic() < stop:
+                batch = next(batches)
+                runs = [NewRun(f"r{batch}-{i}", None, os.urandom(8192)) for i in range(200)]
+                await storage.insert_runs(collection.id, runs, 2.0)
+                sizes.append(_wal_bytes(db))
+
+        await asyncio.gather(upload(), upload(), upload())
+        batch = next(batches)
+        largest = max(sizes)
+        restarts = sum(later < earlier for earlier, later in itertools.pairwise(sizes))
+        written = batch * 200 * 8192
+        assert written > 20 * 1024 * 1024, f"only {written:,} bytes written: too slow to tell"
+        assert restarts >= 3, f"the WAL never started over ({largest:,} bytes at most)"
+        assert largest < written / 10, f"the WAL grew to {largest:,} bytes of {written:,} written"
+    finally:
+        await storage.close()

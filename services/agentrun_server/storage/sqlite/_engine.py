@@ -255,9 +255,13 @@ class Engine:
             with self._lock:
                 return fn(conn, *args, **kwargs)
         finally:
-            loop = self._loop
-            if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(self._unlocked.set)
+            self._wake_hot_path()
+
+    def _wake_hot_path(self) -> None:
+        """After a thread let go of the lock: hot calls waiting their turn try again."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._unlocked.set)
 
     async def hot(self, tasks: int, fn: OnConnection[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Like `write`, but run on the event loop's own thread when the call touches at most
@@ -340,8 +344,13 @@ class Engine:
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         conn.execute(f"PRAGMA busy_timeout = {int(RESTART_BUSY_TIMEOUT_SECONDS * 1000)}")
         try:
-            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            # Under the writers' lock: SQLite's busy handler polls for the write lock, and a
+            # storage thread committing batch after batch took it back every time, so under a
+            # steady upload the WAL never restarted (522 MB beside the 64 MB limit, measured).
+            with self._lock:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
         finally:
+            self._wake_hot_path()
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
         if busy:
             _log.debug("WAL at %d bytes: its restart waited too long for readers; next time", size)
