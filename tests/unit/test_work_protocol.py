@@ -205,3 +205,36 @@ def test_an_extension_comes_due_for_a_lease_added_later_with_an_earlier_deadline
     protocol.on_subscribed(_subscribed(resumed=resumed), protocol.resumable())
     (again,) = (r for r in protocol.outgoing(now=131.0) if r.HasField("extend_leases"))
     assert [e.task_id for e in again.extend_leases.extensions] == ["1"]
+
+
+def test_settles_wait_for_the_ack_of_those_before_them_unless_a_message_is_full() -> None:
+    # Nagle's rule: one settle goes at once; those queued while it awaits its ack go together
+    # when the ack comes, or as soon as a full message's worth is queued.
+    protocol = WorkProtocol("w", ["a"], credits=200, worker="test")
+    protocol.subscribe(100.0)
+    protocol.on_subscribed(_subscribed(), [])
+    protocol.on_response(_leases(*range(1, 101)), now=100.0)
+    leases = {lease.task_id: lease for lease in protocol.ready}
+    protocol.complete(leases["1"], "next")
+    (first,) = protocol.outgoing(now=100.1)
+    assert [c.task_id for c in first.complete_tasks.completions] == ["1"]
+    protocol.fail(leases["2"], "boom")
+    completed = [str(n) for n in range(3, 4 + MESSAGE_ITEMS)]  # one more than a message holds
+    for task_id in completed[: MESSAGE_ITEMS - 1]:
+        protocol.complete(leases[task_id], "next")
+    assert protocol.outgoing(now=100.2) == []  # held back: "1" awaits its ack
+    for task_id in completed[MESSAGE_ITEMS - 1 :]:
+        protocol.complete(leases[task_id], "next")
+    (full,) = protocol.outgoing(now=100.3)  # a full message goes; the completion over it waits
+    assert [c.task_id for c in full.complete_tasks.completions] == completed[:MESSAGE_ITEMS]
+    protocol.on_response(_acks(("1", 0)), now=100.4)
+    assert protocol.outgoing(now=100.4) == []  # the full message still awaits its ack
+    protocol.on_response(_acks(*((t, 0) for t in completed[:MESSAGE_ITEMS])), now=100.5)
+    rest = protocol.outgoing(now=100.5)
+    assert _kinds(rest) == ["complete_tasks", "fail_tasks"]
+    assert [c.task_id for c in rest[0].complete_tasks.completions] == completed[MESSAGE_ITEMS:]
+    assert [f.task_id for f in rest[1].fail_tasks.failures] == ["2"]
+    # Handing back goes at once, whatever awaits an ack.
+    protocol.drain()
+    protocol.release(leases["90"])
+    assert _kinds(protocol.outgoing(now=100.6)) == ["drain", "release_tasks"]

@@ -5,8 +5,10 @@ language mirrors it (README: "The Work stream, for workers in any language").
 The rules it keeps:
 
 - **Credits**: the server pushes at most `credits` leases not yet settled.
-- **Settles** (complete, fail, release) are queued and written in batches, one message per kind:
-  what is queued while a write is in flight goes out in the next message. Each message gets one
+- **Settles** (complete, fail, release) are queued and written in batches, one message per kind.
+  With no settle awaiting its ack, they go at once; while one does, they wait for that ack (or
+  for a full message, `MESSAGE_ITEMS`), as Nagle's algorithm does for TCP: one settle costs no
+  delay, and a stream of them goes in messages sized to the server's pace. Each message gets one
   `AckBatch`, in order.
 - **Extensions**: a lease still held when half of it has passed is extended by its duration.
 - **Heartbeats**: with nothing else written for a third of the server's idle timeout
@@ -177,6 +179,8 @@ class WorkProtocol:
         self._pending: dict[str, list[Any]] = {kind: [] for kind in (*SETTLES, "extend_leases")}
         self._written: collections.deque[tuple[str, list[Any]]] = collections.deque()
         """Messages written on the current stream and not yet acked: (kind, items)."""
+        self._settles_written = 0
+        """Of `_written`, the settle messages."""
         self._resent: set[tuple[str, str]] = set()
         self._drain_pending = False
         self._idle_timeout: float | None = None
@@ -241,6 +245,7 @@ class WorkProtocol:
                 self._pending[kind][:0] = items
                 self._resent.update((i.task_id, i.lease_id) for i in items)
         self._written.clear()
+        self._settles_written = 0
         for held in self.held.values():
             held.extending = False  # an extension written on a broken stream is lost
         self._extend_floor = min((h.extend_at for h in self.held.values()), default=math.inf)
@@ -292,6 +297,8 @@ class WorkProtocol:
             self.refusals.append(Refusal("", "", -1, "an ack batch no message awaits", False))
             return
         kind, _ = self._written.popleft()
+        if kind in SETTLES:
+            self._settles_written -= 1
         for ack in batch.acks:
             held = self.held.get(ack.task_id)
             mine = held is not None and held.lease.lease_id == ack.lease_id
@@ -393,11 +400,22 @@ class WorkProtocol:
             self._drain_pending = False
             out.append(pb.WorkRequest(drain=pb.Drain()))
         self._extensions_due(now)
+        # Settles wait for the ack of those written before them, unless the worker is closing
+        # or draining (what it hands back should be ready again at once).
+        hold_back = self._settles_written > 0 and not (self.closing or self.draining)
         for kind in (*SETTLES, "extend_leases"):
-            queued, self._pending[kind] = self._pending[kind], []
-            for start in range(0, len(queued), MESSAGE_ITEMS):
-                items = queued[start : start + MESSAGE_ITEMS]
+            queued = self._pending[kind]
+            whole = len(queued)
+            if hold_back and kind in SETTLES:
+                whole -= whole % MESSAGE_ITEMS  # full messages only
+            if not whole:
+                continue
+            self._pending[kind] = queued[whole:]
+            for start in range(0, whole, MESSAGE_ITEMS):
+                items = queued[start : min(whole, start + MESSAGE_ITEMS)]
                 self._written.append((kind, items))
+                if kind in SETTLES:
+                    self._settles_written += 1
                 request = pb.WorkRequest()
                 getattr(getattr(request, kind), _FIELDS[kind]).extend(items)
                 out.append(request)

@@ -311,8 +311,8 @@ class WorkStream:
                         return
                     self._revoked(protocol.on_response(response, time.time()))
                     self._log_refusals()
-                    if protocol.reconnect_asked:
-                        self._wake_writer.set()
+                    if protocol.reconnect_asked or response.HasField("acks"):
+                        self._wake_writer.set()  # settles held back for this ack may go now
                     self._changed.set()
             finally:
                 writer.cancel()
