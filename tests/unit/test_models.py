@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pickle
+
 import pytest
 from pydantic import Field, ValidationError
 
@@ -85,6 +87,14 @@ def test_subclass_fields_and_descriptions_render_and_survive_json() -> None:
     assert "tag: x" in run.text
     again = AgentRun.model_validate_json(run.model_dump_json())
     assert again.text == run.text
+    # Read back as the base class, the descriptions came with the data: kept through a copy and
+    # a pickle, part of equality, and not an extra field.
+    assert again.metadata.get_field_description("episode") == "Training episode number"
+    assert again.metadata.get("_field_descriptions") is None
+    copied = again.model_copy(update={"id": "other"})
+    assert copied.text.replace("other", again.id) == again.text
+    assert pickle.loads(pickle.dumps(again)) == again
+    assert again.metadata != BaseAgentRunMetadata(scores={"r": 0.5}, episode=3, tag="x")
 
 
 def test_tool_calls_render_as_function_calls() -> None:

@@ -13,7 +13,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     SerializerFunctionWrapHandler,
     ValidationInfo,
     field_validator,
@@ -22,6 +21,7 @@ from pydantic import (
 )
 
 DESCRIPTIONS_KEY = "_field_descriptions"
+_OWN_DESCRIPTIONS = "_own_descriptions"
 _INTERNAL_FIELDS = frozenset({"allow_fields_without_descriptions", DESCRIPTIONS_KEY})
 FROM_WIRE: dict[str, Any] = {}
 """Validation context of metadata decoded from the wire form (`agentrun._convert`)."""
@@ -41,21 +41,22 @@ class BaseMetadata(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     allow_fields_without_descriptions: bool = True
-    _own_descriptions: dict[str, str | None] | None = PrivateAttr(default=None)
-    """The declared descriptions with those that came with the data (a dump's
-    `_field_descriptions`) over them; None when that changes nothing (the usual case: nothing
-    built per object)."""
 
+    # The declared descriptions with those that came with the data (a dump's
+    # `_field_descriptions`) over them are kept as pydantic keeps private attributes, under
+    # `_OWN_DESCRIPTIONS`, only when they differ (rare). Not a declared `PrivateAttr`: pydantic
+    # initializes those in Python for every object, half of a small run's decode (measured).
     def model_post_init(self, context: Any, /) -> None:
         extra = self.__pydantic_extra__
         if extra and DESCRIPTIONS_KEY in extra:
             received = extra.pop(DESCRIPTIONS_KEY)
             declared = _declared_descriptions(type(self))
             if isinstance(received, dict) and (merged := {**declared, **received}) != declared:
-                self._own_descriptions = merged
+                object.__setattr__(self, "__pydantic_private__", {_OWN_DESCRIPTIONS: merged})
 
     def _descriptions(self) -> dict[str, str | None]:
-        return self._own_descriptions or _declared_descriptions(type(self))
+        own = self.__pydantic_private__
+        return own[_OWN_DESCRIPTIONS] if own else _declared_descriptions(type(self))
 
     @model_validator(mode="after")
     def _check_descriptions_and_json(self, info: ValidationInfo) -> BaseMetadata:
