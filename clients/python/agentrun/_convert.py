@@ -12,28 +12,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC
-from typing import Any, TypeVar
+from typing import Any
 
 from agentrun._agent_run import AgentRun
 from agentrun._metadata import DESCRIPTIONS_KEY, FROM_WIRE, BaseAgentRunMetadata, BaseMetadata
-from agentrun._transcript import Transcript
 from agentrun.chat import (
     AssistantMessage,
     ChatMessage,
-    ContentReasoning,
     ContentText,
     SystemMessage,
     ToolCall,
-    ToolCallContent,
-    ToolMessage,
     UserMessage,
+    _chat_message_adapter,
 )
 from agentrun.v1 import agent_run_pb2 as pb
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-M = TypeVar("M", bound=BaseMetadata)
-
 
 # --- JSON-like values ---------------------------------------------------------------------------
 
@@ -140,7 +134,8 @@ def _metadata_to_proto(metadata: BaseMetadata, out: pb.Metadata, skip: str | Non
                 field.description = description
 
 
-def _metadata_from_proto(message: pb.Metadata, metadata_type: type[M], **fields: Any) -> M:
+def _metadata_fields(message: pb.Metadata, **fields: Any) -> dict[str, Any]:
+    """The fields a metadata model validates from (with the descriptions, as a JSON dump has)."""
     descriptions: dict[str, str | None] = {}
     for name, field in message.fields.items():
         fields[name] = value_from_proto(field.value)
@@ -149,7 +144,7 @@ def _metadata_from_proto(message: pb.Metadata, metadata_type: type[M], **fields:
     fields["allow_fields_without_descriptions"] = not message.require_field_descriptions
     if descriptions:  # taken in by model_post_init, as from a JSON dump
         fields[DESCRIPTIONS_KEY] = descriptions
-    return metadata_type.model_validate(fields, context=FROM_WIRE)
+    return fields
 
 
 # --- messages -----------------------------------------------------------------------------------
@@ -170,22 +165,21 @@ def _tool_call_to_proto(call: ToolCall, out: pb.ToolCall) -> None:
         out.view.content = call.view.content
 
 
-def _tool_call_from_proto(call: pb.ToolCall) -> ToolCall:
-    view = None
-    if call.HasField("view"):
-        view = ToolCallContent(
-            title=call.view.title if call.view.HasField("title") else None,
-            format=call.view.format,
-            content=call.view.content,
-        )
-    return ToolCall(
-        id=call.id,
-        function=call.function,
-        arguments=struct_from_proto(call.arguments),
-        type=call.type if call.HasField("type") else None,
-        parse_error=call.parse_error if call.HasField("parse_error") else None,
-        view=view,
-    )
+def _tool_call_fields(call: pb.ToolCall) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "function": call.function,
+        "arguments": struct_from_proto(call.arguments),
+        "type": call.type if call.HasField("type") else None,
+        "parse_error": call.parse_error if call.HasField("parse_error") else None,
+        "view": {
+            "title": call.view.title if call.view.HasField("title") else None,
+            "format": call.view.format,
+            "content": call.view.content,
+        }
+        if call.HasField("view")
+        else None,
+    }
 
 
 def message_to_proto(message: ChatMessage, out: pb.ChatMessage) -> None:
@@ -237,58 +231,66 @@ def message_from_proto(message: pb.ChatMessage) -> ChatMessage:
     Raises:
         ValueError: the message has no role.
     """
-    content: str | list[ContentText | ContentReasoning]
+    return _chat_message_adapter.validate_python(_message_fields(message), context=FROM_WIRE)
+
+
+def _message_fields(message: pb.ChatMessage) -> dict[str, Any]:
+    """The fields a chat message validates from, `role` telling its class.
+
+    Raises:
+        ValueError: the message has no role.
+    """
+    role = message.WhichOneof("role")
+    if role is None:
+        raise ValueError("chat message has no role")
+    content: str | list[dict[str, Any]]
     if message.WhichOneof("content") == "parts":
         content = []
         for part in message.parts.parts:
             if part.WhichOneof("kind") == "reasoning":
                 r = part.reasoning
                 content.append(
-                    ContentReasoning(
-                        reasoning=r.reasoning,
-                        signature=r.signature if r.HasField("signature") else None,
-                        redacted=r.redacted,
-                    )
+                    {
+                        "type": "reasoning",
+                        "reasoning": r.reasoning,
+                        "signature": r.signature if r.HasField("signature") else None,
+                        "redacted": r.redacted,
+                    }
                 )
             else:
                 t = part.text
                 content.append(
-                    ContentText(text=t.text, refusal=t.refusal if t.HasField("refusal") else None)
+                    {
+                        "type": "text",
+                        "text": t.text,
+                        "refusal": t.refusal if t.HasField("refusal") else None,
+                    }
                 )
     else:
         content = message.text
-    message_id = message.id if message.HasField("id") else None
-    timestamp = message.timestamp.ToDatetime(tzinfo=UTC) if message.HasField("timestamp") else None
-    role = message.WhichOneof("role")
-    if role == "system":
-        return SystemMessage(id=message_id, content=content, timestamp=timestamp)
+    fields: dict[str, Any] = {"role": role, "content": content}
+    if message.HasField("id"):
+        fields["id"] = message.id
+    if message.HasField("timestamp"):
+        fields["timestamp"] = message.timestamp.ToDatetime(tzinfo=UTC)
     if role == "user":
-        return UserMessage(
-            id=message_id,
-            content=content,
-            timestamp=timestamp,
-            tool_call_id=list(message.user.tool_call_ids) or None,
-        )
-    if role == "assistant":
+        if message.user.tool_call_ids:
+            fields["tool_call_id"] = list(message.user.tool_call_ids)
+    elif role == "assistant":
         a = message.assistant
-        return AssistantMessage(
-            id=message_id,
-            content=content,
-            timestamp=timestamp,
-            model=a.model if a.HasField("model") else None,
-            tool_calls=[_tool_call_from_proto(c) for c in a.tool_calls] or None,
-        )
-    if role == "tool":
+        if a.HasField("model"):
+            fields["model"] = a.model
+        if a.tool_calls:
+            fields["tool_calls"] = [_tool_call_fields(c) for c in a.tool_calls]
+    elif role == "tool":
         tool = message.tool
-        return ToolMessage(
-            id=message_id,
-            content=content,
-            timestamp=timestamp,
-            tool_call_id=tool.tool_call_id if tool.HasField("tool_call_id") else None,
-            function=tool.function if tool.HasField("function") else None,
-            error=struct_from_proto(tool.error) if tool.HasField("error") else None,
-        )
-    raise ValueError("chat message has no role")
+        if tool.HasField("tool_call_id"):
+            fields["tool_call_id"] = tool.tool_call_id
+        if tool.HasField("function"):
+            fields["function"] = tool.function
+        if tool.HasField("error"):
+            fields["error"] = struct_from_proto(tool.error)
+    return fields
 
 
 # --- runs ---------------------------------------------------------------------------------------
@@ -372,29 +374,31 @@ def agent_run_from_proto(
         pydantic.ValidationError: the run does not validate (e.g. it has no transcript).
         ValueError: a chat message has no role.
     """
-    # Validated with the FROM_WIRE context: a model validator runs again on each nested model
-    # its parent validates, and metadata's proves its values JSON-like by dumping them.
-    transcripts = {
-        t.key: Transcript.model_validate(
-            {
-                "id": t.id,
-                "name": t.name if t.HasField("name") else None,
-                "description": t.description if t.HasField("description") else None,
-                "messages": [message_from_proto(m) for m in t.messages],
-                "metadata": _metadata_from_proto(t.metadata, BaseMetadata),
-            },
-            context=FROM_WIRE,
-        )
-        for t in message.transcripts
-    }
-    scores = {name: score_from_proto(s) for name, s in message.scores.items()}
+    # One validation of the whole run (pydantic's, in Rust), not one per nested model: each call
+    # from Python into pydantic costs more than a small run's fields. With the FROM_WIRE
+    # context: metadata's validator proves its values JSON-like by dumping them otherwise.
+    metadata = _metadata_fields(
+        message.metadata,
+        scores={name: score_from_proto(s) for name, s in message.scores.items()},
+    )
     return AgentRun.model_validate(
         {
             "id": message.id,
             "name": message.name if message.HasField("name") else None,
             "description": message.description if message.HasField("description") else None,
-            "transcripts": transcripts,
-            "metadata": _metadata_from_proto(message.metadata, metadata_type, scores=scores),
+            "transcripts": {
+                t.key: {
+                    "id": t.id,
+                    "name": t.name if t.HasField("name") else None,
+                    "description": t.description if t.HasField("description") else None,
+                    "messages": [_message_fields(m) for m in t.messages],
+                    "metadata": _metadata_fields(t.metadata),
+                }
+                for t in message.transcripts
+            },
+            "metadata": metadata
+            if metadata_type is BaseAgentRunMetadata
+            else metadata_type.model_validate(metadata, context=FROM_WIRE),
         },
         context=FROM_WIRE,
     )
