@@ -53,6 +53,11 @@ WAL_CHECK_SECONDS = 0.25
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
 """A WAL found larger than this (looked at every WAL_CHECK_SECONDS) is checkpointed and restarted,
 briefly holding writers back, and cut back to this size by the next writer."""
+WRITER_CACHE_BYTES = 32 * 1024 * 1024
+"""The storage thread's page cache (SQLite's default is 2 MB): an upload message's transaction
+(up to 17 MB of runs) fits, so SQLite writes each page once at the commit instead of spilling
+pages into the WAL mid-transaction and writing them again (uploads of 16 kB runs: 157 -> 117-130
+us per run on the storage thread, measured). Filled only as used."""
 RESTART_BUSY_TIMEOUT_SECONDS = 0.2
 """How long a restarting checkpoint waits for readers before giving up until the next look."""
 HOT_PATH_MAX_TASKS = 256
@@ -206,6 +211,7 @@ class Engine:
 
     def _open_writer(self, migrate: Callable[[sqlite3.Connection], object]) -> None:
         self._conn = connect(self.path, BUSY_TIMEOUT_SECONDS, synchronous=self.synchronous)
+        self._conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_BYTES // 1024}")  # in KiB
         migrate(self._conn)
 
     async def close(self) -> None:
