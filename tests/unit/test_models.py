@@ -3,7 +3,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
-from pydantic import Field, ValidationError
+from pydantic import Field, PrivateAttr, ValidationError
 
 from agentrun import AgentRun, BaseAgentRunMetadata, Transcript
 from agentrun.chat import AssistantMessage, ToolCall, UserMessage
@@ -95,6 +95,22 @@ def test_subclass_fields_and_descriptions_render_and_survive_json() -> None:
     assert copied.text.replace("other", again.id) == again.text
     assert pickle.loads(pickle.dumps(again)) == again
     assert again.metadata != BaseAgentRunMetadata(scores={"r": 0.5}, episode=3, tag="x")
+
+
+def test_a_subclass_keeps_its_own_private_attributes_beside_received_descriptions() -> None:
+    class Cached(BaseAgentRunMetadata):
+        _cache: int = PrivateAttr(default=7)
+        episode: int = Field(description="Training episode number")
+
+    plain = Cached(scores={}, episode=1)
+    assert (plain._cache, plain.get_field_description("episode")) == (7, "Training episode number")
+    received = Cached.model_validate(
+        {"scores": {}, "episode": 1, "_field_descriptions": {"episode": "Sent with the data"}}
+    )
+    assert (received._cache, received.get_field_description("episode")) == (
+        7,
+        "Sent with the data",
+    )
 
 
 def test_tool_calls_render_as_function_calls() -> None:

@@ -52,11 +52,16 @@ class BaseMetadata(BaseModel):
             received = extra.pop(DESCRIPTIONS_KEY)
             declared = _declared_descriptions(type(self))
             if isinstance(received, dict) and (merged := {**declared, **received}) != declared:
-                object.__setattr__(self, "__pydantic_private__", {_OWN_DESCRIPTIONS: merged})
+                private = self.__pydantic_private__  # a subclass's own private attributes, if any
+                if private is None:
+                    object.__setattr__(self, "__pydantic_private__", {_OWN_DESCRIPTIONS: merged})
+                else:
+                    private[_OWN_DESCRIPTIONS] = merged
 
     def _descriptions(self) -> dict[str, str | None]:
-        own = self.__pydantic_private__
-        return own[_OWN_DESCRIPTIONS] if own else _declared_descriptions(type(self))
+        private = self.__pydantic_private__
+        own = private.get(_OWN_DESCRIPTIONS) if private else None
+        return own or _declared_descriptions(type(self))
 
     @model_validator(mode="after")
     def _check_descriptions_and_json(self, info: ValidationInfo) -> BaseMetadata:
