@@ -649,28 +649,28 @@ class SqliteStatements:
         now: float,
     ) -> int:
         # The unique index on a run's ready or leased task in a workflow skips (DO NOTHING).
-        entered = 0
+        # Counted by the connection's changes, not RETURNING (a row built and fetched per task;
+        # no triggers write beside these rows).
+        db = self._db
+        before = db.total_changes
         for start in range(0, len(runs), INSERT_ROWS):
             batch = runs[start : start + INSERT_ROWS]
-            entered += len(
-                self._db.execute(
-                    f"WITH r (id, collection_id) AS (VALUES {_values(2, len(batch))}) "
-                    "INSERT INTO tasks (workflow, stage, agent_run_id, collection_id, state, "
-                    "priority, max_attempts, created_at, ready_at) SELECT ?, ?, r.id, "
-                    "r.collection_id, 'ready', ?, ?, ?, ? FROM r WHERE true "
-                    "ON CONFLICT DO NOTHING RETURNING id",
-                    [
-                        *(value for run in batch for value in run),
-                        workflow,
-                        stage.name,
-                        priority,
-                        stage.max_attempts,
-                        now,
-                        now,
-                    ],
-                ).fetchall()
+            db.execute(
+                f"WITH r (id, collection_id) AS (VALUES {_values(2, len(batch))}) "
+                "INSERT INTO tasks (workflow, stage, agent_run_id, collection_id, state, "
+                "priority, max_attempts, created_at, ready_at) SELECT ?, ?, r.id, "
+                "r.collection_id, 'ready', ?, ?, ?, ? FROM r WHERE true ON CONFLICT DO NOTHING",
+                [
+                    *(value for run in batch for value in run),
+                    workflow,
+                    stage.name,
+                    priority,
+                    stage.max_attempts,
+                    now,
+                    now,
+                ],
             )
-        return entered
+        return db.total_changes - before
 
     async def claim_candidates(
         self, workflow: str, limits: Mapping[str, int], now: float
