@@ -137,7 +137,8 @@ def _metadata_to_proto(metadata: BaseMetadata, out: pb.Metadata, skip: str | Non
 def _metadata_fields(message: pb.Metadata, **fields: Any) -> dict[str, Any]:
     """The fields a metadata model validates from (with the descriptions, as a JSON dump has)."""
     descriptions: dict[str, str | None] = {}
-    for name, field in message.fields.items():
+    # A protobuf map's items() is Python's Mapping mixin: walked only when there is something.
+    for name, field in message.fields.items() if message.fields else ():
         fields[name] = value_from_proto(field.value)
         if field.declared:
             descriptions[name] = field.description if field.HasField("description") else None
@@ -379,7 +380,9 @@ def agent_run_from_proto(
     # context: metadata's validator proves its values JSON-like by dumping them otherwise.
     metadata = _metadata_fields(
         message.metadata,
-        scores={name: score_from_proto(s) for name, s in message.scores.items()},
+        scores={name: score_from_proto(s) for name, s in message.scores.items()}
+        if message.scores
+        else {},
     )
     return AgentRun.model_validate(
         {
