@@ -355,10 +355,10 @@ class Dispatcher:
             self._wakeup.clear()
             try:
                 now = self._clock()
+                await self._pass(now)
                 if now >= next_sweep:
                     next_sweep = now + self._sweep_interval
                     await self._sweep(now)
-                await self._pass(now)
             except Exception:
                 _log.exception("dispatch pass failed; retrying")
                 await asyncio.sleep(self._poll_interval)
