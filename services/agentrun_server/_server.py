@@ -31,7 +31,6 @@ from agentrun.v1 import (
     key_service_pb2,
     key_service_pb2_grpc,
     orchestrator_service_pb2,
-    orchestrator_service_pb2_grpc,
 )
 from agentrun_server._config import AUTH_MODES, SERVICES, ServerConfig
 from agentrun_server._errors import InvalidArgument
@@ -259,12 +258,9 @@ class Server:
             )
             self.registry.register(self._scraped[-1])
             wake = self._dispatcher.wake
-            orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-                OrchestratorServicer(
-                    storage, self._dispatcher, metrics, limit, config.work_limits, access
-                ),
-                server,
-            )
+            OrchestratorServicer(
+                storage, self._dispatcher, metrics, limit, config.work_limits, access
+            ).add_to_server(server)
         if "ingestion" in config.services:
             self._scraped.append(
                 live_runs_collector(

@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 
 from agentrun.v1 import agent_run_pb2 as run_pb
 from agentrun.v1 import ingestion_service_pb2 as pb
+from agentrun.v1 import orchestrator_service_pb2 as work_pb
 from agentrun.wire.codes import Code, code_name
 from agentrun.wire.framing import (
     decode_upload_request,
     encode_events_request,
+    encode_lease_batch,
     encode_upload_request,
     encode_varint,
     read_varint,
@@ -61,6 +63,39 @@ def test_an_events_request_is_framed_as_the_generated_class_encodes_it(
     ]
     framed = encode_events_request(e.SerializeToString() for e in made)
     assert framed == pb.StreamAgentRunEventsRequest(events=made).SerializeToString()
+
+
+@given(st.lists(st.tuples(names, names, st.none() | names), max_size=8))
+def test_a_lease_batch_is_framed_as_the_generated_class_encodes_it(
+    leases: list[tuple[str, str, str | None]],
+) -> None:
+    made = []
+    for n, (run_id, text, task_input) in enumerate(leases):
+        lease = work_pb.Lease(task_id=str(n), lease_id=run_id, attempt=n, stage=text)
+        lease.deadline.seconds = n
+        lease.agent_run.CopyFrom(_run(run_id, text))
+        if task_input is not None:
+            lease.input.string_value = task_input
+        made.append(lease)
+    framed = encode_lease_batch(
+        (
+            _without(lease, "agent_run", "input").SerializeToString(),
+            lease.agent_run.SerializeToString(),
+            lease.input.SerializeToString() if lease.HasField("input") else None,
+        )
+        for lease in made
+    )
+    generated = work_pb.WorkResponse(leases=work_pb.LeaseBatch(leases=made))
+    assert work_pb.WorkResponse.FromString(framed) == generated
+    assert len(framed) == generated.ByteSize()
+
+
+def _without(lease: work_pb.Lease, *fields: str) -> work_pb.Lease:
+    copy = work_pb.Lease()
+    copy.CopyFrom(lease)
+    for name in fields:
+        copy.ClearField(name)
+    return copy
 
 
 @given(st.binary(max_size=64))

@@ -46,6 +46,7 @@ from agentrun_server.orchestrator._wire import (
 from agentrun_server.serving import (
     IdleTimeout,
     StreamSlots,
+    add_service,
     page_after,
     page_size,
     receive,
@@ -219,6 +220,16 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             per_key=("max_streams_per_key", limits.max_streams_per_key),
         )
 
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Serve this servicer on `server`; the Work stream's lease batches go out as `_wire`
+        encoded them (`encode_response`)."""
+        add_service(
+            server,
+            self,
+            pb.DESCRIPTOR.services_by_name["OrchestratorService"],
+            response_serializers={"Work": wire.encode_response},
+        )
+
     # --- workflows ------------------------------------------------------------------------------
 
     async def ApplyWorkflow(
@@ -320,16 +331,16 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     # --- the Work stream ------------------------------------------------------------------------
 
-    async def Work(
+    async def Work(  # type: ignore[override]  # lease batches go out encoded (add_to_server)
         self, request_iterator: AsyncIterator[pb.WorkRequest], context: Context
-    ) -> AsyncIterator[pb.WorkResponse]:
+    ) -> AsyncIterator[pb.WorkResponse | bytes]:
         with self._slots.slot(context.peer(), caller().name):
             async for response in self._work(request_iterator):
                 yield response
 
     async def _work(
         self, request_iterator: AsyncIterator[pb.WorkRequest]
-    ) -> AsyncIterator[pb.WorkResponse]:
+    ) -> AsyncIterator[pb.WorkResponse | bytes]:
         requests = aiter(request_iterator)
         first = await receive(
             requests,

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from agentrun.v1 import orchestrator_service_pb2 as work_pb
 from agentrun.v1 import workflow_pb2 as pb
 from agentrun.wire.checks import proto_value_depth_problem
+from agentrun.wire.framing import encode_lease_batch
 from agentrun.wire.limits import (
     MAX_DELAY_SECONDS,
     MAX_IDENTIFIER_CHARS,
@@ -312,15 +313,14 @@ def _split_seconds(epoch_seconds: float) -> tuple[int, int]:
     return whole, min(999_999_999, round((epoch_seconds - whole) * 1e9))
 
 
-def lease_batch(tasks: list[LeasedTask]) -> work_pb.WorkResponse:
-    """The WorkResponse pushing `tasks`; the encoded runs are merged without re-encoding."""
-    response = work_pb.WorkResponse()
-    batch = response.leases
-    batch.SetInParent()
+def lease_batch(tasks: list[LeasedTask]) -> bytes:
+    """The encoded WorkResponse pushing `tasks`: each stored run (and input) is framed into it
+    as stored, never decoded here (`agentrun.wire.framing.encode_lease_batch`)."""
     # A batch's deadlines and creation times repeat (one claim, tasks made by one completion).
     splits: dict[float, tuple[int, int]] = {}
+    heads = []
     for task in tasks:
-        lease = batch.leases.add(
+        lease = work_pb.Lease(
             task_id=str(task.task_id),
             lease_id=task.lease_id,
             attempt=task.attempt,
@@ -339,10 +339,8 @@ def lease_batch(tasks: list[LeasedTask]) -> work_pb.WorkResponse:
         if split is None:
             split = splits[task.created_at] = _split_seconds(task.created_at)
         created.seconds, created.nanos = split
-        lease.agent_run.MergeFromString(task.run_data)
-        if task.input:
-            lease.input.MergeFromString(task.input)
-    return response
+        heads.append((lease.SerializeToString(), task.run_data, task.input))
+    return encode_lease_batch(heads)
 
 
 def acks(items: Sequence[Ack]) -> list[work_pb.Ack]:
@@ -376,8 +374,9 @@ def revoked(items: Sequence[Revocation]) -> work_pb.WorkResponse:
     )
 
 
-def response(event: Event) -> work_pb.WorkResponse:
-    """The WorkResponse of a session's event."""
+def response(event: Event) -> work_pb.WorkResponse | bytes:
+    """The WorkResponse of a session's event (a lease batch already encoded: `encode_response`
+    passes it through)."""
     if isinstance(event, Leased):
         return lease_batch(event.tasks)
     if isinstance(event, Acked):
@@ -392,6 +391,12 @@ def response(event: Event) -> work_pb.WorkResponse:
     if isinstance(event, Reconnect):
         return work_pb.WorkResponse(reconnect=work_pb.Reconnect())
     raise TypeError(f"not a session event: {event!r}")
+
+
+def encode_response(message: work_pb.WorkResponse | bytes) -> bytes:
+    """The Work method's response serializer: messages encoded, what `response` encoded itself
+    passed through."""
+    return message if type(message) is bytes else message.SerializeToString()  # type: ignore[union-attr]
 
 
 def subscribed(

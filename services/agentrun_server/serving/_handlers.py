@@ -60,10 +60,13 @@ def add_service(
     servicer: object,
     service: ServiceDescriptor,
     request_deserializers: Mapping[str, Callable[[bytes], Any]] | None = None,
+    response_serializers: Mapping[str, Callable[[Any], bytes]] | None = None,
 ) -> None:
     """Serve `service` from `servicer`'s methods, as the generated `add_*_to_server` does, except
-    that `request_deserializers` may replace the decoding of some methods' requests (by name)."""
+    that `request_deserializers` may replace the decoding of some methods' requests, and
+    `response_serializers` the encoding of their responses (by method name)."""
     overrides = request_deserializers or {}
+    encoders = response_serializers or {}
     handlers = {}
     for method in service.methods:
         factory = next(
@@ -77,7 +80,9 @@ def add_service(
             request_deserializer=overrides.get(
                 method.name, GetMessageClass(method.input_type).FromString
             ),
-            response_serializer=GetMessageClass(method.output_type).SerializeToString,
+            response_serializer=encoders.get(
+                method.name, GetMessageClass(method.output_type).SerializeToString
+            ),
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
