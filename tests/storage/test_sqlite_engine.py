@@ -10,8 +10,10 @@ import os
 import re
 import sqlite3
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,12 +21,15 @@ from agentrun_server.storage import (
     AckCode,
     ClaimRequest,
     Completion,
+    InsertStatus,
     NewRun,
     SqliteStorage,
     StageDef,
     WorkflowDef,
     open_storage,
 )
+from agentrun_server.storage._procedures import runs as runs_procedures
+from agentrun_server.storage._store import HOT_UPLOAD_BYTES, HOT_UPLOAD_RUNS
 
 WORKFLOW = WorkflowDef(
     "w",
@@ -105,6 +110,37 @@ async def test_a_write_lock_held_by_another_process_never_blocks_the_event_loop(
             if holder.returncode is None:
                 holder.kill()
             await holder.communicate()  # reaps it and closes its pipes
+        await storage.close()
+
+
+async def test_a_small_upload_runs_on_the_event_loop_and_a_big_one_on_the_storage_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run or two skip the two thread hops (the way from an agent's upload to its task's lease);
+    # a batch's transaction would hold the event loop for too long.
+    threads: list[int] = []
+    real = runs_procedures.insert_runs
+
+    async def insert_runs(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.get_ident())
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(runs_procedures, "insert_runs", insert_runs)
+    storage = await open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        await storage.put_workflow(WORKFLOW, 1.0)
+        collection, _ = await storage.create_collection("c", "", "w", 1.0)
+        small = [NewRun("r1", None, b"x" * 1000)]
+        many = [NewRun(f"m{i}", None, b"x") for i in range(HOT_UPLOAD_RUNS + 1)]
+        large = [NewRun("big", None, b"x" * (HOT_UPLOAD_BYTES + 1))]
+        for batch in (small, many, large):
+            outcomes = await storage.insert_runs(collection.id, batch, 2.0)
+            assert {o.status for o in outcomes} == {InsertStatus.ACCEPTED}
+        loop = threading.get_ident()
+        assert [thread == loop for thread in threads] == [True, False, False]
+        (stage, _) = await storage.backlog("w", 3.0)
+        assert stage.ready == 1 + len(many) + 1  # each entered the workflow all the same
+    finally:
         await storage.close()
 
 

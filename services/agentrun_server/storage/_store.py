@@ -1,8 +1,8 @@
 """`Store`: the `Storage` contract kept once, over any engine.
 
 Each call runs one procedure (`storage._procedures`) in one transaction, on the path its engine
-gives it: `_write` for writes, `_hot` for the Work stream's small settle and claim batches, `_read`
-for reads. SQLite runs the three differently (a storage thread, the event loop's own thread, a
+gives it: `_write` for writes, `_hot` for the Work stream's small settle and claim batches and for
+uploads of a run or two, `_read` for reads. SQLite runs the three differently (a storage thread, the event loop's own thread, a
 reader thread: `storage.sqlite._engine`); PostgreSQL runs all three on its pool.
 """
 
@@ -69,6 +69,10 @@ from agentrun_server.storage._types import (
     WorkflowPut,
 )
 
+HOT_UPLOAD_RUNS = 4
+HOT_UPLOAD_BYTES = 64 * 1024
+"""The uploads run on the hot path: at most this many runs and bytes (a claim's worth of work)."""
+
 P = ParamSpec("P")
 T = TypeVar("T")
 Procedure = Callable[Concatenate[Statements, P], Coroutine[Any, Any, T]]
@@ -128,6 +132,12 @@ class Store:
     async def insert_runs(
         self, collection_id: str, runs: Sequence[NewRun], now: float
     ) -> list[InsertOutcome]:
+        if len(runs) <= HOT_UPLOAD_RUNS and sum(len(r.data) for r in runs) <= HOT_UPLOAD_BYTES:
+            # A run or two, as an agent sends each as it ends: the hot path, as cheap as a claim,
+            # and the run's task is ready without two thread hops.
+            return await self._hot(
+                len(runs), _runs.insert_runs, self._workflows, collection_id, runs, now
+            )
         return await self._write(_runs.insert_runs, self._workflows, collection_id, runs, now)
 
     async def append_events(
