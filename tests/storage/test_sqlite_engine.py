@@ -12,6 +12,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,17 @@ from agentrun_server.storage import (
     AckCode,
     ClaimRequest,
     Completion,
+    EventStatus,
+    Folded,
     InsertStatus,
+    NewEvent,
     NewRun,
     SqliteStorage,
     StageDef,
     WorkflowDef,
     open_storage,
 )
+from agentrun_server.storage._procedures import live as live_procedures
 from agentrun_server.storage._procedures import runs as runs_procedures
 from agentrun_server.storage._store import HOT_UPLOAD_BYTES, HOT_UPLOAD_RUNS
 
@@ -116,16 +121,22 @@ async def test_a_write_lock_held_by_another_process_never_blocks_the_event_loop(
 async def test_a_small_upload_runs_on_the_event_loop_and_a_big_one_on_the_storage_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A run or two skip the two thread hops (the way from an agent's upload to its task's lease);
-    # a batch's transaction would hold the event loop for too long.
-    threads: list[int] = []
-    real = runs_procedures.insert_runs
+    # A run or two (or a live run's next events) skip the two thread hops (the way from an
+    # agent's upload to its task's lease); a batch's transaction, or a finish folding a whole
+    # run, would hold the event loop for too long.
+    threads: list[tuple[str, int]] = []
 
-    async def insert_runs(*args: Any, **kwargs: Any) -> Any:
-        threads.append(threading.get_ident())
-        return await real(*args, **kwargs)
+    def recording(module: Any, name: str) -> None:
+        real = getattr(module, name)
 
-    monkeypatch.setattr(runs_procedures, "insert_runs", insert_runs)
+        async def procedure(*args: Any, **kwargs: Any) -> Any:
+            threads.append((name, threading.get_ident()))
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, procedure)
+
+    recording(runs_procedures, "insert_runs")
+    recording(live_procedures, "append_events")
     storage = await open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
     try:
         await storage.put_workflow(WORKFLOW, 1.0)
@@ -136,10 +147,25 @@ async def test_a_small_upload_runs_on_the_event_loop_and_a_big_one_on_the_storag
         for batch in (small, many, large):
             outcomes = await storage.insert_runs(collection.id, batch, 2.0)
             assert {o.status for o in outcomes} == {InsertStatus.ACCEPTED}
-        loop = threading.get_ident()
-        assert [thread == loop for thread in threads] == [True, False, False]
         (stage, _) = await storage.backlog("w", 3.0)
         assert stage.ready == 1 + len(many) + 1  # each entered the workflow all the same
+
+        def fold(run_id: str, parts: Sequence[bytes]) -> Folded:
+            return Folded(b"".join(parts), None, ())
+
+        for sequence, finish in ((1, False), (2, True)):
+            patch = f"part {sequence}".encode()
+            event = NewEvent("live", sequence, collection.id, patch, finish)
+            (outcome,) = await storage.append_events([event], fold, 1 << 20, 4.0)
+            assert outcome.status is EventStatus.STORED
+        loop = threading.get_ident()
+        assert [(name, thread == loop) for name, thread in threads] == [
+            ("insert_runs", True),
+            ("insert_runs", False),
+            ("insert_runs", False),
+            ("append_events", True),
+            ("append_events", False),
+        ]
     finally:
         await storage.close()
 

@@ -2,7 +2,7 @@
 
 Each call runs one procedure (`storage._procedures`) in one transaction, on the path its engine
 gives it: `_write` for writes, `_hot` for the Work stream's small settle and claim batches and for
-uploads of a run or two, `_read` for reads. SQLite runs the three differently (a storage thread, the event loop's own thread, a
+uploads of a run or two (or a live run's next events), `_read` for reads. SQLite runs the three differently (a storage thread, the event loop's own thread, a
 reader thread: `storage.sqlite._engine`); PostgreSQL runs all three on its pool.
 """
 
@@ -71,7 +71,8 @@ from agentrun_server.storage._types import (
 
 HOT_UPLOAD_RUNS = 4
 HOT_UPLOAD_BYTES = 64 * 1024
-"""The uploads run on the hot path: at most this many runs and bytes (a claim's worth of work)."""
+"""The uploads (and live runs' event batches, none finishing) run on the hot path: at most this
+many runs (events) and bytes, a claim's worth of work."""
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -143,6 +144,15 @@ class Store:
     async def append_events(
         self, events: Sequence[NewEvent], fold: Fold, max_run_bytes: int, now: float
     ) -> list[EventOutcome]:
+        if (
+            len(events) <= HOT_UPLOAD_RUNS
+            and not any(event.finish for event in events)  # a finish folds the whole run
+            and sum(len(event.patch) for event in events) <= HOT_UPLOAD_BYTES
+        ):
+            # A live run's next message or two: the hot path, as a small upload takes.
+            return await self._hot(
+                len(events), live.append_events, self._workflows, events, fold, max_run_bytes, now
+            )
         return await self._write(
             live.append_events, self._workflows, events, fold, max_run_bytes, now
         )
