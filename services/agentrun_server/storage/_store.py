@@ -2,8 +2,9 @@
 
 Each call runs one procedure (`storage._procedures`) in one transaction, on the path its engine
 gives it: `_write` for writes, `_hot` for the Work stream's small settle and claim batches and for
-uploads of a run or two (or a live run's next events), `_read` for reads. SQLite runs the three differently (a storage thread, the event loop's own thread, a
-reader thread: `storage.sqlite._engine`); PostgreSQL runs all three on its pool.
+uploads of a run or two (or a live run's next events), `_read` for reads. SQLite runs the three
+differently (a storage thread, the event loop's own thread, a reader thread:
+`storage.sqlite._engine`); PostgreSQL runs all three on its pool.
 """
 
 from __future__ import annotations

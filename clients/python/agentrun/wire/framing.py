@@ -1,7 +1,8 @@
 """Messages framed by hand, where the generated code would decode and re-encode what is already
 encoded: an upload request from encoded runs (the writer) and back into them (the server), a live
 run events request from encoded events, a Work stream's lease batch from the stored runs (the
-server); and the protobuf varint, which also frames the SDK's spool files. `tests/unit/test_wire.py` holds each to the generated classes.
+server); and the protobuf varint, which also frames the SDK's spool files.
+`tests/unit/test_wire.py` holds each to the generated classes.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """SQLite storage (WAL): the embedded default. `SqliteStorage` is the one `Store` run on SQLite:
 each procedure runs on the connection the engine picks (the storage thread for writes, the event
-loop for the Work stream's small batches and small uploads, the reader thread for reads) with the statements of
-`_statements`."""
+loop for the Work stream's small batches and small uploads, the reader thread for reads) with the
+statements of `_statements`."""
 
 from __future__ import annotations
 
