@@ -396,7 +396,9 @@ def response(event: Event) -> work_pb.WorkResponse | bytes:
 def encode_response(message: work_pb.WorkResponse | bytes) -> bytes:
     """The Work method's response serializer: messages encoded, what `response` encoded itself
     passed through."""
-    return message if type(message) is bytes else message.SerializeToString()  # type: ignore[union-attr]
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()
 
 
 def subscribed(
