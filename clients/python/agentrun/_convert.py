@@ -22,8 +22,8 @@ from agentrun.chat import (
     ContentText,
     SystemMessage,
     ToolCall,
+    ToolMessage,
     UserMessage,
-    _chat_message_adapter,
 )
 from agentrun.v1 import agent_run_pb2 as pb
 
@@ -232,7 +232,16 @@ def message_from_proto(message: pb.ChatMessage) -> ChatMessage:
     Raises:
         ValueError: the message has no role.
     """
-    return _chat_message_adapter.validate_python(_message_fields(message), context=FROM_WIRE)
+    fields = _message_fields(message)
+    return _ROLE_CLASSES[fields["role"]].model_validate(fields, context=FROM_WIRE)
+
+
+_ROLE_CLASSES: dict[str, type[ChatMessage]] = {
+    "system": SystemMessage,
+    "user": UserMessage,
+    "assistant": AssistantMessage,
+    "tool": ToolMessage,
+}
 
 
 def _message_fields(message: pb.ChatMessage) -> dict[str, Any]:
