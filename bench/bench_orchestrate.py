@@ -393,8 +393,9 @@ def pgqueuer_rate(
     return float(out.split()[-1])
 
 
-def held(url: str, runs: int, leases: int, seconds: float) -> None:
-    """The LLM rows: each worker beside the ideal, `leases / seconds` tasks/s."""
+def held(url: str, runs: int, leases: int, seconds: float) -> float:
+    """The LLM rows: each worker beside the ideal, `leases / seconds` tasks/s; return the
+    Runner's tasks/s."""
     ideal = leases / seconds
     print(
         f"  one stage awaiting {seconds:g} s (an LLM call), {leases:,} leases held,"
@@ -414,6 +415,7 @@ def held(url: str, runs: int, leases: int, seconds: float) -> None:
             f"    {label}: {rate:>6,.0f} tasks/s ({rate / ideal:.2f} of ideal),"
             f" {cpu:.2f} ms CPU per task"
         )
+    return measured["the public Runner"][0]
 
 
 RUNNER_WAITS = """
@@ -511,22 +513,22 @@ def celery_latency(samples: int) -> list[float] | None:
 
 def held_across(
     db: str | None, folder: Path, processes: int, runs: int, leases: int, seconds: float
-) -> None:
+) -> float:
     """The LLM row across `processes` Runner processes of `leases` leases each, on a server of
     its own: steady state, from the enqueue of `runs` x `processes` stored runs (the Runners
     subscribed and waiting) to the last task done, beside the ideal `processes x leases /
-    seconds`."""
+    seconds`; return its tasks/s."""
     with database(db, folder, "held-across") as url:
         server, address, metrics = start_agentrun_with_metrics(url)
         try:
-            _held_across(address, metrics, processes, runs, leases, seconds)
+            return _held_across(address, metrics, processes, runs, leases, seconds)
         finally:
             stop(server)
 
 
 def _held_across(
     url: str, metrics: str, processes: int, runs: int, leases: int, seconds: float
-) -> None:
+) -> float:
     name, total = "held-across", runs * processes
     with Client(url) as client:
         client.apply_workflow(
@@ -573,6 +575,31 @@ runner(task_batch_size={leases}, concurrency={leases}, refresh_every=3600, drain
         f"    {processes} Runner processes x {leases:,} leases ({total:,} tasks, from the"
         f" enqueue): {rate:>6,.0f} tasks/s ({rate / ideal:.2f} of the ideal {ideal:,.0f})"
     )
+    return rate
+
+
+def goals(
+    args: argparse.Namespace,
+    rates: dict[str, float],
+    raw: float,
+    workers: dict[str, float],
+    p99s: dict[str, float],
+) -> None:
+    """This run's figures beside issue 29's goals (SQLite's; PostgreSQL's are the PgQueuer
+    rows)."""
+    sync = next(rate for label, rate in workers.items() if "sync stages" in label)
+    print("\n  issue 29's goals, this run:")
+    print(f"    Runner async / raw worker: {rates['runner'] / raw:.2f} (>= 0.6)")
+    print(f"    Runner sync / raw worker:  {sync / raw:.2f} (>= 0.4)")
+    if "held" in rates and (args.held_leases, args.held_seconds) == (1_000, 1.0):
+        print(f"    1 s stage, 1,000 leases:   {rates['held']:,.0f} tasks/s (>= 950)")
+        if args.held_runners == 5:
+            print(f"    5 Runners x 1,000 leases:  {rates['held across']:,.0f} tasks/s (>= 4,500)")
+    if "celery" in p99s:
+        print(
+            f"    ready -> stage p99:        Runner sync {p99s['sync']:.2f} / async"
+            f" {p99s['async']:.2f} ms, Celery {p99s['celery']:.2f} ms (<= Celery)"
+        )
 
 
 def _workers(metrics: str) -> int:
@@ -658,8 +685,8 @@ def main() -> int:
                     f"  ({tasks:,} tasks)"
                 )
             if args.held_runs:
-                held(url, args.held_runs, args.held_leases, args.held_seconds)
-                held_across(
+                rates["held"] = held(url, args.held_runs, args.held_leases, args.held_seconds)
+                rates["held across"] = held_across(
                     args.db,
                     Path(tmp),
                     args.held_runners,
@@ -679,20 +706,23 @@ def main() -> int:
             f" p50 {statistics.median(ms):.2f} ms, p99 {p99:.2f} ms, max {ms[-1]:.2f} ms"
         )
         peer = celery_latency(args.samples)
-        for label, seconds in (
-            ("the public Runner (sync function, its defaults)", waits),
-            ("the public Runner (async function, its defaults)", async_waits),
-            ("Celery 5.7 + Redis (solo worker, prefetch 1)", peer),
+        p99s: dict[str, float] = {}
+        for key, label, seconds in (
+            ("sync", "the public Runner (sync function, its defaults)", waits),
+            ("async", "the public Runner (async function, its defaults)", async_waits),
+            ("celery", "Celery 5.7 + Redis (solo worker, prefetch 1)", peer),
         ):
             if seconds is None:
                 print(f"  {label}: skipped (make install-bench; a Redis server on :6379)")
                 continue
             ms = sorted(wait * 1000 for wait in seconds)
+            p99s[key] = percentile(ms, 0.99)
             print(
                 f"  ready -> stage function, {label} ({len(ms)} tasks): p50"
                 f" {statistics.median(ms):.2f} ms, p99 {percentile(ms, 0.99):.2f} ms,"
                 f" max {ms[-1]:.2f} ms"
             )
+        goals(args, rates, raw, workers, p99s)
         if not args.db:
             return 0
         with database(args.db, Path(tmp), "replicas") as shared:
