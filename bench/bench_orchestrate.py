@@ -718,7 +718,6 @@ def main() -> int:
             )
         if not args.db:
             goals(args, rates, raw, p99s)
-        if not args.db:
             return 0
         with database(args.db, Path(tmp), "replicas") as shared:
             first, first_url = start_agentrun(shared)

@@ -226,6 +226,14 @@ def message_to_proto(message: ChatMessage, out: pb.ChatMessage) -> None:
             struct_to_proto(message.error, out.tool.error)
 
 
+_ROLE_CLASSES: dict[str, type[ChatMessage]] = {
+    "system": SystemMessage,
+    "user": UserMessage,
+    "assistant": AssistantMessage,
+    "tool": ToolMessage,
+}
+
+
 def message_from_proto(message: pb.ChatMessage) -> ChatMessage:
     """Read a chat message.
 
@@ -234,14 +242,6 @@ def message_from_proto(message: pb.ChatMessage) -> ChatMessage:
     """
     fields = _message_fields(message)
     return _ROLE_CLASSES[fields["role"]].model_validate(fields, context=FROM_WIRE)
-
-
-_ROLE_CLASSES: dict[str, type[ChatMessage]] = {
-    "system": SystemMessage,
-    "user": UserMessage,
-    "assistant": AssistantMessage,
-    "tool": ToolMessage,
-}
 
 
 def _message_fields(message: pb.ChatMessage) -> dict[str, Any]:

@@ -100,20 +100,10 @@ def encode_lease_batch(leases: Iterable[tuple[bytes, bytes, bytes | None]]) -> b
     message is the concatenation of its fields, in any order."""
     entries: list[bytes] = []
     for head, run, task_input in leases:
+        parts = [head, _LEASE_RUN_FIELD, encode_varint(len(run)), run]
         if task_input:
-            lease = b"".join(
-                (
-                    head,
-                    _LEASE_RUN_FIELD,
-                    encode_varint(len(run)),
-                    run,
-                    _LEASE_INPUT_FIELD,
-                    encode_varint(len(task_input)),
-                    task_input,
-                )
-            )
-        else:
-            lease = b"".join((head, _LEASE_RUN_FIELD, encode_varint(len(run)), run))
+            parts += (_LEASE_INPUT_FIELD, encode_varint(len(task_input)), task_input)
+        lease = b"".join(parts)
         entries += (_LEASE_FIELD, encode_varint(len(lease)), lease)
     batch = b"".join(entries)
     return b"".join((_LEASES_FIELD, encode_varint(len(batch)), batch))
