@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,9 @@ from agentrun_server.storage import (
     StageDef,
     Storage,
     WorkflowDef,
+    open_storage,
 )
+from agentrun_server.storage._run_query import LISTED_RUN_COLUMNS, runs_sql
 
 from .conftest import GRADING, ingest
 
@@ -160,6 +163,36 @@ async def test_a_filtered_listing_pages_newest_first_through_the_matches(
     exact = RunFilter("scores.reward", "=", 0.5, None)
     assert await listed(exact) == [f"r{i}" for i in range(30) if i % 3 == 1]
     assert await listed(RunFilter("scores.missing", ">=", 0.0, None)) == []
+
+
+@pytest.mark.parametrize("newest_first", [False, True])
+@pytest.mark.parametrize(
+    "driver",
+    [RunFilter("metadata.model", "=", None, "gpt-4o"), RunFilter("scores.reward", "=", 0.5, None)],
+    ids=["text", "number"],
+)
+async def test_an_equality_filter_reads_its_page_in_run_order_from_one_facet_index_on_sqlite(
+    tmp_path: Path, driver: RunFilter, newest_first: bool
+) -> None:
+    """SQLite's plan for a listing driven by an equality filter, with or without a second
+    filter and a cursor: a search of `run_facets_by_value` in run order (no sort of the matches,
+    whose count a collection does not bound), each run then found by its key."""
+    storage = await open_storage(f"sqlite:///{tmp_path / 'plan.db'}")
+    await storage.close()
+    other = RunFilter("scores.reward", "<", 1.0, None)
+    with sqlite3.connect(tmp_path / "plan.db") as db:
+        for filters in ((driver,), (driver, other), (other, driver)):
+            args: list[object] = []
+
+            def take(value: object, args: list[object] = args) -> str:
+                args.append(value)
+                return "?"
+
+            query = RunQuery("c", filters=filters, newest_first=newest_first)
+            sql = runs_sql(query, LISTED_RUN_COLUMNS, 7, None, 50, take)
+            plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", args)]
+            assert plan[0].startswith("SEARCH d USING COVERING INDEX run_facets_by_value"), plan
+            assert not any("TEMP B-TREE" in step for step in plan), plan
 
 
 async def test_a_batch_of_new_and_stored_runs_files_each_new_runs_facets_under_it(

@@ -1,9 +1,9 @@
 """The SQL of a run listing (`RunQuery`), written once for both engines: a collection's runs in
 a state, meeting every filter on their facets, oldest or newest first, a page after a cursor.
 
-An equality filter drives the query from its facet index (`run_facets_by_text` or `_by_num`,
-ordered by run within one key and value), so a page costs its own rows however many runs the
-collection holds; without one, the collection's runs are read in order and each filter is one
+An equality filter drives the query from a facet index (SQLite's `run_facets_by_value`,
+PostgreSQL's `run_facets_by_text` or `_by_num`), ordered by run within one key and value, so a
+page costs its own rows however many runs the collection holds; without one, the collection's runs are read in order and each filter is one
 primary-key probe per run, which stays flat while matches are not rare.
 """
 
@@ -20,6 +20,10 @@ _OPS = {"=": "=", "!=": "<>", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 
 def _column(condition: RunFilter) -> tuple[str, Any]:
     return ("num", condition.num) if condition.num is not None else ("text", condition.text)
+
+
+_OTHER = {"num": "text", "text": "num"}
+"""The column a facet holding a value in one leaves NULL (a facet is a number or a text)."""
 
 
 LISTED_RUN_COLUMNS = ", ".join(f"r.{c}" for c in RUN_COLUMNS.split(", "))
@@ -61,6 +65,9 @@ def runs_sql(
             f"d.collection_id = {param(query.collection_id)}",
             f"d.key = {param(driver.key)}",
             f"d.{column} = {param(value)}",
+            # Always true, and what lets SQLite's one index (..., num, text, run_seq) give the
+            # matches in run order: an equality on each column before run_seq.
+            f"d.{_OTHER[column]} IS NULL",
         ]
     else:
         source, seq = "agent_runs r", "r.seq"
