@@ -4,6 +4,7 @@ context, attempts, `Retry` and `Fail`, and the stored outputs read back."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import subprocess
@@ -142,3 +143,34 @@ async def test_each_stage_reads_the_last_ones_output_and_may_retry_later_or_fail
     assert "chain/c, done" in shown.stdout and '"a_attempt": 2' in shown.stdout
     assert "pathway      (end)" in shown.stdout
     assert f"done by      {me}" in shown.stdout
+
+
+async def test_the_heap_a_runner_starts_with_stays_out_of_full_collections_until_it_returns(
+    server: Server,
+) -> None:
+    """While the Runner works, what was alive at its start is frozen (`gc.freeze`), so a full
+    collection walks only what its tasks made; on return the heap is as before."""
+    url = f"127.0.0.1:{server.port}"
+    await asyncio.to_thread(set_up, url)
+    runner = Runner(workflow="chain", server_url=url)
+    frozen: list[int] = []
+
+    @runner.stage("a")
+    def a(task: TaskContext) -> str:
+        frozen.append(gc.get_freeze_count())
+        return "next"
+
+    @runner.stage("b")
+    async def b(task: TaskContext) -> str:
+        frozen.append(gc.get_freeze_count())
+        return "next"
+
+    @runner.stage("c")
+    def c(task: TaskContext) -> None:
+        return None
+
+    assert gc.get_freeze_count() == 0
+    summary = await asyncio.to_thread(runner, progress=False)
+    assert sum(summary.completed.values()) == 9
+    assert len(frozen) == 6 and min(frozen) > 10_000  # the imported libraries, at least
+    assert gc.get_freeze_count() == 0
