@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -72,6 +73,11 @@ def serve(config: ServerConfig) -> int:
             )
             if server.web_url:
                 print(f"agentrun console on {server.web_url}", flush=True)
+            # This process is the server's: what it holds once serving (modules, schemas,
+            # servicers) stays out of the collector's full passes, which walked it all with the
+            # event loop stopped (39 ms, measured, under five Runners' load).
+            gc.collect()
+            gc.freeze()
         await serving
 
     try:
