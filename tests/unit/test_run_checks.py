@@ -101,3 +101,23 @@ def test_a_message_timestamp_out_of_range_is_refused_naming_it(
         with pytest.raises(InvalidRun, match=reason) as raised:
             check_agent_run(run, shallow=shallow)
         assert raised.value.field == "transcripts[0].messages[0].timestamp"
+
+
+def test_a_run_converted_from_the_model_skips_only_what_the_model_proved() -> None:
+    """`from_model`: messages are not walked once the nesting is known shallow (the model gave
+    each a role and content); the run's own checks still hold, and a deep run is walked."""
+    run = pb.AgentRun(id="r")
+    run.transcripts.add(key="t").messages.add(text="no role")  # no model makes this
+    with pytest.raises(InvalidRun, match="required"):
+        check_agent_run(run, shallow=True)
+    check_agent_run(run, shallow=True, from_model=True)
+    with pytest.raises(InvalidRun, match="required"):
+        check_agent_run(run, shallow=False, from_model=True)
+    run.transcripts.add(key="t")
+    with pytest.raises(InvalidRun, match="duplicate key") as raised:
+        check_agent_run(run, shallow=True, from_model=True)
+    assert raised.value.field == "transcripts[1].key"
+    run.id = "not\nprintable"
+    with pytest.raises(InvalidRun) as raised:
+        check_agent_run(run, shallow=True, from_model=True)
+    assert raised.value.field == "id"

@@ -481,10 +481,13 @@ class AgentRunWriter:
         return len(items) - len(refused)
 
     def _encode(self, run: AgentRun | agent_run_pb2.AgentRun) -> _Item:
-        message = run if isinstance(run, agent_run_pb2.AgentRun) else agent_run_to_proto(run)
+        if isinstance(run, agent_run_pb2.AgentRun):
+            message, from_model = run, False
+        else:
+            message, from_model = agent_run_to_proto(run), True
         data = message.SerializeToString()
         try:
-            check_agent_run(message, shallow=encodes_shallow(data))
+            check_agent_run(message, shallow=encodes_shallow(data), from_model=from_model)
         except InvalidRun as problem:
             raise InvalidRunError.of(problem) from None
         return _Item(message.id, data, self._collection)
