@@ -87,7 +87,9 @@ def struct_to_proto(data: Mapping[str, Any], out: pb.StructValue) -> None:
     for key, item in data.items():
         if type(key) is not str and not isinstance(key, str):
             raise TypeError(f"dict keys must be strings, got {type(key).__name__}: {key!r}")
-        value_to_proto(item, add(key=key).value)
+        field = add()  # then the key: upb's keyword initializer costs more than the assignment
+        field.key = key
+        value_to_proto(item, field.value)
 
 
 def value_from_proto(value: pb.Value) -> Any:
@@ -205,25 +207,32 @@ def message_to_proto(message: ChatMessage, out: pb.ChatMessage) -> None:
                 if part.signature is not None:
                     content.reasoning.signature = part.signature
                 content.reasoning.redacted = part.redacted
+    # Each `out.<role>` read makes a wrapper object: one read per message.
     if isinstance(message, SystemMessage):
         out.system.SetInParent()
     elif isinstance(message, UserMessage):
-        out.user.SetInParent()
-        out.user.tool_call_ids.extend(message.tool_call_id or ())
+        user = out.user
+        user.SetInParent()
+        if message.tool_call_id:
+            user.tool_call_ids.extend(message.tool_call_id)
     elif isinstance(message, AssistantMessage):
-        out.assistant.SetInParent()
+        assistant = out.assistant
+        assistant.SetInParent()
         if message.model is not None:
-            out.assistant.model = message.model
-        for call in message.tool_calls or ():
-            _tool_call_to_proto(call, out.assistant.tool_calls.add())
+            assistant.model = message.model
+        if message.tool_calls:
+            add = assistant.tool_calls.add
+            for call in message.tool_calls:
+                _tool_call_to_proto(call, add())
     else:
-        out.tool.SetInParent()
+        tool = out.tool
+        tool.SetInParent()
         if message.tool_call_id is not None:
-            out.tool.tool_call_id = message.tool_call_id
+            tool.tool_call_id = message.tool_call_id
         if message.function is not None:
-            out.tool.function = message.function
+            tool.function = message.function
         if message.error is not None:
-            struct_to_proto(message.error, out.tool.error)
+            struct_to_proto(message.error, tool.error)
 
 
 _ROLE_CLASSES: dict[str, type[ChatMessage]] = {
