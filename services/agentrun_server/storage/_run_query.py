@@ -3,8 +3,9 @@ a state, meeting every filter on their facets, oldest or newest first, a page af
 
 An equality filter drives the query from a facet index (SQLite's `run_facets_by_value`,
 PostgreSQL's `run_facets_by_text` or `_by_num`), ordered by run within one key and value, so a
-page costs its own rows however many runs the collection holds; without one, the collection's runs are read in order and each filter is one
-primary-key probe per run, which stays flat while matches are not rare.
+page costs its own rows however many runs the collection holds; without one, the collection's
+runs are read in order and each filter is one primary-key probe per run, which stays flat while
+matches are not rare.
 """
 
 from __future__ import annotations
